@@ -1,0 +1,1 @@
+"""cryptlayer: containers from LUKS2-encrypted layer images."""

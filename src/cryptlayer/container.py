@@ -1,0 +1,291 @@
+"""A container's life: assemble the layers into a root file system, run, tear down, shred.
+
+Assembly, per layer: read-only loop -> read-only dm-crypt mapping -> read-only ext4 mount; then a
+scratch volume (sparse file -> loop -> plain dm-crypt with a random key -> ext4) for the
+overlay's upper layer; then overlayfs. Every step goes through journal.acquire.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from . import journal, state
+from . import manifest as manifest_mod
+from .errors import UsageError
+from .fsutil import write_json_atomic
+from .journal import acquire
+from .keys import Secret
+from .ocispec import Overrides, runtime_config
+from .paths import run_root, scratch_dir
+from .shred import require_intact, shred_image
+from .state import Kind, Mode, Record
+from .system import require_kernel, require_root, require_tools
+from .tools import cryptsetup, losetup, mkfs, mount, runtime
+
+DEFAULT_SCRATCH = 1 << 30  # sparse: costs only what the container writes
+TOOLS = ("cryptsetup", "losetup", "mount", "umount", "mkfs.ext4")
+
+
+@dataclass(frozen=True)
+class StartOptions:
+    """How to assemble a container."""
+
+    name: str
+    shred: bool = True
+    scratch_bytes: int = DEFAULT_SCRATCH
+
+
+def default_name(image: Path) -> str:
+    """A fresh name like podman's: the image's name and a random suffix."""
+    stem = "".join(c if c.isalnum() or c in "_.-" else "-" for c in image.resolve().name)
+    return state.check_name(f"{stem.lstrip('.-_')[:40] or 'cl'}-{secrets.token_hex(3)}")
+
+
+def _mkdir(stack: ExitStack, record: Record, path: Path) -> Path:
+    def make() -> None:
+        path.mkdir(mode=0o700)
+
+    acquire(stack, record, Kind.DIR, str(path), make)
+    return path
+
+
+def _open_layer(stack: ExitStack, record: Record, path: Path, index: int, key: Secret) -> Path:
+    """Read-only loop, read-only mapping, read-only mount of one layer; returns its mount point."""
+    loop = acquire(stack, record, Kind.LOOP, str(path), lambda: losetup.attach(path, readonly=True))
+    mapping = f"cryptlayer-{record.name}-layer{index}"
+    node = acquire(
+        stack, record, Kind.CRYPT, mapping,
+        lambda: cryptsetup.open_luks(loop, mapping, key, readonly=True),
+    )  # fmt: skip
+    target = _mkdir(stack, record, run_root() / record.name / f"layer{index}")
+    acquire(stack, record, Kind.MOUNT, str(target),
+            lambda: mount.mount(node, target, "ext4", ["ro", "noatime", "noload"]))  # fmt: skip
+    return target
+
+
+def _open_scratch(stack: ExitStack, record: Record, size: int) -> Path:
+    """The writable layer: plain dm-crypt over a sparse file; its key exists only in the kernel."""
+    scratch_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = scratch_dir() / f"{record.name}.img"
+
+    def create() -> None:
+        with open(path, "xb") as f:
+            f.truncate(-(-size // cryptsetup.SECTOR_SIZE) * cryptsetup.SECTOR_SIZE)
+
+    acquire(stack, record, Kind.FILE, str(path), create)
+    loop = acquire(
+        stack, record, Kind.LOOP, str(path), lambda: losetup.attach(path, readonly=False)
+    )
+    mapping = f"cryptlayer-{record.name}-scratch"
+
+    def open_plain() -> str:
+        with Secret.random(cryptsetup.KEY_BITS // 8) as key:
+            return cryptsetup.open_plain(loop, mapping, key)
+
+    node = acquire(stack, record, Kind.CRYPT, mapping, open_plain)
+    mkfs.make_ext4(node, inodes=None, label="scratch")
+    target = _mkdir(stack, record, run_root() / record.name / "scratch")
+    acquire(stack, record, Kind.MOUNT, str(target),
+            lambda: mount.mount(node, target, "ext4", ["noatime", "noinit_itable"]))  # fmt: skip
+    for sub in ("upper", "work"):
+        (target / sub).mkdir(mode=0o755)
+    return target
+
+
+def assemble(
+    stack: ExitStack, record: Record, image: Path, key: Secret, options: StartOptions
+) -> Path:
+    """Open every layer and stack them under the scratch layer; returns the root file system."""
+    manifest = manifest_mod.load(image)
+    _mkdir(stack, record, run_root() / record.name)
+    lowers = [
+        _open_layer(stack, record, image / layer.file, i, key)
+        for i, layer in enumerate(manifest.layers)
+    ]
+    scratch = _open_scratch(stack, record, options.scratch_bytes)
+    rootfs = _mkdir(stack, record, run_root() / record.name / "rootfs")
+    lowerdir = ":".join(str(p) for p in reversed(lowers))  # overlayfs lists the top layer first
+    overlay_options = [
+        f"lowerdir={lowerdir}",
+        f"upperdir={scratch}/upper",
+        f"workdir={scratch}/work",
+    ]
+    acquire(stack, record, Kind.MOUNT, str(rootfs),
+            lambda: mount.mount("cryptlayer", rootfs, "overlay", overlay_options))  # fmt: skip
+    return rootfs
+
+
+def _check_image(image: Path) -> manifest_mod.Manifest:
+    manifest = manifest_mod.load(image)
+    for layer in manifest.layers:
+        path = image / layer.file
+        try:
+            actual = path.stat().st_size
+        except FileNotFoundError:
+            raise UsageError(
+                f"layer file {path} is missing", "the image is incomplete; copy it again"
+            ) from None
+        if actual != layer.size:
+            raise UsageError(
+                f"layer file {path} has {actual} bytes, the manifest says {layer.size}",
+                "the image is damaged (truncated?); copy it again",
+            )
+    require_intact(image, manifest)
+    return manifest
+
+
+def _assemble_locked(
+    image: Path, key: Secret, options: StartOptions, mode: Mode, overrides: Overrides | None = None
+) -> Record:
+    """Assemble under the host lock; on failure everything acquired is released again.
+
+    The image is owed a shred only once it is fully open: a mistyped key or a missing tool must
+    not cost the user their image.
+    """
+    require_root("start containers")
+    require_tools(*TOOLS)
+    image = image.resolve()
+    manifest = _check_image(image)
+    require_kernel()
+    if overrides is not None:
+        runtime.runtime()  # fail on a missing runtime before touching any device
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    with state.locked():
+        record = state.create(
+            Record(options.name, str(image), False, mode, os.getpid(), created=created)
+        )
+        with ExitStack() as stack:
+            stack.callback(_finish_if_empty, record)
+            rootfs = assemble(stack, record, image, key, options)
+            if overrides is not None:
+                config = runtime_config(rootfs, record.name, manifest.config, overrides)
+                config_path = run_root() / record.name / "config.json"
+                acquire(stack, record, Kind.FILE, str(config_path),
+                        lambda: write_json_atomic(config_path, config, mode=0o600))  # fmt: skip
+                acquire(stack, record, Kind.CONTAINER, container_id(record), lambda: None)
+            record.rootfs = str(rootfs)
+            record.shred = options.shred
+            record.pid = os.getpid() if mode is Mode.RUN else 0
+            record.save()
+            stack.pop_all()  # success: the journal now owns every resource
+    return record
+
+
+def container_id(record: Record) -> str:
+    """The OCI runtime's id for the container."""
+    return f"cryptlayer-{record.name}"
+
+
+def start(image: Path, key: Secret, options: StartOptions) -> Record:
+    """Assemble a container and leave it assembled until `stop`; returns its record."""
+    return _assemble_locked(image, key, options, Mode.START)
+
+
+def _finish_if_empty(record: Record) -> None:
+    """After a teardown: shred if owed, and forget the record once nothing is left of it."""
+    if record.shred and not record.shredded:
+        shred_image(Path(record.image))
+        record.shredded = True
+        record.save()
+    if not record.steps:
+        state.remove(record)
+
+
+def teardown(record: Record) -> None:
+    """Release every resource of `record` in reverse, then shred if owed and forget it."""
+    with ExitStack() as stack:
+        stack.callback(_finish_if_empty, record)
+        stack.callback(journal.release_all, record)
+
+
+def _locked_teardown(record: Record) -> None:
+    with state.locked():
+        teardown(record)
+
+
+def stop(name: str) -> Record:
+    """Tear down container NAME (and shred its image unless it was started with --keep)."""
+    require_root("stop containers")
+    with state.locked():
+        record = state.load(name)
+        if record.mode is Mode.RUN and record.owner_alive():
+            raise UsageError(
+                f"container {name!r} belongs to a running `cryptlayer run` (pid {record.pid})",
+                "stop that process (Ctrl-C or kill) instead",
+            )
+        record.pid = os.getpid()
+        record.save()
+        teardown(record)
+    return record
+
+
+def run(
+    image: Path, key: Secret, options: StartOptions, overrides: Overrides, interactive: bool
+) -> int:
+    """Assemble, run the container in the foreground, tear down; returns its exit status."""
+    record = _assemble_locked(image, key, options, Mode.RUN, overrides)
+    key.wipe()  # the layers are open: nothing needs the key any more
+    try:
+        return _run_foreground(run_root() / record.name, container_id(record), interactive)
+    finally:
+        _shielded(_locked_teardown, record)
+
+
+def _run_foreground(bundle: Path, cid: str, interactive: bool) -> int:
+    """`crun run` attached to our stdio, with our signals forwarded; returns its exit status."""
+    stdin: Any = getattr(sys.stdin, "buffer", sys.stdin) if interactive else None
+    pid, proc = runtime.start_attached(bundle, cid, stdin)
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        os.kill(pid, signum)  # crun passes it on to the container's init
+
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, forward) for s in forwarded}
+    try:
+        proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    status: int = proc.exit_code
+    return 128 - status if status < 0 else status
+
+
+def _shielded(action: Any, *args: Any) -> None:
+    """Run `action` with SIGINT/SIGTERM/SIGHUP held off, so teardown is never abandoned halfway."""
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        action(*args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def describe(record: Record) -> dict[str, Any]:
+    """What `ps` shows of a container."""
+    layers = sum(1 for s in record.steps if s.kind is Kind.CRYPT and not s.ref.endswith("-scratch"))
+    status = "running" if (record.mode is Mode.RUN and record.owner_alive()) else (
+        "assembled" if record.mode is Mode.START and record.pid == 0 else "stale")  # fmt: skip
+    return {
+        "name": record.name,
+        "image": record.image,
+        "mode": str(record.mode),
+        "status": status,
+        "rootfs": record.rootfs,
+        "layers": layers,
+        "shred_on_stop": record.shred,
+        "created": record.created,
+    }
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, indent=2)

@@ -1,0 +1,73 @@
+"""The error tree: every failure cryptlayer reports, each mapped to one exit code."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes; documented in docs/architecture.md."""
+
+    OK = 0
+    FAILURE = 1  # a tool or the kernel failed at run time
+    USAGE = 2  # bad input: arguments, files, names (also typer's own usage errors)
+    NOT_ROOT = 3
+    MISSING_TOOL = 4  # a program or a kernel feature is missing
+    KEY = 5  # wrong key, or no key that opens the image
+    ERASED = 6  # the image was crypto-erased
+    BUSY = 7  # a name in use, or a device still held open
+
+
+class CryptlayerError(Exception):
+    """Base of every error cryptlayer reports as one `error:` line."""
+
+    exit_code = ExitCode.FAILURE
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}: {self.hint}" if self.hint else self.message
+
+
+class UsageError(CryptlayerError):
+    """Bad input: a missing or malformed file, argument or name."""
+
+    exit_code = ExitCode.USAGE
+
+
+class NotRootError(CryptlayerError):
+    exit_code = ExitCode.NOT_ROOT
+
+
+class MissingToolError(CryptlayerError):
+    """A program or kernel feature cryptlayer needs is not there."""
+
+    exit_code = ExitCode.MISSING_TOOL
+
+
+class WrongKeyError(CryptlayerError):
+    exit_code = ExitCode.KEY
+
+
+class ErasedImageError(CryptlayerError):
+    exit_code = ExitCode.ERASED
+
+
+class BusyError(CryptlayerError):
+    exit_code = ExitCode.BUSY
+
+
+class CommandError(CryptlayerError):
+    """An external command failed; carries its argv and stderr."""
+
+    exit_code = ExitCode.FAILURE
+
+    def __init__(self, argv: list[str], returncode: int, stderr: str) -> None:
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr = stderr.strip()
+        last = self.stderr.splitlines()[-1] if self.stderr else "no output"
+        super().__init__(f"{argv[0]} failed with exit status {returncode}: {last}")

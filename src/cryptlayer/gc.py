@@ -1,0 +1,109 @@
+"""Garbage collection: tear down what crashed processes left, and apply the shreds they owed."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import state
+from .container import teardown
+from .errors import CryptlayerError
+from .paths import run_root, scratch_dir
+from .state import Kind, Mode, Record
+from .tools import cryptsetup, losetup, mount, udev
+
+PREFIX = "cryptlayer-"
+
+
+@dataclass
+class Report:
+    """What gc did."""
+
+    containers: list[str] = field(default_factory=list)  # records torn down
+    shredded: list[str] = field(default_factory=list)  # images erased
+    orphans: list[str] = field(default_factory=list)  # resources no record knew
+    errors: list[str] = field(default_factory=list)
+
+
+def _abandoned(record: Record) -> bool:
+    """A record nobody will finish: its owner died (an idle started container is not abandoned)."""
+    if record.mode is Mode.START and record.pid == 0:
+        return False
+    return not record.owner_alive()
+
+
+def collect() -> Report:
+    """Tear down abandoned containers, then anything of cryptlayer's that no record claims."""
+    report = Report()
+    with state.locked():
+        for record in state.all_records():
+            if not _abandoned(record):
+                continue
+            owed = record.shred and not record.shredded
+            try:
+                teardown(record)
+            except CryptlayerError as err:
+                report.errors.append(f"{record.name}: {err}")
+                continue
+            report.containers.append(record.name)
+            if owed:
+                report.shredded.append(record.image)
+        _collect_orphans(report)
+    return report
+
+
+def _collect_orphans(report: Report) -> None:
+    live = state.all_records()
+    claimed = {s.ref for r in live for s in r.steps} | {s.device for r in live for s in r.steps}
+    root = run_root()
+    # Mounts first, deepest first: the overlay sits on the layer and scratch mounts.
+    ours = [p for p in mount.mounted_paths() if root in p.parents and str(p) not in claimed]
+    for target in sorted(ours, key=lambda p: len(p.parts), reverse=True):
+        _try(report, f"mount {target}", lambda t=target: mount.umount(t))
+    for name in udev.mappings(PREFIX):
+        if name not in claimed:
+            _try(report, f"mapping {name}", lambda n=name: cryptsetup.close(n))
+    files = {Path(s.ref) for r in live for s in r.steps if s.kind is Kind.LOOP}
+    for device in udev.block_devices():
+        if device.backing_file is None or device.node in claimed:
+            continue
+        backing = Path(device.backing_file.removesuffix(" (deleted)"))
+        if backing in files:
+            continue
+        if scratch_dir() in backing.parents or _is_layer_file(backing):
+            _try(report, f"loop {device.node}", lambda d=device.node: losetup.detach(d))
+    if scratch_dir().is_dir():
+        for leftover in scratch_dir().iterdir():
+            if str(leftover) not in claimed:
+                _try(report, f"scratch file {leftover}", leftover.unlink)
+    # Empty directories of containers that no longer exist (never descending into a mount).
+    mounted = mount.mounted_paths()
+    if root.is_dir():
+        for top in root.iterdir():
+            if (
+                not top.is_dir()
+                or top.name.startswith(".")
+                or str(top) in claimed
+                or top in mounted
+            ):
+                continue
+            for sub in top.iterdir():
+                if sub.is_dir() and sub not in mounted:
+                    with contextlib.suppress(OSError):
+                        sub.rmdir()
+            with contextlib.suppress(OSError):
+                top.rmdir()
+
+
+def _is_layer_file(path: Path) -> bool:
+    """A layer of a cryptlayer image: a .luks file beside a manifest.json."""
+    return path.suffix == ".luks" and (path.parent / "manifest.json").is_file()
+
+
+def _try(report: Report, what: str, action: object) -> None:
+    try:
+        action()  # type: ignore[operator]
+        report.orphans.append(what)
+    except CryptlayerError as err:
+        report.errors.append(f"{what}: {err}")

@@ -1,0 +1,35 @@
+"""What `inspect` reports: read from the manifest and the live LUKS headers, never the key."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from . import manifest as manifest_mod
+from .shred import keyslot_count
+
+
+def inspect_image(image: Path) -> dict[str, Any]:
+    """Layers with sizes and keyslot state, cipher, and the image config."""
+    manifest = manifest_mod.load(image)
+    layers = []
+    for layer in manifest.layers:
+        path = image / layer.file
+        slots = keyslot_count(path) if path.exists() else 0
+        state = "missing" if not path.exists() else ("intact" if slots else "erased")
+        layers.append({**asdict(layer), "keyslots": slots, "state": state})
+    states = {layer["state"] for layer in layers}
+    overall = (
+        "intact" if states == {"intact"} else ("erased" if states == {"erased"} else "damaged")
+    )
+    return {
+        "image": str(image),
+        "cipher": manifest.cipher,
+        "created": manifest.created,
+        "state": overall,
+        "layers": layers,
+        "config": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in asdict(manifest.config).items()
+        },
+    }

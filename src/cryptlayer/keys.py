@@ -1,0 +1,141 @@
+"""Keys: reading, generating and holding them so they never leak.
+
+A key lives in a `Secret` (a bytearray wiped on close), prints as <redacted>, and reaches
+cryptsetup only through a pipe on stdin (see runner.run).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+KEY_BYTES = 32
+# cryptsetup's own limit for a key file is 8 MiB; a key for us is small, so refuse anything large
+# (a wrong path pointing at a big file) before reading it into memory.
+MAX_KEY_BYTES = 8192
+
+
+class Secret:
+    """Key material in a wipeable buffer; never shows itself in repr, str or logs."""
+
+    def __init__(self, data: bytearray) -> None:
+        self._data = data
+
+    @classmethod
+    def random(cls, size: int = KEY_BYTES) -> Secret:
+        """A new key from the kernel's random source."""
+        return cls(bytearray(os.urandom(size)))
+
+    @contextmanager
+    def view(self) -> Iterator[memoryview]:
+        """Borrow the bytes without copying them."""
+        if not self._data:
+            raise ValueError("secret already wiped")
+        with memoryview(self._data) as mv:
+            yield mv
+
+    def wipe(self) -> None:
+        """Overwrite the key in memory; the Secret is unusable afterwards."""
+        for i in range(len(self._data)):
+            self._data[i] = 0
+        self._data = bytearray()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __enter__(self) -> Secret:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.wipe()
+
+    def __repr__(self) -> str:
+        return "<Secret: redacted>"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> str | tuple[object, ...]:
+        raise TypeError("a Secret cannot be pickled")
+
+
+def _checked(data: bytearray, what: str) -> Secret:
+    """Wrap what was read as a Secret, refusing empty or oversized input."""
+    if len(data) > MAX_KEY_BYTES:
+        data[:] = bytes(len(data))
+        raise UsageError(f"{what} is larger than {MAX_KEY_BYTES} bytes", "is it really a key?")
+    if not data:
+        raise UsageError(f"{what} is empty", "pass a key made by `cryptlayer keygen`")
+    return Secret(data)
+
+
+def _read_fd(fd: int, what: str) -> Secret:
+    buf = bytearray(MAX_KEY_BYTES + 1)
+    n = 0
+    with memoryview(buf) as mv:
+        while n < len(buf):
+            got = os.readv(fd, [mv[n:]])
+            if got == 0:
+                break
+            n += got
+    del buf[n:]  # shrinks in place: no copy of the key is left behind
+    return _checked(buf, what)
+
+
+def read_key(source: str) -> Secret:
+    """Read a key from a file path, or from standard input when `source` is '-'."""
+    if source == "-":
+        stdin = getattr(sys.stdin, "buffer", sys.stdin)
+        try:
+            fd = stdin.fileno()
+        except (OSError, ValueError, AttributeError):
+            # No real descriptor (an in-process caller): read the stream itself.
+            data = stdin.read(MAX_KEY_BYTES + 1)
+            raw = data.encode() if isinstance(data, str) else data
+            return _checked(bytearray(raw), "the key on standard input")
+        return _read_fd(fd, "the key on standard input")
+    path = Path(source)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise UsageError(
+            f"key file {source} does not exist", "create one with `cryptlayer keygen`"
+        ) from None
+    except OSError as err:
+        raise UsageError(f"cannot read key file {source}: {err.strerror}") from err
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"key file {source} is not a regular file")
+        return _read_fd(fd, f"key file {source}")
+    finally:
+        os.close(fd)
+
+
+def write_new_key(path: Path) -> None:
+    """Write a new random key to `path`, mode 0600; never overwrite an existing file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise UsageError(
+            f"{path} already exists", "choose another name; keygen never overwrites"
+        ) from None
+    except OSError as err:
+        raise UsageError(f"cannot create {path}: {err.strerror}") from err
+    try:
+        with Secret.random() as key, key.view() as data:
+            os.write(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)

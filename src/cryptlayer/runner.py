@@ -1,0 +1,155 @@
+"""The one place cryptlayer runs external programs (built on `sh`).
+
+Argv is always a list; `+ argv` is logged under --debug; children get a minimal environment and
+an empty stdin unless a secret is handed over on a pipe; failures raise CommandError with stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any
+
+from .errors import CommandError, MissingToolError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from .keys import Secret
+
+log = logging.getLogger("cryptlayer.run")
+
+# Which Debian package brings each program, for the "not found: install X" message.
+PACKAGES = {
+    "cryptsetup": "cryptsetup-bin",
+    "losetup": "util-linux",
+    "mount": "mount",
+    "umount": "mount",
+    "mkfs.ext4": "e2fsprogs",
+    "e2fsck": "e2fsprogs",
+    "resize2fs": "e2fsprogs",
+    "dumpe2fs": "e2fsprogs",
+    "cp": "coreutils",
+    "crun": "crun",
+    "runc": "runc",
+    "modprobe": "kmod",
+    "zstd": "zstd",
+    "fuser": "psmisc",
+    "udevadm": "udev",
+}
+
+# Children see only this: no inherited variables, so nothing of ours (or the user's shell)
+# leaks into a tool, and tools behave the same everywhere.
+BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+
+
+# Accept every status (signals are negative): callers decide what a failure is.
+ANY_EXIT = list(range(-64, 256))
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a finished command returned."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def which(program: str) -> str:
+    """Full path of `program`, or MissingToolError naming the package to install."""
+    path = shutil.which(program, path=BASE_ENV["PATH"])
+    if path is None:
+        package = PACKAGES.get(program, program)
+        raise MissingToolError(
+            f"{program} not found", f"install it (apt-get install {package}) and try again"
+        )
+    return path
+
+
+@contextmanager
+def _stdin_pipe(secret: Secret | None) -> Iterator[int | None]:
+    """A pipe read end holding `secret`, so it reaches the child without a bytes copy or argv."""
+    if secret is None:
+        yield None
+        return
+    read_fd, write_fd = os.pipe()
+    try:
+        with secret.view() as data:
+            os.write(write_fd, data)  # keys are tiny; a pipe holds 64 KiB
+        os.close(write_fd)
+        write_fd = -1
+        yield read_fd
+    finally:
+        if write_fd >= 0:
+            os.close(write_fd)
+        os.close(read_fd)
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    secret: Secret | None = None,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+) -> Result:
+    """Run argv to completion, capturing output; stdin is `secret` or empty."""
+    import sh
+
+    argv = list(argv)
+    command = sh.Command(which(argv[0]))
+    log.debug("+ %s%s", shlex.join(argv), " <secret on stdin>" if secret else "")
+    with _stdin_pipe(secret) as stdin_fd:
+        # sh dups an int fd straight into the child: the key never becomes a Python bytes object.
+        stdin: Any = stdin_fd if stdin_fd is not None else b""
+        proc: Any = command(
+            *argv[1:],
+            _in=stdin,
+            _env={**BASE_ENV, **(env or {})},
+            _ok_code=ANY_EXIT,
+            _return_cmd=True,
+            _decode_errors="replace",
+        )
+    stdout = proc.stdout.decode(errors="replace")
+    stderr = proc.stderr.decode(errors="replace")
+    for line in stderr.splitlines():
+        log.debug("  %s: %s", argv[0], line)
+    result = Result(proc.exit_code, stdout, stderr)
+    if check and result.returncode != 0:
+        raise CommandError(argv, result.returncode, stderr)
+    return result
+
+
+def run_attached(
+    argv: Sequence[str], *, stdin: IO[bytes] | None, env: Mapping[str, str] | None = None
+) -> tuple[int, Any]:
+    """Start argv with our stdout/stderr (and optionally stdin); returns (pid, waiter)."""
+    import sh
+
+    argv = list(argv)
+    command = sh.Command(which(argv[0]))
+    log.debug("+ %s", shlex.join(argv))
+    proc: Any = command(
+        *argv[1:],
+        _in=stdin if stdin is not None else b"",
+        _out=_binary(sys.stdout),
+        _err=_binary(sys.stderr),
+        _env={**BASE_ENV, **(env or {})},
+        _ok_code=ANY_EXIT,
+        _bg=True,
+        _bg_exc=False,
+        _new_session=False,
+    )
+    return proc.pid, proc
+
+
+def _binary(stream: IO[str]) -> Any:
+    """The byte stream behind a text stream, so child output passes through unchanged."""
+    buffer = getattr(stream, "buffer", None)
+    return buffer if buffer is not None else stream

@@ -1,0 +1,1 @@
+"""One thin module per external tool: typed functions, no business logic."""

@@ -1,0 +1,42 @@
+"""The OCI runtime: crun, or runc where crun is absent."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import IO, Any
+
+from ..errors import MissingToolError
+from ..paths import run_root
+from ..runner import BASE_ENV, run, run_attached
+
+
+def _state_root() -> str:
+    """The runtime's own state: memory-backed, like everything of a running container."""
+    return str(run_root() / ".oci")
+
+
+def runtime() -> str:
+    """The runtime program to use: crun, else runc."""
+    for program in ("crun", "runc"):
+        if shutil.which(program, path=BASE_ENV["PATH"]):
+            return program
+    raise MissingToolError("no OCI runtime found", "install crun (apt-get install crun)")
+
+
+def start_attached(bundle: Path, container_id: str, stdin: IO[bytes] | None) -> tuple[int, Any]:
+    """`crun run` the bundle in the foreground of our stdio; returns (pid, waiter)."""
+    return run_attached(
+        [runtime(), "--root", _state_root(), "run", "--bundle", str(bundle), container_id],
+        stdin=stdin,
+    )
+
+
+def kill(container_id: str, signal: str) -> None:
+    """Send `signal` to the container's init (ignored if it is already gone)."""
+    run([runtime(), "--root", _state_root(), "kill", container_id, signal], check=False)
+
+
+def delete(container_id: str) -> None:
+    """Forget the container, killing it first if it still runs (ignored if unknown)."""
+    run([runtime(), "--root", _state_root(), "delete", "--force", container_id], check=False)

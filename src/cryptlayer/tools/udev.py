@@ -1,0 +1,71 @@
+"""Device discovery through udev/sysfs (pyudev): what cryptlayer has mapped and attached."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    """A loop or device-mapper node as the kernel reports it."""
+
+    node: str
+    dm_name: str | None
+    backing_file: str | None
+
+
+def _context() -> Any:
+    import pyudev
+
+    return pyudev.Context()
+
+
+def block_devices() -> list[BlockDevice]:
+    """Every loop and dm block device, with its dm name and loop backing file."""
+    found = []
+    for device in _context().list_devices(subsystem="block"):
+        name = device.sys_name
+        if not (name.startswith("dm-") or name.startswith("loop")):
+            continue
+        attrs = device.attributes
+        dm_name = _attr(attrs, "dm/name")
+        backing = _attr(attrs, "loop/backing_file")
+        if dm_name is None and backing is None:
+            continue  # an unused loop device
+        found.append(BlockDevice(device.device_node or f"/dev/{name}", dm_name, backing))
+    return found
+
+
+def _attr(attrs: Any, key: str) -> str | None:
+    try:
+        value = attrs.asstring(key).strip()
+    except (KeyError, UnicodeDecodeError):
+        return None
+    return value or None
+
+
+def mappings(prefix: str) -> list[str]:
+    """Names of device-mapper devices starting with `prefix`."""
+    return sorted(d.dm_name for d in block_devices() if d.dm_name and d.dm_name.startswith(prefix))
+
+
+def loops_backed_by(paths: set[Path]) -> list[str]:
+    """Loop device nodes whose backing file is one of `paths`, or lies under one of them."""
+    nodes = []
+    for device in block_devices():
+        if device.backing_file is None:
+            continue
+        backing = Path(device.backing_file.removesuffix(" (deleted)"))
+        if any(backing == p or p in backing.parents for p in paths):
+            nodes.append(device.node)
+    return sorted(nodes)
+
+
+def settle() -> None:
+    """Wait until udev has processed every queued event (no-op where udev is not running)."""
+    from ..runner import run
+
+    if Path("/run/udev/control").exists():
+        run(["udevadm", "settle", "--timeout", "30"], check=False)

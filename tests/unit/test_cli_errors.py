@@ -1,0 +1,180 @@
+"""Bad input on the host: every error is one `error:` line with its own exit code, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cryptlayer import runner
+from cryptlayer.cli import app
+from cryptlayer.errors import ExitCode
+from cryptlayer.manifest import FORMAT
+
+CLI = [sys.executable, "-m", "cryptlayer"]
+
+
+def invoke(*args: str, input: bytes | None = None) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_keygen_writes_0600_and_never_overwrites(tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    assert invoke("keygen", str(key))[0] == 0
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert len(key.read_bytes()) == 32
+    before = key.read_bytes()
+    code, _, err = invoke("keygen", str(key))
+    assert code == ExitCode.USAGE
+    assert (
+        one_error_line(err)
+        == f"error: {key} already exists: choose another name; keygen never overwrites"
+    )
+    assert key.read_bytes() == before
+
+
+def test_keygen_keys_differ(tmp_path: Path) -> None:
+    invoke("keygen", str(tmp_path / "a"))
+    invoke("keygen", str(tmp_path / "b"))
+    assert (tmp_path / "a").read_bytes() != (tmp_path / "b").read_bytes()
+
+
+def test_missing_manifest(tmp_path: Path) -> None:
+    code, _, err = invoke("inspect", str(tmp_path))
+    assert code == ExitCode.USAGE
+    assert one_error_line(err) == (
+        f"error: {tmp_path}/manifest.json is missing:"
+        " this is not a cryptlayer image, or it is incomplete"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "detail"),
+    [
+        ("{not json", "is not valid JSON"),
+        (json.dumps({"format": "other"}), "is malformed: format is 'other'"),
+        (json.dumps({"format": FORMAT, "layers": []}), "is malformed: it lists no layers"),
+        (json.dumps({"format": "cryptlayer.image.v1"}), "is malformed: missing 'layers'"),
+        (
+            json.dumps({"format": "cryptlayer.image.v1", "layers": [
+                {"file": "../x", "uuid": "", "size": 1, "content_bytes": 1, "source": ""}]}),
+            "is malformed: layer file name '../x' is not a plain name",
+        ),
+    ],
+)  # fmt: skip
+def test_malformed_manifest(tmp_path: Path, content: str, detail: str) -> None:
+    (tmp_path / "manifest.json").write_text(content)
+    code, _, err = invoke("inspect", str(tmp_path))
+    assert code == ExitCode.USAGE
+    assert detail in one_error_line(err)
+
+
+def test_unknown_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRYPTLAYER_ROOT", str(tmp_path))
+    code, _, err = invoke("stop", "nosuch")
+    assert code == ExitCode.USAGE
+    assert (
+        one_error_line(err)
+        == "error: no container named 'nosuch': see `cryptlayer ps` for the names"
+    )
+
+
+def test_invalid_name(tmp_path: Path) -> None:
+    code, _, err = invoke("start", "--key-file", "k", "--name", "../x", str(tmp_path))
+    assert code == ExitCode.USAGE
+    assert one_error_line(err).startswith("error: invalid name '../x'")
+
+
+def test_key_file_missing_and_empty(tmp_path: Path) -> None:
+    code, _, err = invoke(
+        "build", "--key-file", str(tmp_path / "nokey"), "-o", str(tmp_path / "i"), str(tmp_path)
+    )
+    assert code == ExitCode.USAGE
+    assert "does not exist: create one with `cryptlayer keygen`" in one_error_line(err)
+    (tmp_path / "empty").touch()
+    code, _, err = invoke(
+        "build", "--key-file", str(tmp_path / "empty"), "-o", str(tmp_path / "i"), str(tmp_path)
+    )
+    assert code == ExitCode.USAGE
+    assert "is empty" in one_error_line(err)
+
+
+def test_ps_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRYPTLAYER_ROOT", str(tmp_path))
+    code, out, _ = invoke("ps", "--json")
+    assert code == 0
+    assert json.loads(out) == []
+
+
+def test_missing_tool_names_the_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A machine without cryptsetup: the runner's PATH is the only place programs are looked up.
+    monkeypatch.setitem(runner.BASE_ENV, "PATH", str(tmp_path))
+    code, _, err = invoke("shred", str(tmp_path))
+    assert code == ExitCode.MISSING_TOOL
+    assert one_error_line(err) == (
+        "error: cryptsetup not found: install it (apt-get install cryptsetup-bin) and try again"
+    )
+
+
+def _as_nobody(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is needed"
+    env = {"PATH": os.environ["PATH"], "CRYPTLAYER_ROOT": str(kw.pop("root"))}
+    return subprocess.run(
+        [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *CLI, *args],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("stop", "x"), "error: must be root to stop containers: run it with sudo"),
+        (("gc",), "error: must be root to collect garbage: run it with sudo"),
+    ],
+)
+def test_not_root(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    tmp_path.chmod(0o755)
+    result = _as_nobody(*args, root=tmp_path)
+    assert result.returncode == ExitCode.NOT_ROOT
+    assert one_error_line(result.stderr) == message
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_not_root_build_and_run(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    key = tmp_path / "k"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o644)
+    src = tmp_path / "src"
+    src.mkdir()
+    result = _as_nobody(
+        "build", "--key-file", str(key), "-o", str(tmp_path / "img"), str(src), root=tmp_path
+    )
+    assert result.returncode == ExitCode.NOT_ROOT
+    assert (
+        one_error_line(result.stderr) == "error: must be root to build an image: run it with sudo"
+    )
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img/manifest.json").write_text("{}")
+    result = _as_nobody("run", "--key-file", str(key), str(tmp_path / "img"), root=tmp_path)
+    assert result.returncode == ExitCode.NOT_ROOT
+    assert (
+        one_error_line(result.stderr) == "error: must be root to start containers: run it with sudo"
+    )

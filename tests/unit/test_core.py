@@ -1,0 +1,153 @@
+"""Pure logic: keys, the OCI config, sizes, sources."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from cryptlayer.errors import UsageError
+from cryptlayer.keys import Secret, read_key
+from cryptlayer.manifest import ImageConfig
+from cryptlayer.ocispec import Overrides, merge_env, process_args, resolve_user, runtime_config
+from cryptlayer.sources import DirectorySource, TarSource, extract_confined
+
+
+def test_secret_never_shows_itself() -> None:
+    secret = Secret(bytearray(b"hunter2-hunter2"))
+    assert "hunter2" not in repr(secret) + str(secret) + f"{secret}"
+    with pytest.raises(TypeError):
+        import pickle
+
+        pickle.dumps(secret)
+
+
+def test_secret_wipe_overwrites_buffer() -> None:
+    buf = bytearray(b"k" * 32)
+    secret = Secret(buf)
+    secret.wipe()
+    assert buf == bytearray(32)
+    with pytest.raises(ValueError), secret.view():
+        pass
+
+
+def test_read_key_refuses_big_files(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 9000)
+    with pytest.raises(UsageError, match="larger than 8192 bytes"):
+        read_key(str(big))
+    (tmp_path / "k").write_bytes(b"\x00\x01" * 16)
+    with read_key(str(tmp_path / "k")) as key, key.view() as data:
+        assert bytes(data) == b"\x00\x01" * 16
+
+
+def test_process_args_like_podman() -> None:
+    cfg = ImageConfig(entrypoint=("/entry",), cmd=("default",))
+    assert process_args(cfg, ()) == ["/entry", "default"]
+    assert process_args(cfg, ("x", "y")) == ["/entry", "x", "y"]
+    assert process_args(ImageConfig(cmd=("a",)), ("b",)) == ["b"]
+    with pytest.raises(UsageError, match="no default command"):
+        process_args(ImageConfig(), ())
+
+
+def test_merge_env_later_wins_and_rejects_garbage() -> None:
+    assert merge_env(("A=1", "B=2"), ("A=3",)) == ["A=3", "B=2"]
+    with pytest.raises(UsageError, match="use KEY=VALUE"):
+        merge_env(("NOEQUALS",))
+
+
+def test_resolve_user_in_container_files(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/passwd").write_text(
+        "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home:/bin/sh\n"
+    )
+    (tmp_path / "etc/group").write_text("root:x:0:\nstaff:x:50:\n")
+    assert resolve_user(tmp_path, "") == (0, 0)
+    assert resolve_user(tmp_path, "app") == (1000, 1001)
+    assert resolve_user(tmp_path, "app:staff") == (1000, 50)
+    assert resolve_user(tmp_path, "7:8") == (7, 8)
+    with pytest.raises(UsageError, match="not in the container's /etc/passwd"):
+        resolve_user(tmp_path, "ghost")
+
+
+def test_resolve_user_ignores_passwd_symlinked_out(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.write_text("evil:x:0:0::/:/bin/sh\n")
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/passwd").symlink_to(outside)
+    with pytest.raises(UsageError):
+        resolve_user(root, "evil")
+
+
+def test_runtime_config_overrides(tmp_path: Path) -> None:
+    cfg = ImageConfig(cmd=("sh",), env=("A=1",), workdir="/srv")
+    doc = runtime_config(tmp_path, "n", cfg, Overrides(("id",), ("A=2",), "/tmp", "5:6"))
+    assert doc["process"]["args"] == ["id"]
+    assert "A=2" in doc["process"]["env"]
+    assert doc["process"]["cwd"] == "/tmp"
+    assert doc["process"]["user"] == {"uid": 5, "gid": 6}
+    assert doc["root"]["path"] == str(tmp_path)
+
+
+def test_directory_measure_counts_hardlinks_once(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"x" * 5000)
+    os.link(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "d").mkdir()
+    m = DirectorySource(tmp_path).measure()
+    assert m.content_bytes == 5000
+    assert m.inodes == 3  # root dir, d, the file (once)
+
+
+def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    return info
+
+
+def test_tar_measure(tmp_path: Path) -> None:
+    path = _tar(tmp_path / "l.tar", [(_member("f"), b"abc"), (_member("d", tarfile.DIRTYPE), None)])
+    m = TarSource(path).measure()
+    assert m.content_bytes == 3
+    assert m.inodes == 3
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
+def test_hostile_members_stay_inside_the_layer(tmp_path: Path) -> None:
+    """Absolute paths, `..`, symlinks and hard links pointing out are all confined to the layer."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("untouched")
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    rel_out = os.path.relpath(outside, layer)
+    path = _tar(tmp_path / "evil.tar", [
+        (_member(f"{outside}/abs"), b"abs"),
+        (_member(f"../{rel_out}/dotdot"), b"dotdot"),
+        (_member("link", tarfile.SYMTYPE, str(outside)), None),
+        (_member("link/through"), b"through"),
+        (_member("hard", tarfile.LNKTYPE, f"{outside}/victim"), None),
+        (_member("escape", tarfile.SYMTYPE, "../../../../../../../"), None),
+        (_member("escape/" + str(outside).lstrip("/") + "/victim"), b"overwritten"),
+    ])  # fmt: skip
+    with contextlib.suppress(UsageError):  # refusing is as good as confining: see below
+        extract_confined(path, layer)
+    assert sorted(p.name for p in outside.iterdir()) == ["victim"]
+    assert (outside / "victim").read_text() == "untouched"
+    # What did land, landed inside the layer.
+    assert (layer / str(outside).lstrip("/") / "abs").read_text() == "abs"

@@ -1,0 +1,153 @@
+"""VM tier: real cryptsetup, dm-crypt, loop, overlayfs and crun. Run through tests/vm/run-tier.
+
+Every test is checked for leaks afterwards (mappings, loop devices, mounts, records) through
+udev/sysfs and /proc, not by trusting the code; a leak fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cryptlayer.cli import app
+from cryptlayer.paths import run_root, state_root
+from cryptlayer.tools import mount, udev
+
+MARKER_LOWER = "CRYPTLAYER-MARKER-lower-7f3a9c"
+MARKER_WRITTEN = "CRYPTLAYER-MARKER-written-5d21e8"
+BUSYBOX_APPLETS = ("sh", "cat", "echo", "ls", "sleep", "id", "pwd", "env", "test", "grep", "stat",
+                   "mkdir", "rm", "touch", "true", "false", "readlink", "wc", "head")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.vm)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A VM tier that ran nothing, or skipped anything, has failed."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    passed = len(reporter.stats.get("passed", []))
+    skipped = len(reporter.stats.get("skipped", []))
+    if skipped or passed == 0:
+        reporter.write_line(f"vm tier: FAILED: {passed} passed, {skipped} skipped (none may skip)")
+        session.exitstatus = 1
+
+
+@dataclass
+class Cli:
+    """The real CLI, in-process (Python starts slowly under emulation)."""
+
+    runner: CliRunner
+
+    def __call__(self, *args: str, input: bytes | str | None = None) -> tuple[int, str, str]:
+        result = self.runner.invoke(app, list(args), input=input, catch_exceptions=False)
+        return result.exit_code, result.stdout, result.stderr
+
+    def ok(self, *args: str, input: bytes | str | None = None) -> str:
+        code, out, err = self(*args, input=input)
+        assert code == 0, f"cryptlayer {' '.join(args)} exited {code}: {err}"
+        return out
+
+
+@pytest.fixture(scope="session")
+def cli() -> Cli:
+    return Cli(CliRunner())
+
+
+def leftovers() -> list[str]:
+    """Everything of cryptlayer's that exists on this host now."""
+    found = [f"mapping {m}" for m in udev.mappings("cryptlayer-")]
+    roots = {state_root(), Path(os.environ.get("CRYPTLAYER_SCRATCH", "/nonexistent"))}
+    found += [f"loop {d}" for d in udev.loops_backed_by(roots)]
+    found += [f"mount {p}" for p in mount.mounted_paths() if run_root() in p.parents]
+    records = state_root() / "containers"
+    if records.is_dir():
+        found += [f"record {p.name}" for p in records.iterdir()]
+    scratch = state_root() / "scratch"
+    if scratch.is_dir():
+        found += [f"scratch {p.name}" for p in scratch.iterdir()]
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(cli: Cli) -> Iterator[None]:
+    """Fail any test that leaves a mapping, loop device, mount or record behind."""
+    assert leftovers() == [], "a previous test leaked"
+    yield
+    left = leftovers()
+    if left:
+        cli("gc")  # clean up so later tests start clean, then fail this one
+    assert left == [], f"leaked: {left}"
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Iterator[Path]:
+    """A directory on the scratch disk (not tmpfs) for image files."""
+    base = Path(os.environ.get("CRYPTLAYER_SCRATCH", tmp_path / "images"))
+    path = base / tmp_path.name
+    path.mkdir(parents=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def key_file(tmp_path: Path, cli: Cli) -> Path:
+    path = tmp_path / "image.key"
+    cli.ok("keygen", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def busybox_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A minimal root file system: static busybox and its applets."""
+    root = tmp_path_factory.mktemp("busybox")
+    for d in ("bin", "etc", "tmp", "proc", "sys", "dev", "root", "home/app"):
+        (root / d).mkdir(parents=True)
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    shutil.copy2(busybox, root / "bin/busybox")
+    for applet in BUSYBOX_APPLETS:
+        (root / "bin" / applet).symlink_to("busybox")
+    (root / "etc/passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n"
+    )
+    (root / "etc/group").write_text("root:x:0:\napp:x:1000:\n")
+    os.chown(root / "home/app", 1000, 1000)
+    (root / "tmp").chmod(0o1777)
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second layer: a file holding a known marker, and one that hides a busybox applet."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "data").mkdir()
+    (root / "data/hello.txt").write_text(f"{MARKER_LOWER}\n")
+    return root
+
+
+@pytest.fixture
+def image(cli: Cli, images: Path, key_file: Path, busybox_tree: Path, data_tree: Path) -> Path:
+    """A two-layer image (busybox bottom, data on top) with a default command."""
+    out = images / "img"
+    cli.ok("build", "--key-file", str(key_file), "--output", str(out),
+           "--cmd", "cat /data/hello.txt", str(busybox_tree), str(data_tree))  # fmt: skip
+    return out
+
+
+def keyslots(layer: Path) -> int:
+    """Keyslots in a LUKS2 header, read by cryptsetup itself."""
+    out = subprocess.run(
+        ["cryptsetup", "luksDump", str(layer)], capture_output=True, text=True, check=True
+    ).stdout
+    section = out.split("Keyslots:", 1)[1].split("Tokens:", 1)[0]
+    return sum(1 for line in section.splitlines() if line.strip().split(":")[0].strip().isdigit())

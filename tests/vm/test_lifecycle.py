@@ -1,0 +1,34 @@
+"""The whole life of an image on real dm-crypt: build, run, stop, shred."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import MARKER_LOWER, MARKER_WRITTEN, Cli, keyslots
+
+from cryptlayer.errors import ExitCode
+
+
+def test_run_reads_lower_writes_upper_then_shreds(cli: Cli, image: Path, key_file: Path) -> None:
+    script = f"cat /data/hello.txt && echo {MARKER_WRITTEN} > /root/out.txt && cat /root/out.txt"
+    code, out, err = cli("run", "--key-file", str(key_file), str(image), "--", "sh", "-c", script)
+    assert code == 0, err
+    assert out.splitlines() == [MARKER_LOWER, MARKER_WRITTEN]
+    layers = sorted(image.glob("*.luks"))
+    assert len(layers) == 2
+    assert [keyslots(p) for p in layers] == [0, 0]
+    code, _, err = cli("run", "--key-file", str(key_file), str(image), "--", "true")
+    assert code == ExitCode.ERASED
+    assert err.startswith("error: image") and "was shredded (crypto-erased)" in err
+
+
+def test_exit_status_passes_through(cli: Cli, image: Path, key_file: Path) -> None:
+    code, out, _ = cli("run", "--keep", "--key-file", str(key_file), str(image), "--",
+                       "sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 7")  # fmt: skip
+    assert code == 7
+    assert out == "to-stdout\n"
+
+
+def test_default_command(cli: Cli, image: Path, key_file: Path) -> None:
+    out = cli.ok("run", "--keep", "--key-file", str(key_file), str(image))
+    assert out == f"{MARKER_LOWER}\n"
