@@ -18,8 +18,10 @@ test-host:
 	$(PYTEST) tests/unit
 
 # Everything that touches devices: one VM boot (or this host, if it has dm-crypt) runs it all.
+# Narrow it with VM_TESTS=tests/vm/test_x.py or PYTEST_ARGS='-k shred'.
+VM_TESTS ?= tests/vm
 test-vm:
-	scripts/in-vm $(PYTEST) -m vm tests/vm -v $(PYTEST_ARGS)
+	scripts/in-vm $(PYTEST) -m vm -v $(VM_TESTS) $(PYTEST_ARGS)
 
 lint:
 	$(VENV)/bin/ruff check src tests

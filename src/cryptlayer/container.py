@@ -12,6 +12,7 @@ import os
 import secrets
 import signal
 import sys
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,6 +44,7 @@ class StartOptions:
     name: str
     shred: bool = True
     scratch_bytes: int = DEFAULT_SCRATCH
+    stop_timeout: float = 10.0  # seconds from a forwarded signal to SIGKILL, as podman's
 
 
 def default_name(image: Path) -> str:
@@ -225,7 +227,13 @@ def stop(name: str) -> Record:
             )
         record.pid = os.getpid()
         record.save()
-        teardown(record)
+        try:
+            teardown(record)
+        except BaseException:
+            if record.mode is Mode.START and record.path.exists():
+                record.pid = 0  # still assembled, at rest: `stop` can be tried again
+                record.save()
+            raise
     return record
 
 
@@ -236,23 +244,40 @@ def run(
     record = _assemble_locked(image, key, options, Mode.RUN, overrides)
     key.wipe()  # the layers are open: nothing needs the key any more
     try:
-        return _run_foreground(run_root() / record.name, container_id(record), interactive)
+        return _run_foreground(
+            run_root() / record.name, container_id(record), interactive, options.stop_timeout
+        )
     finally:
         _shielded(_locked_teardown, record)
 
 
-def _run_foreground(bundle: Path, cid: str, interactive: bool) -> int:
-    """`crun run` attached to our stdio, with our signals forwarded; returns its exit status."""
+def _run_foreground(bundle: Path, cid: str, interactive: bool, stop_timeout: float) -> int:
+    """`crun run` attached to our stdio, with our signals forwarded; returns its exit status.
+
+    Like `podman stop`: a container whose init ignores the signal (PID 1 has no default
+    handlers) is killed with SIGKILL `stop_timeout` seconds after the first signal.
+    """
+    import sh
+
     stdin: Any = getattr(sys.stdin, "buffer", sys.stdin) if interactive else None
     pid, proc = runtime.start_attached(bundle, cid, stdin)
+    signalled_at: list[float] = []
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         os.kill(pid, signum)  # crun passes it on to the container's init
+        if not signalled_at:
+            signalled_at.append(time.monotonic())
 
     forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.signal(s, forward) for s in forwarded}
     try:
-        proc.wait()
+        while True:
+            try:
+                proc.wait(timeout=0.5)
+                break
+            except sh.TimeoutException:
+                if signalled_at and time.monotonic() - signalled_at[0] > stop_timeout:
+                    runtime.kill(cid, "KILL")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -44,10 +44,16 @@ def release(record: Record, step: Step) -> None:
 
 
 def release_all(record: Record) -> None:
-    """Undo every step in reverse; all are attempted even if some fail."""
-    with ExitStack() as stack:
-        for step in list(record.steps):
-            stack.callback(release, record, step)
+    """Undo every step in reverse; all are attempted even if some fail, and the first failure
+    (the cause: a busy mount, say, rather than the busy devices below it) is raised."""
+    errors: list[Exception] = []
+    for step in reversed(list(record.steps)):
+        try:
+            release(record, step)
+        except Exception as err:
+            errors.append(err)
+    if errors:
+        raise errors[0]
 
 
 def _release_loop(step: Step, record: Record) -> None:

@@ -6,6 +6,7 @@ udev/sysfs and /proc, not by trusting the code; a leak fails the test.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -22,8 +23,8 @@ from cryptlayer.tools import mount, udev
 
 MARKER_LOWER = "CRYPTLAYER-MARKER-lower-7f3a9c"
 MARKER_WRITTEN = "CRYPTLAYER-MARKER-written-5d21e8"
-BUSYBOX_APPLETS = ("sh", "cat", "echo", "ls", "sleep", "id", "pwd", "env", "test", "grep", "stat",
-                   "mkdir", "rm", "touch", "true", "false", "readlink", "wc", "head")  # fmt: skip
+BUSYBOX_APPLETS = ("sh", "cat", "echo", "ls", "sleep", "id", "pwd", "env", "test", "grep", "stat", "seq", "sync",
+                   "mkdir", "rm", "touch", "true", "false", "readlink", "wc", "head", "find", "sort")  # fmt: skip
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -85,8 +86,10 @@ def no_leaks(cli: Cli) -> Iterator[None]:
     assert leftovers() == [], "a previous test leaked"
     yield
     left = leftovers()
-    if left:
-        cli("gc")  # clean up so later tests start clean, then fail this one
+    if left:  # clean up so later tests start clean, then fail this one
+        for name in json.loads(cli("ps", "--json")[1]):
+            cli("stop", name["name"])
+        cli("gc")
     assert left == [], f"leaked: {left}"
 
 

@@ -1,0 +1,70 @@
+"""start / ps / stop / shred: a container assembled without running anything."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from conftest import MARKER_LOWER, Cli, keyslots
+
+from cryptlayer.errors import ExitCode
+
+
+def test_start_ps_stop_keep_then_shred(cli: Cli, image: Path, key_file: Path) -> None:
+    rootfs = Path(
+        cli.ok("start", "--key-file", str(key_file), "--name", "job1", "--keep", str(image)).strip()
+    )
+    assert (rootfs / "data/hello.txt").read_text() == f"{MARKER_LOWER}\n"
+    assert (rootfs / "bin/busybox").is_file()
+    (rootfs / "written").write_text("scratch")  # the overlay is writable
+    rows = json.loads(cli.ok("ps", "--json"))
+    assert [(r["name"], r["status"], r["layers"]) for r in rows] == [("job1", "assembled", 2)]
+    assert rows[0]["rootfs"] == str(rootfs)
+
+    code, _, err = cli("start", "--key-file", str(key_file), "--name", "job1", str(image))
+    assert code == ExitCode.BUSY
+    assert (
+        err
+        == "error: a container named 'job1' already exists: choose another --name, or `cryptlayer stop job1` first\n"
+    )
+
+    cli.ok("stop", "job1")
+    assert not rootfs.exists()
+    assert json.loads(cli.ok("ps", "--json")) == []
+    assert [keyslots(p) for p in sorted(image.glob("*.luks"))] == [1, 1]  # --keep
+    info = json.loads(cli.ok("inspect", "--json", str(image)))
+    assert info["state"] == "intact"
+
+    code, _, err = cli("stop", "job1")
+    assert code == ExitCode.USAGE
+    assert err == "error: no container named 'job1': see `cryptlayer ps` for the names\n"
+
+    cli.ok("shred", str(image))
+    assert [keyslots(p) for p in sorted(image.glob("*.luks"))] == [0, 0]
+    info = json.loads(cli.ok("inspect", "--json", str(image)))
+    assert info["state"] == "erased"
+    assert [layer["state"] for layer in info["layers"]] == ["erased", "erased"]
+
+
+def test_stop_shreds_unless_keep(cli: Cli, image: Path, key_file: Path) -> None:
+    cli.ok("start", "--key-file", str(key_file), "--name", "job2", str(image))
+    assert [keyslots(p) for p in sorted(image.glob("*.luks"))] == [1, 1]
+    cli.ok("stop", "job2")
+    assert [keyslots(p) for p in sorted(image.glob("*.luks"))] == [0, 0]
+
+
+def test_busy_mount_at_stop_names_the_holder(cli: Cli, image: Path, key_file: Path) -> None:
+    rootfs = cli.ok(
+        "start", "--key-file", str(key_file), "--name", "busy", "--keep", str(image)
+    ).strip()
+    holder = subprocess.Popen(["sleep", "600"], cwd=rootfs)
+    try:
+        code, _, err = cli("stop", "busy")
+        assert code == ExitCode.BUSY
+        assert err.startswith(f"error: {rootfs} is busy: held by {holder.pid} (sleep)")
+        assert json.loads(cli.ok("ps", "--json"))[0]["name"] == "busy"  # still recorded
+    finally:
+        holder.kill()
+        holder.wait()
+    cli.ok("stop", "busy")
