@@ -10,15 +10,18 @@ import os
 import secrets
 import shutil
 from contextlib import ExitStack
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from . import manifest as manifest_mod
+from . import oci
 from .errors import UsageError
 from .keys import Secret
 from .manifest import ImageConfig, Layer, Manifest
 from .paths import run_root
-from .sources import Source
+from .sources import OciLayerSource, Source, SquashSource, parse_path
 from .system import require_kernel, require_root, require_tools
 from .tools import cryptsetup, losetup, mkfs, mount
 
@@ -35,12 +38,35 @@ def _fs_bytes(blocks: int, inodes: int) -> int:
     return -(-total // MiB) * MiB  # whole MiB: a multiple of the 4 KiB sector size
 
 
-def build_image(sources: list[str], output: Path, key: Secret, config: ImageConfig) -> Manifest:
-    """Build an encrypted image at `output` from `sources` (bottom layer first)."""
+def _expand(stack: ExitStack, sources: list[str]) -> tuple[list[Source], ImageConfig | None]:
+    """Each SOURCE as its layers, bottom first, and the image config an OCI source brings."""
+    layers: list[Source] = []
+    config: ImageConfig | None = None
+    for text in sources:
+        if oci.split_reference(text) is None:
+            layers.append(parse_path(text))
+            continue
+        image = stack.enter_context(oci.open_image(text))
+        layers += [OciLayerSource(layer) for layer in image.layers]
+        config = image.config  # the topmost image's config wins, as with FROM in a Containerfile
+    return layers, config
+
+
+def build_image(
+    sources: list[str],
+    output: Path,
+    key: Secret,
+    config: ImageConfig | None = None,
+    *,
+    squash: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> Manifest:
+    """Build an encrypted image at `output` from `sources` (bottom layer first).
+
+    `config` is used where no OCI source brings one; `overrides` replace single fields of it.
+    """
     require_root("build an image")
     require_tools("cryptsetup", "losetup", "mkfs.ext4", "resize2fs", "mount")
-    parsed = [Source.parse(s) for s in sources]
-    require_kernel()
     if output.exists() or output.is_symlink():
         raise UsageError(
             f"{output} already exists", "choose a new --output path (build never overwrites)"
@@ -49,20 +75,25 @@ def build_image(sources: list[str], output: Path, key: Secret, config: ImageConf
         raise UsageError(
             f"{output.parent} does not exist", "create the directory that will hold the image"
         )
-    partial = output.parent / f".{output.name}.partial-{secrets.token_hex(4)}"
-    partial.mkdir(mode=0o755)
-    try:
-        layers = tuple(
-            _build_layer(src, partial, f"layer{i}.luks", key) for i, src in enumerate(parsed)
-        )
-        built = Manifest(
-            layers, config, cryptsetup.CIPHER, datetime.now(UTC).isoformat(timespec="seconds")
-        )
-        manifest_mod.save(partial, built)
-        os.rename(partial, output)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)  # only our own, encrypted, files
-        raise
+    with ExitStack() as stack:
+        parsed, oci_config = _expand(stack, sources)
+        final_config = replace(oci_config or config or ImageConfig(), **(overrides or {}))
+        if squash and len(parsed) > 1:
+            parsed = [SquashSource(tuple(parsed))]
+        require_kernel()
+        partial = output.parent / f".{output.name}.partial-{secrets.token_hex(4)}"
+        partial.mkdir(mode=0o755)
+        try:
+            layers = tuple(
+                _build_layer(src, partial, f"layer{i}.luks", key) for i, src in enumerate(parsed)
+            )
+            created = datetime.now(UTC).isoformat(timespec="seconds")
+            built = Manifest(layers, final_config, cryptsetup.CIPHER, created)
+            manifest_mod.save(partial, built)
+            os.rename(partial, output)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)  # only our own, encrypted, files
+            raise
     return built
 
 
@@ -95,4 +126,6 @@ def _build_layer(source: Source, image_dir: Path, filename: str, key: Secret) ->
         fs_size = mkfs.shrink(mapped)
     size = offset + fs_size
     os.truncate(path, size)
-    return Layer(filename, cryptsetup.uuid(path), size, measure.content_bytes, str(source.path))
+    return Layer(
+        filename, cryptsetup.uuid(path), size, measure.content_bytes, source.label, source.digest
+    )

@@ -73,7 +73,12 @@ def _global(
     global _debug
     _debug = debug
     if debug:
-        logging.basicConfig(level=logging.DEBUG, format="%(message)s", stream=sys.stderr)
+        # Only our loggers: sh's own debug logging is very chatty and can echo argv internals.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log = logging.getLogger("cryptlayer")
+        log.addHandler(handler)
+        log.setLevel(logging.DEBUG)
 
 
 def _key(source: str, action: str) -> Any:
@@ -109,10 +114,17 @@ def keygen(keyfile: Annotated[Path, typer.Argument(help="Where to write the new 
 @handled
 def build(
     sources: Annotated[
-        list[str], typer.Argument(help="Directories or layer tars, bottom layer first.")
+        list[str],
+        typer.Argument(
+            help="Directories, layer tars, or oci:PATH[:TAG], oci-archive:PATH[:TAG], "
+            "docker-archive:PATH; bottom layer first."
+        ),
     ],
     key_file: KeyFile,
     output: Annotated[Path, typer.Option("--output", "-o", help="Image directory to create.")],
+    squash: Annotated[
+        bool, typer.Option(help="Merge all layers into one (fewer devices).")
+    ] = False,
     cmd: Annotated[
         str | None, typer.Option(help="Default command, e.g. '/bin/sh -c \"echo hi\"'.")
     ] = None,
@@ -123,26 +135,30 @@ def build(
         list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE, repeatable.")
     ] = None,
     workdir: Annotated[
-        str, typer.Option("--workdir", "-w", help="Default working directory.")
-    ] = "/",
-    user: Annotated[str, typer.Option("--user", "-u", help="Default USER[:GROUP].")] = "",
+        str | None, typer.Option("--workdir", "-w", help="Working directory.")
+    ] = None,
+    user: Annotated[str | None, typer.Option("--user", "-u", help="Default USER[:GROUP].")] = None,
 ) -> None:
-    """Build an encrypted image: one LUKS2 layer per SOURCE."""
+    """Build an encrypted image: one LUKS2 layer per layer of each SOURCE."""
     import shlex
 
     from .build import build_image
-    from .manifest import ImageConfig
     from .ocispec import merge_env
 
-    config = ImageConfig(
-        entrypoint=tuple(shlex.split(entrypoint)) if entrypoint else (),
-        cmd=tuple(shlex.split(cmd)) if cmd else (),
-        env=tuple(merge_env(tuple(env or ()))),
-        workdir=workdir,
-        user=user,
-    )
+    # Only what was given overrides the config an OCI source brings.
+    overrides: dict[str, Any] = {}
+    if entrypoint is not None:
+        overrides["entrypoint"] = tuple(shlex.split(entrypoint))
+    if cmd is not None:
+        overrides["cmd"] = tuple(shlex.split(cmd))
+    if env:
+        overrides["env"] = tuple(merge_env(tuple(env)))
+    if workdir is not None:
+        overrides["workdir"] = workdir
+    if user is not None:
+        overrides["user"] = user
     with _key(key_file, "build an image") as key:
-        built = build_image(sources, output, key, config)
+        built = build_image(sources, output, key, squash=squash, overrides=overrides)
     for layer in built.layers:
         typer.echo(
             f"{output}/{layer.file}: {layer.size} bytes"
@@ -193,6 +209,9 @@ def run(
         bool, typer.Option("--interactive", "-i", help="Pass stdin in.")
     ] = False,
     scratch_size: Annotated[str, typer.Option(help="Size of the writable layer (sparse).")] = "1G",
+    stop_timeout: Annotated[
+        float, typer.Option(help="Seconds after SIGINT/SIGTERM before the container is killed.")
+    ] = 10.0,
 ) -> None:
     """Run COMMAND (or the image's default) in a container from IMAGE, then tear down and shred."""
     from . import container, ocispec, state

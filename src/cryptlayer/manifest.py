@@ -23,6 +23,7 @@ class Layer:
     size: int  # bytes of the LUKS2 file
     content_bytes: int  # bytes of file content it holds
     source: str  # what it was built from
+    digest: str = ""  # the OCI diff_id (sha256 of the uncompressed layer tar), if it had one
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class ImageConfig:
     env: tuple[str, ...] = ()
     workdir: str = "/"
     user: str = ""
+    exposed_ports: tuple[str, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ def load(image: Path) -> Manifest:
             env=tuple(cfg.get("env", ())),
             workdir=cfg.get("workdir", "/") or "/",
             user=cfg.get("user", ""),
+            exposed_ports=tuple(cfg.get("exposed_ports", ())),
+            labels=tuple((str(k), str(v)) for k, v in cfg.get("labels", ())),
         )
         return Manifest(layers, config, raw.get("cipher", ""), raw.get("created", ""))
     except (AttributeError, KeyError, TypeError, ValueError) as err:

@@ -153,3 +153,33 @@ def _binary(stream: IO[str]) -> Any:
     """The byte stream behind a text stream, so child output passes through unchanged."""
     buffer = getattr(stream, "buffer", None)
     return buffer if buffer is not None else stream
+
+
+@contextmanager
+def filtered(argv: Sequence[str], source: IO[bytes]) -> Iterator[IO[bytes]]:
+    """Run argv as a filter fed from `source`; yields its standard output as a stream."""
+    import sh
+
+    argv = list(argv)
+    command = sh.Command(which(argv[0]))
+    log.debug("+ %s", shlex.join(argv))
+    read_fd, write_fd = os.pipe()
+    try:
+        proc: Any = command(
+            *argv[1:],
+            _in=iter(lambda: source.read(1 << 20), b""),
+            _out=write_fd,
+            _env=BASE_ENV,
+            _ok_code=ANY_EXIT,
+            _bg=True,
+            _bg_exc=False,
+        )
+    finally:
+        os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as stream:
+        yield stream
+        while stream.read(1 << 20):  # let the filter finish even if the reader stopped early
+            pass
+    proc.wait()
+    if proc.exit_code != 0:
+        raise CommandError(argv, proc.exit_code, proc.stderr.decode(errors="replace"))

@@ -1,22 +1,36 @@
-"""Layer sources: a directory or a layer tar. Measures them and fills an opened layer with them.
+"""Layer sources: a directory, a layer tar (plain, gzip, zstd, bzip2, xz), or an OCI layer.
 
-Tar members are extracted inside a chroot into the mounted layer, so no member (absolute path,
-`..`, a symlink or hard link pointing out) can reach the host: it is confined to the layer,
-as a container runtime would confine it. See docs/architecture.md.
+Measures them, and fills an opened layer with them. Every tar is extracted inside a chroot into
+the mounted layer, so no member (absolute path, `..`, a symlink or hard link pointing out) can
+reach the host: it is confined to the layer, as a container runtime would confine it. OCI
+whiteouts become overlayfs whiteouts, or with --squash are applied. See docs/architecture.md.
 """
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
+import lzma
 import os
+import posixpath
+import shutil
 import stat
 import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from .errors import UsageError
-from .runner import run
+from .oci import HashingReader, OciLayer, verify_blob
+from .runner import filtered, run
 
 BLOCK = 4096
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+XATTR_PAX = "SCHILY.xattr."
 
 
 @dataclass(frozen=True)
@@ -27,36 +41,39 @@ class Measure:
     blocks: int
     inodes: int
 
+    def __add__(self, other: Measure) -> Measure:
+        return Measure(
+            self.content_bytes + other.content_bytes,
+            self.blocks + other.blocks,
+            self.inodes + other.inodes,
+        )
+
 
 def _blocks(size: int) -> int:
     return (size + BLOCK - 1) // BLOCK
 
 
-@dataclass(frozen=True)
 class Source:
-    """A directory or tar file that becomes one layer."""
+    """What becomes one layer."""
 
-    path: Path
-
-    @classmethod
-    def parse(cls, text: str) -> Source:
-        path = Path(text)
-        if not path.exists():
-            raise UsageError(f"source {text} does not exist", "give a directory or a layer tar")
-        if path.is_dir():
-            return DirectorySource(path)
-        if path.is_file() and tarfile.is_tarfile(path):
-            return TarSource(path)
-        raise UsageError(f"source {text} is neither a directory nor a tar archive")
+    label: str = ""
+    digest: str = ""  # the OCI diff_id, where there is one
 
     def measure(self) -> Measure:
         raise NotImplementedError
 
-    def populate(self, target: Path) -> None:
+    def populate(self, target: Path, *, squash: bool = False) -> None:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
 class DirectorySource(Source):
+    path: Path
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return str(self.path)
+
     def measure(self) -> Measure:
         content = blocks = inodes = 0
         seen: set[tuple[int, int]] = set()
@@ -79,64 +96,269 @@ class DirectorySource(Source):
                     blocks += 1
         return Measure(content, blocks, inodes)
 
-    def populate(self, target: Path) -> None:
+    def populate(self, target: Path, *, squash: bool = False) -> None:
         # cp -a keeps modes, owners, times, links, special files and xattrs.
         run(["cp", "-a", "--", f"{self.path}/.", f"{target}/"])
 
 
-class TarSource(Source):
+@contextmanager
+def decompressed(raw: IO[bytes], what: str) -> Iterator[IO[bytes]]:
+    """The uncompressed stream of a tar that may be gzip, zstd, bzip2 or xz compressed."""
+    magic = raw.read(6)
+    raw.seek(0)
+    if magic.startswith(b"\x1f\x8b"):
+        with gzip.GzipFile(fileobj=raw, mode="rb") as g:
+            yield g  # type: ignore[misc]
+    elif magic.startswith(b"\x28\xb5\x2f\xfd"):
+        with filtered(["zstd", "-dc"], raw) as z:
+            yield z
+    elif magic.startswith(b"BZh"):
+        with bz2.BZ2File(raw) as b:
+            yield b
+    elif magic.startswith(b"\xfd7zXZ"):
+        with lzma.LZMAFile(raw) as x:
+            yield x
+    else:
+        yield raw
+
+
+class _TarSource(Source):
+    """A layer tar, wherever its bytes come from; checked against its diff_id if it has one."""
+
+    @contextmanager
+    def _raw(self) -> Iterator[IO[bytes]]:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    @contextmanager
+    def _stream(self) -> Iterator[HashingReader]:
+        with self._raw() as raw, decompressed(raw, self.label) as plain:
+            yield HashingReader(plain)
+
+    def _check(self, actual: str) -> None:
+        if self.digest and actual != self.digest:
+            raise UsageError(
+                f"layer {self.label} does not match its diff_id {self.digest} (it is {actual})",
+                "the image is corrupted; fetch it again",
+            )
+
     def measure(self) -> Measure:
         content = blocks = inodes = 0
         try:
-            with tarfile.open(self.path, "r:*") as tar:
-                for member in tar:
-                    inodes += 1
-                    blocks += 1 if not member.isfile() else _blocks(member.size)
-                    if member.isfile():
-                        content += member.size
-        except (tarfile.TarError, OSError, EOFError) as err:
+            with self._stream() as stream:
+                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                    for member in tar:
+                        inodes += 1
+                        blocks += _blocks(member.size) if member.isfile() else 1
+                        if member.isfile():
+                            content += member.size
+                self._check(stream.drain())
+        except (tarfile.TarError, OSError, EOFError, gzip.BadGzipFile, lzma.LZMAError) as err:
             raise UsageError(
-                f"cannot read tar {self.path}: {err}", "is the file complete?"
+                f"cannot read layer {self.label}: {err}", "is the file complete?"
             ) from err
         return Measure(content, blocks, inodes + 1)
 
-    def populate(self, target: Path) -> None:
-        extract_confined(self.path, target)
+    def populate(self, target: Path, *, squash: bool = False) -> None:
+        with self._stream() as stream:
+            digest = extract_confined(stream, target, self.label, squash=squash)
+        self._check(digest)
 
 
-def _strip_root(member: tarfile.TarInfo, _path: str) -> tarfile.TarInfo:
-    """Members are relative to the layer root; the chroot confines the rest."""
-    member.name = member.name.lstrip("/") or "."
-    return member
+@dataclass(frozen=True)
+class TarSource(_TarSource):
+    path: Path
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return str(self.path)
+
+    @contextmanager
+    def _raw(self) -> Iterator[IO[bytes]]:
+        with open(self.path, "rb") as f:
+            yield f
 
 
-def extract_confined(archive: Path, target: Path) -> None:
-    """Extract `archive` into `target` from a child process chrooted into `target`."""
-    try:
-        # Opened (and its decompressor loaded) before the chroot; closed by `with tar` below.
-        tar = tarfile.open(archive, "r:*")  # noqa: SIM115
-    except (tarfile.TarError, OSError) as err:
-        raise UsageError(f"cannot read tar {archive}: {err}", "is the file complete?") from err
-    with tar:
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: never returns
-            os.close(read_fd)
-            status = 0
-            try:
-                os.chroot(target)
-                os.chdir("/")
-                tar.extractall("/", numeric_owner=True, filter=_strip_root)
-            except BaseException as err:  # report anything, then leave without Python's cleanup
-                os.write(write_fd, str(err).encode(errors="replace")[:4000])
-                status = 1
-            finally:
-                os._exit(status)
-        os.close(write_fd)
-        with os.fdopen(read_fd, "rb") as pipe:
-            message = pipe.read().decode(errors="replace")
-        _, wait_status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(wait_status) != 0:
+@dataclass(frozen=True)
+class OciLayerSource(_TarSource):
+    layer: OciLayer
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return self.layer.blobs.describe(self.layer.path)
+
+    @property
+    def digest(self) -> str:  # type: ignore[override]
+        return self.layer.diff_id
+
+    def measure(self) -> Measure:
+        verify_blob(self.layer)
+        return super().measure()
+
+    @contextmanager
+    def _raw(self) -> Iterator[IO[bytes]]:
+        with self.layer.blobs.open(self.layer.path) as f:
+            yield f
+
+
+@dataclass(frozen=True)
+class SquashSource(Source):
+    """Several layers merged into one, whiteouts applied (`build --squash`)."""
+
+    parts: tuple[Source, ...]
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return " + ".join(p.label for p in self.parts)
+
+    def measure(self) -> Measure:
+        total = Measure(0, 0, 0)
+        for part in self.parts:
+            total = total + part.measure()
+        return total
+
+    def populate(self, target: Path, *, squash: bool = False) -> None:
+        for part in self.parts:
+            part.populate(target, squash=True)
+
+
+def parse_path(text: str) -> Source:
+    """A directory or a tar file named on the command line."""
+    path = Path(text)
+    if not path.exists():
         raise UsageError(
-            f"cannot extract {archive}: {message or 'extraction failed'}", "is the layer tar valid?"
+            f"source {text} does not exist", "give a directory, a layer tar or oci:PATH"
         )
+    if path.is_dir():
+        return DirectorySource(path)
+    if path.is_file():
+        with open(path, "rb") as f, decompressed(f, text) as plain:
+            head = plain.read(512)
+        if (len(head) == 512 and tarfile.is_tarfile(path)) or _looks_like_tar(head):
+            return TarSource(path)
+    raise UsageError(f"source {text} is neither a directory nor a tar archive")
+
+
+def _looks_like_tar(head: bytes) -> bool:
+    return len(head) == 512 and head[257:262] == b"ustar"
+
+
+# --- extraction, in a chrooted child -------------------------------------------------------
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def _apply(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, squash: bool, seen: set[str]
+) -> dict[str, bytes]:
+    """Extract one member (or apply its whiteout); returns the xattrs still to set on it."""
+    name = posixpath.normpath("/" + member.name).lstrip("/") or "."
+    base, parent = posixpath.basename(name), posixpath.dirname(name) or "."
+    if base == OPAQUE:
+        os.makedirs("/" + parent, exist_ok=True)
+        if squash:  # hide what lower layers put here, keep what this layer did
+            for child in os.listdir("/" + parent):
+                if posixpath.normpath(posixpath.join(parent, child)) not in seen:
+                    _remove(posixpath.join("/", parent, child))
+        else:
+            os.setxattr("/" + parent, "trusted.overlay.opaque", b"y")
+        return {}
+    if base.startswith(WHITEOUT):
+        victim = posixpath.join("/", parent, base[len(WHITEOUT) :])
+        _remove(victim)
+        if not squash:  # overlayfs's whiteout: a 0:0 character device
+            os.makedirs("/" + parent, mode=0o755, exist_ok=True)
+            os.mknod(victim, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+        return {}
+    path = "/" + name
+    if name != "." and os.path.lexists(path) and not (member.isdir() and os.path.isdir(path)):
+        _remove(path)  # a later layer replaces what is there
+    member.name = name
+    tar.extract(member, "/", numeric_owner=True, filter=lambda m, _p: m)
+    seen.add(name)
+    return {
+        key[len(XATTR_PAX) :]: value.encode("utf-8", "surrogateescape")
+        for key, value in member.pax_headers.items()
+        if key.startswith(XATTR_PAX)
+    }
+
+
+def _extract_here(stream: IO[bytes], squash: bool) -> None:
+    """Extract the tar on `stream` into / (we are chrooted)."""
+    seen: set[str] = set()
+    dirs: list[tarfile.TarInfo] = []
+    xattrs: list[tuple[str, dict[str, bytes]]] = []
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            pending = _apply(tar, member, squash, seen)
+            if pending:
+                xattrs.append(("/" + member.name, pending))
+            if member.isdir():
+                dirs.append(member)
+        # Last: a chown (of this file, or of a hard link to it) clears security.capability.
+        for path, attrs in xattrs:
+            for key, value in attrs.items():
+                os.setxattr(path, key, value, follow_symlinks=False)
+        for member in reversed(dirs):  # children changed their parents' mtimes
+            os.utime("/" + member.name, (member.mtime, member.mtime), follow_symlinks=False)
+
+
+def _close_all_but(keep: set[int]) -> None:
+    # One by one from /proc: close_range(2) is not allowed everywhere (seccomp sandboxes).
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def extract_confined(stream: HashingReader, target: Path, label: str, *, squash: bool) -> str:
+    """Extract a tar stream into `target` from a child chrooted there; returns its sha256.
+
+    We feed the child the plain tar through a pipe of its own; the child closes every other
+    descriptor first, so it holds nothing open that another process waits on (such as the
+    stdin of a `zstd -dc` feeding us).
+    """
+    data_r, data_w = os.pipe()
+    msg_r, msg_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns
+        status = 0
+        try:
+            os.close(data_w)
+            os.close(msg_r)
+            _close_all_but({0, 1, 2, data_r, msg_w})
+            os.chroot(target)
+            os.chdir("/")
+            with os.fdopen(data_r, "rb") as data:
+                _extract_here(data, squash)
+                while data.read(1 << 20):  # the tar's trailing padding
+                    pass
+            os.write(msg_w, b"ok")
+        except BaseException as err:  # report anything, then leave without Python's cleanup
+            os.write(msg_w, str(err).encode(errors="replace")[:4000])
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(data_r)
+    os.close(msg_w)
+    try:
+        with os.fdopen(data_w, "wb") as feed:
+            while chunk := stream.read(1 << 20):
+                feed.write(chunk)
+    except BrokenPipeError:
+        pass  # the child stopped reading: its message says why
+    digest = stream.drain()
+    with os.fdopen(msg_r, "rb") as pipe:
+        message = pipe.read().decode(errors="replace")
+    _, wait_status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(wait_status) != 0 or message != "ok":
+        raise UsageError(
+            f"cannot extract {label}: {message or 'extraction failed'}", "is the layer tar valid?"
+        )
+    return digest

@@ -14,7 +14,7 @@ from cryptlayer.errors import UsageError
 from cryptlayer.keys import Secret, read_key
 from cryptlayer.manifest import ImageConfig
 from cryptlayer.ocispec import Overrides, merge_env, process_args, resolve_user, runtime_config
-from cryptlayer.sources import DirectorySource, TarSource, extract_confined
+from cryptlayer.sources import DirectorySource, TarSource
 
 
 def test_secret_never_shows_itself() -> None:
@@ -146,7 +146,7 @@ def test_hostile_members_stay_inside_the_layer(tmp_path: Path) -> None:
         (_member("escape/" + str(outside).lstrip("/") + "/victim"), b"overwritten"),
     ])  # fmt: skip
     with contextlib.suppress(UsageError):  # refusing is as good as confining: see below
-        extract_confined(path, layer)
+        TarSource(path).populate(layer)
     assert sorted(p.name for p in outside.iterdir()) == ["victim"]
     assert (outside / "victim").read_text() == "untouched"
     # What did land, landed inside the layer.

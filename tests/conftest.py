@@ -1,0 +1,1 @@
+"""Shared by both tiers: makes tests/ importable (ocifixtures)."""

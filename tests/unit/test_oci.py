@@ -1,0 +1,139 @@
+"""OCI layouts and archives: reading, digests, whiteouts and xattrs (extraction needs no device)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from ocifixtures import Entry, docker_archive_files, image_files, layer_tar, write_dir, write_tar
+
+from cryptlayer.errors import UsageError
+from cryptlayer.oci import open_image, split_reference
+from cryptlayer.sources import OciLayerSource, SquashSource
+
+CONFIG = {"Entrypoint": ["/bin/sh", "-c"], "Cmd": ["echo hi"], "Env": ["A=1"], "WorkingDir": "/srv",
+          "User": "app", "ExposedPorts": {"80/tcp": {}}, "Labels": {"k": "v"}}  # fmt: skip
+CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_bind_service=ep
+
+LOWER = layer_tar([
+    Entry("dir", "etc", mode=0o755), Entry("file", "etc/keep", b"keep"),
+    Entry("file", "etc/gone", b"gone"), Entry("dir", "opt", mode=0o755),
+    Entry("file", "opt/old", b"old"),
+])  # fmt: skip
+UPPER = layer_tar([
+    Entry("whiteout", "etc/gone"), Entry("opaque", "opt"), Entry("dir", "opt", mode=0o755),
+    Entry("file", "opt/new", b"new"),
+    Entry("file", "bin/ping", b"\x7fELF", mode=0o4755, xattrs={"security.capability": CAP}),
+    Entry("hardlink", "bin/ping2", target="bin/ping", mode=0o4755),
+    Entry("symlink", "bin/p", target="ping"),
+    Entry("fifo", "run/fifo"),
+])  # fmt: skip
+
+
+def test_split_reference() -> None:
+    assert split_reference("oci:/a/b:v1") == ("oci", "/a/b", "v1")
+    assert split_reference("oci:/a/b") == ("oci", "/a/b", "")
+    assert split_reference("oci-archive:x.tar:t") == ("oci-archive", "x.tar", "t")
+    assert split_reference("docker-archive:/x:y.tar") == ("docker-archive", "/x:y.tar", "")
+    assert split_reference("/plain/dir") is None
+
+
+@pytest.mark.parametrize("how", ["none", "gzip", "zstd"])
+def test_oci_layout_layers_and_config(tmp_path: Path, how: str) -> None:
+    write_dir(tmp_path / "lay", image_files([(LOWER, how), (UPPER, how)], CONFIG, tag="v1"))
+    with open_image(f"oci:{tmp_path / 'lay'}:v1") as image:
+        assert len(image.layers) == 2
+        cfg = image.config
+        assert (cfg.entrypoint, cfg.cmd, cfg.env, cfg.workdir, cfg.user) == (
+            ("/bin/sh", "-c"),
+            ("echo hi",),
+            ("A=1",),
+            "/srv",
+            "app",
+        )
+        assert cfg.exposed_ports == ("80/tcp",)
+        assert cfg.labels == (("k", "v"),)
+        for layer in image.layers:
+            OciLayerSource(layer).measure()  # checks blob digest and diff_id
+
+
+def test_archives(tmp_path: Path) -> None:
+    write_tar(tmp_path / "o.tar", image_files([(LOWER, "gzip")], CONFIG))
+    with open_image(f"oci-archive:{tmp_path / 'o.tar'}") as image:
+        assert OciLayerSource(image.layers[0]).measure().content_bytes == len(
+            b"keep" + b"gone" + b"old"
+        )
+    write_tar(tmp_path / "d.tar", docker_archive_files([LOWER, UPPER], CONFIG))
+    with open_image(f"docker-archive:{tmp_path / 'd.tar'}") as image:
+        assert len(image.layers) == 2
+        assert image.config.cmd == ("echo hi",)
+        OciLayerSource(image.layers[1]).measure()
+
+
+def test_unknown_tag_and_ambiguous_index(tmp_path: Path) -> None:
+    write_dir(tmp_path / "lay", image_files([(LOWER, "none")], CONFIG, tag="v1"))
+    with (
+        pytest.raises(UsageError, match="has no image tagged 'v2'"),
+        open_image(f"oci:{tmp_path / 'lay'}:v2"),
+    ):
+        pass
+
+
+def test_corrupted_blob_is_refused(tmp_path: Path) -> None:
+    files = image_files([(LOWER, "gzip")], CONFIG)
+    blob = next(n for n, d in files.items() if d.startswith(b"\x1f\x8b"))
+    files[blob] = files[blob][:-8] + b"corrupt!"
+    write_dir(tmp_path / "lay", files)
+    with open_image(f"oci:{tmp_path / 'lay'}") as image, pytest.raises(UsageError) as err:
+        OciLayerSource(image.layers[0]).measure()
+    assert f"does not match its digest sha256:{blob.rsplit('/', 1)[1]}" in str(err.value)
+    assert "the image is corrupted; fetch it again" in str(err.value)
+
+
+def test_diff_id_mismatch_is_refused(tmp_path: Path) -> None:
+    write_tar(tmp_path / "d.tar", docker_archive_files([LOWER], CONFIG))
+    files = docker_archive_files([LOWER], CONFIG)
+    files["layer0/layer.tar"] = UPPER  # the config still names LOWER's diff_id
+    write_tar(tmp_path / "bad.tar", files)
+    with (
+        open_image(f"docker-archive:{tmp_path / 'bad.tar'}") as image,
+        pytest.raises(UsageError, match="does not match its diff_id"),
+    ):
+        OciLayerSource(image.layers[0]).measure()
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="chroot, mknod and trusted xattrs need root"
+)
+
+
+@needs_root
+def test_whiteouts_become_overlay_whiteouts(tmp_path: Path) -> None:
+    write_dir(tmp_path / "lay", image_files([(LOWER, "none"), (UPPER, "gzip")], CONFIG))
+    target = tmp_path / "layer"
+    target.mkdir()
+    with open_image(f"oci:{tmp_path / 'lay'}") as image:
+        OciLayerSource(image.layers[1]).populate(target)
+    gone = os.lstat(target / "etc/gone")
+    assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
+    assert os.getxattr(target / "opt", "trusted.overlay.opaque") == b"y"
+    ping = target / "bin/ping"
+    assert ping.stat().st_mode & 0o7777 == 0o4755
+    assert os.getxattr(ping, "security.capability") == CAP
+    assert (target / "bin/ping2").stat().st_ino == ping.stat().st_ino
+    assert os.readlink(target / "bin/p") == "ping"
+    assert stat.S_ISFIFO(os.lstat(target / "run/fifo").st_mode)
+
+
+@needs_root
+def test_squash_applies_whiteouts(tmp_path: Path) -> None:
+    write_dir(tmp_path / "lay", image_files([(LOWER, "none"), (UPPER, "zstd")], CONFIG))
+    target = tmp_path / "layer"
+    target.mkdir()
+    with open_image(f"oci:{tmp_path / 'lay'}") as image:
+        SquashSource(tuple(OciLayerSource(layer) for layer in image.layers)).populate(target)
+    assert sorted(os.listdir(target / "etc")) == ["keep"]
+    assert sorted(os.listdir(target / "opt")) == ["new"]
+    assert os.getxattr(target / "bin/ping", "security.capability") == CAP

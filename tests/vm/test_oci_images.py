@@ -1,0 +1,160 @@
+"""OCI layouts, OCI archives and docker archives built into encrypted images and run with crun."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import Cli
+from ocifixtures import Entry, docker_archive_files, image_files, layer_tar, write_dir, write_tar
+
+from cryptlayer.errors import ExitCode
+
+CONFIG = {"Entrypoint": ["/bin/sh", "-c"], "Cmd": ['echo "$GREETING"; pwd; id -u'],
+          "Env": ["GREETING=from-config"], "WorkingDir": "/srv", "User": "app",
+          "ExposedPorts": {"8080/tcp": {}}, "Labels": {"org.example": "yes"}}  # fmt: skip
+CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_bind_service=ep
+MIDDLE = layer_tar([
+    Entry("dir", "srv", mode=0o755), Entry("file", "etc/keep", b"keep\n"),
+    Entry("file", "etc/gone", b"gone\n"), Entry("dir", "opt", mode=0o755),
+    Entry("file", "opt/old", b"old\n"),
+])  # fmt: skip
+TOP = layer_tar([
+    Entry("whiteout", "etc/gone"), Entry("dir", "opt", mode=0o755), Entry("opaque", "opt"),
+    Entry("file", "opt/new", b"new\n"),
+    Entry("file", "usr/bin/ping", b"\x7fELF", mode=0o4755, xattrs={"security.capability": CAP}),
+    Entry("hardlink", "usr/bin/ping2", target="usr/bin/ping", mode=0o4755),
+    Entry("symlink", "usr/bin/p", target="ping"), Entry("fifo", "run/fifo", mode=0o600),
+])  # fmt: skip
+# What a container sees of MIDDLE + TOP, as podman shows it.
+EXPECTED = {"srv", "etc/keep", "opt", "opt/new", "usr", "usr/bin", "usr/bin/ping", "usr/bin/ping2",
+            "usr/bin/p", "run", "run/fifo"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base_tar(busybox_tree: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for child in sorted(busybox_tree.iterdir()):
+            tar.add(child, arcname=child.name)
+    return buf.getvalue()
+
+
+def tree(root: Path, base: set[str]) -> set[str]:
+    """Every path under root, relative, minus those of the base layer."""
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            found.add(str(Path(dirpath, name).relative_to(root)))
+    return found - base
+
+
+def base_paths(busybox_tree: Path) -> set[str]:
+    return tree(busybox_tree, set())
+
+
+def check_tree(rootfs: Path, busybox_tree: Path) -> None:
+    assert tree(rootfs, base_paths(busybox_tree)) == EXPECTED
+    ping = rootfs / "usr/bin/ping"
+    assert ping.stat().st_mode & 0o7777 == 0o4755
+    assert os.getxattr(ping, "security.capability") == CAP
+    assert (rootfs / "usr/bin/ping2").stat().st_ino == ping.stat().st_ino
+    assert os.readlink(rootfs / "usr/bin/p") == "ping"
+    assert stat.S_ISFIFO(os.lstat(rootfs / "run/fifo").st_mode)
+    assert (rootfs / "etc/keep").read_text() == "keep\n"
+
+
+def test_three_layer_oci_layout(cli: Cli, images: Path, key_file: Path, tmp_path: Path,
+                                base_tar: bytes, busybox_tree: Path) -> None:  # fmt: skip
+    layout = write_dir(tmp_path / "layout", image_files(
+        [(base_tar, "gzip"), (MIDDLE, "none"), (TOP, "gzip")], CONFIG, tag="v1"))  # fmt: skip
+    image = images / "oci"
+    cli.ok("build", "--key-file", str(key_file), "--output", str(image), f"oci:{layout}:v1")
+    info = json.loads(cli.ok("inspect", "--json", str(image)))
+    assert len(info["layers"]) == 3
+    assert info["config"]["exposed_ports"] == ["8080/tcp"]
+    assert info["config"]["labels"] == [["org.example", "yes"]]
+
+    rootfs = Path(
+        cli.ok("start", "--keep", "--key-file", str(key_file), "--name", "oci", str(image)).strip()
+    )
+    try:
+        check_tree(rootfs, busybox_tree)
+    finally:
+        cli.ok("stop", "oci")
+    out = cli.ok("run", "--key-file", str(key_file), str(image))  # the image's own command
+    assert out == "from-config\n/srv\n1000\n"
+
+
+def test_inspect_shows_diff_ids(
+    cli: Cli, images: Path, key_file: Path, tmp_path: Path, base_tar: bytes
+) -> None:
+    files = image_files([(base_tar, "none"), (MIDDLE, "gzip")], CONFIG)
+    config = next(json.loads(d) for d in files.values() if b'"diff_ids"' in d)
+    image = images / "ins"
+    cli.ok(
+        "build",
+        "--key-file",
+        str(key_file),
+        "--output",
+        str(image),
+        f"oci:{write_dir(tmp_path / 'l', files)}",
+    )
+    info = json.loads(cli.ok("inspect", "--json", str(image)))
+    assert [layer["digest"] for layer in info["layers"]] == config["rootfs"]["diff_ids"]
+    assert info["config"]["cmd"] == CONFIG["Cmd"]
+    assert info["config"]["user"] == "app"
+
+
+def test_squash(
+    cli: Cli, images: Path, key_file: Path, tmp_path: Path, base_tar: bytes, busybox_tree: Path
+) -> None:
+    layout = write_dir(tmp_path / "layout", image_files(
+        [(base_tar, "none"), (MIDDLE, "zstd"), (TOP, "gzip")], CONFIG))  # fmt: skip
+    image = images / "squashed"
+    cli.ok(
+        "build", "--squash", "--key-file", str(key_file), "--output", str(image), f"oci:{layout}"
+    )
+    assert len(json.loads(cli.ok("inspect", "--json", str(image)))["layers"]) == 1
+    rootfs = Path(cli.ok("start", "--key-file", str(key_file), "--name", "sq", str(image)).strip())
+    try:
+        check_tree(rootfs, busybox_tree)
+        assert not (rootfs / "etc/gone").exists()
+    finally:
+        cli.ok("stop", "sq")
+
+
+def test_archives_and_zstd(
+    cli: Cli, images: Path, key_file: Path, tmp_path: Path, base_tar: bytes
+) -> None:
+    oci_archive = write_tar(
+        tmp_path / "o.tar", image_files([(base_tar, "zstd"), (MIDDLE, "zstd")], CONFIG)
+    )
+    docker = write_tar(tmp_path / "d.tar", docker_archive_files([base_tar, MIDDLE], CONFIG))
+    for name, ref in (("oa", f"oci-archive:{oci_archive}"), ("da", f"docker-archive:{docker}")):
+        cli.ok("build", "--key-file", str(key_file), "--output", str(images / name), ref)
+        out = cli.ok(
+            "run", "--key-file", str(key_file), "-u", "0", str(images / name), "--", "cat /etc/keep"
+        )
+        assert out == "keep\n"  # Entrypoint sh -c kept; the command replaced Cmd, as podman does
+
+
+def test_corrupted_blob_leaves_nothing(
+    cli: Cli, images: Path, key_file: Path, tmp_path: Path
+) -> None:
+    files = image_files([(MIDDLE, "gzip")], CONFIG)
+    blob = next(n for n, d in files.items() if d.startswith(b"\x1f\x8b"))
+    files[blob] = files[blob][:-4] + b"!!!!"
+    layout = write_dir(tmp_path / "bad", files)
+    code, _, err = cli(
+        "build", "--key-file", str(key_file), "--output", str(images / "x"), f"oci:{layout}"
+    )
+    assert code == ExitCode.USAGE
+    assert err.startswith(f"error: {layout}/{blob} does not match its digest sha256:")
+    assert err.endswith("the image is corrupted; fetch it again\n")
+    assert list(images.iterdir()) == []
