@@ -25,6 +25,7 @@ class Entry:
     uid: int = 0
     gid: int = 0
     xattrs: dict[str, bytes] = field(default_factory=dict)
+    device: tuple[int, int] = (0, 0)
 
 
 def layer_tar(entries: list[Entry]) -> bytes:
@@ -45,6 +46,7 @@ def layer_tar(entries: list[Entry]) -> bytes:
                          "opaque": tarfile.REGTYPE, "fifo": tarfile.FIFOTYPE,
                          "char": tarfile.CHRTYPE}[e.kind]  # fmt: skip
             info.linkname = e.target
+            info.devmajor, info.devminor = e.device
             if e.xattrs:
                 info.pax_headers = {
                     f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape")

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import journal, state
 from . import manifest as manifest_mod
-from .errors import UsageError
+from .errors import CryptlayerError, UsageError
 from .fsutil import write_json_atomic
 from .journal import acquire
 from .keys import Secret
@@ -31,7 +31,7 @@ from .paths import run_root, scratch_dir
 from .shred import require_intact, shred_image
 from .state import Kind, Mode, Record
 from .system import require_kernel, require_root, require_tools
-from .tools import cryptsetup, losetup, mkfs, mount, runtime
+from .tools import cryptsetup, losetup, mkfs, mount, runtime, udev
 
 DEFAULT_SCRATCH = 1 << 30  # sparse: costs only what the container writes
 TOOLS = ("cryptsetup", "losetup", "mount", "umount", "mkfs.ext4")
@@ -205,9 +205,24 @@ def _finish_if_empty(record: Record) -> None:
 
 def teardown(record: Record) -> None:
     """Release every resource of `record` in reverse, then shred if owed and forget it."""
-    with ExitStack() as stack:
-        stack.callback(_finish_if_empty, record)
-        stack.callback(journal.release_all, record)
+    try:
+        journal.release_all(record)
+        _confirm_gone(record)  # only after a clean release: its error must not mask the cause
+    finally:
+        _finish_if_empty(record)
+
+
+def _confirm_gone(record: Record) -> None:
+    """Ask udev, not the tools, whether the container's mappings and loop devices are gone."""
+    udev.settle()
+    left = udev.mappings(f"cryptlayer-{record.name}-")
+    scratch = scratch_dir() / f"{record.name}.img"
+    left += udev.loops_backed_by({scratch})
+    if left:
+        raise CryptlayerError(
+            f"devices of {record.name!r} are still there after teardown: {', '.join(left)}",
+            "see what holds them (lsof, fuser), then run `cryptlayer gc`",
+        )
 
 
 def _locked_teardown(record: Record) -> None:

@@ -178,3 +178,24 @@ def test_not_root_build_and_run(tmp_path: Path) -> None:
     assert (
         one_error_line(result.stderr) == "error: must be root to start containers: run it with sudo"
     )
+
+
+def _host_has_dm_crypt() -> bool:
+    return Path("/dev/mapper/control").exists() and Path("/sys/module/dm_crypt").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to get as far as the kernel check")
+@pytest.mark.skipif(_host_has_dm_crypt(), reason="this host has dm-crypt: the VM tier covers it")
+def test_kernel_without_dm_crypt(tmp_path: Path) -> None:
+    # Real on hosts like CI's, whose kernel has no device-mapper (the reason for the VM tier).
+    key = tmp_path / "k"
+    invoke("keygen", str(key))
+    code, _, err = invoke(
+        "build", "--key-file", str(key), "-o", str(tmp_path / "img"), str(tmp_path)
+    )
+    assert code == ExitCode.MISSING_TOOL
+    assert one_error_line(err) == (
+        "error: this kernel has no dm-crypt (device-mapper crypt target): load the dm_crypt "
+        "module, or run cryptlayer in a VM with a stock kernel (see README)"
+    )
+    assert not (tmp_path / "img").exists()

@@ -28,7 +28,8 @@ UPPER = layer_tar([
     Entry("file", "bin/ping", b"\x7fELF", mode=0o4755, xattrs={"security.capability": CAP}),
     Entry("hardlink", "bin/ping2", target="bin/ping", mode=0o4755),
     Entry("symlink", "bin/p", target="ping"),
-    Entry("fifo", "run/fifo"),
+    Entry("fifo", "run/fifo"), Entry("char", "dev/tty9", mode=0o620, device=(4, 9)),
+    Entry("file", "home/app/owned", b"mine", uid=1000, gid=1001),
 ])  # fmt: skip
 
 
@@ -125,6 +126,13 @@ def test_whiteouts_become_overlay_whiteouts(tmp_path: Path) -> None:
     assert (target / "bin/ping2").stat().st_ino == ping.stat().st_ino
     assert os.readlink(target / "bin/p") == "ping"
     assert stat.S_ISFIFO(os.lstat(target / "run/fifo").st_mode)
+    tty = os.lstat(target / "dev/tty9")
+    assert stat.S_ISCHR(tty.st_mode) and (os.major(tty.st_rdev), os.minor(tty.st_rdev)) == (4, 9)
+    owned = os.lstat(target / "home/app/owned")
+    assert (owned.st_uid, owned.st_gid, owned.st_mtime) == (1000, 1001, 1_700_000_000)
+    assert (
+        os.lstat(target / "opt").st_mtime == 1_700_000_000
+    )  # directories too, after their children
 
 
 @needs_root

@@ -30,10 +30,12 @@ TOP = layer_tar([
     Entry("file", "usr/bin/ping", b"\x7fELF", mode=0o4755, xattrs={"security.capability": CAP}),
     Entry("hardlink", "usr/bin/ping2", target="usr/bin/ping", mode=0o4755),
     Entry("symlink", "usr/bin/p", target="ping"), Entry("fifo", "run/fifo", mode=0o600),
+    Entry("char", "dev/tty9", mode=0o620, device=(4, 9)),
+    Entry("file", "home/app/owned", b"mine", uid=1000, gid=1000),
 ])  # fmt: skip
 # What a container sees of MIDDLE + TOP, as podman shows it.
 EXPECTED = {"srv", "etc/keep", "opt", "opt/new", "usr", "usr/bin", "usr/bin/ping", "usr/bin/ping2",
-            "usr/bin/p", "run", "run/fifo"}  # fmt: skip
+            "usr/bin/p", "run", "run/fifo", "dev/tty9", "home/app/owned"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,10 @@ def check_tree(rootfs: Path, busybox_tree: Path) -> None:
     assert os.readlink(rootfs / "usr/bin/p") == "ping"
     assert stat.S_ISFIFO(os.lstat(rootfs / "run/fifo").st_mode)
     assert (rootfs / "etc/keep").read_text() == "keep\n"
+    tty = os.lstat(rootfs / "dev/tty9")
+    assert stat.S_ISCHR(tty.st_mode) and (os.major(tty.st_rdev), os.minor(tty.st_rdev)) == (4, 9)
+    owned = os.lstat(rootfs / "home/app/owned")
+    assert (owned.st_uid, owned.st_gid, owned.st_mtime) == (1000, 1000, 1_700_000_000)
 
 
 def test_three_layer_oci_layout(cli: Cli, images: Path, key_file: Path, tmp_path: Path,
