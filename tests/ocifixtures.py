@@ -133,3 +133,25 @@ def docker_archive_files(layers: list[bytes], config: dict[str, Any]) -> dict[st
         [{"Config": f"{sha(cfg)[7:]}.json", "RepoTags": ["test:latest"], "Layers": paths}]
     ).encode()
     return files
+
+
+# A test image used by both tiers: TOP deletes a file and makes a directory opaque, and brings
+# setuid, a file capability, links, a fifo, a device node and a non-root owner.
+CONFIG = {"Entrypoint": ["/bin/sh", "-c"], "Cmd": ['echo "$GREETING"; pwd; id -u'],
+          "Env": ["GREETING=from-config"], "WorkingDir": "/srv", "User": "app",
+          "ExposedPorts": {"8080/tcp": {}}, "Labels": {"org.example": "yes"}}  # fmt: skip
+CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_bind_service=ep
+MIDDLE = layer_tar([
+    Entry("dir", "srv", mode=0o755), Entry("file", "etc/keep", b"keep\n"),
+    Entry("file", "etc/gone", b"gone\n"), Entry("dir", "opt", mode=0o755),
+    Entry("file", "opt/old", b"old\n"),
+])  # fmt: skip
+TOP = layer_tar([
+    Entry("whiteout", "etc/gone"), Entry("dir", "opt", mode=0o755), Entry("opaque", "opt"),
+    Entry("file", "opt/new", b"new\n"),
+    Entry("file", "usr/bin/ping", b"\x7fELF", mode=0o4755, xattrs={"security.capability": CAP}),
+    Entry("hardlink", "usr/bin/ping2", target="usr/bin/ping", mode=0o4755),
+    Entry("symlink", "usr/bin/p", target="ping"), Entry("fifo", "run/fifo", mode=0o600),
+    Entry("char", "dev/tty9", mode=0o620, device=(4, 9)),
+    Entry("file", "home/app/owned", b"mine", uid=1000, gid=1000),
+])  # fmt: skip

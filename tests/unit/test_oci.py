@@ -7,30 +7,22 @@ import stat
 from pathlib import Path
 
 import pytest
-from ocifixtures import Entry, docker_archive_files, image_files, layer_tar, write_dir, write_tar
+from ocifixtures import (
+    CAP,
+    CONFIG,
+    MIDDLE,
+    TOP,
+    docker_archive_files,
+    image_files,
+    write_dir,
+    write_tar,
+)
 
 from cryptlayer.errors import UsageError
 from cryptlayer.oci import open_image, split_reference
 from cryptlayer.sources import OciLayerSource, SquashSource
 
-CONFIG = {"Entrypoint": ["/bin/sh", "-c"], "Cmd": ["echo hi"], "Env": ["A=1"], "WorkingDir": "/srv",
-          "User": "app", "ExposedPorts": {"80/tcp": {}}, "Labels": {"k": "v"}}  # fmt: skip
-CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_bind_service=ep
-
-LOWER = layer_tar([
-    Entry("dir", "etc", mode=0o755), Entry("file", "etc/keep", b"keep"),
-    Entry("file", "etc/gone", b"gone"), Entry("dir", "opt", mode=0o755),
-    Entry("file", "opt/old", b"old"),
-])  # fmt: skip
-UPPER = layer_tar([
-    Entry("whiteout", "etc/gone"), Entry("opaque", "opt"), Entry("dir", "opt", mode=0o755),
-    Entry("file", "opt/new", b"new"),
-    Entry("file", "bin/ping", b"\x7fELF", mode=0o4755, xattrs={"security.capability": CAP}),
-    Entry("hardlink", "bin/ping2", target="bin/ping", mode=0o4755),
-    Entry("symlink", "bin/p", target="ping"),
-    Entry("fifo", "run/fifo"), Entry("char", "dev/tty9", mode=0o620, device=(4, 9)),
-    Entry("file", "home/app/owned", b"mine", uid=1000, gid=1001),
-])  # fmt: skip
+LOWER, UPPER = MIDDLE, TOP  # the image both tiers use
 
 
 def test_split_reference() -> None:
@@ -49,13 +41,13 @@ def test_oci_layout_layers_and_config(tmp_path: Path, how: str) -> None:
         cfg = image.config
         assert (cfg.entrypoint, cfg.cmd, cfg.env, cfg.workdir, cfg.user) == (
             ("/bin/sh", "-c"),
-            ("echo hi",),
-            ("A=1",),
+            tuple(CONFIG["Cmd"]),
+            ("GREETING=from-config",),
             "/srv",
             "app",
         )
-        assert cfg.exposed_ports == ("80/tcp",)
-        assert cfg.labels == (("k", "v"),)
+        assert cfg.exposed_ports == ("8080/tcp",)
+        assert cfg.labels == (("org.example", "yes"),)
         for layer in image.layers:
             OciLayerSource(layer).measure()  # checks blob digest and diff_id
 
@@ -64,12 +56,12 @@ def test_archives(tmp_path: Path) -> None:
     write_tar(tmp_path / "o.tar", image_files([(LOWER, "gzip")], CONFIG))
     with open_image(f"oci-archive:{tmp_path / 'o.tar'}") as image:
         assert OciLayerSource(image.layers[0]).measure().content_bytes == len(
-            b"keep" + b"gone" + b"old"
+            b"keep\n" + b"gone\n" + b"old\n"
         )
     write_tar(tmp_path / "d.tar", docker_archive_files([LOWER, UPPER], CONFIG))
     with open_image(f"docker-archive:{tmp_path / 'd.tar'}") as image:
         assert len(image.layers) == 2
-        assert image.config.cmd == ("echo hi",)
+        assert image.config.cmd == tuple(CONFIG["Cmd"])
         OciLayerSource(image.layers[1]).measure()
 
 
@@ -120,16 +112,16 @@ def test_whiteouts_become_overlay_whiteouts(tmp_path: Path) -> None:
     gone = os.lstat(target / "etc/gone")
     assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
     assert os.getxattr(target / "opt", "trusted.overlay.opaque") == b"y"
-    ping = target / "bin/ping"
+    ping = target / "usr/bin/ping"
     assert ping.stat().st_mode & 0o7777 == 0o4755
     assert os.getxattr(ping, "security.capability") == CAP
-    assert (target / "bin/ping2").stat().st_ino == ping.stat().st_ino
-    assert os.readlink(target / "bin/p") == "ping"
+    assert (target / "usr/bin/ping2").stat().st_ino == ping.stat().st_ino
+    assert os.readlink(target / "usr/bin/p") == "ping"
     assert stat.S_ISFIFO(os.lstat(target / "run/fifo").st_mode)
     tty = os.lstat(target / "dev/tty9")
     assert stat.S_ISCHR(tty.st_mode) and (os.major(tty.st_rdev), os.minor(tty.st_rdev)) == (4, 9)
     owned = os.lstat(target / "home/app/owned")
-    assert (owned.st_uid, owned.st_gid, owned.st_mtime) == (1000, 1001, 1_700_000_000)
+    assert (owned.st_uid, owned.st_gid, owned.st_mtime) == (1000, 1000, 1_700_000_000)
     assert (
         os.lstat(target / "opt").st_mtime == 1_700_000_000
     )  # directories too, after their children
@@ -144,4 +136,4 @@ def test_squash_applies_whiteouts(tmp_path: Path) -> None:
         SquashSource(tuple(OciLayerSource(layer) for layer in image.layers)).populate(target)
     assert sorted(os.listdir(target / "etc")) == ["keep"]
     assert sorted(os.listdir(target / "opt")) == ["new"]
-    assert os.getxattr(target / "bin/ping", "security.capability") == CAP
+    assert os.getxattr(target / "usr/bin/ping", "security.capability") == CAP

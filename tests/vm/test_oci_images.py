@@ -11,28 +11,19 @@ from pathlib import Path
 
 import pytest
 from conftest import Cli
-from ocifixtures import Entry, docker_archive_files, image_files, layer_tar, write_dir, write_tar
+from ocifixtures import (
+    CAP,
+    CONFIG,
+    MIDDLE,
+    TOP,
+    docker_archive_files,
+    image_files,
+    write_dir,
+    write_tar,
+)
 
 from cryptlayer.errors import ExitCode
 
-CONFIG = {"Entrypoint": ["/bin/sh", "-c"], "Cmd": ['echo "$GREETING"; pwd; id -u'],
-          "Env": ["GREETING=from-config"], "WorkingDir": "/srv", "User": "app",
-          "ExposedPorts": {"8080/tcp": {}}, "Labels": {"org.example": "yes"}}  # fmt: skip
-CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_bind_service=ep
-MIDDLE = layer_tar([
-    Entry("dir", "srv", mode=0o755), Entry("file", "etc/keep", b"keep\n"),
-    Entry("file", "etc/gone", b"gone\n"), Entry("dir", "opt", mode=0o755),
-    Entry("file", "opt/old", b"old\n"),
-])  # fmt: skip
-TOP = layer_tar([
-    Entry("whiteout", "etc/gone"), Entry("dir", "opt", mode=0o755), Entry("opaque", "opt"),
-    Entry("file", "opt/new", b"new\n"),
-    Entry("file", "usr/bin/ping", b"\x7fELF", mode=0o4755, xattrs={"security.capability": CAP}),
-    Entry("hardlink", "usr/bin/ping2", target="usr/bin/ping", mode=0o4755),
-    Entry("symlink", "usr/bin/p", target="ping"), Entry("fifo", "run/fifo", mode=0o600),
-    Entry("char", "dev/tty9", mode=0o620, device=(4, 9)),
-    Entry("file", "home/app/owned", b"mine", uid=1000, gid=1000),
-])  # fmt: skip
 # What a container sees of MIDDLE + TOP, as podman shows it.
 EXPECTED = {"srv", "etc/keep", "opt", "opt/new", "usr", "usr/bin", "usr/bin/ping", "usr/bin/ping2",
             "usr/bin/p", "run", "run/fifo", "dev/tty9", "home/app/owned"}  # fmt: skip
