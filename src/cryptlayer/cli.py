@@ -27,8 +27,15 @@ app = typer.Typer(
 _debug = False
 
 KeyFile = Annotated[
-    str,
+    str | None,
     typer.Option("--key-file", "-k", help="File holding the image key; '-' reads standard input."),
+]
+KeyCommand = Annotated[
+    str | None,
+    typer.Option(help="Program whose standard output is the key (Vault, a KMS, a keyscript)."),
+]
+Keyring = Annotated[
+    str | None, typer.Option(help="Name of a user key in the kernel keyring (keyctl).")
 ]
 ImageArg = Annotated[Path, typer.Argument(help="Image directory (the --output of build).")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -81,13 +88,13 @@ def _global(
         log.setLevel(logging.DEBUG)
 
 
-def _key(source: str, action: str) -> Any:
+def _key(key_file: str | None, key_command: str | None, keyring: str | None, action: str) -> Any:
     """Read the key, after checking root: a user who cannot proceed anyway hears that first."""
-    from .keys import read_key
+    from .keys import read_any
     from .system import require_root
 
     require_root(action)
-    return read_key(source)
+    return read_any(key_file, key_command, keyring)
 
 
 def _size(text: str) -> int:
@@ -120,8 +127,10 @@ def build(
             "docker-archive:PATH; bottom layer first."
         ),
     ],
-    key_file: KeyFile,
     output: Annotated[Path, typer.Option("--output", "-o", help="Image directory to create.")],
+    key_file: KeyFile = None,
+    key_command: KeyCommand = None,
+    keyring: Keyring = None,
     squash: Annotated[
         bool, typer.Option(help="Merge all layers into one (fewer devices).")
     ] = False,
@@ -157,7 +166,7 @@ def build(
         overrides["workdir"] = workdir
     if user is not None:
         overrides["user"] = user
-    with _key(key_file, "build an image") as key:
+    with _key(key_file, key_command, keyring, "build an image") as key:
         built = build_image(sources, output, key, squash=squash, overrides=overrides)
     for layer in built.layers:
         typer.echo(
@@ -194,7 +203,9 @@ def inspect(image: ImageArg, as_json: JsonFlag = False) -> None:
 @handled
 def run(
     image: ImageArg,
-    key_file: KeyFile,
+    key_file: KeyFile = None,
+    key_command: KeyCommand = None,
+    keyring: Keyring = None,
     command: Annotated[list[str] | None, typer.Argument(help="COMMAND [ARG...] after --.")] = None,
     name: Annotated[str | None, typer.Option(help="Container name (default: generated).")] = None,
     keep: KeepFlag = False,
@@ -228,7 +239,7 @@ def run(
     # Everything after IMAGE is the command (as in podman); a `--` before it is optional.
     args = command[1:] if command and command[0] == "--" else (command or [])
     overrides = ocispec.Overrides(tuple(args), tuple(env or ()), workdir, user)
-    with _key(key_file, "start containers") as key:
+    with _key(key_file, key_command, keyring, "start containers") as key:
         status = container.run(image, key, options, overrides, interactive)
     raise typer.Exit(status)
 
@@ -237,8 +248,10 @@ def run(
 @handled
 def start(
     image: ImageArg,
-    key_file: KeyFile,
     name: Annotated[str, typer.Option(help="Container name, for `stop`.")],
+    key_file: KeyFile = None,
+    key_command: KeyCommand = None,
+    keyring: Keyring = None,
     keep: KeepFlag = False,
     scratch_size: Annotated[str, typer.Option(help="Size of the writable layer (sparse).")] = "1G",
 ) -> None:
@@ -246,18 +259,23 @@ def start(
     from . import container, state
 
     options = container.StartOptions(state.check_name(name), not keep, _size(scratch_size))
-    with _key(key_file, "start containers") as key:
+    with _key(key_file, key_command, keyring, "start containers") as key:
         record = container.start(image, key, options)
     typer.echo(record.rootfs)
 
 
 @app.command()
 @handled
-def stop(name: Annotated[str, typer.Argument(help="Container name.")]) -> None:
+def stop(
+    name: Annotated[str, typer.Argument(help="Container name.")],
+    force: Annotated[
+        bool, typer.Option("--force", "-f", help="Kill processes using the container's files.")
+    ] = False,
+) -> None:
     """Tear down a started container (and shred its image unless started with --keep)."""
     from . import container
 
-    record = container.stop(name)
+    record = container.stop(name, force=force)
     shredded = f"; image {record.image} shredded" if record.shred else ""
     typer.echo(f"stopped {name}{shredded}", err=True)
 

@@ -230,8 +230,11 @@ def _locked_teardown(record: Record) -> None:
         teardown(record)
 
 
-def stop(name: str) -> Record:
-    """Tear down container NAME (and shred its image unless it was started with --keep)."""
+def stop(name: str, *, force: bool = False) -> Record:
+    """Tear down container NAME (and shred its image unless it was started with --keep).
+
+    With `force`, processes holding its mounts are killed first (like tomb slam).
+    """
     require_root("stop containers")
     with state.locked():
         record = state.load(name)
@@ -243,6 +246,10 @@ def stop(name: str) -> Record:
         record.pid = os.getpid()
         record.save()
         try:
+            if force:
+                for step in reversed(record.steps):
+                    if step.kind is Kind.MOUNT:
+                        journal.kill_holders(Path(step.ref))
             teardown(record)
         except BaseException:
             if record.mode is Mode.START and record.path.exists():

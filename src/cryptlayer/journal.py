@@ -84,7 +84,7 @@ def _release_mount(step: Step, _record: Record) -> None:
         if "busy" in err.stderr:
             raise BusyError(
                 f"{target} is busy: {holders(target) or 'held by an unknown process'}",
-                "end those processes (or leave the directory), then run `cryptlayer stop` again",
+                "end those processes (or leave the directory) and stop again, or `stop --force`",
             ) from err
         raise
 
@@ -101,6 +101,12 @@ def holders(target: Path) -> str:
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
             items.append(f"{pid} ({comm})")
     return "held by " + ", ".join(items) if items else ""
+
+
+def kill_holders(target: Path) -> None:
+    """SIGKILL every process using files under mount point `target`."""
+    if target in mount.mounted_paths():
+        run(["fuser", "-k", "-KILL", "-m", str(target)], check=False)
 
 
 def _has(program: str) -> bool:

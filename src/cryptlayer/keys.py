@@ -115,6 +115,11 @@ def read_key(source: str) -> Secret:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise UsageError(f"key file {source} is not a regular file")
+        if st.st_mode & 0o077:  # as ssh refuses an unprotected private key
+            raise UsageError(
+                f"key file {source} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o})",
+                f"chmod 600 {source}",
+            )
         return _read_fd(fd, f"key file {source}")
     finally:
         os.close(fd)
@@ -139,3 +144,52 @@ def write_new_key(path: Path) -> None:
         path.unlink(missing_ok=True)
         raise
     os.close(fd)
+
+
+def read_key_command(command: str) -> Secret:
+    """Run COMMAND (split like a shell would, but without one) and take its stdout as the key.
+
+    The hook for Vault, a KMS or any key service, like cryptsetup's keyscripts.
+    """
+    import shlex
+
+    from .runner import run_for_secret
+
+    argv = shlex.split(command)
+    if not argv:
+        raise UsageError("--key-command is empty", "give a program that prints the key")
+    return _checked(run_for_secret(argv, MAX_KEY_BYTES + 1), f"the output of {argv[0]}")
+
+
+def read_keyring(name: str) -> Secret:
+    """The payload of user key NAME in the kernel keyring (the user's, then the session's)."""
+    from .errors import CommandError
+    from .runner import run, run_for_secret
+
+    for ring in ("@u", "@s"):
+        try:
+            key_id = run(["keyctl", "search", ring, "user", name]).stdout.strip()
+        except CommandError:
+            continue
+        return _checked(run_for_secret(["keyctl", "pipe", key_id], MAX_KEY_BYTES + 1),
+                        f"keyring key {name!r}")  # fmt: skip
+    raise UsageError(
+        f"no user key {name!r} in the user or session keyring",
+        f"add it first, e.g. keyctl padd user {name} @u < image.key",
+    )
+
+
+def read_any(key_file: str | None, key_command: str | None, keyring: str | None) -> Secret:
+    """The key from exactly one of the three sources."""
+    given = [s for s in (key_file, key_command, keyring) if s is not None]
+    if len(given) != 1:
+        raise UsageError(
+            "give exactly one of --key-file, --key-command and --keyring",
+            "e.g. --key-file image.key, or --key-file - to read standard input",
+        )
+    if key_file is not None:
+        return read_key(key_file)
+    if key_command is not None:
+        return read_key_command(key_command)
+    assert keyring is not None
+    return read_keyring(keyring)

@@ -41,6 +41,7 @@ PACKAGES = {
     "modprobe": "kmod",
     "zstd": "zstd",
     "fuser": "psmisc",
+    "keyctl": "keyutils",
     "udevadm": "udev",
 }
 
@@ -183,3 +184,35 @@ def filtered(argv: Sequence[str], source: IO[bytes]) -> Iterator[IO[bytes]]:
     proc.wait()
     if proc.exit_code != 0:
         raise CommandError(argv, proc.exit_code, proc.stderr.decode(errors="replace"))
+
+
+def run_for_secret(argv: Sequence[str], limit: int) -> bytearray:
+    """Run argv and take (at most `limit` bytes of) its stdout into a bytearray, never str/bytes.
+
+    Its stdout is a pipe read straight into a bytearray; nothing of it is logged.
+    """
+    import sh
+
+    argv = list(argv)
+    command = sh.Command(which(argv[0]))
+    log.debug("+ %s  (output is a secret)", shlex.join(argv))
+    read_fd, write_fd = os.pipe()
+    try:
+        proc: Any = command(*argv[1:], _in=b"", _out=write_fd, _env=BASE_ENV, _ok_code=ANY_EXIT,
+                            _bg=True, _bg_exc=False)  # fmt: skip
+    finally:
+        os.close(write_fd)
+    buf = bytearray(limit)
+    n = 0
+    try:
+        with memoryview(buf) as mv:
+            while n < limit and (got := os.readv(read_fd, [mv[n:]])):
+                n += got
+    finally:
+        os.close(read_fd)  # a program printing more than `limit` gets EPIPE
+    proc.wait()
+    if proc.exit_code != 0:
+        buf[:] = bytes(limit)
+        raise CommandError(argv, proc.exit_code, proc.stderr.decode(errors="replace"))
+    del buf[n:]
+    return buf

@@ -106,7 +106,7 @@ def test_key_file_missing_and_empty(tmp_path: Path) -> None:
     )
     assert code == ExitCode.USAGE
     assert "does not exist: create one with `cryptlayer keygen`" in one_error_line(err)
-    (tmp_path / "empty").touch()
+    (tmp_path / "empty").touch(mode=0o600)
     code, _, err = invoke(
         "build", "--key-file", str(tmp_path / "empty"), "-o", str(tmp_path / "i"), str(tmp_path)
     )

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cryptlayer.errors import UsageError
-from cryptlayer.keys import Secret, read_key
+from cryptlayer.errors import CommandError, UsageError
+from cryptlayer.keys import Secret, read_any, read_key, read_key_command
 from cryptlayer.manifest import ImageConfig
 from cryptlayer.ocispec import Overrides, merge_env, process_args, resolve_user, runtime_config
 from cryptlayer.sources import DirectorySource, TarSource
@@ -37,9 +37,11 @@ def test_secret_wipe_overwrites_buffer() -> None:
 def test_read_key_refuses_big_files(tmp_path: Path) -> None:
     big = tmp_path / "big"
     big.write_bytes(b"x" * 9000)
+    big.chmod(0o600)
     with pytest.raises(UsageError, match="larger than 8192 bytes"):
         read_key(str(big))
     (tmp_path / "k").write_bytes(b"\x00\x01" * 16)
+    (tmp_path / "k").chmod(0o600)
     with read_key(str(tmp_path / "k")) as key, key.view() as data:
         assert bytes(data) == b"\x00\x01" * 16
 
@@ -162,3 +164,32 @@ def test_hostile_member_is_confined(tmp_path: Path, case: str) -> None:
     for p in layer.rglob("*"):
         if p.is_file() and not p.is_symlink():
             assert p.read_text() != "untouched", f"{p} reads the host's file"
+
+
+def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o640)
+    with pytest.raises(UsageError) as err:
+        read_key(str(key))
+    assert str(err.value) == f"key file {key} is accessible by others (mode 0640): chmod 600 {key}"
+
+
+def test_key_command_output_is_the_key(tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    key.write_bytes(b"\x00\xff" * 16)
+    with read_key_command(f"cat {key}") as secret, secret.view() as data:
+        assert bytes(data) == b"\x00\xff" * 16
+    with pytest.raises(CommandError, match="false failed with exit status 1"):
+        read_key_command("false")
+    with pytest.raises(UsageError, match="is empty"):
+        read_key_command("true")
+
+
+def test_exactly_one_key_source() -> None:
+    with pytest.raises(
+        UsageError, match="give exactly one of --key-file, --key-command and --keyring"
+    ):
+        read_any(None, None, None)
+    with pytest.raises(UsageError, match="give exactly one"):
+        read_any("a", "b", None)

@@ -64,7 +64,8 @@ def test_busy_mount_at_stop_names_the_holder(cli: Cli, image: Path, key_file: Pa
         assert code == ExitCode.BUSY
         assert err.startswith(f"error: {rootfs} is busy: held by {holder.pid} (sleep)")
         assert json.loads(cli.ok("ps", "--json"))[0]["name"] == "busy"  # still recorded
+        cli.ok("stop", "--force", "busy")  # like tomb slam: the holder is killed
+        assert holder.wait(timeout=30) == -9
     finally:
         holder.kill()
         holder.wait()
-    cli.ok("stop", "busy")
