@@ -7,7 +7,6 @@ overlay's upper layer; then overlayfs. Every step goes through journal.acquire.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -332,7 +331,3 @@ def describe(record: Record) -> dict[str, Any]:
         "shred_on_stop": record.shred,
         "created": record.created,
     }
-
-
-def to_json(value: Any) -> str:
-    return json.dumps(value, indent=2)
