@@ -32,8 +32,15 @@ class Secret:
 
     @classmethod
     def random(cls, size: int = KEY_BYTES) -> Secret:
-        """A new key from the kernel's random source."""
-        return cls(bytearray(os.urandom(size)))
+        """A new key from the kernel's random source (getrandom, through `cryptography`)."""
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        # AESGCM makes 256-bit keys from the OS CSPRNG; longer keys are built from several.
+        data = bytearray()
+        while len(data) < size:
+            data += AESGCM.generate_key(bit_length=256)
+        del data[size:]
+        return cls(data)
 
     @contextmanager
     def view(self) -> Iterator[memoryview]:

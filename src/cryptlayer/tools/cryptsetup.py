@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CommandError, UsageError, WrongKeyError
 from ..runner import run
+from . import udev
 
 if TYPE_CHECKING:
     from ..keys import Secret
@@ -56,6 +57,7 @@ def open_luks(device: str, name: str, key: Secret, *, readonly: bool) -> str:
                 "check --key-file; is it the key it was built with?",
             ) from err
         raise
+    udev.wait_for_node(f"/dev/mapper/{name}")
     return f"/dev/mapper/{name}"
 
 
@@ -67,6 +69,7 @@ def open_plain(device: str, name: str, key: Secret) -> str:
          device, name],
         secret=key,
     )  # fmt: skip
+    udev.wait_for_node(f"/dev/mapper/{name}")
     return f"/dev/mapper/{name}"
 
 

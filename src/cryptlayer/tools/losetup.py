@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runner import run
+from . import udev
 
 
 def attach(path: Path, *, readonly: bool) -> str:
@@ -12,7 +13,9 @@ def attach(path: Path, *, readonly: bool) -> str:
     argv = ["losetup", "--find", "--show"]
     if readonly:
         argv.append("--read-only")
-    return run([*argv, str(path)]).stdout.strip()
+    device = run([*argv, str(path)]).stdout.strip()
+    udev.wait_for_node(device)
+    return device
 
 
 def detach(device: str) -> None:

@@ -69,3 +69,43 @@ def settle() -> None:
 
     if Path("/run/udev/control").exists():
         run(["udevadm", "settle", "--timeout", "30"], check=False)
+
+
+def wait_for_node(node: str, timeout: float = 30.0) -> None:
+    """Wait, on udev's own events, until `node` exists and udev has finished with it.
+
+    /dev/mapper/NAME is a link udev makes; a tool returning does not mean udev is done. Where no
+    udev runs, the node's existence is all there is to wait for.
+    """
+    import time
+
+    import pyudev
+
+    from ..errors import CryptlayerError
+
+    context = _context()
+    udev_running = Path("/run/udev/control").exists()
+
+    def ready() -> bool:
+        if not udev_running:
+            return Path(node).exists()
+        try:
+            return bool(pyudev.Devices.from_device_file(context, node).is_initialized)
+        except (pyudev.DeviceNotFoundError, OSError, ValueError):
+            return False
+
+    monitor = pyudev.Monitor.from_netlink(context) if udev_running else None
+    if monitor is not None:
+        monitor.filter_by("block")
+        monitor.start()
+    deadline = time.monotonic() + timeout
+    while not ready():  # checked after the monitor starts, so no event is missed
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise CryptlayerError(
+                f"{node} did not appear within {timeout:.0f} s", "is udev running?"
+            )
+        if monitor is not None:
+            monitor.poll(timeout=min(remaining, 1.0))
+        else:
+            time.sleep(0.05)
