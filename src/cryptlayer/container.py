@@ -104,10 +104,14 @@ def _open_scratch(stack: ExitStack, record: Record, size: int) -> Path:
 
 
 def assemble(
-    stack: ExitStack, record: Record, image: Path, key: Secret, options: StartOptions
+    stack: ExitStack,
+    record: Record,
+    image: Path,
+    manifest: manifest_mod.Manifest,
+    key: Secret,
+    options: StartOptions,
 ) -> Path:
     """Open every layer and stack them under the scratch layer; returns the root file system."""
-    manifest = manifest_mod.load(image)
     _mkdir(stack, record, run_root() / record.name)
     lowers = [
         _open_layer(stack, record, image / layer.file, i, key)
@@ -167,7 +171,7 @@ def _assemble_locked(
         )
         with ExitStack() as stack:
             stack.callback(_finish_if_empty, record)
-            rootfs = assemble(stack, record, image, key, options)
+            rootfs = assemble(stack, record, image, manifest, key, options)
             if overrides is not None:
                 config = runtime_config(rootfs, record.name, manifest.config, overrides)
                 config_path = run_root() / record.name / "config.json"

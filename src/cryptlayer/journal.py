@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .errors import BusyError, CommandError
-from .runner import run
+from .runner import have, run
 from .state import Kind, Record, Step, all_records
 from .tools import cryptsetup, losetup, mount, runtime, udev
 
@@ -91,7 +91,7 @@ def _release_mount(step: Step, _record: Record) -> None:
 
 def holders(target: Path) -> str:
     """The processes holding files under mount point `target`, as 'pid (command)' items."""
-    result = run(["fuser", "-m", str(target)], check=False) if _has("fuser") else None
+    result = run(["fuser", "-m", str(target)], check=False) if have("fuser") else None
     if result is None:
         return ""
     items = []
@@ -107,14 +107,6 @@ def kill_holders(target: Path) -> None:
     """SIGKILL every process using files under mount point `target`."""
     if target in mount.mounted_paths():
         run(["fuser", "-k", "-KILL", "-m", str(target)], check=False)
-
-
-def _has(program: str) -> bool:
-    import shutil
-
-    from .runner import BASE_ENV
-
-    return shutil.which(program, path=BASE_ENV["PATH"]) is not None
 
 
 def _release_dir(step: Step, _record: Record) -> None:

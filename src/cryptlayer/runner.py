@@ -63,6 +63,11 @@ class Result:
     stderr: str
 
 
+def have(program: str) -> bool:
+    """Whether `program` is installed (where the runner looks)."""
+    return shutil.which(program, path=BASE_ENV["PATH"]) is not None
+
+
 def which(program: str) -> str:
     """Full path of `program`, or MissingToolError naming the package to install."""
     path = shutil.which(program, path=BASE_ENV["PATH"])
@@ -179,10 +184,10 @@ def filtered(argv: Sequence[str], source: IO[bytes]) -> Iterator[IO[bytes]]:
         os.close(write_fd)
     with os.fdopen(read_fd, "rb") as stream:
         yield stream
-        while stream.read(1 << 20):  # let the filter finish even if the reader stopped early
-            pass
+        stopped_early = stream.read(1) != b""
+    # Our end is closed now: a filter we stopped reading from ends on EPIPE, which is no error.
     proc.wait()
-    if proc.exit_code != 0:
+    if proc.exit_code != 0 and not stopped_early:
         raise CommandError(argv, proc.exit_code, proc.stderr.decode(errors="replace"))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bz2
 import contextlib
 import gzip
+import io
 import lzma
 import os
 import posixpath
@@ -102,7 +103,7 @@ class DirectorySource(Source):
 
 
 @contextmanager
-def decompressed(raw: IO[bytes], what: str) -> Iterator[IO[bytes]]:
+def decompressed(raw: IO[bytes]) -> Iterator[IO[bytes]]:
     """The uncompressed stream of a tar that may be gzip, zstd, bzip2 or xz compressed."""
     magic = raw.read(6)
     raw.seek(0)
@@ -132,7 +133,7 @@ class _TarSource(Source):
 
     @contextmanager
     def _stream(self) -> Iterator[HashingReader]:
-        with self._raw() as raw, decompressed(raw, self.label) as plain:
+        with self._raw() as raw, decompressed(raw) as plain:
             yield HashingReader(plain)
 
     def _check(self, actual: str) -> None:
@@ -232,15 +233,12 @@ def parse_path(text: str) -> Source:
     if path.is_dir():
         return DirectorySource(path)
     if path.is_file():
-        with open(path, "rb") as f, decompressed(f, text) as plain:
-            head = plain.read(512)
-        if (len(head) == 512 and tarfile.is_tarfile(path)) or _looks_like_tar(head):
+        # The first member's headers (PAX ones included) fit well in 64 KiB of the plain stream.
+        with open(path, "rb") as f, decompressed(f) as plain:
+            head = plain.read(1 << 16)
+        if tarfile.is_tarfile(io.BytesIO(head)):
             return TarSource(path)
     raise UsageError(f"source {text} is neither a directory nor a tar archive")
-
-
-def _looks_like_tar(head: bytes) -> bool:
-    return len(head) == 512 and head[257:262] == b"ustar"
 
 
 # --- extraction, in a chrooted child -------------------------------------------------------

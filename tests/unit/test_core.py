@@ -13,7 +13,7 @@ from cryptlayer.errors import CommandError, UsageError
 from cryptlayer.keys import Secret, read_any, read_key, read_key_command
 from cryptlayer.manifest import ImageConfig
 from cryptlayer.ocispec import Overrides, merge_env, process_args, resolve_user, runtime_config
-from cryptlayer.sources import DirectorySource, TarSource
+from cryptlayer.sources import DirectorySource, TarSource, parse_path
 
 
 def test_secret_never_shows_itself() -> None:
@@ -193,3 +193,25 @@ def test_exactly_one_key_source() -> None:
         read_any(None, None, None)
     with pytest.raises(UsageError, match="give exactly one"):
         read_any("a", "b", None)
+
+
+@pytest.mark.parametrize("how", ["none", "gzip", "zstd"])
+def test_parse_path_sniffs_compressed_pax_tars(tmp_path: Path, how: str) -> None:
+    """Only the head is read: a zstd filter is stopped, not drained (the file is 8 MiB)."""
+    import subprocess
+
+    plain = tmp_path / "l.tar"
+    big = tarfile.TarInfo("big")
+    big.pax_headers = {"comment": "x" * 100}  # a PAX header first, as most real tars have
+    _tar(plain, [(big, os.urandom(8 << 20))])
+    path = plain
+    if how == "gzip":
+        path = tmp_path / "l.tar.gz"
+        subprocess.run(["gzip", "-1", "-k", "-c", str(plain)], stdout=path.open("wb"), check=True)
+    elif how == "zstd":
+        path = tmp_path / "l.tar.zst"
+        subprocess.run(["zstd", "-q", "-1", str(plain), "-o", str(path)], check=True)
+    assert isinstance(parse_path(str(path)), TarSource)
+    (tmp_path / "not.tar").write_bytes(os.urandom(4096))
+    with pytest.raises(UsageError, match="neither a directory nor a tar archive"):
+        parse_path(str(tmp_path / "not.tar"))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import IO, Any
 
 from ..errors import MissingToolError
 from ..paths import run_root
-from ..runner import BASE_ENV, run, run_attached
+from ..runner import have, run, run_attached
 
 
 def _state_root() -> str:
@@ -19,7 +18,7 @@ def _state_root() -> str:
 def runtime() -> str:
     """The runtime program to use: crun, else runc."""
     for program in ("crun", "runc"):
-        if shutil.which(program, path=BASE_ENV["PATH"]):
+        if have(program):
             return program
     raise MissingToolError("no OCI runtime found", "install crun (apt-get install crun)")
 
