@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import envelope, oci
 from . import manifest as manifest_mod
-from . import oci
 from .errors import UsageError
 from .keys import Secret
 from .manifest import ImageConfig, Layer, Manifest
@@ -55,7 +55,7 @@ def _expand(stack: ExitStack, sources: list[str]) -> tuple[list[Source], ImageCo
 def build_image(
     sources: list[str],
     output: Path,
-    key: Secret,
+    principals: envelope.Principals,
     config: ImageConfig | None = None,
     *,
     squash: bool = False,
@@ -63,8 +63,15 @@ def build_image(
 ) -> Manifest:
     """Build an encrypted image at `output` from `sources` (bottom layer first).
 
-    `config` is used where no OCI source brings one; `overrides` replace single fields of it.
+    Every layer's keyslot holds a new random image key, wrapped in keys.json for each of
+    `principals`. `config` is used where no OCI source brings one; `overrides` replace single
+    fields of it.
     """
+    if not principals:
+        raise UsageError(
+            "nobody could open the image",
+            "give --key-file, --key-command, --keyring, --passphrase or --recipient",
+        )
     require_root("build an image")
     require_tools("cryptsetup", "losetup", "mkfs.ext4", "resize2fs", "mount")
     if output.exists() or output.is_symlink():
@@ -84,6 +91,8 @@ def build_image(
         partial = output.parent / f".{output.name}.partial-{secrets.token_hex(4)}"
         partial.mkdir(mode=0o755)
         try:
+            key = stack.enter_context(envelope.new_image_key())
+            envelope.save(partial, principals.wrap(key))
             layers = tuple(
                 _build_layer(src, partial, f"layer{i}.luks", key) for i, src in enumerate(parsed)
             )

@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from .errors import CryptlayerError, ExitCode
+from .errors import CryptlayerError, ExitCode, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,16 +28,42 @@ _debug = False
 
 KeyFile = Annotated[
     str | None,
-    typer.Option("--key-file", "-k", help="File holding the image key; '-' reads standard input."),
+    typer.Option(
+        "--key-file", "-k", metavar="PATH", help="File holding the key; '-' reads standard input."
+    ),
 ]
 KeyCommand = Annotated[
     str | None,
-    typer.Option(help="Program whose standard output is the key (Vault, a KMS, a keyscript)."),
+    typer.Option(
+        metavar="CMD", help="Program whose standard output is the key (Vault, a KMS, a keyscript)."
+    ),
 ]
 Keyring = Annotated[
-    str | None, typer.Option(help="Name of a user key in the kernel keyring (keyctl).")
+    str | None,
+    typer.Option(metavar="NAME", help="Name of a user key in the kernel keyring (keyctl)."),
 ]
-ImageArg = Annotated[Path, typer.Argument(help="Image directory (the --output of build).")]
+Passphrase = Annotated[
+    bool, typer.Option("--passphrase", help="Ask for a passphrase (no echo; a pipe gives a line).")
+]
+IdentityOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--identity",
+        metavar="PRIVATE_KEY",
+        help="Private key of a recipient (keygen --x25519/--rsa).",
+    ),
+]
+IterTime = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        metavar="MS",
+        help="Milliseconds a new passphrase's Argon2id should take (cryptsetup's).",
+    ),
+]
+ImageArg = Annotated[
+    Path, typer.Argument(metavar="IMAGE", help="Image directory (the --output of build).")
+]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 KeepFlag = Annotated[
     bool, typer.Option("--keep", help="Do not shred the image when the container stops.")
@@ -88,13 +114,65 @@ def _global(
         log.setLevel(logging.DEBUG)
 
 
-def _key(key_file: str | None, key_command: str | None, keyring: str | None, action: str) -> Any:
-    """Read the key, after checking root: a user who cannot proceed anyway hears that first."""
-    from .keys import read_any
-    from .system import require_root
+KEY_SOURCES = "--key-file, --key-command, --keyring"
 
-    require_root(action)
-    return read_any(key_file, key_command, keyring)
+
+def _stdin_twice(key_file: str | None, *passphrases: bool) -> None:
+    if key_file == "-" and any(passphrases):
+        raise UsageError(
+            "--key-file - and --passphrase both want standard input", "put the key in a file"
+        )
+
+
+def _credential(
+    image: Path,
+    key_file: str | None,
+    key_command: str | None,
+    keyring: str | None,
+    passphrase: bool,
+    identity: str | None,
+) -> Any:
+    """What opens the image: exactly one key, passphrase or identity."""
+    from .keys import Credential, read_one, read_passphrase
+    from .recipients import load_identity
+
+    given = [x for x in (key_file, key_command, keyring, identity) if x is not None]
+    if len(given) + passphrase != 1:
+        raise UsageError(
+            f"give exactly one of {KEY_SOURCES}, --passphrase and --identity",
+            "e.g. --key-file image.key, or --key-file - to read standard input",
+        )
+    if identity is not None:
+        return Credential(identity=load_identity(identity))
+    if passphrase:
+        return Credential(passphrase=read_passphrase(f"Passphrase for {image}: ", confirm=False))
+    return Credential(key=read_one(key_file, key_command, keyring))
+
+
+def _principals(
+    image: Path,
+    keys: list[tuple[str | None, str | None, str | None]],
+    passphrase: bool,
+    recipients: list[str],
+    iter_time: int,
+) -> Any:
+    """Who a new image or a rekey lets in; recipients are checked before anything is asked."""
+    from .envelope import Principals
+    from .keys import read_one, read_passphrase
+    from .recipients import load_recipient
+
+    loaded = [load_recipient(r) for r in recipients]
+    principals = Principals(recipients=loaded, iter_time_ms=iter_time)
+    try:
+        principals.keys += [read_one(*source) for source in keys]
+        if passphrase:
+            principals.passphrases.append(
+                read_passphrase(f"New passphrase for {image}: ", confirm=True)
+            )
+    except BaseException:
+        principals.__exit__()
+        raise
+    return principals
 
 
 def _size(text: str) -> int:
@@ -109,8 +187,29 @@ def _size(text: str) -> int:
 
 @app.command()
 @handled
-def keygen(keyfile: Annotated[Path, typer.Argument(help="Where to write the new key.")]) -> None:
-    """Write a new random 32-byte key (mode 0600); never overwrites."""
+def keygen(
+    keyfile: Annotated[Path, typer.Argument(metavar="KEYFILE", help="Where to write the new key.")],
+    x25519: Annotated[
+        bool, typer.Option("--x25519", help="An X25519 key pair: KEYFILE and KEYFILE.pub.")
+    ] = False,
+    rsa: Annotated[
+        bool, typer.Option("--rsa", help="An RSA-3072 key pair: KEYFILE and KEYFILE.pub.")
+    ] = False,
+) -> None:
+    """Write a new random 32-byte key, or a recipient key pair (mode 0600); never overwrites."""
+    if x25519 and rsa:
+        raise UsageError("give --x25519 or --rsa, not both")
+    if x25519 or rsa:
+        from .recipients import write_key_pair
+
+        kind = "x25519" if x25519 else "rsa"
+        ident = write_key_pair(keyfile, kind)
+        typer.echo(
+            f"wrote {keyfile} (private, mode 0600; keep it on the machine that runs the"
+            f" image) and {keyfile}.pub (for build --recipient): {ident}",
+            err=True,
+        )
+        return
     from .keys import write_new_key
 
     write_new_key(keyfile)
@@ -131,6 +230,15 @@ def build(
     key_file: KeyFile = None,
     key_command: KeyCommand = None,
     keyring: Keyring = None,
+    passphrase: Passphrase = False,
+    recipient: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="PUBLIC_KEY",
+            help="Public key (PEM, or ssh-rsa) that may open the image; repeatable.",
+        ),
+    ] = None,
+    iter_time: IterTime = 2000,
     squash: Annotated[
         bool, typer.Option(help="Merge all layers into one (fewer devices).")
     ] = False,
@@ -153,6 +261,7 @@ def build(
 
     from .build import build_image
     from .ocispec import merge_env
+    from .system import require_root
 
     # Only what was given overrides the config an OCI source brings.
     overrides: dict[str, Any] = {}
@@ -166,8 +275,17 @@ def build(
         overrides["workdir"] = workdir
     if user is not None:
         overrides["user"] = user
-    with _key(key_file, key_command, keyring, "build an image") as key:
-        built = build_image(sources, output, key, squash=squash, overrides=overrides)
+    require_root("build an image")
+    sources_given = [x for x in (key_file, key_command, keyring) if x is not None]
+    if len(sources_given) > 1:
+        raise UsageError(
+            f"give at most one of {KEY_SOURCES}",
+            "add more keys later with `cryptlayer rekey --add-key`",
+        )
+    _stdin_twice(key_file, passphrase)
+    keys = [(key_file, key_command, keyring)] if sources_given else []
+    with _principals(output, keys, passphrase, recipient or [], iter_time) as principals:
+        built = build_image(sources, output, principals, squash=squash, overrides=overrides)
     for layer in built.layers:
         typer.echo(
             f"{output}/{layer.file}: {layer.size} bytes"
@@ -187,6 +305,13 @@ def inspect(image: ImageArg, as_json: JsonFlag = False) -> None:
         return
     typer.echo(f"image:   {info['image']}\ncipher:  {info['cipher']}\nstate:   {info['state']}")
     typer.echo(f"created: {info['created']}")
+    for entry in info["access"]:
+        cost = ""
+        if entry["type"] == "passphrase":
+            cost = (
+                f" (argon2id, {entry['iterations']} iterations, {entry['memory_kib'] // 1024} MiB)"
+            )
+        typer.echo(f"opens:   {entry['id']}{cost}")
     for i, layer in enumerate(info["layers"]):
         typer.echo(
             f"layer {i}: {layer['file']} {layer['size']} bytes,"
@@ -199,6 +324,63 @@ def inspect(image: ImageArg, as_json: JsonFlag = False) -> None:
     typer.echo(f"workdir: {cfg['workdir']}\nuser:    {cfg['user'] or 'root'}")
 
 
+@app.command()
+@handled
+def rekey(
+    image: ImageArg,
+    key_file: KeyFile = None,
+    key_command: KeyCommand = None,
+    keyring: Keyring = None,
+    passphrase: Passphrase = False,
+    identity: IdentityOpt = None,
+    add_key: Annotated[
+        list[str] | None,
+        typer.Option(metavar="PATH", help="Key file that may open the image; repeatable."),
+    ] = None,
+    add_passphrase: Annotated[
+        bool, typer.Option("--add-passphrase", help="Ask for a new passphrase (twice).")
+    ] = False,
+    add_recipient: Annotated[
+        list[str] | None,
+        typer.Option(metavar="PUBLIC_KEY", help="Public key that may open the image; repeatable."),
+    ] = None,
+    remove: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="WHO",
+            help="Who may no longer open it: an id from inspect, or a key, public key"
+            " or identity file; repeatable.",
+        ),
+    ] = None,
+    iter_time: IterTime = 2000,
+) -> None:
+    """Change who may open IMAGE (unlock it with any current key); the layers are not touched."""
+    from .rekey import rekey as change_keys
+
+    if not (add_key or add_passphrase or add_recipient or remove):
+        raise UsageError(
+            "nothing to change", "give --add-key, --add-passphrase, --add-recipient or --remove"
+        )
+    _stdin_twice(key_file, passphrase, add_passphrase)
+    if "-" in (add_key or []):
+        raise UsageError("--add-key needs a file, not standard input", "cryptlayer keygen NEW.key")
+    with (
+        _credential(image, key_file, key_command, keyring, passphrase, identity) as credential,
+        _principals(
+            image,
+            [(k, None, None) for k in add_key or []],
+            add_passphrase,
+            add_recipient or [],
+            iter_time,
+        ) as principals,
+    ):
+        change = change_keys(image, credential, principals, remove or [])
+    for ident in change.added:
+        typer.echo(f"added {ident}")
+    for ident in change.removed:
+        typer.echo(f"removed {ident}")
+
+
 @app.command(context_settings={"allow_interspersed_args": False})
 @handled
 def run(
@@ -206,6 +388,8 @@ def run(
     key_file: KeyFile = None,
     key_command: KeyCommand = None,
     keyring: Keyring = None,
+    passphrase: Passphrase = False,
+    identity: IdentityOpt = None,
     command: Annotated[list[str] | None, typer.Argument(help="COMMAND [ARG...] after --.")] = None,
     name: Annotated[str | None, typer.Option(help="Container name (default: generated).")] = None,
     keep: KeepFlag = False,
@@ -226,10 +410,11 @@ def run(
 ) -> None:
     """Run COMMAND (or the image's default) in a container from IMAGE, then tear down and shred."""
     from . import container, ocispec, state
+    from .system import require_root
 
-    if interactive and key_file == "-":
-        raise CryptlayerError(
-            "--interactive and --key-file - both want standard input", "use a key file"
+    if interactive and (key_file == "-" or (passphrase and not sys.stdin.isatty())):
+        raise UsageError(
+            "--interactive and the key both want standard input", "put the key in a file"
         )
     options = container.StartOptions(
         state.check_name(name) if name else container.default_name(image),
@@ -239,8 +424,9 @@ def run(
     # Everything after IMAGE is the command (as in podman); a `--` before it is optional.
     args = command[1:] if command and command[0] == "--" else (command or [])
     overrides = ocispec.Overrides(tuple(args), tuple(env or ()), workdir, user)
-    with _key(key_file, key_command, keyring, "start containers") as key:
-        status = container.run(image, key, options, overrides, interactive)
+    require_root("start containers")
+    with _credential(image, key_file, key_command, keyring, passphrase, identity) as credential:
+        status = container.run(image, credential, options, overrides, interactive)
     raise typer.Exit(status)
 
 
@@ -252,15 +438,19 @@ def start(
     key_file: KeyFile = None,
     key_command: KeyCommand = None,
     keyring: Keyring = None,
+    passphrase: Passphrase = False,
+    identity: IdentityOpt = None,
     keep: KeepFlag = False,
     scratch_size: Annotated[str, typer.Option(help="Size of the writable layer (sparse).")] = "1G",
 ) -> None:
     """Assemble the root file system and print its path (for podman --rootfs, nspawn -D, crun)."""
     from . import container, state
+    from .system import require_root
 
     options = container.StartOptions(state.check_name(name), not keep, _size(scratch_size))
-    with _key(key_file, key_command, keyring, "start containers") as key:
-        record = container.start(image, key, options)
+    require_root("start containers")
+    with _credential(image, key_file, key_command, keyring, passphrase, identity) as credential:
+        record = container.start(image, credential, options)
     typer.echo(record.rootfs)
 
 

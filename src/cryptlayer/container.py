@@ -19,12 +19,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import journal, state
+from . import envelope, journal, state
 from . import manifest as manifest_mod
-from .errors import CryptlayerError, UsageError
+from .errors import CryptlayerError, UsageError, WrongKeyError
 from .fsutil import write_json_atomic
 from .journal import acquire
-from .keys import Secret
+from .keys import Credential, Secret
 from .ocispec import Overrides, runtime_config
 from .paths import run_root, scratch_dir
 from .shred import require_intact, shred_image
@@ -64,10 +64,19 @@ def _open_layer(stack: ExitStack, record: Record, path: Path, index: int, key: S
     """Read-only loop, read-only mapping, read-only mount of one layer; returns its mount point."""
     loop = acquire(stack, record, Kind.LOOP, str(path), lambda: losetup.attach(path, readonly=True))
     mapping = f"cryptlayer-{record.name}-layer{index}"
-    node = acquire(
-        stack, record, Kind.CRYPT, mapping,
-        lambda: cryptsetup.open_luks(loop, mapping, key, readonly=True),
-    )  # fmt: skip
+    try:
+        node = acquire(
+            stack,
+            record,
+            Kind.CRYPT,
+            mapping,
+            lambda: cryptsetup.open_luks(loop, mapping, key, readonly=True),
+        )
+    except WrongKeyError:
+        raise UsageError(
+            f"the image key in {envelope.FILE} does not open {path}",
+            "the image is damaged (layers and keys.json differ); copy it again",
+        ) from None
     target = _mkdir(stack, record, run_root() / record.name / f"layer{index}")
     acquire(stack, record, Kind.MOUNT, str(target),
             lambda: mount.mount(node, target, "ext4", ["ro", "noatime", "noload"]))  # fmt: skip
@@ -150,7 +159,11 @@ def _check_image(image: Path) -> manifest_mod.Manifest:
 
 
 def _assemble_locked(
-    image: Path, key: Secret, options: StartOptions, mode: Mode, overrides: Overrides | None = None
+    image: Path,
+    credential: Credential,
+    options: StartOptions,
+    mode: Mode,
+    overrides: Overrides | None = None,
 ) -> Record:
     """Assemble under the host lock; on failure everything acquired is released again.
 
@@ -165,7 +178,9 @@ def _assemble_locked(
     if overrides is not None:
         runtime.runtime()  # fail on a missing runtime before touching any device
     created = datetime.now(UTC).isoformat(timespec="seconds")
-    with state.locked():
+    # Unwrapped before the host lock is taken: a passphrase's Argon2id takes seconds.
+    key = envelope.unlock(image, envelope.load(image), credential)
+    with key, state.locked():
         record = state.create(
             Record(options.name, str(image), False, mode, os.getpid(), created=created)
         )
@@ -191,9 +206,9 @@ def container_id(record: Record) -> str:
     return f"cryptlayer-{record.name}"
 
 
-def start(image: Path, key: Secret, options: StartOptions) -> Record:
+def start(image: Path, credential: Credential, options: StartOptions) -> Record:
     """Assemble a container and leave it assembled until `stop`; returns its record."""
-    return _assemble_locked(image, key, options, Mode.START)
+    return _assemble_locked(image, credential, options, Mode.START)
 
 
 def _finish_if_empty(record: Record) -> None:
@@ -263,11 +278,15 @@ def stop(name: str, *, force: bool = False) -> Record:
 
 
 def run(
-    image: Path, key: Secret, options: StartOptions, overrides: Overrides, interactive: bool
+    image: Path,
+    credential: Credential,
+    options: StartOptions,
+    overrides: Overrides,
+    interactive: bool,
 ) -> int:
     """Assemble, run the container in the foreground, tear down; returns its exit status."""
-    record = _assemble_locked(image, key, options, Mode.RUN, overrides)
-    key.wipe()  # the layers are open: nothing needs the key any more
+    record = _assemble_locked(image, credential, options, Mode.RUN, overrides)
+    credential.wipe()  # the layers are open: nothing needs the key any more
     try:
         return _run_foreground(
             run_root() / record.name, container_id(record), interactive, options.stop_timeout

@@ -34,3 +34,25 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 def write_json_atomic(path: Path, value: Any, mode: int = 0o644) -> None:
     """write_atomic for a JSON document."""
     write_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode(), mode)
+
+
+def write_new_file(path: Path, data: bytes | bytearray | memoryview, mode: int) -> None:
+    """Create `path` with `data` and `mode`; never overwrite: UsageError if it exists."""
+    from .errors import UsageError
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        raise UsageError(
+            f"{path} already exists", "choose another name; keygen never overwrites"
+        ) from None
+    except OSError as err:
+        raise UsageError(f"cannot create {path}: {err.strerror}") from err
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)

@@ -6,12 +6,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from . import envelope
 from . import manifest as manifest_mod
+from .errors import UsageError
 from .shred import keyslot_count
 
 
 def inspect_image(image: Path) -> dict[str, Any]:
-    """Layers with sizes and keyslot state, cipher, and the image config."""
+    """Layers with sizes and keyslot state, who can open it, cipher, and the image config."""
     manifest = manifest_mod.load(image)
     layers = []
     for layer in manifest.layers:
@@ -23,12 +25,20 @@ def inspect_image(image: Path) -> dict[str, Any]:
     overall = (
         "intact" if states == {"intact"} else ("erased" if states == {"erased"} else "damaged")
     )
+    try:
+        access = [entry.to_json() for entry in envelope.load(image)]
+    except UsageError as err:
+        access = [{"type": "unknown", "id": f"(none: {err})"}]
+    for entry in access:
+        entry.pop("wrapped", None)
+        entry.pop("salt", None)
     return {
         "image": str(image),
         "cipher": manifest.cipher,
         "created": manifest.created,
         "state": overall,
         "layers": layers,
+        "access": access,
         "config": {
             k: list(v) if isinstance(v, tuple) else v for k, v in asdict(manifest.config).items()
         },

@@ -10,6 +10,7 @@ import os
 import stat
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,8 @@ from .errors import UsageError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    from .recipients import Identity
 
 KEY_BYTES = 32
 # cryptsetup's own limit for a key file is 8 MiB; a key for us is small, so refuse anything large
@@ -134,23 +137,10 @@ def read_key(source: str) -> Secret:
 
 def write_new_key(path: Path) -> None:
     """Write a new random key to `path`, mode 0600; never overwrite an existing file."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        raise UsageError(
-            f"{path} already exists", "choose another name; keygen never overwrites"
-        ) from None
-    except OSError as err:
-        raise UsageError(f"cannot create {path}: {err.strerror}") from err
-    try:
-        with Secret.random() as key, key.view() as data:
-            os.write(fd, data)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise
-    os.close(fd)
+    from .fsutil import write_new_file
+
+    with Secret.random() as key, key.view() as data:
+        write_new_file(path, data, 0o600)
 
 
 def read_key_command(command: str) -> Secret:
@@ -186,17 +176,95 @@ def read_keyring(name: str) -> Secret:
     )
 
 
-def read_any(key_file: str | None, key_command: str | None, keyring: str | None) -> Secret:
-    """The key from exactly one of the three sources."""
-    given = [s for s in (key_file, key_command, keyring) if s is not None]
-    if len(given) != 1:
-        raise UsageError(
-            "give exactly one of --key-file, --key-command and --keyring",
-            "e.g. --key-file image.key, or --key-file - to read standard input",
-        )
+def read_one(key_file: str | None, key_command: str | None, keyring: str | None) -> Secret:
+    """The key from the one source given (callers check that exactly one is)."""
     if key_file is not None:
         return read_key(key_file)
     if key_command is not None:
         return read_key_command(key_command)
     assert keyring is not None
     return read_keyring(keyring)
+
+
+def _read_line(fd: int) -> bytearray:
+    """One line from `fd`, byte by byte (nothing read past it), without the newline."""
+    line = bytearray()
+    while len(line) <= MAX_KEY_BYTES:
+        byte = os.read(fd, 1)
+        if not byte or byte == b"\n":
+            break
+        line += byte
+    return line
+
+
+def _prompt(fd: int, prompt: str) -> bytearray:
+    """Ask on the terminal `fd` with echo off, as cryptsetup and ssh do."""
+    import termios
+
+    saved = termios.tcgetattr(fd)
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    termios.tcsetattr(fd, termios.TCSAFLUSH, quiet)
+    try:
+        return _read_line(fd)
+    finally:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
+        sys.stderr.write("\n")
+
+
+def read_passphrase(prompt: str, *, confirm: bool) -> Secret:
+    """A passphrase typed at the terminal without echo (twice when `confirm`), or, when standard
+    input is not a terminal, its first line (as cryptsetup reads one from a pipe)."""
+    stdin = getattr(sys.stdin, "buffer", sys.stdin)
+    try:
+        fd = stdin.fileno()
+    except (OSError, ValueError, AttributeError):
+        fd = -1  # no real descriptor (an in-process caller): read the stream itself
+    if fd < 0:
+        raw = stdin.readline(MAX_KEY_BYTES + 1)
+        line = bytearray(raw.encode() if isinstance(raw, str) else raw)
+        if line.endswith(b"\n"):
+            del line[-1:]
+        return _checked_passphrase(line)
+    if not os.isatty(fd):
+        return _checked_passphrase(_read_line(fd))
+    first = _checked_passphrase(_prompt(fd, prompt))
+    if confirm:
+        again = Secret(_prompt(fd, "Verify passphrase: "))
+        with again, again.view() as b, first.view() as a:
+            same = a == b
+        if not same:
+            first.wipe()
+            raise UsageError("the passphrases do not match", "try again")
+    return first
+
+
+def _checked_passphrase(data: bytearray) -> Secret:
+    if not data:
+        raise UsageError("the passphrase is empty", "type one, or use --key-file")
+    if len(data) > MAX_KEY_BYTES:
+        data[:] = bytes(len(data))
+        raise UsageError(f"the passphrase is longer than {MAX_KEY_BYTES} bytes")
+    return Secret(data)
+
+
+@dataclass
+class Credential:
+    """What the user gave to open an image: one key, passphrase or identity. Wiped on exit."""
+
+    key: Secret | None = None
+    passphrase: Secret | None = None
+    identity: Identity | None = None
+
+    def wipe(self) -> None:
+        for secret in (self.key, self.passphrase):
+            if secret is not None:
+                secret.wipe()
+
+    def __enter__(self) -> Credential:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.wipe()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cryptlayer.errors import CommandError, UsageError
-from cryptlayer.keys import Secret, read_any, read_key, read_key_command
+from cryptlayer.keys import Secret, read_key, read_key_command
 from cryptlayer.manifest import ImageConfig
 from cryptlayer.ocispec import Overrides, merge_env, process_args, resolve_user, runtime_config
 from cryptlayer.sources import DirectorySource, TarSource, parse_path
@@ -184,15 +184,6 @@ def test_key_command_output_is_the_key(tmp_path: Path) -> None:
         read_key_command("false")
     with pytest.raises(UsageError, match="is empty"):
         read_key_command("true")
-
-
-def test_exactly_one_key_source() -> None:
-    with pytest.raises(
-        UsageError, match="give exactly one of --key-file, --key-command and --keyring"
-    ):
-        read_any(None, None, None)
-    with pytest.raises(UsageError, match="give exactly one"):
-        read_any("a", "b", None)
 
 
 @pytest.mark.parametrize("how", ["none", "gzip", "zstd"])

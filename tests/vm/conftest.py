@@ -50,6 +50,10 @@ class Cli:
 
     runner: CliRunner
 
+    @classmethod
+    def new(cls) -> Cli:
+        return cls(CliRunner())
+
     def __call__(self, *args: str, input: bytes | str | None = None) -> tuple[int, str, str]:
         result = self.runner.invoke(app, list(args), input=input, catch_exceptions=False)
         return result.exit_code, result.stdout, result.stderr
@@ -62,7 +66,7 @@ class Cli:
 
 @pytest.fixture(scope="session")
 def cli() -> Cli:
-    return Cli(CliRunner())
+    return Cli.new()
 
 
 def leftovers() -> list[str]:
@@ -154,3 +158,14 @@ def keyslots(layer: Path) -> int:
     ).stdout
     section = out.split("Keyslots:", 1)[1].split("Tokens:", 1)[0]
     return sum(1 for line in section.splitlines() if line.strip().split(":")[0].strip().isdigit())
+
+
+def image_key_of(image: Path, key: bytes) -> bytes:
+    """The image key, unwrapped from keys.json with `key` (to look for it where it must not be)."""
+    from cryptlayer import envelope
+    from cryptlayer.keys import Credential, Secret
+
+    credential = Credential(key=Secret(bytearray(key)))
+    image_key = envelope.unlock(image, envelope.load(image), credential)
+    with image_key, image_key.view() as data:
+        return bytes(data)

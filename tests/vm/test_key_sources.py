@@ -1,28 +1,102 @@
-"""Every key source opens a real image: file, standard input, a command, the kernel keyring."""
+"""Who may open an image, against real images: every key source, passphrases typed on a
+pseudo-terminal, X25519 and RSA recipients, and rekey without re-encryption."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import pty
+import select
+import shutil
 import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from conftest import MARKER_LOWER, Cli
 
 from cryptlayer.errors import ExitCode
 
+PASSPHRASE = "four words of test"
+ITER_TIME = ["--iter-time", "200"]  # real Argon2id, calibrated small: emulation is slow
 
-def test_each_key_source_opens_the_image(cli: Cli, image: Path, key_file: Path) -> None:
+
+def in_pty(argv: list[str], answers: list[str], timeout: float = 600) -> tuple[int, str]:
+    """Run argv on a pseudo-terminal, typing each answer after each prompt; (status, output)."""
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.execv(argv[0], argv)
+    seen, pending = b"", list(answers)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:  # EIO: the child has gone
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            if pending and seen.rstrip().endswith(b":"):
+                time.sleep(0.2)  # echo goes off just after the prompt is written
+                os.write(fd, pending.pop(0).encode() + b"\n")
+                seen += b"|"
+        else:
+            os.kill(pid, 9)
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    return os.waitstatus_to_exitcode(status), seen.decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("pairs")
+    cli = Cli.new()
+    for kind in ("x25519", "rsa", "stranger"):
+        cli.ok("keygen", "--rsa" if kind == "rsa" else "--x25519", str(base / kind))
+    return {kind: base / kind for kind in ("x25519", "rsa", "stranger")}
+
+
+@pytest.fixture(scope="module")
+def shared(
+    tmp_path_factory: pytest.TempPathFactory, pairs: dict[str, Path], busybox_tree: Path,
+    data_tree: Path,
+) -> Iterator[tuple[Path, Path]]:  # fmt: skip
+    """One image anyone may open: a key file, a passphrase, an X25519 and an RSA recipient."""
+    base = Path(os.environ.get("CRYPTLAYER_SCRATCH", tmp_path_factory.mktemp("images")))
+    out = base / "every-opener"
+    key = tmp_path_factory.mktemp("key") / "k"
+    cli = Cli.new()
+    cli.ok("keygen", str(key))
+    cli.ok("build", "--key-file", str(key), "--passphrase", *ITER_TIME,
+           "--recipient", f"{pairs['x25519']}.pub", "--recipient", f"{pairs['rsa']}.pub",
+           "--output", str(out), "--cmd", "cat /data/hello.txt", str(busybox_tree), str(data_tree),
+           input=f"{PASSPHRASE}\n")  # fmt: skip
+    yield out, key
+    shutil.rmtree(out)
+
+
+def test_each_key_source_opens_the_image(cli: Cli, shared: tuple[Path, Path]) -> None:
+    image, key_file = shared
     key = key_file.read_bytes()
     sources = {
         "file": ["--key-file", str(key_file)],
         "stdin": ["--key-file", "-"],
         "command": ["--key-command", f"cat {key_file}"],
         "keyring": ["--keyring", "cryptlayer-test"],
+        "passphrase on a pipe": ["--passphrase"],
     }
+    inputs = {"stdin": key, "passphrase on a pipe": f"{PASSPHRASE}\n".encode()}
     subprocess.run(["keyctl", "padd", "user", "cryptlayer-test", "@u"], input=key, check=True,
                    capture_output=True)  # fmt: skip
     try:
         for name, args in sources.items():
-            out = cli.ok("run", "--keep", *args, str(image), input=key if name == "stdin" else None)
+            out = cli.ok("run", "--keep", *args, str(image), input=inputs.get(name))
             assert out == f"{MARKER_LOWER}\n", name
     finally:
         subprocess.run(
@@ -31,3 +105,80 @@ def test_each_key_source_opens_the_image(cli: Cli, image: Path, key_file: Path) 
     code, _, err = cli("run", "--keyring", "cryptlayer-test", str(image))
     assert code == ExitCode.USAGE
     assert err.startswith("error: no user key 'cryptlayer-test' in the user or session keyring")
+    code, _, err = cli("run", "--passphrase", str(image), input="not it\n")
+    assert code == ExitCode.KEY
+    assert err == (
+        "error: the passphrase does not open this image:"
+        f" `cryptlayer inspect {image}` lists the keys and recipients that can\n"
+    )
+
+
+def test_passphrase_typed_on_a_terminal(shared: tuple[Path, Path]) -> None:
+    """The process boundary is the point: a real terminal, echo off, as cryptsetup asks."""
+    image = shared[0]
+    code, out = in_pty([sys.executable, "-m", "cryptlayer", "run", "--keep", "--passphrase",
+                        str(image)], [PASSPHRASE])  # fmt: skip
+    assert code == 0, out
+    assert f"Passphrase for {image}:" in out
+    assert MARKER_LOWER in out
+    assert PASSPHRASE not in out  # not echoed
+
+
+def test_each_recipient_opens_and_a_stranger_does_not(
+    cli: Cli, shared: tuple[Path, Path], pairs: dict[str, Path]
+) -> None:
+    image = shared[0]
+    for kind in ("x25519", "rsa"):
+        out = cli.ok("run", "--keep", "--identity", str(pairs[kind]), str(image))
+        assert out == f"{MARKER_LOWER}\n", kind
+    code, _, err = cli("run", "--identity", str(pairs["stranger"]), str(image))
+    assert code == ExitCode.KEY
+    assert err.startswith(f"error: identity {pairs['stranger']} (x25519:SHA256:")
+    assert err.endswith(
+        f" is not a recipient of this image: `cryptlayer inspect {image}` lists who can open it\n"
+    )
+    shown = cli.ok("inspect", str(image))
+    assert shown.count("opens:   ") == 4
+    assert "opens:   passphrase:" in shown and "(argon2id, " in shown
+
+
+def digests(image: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(image.glob("*.luks"))
+    }
+
+
+def test_rekey_changes_who_opens_without_touching_the_layers(
+    cli: Cli, image: Path, key_file: Path, tmp_path: Path, pairs: dict[str, Path]
+) -> None:
+    new_key = tmp_path / "new.key"
+    cli.ok("keygen", str(new_key))
+    before = digests(image)
+    out = cli.ok("rekey", str(image), "--key-file", str(key_file), "--add-key", str(new_key),
+                 "--add-recipient", f"{pairs['x25519']}.pub", "--remove", str(key_file))  # fmt: skip
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["added key", "added x25519", "removed key"]
+    assert digests(image) == before  # layer data and LUKS headers are untouched
+
+    assert cli.ok("run", "--keep", "--key-file", str(new_key), str(image)) == f"{MARKER_LOWER}\n"
+    code, _, err = cli("run", "--key-file", str(key_file), str(image))
+    assert code == ExitCode.KEY, "the removed key still opens the image"
+    assert err.startswith("error: the key does not open this image")
+
+    # Revoke the recipient by its id, as inspect prints it.
+    ident = next(line.split()[1] for line in lines if line.startswith("added x25519"))
+    assert f"opens:   {ident}" in cli.ok("inspect", str(image))
+    cli.ok("rekey", str(image), "--key-file", str(new_key), "--remove", ident)
+    code, _, err = cli("run", "--identity", str(pairs["x25519"]), str(image))
+    assert code == ExitCode.KEY
+    assert "is not a recipient of this image" in err
+    assert digests(image) == before
+
+    code, _, err = cli("rekey", str(image), "--key-file", str(new_key), "--remove", str(new_key))
+    assert code == ExitCode.USAGE
+    assert err == (
+        "error: this would leave nobody able to open the image:"
+        " add a key, passphrase or recipient in the same rekey\n"
+    )
+    code, _, err = cli("rekey", str(image), "--key-file", str(key_file), "--add-key", str(key_file))
+    assert code == ExitCode.KEY  # a removed key cannot let itself back in

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import Cli, keyslots
+from conftest import Cli, image_key_of, keyslots
 
 from cryptlayer.paths import run_root, state_root
 
@@ -87,13 +87,15 @@ def test_sigterm_is_forwarded_then_teardown_and_shred(
                   str(image), "--", "sh", "-c", script)  # fmt: skip
     run.wait_ready("sig")
     key = key_file.read_bytes()
+    image_key = image_key_of(image, key)
     assert leaks_of(key) == []  # while the container runs
+    assert leaks_of(image_key) == []
     run.proc.send_signal(signal.SIGTERM)
     code, out, err = run.finish()
     assert code == 42, err.decode()
     assert out == b"got-term\n"
     assert b"+ cryptsetup open" in err  # --debug logs the commands...
-    assert not any(n in err for n in encodings(key))  # ...and never the key
+    assert not any(n in err for n in encodings(key) + encodings(image_key))  # ...and never a key
     assert [keyslots(p) for p in sorted(image.glob("*.luks"))] == [0, 0]
 
 

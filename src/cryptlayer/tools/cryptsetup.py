@@ -61,6 +61,18 @@ def open_luks(device: str, name: str, key: Secret, *, readonly: bool) -> str:
     return f"/dev/mapper/{name}"
 
 
+def test_key(path: Path, key: Secret) -> None:
+    """Check that `key` opens a keyslot of `path` without mapping anything."""
+    try:
+        run(["cryptsetup", "open", "--test-passphrase", "--key-file", "-", str(path)], secret=key)
+    except CommandError as err:
+        if err.returncode == EXIT_WRONG_KEY:
+            raise UsageError(
+                f"the image key does not open {path}", "the image is damaged; copy it again"
+            ) from err
+        raise
+
+
 def open_plain(device: str, name: str, key: Secret) -> str:
     """Map `device` with plain dm-crypt: no header, so the key exists only in the kernel."""
     run(

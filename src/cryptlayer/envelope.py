@@ -1,0 +1,314 @@
+"""keys.json: the image key, wrapped once for each key, passphrase and recipient that may open it.
+
+Every layer's LUKS2 header has one keyslot, for the image key: 32 random bytes that are never
+stored in the clear. Because it is random, its keyslots use the cheapest PBKDF2, and a 10-layer
+image unlocks with one expensive step (a passphrase's Argon2id), not ten. Each entry of keys.json
+holds the image key wrapped with a standard construction from the `cryptography` package:
+
+- key:        HKDF-SHA256 of the key -> AES-256 key wrap (RFC 3394)
+- passphrase: Argon2id (RFC 9106), cost calibrated as cryptsetup does -> AES-256 key wrap
+- x25519:     HPKE base mode (RFC 9180): DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM
+- rsa:        RSA-OAEP with SHA-256
+
+Changing who may open an image (`rekey`) rewrites this one file, atomically; layer data and the
+LUKS headers do not change.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UsageError, WrongKeyError
+from .fsutil import write_json_atomic
+from .keys import Credential, Secret
+
+if TYPE_CHECKING:
+    from .recipients import Recipient
+
+FILE = "keys.json"
+FORMAT = "cryptlayer.keys.v1"
+IMAGE_KEY_BYTES = 32
+INFO = b"cryptlayer.keys.v1"
+# Argon2id: cryptsetup's defaults (4 lanes, at least 4 iterations, at most 1 GiB), calibrated to
+# take --iter-time on this machine; a floor of 8 MiB keeps slow machines usable.
+LANES = 4
+MIN_ITERATIONS = 4
+MIN_MEMORY_KIB = 8 * 1024
+MAX_MEMORY_KIB = 1024 * 1024
+MAX_ITERATIONS = 1000  # a damaged or hostile keys.json must not make us compute for hours
+DEFAULT_ITER_TIME_MS = 2000
+
+
+@dataclass(frozen=True)
+class Entry:
+    """The image key wrapped for one key, passphrase or recipient."""
+
+    kind: str  # key | passphrase | x25519 | rsa
+    id: str
+    wrapped: str  # base64
+    params: tuple[tuple[str, str | int], ...] = ()  # salt (base64) and KDF costs
+
+    def param(self, name: str) -> Any:
+        return dict(self.params)[name]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.kind, "id": self.id, "wrapped": self.wrapped, **dict(self.params)}
+
+
+@dataclass
+class Principals:
+    """Who a new image (or a rekey) lets in; the secrets are wiped on exit."""
+
+    keys: list[Secret] = field(default_factory=list)
+    passphrases: list[Secret] = field(default_factory=list)
+    recipients: list[Recipient] = field(default_factory=list)
+    iter_time_ms: int = DEFAULT_ITER_TIME_MS
+
+    def __bool__(self) -> bool:
+        return bool(self.keys or self.passphrases or self.recipients)
+
+    def wrap(self, image_key: Secret) -> list[Entry]:
+        """One entry each; Argon2id is calibrated once per passphrase."""
+        return [
+            *(for_key(image_key, key) for key in self.keys),
+            *(for_passphrase(image_key, p, self.iter_time_ms) for p in self.passphrases),
+            *(for_recipient(image_key, r) for r in self.recipients),
+        ]
+
+    def __enter__(self) -> Principals:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for secret in (*self.keys, *self.passphrases):
+            secret.wipe()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def new_image_key() -> Secret:
+    return Secret.random(IMAGE_KEY_BYTES)
+
+
+def key_id(key: Secret) -> str:
+    """A short name for a key that says nothing about it: 64 bits of HKDF output."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    with key.view() as data:
+        tag = HKDF(hashes.SHA256(), 8, salt=None, info=INFO + b" key id").derive(data)
+    return f"key:{tag.hex()}"
+
+
+def _key_kek(key: Secret, salt: bytes) -> Secret:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    kek = Secret(bytearray(32))
+    with key.view() as data, kek.view() as out:
+        HKDF(hashes.SHA256(), 32, salt=salt, info=INFO + b" key").derive_into(data, out)
+    return kek
+
+
+def _passphrase_kek(passphrase: Secret, salt: bytes, iterations: int, memory_kib: int) -> Secret:
+    from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
+    kek = Secret(bytearray(32))
+    kdf = Argon2id(salt=salt, length=32, iterations=iterations, lanes=LANES, memory_cost=memory_kib)
+    with passphrase.view() as data, kek.view() as out:
+        kdf.derive_into(data, out)  # type: ignore[arg-type]  # any buffer works; the stub says bytes
+    return kek
+
+
+def _wrap(kek: Secret, image_key: Secret) -> str:
+    from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+
+    with kek, kek.view() as k, image_key.view() as data:
+        return _b64(aes_key_wrap(k, data))
+
+
+def _hpke() -> Any:
+    from cryptography.hazmat.primitives import hpke
+
+    return hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+
+
+def _oaep() -> Any:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    return padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=INFO)
+
+
+def available_memory_kib() -> int:
+    """Half of MemAvailable: Argon2id must not push the host into swap or the OOM killer."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 2
+    except OSError:
+        pass
+    return MAX_MEMORY_KIB
+
+
+def calibrate(iter_time_ms: int) -> tuple[int, int]:
+    """Argon2id (iterations, memory KiB) that take about `iter_time_ms` here, memory first."""
+    probe_kib = 16 * 1024
+    start = time.perf_counter()
+    with Secret(bytearray(b"probe")) as probe:
+        _passphrase_kek(probe, os.urandom(16), 1, probe_kib).wipe()
+    per_kib = max(time.perf_counter() - start, 1e-6) / probe_kib
+    budget = iter_time_ms / 1000 / per_kib  # KiB x iterations we can afford
+    ceiling = max(MIN_MEMORY_KIB, min(MAX_MEMORY_KIB, available_memory_kib()))
+    memory = int(min(ceiling, max(MIN_MEMORY_KIB, budget / MIN_ITERATIONS)))
+    iterations = MIN_ITERATIONS
+    if memory == ceiling:
+        iterations = int(min(MAX_ITERATIONS, max(MIN_ITERATIONS, budget / memory)))
+    return iterations, memory - memory % (8 * LANES)
+
+
+def for_key(image_key: Secret, key: Secret) -> Entry:
+    salt = os.urandom(16)
+    wrapped = _wrap(_key_kek(key, salt), image_key)
+    return Entry("key", key_id(key), wrapped, (("salt", _b64(salt)),))
+
+
+def for_passphrase(image_key: Secret, passphrase: Secret, iter_time_ms: int) -> Entry:
+    iterations, memory = calibrate(iter_time_ms)
+    salt = os.urandom(16)
+    wrapped = _wrap(_passphrase_kek(passphrase, salt, iterations, memory), image_key)
+    params = (
+        ("kdf", "argon2id"),
+        ("salt", _b64(salt)),
+        ("iterations", iterations),
+        ("memory_kib", memory),
+        ("lanes", LANES),
+    )
+    return Entry("passphrase", f"passphrase:{os.urandom(4).hex()}", wrapped, tuple(sorted(params)))
+
+
+def for_recipient(image_key: Secret, recipient: Recipient) -> Entry:
+    with image_key.view() as data:
+        if recipient.kind == "x25519":
+            wrapped = _hpke().encrypt(data, recipient.key, info=INFO)
+        else:
+            wrapped = recipient.key.encrypt(bytes(data), _oaep())  # type: ignore[union-attr]
+    return Entry(recipient.kind, recipient.id, _b64(wrapped))
+
+
+def _unwrap_aes(kek: Secret, wrapped: bytes) -> Secret | None:
+    from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
+
+    with kek, kek.view() as k:
+        try:
+            return Secret(bytearray(aes_key_unwrap(k, wrapped)))
+        except InvalidUnwrap:
+            return None
+
+
+def _unwrap(entry: Entry, credential: Credential) -> Secret | None:
+    """The image key if `credential` opens `entry`, else None."""
+    from cryptography.exceptions import InvalidTag
+
+    wrapped = base64.b64decode(entry.wrapped)
+    if entry.kind == "key" and credential.key is not None:
+        salt = base64.b64decode(entry.param("salt"))
+        return _unwrap_aes(_key_kek(credential.key, salt), wrapped)
+    if entry.kind == "passphrase" and credential.passphrase is not None:
+        iterations, memory = int(entry.param("iterations")), int(entry.param("memory_kib"))
+        if not (1 <= iterations <= MAX_ITERATIONS and memory <= 4 * MAX_MEMORY_KIB):
+            raise UsageError(
+                f"{FILE} asks for an Argon2id cost out of bounds",
+                "the image is damaged; rebuild it",
+            )
+        salt = base64.b64decode(entry.param("salt"))
+        return _unwrap_aes(
+            _passphrase_kek(credential.passphrase, salt, iterations, memory), wrapped
+        )
+    identity = credential.identity
+    if identity is None or identity.id != entry.id:
+        return None
+    try:
+        if entry.kind == "x25519":
+            raw = _hpke().decrypt(wrapped, identity.key, info=INFO)
+        else:
+            raw = identity.key.decrypt(wrapped, _oaep())  # type: ignore[union-attr]
+    except (InvalidTag, ValueError):
+        return None
+    return Secret(bytearray(raw))
+
+
+def unlock(image: Path, entries: list[Entry], credential: Credential) -> Secret:
+    """The image key, unwrapped with `credential`; WrongKeyError saying who could open it."""
+    if credential.identity is not None:
+        candidates = [e for e in entries if e.id == credential.identity.id]
+        if not candidates:
+            raise WrongKeyError(
+                f"identity {credential.identity.path} ({credential.identity.id})"
+                " is not a recipient of this image",
+                f"`cryptlayer inspect {image}` lists who can open it",
+            )
+    elif credential.key is not None:
+        key = key_id(credential.key)
+        candidates = [e for e in entries if e.id == key]
+    else:
+        candidates = [e for e in entries if e.kind == "passphrase"]
+    for entry in candidates:
+        image_key = _unwrap(entry, credential)
+        if image_key is not None:
+            if len(image_key) != IMAGE_KEY_BYTES:
+                raise UsageError(
+                    f"{image}/{FILE} holds a key of the wrong size",
+                    "the image is damaged; rebuild it",
+                )
+            return image_key
+    what = "passphrase" if credential.passphrase is not None else "key"
+    raise WrongKeyError(
+        f"the {what} does not open this image",
+        f"`cryptlayer inspect {image}` lists the keys and recipients that can",
+    )
+
+
+def load(image: Path) -> list[Entry]:
+    """The entries of IMAGE/keys.json; UsageError saying what is wrong."""
+    path = image / FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(
+            f"{path} is missing",
+            "the image is incomplete (or older than cryptlayer keys v1); rebuild it",
+        ) from None
+    except (OSError, ValueError) as err:
+        raise UsageError(
+            f"{path} is not valid JSON ({err})", "the image is damaged; rebuild it"
+        ) from err
+    try:
+        if raw.get("format") != FORMAT:
+            raise ValueError(f"format is {raw.get('format')!r}, expected {FORMAT!r}")
+        entries = []
+        for item in raw["entries"]:
+            params = tuple(
+                sorted((str(k), v) for k, v in item.items() if k not in ("type", "id", "wrapped"))
+            )
+            entries.append(Entry(str(item["type"]), str(item["id"]), str(item["wrapped"]), params))
+        return entries
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        detail = f"missing {err}" if isinstance(err, KeyError) else str(err)
+        raise UsageError(
+            f"{path} is malformed: {detail}", "the image is damaged; rebuild it"
+        ) from err
+
+
+def save(image: Path, entries: list[Entry]) -> None:
+    """Write IMAGE/keys.json atomically: a crash leaves the old set of entries or the new one."""
+    if not entries:
+        raise UsageError("nobody could open the image", "keep at least one key or recipient")
+    write_json_atomic(image / FILE, {"format": FORMAT, "entries": [e.to_json() for e in entries]})

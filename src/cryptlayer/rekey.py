@@ -1,0 +1,84 @@
+"""Change who may open an image without re-encrypting it: only keys.json is rewritten.
+
+The caller proves access with any current key, passphrase or identity; the image key it unwraps
+is checked against every layer's LUKS header before anything changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import envelope
+from . import manifest as manifest_mod
+from .errors import UsageError
+from .keys import Credential
+from .shred import require_intact
+from .system import require_tools
+from .tools import cryptsetup
+
+
+@dataclass(frozen=True)
+class Change:
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+
+
+def _resolve(entries: list[envelope.Entry], who: str, image: Path) -> str:
+    """The id of the entry `who` names: an id as `inspect` prints it, or a key, public key or
+    identity file."""
+    ids = {e.id for e in entries}
+    if who in ids:
+        return who
+    path = Path(who)
+    if path.is_file():
+        from .keys import read_key
+        from .recipients import load_identity, load_recipient
+
+        for load in (load_recipient, load_identity):
+            try:
+                return load(who).id
+            except UsageError:
+                continue
+        with read_key(who) as key:
+            return envelope.key_id(key)
+    raise UsageError(
+        f"{who} is neither an id nor a key file",
+        f"`cryptlayer inspect {image}` lists the ids of who can open it",
+    )
+
+
+def rekey(
+    image: Path, credential: Credential, add: envelope.Principals, remove: list[str]
+) -> Change:
+    """Add `add` and remove `remove` (ids or files) from who may open IMAGE."""
+    require_tools("cryptsetup")
+    manifest = manifest_mod.load(image)
+    require_intact(image, manifest)
+    entries = envelope.load(image)
+    doomed = {_resolve(entries, who, image) for who in remove}
+    missing = doomed - {e.id for e in entries}
+    if missing:
+        raise UsageError(
+            f"{', '.join(sorted(missing))} cannot open {image} anyway",
+            f"`cryptlayer inspect {image}` lists who can",
+        )
+    with envelope.unlock(image, entries, credential) as image_key:
+        for layer in manifest.layers:
+            cryptsetup.test_key(image / layer.file, image_key)
+        new = add.wrap(image_key)
+    known = {e.id for e in entries if e.id not in doomed}
+    again = [e.id for e in new if e.id in known and e.kind != "passphrase"]
+    if again:
+        raise UsageError(
+            f"{', '.join(again)} can already open {image}",
+            "nothing to add; --remove it first to replace it",
+        )
+    kept = [e for e in entries if e.id not in doomed]
+    if not kept and not new:
+        raise UsageError(
+            "this would leave nobody able to open the image",
+            "add a key, passphrase or recipient in the same rekey",
+        )
+    envelope.save(image, kept + new)
+    return Change(tuple(e.id for e in new), tuple(sorted(doomed)))

@@ -1,0 +1,278 @@
+"""Who may open an image: keys.json wrapping, recipients, identities, passphrases (no devices)."""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cryptlayer import envelope
+from cryptlayer.cli import app
+from cryptlayer.errors import ExitCode, UsageError, WrongKeyError
+from cryptlayer.keys import Credential, Secret, read_passphrase
+from cryptlayer.recipients import load_identity, load_recipient
+
+FAST_MS = 50  # Argon2id calibrated to ~50 ms: real parameters, quick tests
+
+
+def secret(data: bytes) -> Secret:
+    return Secret(bytearray(data))
+
+
+def image_key_bytes(image_key: Secret) -> bytes:
+    with image_key.view() as data:
+        return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An X25519 and an RSA key pair, made by `cryptlayer keygen`."""
+    base = tmp_path_factory.mktemp("pairs")
+    runner = CliRunner()
+    made = {}
+    for kind in ("x25519", "rsa"):
+        result = runner.invoke(app, ["keygen", f"--{kind}", str(base / kind)])
+        assert result.exit_code == 0, result.stderr
+        assert f"{kind}:SHA256:" in result.stderr
+        made[kind] = base / kind
+    return made
+
+
+def test_keygen_pairs_are_private_and_never_overwritten(pairs: dict[str, Path]) -> None:
+    for kind, path in pairs.items():
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert b"BEGIN PRIVATE KEY" in path.read_bytes()
+        assert b"BEGIN PUBLIC KEY" in Path(f"{path}.pub").read_bytes()
+        assert load_recipient(f"{path}.pub").id == load_identity(str(path)).id
+        result = CliRunner().invoke(app, ["keygen", f"--{kind}", str(path)])
+        assert result.exit_code == ExitCode.USAGE
+        assert result.stderr == (
+            f"error: {path} already exists: choose another name; keygen never overwrites\n"
+        )
+
+
+def test_every_kind_of_entry_opens_and_nothing_else_does(
+    tmp_path: Path, pairs: dict[str, Path]
+) -> None:
+    key, other_key = secret(b"k" * 32), secret(b"o" * 32)
+    phrase = secret(b"correct horse battery staple")
+    with envelope.new_image_key() as image_key:
+        expected = image_key_bytes(image_key)
+        entries = envelope.Principals(
+            keys=[key],
+            passphrases=[phrase],
+            recipients=[load_recipient(f"{p}.pub") for p in pairs.values()],
+            iter_time_ms=FAST_MS,
+        ).wrap(image_key)
+    assert [e.kind for e in entries] == ["key", "passphrase", "x25519", "rsa"]
+    envelope.save(tmp_path, entries)
+    stored = envelope.load(tmp_path)
+    assert stored == entries
+    text = (tmp_path / envelope.FILE).read_text()
+    assert expected.hex() not in text and "correct horse" not in text
+
+    openers = [
+        Credential(key=key),
+        Credential(passphrase=phrase),
+        *(Credential(identity=load_identity(str(p))) for p in pairs.values()),
+    ]
+    for credential in openers:
+        with envelope.unlock(tmp_path, stored, credential) as got:
+            assert image_key_bytes(got) == expected
+
+    hint = f"`cryptlayer inspect {tmp_path}` lists the keys and recipients that can"
+    with pytest.raises(WrongKeyError) as err:
+        envelope.unlock(tmp_path, stored, Credential(key=other_key))
+    assert str(err.value) == f"the key does not open this image: {hint}"
+    with pytest.raises(WrongKeyError) as err:
+        envelope.unlock(tmp_path, stored, Credential(passphrase=secret(b"Tr0ub4dor&3")))
+    assert str(err.value) == f"the passphrase does not open this image: {hint}"
+
+
+def test_a_stranger_identity_is_named(tmp_path: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(app, ["keygen", "--x25519", str(tmp_path / "a")]).exit_code == 0
+    assert runner.invoke(app, ["keygen", "--x25519", str(tmp_path / "b")]).exit_code == 0
+    with envelope.new_image_key() as image_key:
+        entries = [envelope.for_recipient(image_key, load_recipient(f"{tmp_path}/a.pub"))]
+    stranger = load_identity(str(tmp_path / "b"))
+    with pytest.raises(WrongKeyError) as err:
+        envelope.unlock(tmp_path, entries, Credential(identity=stranger))
+    assert str(err.value) == (
+        f"identity {tmp_path}/b ({stranger.id}) is not a recipient of this image:"
+        f" `cryptlayer inspect {tmp_path}` lists who can open it"
+    )
+
+
+def test_tampered_wrap_does_not_open(tmp_path: Path, pairs: dict[str, Path]) -> None:
+    key = secret(b"k" * 32)
+    with envelope.new_image_key() as image_key:
+        entries = envelope.Principals(
+            keys=[key], recipients=[load_recipient(f"{pairs['x25519']}.pub")]
+        ).wrap(image_key)
+    flipped = [
+        envelope.Entry(
+            e.kind,
+            e.id,
+            e.wrapped[:8] + ("A" if e.wrapped[8] != "A" else "B") + e.wrapped[9:],
+            e.params,
+        )
+        for e in entries
+    ]
+    for credential in (
+        Credential(key=key),
+        Credential(identity=load_identity(str(pairs["x25519"]))),
+    ):
+        with pytest.raises(WrongKeyError):
+            envelope.unlock(tmp_path, flipped, credential)
+
+
+@pytest.mark.parametrize(
+    ("content", "detail"),
+    [
+        ("{", "is not valid JSON"),
+        ('{"format": "x", "entries": []}', "is malformed: format is 'x'"),
+        (
+            '{"format": "cryptlayer.keys.v1", "entries": [{"id": "a"}]}',
+            "is malformed: missing 'type'",
+        ),
+    ],
+)
+def test_malformed_keys_json(tmp_path: Path, content: str, detail: str) -> None:
+    (tmp_path / envelope.FILE).write_text(content)
+    with pytest.raises(UsageError, match=detail):
+        envelope.load(tmp_path)
+
+
+def test_argon2id_is_calibrated_to_the_time_asked() -> None:
+    quick = envelope.calibrate(FAST_MS)
+    slow = envelope.calibrate(40 * FAST_MS)
+    assert quick[0] >= envelope.MIN_ITERATIONS and quick[1] >= envelope.MIN_MEMORY_KIB
+    assert slow[0] * slow[1] > 4 * quick[0] * quick[1]
+    assert slow[1] <= envelope.MAX_MEMORY_KIB
+
+
+def test_recipient_and_identity_file_errors(tmp_path: Path, pairs: dict[str, Path]) -> None:
+    x = pairs["x25519"]
+    with pytest.raises(UsageError) as err:
+        load_recipient(str(x))
+    assert str(err.value) == (
+        f"recipient {x} is not a PEM public key or an ssh-rsa line:"
+        " that is a private key; give its .pub"
+    )
+    with pytest.raises(UsageError) as err:
+        load_identity(f"{x}.pub")
+    assert str(err.value).startswith(f"identity {x}.pub is accessible by others (mode 0644)")
+    shared = tmp_path / "shared"
+    shared.write_bytes(x.read_bytes())
+    shared.chmod(0o640)
+    with pytest.raises(UsageError, match=r"accessible by others \(mode 0640\): chmod 600"):
+        load_identity(str(shared))
+    with pytest.raises(UsageError, match="does not exist"):
+        load_recipient(str(tmp_path / "nope.pub"))
+
+
+def test_openssh_rsa_keys_work(tmp_path: Path) -> None:
+    """An existing ssh key pair can be a recipient and an identity."""
+    key = tmp_path / "id_rsa"
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "3072", "-N", "", "-f", str(key)],
+                   check=True)  # fmt: skip
+    assert load_recipient(f"{key}.pub").id == load_identity(str(key)).id
+    protected = tmp_path / "locked"
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "3072", "-N", "pw", "-f", str(protected)],
+                   check=True)  # fmt: skip
+    with pytest.raises(UsageError, match="is protected by a password"):
+        load_identity(str(protected))
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "ed")],
+                   check=True)  # fmt: skip
+    with pytest.raises(UsageError, match="not an X25519 or RSA key"):
+        load_recipient(f"{tmp_path}/ed.pub")
+
+
+def test_passphrase_from_a_pipe_is_its_first_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    read, write = os.pipe()
+    os.write(write, b"first line\nsecond\n")
+    os.close(write)
+    with os.fdopen(read, "rb") as stream:
+        monkeypatch.setattr(sys, "stdin", stream)
+        with read_passphrase("unused", confirm=True) as got, got.view() as data:
+            assert bytes(data) == b"first line"
+        with read_passphrase("unused", confirm=True) as got, got.view() as data:
+            assert bytes(data) == b"second"
+        with pytest.raises(UsageError, match="the passphrase is empty"):
+            read_passphrase("unused", confirm=False)
+
+
+PROMPT_CHILD = """
+import sys
+from cryptlayer.keys import read_passphrase
+from cryptlayer.errors import UsageError
+try:
+    with read_passphrase("Passphrase: ", confirm=True) as p, p.view() as d:
+        print("LEN", len(d), flush=True)
+except UsageError as err:
+    print("ERR", err, flush=True)
+"""
+
+
+def _in_pty(*typed: bytes) -> str:
+    """Run PROMPT_CHILD on a real pseudo-terminal, type `typed` at each prompt."""
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.execv(sys.executable, [sys.executable, "-c", PROMPT_CHILD])
+    seen = b""
+    try:
+        for line in typed:
+            while not seen.rstrip().endswith(b":"):
+                seen += os.read(fd, 1024)
+            time.sleep(0.05)  # echo is switched off right after the prompt is written
+            os.write(fd, line + b"\n")
+            seen += b"|"
+        while True:
+            try:
+                chunk = os.read(fd, 1024)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.waitpid(pid, 0)
+        os.close(fd)
+    return seen.decode(errors="replace")
+
+
+def test_passphrase_prompt_on_a_terminal_does_not_echo() -> None:
+    out = _in_pty(b"s3cret-typed", b"s3cret-typed")
+    assert "Passphrase:" in out and "Verify passphrase:" in out
+    assert "LEN 12" in out
+    assert "s3cret" not in out
+    out = _in_pty(b"one-thing", b"another")
+    assert "ERR the passphrases do not match: try again" in out
+    assert "one-thing" not in out and "another" not in out
+
+
+def test_exactly_one_way_to_open(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for args in ([], ["--key-file", "a", "--identity", "b"], ["--passphrase", "--keyring", "x"]):
+        result = runner.invoke(app, ["start", "--name", "c", str(tmp_path), *args])
+        assert result.exit_code == ExitCode.USAGE, result.stderr
+        assert result.stderr.startswith(
+            "error: give exactly one of --key-file, --key-command, --keyring, --passphrase"
+            " and --identity: e.g. --key-file image.key"
+        )
+
+
+def test_build_needs_someone_who_can_open(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["build", "-o", str(tmp_path / "img"), str(tmp_path)])
+    assert result.exit_code == ExitCode.USAGE
+    assert result.stderr == (
+        "error: nobody could open the image: give --key-file, --key-command, --keyring,"
+        " --passphrase or --recipient\n"
+    )
