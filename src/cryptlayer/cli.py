@@ -474,9 +474,9 @@ def stop(
 @handled
 def ps(as_json: JsonFlag = False) -> None:
     """List the containers that are running or assembled now."""
-    from . import container, state
+    from . import state
 
-    rows = [container.describe(r) for r in state.all_records()]
+    rows = [r.describe() for r in state.all_records()]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

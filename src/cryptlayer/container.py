@@ -337,20 +337,3 @@ def _shielded(action: Any, *args: Any) -> None:
         action(*args)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def describe(record: Record) -> dict[str, Any]:
-    """What `ps` shows of a container."""
-    layers = sum(1 for s in record.steps if s.kind is Kind.CRYPT and not s.ref.endswith("-scratch"))
-    status = "running" if (record.mode is Mode.RUN and record.owner_alive()) else (
-        "assembled" if record.mode is Mode.START and record.pid == 0 else "stale")  # fmt: skip
-    return {
-        "name": record.name,
-        "image": record.image,
-        "mode": str(record.mode),
-        "status": status,
-        "rootfs": record.rootfs,
-        "layers": layers,
-        "shred_on_stop": record.shred,
-        "created": record.created,
-    }

@@ -81,6 +81,26 @@ class Record:
             return True
         return True
 
+    def describe(self) -> dict[str, Any]:
+        """What `ps` shows of a container (without importing the heavy modules)."""
+        layers = sum(
+            1 for s in self.steps if s.kind is Kind.CRYPT and not s.ref.endswith("-scratch")
+        )
+        if self.mode is Mode.RUN and self.owner_alive():
+            status = "running"
+        else:
+            status = "assembled" if self.mode is Mode.START and self.pid == 0 else "stale"
+        return {
+            "name": self.name,
+            "image": self.image,
+            "mode": str(self.mode),
+            "status": status,
+            "rootfs": self.rootfs,
+            "layers": layers,
+            "shred_on_stop": self.shred,
+            "created": self.created,
+        }
+
 
 def check_name(name: str) -> str:
     """UsageError unless `name` is a valid container name."""
