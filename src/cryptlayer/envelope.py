@@ -158,20 +158,31 @@ def available_memory_kib() -> int:
     return MAX_MEMORY_KIB
 
 
-def calibrate(iter_time_ms: int) -> tuple[int, int]:
-    """Argon2id (iterations, memory KiB) that take about `iter_time_ms` here, memory first."""
-    probe_kib = 16 * 1024
+def _probe(iterations: int, memory_kib: int) -> float:
     start = time.perf_counter()
     with Secret(bytearray(b"probe")) as probe:
-        _passphrase_kek(probe, os.urandom(16), 1, probe_kib).wipe()
-    per_kib = max(time.perf_counter() - start, 1e-6) / probe_kib
-    budget = iter_time_ms / 1000 / per_kib  # KiB x iterations we can afford
+        _passphrase_kek(probe, os.urandom(16), iterations, memory_kib).wipe()
+    return max(time.perf_counter() - start, 1e-6)
+
+
+def calibrate(iter_time_ms: int) -> tuple[int, int]:
+    """Argon2id (iterations, memory KiB) that take about `iter_time_ms` here, memory first.
+
+    Like cryptsetup's benchmark: measure, grow the memory until a run takes at least half the
+    target (cost is not linear in memory: caches, and page faults in a VM), then scale the rest.
+    """
+    target = iter_time_ms / 1000
     ceiling = max(MIN_MEMORY_KIB, min(MAX_MEMORY_KIB, available_memory_kib()))
-    memory = int(min(ceiling, max(MIN_MEMORY_KIB, budget / MIN_ITERATIONS)))
-    iterations = MIN_ITERATIONS
-    if memory == ceiling:
-        iterations = int(min(MAX_ITERATIONS, max(MIN_ITERATIONS, budget / memory)))
-    return iterations, memory - memory % (8 * LANES)
+    memory, iterations = MIN_MEMORY_KIB, MIN_ITERATIONS
+    took = _probe(iterations, memory)
+    while took < target / 2 and memory < ceiling:
+        memory = int(min(ceiling, memory * min(8.0, target / took)))
+        took = _probe(iterations, memory)
+    if memory < ceiling:
+        memory = int(min(ceiling, memory * target / took))
+    else:
+        iterations = int(min(MAX_ITERATIONS, max(MIN_ITERATIONS, iterations * target / took)))
+    return iterations, max(MIN_MEMORY_KIB, memory - memory % (8 * LANES))
 
 
 def for_key(image_key: Secret, key: Secret) -> Entry:
