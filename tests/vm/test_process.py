@@ -80,7 +80,7 @@ def leaks_of(key: bytes) -> list[str]:
 
 
 def test_sigterm_is_forwarded_then_teardown_and_shred(
-    image: Path, key_file: Path, tmp_path: Path
+    cli: Cli, image: Path, key_file: Path, tmp_path: Path
 ) -> None:
     script = 'trap "echo got-term; exit 42" TERM; touch /ready; while true; do sleep 0.2; done'
     run = Spawned(tmp_path, "--debug", "run", "--name", "sig", "--key-file", str(key_file),
@@ -90,6 +90,12 @@ def test_sigterm_is_forwarded_then_teardown_and_shred(
     image_key = image_key_of(image, key)
     assert leaks_of(key) == []  # while the container runs
     assert leaks_of(image_key) == []
+    shown = (
+        cli.ok("ps", "--json")
+        + cli.ok("inspect", "--json", str(image))
+        + cli.ok("inspect", str(image))
+    )
+    assert not any(n in shown.encode() for n in encodings(key) + encodings(image_key))
     run.proc.send_signal(signal.SIGTERM)
     code, out, err = run.finish()
     assert code == 42, err.decode()
