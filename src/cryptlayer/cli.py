@@ -467,6 +467,9 @@ def stop(
 
     record = container.stop(name, force=force)
     shredded = f"; image {record.image} shredded" if record.shred else ""
+    if record.handed_to:
+        shredded = (f"; image {record.image} is still used by {', '.join(record.handed_to)},"
+                    " the last of them to stop shreds it")  # fmt: skip
     typer.echo(f"stopped {name}{shredded}", err=True)
 
 
@@ -517,7 +520,7 @@ def gc() -> None:
     if report.errors:
         raise CryptlayerError("gc could not clean up everything: " + "; ".join(report.errors),
                               "fix the cause and run `cryptlayer gc` again")  # fmt: skip
-    if not (report.containers or report.orphans):
+    if not (report.containers or report.orphans or report.shredded):
         typer.echo("nothing to clean up")
 
 

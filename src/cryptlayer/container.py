@@ -212,9 +212,20 @@ def start(image: Path, credential: Credential, options: StartOptions) -> Record:
 
 
 def _finish_if_empty(record: Record) -> None:
-    """After a teardown: shred if owed, and forget the record once nothing is left of it."""
-    if record.shred and not record.shredded:
-        shred_image(Path(record.image))
+    """After a teardown: shred if owed, and forget the record once nothing is left of it.
+
+    Called under the host lock. While other containers still use the same image, the shred is
+    handed to them instead: the image is erased once, after its last user is gone.
+    """
+    if (record.shred and not record.shredded) or state.shred_owed(record.image):
+        others = state.users_of(record.image, besides=record.name)
+        if others:
+            state.owe_shred(record.image)  # not in their records: their owners rewrite those
+            record.handed_to = others
+        else:
+            shred_image(Path(record.image))
+            state.clear_owed(record.image)
+            record.shred = True
         record.shredded = True
         record.save()
     if not record.steps:

@@ -10,6 +10,7 @@ from . import state
 from .container import teardown
 from .errors import CryptlayerError
 from .paths import run_root, scratch_dir
+from .shred import shred_image
 from .state import Kind, Mode, Record
 from .tools import cryptsetup, losetup, mount, udev
 
@@ -40,16 +41,26 @@ def collect() -> Report:
         for record in state.all_records():
             if not _abandoned(record):
                 continue
-            owed = record.shred and not record.shredded
+            done_before = record.shredded
             try:
                 teardown(record)
             except CryptlayerError as err:
                 report.errors.append(f"{record.name}: {err}")
                 continue
             report.containers.append(record.name)
-            if owed:
+            if record.shredded and not done_before and record.shred and not record.handed_to:
                 report.shredded.append(record.image)
         _collect_orphans(report)
+        for image in state.owed_images():  # handed on by a container whose heirs crashed
+            if state.users_of(image):
+                continue
+            try:
+                shred_image(Path(image))
+            except CryptlayerError as err:
+                report.errors.append(f"{image}: {err}")
+                continue
+            state.clear_owed(image)
+            report.shredded.append(image)
     return report
 
 

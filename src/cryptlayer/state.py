@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ class Record:
     created: str = ""
     shredded: bool = False
     steps: list[Step] = field(default_factory=list)
+    handed_to: list[str] = field(default_factory=list)  # still using the image: they shred it
 
     @property
     def path(self) -> Path:
@@ -116,19 +117,24 @@ def _from_json(raw: dict[str, Any]) -> Record:
     steps = [Step(Kind(s["kind"]), s["ref"], s.get("device", ""), s.get("done", False))
              for s in raw.pop("steps", [])]  # fmt: skip
     raw["mode"] = Mode(raw["mode"])
-    return Record(**raw, steps=steps)
+    known = {f.name for f in fields(Record)}  # a newer cryptlayer may have added fields
+    return Record(**{k: v for k, v in raw.items() if k in known}, steps=steps)
 
 
 def load(name: str) -> Record:
-    """The record of container NAME; UsageError if there is none."""
+    """The record of container NAME; UsageError if there is none or it cannot be read."""
     path = records_dir() / f"{check_name(name)}.json"
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        return _from_json(json.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
         raise UsageError(
             f"no container named {name!r}", "see `cryptlayer ps` for the names"
         ) from None
-    return _from_json(raw)
+    except (ValueError, KeyError, TypeError) as err:
+        raise UsageError(
+            f"the record {path} is damaged ({err})",
+            "check what it holds (losetup -a, dmsetup ls), then remove it",
+        ) from err
 
 
 def all_records() -> list[Record]:
@@ -143,6 +149,11 @@ def all_records() -> list[Record]:
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a record being replaced; the next look will see it
     return records
+
+
+def users_of(image: str, besides: str = "") -> list[str]:
+    """Names of the containers that hold devices of `image` now."""
+    return [r.name for r in all_records() if r.image == image and r.steps and r.name != besides]
 
 
 def create(record: Record) -> Record:
@@ -173,3 +184,38 @@ def locked() -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+# A shred owed to an image that other containers were still using when its owner stopped: the
+# last of them to go (or gc, after a crash) applies it. One marker file per image.
+def _owed_path(image: str) -> Path:
+    import hashlib
+
+    return state_root() / "owed" / f"{hashlib.sha256(image.encode()).hexdigest()[:24]}.json"
+
+
+def owe_shred(image: str) -> None:
+    path = _owed_path(image)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_json_atomic(path, {"image": image}, mode=0o600)
+
+
+def shred_owed(image: str) -> bool:
+    return _owed_path(image).exists()
+
+
+def clear_owed(image: str) -> None:
+    _owed_path(image).unlink(missing_ok=True)
+
+
+def owed_images() -> list[str]:
+    directory = state_root() / "owed"
+    if not directory.is_dir():
+        return []
+    images = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            images.append(str(json.loads(path.read_text(encoding="utf-8"))["image"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return images

@@ -94,6 +94,18 @@ def test_unknown_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+def test_damaged_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRYPTLAYER_ROOT", str(tmp_path))
+    (tmp_path / "containers").mkdir()
+    (tmp_path / "containers/bad.json").write_text('{"name": "bad"}')
+    code, _, err = invoke("stop", "bad")
+    assert code == ExitCode.USAGE
+    assert one_error_line(err) == (
+        f"error: the record {tmp_path}/containers/bad.json is damaged ('mode'):"
+        " check what it holds (losetup -a, dmsetup ls), then remove it"
+    )
+
+
 def test_invalid_name(tmp_path: Path) -> None:
     code, _, err = invoke("start", "--key-file", "k", "--name", "../x", str(tmp_path))
     assert code == ExitCode.USAGE

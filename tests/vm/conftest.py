@@ -81,6 +81,9 @@ def leftovers() -> list[str]:
     scratch = state_root() / "scratch"
     if scratch.is_dir():
         found += [f"scratch {p.name}" for p in scratch.iterdir()]
+    owed = state_root() / "owed"
+    if owed.is_dir():
+        found += [f"owed shred {p.name}" for p in owed.iterdir()]
     return found
 
 
