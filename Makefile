@@ -23,9 +23,20 @@ VM_TESTS ?= tests/vm
 test-vm:
 	scripts/in-vm $(PYTEST) -m vm -v $(VM_TESTS) $(PYTEST_ARGS)
 
+# Benchmarks (not pass/fail): figures 1-7 in one VM boot, figure 8 on this host, then the report
+# in docs/benchmarks/. BENCH_ARGS='--sizes 64,256 --runs 2' makes a quicker run, and
+# BENCH_ARGS='read concurrent' re-runs only those sections (bench/devices.py --help).
+bench: setup
+	$(VENV)/bin/pip install -q -e '.[dev,bench]'
+	CRYPTLAYER_VM_DISK=$${CRYPTLAYER_VM_DISK:-24G} CRYPTLAYER_VM_MEMORY=$${CRYPTLAYER_VM_MEMORY:-4G} \
+	  CRYPTLAYER_VM_TIMEOUT=$${CRYPTLAYER_VM_TIMEOUT:-240m} CRYPTLAYER_VM_RWDIR=docs/benchmarks \
+	  scripts/in-vm $(PY) bench/devices.py $(BENCH_ARGS)
+	$(PY) bench/startup.py
+	$(PY) bench/report.py
+
 lint:
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
 
 clean:

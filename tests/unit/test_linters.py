@@ -15,11 +15,11 @@ def _run(*argv: str) -> None:
 
 
 def test_ruff_check() -> None:
-    _run(sys.executable, "-m", "ruff", "check", "src", "tests")
+    _run(sys.executable, "-m", "ruff", "check", "src", "tests", "bench")
 
 
 def test_ruff_format() -> None:
-    _run(sys.executable, "-m", "ruff", "format", "--check", "src", "tests")
+    _run(sys.executable, "-m", "ruff", "format", "--check", "src", "tests", "bench")
 
 
 def test_mypy_strict() -> None:

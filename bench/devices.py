@@ -1,0 +1,470 @@
+"""Figures 1-7: everything that needs dm-crypt. Runs inside the VM (`make bench` boots it).
+
+Each cryptlayer figure is measured next to its baseline in the same run, on the same disk, with
+caches dropped before every timed run. cryptlayer is called in-process (its own start-up taken
+out); a few runs as a real process measure that start-up too, which the report shows separately.
+Usage: devices.py [--sizes 64,256,1024] [--runs 3] [--layers 1,5,20] [--concurrent 20]
+[SECTION...] (default: all of startup unlock limit sizes read concurrent). Arguments, not
+environment variables: the VM does not inherit the host's environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MiB, drop_caches, group, machine, make_tree, record, sh, summary, timed
+
+from cryptlayer import container, envelope
+from cryptlayer.build import build_image
+from cryptlayer.keys import Credential, Secret
+from cryptlayer.tools import cryptsetup, losetup
+
+SIZES = [64, 256, 1024]  # MiB
+RUNS = 3
+LAYERS = [1, 5, 20]
+CONCURRENT = 20
+SECTIONS = ("startup", "unlock", "limit", "sizes", "read", "concurrent")
+PARTS = 20
+CLI = [sys.executable, "-m", "cryptlayer"]
+WORK = Path(os.environ.get("CRYPTLAYER_SCRATCH", "/var/tmp")) / "bench"
+KEY = Path(os.environ.get("TMPDIR", "/tmp")) / "bench.key"  # tmpfs in the VM
+PASSPHRASE = b"correct horse battery staple"
+
+
+def key() -> Secret:
+    return Secret(bytearray(KEY.read_bytes()))
+
+
+def build(dirs: list[Path], out: Path, passphrase: bool = False) -> float:
+    principals = envelope.Principals(keys=[key()])
+    if passphrase:
+        principals.passphrases.append(Secret(bytearray(PASSPHRASE)))
+    start = time.perf_counter()
+    with principals:
+        build_image([str(d) for d in dirs], out, principals)
+    return time.perf_counter() - start
+
+
+def start_stop(image: Path, credential: Credential, name: str = "bench") -> float:
+    """Seconds for `start` to a mounted root file system; then stop (untimed, image kept)."""
+    drop_caches()
+    begin = time.perf_counter()
+    with credential:
+        container.start(image, credential, container.StartOptions(name, shred=False))
+    took = time.perf_counter() - begin
+    container.stop(name)
+    return took
+
+
+def image_bytes(image: Path) -> int:
+    return sum(p.stat().st_size for p in image.glob("*.luks"))
+
+
+def cli_startup() -> dict[str, Any]:
+    """The CLI's own start-up in this machine, to take out of process-level figures."""
+    help_times = timed(lambda: sh(*CLI, "--help"), RUNS, cold=False)
+    ps_times = timed(lambda: sh(*CLI, "ps"), RUNS, cold=False)
+    bare = timed(lambda: sh(sys.executable, "-c", "pass"), RUNS, cold=False)
+    return {"help": summary(help_times), "ps": summary(ps_times), "bare_python": summary(bare)}
+
+
+def start_latency_and_friends(size_mib: int, startup: float) -> dict[str, Any]:
+    """Figures 1, 3, 4, 5 for one input size."""
+    work = WORK / f"{size_mib}M"
+    tree = work / "tree"
+    content = make_tree(tree, size_mib * MiB, PARTS)
+    parts = sorted(tree.iterdir())
+    out: dict[str, Any] = {"content": content, "layers": {}}
+
+    # Baseline: an AES-256 encrypted tar, decrypted and untarred to disk.
+    tar, enc, dest = work / "tree.tar", work / "tree.tar.enc", work / "untarred"
+    sh("tar", "-C", str(tree), "-cf", str(tar), ".")
+    out["tar_bytes"] = tar.stat().st_size
+    sh(
+        "openssl",
+        "enc",
+        "-aes-256-ctr",
+        "-pbkdf2",
+        "-pass",
+        f"file:{KEY}",
+        "-in",
+        str(tar),
+        "-out",
+        str(enc),
+    )
+    tar.unlink()
+
+    def untar() -> None:
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir()
+
+    def decrypt_untar() -> None:
+        dec = subprocess.Popen(
+            [
+                "openssl",
+                "enc",
+                "-d",
+                "-aes-256-ctr",
+                "-pbkdf2",
+                "-pass",
+                f"file:{KEY}",
+                "-in",
+                str(enc),
+            ],
+            stdout=subprocess.PIPE,
+        )
+        subprocess.run(["tar", "-C", str(dest), "-xf", "-"], stdin=dec.stdout, check=True)
+        assert dec.wait() == 0
+
+    out["baseline_decrypt_untar"] = summary(timed(decrypt_untar, RUNS, setup=untar))
+    out["baseline_rm_rf"] = summary(
+        timed(lambda: shutil.rmtree(dest), RUNS, setup=lambda: (untar(), decrypt_untar()))
+    )
+    shred_runs = 1 if size_mib > 256 else RUNS  # three passes over a GiB: once is enough
+    out["baseline_shred"] = summary(
+        timed(
+            lambda: subprocess.run(
+                f"find {dest} -type f -exec shred -u {{}} + && rm -rf {dest}",
+                shell=True,
+                check=True,
+            ),
+            shred_runs,
+            setup=lambda: (untar(), decrypt_untar()),
+        )
+    )
+
+    for layers in LAYERS:
+        dirs = group(parts, layers, work / f"src{layers}")
+        image = work / f"img{layers}"
+        build_s = build(dirs, image)
+        starts = [start_stop(image, Credential(key=key())) for _ in range(RUNS)]
+        per_layer: dict[str, Any] = {
+            "build_s": build_s,
+            "build_mib_s": content["bytes"] / MiB / build_s,
+            "image_bytes": image_bytes(image),
+            "start": summary(starts),
+        }
+        if layers == 1:  # as a process too: what a user waits for, start-up included
+            per_layer["start_as_process"] = summary([_process_start(image) for _ in range(RUNS)])
+            per_layer["start_as_process_minus_startup_s"] = (
+                per_layer["start_as_process"]["median_s"] - startup
+            )
+        per_layer["stop_and_shred"] = summary(
+            [_stop_and_shred(image, work / "copy") for _ in range(RUNS)]
+        )
+        out["layers"][str(layers)] = per_layer
+        shutil.rmtree(image)
+        for d in dirs:
+            shutil.rmtree(d)
+    shutil.rmtree(work)
+    return out
+
+
+def _process_start(image: Path) -> float:
+    drop_caches()
+    begin = time.perf_counter()
+    sh(*CLI, "start", "--keep", "--key-file", str(KEY), "--name", "bench", str(image))
+    took = time.perf_counter() - begin
+    container.stop("bench")
+    return took
+
+
+def _stop_and_shred(image: Path, copy: Path) -> float:
+    """`stop` of a container whose image is shredded at stop: teardown + crypto-erase."""
+    shutil.rmtree(copy, ignore_errors=True)
+    sh("cp", "-a", "--sparse=always", str(image), str(copy))
+    with Credential(key=key()) as credential:
+        container.start(copy, credential, container.StartOptions("bench-shred", shred=True))
+    drop_caches()
+    begin = time.perf_counter()
+    container.stop("bench-shred")
+    took = time.perf_counter() - begin
+    shutil.rmtree(copy)
+    return took
+
+
+def unlock_cost() -> dict[str, Any]:
+    """Figure 2: a 10-layer image opened with a key file and with a passphrase."""
+    work = WORK / "unlock"
+    tree = work / "tree"
+    make_tree(tree, 10 * MiB, 10)
+    image = work / "img"
+    build(sorted(tree.iterdir()), image, passphrase=True)
+    with_key = [start_stop(image, Credential(key=key())) for _ in range(RUNS)]
+    with_pass = [
+        start_stop(image, Credential(passphrase=Secret(bytearray(PASSPHRASE)))) for _ in range(RUNS)
+    ]
+    entries = envelope.load(image)
+    argon = timed(
+        lambda: envelope.unlock(
+            image, entries, Credential(passphrase=Secret(bytearray(PASSPHRASE)))
+        ).wipe(),
+        RUNS,
+        cold=False,
+    )
+    # One layer's unlock alone: `cryptsetup open` with the image key, and what merely starting
+    # the cryptsetup binary costs here (under emulation, most of it).
+    image_key = envelope.unlock(image, entries, Credential(key=key()))
+    loop = losetup.attach(image / "layer0.luks", readonly=True)
+    mapping = "cryptlayer-bench-unlock"
+
+    def close_if_open() -> None:
+        if Path("/dev/mapper", mapping).exists():
+            cryptsetup.close(mapping)
+
+    try:
+        opens = timed(
+            lambda: cryptsetup.open_luks(loop, mapping, image_key, readonly=True),
+            RUNS * 3,
+            setup=close_if_open,
+            cold=False,
+        )
+        close_if_open()
+    finally:
+        close_if_open()
+        losetup.detach(loop)
+        image_key.wipe()
+    exec_only = timed(lambda: sh("cryptsetup", "--version"), RUNS * 3, cold=False)
+    kdf = next(e for e in entries if e.kind == "passphrase")
+    shutil.rmtree(work)
+    return {
+        "layers": 10,
+        "start_with_key_file": summary(with_key),
+        "start_with_passphrase": summary(with_pass),
+        "argon2id_unwrap": summary(argon),
+        "argon2id_cost": {
+            "iterations": kdf.param("iterations"),
+            "memory_kib": kdf.param("memory_kib"),
+        },
+        "cryptsetup_open_one_layer": summary(opens),
+        "cryptsetup_exec_only": summary(exec_only),
+    }
+
+
+def dm_crypt_limit() -> dict[str, Any]:
+    """Figure 3's reference: what dm-crypt itself can write here."""
+    bench = sh(
+        "cryptsetup",
+        "benchmark",
+        "--cipher",
+        cryptsetup.CIPHER,
+        "--key-size",
+        str(cryptsetup.KEY_BITS),
+    )
+    match = re.search(r"aes-xts\s+512b\s+([\d.]+)\s+MiB/s\s+([\d.]+)\s+MiB/s", bench)
+    path = WORK / "dd.img"
+    WORK.mkdir(parents=True, exist_ok=True)
+    size = 512
+    with open(path, "wb") as f:
+        f.truncate(size * MiB)
+    loop = losetup.attach(path, readonly=False)
+    try:
+        sh(
+            "cryptsetup",
+            "open",
+            "--type",
+            "plain",
+            "--cipher",
+            cryptsetup.CIPHER,
+            "--key-size",
+            str(cryptsetup.KEY_BITS),
+            "--key-file",
+            "/dev/urandom",
+            "--keyfile-size",
+            "64",
+            loop,
+            "cryptlayer-bench-dd",
+        )
+        try:
+            dd = timed(
+                lambda: sh(
+                    "dd",
+                    "if=/dev/zero",
+                    "of=/dev/mapper/cryptlayer-bench-dd",
+                    "bs=4M",
+                    f"count={size // 4}",
+                    "oflag=direct",
+                    "conv=fsync",
+                ),
+                RUNS,
+            )
+        finally:
+            sh("cryptsetup", "close", "cryptlayer-bench-dd")
+    finally:
+        losetup.detach(loop)
+        path.unlink()
+    return {
+        "cryptsetup_benchmark_encrypt_mib_s": float(match.group(1)) if match else None,
+        "cryptsetup_benchmark_decrypt_mib_s": float(match.group(2)) if match else None,
+        "dd_through_mapping_mib_s": size / min(dd),
+    }
+
+
+def read_throughput(size_mib: int) -> dict[str, Any]:
+    """Figure 6: reads through the container's root file system against a plain ext4 image."""
+    work = WORK / "read"
+    tree = work / "tree"
+    make_tree(tree, size_mib * MiB, 1)
+    src = tree / "part00"
+    image = work / "img"
+    build([src], image)
+    plain = work / "plain.ext4"
+    sh("mkfs.ext4", "-q", "-d", str(src), "-O", "^has_journal", str(plain), f"{size_mib * 2}M")
+
+    def reads(root: Path) -> dict[str, float]:
+        seq = timed(lambda: sh("sh", "-c", f"cat {root}/large* > /dev/null"), RUNS)
+        small = timed(
+            lambda: sh(
+                "sh", "-c", f"find {root} -name 'small*' -print0 | xargs -0 cat > /dev/null"
+            ),
+            RUNS,
+        )
+        return {"sequential_s": min(seq), "small_files_s": min(small)}
+
+    results: dict[str, Any] = {}
+    mnt = work / "mnt"
+    mnt.mkdir()
+    loop = losetup.attach(plain, readonly=True)
+    try:
+        sh("mount", "-o", "ro", loop, str(mnt))
+        results["plain_ext4"] = reads(mnt)
+        sh("umount", str(mnt))
+    finally:
+        losetup.detach(loop)
+    with Credential(key=key()) as credential:
+        record_ = container.start(
+            image, credential, container.StartOptions("bench-read", shred=False)
+        )
+    try:
+        results["cryptlayer"] = reads(Path(record_.rootfs))
+    finally:
+        container.stop("bench-read")
+    # The same layer opened by hand with dm-crypt's workqueues bypassed.
+    image_key = envelope.unlock(image, envelope.load(image), Credential(key=key()))
+    loop = losetup.attach(image / "layer0.luks", readonly=True)
+    try:
+        sh_secret = [
+            "cryptsetup",
+            "open",
+            "--readonly",
+            "--perf-no_read_workqueue",
+            "--perf-no_write_workqueue",
+            "--key-file",
+            "-",
+            loop,
+            "cryptlayer-bench-nowq",
+        ]
+        from cryptlayer.runner import run
+
+        run(sh_secret, secret=image_key)
+        try:
+            sh("mount", "-o", "ro,noload", "/dev/mapper/cryptlayer-bench-nowq", str(mnt))
+            results["cryptlayer_no_workqueue"] = reads(mnt)
+            sh("umount", str(mnt))
+        finally:
+            sh("cryptsetup", "close", "cryptlayer-bench-nowq")
+    finally:
+        losetup.detach(loop)
+        image_key.wipe()
+    shutil.rmtree(work)
+    return {"size_mib": size_mib, **results}
+
+
+def concurrent_starts(count: int = 20) -> dict[str, Any]:
+    """Figure 7: `count` containers started at once from one image, as processes."""
+    work = WORK / "concurrent"
+    tree = work / "tree"
+    make_tree(tree, 32 * MiB, 2)
+    image = work / "img"
+    build(sorted(tree.iterdir()), image)
+    used = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            info = dict(
+                line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines()
+            )
+            used.append(int(info["MemTotal"].split()[0]) - int(info["MemAvailable"].split()[0]))
+            time.sleep(0.05)
+
+    drop_caches()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    time.sleep(0.3)
+    base = min(used)
+    begin = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [*CLI, "start", "--keep", "--key-file", str(KEY), "--name", f"c{i}", str(image)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(count)
+    ]
+    errors = [p.stderr.read().decode() for p in procs if p.wait() != 0 and p.stderr]
+    total = time.perf_counter() - begin
+    stop.set()
+    sampler.join()
+    for i in range(count):
+        try:
+            container.stop(f"c{i}")
+        except Exception as err:  # report it, and keep stopping the others
+            errors.append(str(err))
+    shutil.rmtree(work)
+    return {
+        "containers": count,
+        "total_s": total,
+        "peak_memory_mib": (max(used) - base) / 1024,
+        "failures": errors,
+    }
+
+
+def main() -> None:
+    global SIZES, RUNS, LAYERS, CONCURRENT
+    import argparse
+
+    numbers = lambda text: [int(n) for n in text.split(",")]  # noqa: E731
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=numbers, default=SIZES)
+    parser.add_argument("--runs", type=int, default=RUNS)
+    parser.add_argument("--layers", type=numbers, default=LAYERS)
+    parser.add_argument("--concurrent", type=int, default=CONCURRENT)
+    parser.add_argument("sections", nargs="*", metavar="SECTION", help=" ".join(SECTIONS))
+    args = parser.parse_args()
+    if set(args.sections) - set(SECTIONS):
+        parser.error(f"sections are {', '.join(SECTIONS)}")
+    SIZES, RUNS, LAYERS, CONCURRENT = args.sizes, args.runs, args.layers, args.concurrent
+    sections = set(args.sections or SECTIONS)
+    WORK.mkdir(parents=True, exist_ok=True)
+    sh(*CLI, "keygen", str(KEY))
+    try:
+        record("machine_vm", machine())
+        startup = cli_startup()
+        record("cli_startup_vm", startup)
+        if "unlock" in sections:
+            record("unlock", unlock_cost())
+        if "limit" in sections:
+            record("dm_crypt_limit", dm_crypt_limit())
+        for size in SIZES if "sizes" in sections else []:
+            record(f"size_{size}", start_latency_and_friends(size, startup["help"]["median_s"]))
+        if "read" in sections:
+            record("read", read_throughput(min(256, max(SIZES))))
+        if "concurrent" in sections:
+            record("concurrent", concurrent_starts(CONCURRENT))
+    finally:
+        KEY.unlink()
+        shutil.rmtree(WORK, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""docs/benchmarks/README.md (the table) and start-latency.png (the plot) from results.json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS
+
+MiB = 1 << 20
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
+    out = []
+    sizes = sorted((int(k.split("_")[1]), v) for k, v in data.items() if k.startswith("size_"))
+    if sizes:
+        small, big = sizes[0], sizes[-1]
+        for size, fig in sizes:
+            base = fig["baseline_decrypt_untar"]["median_s"]
+            for layers, per in fig["layers"].items():
+                start = per["start"]["median_s"]
+                target = ">= 10x faster at 1 GiB" if size >= 1024 else ""
+                met = verdict(base / start >= 10) if size >= 1024 else ""
+                out.append(
+                    (
+                        f"1. start, {size} MiB, {layers} layer(s)",
+                        ms(start),
+                        f"decrypt+untar {ms(base)}",
+                        f"{base / start:.1f}x faster",
+                        target,
+                        met,
+                    )
+                )
+            proc = fig["layers"].get("1", {}).get("start_as_process")
+            if proc:
+                out.append(
+                    (
+                        f"1. start as a process, {size} MiB, 1 layer",
+                        ms(proc["median_s"]),
+                        "",
+                        "CLI start-up taken out: "
+                        + ms(fig["layers"]["1"]["start_as_process_minus_startup_s"]),
+                        "",
+                        "",
+                    )
+                )
+        for layers in small[1]["layers"]:
+            if layers in big[1]["layers"]:
+                a = small[1]["layers"][layers]["start"]["median_s"]
+                b = big[1]["layers"][layers]["start"]["median_s"]
+                out.append(
+                    (
+                        f"1. start {big[0]} MiB vs {small[0]} MiB, {layers} layer(s)",
+                        f"{b / a:.2f}x",
+                        "",
+                        "",
+                        "<= 1.5x",
+                        verdict(b / a <= 1.5),
+                    )
+                )
+    if "unlock" in data:
+        u = data["unlock"]
+        per_layer = u["cryptsetup_open_one_layer"]["median_s"]
+        exec_only = u["cryptsetup_exec_only"]["median_s"]
+        kf, pp = u["start_with_key_file"]["median_s"], u["start_with_passphrase"]["median_s"]
+        cost = u["argon2id_cost"]
+        out.append(
+            (
+                "2. unlock one layer (`cryptsetup open` with the image key)",
+                ms(per_layer),
+                f"`cryptsetup --version` {ms(exec_only)}",
+                f"{ms(per_layer - exec_only)} beyond starting cryptsetup",
+                "< 50 ms",
+                verdict(per_layer < 0.05),
+            )
+        )
+        out.append((f"2. start a {u['layers']}-layer image, key file", ms(kf), "", "", "", ""))
+        out.append(
+            (
+                f"2. start a {u['layers']}-layer image, passphrase",
+                ms(pp),
+                f"key file {ms(kf)}",
+                f"{pp / kf:.2f}x",
+                f"one Argon2id ({cost['iterations']} it., {cost['memory_kib'] // 1024} MiB):"
+                f" {ms(u['argon2id_unwrap']['median_s'])}",
+                "",
+            )
+        )
+    if "dm_crypt_limit" in data and sizes:
+        limit = data["dm_crypt_limit"]["dd_through_mapping_mib_s"]
+        for size, fig in sizes:
+            if "1" in fig["layers"]:
+                rate = fig["layers"]["1"]["build_mib_s"]
+                out.append(
+                    (
+                        f"3. build throughput, {size} MiB, 1 layer",
+                        f"{rate:.1f} MiB/s",
+                        f"dd through dm-crypt {limit:.1f} MiB/s",
+                        f"{rate / limit:.0%}",
+                        ">= 50%",
+                        verdict(rate / limit >= 0.5),
+                    )
+                )
+    for size, fig in sizes:
+        for layers, per in fig["layers"].items():
+            t = per["stop_and_shred"]["median_s"]
+            out.append(
+                (
+                    f"4. stop and shred, {size} MiB, {layers} layer(s)",
+                    f"{ms(t)} ({ms(t / int(layers))}/layer)",
+                    f"rm -rf {ms(fig['baseline_rm_rf']['median_s'])},"
+                    f" shred {ms(fig['baseline_shred']['median_s'])}",
+                    f"{fig['baseline_shred']['median_s'] / t:.0f}x faster than shred",
+                    "< 100 ms/layer",
+                    verdict(t / int(layers) < 0.1),
+                )
+            )
+    for size, fig in sizes:
+        for layers, per in fig["layers"].items():
+            limit = 1.1 * fig["tar_bytes"] + int(layers) * MiB
+            out.append(
+                (
+                    f"5. image size, {size} MiB, {layers} layer(s)",
+                    f"{per['image_bytes'] / MiB:.1f} MiB",
+                    f"tar {fig['tar_bytes'] / MiB:.1f} MiB",
+                    f"{per['image_bytes'] / fig['tar_bytes']:.3f}x",
+                    "<= 1.1x + 1 MiB/layer",
+                    verdict(per["image_bytes"] <= limit),
+                )
+            )
+    if "read" in data:
+        r = data["read"]
+        for kind in ("sequential_s", "small_files_s"):
+            plain = r["plain_ext4"][kind]
+            for variant in ("cryptlayer", "cryptlayer_no_workqueue"):
+                got = r[variant][kind]
+                label = kind.removesuffix("_s").replace("_", " ")
+                name = "" if variant == "cryptlayer" else " (no dm-crypt workqueues)"
+                out.append(
+                    (
+                        f"6. read, {label}{name}, {r['size_mib']} MiB",
+                        ms(got),
+                        f"plain ext4 {ms(plain)}",
+                        f"{plain / got:.0%} of plain",
+                        ">= 80%",
+                        verdict(plain / got >= 0.8),
+                    )
+                )
+    if "concurrent" in data:
+        c = data["concurrent"]
+        out.append(
+            (
+                f"7. {c['containers']} concurrent starts (processes)",
+                ms(c["total_s"]),
+                "",
+                f"peak memory {c['peak_memory_mib']:.0f} MiB",
+                "",
+                "failures: " + str(len(c["failures"])),
+            )
+        )
+    if "cli_startup_host" in data:
+        h = data["cli_startup_host"]
+        bare = h["bare_python"]["median_s"]
+        for cmd in ("help", "ps"):
+            t = h[cmd]["median_s"]
+            out.append(
+                (
+                    f"8. `cryptlayer {'--help' if cmd == 'help' else 'ps'}` on the host",
+                    ms(t),
+                    f"bare python {ms(bare)}",
+                    f"{t / bare:.1f}x",
+                    "< 150 ms",
+                    verdict(t < 0.15),
+                )
+            )
+    return out
+
+
+def plot(data: dict[str, Any], out: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    sizes = sorted((int(k.split("_")[1]), v) for k, v in data.items() if k.startswith("size_"))
+    if not sizes:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    xs = [s for s, _ in sizes]
+    ax.plot(
+        xs,
+        [f["baseline_decrypt_untar"]["median_s"] for _, f in sizes],
+        "o-",
+        label="decrypt + untar (openssl AES-256, tar)",
+    )
+    for layers in sizes[0][1]["layers"]:
+        ax.plot(
+            xs,
+            [f["layers"][layers]["start"]["median_s"] for _, f in sizes],
+            "s-",
+            label=f"cryptlayer start, {layers} layer(s)",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(xs, [f"{x} MiB" for x in xs])
+    ax.set_xlabel("image content")
+    ax.set_ylabel("seconds to a mounted root file system (median)")
+    ax.set_title("Start latency against image size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "start-latency.png", dpi=110)
+    return True
+
+
+def main() -> None:
+    results = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS
+    out = results.parent
+    data = json.loads(results.read_text())
+    lines = [
+        "# Benchmarks",
+        "",
+        "Regenerated by `make bench` (see bench/); every figure is a median, with its baseline "
+        "measured in the same run on the same machine. Device figures come from the VM "
+        "below; where it is a software-emulated CPU, they are valid as ratios only.",
+        "",
+    ]
+    for key, title in (("machine_vm", "VM (figures 1-7)"), ("machine_host", "host (figure 8)")):
+        if key in data:
+            m = data[key]
+            lines.append(
+                f"- {title}: {m['cpu']}, {m['cpus']} CPUs, {m['memory_mib']} MiB, kernel"
+                f" {m['kernel']}, virtualization {m['virtualization']}, software emulation"
+                f" {m['software_emulation']}; {m['cryptsetup']}"
+            )
+    if "cli_startup_vm" in data:
+        v = data["cli_startup_vm"]
+        lines.append(
+            f"- CLI start-up inside that VM: `--help` {ms(v['help']['median_s'])}, bare"
+            f" python {ms(v['bare_python']['median_s'])}; figures 1-6 call cryptlayer"
+            " in-process, so they exclude it (figure 1 also shows it as a process)."
+        )
+    if "cli_startup_vm" in data and "cli_startup_host" in data:
+        vm = data["cli_startup_vm"]["bare_python"]["median_s"]
+        host = data["cli_startup_host"]["bare_python"]["median_s"]
+        lines.append(
+            f"- A bare Python interpreter starts {vm / host:.0f}x slower in the VM than on the"
+            " host: CPU-bound steps (starting programs, key derivation) are slowed about that"
+            " much, disk-bound ones far less."
+        )
+    lines += [
+        "",
+        "| figure | cryptlayer | baseline | ratio | target | |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(data)]
+    if plot(data, out):
+        lines += ["", "![start latency](start-latency.png)"]
+    notes = out / "NOTES.md"
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()
