@@ -120,7 +120,13 @@ def rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
                     f"4. stop and shred, {size} MiB, {layers} layer(s)",
                     f"{ms(t)} ({ms(t / int(layers))}/layer)",
                     f"rm -rf {ms(fig['baseline_rm_rf']['median_s'])},"
-                    f" shred {ms(fig['baseline_shred']['median_s'])}",
+                    f" shred -n {fig.get('baseline_shred_passes', 3)}"
+                    f" {ms(fig['baseline_shred']['median_s'])}"
+                    + (
+                        " (scaled from 256 MiB)"
+                        if fig["baseline_shred"].get("extrapolated")
+                        else ""
+                    ),
                     f"{fig['baseline_shred']['median_s'] / t:.0f}x faster than shred",
                     "< 100 ms/layer",
                     verdict(t / int(layers) < 0.1),

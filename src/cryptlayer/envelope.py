@@ -17,7 +17,6 @@ LUKS headers do not change.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError, WrongKeyError
-from .fsutil import write_json_atomic
+from .fsutil import read_image_json, write_json_atomic
 from .keys import Credential, Secret
 
 if TYPE_CHECKING:
@@ -290,20 +289,10 @@ def unlock(image: Path, entries: list[Entry], credential: Credential) -> Secret:
 def load(image: Path) -> list[Entry]:
     """The entries of IMAGE/keys.json; UsageError saying what is wrong."""
     path = image / FILE
+    raw = read_image_json(
+        path, FORMAT, "the image is incomplete (or older than cryptlayer keys v1); rebuild it"
+    )
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(
-            f"{path} is missing",
-            "the image is incomplete (or older than cryptlayer keys v1); rebuild it",
-        ) from None
-    except (OSError, ValueError) as err:
-        raise UsageError(
-            f"{path} is not valid JSON ({err})", "the image is damaged; rebuild it"
-        ) from err
-    try:
-        if raw.get("format") != FORMAT:
-            raise ValueError(f"format is {raw.get('format')!r}, expected {FORMAT!r}")
         entries = []
         for item in raw["entries"]:
             params = tuple(

@@ -31,6 +31,23 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.close(dir_fd)
 
 
+def read_image_json(path: Path, fmt: str, missing_hint: str) -> dict[str, Any]:
+    """A JSON document of an image, of format `fmt`; UsageError saying what is wrong."""
+    from .errors import UsageError
+
+    damaged = "the image is damaged; rebuild it"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{path} is missing", missing_hint) from None
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path} is not valid JSON ({err})", damaged) from err
+    if not isinstance(raw, dict) or raw.get("format") != fmt:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise UsageError(f"{path} is malformed: format is {found!r}, expected {fmt!r}", damaged)
+    return raw
+
+
 def write_json_atomic(path: Path, value: Any, mode: int = 0o644) -> None:
     """write_atomic for a JSON document."""
     write_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode(), mode)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .fsutil import write_json_atomic
+from .fsutil import read_image_json, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "cryptlayer.image.v1"
@@ -59,19 +58,8 @@ def load(image: Path) -> Manifest:
         raise UsageError(
             f"{image} is not an image directory", "give the --output of `cryptlayer build`"
         )
+    raw = read_image_json(path, FORMAT, "this is not a cryptlayer image, or it is incomplete")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(
-            f"{path} is missing", "this is not a cryptlayer image, or it is incomplete"
-        ) from None
-    except (OSError, ValueError) as err:
-        raise UsageError(
-            f"{path} is not valid JSON ({err})", "the image is damaged; rebuild it"
-        ) from err
-    try:
-        if raw.get("format") != FORMAT:
-            raise ValueError(f"format is {raw.get('format')!r}, expected {FORMAT!r}")
         layers = tuple(Layer(**layer) for layer in raw["layers"])
         if not layers:
             raise ValueError("it lists no layers")
