@@ -28,7 +28,7 @@ def rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
         small, big = sizes[0], sizes[-1]
         for size, fig in sizes:
             base = fig["baseline_decrypt_untar"]["median_s"]
-            for layers, per in fig["layers"].items():
+            for layers, per in sorted(fig["layers"].items(), key=lambda kv: int(kv[0])):
                 start = per["start"]["median_s"]
                 target = ">= 10x faster at 1 GiB" if size >= 1024 else ""
                 met = verdict(base / start >= 10) if size >= 1024 else ""
@@ -113,7 +113,7 @@ def rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
                     )
                 )
     for size, fig in sizes:
-        for layers, per in fig["layers"].items():
+        for layers, per in sorted(fig["layers"].items(), key=lambda kv: int(kv[0])):
             t = per["stop_and_shred"]["median_s"]
             out.append(
                 (
@@ -133,7 +133,7 @@ def rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
                 )
             )
     for size, fig in sizes:
-        for layers, per in fig["layers"].items():
+        for layers, per in sorted(fig["layers"].items(), key=lambda kv: int(kv[0])):
             limit = 1.1 * fig["tar_bytes"] + int(layers) * MiB
             out.append(
                 (
@@ -204,7 +204,7 @@ def plot(data: dict[str, Any], out: Path) -> bool:
     sizes = sorted((int(k.split("_")[1]), v) for k, v in data.items() if k.startswith("size_"))
     if not sizes:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7, 4.8))
     xs = [s for s, _ in sizes]
     ax.plot(
         xs,
@@ -212,10 +212,15 @@ def plot(data: dict[str, Any], out: Path) -> bool:
         "o-",
         label="decrypt + untar (openssl AES-256, tar)",
     )
-    for layers in sizes[0][1]["layers"]:
+    for layers in sorted(sizes[0][1]["layers"], key=int):
+        points = [
+            (size, f["layers"][layers]["start"]["median_s"])
+            for size, f in sizes
+            if layers in f["layers"]
+        ]
         ax.plot(
-            xs,
-            [f["layers"][layers]["start"]["median_s"] for _, f in sizes],
+            [p[0] for p in points],
+            [p[1] for p in points],
             "s-",
             label=f"cryptlayer start, {layers} layer(s)",
         )
@@ -226,7 +231,7 @@ def plot(data: dict[str, Any], out: Path) -> bool:
     ax.set_ylabel("seconds to a mounted root file system (median)")
     ax.set_title("Start latency against image size")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "start-latency.png", dpi=110)
     return True
