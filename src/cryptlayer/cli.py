@@ -305,7 +305,9 @@ def inspect(image: ImageArg, as_json: JsonFlag = False) -> None:
         return
     typer.echo(f"image:   {info['image']}\ncipher:  {info['cipher']}\nstate:   {info['state']}")
     typer.echo(f"created: {info['created']}")
-    for entry in info["access"]:
+    if info["state"] == "erased":
+        typer.echo("opens:   nobody (every keyslot is erased; keys.json lists who once could)")
+    for entry in [] if info["state"] == "erased" else info["access"]:
         cost = ""
         if entry["type"] == "passphrase":
             cost = (

@@ -52,6 +52,9 @@ def test_stop_shreds_unless_keep(cli: Cli, image: Path, key_file: Path) -> None:
     assert [keyslots(p) for p in sorted(image.glob("*.luks"))] == [1, 1]
     cli.ok("stop", "job2")
     assert [keyslots(p) for p in sorted(image.glob("*.luks"))] == [0, 0]
+    shown = cli.ok("inspect", str(image))
+    assert "state:   erased\n" in shown
+    assert "opens:   nobody (every keyslot is erased" in shown and "opens:   key:" not in shown
 
 
 def test_busy_mount_at_stop_names_the_holder(cli: Cli, image: Path, key_file: Path) -> None:
