@@ -12,7 +12,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
 
@@ -100,14 +100,21 @@ def _read_fd(fd: int, what: str) -> Secret:
     return _checked(buf, what)
 
 
+def _stdin() -> tuple[Any, int]:
+    """Standard input as a binary stream and its descriptor; -1 when it has none (an
+    in-process caller such as a test runner), so that the stream itself must be read."""
+    stdin = getattr(sys.stdin, "buffer", sys.stdin)
+    try:
+        return stdin, stdin.fileno()
+    except (OSError, ValueError, AttributeError):
+        return stdin, -1
+
+
 def read_key(source: str) -> Secret:
     """Read a key from a file path, or from standard input when `source` is '-'."""
     if source == "-":
-        stdin = getattr(sys.stdin, "buffer", sys.stdin)
-        try:
-            fd = stdin.fileno()
-        except (OSError, ValueError, AttributeError):
-            # No real descriptor (an in-process caller): read the stream itself.
+        stdin, fd = _stdin()
+        if fd < 0:
             data = stdin.read(MAX_KEY_BYTES + 1)
             raw = data.encode() if isinstance(data, str) else data
             return _checked(bytearray(raw), "the key on standard input")
@@ -217,11 +224,7 @@ def _prompt(fd: int, prompt: str) -> bytearray:
 def read_passphrase(prompt: str, *, confirm: bool) -> Secret:
     """A passphrase typed at the terminal without echo (twice when `confirm`), or, when standard
     input is not a terminal, its first line (as cryptsetup reads one from a pipe)."""
-    stdin = getattr(sys.stdin, "buffer", sys.stdin)
-    try:
-        fd = stdin.fileno()
-    except (OSError, ValueError, AttributeError):
-        fd = -1  # no real descriptor (an in-process caller): read the stream itself
+    stdin, fd = _stdin()
     if fd < 0:
         raw = stdin.readline(MAX_KEY_BYTES + 1)
         line = bytearray(raw.encode() if isinstance(raw, str) else raw)
