@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: setup demo test test-host test-vm lint bench clean
+.PHONY: setup demo test test-host test-vm test-power-loss lint bench clean
 
 setup:
 	scripts/install-deps
@@ -17,11 +17,16 @@ test: setup test-host test-vm
 test-host:
 	$(PYTEST) tests/unit
 
-# Everything that touches devices: one VM boot (or this host, if it has dm-crypt) runs it all.
-# Narrow it with VM_TESTS=tests/vm/test_x.py or PYTEST_ARGS='-k shred'.
+# Everything that touches devices: one VM boot (or this host, if it has dm-crypt) runs it all;
+# then the power-cut test, which needs two boots of one disk. Narrow the first with
+# VM_TESTS=tests/vm/test_x.py or PYTEST_ARGS='-k shred'.
 VM_TESTS ?= tests/vm
 test-vm:
-	scripts/in-vm $(PYTEST) -m vm -v $(VM_TESTS) $(PYTEST_ARGS)
+	scripts/in-vm $(PYTEST) -m 'vm and not power_loss' -v $(VM_TESTS) $(PYTEST_ARGS)
+	scripts/power-loss
+
+test-power-loss:
+	scripts/power-loss
 
 # Benchmarks (not pass/fail): figures 1-7 in one VM boot, figure 8 on this host, then the report
 # in docs/benchmarks/. BENCH_ARGS='--sizes 64,256 --runs 2' makes a quicker run, and

@@ -175,6 +175,14 @@ def _principals(
     return principals
 
 
+def _warn_if_erase_may_not_hold(image: Path) -> None:
+    """A `warning:` line when the image's storage may keep old copies of erased keyslots."""
+    from .shred import erase_caveat
+
+    if image.is_dir() and (caveat := erase_caveat(image)):
+        typer.echo(f"warning: {caveat}", err=True)
+
+
 def _size(text: str) -> int:
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     number, unit = text.rstrip("iBb"), ""
@@ -427,6 +435,8 @@ def run(
     args = command[1:] if command and command[0] == "--" else (command or [])
     overrides = ocispec.Overrides(tuple(args), tuple(env or ()), workdir, user)
     require_root("start containers")
+    if not keep:
+        _warn_if_erase_may_not_hold(image)
     with _credential(image, key_file, key_command, keyring, passphrase, identity) as credential:
         status = container.run(image, credential, options, overrides, interactive)
     raise typer.Exit(status)
@@ -451,6 +461,8 @@ def start(
 
     options = container.StartOptions(state.check_name(name), not keep, _size(scratch_size))
     require_root("start containers")
+    if not keep:
+        _warn_if_erase_may_not_hold(image)
     with _credential(image, key_file, key_command, keyring, passphrase, identity) as credential:
         record = container.start(image, credential, options)
     typer.echo(record.rootfs)
@@ -465,14 +477,13 @@ def stop(
     ] = False,
 ) -> None:
     """Tear down a started container (and shred its image unless started with --keep)."""
-    from . import container
+    from . import container, state
 
     record = container.stop(name, force=force)
-    shredded = f"; image {record.image} shredded" if record.shred else ""
-    if record.handed_to:
-        shredded = (f"; image {record.image} is still used by {', '.join(record.handed_to)},"
-                    " the last of them to stop shreds it")  # fmt: skip
-    typer.echo(f"stopped {name}{shredded}", err=True)
+    said = f"; image {record.image} shredded" if record.shred else ""
+    if users := state.users_of(record.image):
+        said += f"; its layers stay open for {', '.join(users)}"
+    typer.echo(f"stopped {name}{said}", err=True)
 
 
 @app.command()
@@ -498,6 +509,7 @@ def shred(image: ImageArg) -> None:
     from .system import require_tools
 
     require_tools("cryptsetup")
+    _warn_if_erase_may_not_hold(image)
     count = shred_image(image)
     typer.echo(
         f"shredded {image}: {count} layer(s), no keyslot left; no key can open it now", err=True
@@ -507,7 +519,7 @@ def shred(image: ImageArg) -> None:
 @app.command()
 @handled
 def gc() -> None:
-    """Remove what crashed runs left behind and apply the shreds they owed."""
+    """Remove what crashed runs left behind and complete the erases they owed."""
     from .gc import collect
     from .system import require_root
 

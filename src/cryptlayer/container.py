@@ -1,8 +1,9 @@
 """A container's life: assemble the layers into a root file system, run, tear down, shred.
 
-Assembly, per layer: read-only loop -> read-only dm-crypt mapping -> read-only ext4 mount; then a
-scratch volume (sparse file -> loop -> plain dm-crypt with a random key -> ext4) for the
-overlay's upper layer; then overlayfs. Every step goes through journal.acquire.
+Assembly: the image's read-only layers, shared with its other containers (layers.py); a scratch
+volume (sparse file -> loop -> plain dm-crypt with a random key -> ext4) for the overlay's upper
+layer; overlayfs; and, for a container that will shred, the erase of the on-disk keyslots.
+Every step goes through journal.acquire.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import envelope, journal, state
+from . import envelope, journal, layers, state
 from . import manifest as manifest_mod
-from .errors import CryptlayerError, UsageError, WrongKeyError
+from .errors import CryptlayerError, UsageError
 from .fsutil import write_json_atomic
-from .journal import acquire
+from .journal import acquire, crash_point, mkdir
 from .keys import Credential, Secret
 from .ocispec import Overrides, runtime_config
 from .paths import run_root, scratch_dir
-from .shred import require_intact, shred_image
+from .shred import shred_image
 from .state import Kind, Mode, Record
 from .system import require_kernel, require_root, require_tools
 from .tools import cryptsetup, losetup, mkfs, mount, runtime, udev
@@ -52,37 +53,6 @@ def default_name(image: Path) -> str:
     return state.check_name(f"{stem.lstrip('.-_')[:40] or 'cl'}-{secrets.token_hex(3)}")
 
 
-def _mkdir(stack: ExitStack, record: Record, path: Path) -> Path:
-    def make() -> None:
-        path.mkdir(mode=0o700)
-
-    acquire(stack, record, Kind.DIR, str(path), make)
-    return path
-
-
-def _open_layer(stack: ExitStack, record: Record, path: Path, index: int, key: Secret) -> Path:
-    """Read-only loop, read-only mapping, read-only mount of one layer; returns its mount point."""
-    loop = acquire(stack, record, Kind.LOOP, str(path), lambda: losetup.attach(path, readonly=True))
-    mapping = f"cryptlayer-{record.name}-layer{index}"
-    try:
-        node = acquire(
-            stack,
-            record,
-            Kind.CRYPT,
-            mapping,
-            lambda: cryptsetup.open_luks(loop, mapping, key, readonly=True),
-        )
-    except WrongKeyError:
-        raise UsageError(
-            f"the image key in {envelope.FILE} does not open {path}",
-            "the image is damaged (layers and keys.json differ); copy it again",
-        ) from None
-    target = _mkdir(stack, record, run_root() / record.name / f"layer{index}")
-    acquire(stack, record, Kind.MOUNT, str(target),
-            lambda: mount.mount(node, target, "ext4", ["ro", "noatime", "noload"]))  # fmt: skip
-    return target
-
-
 def _open_scratch(stack: ExitStack, record: Record, size: int) -> Path:
     """The writable layer: plain dm-crypt over a sparse file; its key exists only in the kernel."""
     scratch_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -104,7 +74,7 @@ def _open_scratch(stack: ExitStack, record: Record, size: int) -> Path:
 
     node = acquire(stack, record, Kind.CRYPT, mapping, open_plain)
     mkfs.make_ext4(node, inodes=None, label="scratch")
-    target = _mkdir(stack, record, run_root() / record.name / "scratch")
+    target = mkdir(stack, record, run_root() / record.name / "scratch")
     acquire(stack, record, Kind.MOUNT, str(target),
             lambda: mount.mount(node, target, "ext4", ["noatime", "noinit_itable"]))  # fmt: skip
     for sub in ("upper", "work"):
@@ -120,14 +90,12 @@ def assemble(
     key: Secret,
     options: StartOptions,
 ) -> Path:
-    """Open every layer and stack them under the scratch layer; returns the root file system."""
-    _mkdir(stack, record, run_root() / record.name)
-    lowers = [
-        _open_layer(stack, record, image / layer.file, i, key)
-        for i, layer in enumerate(manifest.layers)
-    ]
+    """Open (or join) the layers and stack them under the scratch layer; returns the rootfs."""
+    mkdir(stack, record, run_root() / record.name)
+    lowers = acquire(stack, record, Kind.IMAGE, str(image),
+                     lambda: layers.join(record, image, manifest, key))  # fmt: skip
     scratch = _open_scratch(stack, record, options.scratch_bytes)
-    rootfs = _mkdir(stack, record, run_root() / record.name / "rootfs")
+    rootfs = mkdir(stack, record, run_root() / record.name / "rootfs")
     lowerdir = ":".join(str(p) for p in reversed(lowers))  # overlayfs lists the top layer first
     overlay_options = [
         f"lowerdir={lowerdir}",
@@ -154,7 +122,6 @@ def _check_image(image: Path) -> manifest_mod.Manifest:
                 f"layer file {path} has {actual} bytes, the manifest says {layer.size}",
                 "the image is damaged (truncated?); copy it again",
             )
-    require_intact(image, manifest)
     return manifest
 
 
@@ -167,8 +134,10 @@ def _assemble_locked(
 ) -> Record:
     """Assemble under the host lock; on failure everything acquired is released again.
 
-    The image is owed a shred only once it is fully open: a mistyped key or a missing tool must
-    not cost the user their image.
+    Once the record exists (the key already checked) a shredding container's record says so: a
+    crash from then on ends with the image erased by `gc`. A failure this process sees before the
+    erase began costs nothing: the container never ran, the image stays as it was. A mistyped key
+    or a missing tool fails before any of this.
     """
     require_root("start containers")
     require_tools(*TOOLS)
@@ -181,11 +150,28 @@ def _assemble_locked(
     # Unwrapped before the host lock is taken: a passphrase's Argon2id takes seconds.
     key = envelope.unlock(image, envelope.load(image), credential)
     with key, state.locked():
+        layers.require_openable(image, manifest)
         record = state.create(
-            Record(options.name, str(image), False, mode, os.getpid(), created=created)
+            Record(
+                options.name,
+                str(image),
+                options.shred,
+                mode,
+                os.getpid(),
+                created=created,
+                layers=len(manifest.layers),
+            )
         )
+        erasing = False
+
+        def spare_unless_erasing() -> None:  # unwinding a failed assembly
+            if not erasing:
+                record.shred = False
+                record.save()
+
         with ExitStack() as stack:
             stack.callback(_finish_if_empty, record)
+            stack.callback(spare_unless_erasing)
             rootfs = assemble(stack, record, image, manifest, key, options)
             if overrides is not None:
                 config = runtime_config(rootfs, record.name, manifest.config, overrides)
@@ -193,8 +179,10 @@ def _assemble_locked(
                 acquire(stack, record, Kind.FILE, str(config_path),
                         lambda: write_json_atomic(config_path, config, mode=0o600))  # fmt: skip
                 acquire(stack, record, Kind.CONTAINER, container_id(record), lambda: None)
+            if options.shred:
+                erasing = True
+                layers.erase_at_start(record, image, manifest)
             record.rootfs = str(rootfs)
-            record.shred = options.shred
             record.pid = os.getpid() if mode is Mode.RUN else 0
             record.save()
             stack.pop_all()  # success: the journal now owns every resource
@@ -212,23 +200,15 @@ def start(image: Path, credential: Credential, options: StartOptions) -> Record:
 
 
 def _finish_if_empty(record: Record) -> None:
-    """After a teardown: shred if owed, and forget the record once nothing is left of it.
-
-    Called under the host lock. While other containers still use the same image, the shred is
-    handed to them instead: the image is erased once, after its last user is gone.
-    """
-    if (record.shred and not record.shredded) or state.shred_owed(record.image):
-        others = state.users_of(record.image, besides=record.name)
-        if others:
-            state.owe_shred(record.image)  # not in their records: their owners rewrite those
-            record.handed_to = others
-        else:
-            shred_image(Path(record.image))
-            state.clear_owed(record.image)
-            record.shred = True
+    """After a teardown: complete an erase that a crash interrupted, and forget the record once
+    nothing is left of it. Called under the host lock."""
+    if record.shred and not record.shredded:
+        crash_point()
+        shred_image(Path(record.image))
         record.shredded = True
         record.save()
     if not record.steps:
+        crash_point()
         state.remove(record)
 
 
@@ -242,11 +222,15 @@ def teardown(record: Record) -> None:
 
 
 def _confirm_gone(record: Record) -> None:
-    """Ask udev, not the tools, whether the container's mappings and loop devices are gone."""
+    """Ask udev, not the tools, whether the container's mappings and loop devices are gone
+    (and the image's shared ones, when no other container holds them)."""
     udev.settle()
     left = udev.mappings(f"cryptlayer-{record.name}-")
-    scratch = scratch_dir() / f"{record.name}.img"
-    left += udev.loops_backed_by({scratch})
+    files = {scratch_dir() / f"{record.name}.img"}
+    if state.load_opening(record.image) is None:  # we were its last user
+        left += udev.mappings(layers.mapping_prefix(record.image))
+        files.add(Path(record.image))
+    left += udev.loops_backed_by(files)
     if left:
         raise CryptlayerError(
             f"devices of {record.name!r} are still there after teardown: {', '.join(left)}",

@@ -6,15 +6,12 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import state
+from . import journal, state
 from .container import teardown
 from .errors import CryptlayerError
 from .paths import run_root, scratch_dir
-from .shred import shred_image
 from .state import Kind, Mode, Record
 from .tools import cryptsetup, losetup, mount, udev
-
-PREFIX = "cryptlayer-"
 
 
 @dataclass
@@ -28,14 +25,18 @@ class Report:
 
 
 def _abandoned(record: Record) -> bool:
-    """A record nobody will finish: its owner died (an idle started container is not abandoned)."""
+    """A record nobody will finish: its owner died, or the machine restarted since it was made
+    (an idle started container is not abandoned)."""
+    if record.from_earlier_boot():
+        return True
     if record.mode is Mode.START and record.pid == 0:
         return False
     return not record.owner_alive()
 
 
 def collect() -> Report:
-    """Tear down abandoned containers, then anything of cryptlayer's that no record claims."""
+    """Tear down abandoned containers (completing the erases they owed), close image layers
+    nobody uses, then anything of cryptlayer's that no journal claims."""
     report = Report()
     with state.locked():
         for record in state.all_records():
@@ -48,34 +49,34 @@ def collect() -> Report:
                 report.errors.append(f"{record.name}: {err}")
                 continue
             report.containers.append(record.name)
-            if record.shredded and not done_before and record.shred and not record.handed_to:
+            if record.shred and record.shredded and not done_before:
                 report.shredded.append(record.image)
-        _collect_orphans(report)
-        for image in state.owed_images():  # handed on by a container whose heirs crashed
-            if state.users_of(image):
+        for opening in state.all_openings():
+            if state.users_of(opening.image):
                 continue
             try:
-                shred_image(Path(image))
+                journal.release_all(opening)
             except CryptlayerError as err:
-                report.errors.append(f"{image}: {err}")
+                report.errors.append(f"layers of {opening.image}: {err}")
                 continue
-            state.clear_owed(image)
-            report.shredded.append(image)
+            opening.remove()
+            report.orphans.append(f"layers of {opening.image}")
+        _collect_orphans(report)
     return report
 
 
 def _collect_orphans(report: Report) -> None:
-    live = state.all_records()
-    claimed = {s.ref for r in live for s in r.steps} | {s.device for r in live for s in r.steps}
+    live = state.all_journals()
+    claimed = {s.ref for j in live for s in j.steps} | {s.device for j in live for s in j.steps}
     root = run_root()
     # Mounts first, deepest first: the overlay sits on the layer and scratch mounts.
     ours = [p for p in mount.mounted_paths() if root in p.parents and str(p) not in claimed]
     for target in sorted(ours, key=lambda p: len(p.parts), reverse=True):
         _try(report, f"mount {target}", lambda t=target: mount.umount(t))
-    for name in udev.mappings(PREFIX):
+    for name in udev.cryptlayer_mappings():  # by dm UUID: found even if renamed
         if name not in claimed:
             _try(report, f"mapping {name}", lambda n=name: cryptsetup.close(n))
-    files = {Path(s.ref) for r in live for s in r.steps if s.kind is Kind.LOOP}
+    files = {Path(s.ref) for j in live for s in j.steps if s.kind is Kind.LOOP}
     for device in udev.block_devices():
         if device.backing_file is None or device.node in claimed:
             continue
@@ -88,6 +89,7 @@ def _collect_orphans(report: Report) -> None:
         for leftover in scratch_dir().iterdir():
             if str(leftover) not in claimed:
                 _try(report, f"scratch file {leftover}", leftover.unlink)
+    _collect_header_copies(report, root / ".images", claimed)
     # Empty directories of containers that no longer exist (never descending into a mount).
     mounted = mount.mounted_paths()
     if root.is_dir():
@@ -105,6 +107,25 @@ def _collect_orphans(report: Report) -> None:
                         sub.rmdir()
             with contextlib.suppress(OSError):
                 top.rmdir()
+
+
+def _collect_header_copies(report: Report, images: Path, claimed: set[str]) -> None:
+    """Header copies and mount points of image openings that no journal knows."""
+    if not images.is_dir():
+        return
+    mounted = mount.mounted_paths()
+    for top in images.iterdir():
+        if str(top) in claimed or not top.is_dir():
+            continue
+        for item in top.iterdir():
+            if item.suffix == ".hdr":
+                step = state.Step(Kind.HEADER, str(item))
+                _try(report, f"header copy {item}", lambda s=step: journal.release_header(s))
+            elif item.is_dir() and item not in mounted:
+                with contextlib.suppress(OSError):
+                    item.rmdir()
+        with contextlib.suppress(OSError):
+            top.rmdir()
 
 
 def _is_layer_file(path: Path) -> bool:

@@ -1,4 +1,4 @@
-"""Acquire and release a container's resources through its record.
+"""Acquire and release resources through a journal: a container's record or an image's opening.
 
 `acquire` writes the intent, registers the undo on the caller's ExitStack, then acts; `release`
 undoes one step idempotently. Teardown of a live process (ExitStack unwinding) and of a record
@@ -8,6 +8,8 @@ left by another process (`stop`, `gc`) both go through `release`.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -15,66 +17,110 @@ from typing import TypeVar
 
 from .errors import BusyError, CommandError
 from .runner import have, run
-from .state import Kind, Record, Step, all_records
+from .state import Journal, Kind, Step, all_journals, load_opening, users_of
 from .tools import cryptsetup, losetup, mount, runtime, udev
 
 T = TypeVar("T")
+CRASH_AT = "CRYPTLAYER_CRASH_AT"
+crash_points = 0  # how many crash points this process has passed
 
 
-def acquire(stack: ExitStack, record: Record, kind: Kind, ref: str, action: Callable[[], T]) -> T:
+def crash_point() -> None:
+    """Fault injection for the VM tier: with CRYPTLAYER_CRASH_AT=N in the environment, the
+    process kills itself (SIGKILL, as a crash would) at the Nth point it passes. The points are
+    before and after each step is taken, and before and after each is released."""
+    global crash_points
+    at = os.environ.get(CRASH_AT)
+    if at is None:
+        return
+    crash_points += 1
+    if crash_points == int(at):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def acquire(stack: ExitStack, journal: Journal, kind: Kind, ref: str, action: Callable[[], T]) -> T:
     """Journal the intent, register the undo, then take the step."""
     step = Step(kind, ref)
-    record.steps.append(step)
-    record.save()
-    stack.callback(release, record, step)
+    journal.steps.append(step)
+    journal.save()
+    stack.callback(release, journal, step)
+    crash_point()
     result = action()
+    crash_point()
     if kind is Kind.LOOP:
         step.device = str(result)
     step.done = True
-    record.save()
+    journal.save()
     return result
 
 
-def release(record: Record, step: Step) -> None:
-    """Undo one step if it (still) exists, and strike it from the record."""
-    _RELEASERS[step.kind](step, record)
-    if step in record.steps:
-        record.steps.remove(step)
-        record.save()
+def mkdir(stack: ExitStack, journal: Journal, path: Path) -> Path:
+    """Create directory `path` (0700) as a step of `journal`."""
+    acquire(stack, journal, Kind.DIR, str(path), lambda: path.mkdir(mode=0o700))
+    return path
 
 
-def release_all(record: Record) -> None:
+def release(journal: Journal, step: Step) -> None:
+    """Undo one step if it (still) exists, and strike it from the journal."""
+    crash_point()
+    _RELEASERS[step.kind](step, journal)
+    crash_point()
+    if step in journal.steps:
+        journal.steps.remove(step)
+        journal.save()
+
+
+def release_all(journal: Journal) -> None:
     """Undo every step in reverse; all are attempted even if some fail, and the first failure
     (the cause: a busy mount, say, rather than the busy devices below it) is raised."""
     errors: list[Exception] = []
-    for step in reversed(list(record.steps)):
+    for step in reversed(list(journal.steps)):
         try:
-            release(record, step)
+            release(journal, step)
         except Exception as err:
             errors.append(err)
     if errors:
         raise errors[0]
 
 
-def _release_loop(step: Step, record: Record) -> None:
+def _release_loop(step: Step, journal: Journal) -> None:
     backing = Path(step.ref)
     if step.device:
         if step.device in udev.loops_backed_by({backing}):
             losetup.detach(step.device)
         return
-    # Crashed between attach and journal: a loop on our file that no other record claims is ours.
-    claimed = {s.device for r in all_records() if r.name != record.name for s in r.steps}
+    # Crashed between attach and journal: a loop on our file that no other journal claims is ours.
+    claimed = {s.device for j in all_journals() if j.path != journal.path for s in j.steps}
     for device in udev.loops_backed_by({backing}):
         if device not in claimed:
             losetup.detach(device)
 
 
-def _release_crypt(step: Step, _record: Record) -> None:
+def _release_crypt(step: Step, _journal: Journal) -> None:
     if Path("/dev/mapper", step.ref).exists():
         cryptsetup.close(step.ref)
 
 
-def _release_mount(step: Step, _record: Record) -> None:
+def _release_image(step: Step, journal: Journal) -> None:
+    """A container stops using an image's shared layers; the last user closes them."""
+    if users_of(step.ref, besides=journal.path):
+        return
+    opening = load_opening(step.ref)
+    if opening is not None:
+        release_all(opening)
+        opening.remove()
+
+
+def release_header(step: Step, _journal: Journal | None = None) -> None:
+    """Overwrite a header copy (memory-backed, but its pages may be reused), then remove it."""
+    path = Path(step.ref)
+    with contextlib.suppress(FileNotFoundError):
+        with open(path, "r+b") as f:
+            f.write(bytes(os.fstat(f.fileno()).st_size))
+        path.unlink()
+
+
+def _release_mount(step: Step, _journal: Journal) -> None:
     target = Path(step.ref)
     if target not in mount.mounted_paths():
         return
@@ -109,24 +155,26 @@ def kill_holders(target: Path) -> None:
         run(["fuser", "-k", "-KILL", "-m", str(target)], check=False)
 
 
-def _release_dir(step: Step, _record: Record) -> None:
+def _release_dir(step: Step, _journal: Journal) -> None:
     with contextlib.suppress(FileNotFoundError):
         Path(step.ref).rmdir()
 
 
-def _release_file(step: Step, _record: Record) -> None:
+def _release_file(step: Step, _journal: Journal) -> None:
     Path(step.ref).unlink(missing_ok=True)
 
 
-def _release_container(step: Step, _record: Record) -> None:
+def _release_container(step: Step, _journal: Journal) -> None:
     runtime.delete(step.ref)
 
 
-_RELEASERS: dict[Kind, Callable[[Step, Record], None]] = {
+_RELEASERS: dict[Kind, Callable[[Step, Journal], None]] = {
     Kind.LOOP: _release_loop,
     Kind.CRYPT: _release_crypt,
     Kind.MOUNT: _release_mount,
     Kind.DIR: _release_dir,
     Kind.FILE: _release_file,
     Kind.CONTAINER: _release_container,
+    Kind.IMAGE: _release_image,
+    Kind.HEADER: release_header,
 }

@@ -10,17 +10,18 @@ import fcntl
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from .errors import BusyError, UsageError
 from .fsutil import write_json_atomic
 from .paths import records_dir, state_root
 
+T = TypeVar("T")
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 
 
@@ -33,6 +34,8 @@ class Kind(StrEnum):
     DIR = "dir"  # ref: a directory we created
     FILE = "file"  # ref: a file we created (scratch file, OCI config)
     CONTAINER = "container"  # ref: OCI runtime container id
+    IMAGE = "image"  # ref: image directory; a use of its shared layers (see layers.py)
+    HEADER = "header"  # ref: a LUKS header copy in memory-backed /run; overwritten, then removed
 
 
 class Mode(StrEnum):
@@ -61,7 +64,8 @@ class Record:
     created: str = ""
     shredded: bool = False
     steps: list[Step] = field(default_factory=list)
-    handed_to: list[str] = field(default_factory=list)  # still using the image: they shred it
+    layers: int = 0
+    boot: str = ""  # the kernel's boot id when it was made: after a reboot nothing of it is left
 
     @property
     def path(self) -> Path:
@@ -70,9 +74,14 @@ class Record:
     def save(self) -> None:
         write_json_atomic(self.path, asdict(self), mode=0o600)
 
+    def from_earlier_boot(self) -> bool:
+        """Whether the machine restarted since (power loss): its devices and mounts are gone."""
+        return bool(self.boot) and self.boot != boot_id()
+
     def owner_alive(self) -> bool:
-        """Whether the process working on this record still exists."""
-        if self.pid <= 0:
+        """Whether the process working on this record still exists (a pid from an earlier boot
+        may belong to another process now)."""
+        if self.pid <= 0 or self.from_earlier_boot():
             return False
         try:
             os.kill(self.pid, 0)
@@ -84,23 +93,28 @@ class Record:
 
     def describe(self) -> dict[str, Any]:
         """What `ps` shows of a container (without importing the heavy modules)."""
-        layers = sum(
-            1 for s in self.steps if s.kind is Kind.CRYPT and not s.ref.endswith("-scratch")
-        )
         if self.mode is Mode.RUN and self.owner_alive():
             status = "running"
+        elif self.mode is Mode.START and self.pid == 0 and not self.from_earlier_boot():
+            status = "assembled"
         else:
-            status = "assembled" if self.mode is Mode.START and self.pid == 0 else "stale"
+            status = "stale"  # its owner died, or the machine restarted: `cryptlayer gc`
         return {
             "name": self.name,
             "image": self.image,
             "mode": str(self.mode),
             "status": status,
             "rootfs": self.rootfs,
-            "layers": layers,
+            "layers": self.layers,
             "shred_on_stop": self.shred,
             "created": self.created,
         }
+
+
+def boot_id() -> str:
+    """This boot's random id (it changes at every boot)."""
+    with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+        return f.read().strip()
 
 
 def check_name(name: str) -> str:
@@ -113,12 +127,34 @@ def check_name(name: str) -> str:
     return name
 
 
+class Journal(Protocol):
+    """What journal.acquire/release work on: a container's record or an image's opening."""
+
+    steps: list[Step]
+
+    @property
+    def path(self) -> Path: ...
+
+    def save(self) -> None: ...
+
+
+def _steps(raw: dict[str, Any]) -> list[Step]:
+    return [Step(Kind(s["kind"]), s["ref"], s.get("device", ""), s.get("done", False))
+            for s in raw.pop("steps", [])]  # fmt: skip
+
+
 def _from_json(raw: dict[str, Any]) -> Record:
-    steps = [Step(Kind(s["kind"]), s["ref"], s.get("device", ""), s.get("done", False))
-             for s in raw.pop("steps", [])]  # fmt: skip
+    steps = _steps(raw)
     raw["mode"] = Mode(raw["mode"])
     known = {f.name for f in fields(Record)}  # a newer cryptlayer may have added fields
     return Record(**{k: v for k, v in raw.items() if k in known}, steps=steps)
+
+
+def _damaged(path: Path, err: Exception) -> UsageError:
+    return UsageError(
+        f"the record {path} is damaged ({err})",
+        "check what it holds (losetup -a, dmsetup ls), then remove it",
+    )
 
 
 def load(name: str) -> Record:
@@ -131,29 +167,34 @@ def load(name: str) -> Record:
             f"no container named {name!r}", "see `cryptlayer ps` for the names"
         ) from None
     except (ValueError, KeyError, TypeError) as err:
-        raise UsageError(
-            f"the record {path} is damaged ({err})",
-            "check what it holds (losetup -a, dmsetup ls), then remove it",
-        ) from err
+        raise _damaged(path, err) from err
+
+
+def _read_all(directory: Path, parse: Callable[[dict[str, Any]], T]) -> list[T]:
+    """Every readable JSON journal in `directory`, by file name."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            found.append(parse(json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being replaced; the next look will see it
+    return found
 
 
 def all_records() -> list[Record]:
     """Every container record, by name."""
-    directory = records_dir()
-    if not directory.is_dir():
-        return []
-    records = []
-    for path in sorted(directory.glob("*.json")):
-        try:
-            records.append(_from_json(json.loads(path.read_text(encoding="utf-8"))))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # a record being replaced; the next look will see it
-    return records
+    return _read_all(records_dir(), _from_json)
 
 
-def users_of(image: str, besides: str = "") -> list[str]:
-    """Names of the containers that hold devices of `image` now."""
-    return [r.name for r in all_records() if r.image == image and r.steps and r.name != besides]
+def users_of(image: str, besides: Path | None = None) -> list[str]:
+    """Names of the containers that use (or may have begun to use) the shared layers of `image`."""
+    return [
+        r.name
+        for r in all_records()
+        if r.path != besides and any(s.kind is Kind.IMAGE and s.ref == image for s in r.steps)
+    ]
 
 
 def create(record: Record) -> Record:
@@ -164,6 +205,7 @@ def create(record: Record) -> Record:
             f"a container named {record.name!r} already exists",
             f"choose another --name, or `cryptlayer stop {record.name}` first",
         )
+    record.boot = boot_id()
     record.save()
     return record
 
@@ -186,36 +228,66 @@ def locked() -> Iterator[None]:
         os.close(fd)
 
 
-# A shred owed to an image that other containers were still using when its owner stopped: the
-# last of them to go (or gc, after a crash) applies it. One marker file per image.
-def _owed_path(image: str) -> Path:
+# The shared read-only layers of an image: opened by its first container, closed by its last.
+def image_id(image: str) -> str:
     import hashlib
 
-    return state_root() / "owed" / f"{hashlib.sha256(image.encode()).hexdigest()[:24]}.json"
+    return hashlib.sha256(image.encode()).hexdigest()[:24]
 
 
-def owe_shred(image: str) -> None:
-    path = _owed_path(image)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_json_atomic(path, {"image": image}, mode=0o600)
+@dataclass
+class Opening:
+    """The journal of an image's shared layers: loops, mappings, mounts, runtime headers.
+
+    Its users are the container records holding an IMAGE step for it (counted, never stored, so
+    the count cannot drift from the records). `erased`: the on-disk keyslots were wiped at
+    start; the layers were opened from header copies in /run.
+    """
+
+    image: str
+    erased: bool = False
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return image_id(self.image)
+
+    @property
+    def path(self) -> Path:
+        return openings_dir() / f"{self.id}.json"
+
+    def save(self) -> None:
+        write_json_atomic(self.path, asdict(self), mode=0o600)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
-def shred_owed(image: str) -> bool:
-    return _owed_path(image).exists()
+def openings_dir() -> Path:
+    return state_root() / "images"
 
 
-def clear_owed(image: str) -> None:
-    _owed_path(image).unlink(missing_ok=True)
+def _opening_from_json(raw: dict[str, Any]) -> Opening:
+    steps = _steps(raw)
+    return Opening(str(raw["image"]), bool(raw.get("erased", False)), steps)
 
 
-def owed_images() -> list[str]:
-    directory = state_root() / "owed"
-    if not directory.is_dir():
-        return []
-    images = []
-    for path in sorted(directory.glob("*.json")):
-        try:
-            images.append(str(json.loads(path.read_text(encoding="utf-8"))["image"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return images
+def load_opening(image: str) -> Opening | None:
+    """The opening of `image`, if its layers are (or may be) open; None if not."""
+    path = openings_dir() / f"{image_id(image)}.json"
+    try:
+        return _opening_from_json(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as err:
+        raise _damaged(path, err) from err
+
+
+def all_openings() -> list[Opening]:
+    """Every image opening."""
+    return _read_all(openings_dir(), _opening_from_json)
+
+
+def all_journals() -> list[Record | Opening]:
+    """Every record and opening: everything cryptlayer holds on this host."""
+    return [*all_records(), *all_openings()]

@@ -206,3 +206,45 @@ def test_parse_path_sniffs_compressed_pax_tars(tmp_path: Path, how: str) -> None
     (tmp_path / "not.tar").write_bytes(os.urandom(4096))
     with pytest.raises(UsageError, match="neither a directory nor a tar archive"):
         parse_path(str(tmp_path / "not.tar"))
+
+
+def _fake_sysfs(root: Path, device: str, rotational: str) -> Path:
+    queue = root / "dev/block" / device / "queue"
+    queue.mkdir(parents=True)
+    (queue / "rotational").write_text(f"{rotational}\n")
+    return root
+
+
+def test_erase_caveat_names_flash_storage(tmp_path: Path) -> None:
+    from cryptlayer.shred import erase_caveat
+    from cryptlayer.tools import mount
+
+    where = mount.containing(tmp_path)
+    flash = _fake_sysfs(tmp_path / "flash", where.device, "0")
+    disk = _fake_sysfs(tmp_path / "disk", where.device, "1")
+    if where.fstype in ("btrfs", "zfs", "bcachefs", "f2fs", "nilfs2"):
+        pytest.fail(f"this test needs tmp_path off copy-on-write storage, not {where.fstype}")
+    caveat = erase_caveat(tmp_path, sysfs=flash)
+    assert caveat is not None and caveat.startswith(
+        f"{tmp_path} is on flash storage (device {where.device} is not rotational)"
+    )
+    assert erase_caveat(tmp_path, sysfs=disk) is None
+
+
+def test_erase_caveat_names_copy_on_write_file_systems(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cryptlayer import shred
+    from cryptlayer.tools import mount
+
+    # No btrfs on this host: the mount table's answer is the one thing faked.
+    monkeypatch.setattr(mount, "containing", lambda _p: mount.Mounted(tmp_path, "btrfs", "0:99"))
+    caveat = shred.erase_caveat(tmp_path)
+    assert caveat is not None and "is on btrfs, which writes changes to new blocks" in caveat
+
+
+def test_mount_table_finds_the_innermost_mount() -> None:
+    from cryptlayer.tools import mount
+
+    assert mount.containing(Path("/proc/self")).fstype == "proc"
+    assert mount.containing(Path("/")).target == Path("/")

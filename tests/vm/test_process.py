@@ -125,10 +125,9 @@ def test_sigkill_then_gc_cleans_up_and_shreds(
     run.wait_ready("crashed")
     run.proc.kill()
     run.proc.wait()
-    assert (run_root() / "crashed/rootfs").is_mount()  # the crash left it all behind
-    assert [keyslots(p) for p in sorted(image.glob("*.luks"))] == [1, 1]
+    assert (run_root() / "crashed/rootfs").is_mount()  # the crash left it all behind...
+    assert [keyslots(p) for p in sorted(image.glob("*.luks"))] == [0, 0]  # ...but erased at start
     out = cli.ok("gc")
     assert "cleaned up container crashed" in out
-    assert f"shredded {image}" in out
     assert [keyslots(p) for p in sorted(image.glob("*.luks"))] == [0, 0]
     assert cli.ok("gc") == "nothing to clean up\n"

@@ -1,4 +1,5 @@
-"""Many containers from one image: each opens it, and the shred waits for the last of them."""
+"""Many containers from one image: the layers are opened once and shared; the disk's copy is
+erased when the first shredding container starts; the last container closes the layers."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import json
 import random
 from pathlib import Path
 
-from conftest import MARKER_LOWER, Cli, keyslots
+from conftest import MARKER_LOWER, Cli, slots
 
-
-def slots(image: Path) -> list[int]:
-    return [keyslots(p) for p in sorted(image.glob("*.luks"))]
+from cryptlayer import state
+from cryptlayer.errors import ExitCode
+from cryptlayer.layers import mapping_prefix
+from cryptlayer.paths import run_root
+from cryptlayer.tools import udev
 
 
 def start(cli: Cli, image: Path, key_file: Path, name: str, *extra: str) -> Path:
@@ -19,23 +22,43 @@ def start(cli: Cli, image: Path, key_file: Path, name: str, *extra: str) -> Path
     )
 
 
-def test_shred_waits_for_the_last_user(cli: Cli, image: Path, key_file: Path) -> None:
-    start(cli, image, key_file, "a")
-    keeper = start(cli, image, key_file, "b", "--keep")
-    start(cli, image, key_file, "c")
-    code, _, err = cli("stop", "a")
-    assert code == 0, err
-    assert (
-        err
-        == f"stopped a; image {image} is still used by b, c, the last of them to stop shreds it\n"
-    )
-    assert slots(image) == [1, 1]
-    assert (keeper / "data/hello.txt").read_text() == f"{MARKER_LOWER}\n"
-    cli.ok("stop", "c")
-    assert slots(image) == [1, 1]
-    code, _, err = cli("stop", "b")  # started with --keep, but the last user pays the debt
-    assert err == f"stopped b; image {image} shredded\n"
+def shared_mappings(image: Path) -> list[str]:
+    return udev.mappings(mapping_prefix(str(image)))
+
+
+def test_erased_at_start_and_the_last_user_closes(
+    cli: Cli, image: Path, key_file: Path, tmp_path: Path
+) -> None:
+    start(cli, image, key_file, "a", "--keep")
+    assert slots(image) == [1, 1]  # --keep: nothing erased
+    assert len(shared_mappings(image)) == 2
+    start(cli, image, key_file, "b")  # will shred: the disk's keyslots go now
     assert slots(image) == [0, 0]
+    assert sorted(p.name for p in (run_root() / ".images").rglob("*.hdr")) == [
+        "layer0.hdr",
+        "layer1.hdr",
+    ]
+    keeper = start(cli, image, key_file, "c", "--keep")  # joins, its key checked against /run
+    assert len(shared_mappings(image)) == 2  # still one set of layer mappings for three
+    assert (keeper / "data/hello.txt").read_text() == f"{MARKER_LOWER}\n"
+
+    stranger = tmp_path / "stranger.key"
+    cli.ok("keygen", str(stranger))
+    code, _, err = cli("start", "--key-file", str(stranger), "--name", "d", str(image))
+    assert code == ExitCode.KEY, err  # joining an open image still needs the key
+    assert err.startswith("error: ")
+
+    code, _, err = cli("stop", "b")
+    assert code == 0, err
+    assert err == f"stopped b; image {image} shredded; its layers stay open for a, c\n"
+    cli.ok("stop", "a")
+    assert (keeper / "data/hello.txt").read_text() == f"{MARKER_LOWER}\n"
+    code, _, err = cli("stop", "c")
+    assert err == "stopped c\n"
+    assert shared_mappings(image) == []
+    assert not list((run_root() / ".images").rglob("*.hdr"))  # the last copy of the keyslots
+    code, _, err = cli("start", "--key-file", str(key_file), "--name", "e", str(image))
+    assert code == ExitCode.ERASED, err
 
 
 def test_ten_at_once_in_random_order(cli: Cli, image: Path, key_file: Path) -> None:
@@ -43,15 +66,19 @@ def test_ten_at_once_in_random_order(cli: Cli, image: Path, key_file: Path) -> N
     names = [f"many{i}" for i in range(10)]
     for name in names:
         start(cli, image, key_file, name, *(["--keep"] if rng.random() < 0.5 else []))
+    assert slots(image) == [0, 0]  # at least one of them shreds
+    assert len(shared_mappings(image)) == 2
+    assert len(udev.mappings("cryptlayer-")) == 2 + 10  # shared layers, one scratch each
     rng.shuffle(names)
     for name in names[:-1]:
         cli.ok("stop", name)
-        assert slots(image) == [1, 1], f"shredded while {names[-1]} still ran"
+        assert len(shared_mappings(image)) == 2, f"closed while {names[-1]} still ran"
     (last,) = json.loads(cli.ok("ps", "--json"))
     rootfs = Path(last["rootfs"])
     assert (rootfs / "data/hello.txt").read_text() == f"{MARKER_LOWER}\n"
     cli.ok("stop", names[-1])
-    assert slots(image) == [0, 0]
+    assert shared_mappings(image) == []
+    assert state.all_openings() == []
     assert cli.ok("gc") == "nothing to clean up\n"
 
 
@@ -60,7 +87,9 @@ def test_fifty_start_stop_cycles(cli: Cli, image: Path, key_file: Path) -> None:
         rootfs = start(cli, image, key_file, f"cycle{i}", "--keep")
         assert (rootfs / "data/hello.txt").is_file()
         cli.ok("stop", f"cycle{i}")
+        assert shared_mappings(image) == []
     assert slots(image) == [1, 1]
     cli.ok("start", "--key-file", str(key_file), "--name", "last", str(image))
+    assert slots(image) == [0, 0]
     cli.ok("stop", "last")
     assert slots(image) == [0, 0]

@@ -43,11 +43,18 @@ def format_luks(path: Path, key: Secret, label: str) -> None:
     )  # fmt: skip
 
 
-def open_luks(device: str, name: str, key: Secret, *, readonly: bool) -> str:
-    """Map LUKS2 `device` as /dev/mapper/NAME; WrongKeyError when `key` opens no keyslot."""
+def open_luks(
+    device: str, name: str, key: Secret, *, readonly: bool, header: Path | None = None
+) -> str:
+    """Map LUKS2 `device` as /dev/mapper/NAME; WrongKeyError when `key` opens no keyslot.
+
+    With `header`, the keyslots are read from that copy instead of from `device`.
+    """
     argv = ["cryptsetup", "open", "--type", "luks2", "--key-file", "-"]
     if readonly:
         argv.append("--readonly")
+    if header is not None:
+        argv += ["--header", str(header)]
     try:
         run([*argv, device, name], secret=key)
     except CommandError as err:
@@ -62,7 +69,7 @@ def open_luks(device: str, name: str, key: Secret, *, readonly: bool) -> str:
 
 
 def test_key(path: Path, key: Secret) -> None:
-    """Check that `key` opens a keyslot of `path` without mapping anything."""
+    """Check that `key` opens a keyslot of `path` (a layer or a header copy), mapping nothing."""
     try:
         run(["cryptsetup", "open", "--test-passphrase", "--key-file", "-", str(path)], secret=key)
     except CommandError as err:
@@ -71,6 +78,12 @@ def test_key(path: Path, key: Secret) -> None:
                 f"the image key does not open {path}", "the image is damaged; copy it again"
             ) from err
         raise
+
+
+def header_backup(path: Path, copy: Path) -> None:
+    """Copy the LUKS2 header of `path` (metadata and keyslots) to the new file `copy`."""
+    run(["cryptsetup", "luksHeaderBackup", "--batch-mode", str(path),
+         "--header-backup-file", str(copy)])  # fmt: skip
 
 
 def open_plain(device: str, name: str, key: Secret) -> str:

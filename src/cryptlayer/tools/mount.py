@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..runner import run
+
+
+@dataclass(frozen=True)
+class Mounted:
+    """One line of /proc/self/mountinfo."""
+
+    target: Path
+    fstype: str
+    device: str  # MAJ:MIN of the file system's device (0:N for ones without a block device)
 
 
 def mount(source: str, target: Path, fstype: str, options: list[str]) -> None:
@@ -17,12 +27,32 @@ def umount(target: Path) -> None:
     run(["umount", str(target)])
 
 
-def mounted_paths() -> set[Path]:
-    """Every mount point on this host, from /proc/self/mountinfo."""
-    points: set[Path] = set()
+def mounts() -> list[Mounted]:
+    """Every mount on this host, in mount order, from /proc/self/mountinfo."""
+    found = []
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
         for line in f:
-            # field 5 is the mount point, with spaces etc. escaped as \\040
-            raw = line.split()[4]
-            points.add(Path(raw.encode().decode("unicode_escape")))
-    return points
+            # ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTIONS
+            fields = line.split()
+            target = Path(fields[4].encode().decode("unicode_escape"))  # spaces come as \\040
+            fstype = fields[fields.index("-") + 1]
+            found.append(Mounted(target, fstype, fields[2]))
+    return found
+
+
+def mounted_paths() -> set[Path]:
+    """Every mount point on this host."""
+    return {m.target for m in mounts()}
+
+
+def containing(path: Path) -> Mounted:
+    """The mount that `path` lives on (the last one mounted on it or on its nearest parent)."""
+    path = path.resolve()
+    best = None
+    for m in mounts():
+        if (m.target == path or m.target in path.parents) and (
+            best is None or len(m.target.parts) >= len(best.target.parts)
+        ):
+            best = m
+    assert best is not None, "/ is always mounted"
+    return best

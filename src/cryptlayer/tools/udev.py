@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ class BlockDevice:
     node: str
     dm_name: str | None
     backing_file: str | None
+    dm_uuid: str | None = None
 
 
 def _context() -> Any:
@@ -34,7 +36,8 @@ def block_devices() -> list[BlockDevice]:
         backing = _attr(attrs, "loop/backing_file")
         if dm_name is None and backing is None:
             continue  # an unused loop device
-        found.append(BlockDevice(device.device_node or f"/dev/{name}", dm_name, backing))
+        node = device.device_node or f"/dev/{name}"
+        found.append(BlockDevice(node, dm_name, backing, _attr(attrs, "dm/uuid")))
     return found
 
 
@@ -49,6 +52,19 @@ def _attr(attrs: Any, key: str) -> str | None:
 def mappings(prefix: str) -> list[str]:
     """Names of device-mapper devices starting with `prefix`."""
     return sorted(d.dm_name for d in block_devices() if d.dm_name and d.dm_name.startswith(prefix))
+
+
+# cryptsetup names a mapping's device-mapper UUID CRYPT-<TYPE>-[<LUKS UUID>-]<name as opened>.
+# The UUID cannot change after creation (a name can: `dmsetup rename`), so it is what finds
+# cryptlayer's mappings when no journal knows them.
+_OUR_UUID = re.compile(r"^CRYPT-[A-Z0-9]+-(?:[0-9a-f]{32}-)?cryptlayer-")
+
+
+def cryptlayer_mappings() -> list[str]:
+    """Current names of the mappings cryptlayer opened, known by their dm UUID."""
+    return sorted(
+        d.dm_name for d in block_devices() if d.dm_name and _OUR_UUID.match(d.dm_uuid or "")
+    )
 
 
 def loops_backed_by(paths: set[Path]) -> list[str]:

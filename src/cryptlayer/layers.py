@@ -1,0 +1,121 @@
+"""An image's read-only layers: opened once per host, shared by every container of the image.
+
+The first container to start from an image opens its layers (per layer: read-only loop,
+read-only mapping, read-only mount) in the image's *opening* (state.Opening, a journal of its
+own); later containers join it; the last to go closes it (journal's release of its IMAGE step).
+
+Erase at start: a container that will shred its image wipes the on-disk keyslots as soon as it
+is assembled, so that a crash or a power cut leaves the disk's copy as unopenable as a clean
+stop would. The open mappings keep working (the kernel holds their volume keys); the header
+copies that let later containers prove their key and join live only in memory-backed /run.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+
+from . import journal, state
+from .errors import ErasedImageError, UsageError, WrongKeyError
+from .journal import acquire, crash_point, mkdir
+from .keys import Secret
+from .manifest import Manifest
+from .paths import run_root
+from .shred import erase_layer, require_intact
+from .state import Kind, Opening, Record
+from .tools import cryptsetup, losetup, mount
+
+
+def _dir(opening: Opening) -> Path:
+    return run_root() / ".images" / opening.id
+
+
+def _header_copy(opening: Opening, index: int) -> Path:
+    return _dir(opening) / f"layer{index}.hdr"
+
+
+def mapping_prefix(image: str) -> str:
+    """The start of the names of an image's shared mappings ('--': no container's name starts
+    with '-', so no container's own mappings, `cryptlayer-NAME-...`, can match)."""
+    return f"cryptlayer--{state.image_id(image)}-"
+
+
+def mount_points(opening: Opening, manifest: Manifest) -> list[Path]:
+    """Where the layers of `opening` are mounted, bottom first."""
+    return [_dir(opening) / f"layer{i}" for i in range(len(manifest.layers))]
+
+
+def require_openable(image: Path, manifest: Manifest) -> None:
+    """ErasedImageError unless the image can be opened: from its disk, or by joining its opening."""
+    opening = state.load_opening(str(image))
+    if opening is not None and opening.erased and state.users_of(str(image)):
+        return
+    require_intact(image, manifest)
+
+
+def join(record: Record, image: Path, manifest: Manifest, key: Secret) -> list[Path]:
+    """Open the image's layers, or join the opening another container made; returns the mount
+    points, bottom first. Called under the host lock, as the action of the record's IMAGE step."""
+    opening = state.load_opening(str(image))
+    if opening is not None and not state.users_of(str(image), besides=record.path):
+        journal.release_all(opening)  # left by a crash before its last user's IMAGE step
+        opening.remove()
+        opening = None
+    if opening is not None:
+        first = _header_copy(opening, 0) if opening.erased else image / manifest.layers[0].file
+        cryptsetup.test_key(first, key)  # the layers are open already: prove the key first
+        return mount_points(opening, manifest)
+    opening = Opening(str(image))
+    state.openings_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+    opening.save()
+    _dir(opening).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with ExitStack() as stack:
+        mkdir(stack, opening, _dir(opening))
+        for i, layer in enumerate(manifest.layers):
+            _open_layer(stack, opening, image / layer.file, i, key)
+        stack.pop_all()  # the opening's journal owns them; its last user closes them
+    return mount_points(opening, manifest)
+
+
+def _open_layer(stack: ExitStack, opening: Opening, path: Path, index: int, key: Secret) -> None:
+    loop = acquire(stack, opening, Kind.LOOP, str(path),
+                   lambda: losetup.attach(path, readonly=True))  # fmt: skip
+    mapping = f"{mapping_prefix(opening.image)}layer{index}"
+    try:
+        node = acquire(stack, opening, Kind.CRYPT, mapping,
+                       lambda: cryptsetup.open_luks(loop, mapping, key, readonly=True))  # fmt: skip
+    except WrongKeyError:
+        raise UsageError(
+            f"the image key in keys.json does not open {path}",
+            "the image is damaged (layers and keys.json differ); copy it again",
+        ) from None
+    target = mkdir(stack, opening, _dir(opening) / f"layer{index}")
+    acquire(stack, opening, Kind.MOUNT, str(target),
+            lambda: mount.mount(node, target, "ext4", ["ro", "noatime", "noload"]))  # fmt: skip
+
+
+def _copy_header(stack: ExitStack, opening: Opening, layer: Path, copy: Path) -> None:
+    acquire(stack, opening, Kind.HEADER, str(copy), lambda: cryptsetup.header_backup(layer, copy))
+
+
+def erase_at_start(record: Record, image: Path, manifest: Manifest) -> None:
+    """Wipe the on-disk keyslots of every layer, keeping header copies in /run for joiners.
+
+    The record says `shred` (since its creation), so a crash halfway leaves an erase that `gc`
+    completes.
+    """
+    opening = state.load_opening(str(image))
+    if opening is None:
+        raise ErasedImageError(f"image {image} is not open", "start the container again")
+    if not opening.erased:
+        with ExitStack() as stack:
+            for i, layer in enumerate(manifest.layers):
+                _copy_header(stack, opening, image / layer.file, _header_copy(opening, i))
+            stack.pop_all()
+        for layer in manifest.layers:
+            erase_layer(image / layer.file)
+            crash_point()
+        opening.erased = True
+        opening.save()
+    record.shredded = True
+    record.save()

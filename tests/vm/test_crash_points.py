@@ -1,0 +1,145 @@
+"""Fault injection: a crash (SIGKILL) at every journal point of `run` and of `stop`, then `gc`.
+
+The crash points are journal.crash_point's: before and after each step is taken, and before
+and after each is released (CRYPTLAYER_CRASH_AT=N kills the process at the Nth). Each case runs
+in a forked copy of this process (Python starts slowly under emulation; a fork is instant), is
+killed at its point, and then `gc` must leave no mapping, loop device, mount, runtime file or
+record behind, and the image erased, since every run here was to shred it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Cli, leftovers, slots
+
+from cryptlayer import journal
+
+FINISHED = 3  # the child's exit status when it passed its point without dying
+
+
+@pytest.fixture(scope="module")
+def base(
+    images_root: Path, busybox_tree: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, Path]]:
+    """One single-layer image to copy for each case, and its key."""
+    cli = Cli.new()
+    key = tmp_path_factory.mktemp("crash") / "image.key"
+    cli.ok("keygen", str(key))
+    image = images_root / "crash-base"
+    cli.ok(
+        "build", "--key-file", str(key), "--output", str(image), "--cmd", "true", str(busybox_tree)
+    )
+    yield image, key
+    shutil.rmtree(image, ignore_errors=True)
+
+
+def counted(cli: Cli, *args: str) -> int:
+    """Run the command in-process, counting the crash points it passes (none is taken)."""
+    os.environ[journal.CRASH_AT] = "0"
+    journal.crash_points = 0
+    try:
+        cli.ok(*args)
+    finally:
+        del os.environ[journal.CRASH_AT]
+    return journal.crash_points
+
+
+def crash_at(point: int, *args: str) -> bool:
+    """Run the command in a forked child that kills itself at crash point `point`; True if it did."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 4
+        try:
+            os.environ[journal.CRASH_AT] = str(point)
+            journal.crash_points = 0
+            Cli.new()(*args)
+            status = FINISHED
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        return True
+    assert os.WEXITSTATUS(status) == FINISHED, f"point {point}: exit {os.WEXITSTATUS(status)}"
+    return False
+
+
+def copy_of(template: Path, images: Path, name: str) -> Path:
+    """A fresh copy of the template image (each case erases its own)."""
+    shutil.copytree(template, images / name)
+    return images / name
+
+
+def clean_after_gc(cli: Cli, image: Path, what: str) -> None:
+    code, _out, err = cli("gc")
+    assert code == 0, f"{what}: gc failed: {err}"
+    assert leftovers() == [], f"{what}: left after gc: {leftovers()}"
+    assert slots(image) == [0], f"{what}: the image can still be opened"
+    assert cli.ok("gc") == "nothing to clean up\n", f"{what}: a second gc found more"
+
+
+def test_a_crash_at_every_point_of_run(
+    cli: Cli, base: tuple[Path, Path], images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    template, key = base
+    image = copy_of(template, images, "counted")
+    total = counted(cli, "run", "--name", "count", "--key-file", str(key), str(image))
+    assert total > 40  # every step of a one-layer run, taken and released
+    for point in range(1, total + 1):
+        image = copy_of(template, images, f"run{point}")
+        assert crash_at(point, "run", "--name", f"r{point}", "--key-file", str(key), str(image))
+        clean_after_gc(cli, image, f"run, crash point {point}/{total}")
+        shutil.rmtree(image)
+    image = copy_of(template, images, "past")
+    assert not crash_at(total + 1, "run", "--name", "past", "--key-file", str(key), str(image))
+    assert leftovers() == []
+    with capsys.disabled():
+        print(f"\ncrash points covered in `run`: {total}")
+
+
+def test_a_crash_at_every_point_of_stop(
+    cli: Cli, base: tuple[Path, Path], images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    template, key = base
+    image = copy_of(template, images, "counted")
+    cli.ok("start", "--name", "count", "--key-file", str(key), str(image))
+    total = counted(cli, "stop", "count")
+    assert total > 20
+    for point in range(1, total + 1):
+        image = copy_of(template, images, f"stop{point}")
+        cli.ok("start", "--name", f"s{point}", "--key-file", str(key), str(image))
+        assert crash_at(point, "stop", f"s{point}")
+        clean_after_gc(cli, image, f"stop, crash point {point}/{total}")
+        shutil.rmtree(image)
+    with capsys.disabled():
+        print(f"\ncrash points covered in `stop`: {total}")
+
+
+def test_gc_finds_renamed_mappings_by_uuid_when_the_journal_is_lost(
+    cli: Cli, base: tuple[Path, Path], images: Path
+) -> None:
+    """The disk holding $CRYPTLAYER_ROOT was replaced: no record, no opening. And someone renamed
+    a mapping. gc still finds it: cryptsetup's dm UUID keeps the name it was opened with."""
+    from cryptlayer import state
+    from cryptlayer.tools import udev
+
+    template, key = base
+    image = copy_of(template, images, "lost")
+    cli.ok("start", "--keep", "--name", "lost", "--key-file", str(key), str(image))
+    (layer,) = [m for m in udev.mappings("cryptlayer--")]
+    subprocess.run(["dmsetup", "rename", layer, "innocuous"], check=True)
+    assert "innocuous" in udev.cryptlayer_mappings()
+    for journal_file in [*state.records_dir().glob("*.json"), *state.openings_dir().glob("*.json")]:
+        journal_file.unlink()
+    out = cli.ok("gc")
+    assert "removed orphan mapping innocuous\n" in out
+    assert "removed orphan mapping cryptlayer-lost-scratch\n" in out
+    assert leftovers() == []
+    assert slots(image) == [1]  # --keep: gc closes, it does not erase what nobody owed
