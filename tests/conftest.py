@@ -1,1 +1,1 @@
-"""Shared by both tiers: makes tests/ importable (ocifixtures)."""
+"""Shared by both tiers: makes tests/ importable (ocifixtures, terminal)."""

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import pty
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from terminal import in_pty
 from typer.testing import CliRunner
 
 from cryptlayer import envelope
@@ -221,39 +220,12 @@ except UsageError as err:
 """
 
 
-def _in_pty(*typed: bytes) -> str:
-    """Run PROMPT_CHILD on a real pseudo-terminal, type `typed` at each prompt."""
-    pid, fd = pty.fork()
-    if pid == 0:  # pragma: no cover - the child
-        os.execv(sys.executable, [sys.executable, "-c", PROMPT_CHILD])
-    seen = b""
-    try:
-        for line in typed:
-            while not seen.rstrip().endswith(b":"):
-                seen += os.read(fd, 1024)
-            time.sleep(0.05)  # echo is switched off right after the prompt is written
-            os.write(fd, line + b"\n")
-            seen += b"|"
-        while True:
-            try:
-                chunk = os.read(fd, 1024)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-    finally:
-        os.waitpid(pid, 0)
-        os.close(fd)
-    return seen.decode(errors="replace")
-
-
 def test_passphrase_prompt_on_a_terminal_does_not_echo() -> None:
-    out = _in_pty(b"s3cret-typed", b"s3cret-typed")
+    _, out = in_pty([sys.executable, "-c", PROMPT_CHILD], ["s3cret-typed", "s3cret-typed"])
     assert "Passphrase:" in out and "Verify passphrase:" in out
     assert "LEN 12" in out
     assert "s3cret" not in out
-    out = _in_pty(b"one-thing", b"another")
+    _, out = in_pty([sys.executable, "-c", PROMPT_CHILD], ["one-thing", "another"])
     assert "ERR the passphrases do not match: try again" in out
     assert "one-thing" not in out and "another" not in out
 
