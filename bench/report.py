@@ -42,6 +42,19 @@ def rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
                         met,
                     )
                 )
+            for layers, per in sorted(fig["layers"].items(), key=lambda kv: int(kv[0])):
+                if "start_joining" in per:
+                    join = per["start_joining"]["median_s"]
+                    out.append(
+                        (
+                            f"1. start joining an open image, {size} MiB, {layers} layer(s)",
+                            ms(join),
+                            f"first start {ms(per['start']['median_s'])}",
+                            f"{per['start']['median_s'] / join:.1f}x faster",
+                            "",
+                            "",
+                        )
+                    )
             proc = fig["layers"].get("1", {}).get("start_as_process")
             if proc:
                 out.append(
