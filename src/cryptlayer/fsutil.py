@@ -73,3 +73,14 @@ def write_new_file(path: Path, data: bytes | bytearray | memoryview, mode: int) 
         path.unlink(missing_ok=True)
         raise
     os.close(fd)
+
+
+def wipe_file(path: Path) -> None:
+    """Overwrite `path` with zeros, then remove it (a header copy on tmpfs: its pages would
+    otherwise go back to the kernel with the keyslots in them). Gone already is fine."""
+    try:
+        with open(path, "r+b") as f:
+            f.write(bytes(os.fstat(f.fileno()).st_size))
+    except FileNotFoundError:
+        return
+    path.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 from . import journal, state
 from .container import teardown
 from .errors import CryptlayerError
+from .fsutil import wipe_file
 from .paths import run_root, scratch_dir
 from .state import Kind, Mode, Record
 from .tools import cryptsetup, losetup, mount, udev
@@ -54,13 +55,7 @@ def collect() -> Report:
         for opening in state.all_openings():
             if state.users_of(opening.image):
                 continue
-            try:
-                journal.release_all(opening)
-            except CryptlayerError as err:
-                report.errors.append(f"layers of {opening.image}: {err}")
-                continue
-            opening.remove()
-            report.orphans.append(f"layers of {opening.image}")
+            _try(report, f"layers of {opening.image}", lambda o=opening: journal.close_opening(o))
         _collect_orphans(report)
     return report
 
@@ -119,8 +114,7 @@ def _collect_header_copies(report: Report, images: Path, claimed: set[str]) -> N
             continue
         for item in top.iterdir():
             if item.suffix == ".hdr":
-                step = state.Step(Kind.HEADER, str(item))
-                _try(report, f"header copy {item}", lambda s=step: journal.release_header(s))
+                _try(report, f"header copy {item}", lambda p=item: wipe_file(p))
             elif item.is_dir() and item not in mounted:
                 with contextlib.suppress(OSError):
                     item.rmdir()

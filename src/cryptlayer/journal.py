@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from .errors import BusyError, CommandError
+from .fsutil import wipe_file
 from .runner import have, run
-from .state import Journal, Kind, Step, all_journals, load_opening, users_of
+from .state import Journal, Kind, Opening, Step, all_journals, load_opening, users_of
 from .tools import cryptsetup, losetup, mount, runtime, udev
 
 T = TypeVar("T")
@@ -101,23 +102,23 @@ def _release_crypt(step: Step, _journal: Journal) -> None:
         cryptsetup.close(step.ref)
 
 
+def close_opening(opening: Opening) -> None:
+    """Release every step of an image's opening (its users are gone), then forget it."""
+    release_all(opening)
+    opening.remove()
+
+
 def _release_image(step: Step, journal: Journal) -> None:
     """A container stops using an image's shared layers; the last user closes them."""
     if users_of(step.ref, besides=journal.path):
         return
     opening = load_opening(step.ref)
     if opening is not None:
-        release_all(opening)
-        opening.remove()
+        close_opening(opening)
 
 
-def release_header(step: Step, _journal: Journal | None = None) -> None:
-    """Overwrite a header copy (memory-backed, but its pages may be reused), then remove it."""
-    path = Path(step.ref)
-    with contextlib.suppress(FileNotFoundError):
-        with open(path, "r+b") as f:
-            f.write(bytes(os.fstat(f.fileno()).st_size))
-        path.unlink()
+def _release_header(step: Step, _journal: Journal) -> None:
+    wipe_file(Path(step.ref))
 
 
 def _release_mount(step: Step, _journal: Journal) -> None:
@@ -176,5 +177,5 @@ _RELEASERS: dict[Kind, Callable[[Step, Journal], None]] = {
     Kind.FILE: _release_file,
     Kind.CONTAINER: _release_container,
     Kind.IMAGE: _release_image,
-    Kind.HEADER: release_header,
+    Kind.HEADER: _release_header,
 }

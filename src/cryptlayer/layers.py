@@ -58,8 +58,7 @@ def join(record: Record, image: Path, manifest: Manifest, key: Secret) -> list[P
     points, bottom first. Called under the host lock, as the action of the record's IMAGE step."""
     opening = state.load_opening(str(image))
     if opening is not None and not state.users_of(str(image), besides=record.path):
-        journal.release_all(opening)  # left by a crash before its last user's IMAGE step
-        opening.remove()
+        journal.close_opening(opening)  # left by a crash before its last user's IMAGE step
         opening = None
     if opening is not None:
         first = _header_copy(opening, 0) if opening.erased else image / manifest.layers[0].file
