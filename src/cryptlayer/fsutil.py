@@ -9,13 +9,18 @@ from pathlib import Path
 from typing import Any
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data` so a crash leaves the old or the new file, never half of one."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
+    """Replace `path` with `data` so a crash leaves the old or the new file, never half of one.
+
+    `durable`: also on the disk before returning (fsync), so that a power cut keeps it. Without,
+    the replacement is still atomic for every process and survives any crash but the machine's.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, mode)
         os.write(fd, data)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
         os.close(fd)
         fd = -1
         os.rename(tmp, path)
@@ -24,6 +29,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
             os.close(fd)
         os.unlink(tmp)
         raise
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)
@@ -48,9 +55,10 @@ def read_image_json(path: Path, fmt: str, missing_hint: str) -> dict[str, Any]:
     return raw
 
 
-def write_json_atomic(path: Path, value: Any, mode: int = 0o644) -> None:
+def write_json_atomic(path: Path, value: Any, mode: int = 0o644, *, durable: bool = True) -> None:
     """write_atomic for a JSON document."""
-    write_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode(), mode)
+    data = (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+    write_atomic(path, data, mode, durable=durable)
 
 
 def write_new_file(path: Path, data: bytes | bytearray | memoryview, mode: int) -> None:

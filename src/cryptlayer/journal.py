@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,6 +25,7 @@ from .tools import cryptsetup, losetup, mount, runtime, udev
 T = TypeVar("T")
 CRASH_AT = "CRYPTLAYER_CRASH_AT"
 crash_points = 0  # how many crash points this process has passed
+_lock = threading.Lock()  # layers open in parallel threads: one journal update at a time
 
 
 def crash_point() -> None:
@@ -39,19 +41,29 @@ def crash_point() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+# Steps whose effect outlives a power cut (a file on disk): their intent is fsync'd before they
+# are taken. Loops, mappings and mounts vanish with the machine, so a journal that lost their
+# last lines in a power cut still describes everything that exists after it; for them the
+# journal is written atomically (rename) but not forced to disk, which a crash of the process
+# alone (the page cache survives it) never notices.
+DURABLE = frozenset({Kind.FILE})
+
+
 def acquire(stack: ExitStack, journal: Journal, kind: Kind, ref: str, action: Callable[[], T]) -> T:
     """Journal the intent, register the undo, then take the step."""
     step = Step(kind, ref)
-    journal.steps.append(step)
-    journal.save()
-    stack.callback(release, journal, step)
-    crash_point()
+    with _lock:
+        journal.steps.append(step)
+        journal.save(durable=kind in DURABLE)
+        stack.callback(release, journal, step)
+        crash_point()
     result = action()
-    crash_point()
-    if kind is Kind.LOOP:
-        step.device = str(result)
-    step.done = True
-    journal.save()
+    with _lock:
+        crash_point()
+        if kind is Kind.LOOP:
+            step.device = str(result)
+        step.done = True
+        journal.save(durable=False)
     return result
 
 
@@ -68,7 +80,7 @@ def release(journal: Journal, step: Step) -> None:
     crash_point()
     if step in journal.steps:
         journal.steps.remove(step)
-        journal.save()
+        journal.save(durable=False)
 
 
 def release_all(journal: Journal) -> None:

@@ -12,6 +12,7 @@ copies that let later containers prove their key and join live only in memory-ba
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from .paths import run_root
 from .shred import erase_layer, require_intact
 from .state import Kind, Opening, Record
 from .tools import cryptsetup, losetup, mount
+
+PARALLEL = 4  # layers opened at once
 
 
 def _dir(opening: Opening) -> Path:
@@ -70,8 +73,17 @@ def join(record: Record, image: Path, manifest: Manifest, key: Secret) -> list[P
     _dir(opening).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with ExitStack() as stack:
         mkdir(stack, opening, _dir(opening))
-        for i, layer in enumerate(manifest.layers):
-            _open_layer(stack, opening, image / layer.file, i, key)
+        # Layers are independent: each one's losetup, cryptsetup open and mount run in a thread
+        # of its own (the programs run in parallel; the journal takes one update at a time).
+        workers = min(PARALLEL, len(manifest.layers))
+        with ThreadPoolExecutor(workers, thread_name_prefix="layer") as pool:
+            opened = [
+                pool.submit(_open_layer, stack, opening, image / layer.file, i, key)
+                for i, layer in enumerate(manifest.layers)
+            ]
+            wait(opened)  # all of them, even when one fails: then every step is journaled
+        for future in opened:
+            future.result()  # the first failure, raised once nothing runs any more
         stack.pop_all()  # the opening's journal owns them; its last user closes them
     return mount_points(opening, manifest)
 

@@ -71,8 +71,8 @@ class Record:
     def path(self) -> Path:
         return records_dir() / f"{self.name}.json"
 
-    def save(self) -> None:
-        write_json_atomic(self.path, asdict(self), mode=0o600)
+    def save(self, *, durable: bool = True) -> None:
+        write_json_atomic(self.path, asdict(self), mode=0o600, durable=durable)
 
     def from_earlier_boot(self) -> bool:
         """Whether the machine restarted since (power loss): its devices and mounts are gone."""
@@ -135,7 +135,7 @@ class Journal(Protocol):
     @property
     def path(self) -> Path: ...
 
-    def save(self) -> None: ...
+    def save(self, *, durable: bool = True) -> None: ...
 
 
 def _steps(raw: dict[str, Any]) -> list[Step]:
@@ -256,8 +256,8 @@ class Opening:
     def path(self) -> Path:
         return openings_dir() / f"{self.id}.json"
 
-    def save(self) -> None:
-        write_json_atomic(self.path, asdict(self), mode=0o600)
+    def save(self, *, durable: bool = True) -> None:
+        write_json_atomic(self.path, asdict(self), mode=0o600, durable=durable)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
