@@ -26,7 +26,7 @@ NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 
 
 class Kind(StrEnum):
-    """What a journal step holds; each kind has one releaser in teardown.py."""
+    """What a journal step holds; each kind has one releaser in journal.py."""
 
     LOOP = "loop"  # ref: backing file; device: /dev/loopN once attached
     CRYPT = "crypt"  # ref: device-mapper name
