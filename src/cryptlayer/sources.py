@@ -19,8 +19,10 @@ import shutil
 import stat
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import IO
 
@@ -67,6 +69,19 @@ class Source:
         raise NotImplementedError
 
 
+COPIERS = min(4, os.cpu_count() or 1)  # cp processes filling one layer from a directory
+COPIERS_FROM = 64 * 1024 * 1024  # bytes; below, one cp process (more would only cost)
+
+
+@dataclass(frozen=True)
+class _Tree:
+    """What one walk of a directory source found."""
+
+    measure: Measure
+    linked: bool  # two names of one file inside the tree: hard links one cp must keep together
+    sizes: dict[str, int]  # bytes under each top-level entry
+
+
 @dataclass(frozen=True)
 class DirectorySource(Source):
     path: Path
@@ -75,31 +90,70 @@ class DirectorySource(Source):
     def label(self) -> str:  # type: ignore[override]
         return str(self.path)
 
-    def measure(self) -> Measure:
+    @cached_property
+    def _tree(self) -> _Tree:
         content = blocks = inodes = 0
+        linked = False
+        sizes: dict[str, int] = {}
         seen: set[tuple[int, int]] = set()
         for root, dirs, files in os.walk(self.path):
             inodes += 1
             blocks += 1
+            rel = os.path.relpath(root, self.path)
             for name in dirs + files:
                 st = os.lstat(os.path.join(root, name))
+                top = name if rel == "." else rel.split(os.sep, 1)[0]
+                sizes[top] = sizes.get(top, 0) + BLOCK
                 if stat.S_ISDIR(st.st_mode):
                     continue  # counted when walked
                 if st.st_nlink > 1:
                     if (st.st_dev, st.st_ino) in seen:
+                        linked = True
                         continue
                     seen.add((st.st_dev, st.st_ino))
                 inodes += 1
                 if stat.S_ISREG(st.st_mode):
                     content += st.st_size
                     blocks += _blocks(st.st_size)
+                    sizes[top] += st.st_size
                 elif stat.S_ISLNK(st.st_mode):
                     blocks += 1
-        return Measure(content, blocks, inodes)
+        return _Tree(Measure(content, blocks, inodes), linked, sizes)
+
+    def measure(self) -> Measure:
+        return self._tree.measure
 
     def populate(self, target: Path, *, squash: bool = False) -> None:
-        # cp -a keeps modes, owners, times, links, special files and xattrs.
-        run(["cp", "-a", "--", f"{self.path}/.", f"{target}/"])
+        # cp -a keeps modes, owners, times, links, special files and xattrs. Large trees are
+        # copied by several cp processes at once, each given a share of the top-level entries
+        # (reading many files is latency-bound); not when the tree has hard links inside,
+        # which only one cp process can keep as links.
+        shares = [] if self._tree.linked else _shares(self._tree.sizes, COPIERS)
+        if len(shares) < 2:
+            run(["cp", "-a", "--", f"{self.path}/.", f"{target}/"])
+            return
+        with ThreadPoolExecutor(len(shares), thread_name_prefix="copy") as pool:
+            argvs = [["cp", "-a", "--", *(str(self.path / n) for n in share), f"{target}/"]
+                     for share in shares]  # fmt: skip
+            for copied in [pool.submit(run, argv) for argv in argvs]:
+                copied.result()
+        # What `cp -a SRC/. TARGET/` does for the top directory itself, once its entries are in
+        # (they change its times): owner, mode, times and extended attributes.
+        top = os.lstat(self.path)
+        os.chown(target, top.st_uid, top.st_gid)
+        shutil.copystat(self.path, target)
+
+
+def _shares(sizes: dict[str, int], count: int) -> list[list[str]]:
+    """Top-level entries in up to `count` shares of about equal bytes (largest first, each to
+    the smallest share); one share for a tree below COPIERS_FROM bytes."""
+    if sum(sizes.values()) < COPIERS_FROM:
+        return [sorted(sizes)] if sizes else []
+    shares: list[tuple[int, list[str]]] = [(0, []) for _ in range(min(count, len(sizes)))]
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        i = min(range(len(shares)), key=lambda k: shares[k][0])
+        shares[i] = (shares[i][0] + sizes[name], [*shares[i][1], name])
+    return [names for _, names in shares]
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cryptlayer import sources
 from cryptlayer.errors import CommandError, UsageError
 from cryptlayer.keys import Secret, read_key, read_key_command
 from cryptlayer.manifest import ImageConfig
@@ -102,6 +103,61 @@ def test_directory_measure_counts_hardlinks_once(tmp_path: Path) -> None:
     m = DirectorySource(tmp_path).measure()
     assert m.content_bytes == 5000
     assert m.inodes == 3  # root dir, d, the file (once)
+
+
+def _listing(root: Path) -> dict[str, tuple[object, ...]]:
+    out: dict[str, tuple[object, ...]] = {}
+    for path in sorted([root, *root.rglob("*")]):
+        st = path.lstat()
+        data = path.read_bytes() if path.is_file() and not path.is_symlink() else None
+        link = os.readlink(path) if path.is_symlink() else None
+        times = None if path.is_symlink() else st.st_mtime_ns
+        out[str(path.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, times, data, link)
+    return out
+
+
+def _sample_tree(root: Path) -> None:
+    for i in range(5):
+        sub = root / f"top{i}" / "deep"
+        sub.mkdir(parents=True)
+        (sub / "f").write_bytes(bytes([i]) * (1000 * (i + 1)))
+        (root / f"top{i}" / "link").symlink_to("deep/f")
+        os.chmod(sub, 0o750)
+        os.chown(sub / "f", 1000 + i, 2000 + i)
+        os.utime(sub, ns=(1, 10**18 + i))
+    (root / "file").write_bytes(b"top-level file")
+    os.chmod(root, 0o705)
+    os.utime(root, ns=(1, 10**18))
+
+
+@pytest.mark.parametrize("copiers", [1, 3])
+def test_directory_populate_copies_everything(
+    tmp_path: Path, copiers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sources, "COPIERS", copiers)
+    monkeypatch.setattr(sources, "COPIERS_FROM", 0)  # a small tree, copied in shares all the same
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    _sample_tree(src)
+    dst.mkdir()
+    DirectorySource(src).populate(dst)
+    assert _listing(dst) == _listing(src)
+    assert len(sources._shares(DirectorySource(src)._tree.sizes, copiers)) == copiers
+
+
+def test_directory_populate_keeps_hard_links_inside_the_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sources, "COPIERS", 3)
+    monkeypatch.setattr(sources, "COPIERS_FROM", 0)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    _sample_tree(src)
+    os.link(src / "top0" / "deep" / "f", src / "top4" / "same")  # a link across two top entries
+    dst.mkdir()
+    DirectorySource(src).populate(dst)
+    assert (dst / "top0" / "deep" / "f").stat().st_ino == (dst / "top4" / "same").stat().st_ino
+    assert _listing(dst) == _listing(src)
 
 
 def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
