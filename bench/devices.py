@@ -27,6 +27,7 @@ from cryptlayer import container, envelope, manifest, state
 from cryptlayer.build import build_image
 from cryptlayer.keys import Credential, Secret
 from cryptlayer.layers import erase_at_start
+from cryptlayer.sources import DirectorySource
 from cryptlayer.tools import cryptsetup, losetup
 
 SIZES = [64, 256, 1024]  # MiB
@@ -50,6 +51,7 @@ def build(dirs: list[Path], out: Path, passphrase: bool = False) -> float:
     principals = envelope.Principals(keys=[key()])
     if passphrase:
         principals.passphrases.append(Secret(bytearray(PASSPHRASE)))
+    drop_caches()  # the source is read from the disk, as a build's would be
     start = time.perf_counter()
     with principals:
         build_image([str(d) for d in dirs], out, principals)
@@ -173,6 +175,8 @@ def start_latency_and_friends(size_mib: int, startup: float) -> dict[str, Any]:
             "start": summary(starts),
             "start_joining": summary(_starts_joining(image)),
         }
+        if layers == 1:  # the same copy without dm-crypt (figure 3's second reference)
+            per_layer["plain_copy_mib_s"] = content["bytes"] / MiB / _plain_copy(dirs[0], work)
         if layers == 1:  # as a process too: what a user waits for, start-up included
             per_layer["start_as_process"] = summary([_process_start(image) for _ in range(RUNS)])
             per_layer["start_as_process_minus_startup_s"] = (
@@ -187,6 +191,31 @@ def start_latency_and_friends(size_mib: int, startup: float) -> dict[str, Any]:
             shutil.rmtree(d)
     shutil.rmtree(work)
     return out
+
+
+def _plain_copy(src: Path, work: Path) -> float:
+    """Seconds for the build's own copy of `src` into an unencrypted ext4 on a loop device."""
+    source = DirectorySource(src)
+    measure = source.measure()
+    plain, mnt = work / "plain.ext4", work / "plain-mnt"
+    with open(plain, "wb") as f:
+        f.truncate(2 * measure.blocks * 4096 + 64 * MiB)
+    sh("mkfs.ext4", "-q", "-O", "^has_journal", "-N", str(measure.inodes + 64), str(plain))
+    mnt.mkdir()
+    loop = losetup.attach(plain, readonly=False)
+    try:
+        sh("mount", "-o", "noatime", loop, str(mnt))
+        drop_caches()
+        begin = time.perf_counter()
+        try:
+            source.populate(mnt)
+        finally:
+            sh("umount", str(mnt))  # written back, as the build's layer is
+        return time.perf_counter() - begin
+    finally:
+        losetup.detach(loop)
+        mnt.rmdir()
+        plain.unlink()
 
 
 def _starts_joining(image: Path) -> list[float]:
