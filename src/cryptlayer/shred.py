@@ -23,9 +23,12 @@ def shred_image(image: Path) -> int:
 
 
 def erase_layer(path: Path) -> None:
-    """Erase the keyslots of one layer file (if any are left), then check that none is."""
-    if keyslot_count(path):
-        cryptsetup.erase(path)
+    """Erase the keyslots of one layer file, then check that none is left.
+
+    luksErase of a header with no keyslot left succeeds, so an erase that was interrupted (or
+    done) is simply done again: no check first, one program run per layer fewer.
+    """
+    cryptsetup.erase(path)
     if keyslot_count(path):
         raise CryptlayerError(
             f"{path} still has keyslots after luksErase", "run `cryptlayer shred` again"

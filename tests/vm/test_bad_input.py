@@ -51,6 +51,18 @@ def test_damaged_header(cli: Cli, image: Path, key_file: Path) -> None:
     assert err.endswith("the image is damaged or incomplete; rebuild it\n")
 
 
+def test_shred_of_a_damaged_header(cli: Cli, image: Path) -> None:
+    layer = image / "layer0.luks"
+    with open(layer, "r+b") as f:
+        f.write(b"\0" * 8192)
+        f.seek(16384)
+        f.write(b"\0" * 8192)
+    code, _, err = cli("shred", str(image))
+    assert code == ExitCode.USAGE
+    assert err.startswith(f"error: {layer} is not a readable LUKS2 layer (")
+    assert err.endswith("the image is damaged or incomplete; rebuild it\n")
+
+
 def test_missing_manifest(cli: Cli, image: Path, key_file: Path) -> None:
     (image / "manifest.json").unlink()
     code, _, err = cli("run", "--key-file", str(key_file), str(image), "--", "true")

@@ -103,22 +103,28 @@ def close(name: str) -> None:
     run(["cryptsetup", "close", name])
 
 
-def erase(path: Path) -> None:
-    """Wipe every keyslot of the LUKS header at `path` (luksErase)."""
-    run(["cryptsetup", "luksErase", "--batch-mode", str(path)])
-
-
-def dump(path: Path) -> dict[str, Any]:
-    """The LUKS2 header metadata of `path` as JSON (no key needed)."""
+def _on_header(argv: list[str], path: Path) -> str:
+    """Run a cryptsetup command on the LUKS2 header of layer file `path`; its stdout."""
     try:
-        result = run(["cryptsetup", "luksDump", "--dump-json-metadata", str(path)])
+        return run([*argv, str(path)]).stdout
     except CommandError as err:
         detail = err.stderr.splitlines()[-1] if err.stderr else "no header"
         raise UsageError(
             f"{path} is not a readable LUKS2 layer ({detail})",
             "the image is damaged or incomplete; rebuild it",
         ) from err
-    data: dict[str, Any] = json.loads(result.stdout)
+
+
+def erase(path: Path) -> None:
+    """Wipe every keyslot of the LUKS header at `path` (luksErase; none left is no error)."""
+    _on_header(["cryptsetup", "luksErase", "--batch-mode"], path)
+
+
+def dump(path: Path) -> dict[str, Any]:
+    """The LUKS2 header metadata of `path` as JSON (no key needed)."""
+    data: dict[str, Any] = json.loads(
+        _on_header(["cryptsetup", "luksDump", "--dump-json-metadata"], path)
+    )
     return data
 
 
