@@ -28,7 +28,7 @@ test-vm:
 test-power-loss:
 	scripts/power-loss
 
-# Benchmarks (not pass/fail): figures 1-7 in one VM boot, figure 8 on this host, then the report
+# Benchmarks (not pass/fail): figures 1-7 in one VM boot, figure 8 and what needs no device-mapper on this host, then the report
 # in docs/benchmarks/. BENCH_ARGS='--sizes 64,256 --runs 2' makes a quicker run, and
 # BENCH_ARGS='read concurrent' re-runs only those sections (bench/devices.py --help).
 bench: setup
@@ -36,7 +36,7 @@ bench: setup
 	CRYPTLAYER_VM_DISK=$${CRYPTLAYER_VM_DISK:-24G} CRYPTLAYER_VM_MEMORY=$${CRYPTLAYER_VM_MEMORY:-4G} \
 	  CRYPTLAYER_VM_TIMEOUT=$${CRYPTLAYER_VM_TIMEOUT:-240m} CRYPTLAYER_VM_RWDIR=docs/benchmarks \
 	  scripts/in-vm $(PY) bench/devices.py $(BENCH_ARGS)
-	$(PY) bench/startup.py
+	$(PY) bench/host.py
 	$(PY) bench/report.py
 
 lint:
