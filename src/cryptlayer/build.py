@@ -30,12 +30,26 @@ MiB = 1024 * 1024
 # its minimum afterwards, so a generous guess costs nothing on disk.
 FS_OVERHEAD = 16 * MiB
 INODE_BYTES = 256
+GROUP_BYTES = 32768 * 4096  # an ext4 block group of 4 KiB blocks
 
 
 def _fs_bytes(blocks: int, inodes: int) -> int:
     data = blocks * 4096
     total = FS_OVERHEAD + data + data // 5 + inodes * INODE_BYTES * 2
     return -(-total // MiB) * MiB  # whole MiB: a multiple of the 4 KiB sector size
+
+
+def _inodes(needed: int, fs_bytes: int, blocks: int) -> int:
+    """Inodes for a file system of `fs_bytes` that `resize2fs -M` will shrink to about `blocks`.
+
+    ext4 spreads inodes evenly over its block groups (128 MiB each), and the shrink must keep
+    every group it needs for the inodes in use: with just enough inodes it could drop no group
+    at all (a 1 GiB layer stayed 20% too large). So each group gets as many more as there are
+    groups now for each one the data needs, and the groups that remain still hold every inode.
+    """
+    groups_now = -(-fs_bytes // GROUP_BYTES)
+    groups_after = max(1, -(-blocks * 4096 // GROUP_BYTES))
+    return -(-(needed + 64) * groups_now // groups_after)
 
 
 def _expand(stack: ExitStack, sources: list[str]) -> tuple[list[Source], ImageConfig | None]:
@@ -109,9 +123,9 @@ def build_image(
 def _build_layer(source: Source, image_dir: Path, filename: str, key: Secret) -> Layer:
     measure = source.measure()
     path = image_dir / filename
-    header = 1 * MiB  # data offset given cryptsetup.FORMAT_OPTIONS; checked below
+    fs_bytes = _fs_bytes(measure.blocks, measure.inodes)
     with open(path, "xb") as f:
-        f.truncate(header + _fs_bytes(measure.blocks, measure.inodes))
+        f.truncate(cryptsetup.HEADER_BYTES + fs_bytes)
     cryptsetup.format_luks(path, key, label=f"cryptlayer {filename}")
     header_json = cryptsetup.dump(path)
     offset = cryptsetup.data_offset(header_json)
@@ -121,7 +135,8 @@ def _build_layer(source: Source, image_dir: Path, filename: str, key: Secret) ->
         stack.callback(losetup.detach, loop)
         mapped = cryptsetup.open_luks(loop, name, key, readonly=False)
         stack.callback(cryptsetup.close, name)
-        mkfs.make_ext4(mapped, inodes=measure.inodes + 64, label=filename.removesuffix(".luks"))
+        inodes = _inodes(measure.inodes, fs_bytes, measure.blocks)
+        mkfs.make_ext4(mapped, inodes=inodes, label=filename.removesuffix(".luks"))
         mnt = run_root() / f".build-{name}"
         mnt.mkdir(parents=True, mode=0o700)  # a dot name: never a container's
         stack.callback(mnt.rmdir)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 CIPHER = "aes-xts-plain64"
 KEY_BITS = 512
 SECTOR_SIZE = 4096
+HEADER_BYTES = 2 * 16 * 1024 + 256 * 1024  # where a layer's data begins; see FORMAT_OPTIONS
 # Layer keys are 32 random bytes: stretching them buys nothing, so the cheapest PBKDF2 keeps an
 # unlock in milliseconds (argon2id's default costs ~3 s and 1 GiB per layer).
 FORMAT_OPTIONS = [
@@ -26,9 +27,12 @@ FORMAT_OPTIONS = [
     "--hash", "sha256",
     "--pbkdf", "pbkdf2",
     "--pbkdf-force-iterations", "1000",
-    # 16k + 256k puts the data at 1 MiB instead of the default 16 MiB.
+    # Two 16 KiB copies of the metadata and 256 KiB of keyslots (one keyslot: the image key;
+    # people's keys wrap it in keys.json), and the data right after them: 288 KiB of header
+    # per layer, where cryptsetup's defaults take 16 MiB (and its 1 MiB alignment, 1 MiB).
     "--luks2-metadata-size", "16k",
     "--luks2-keyslots-size", "256k",
+    "--offset", str(HEADER_BYTES // 512),
 ]  # fmt: skip
 # cryptsetup's exit status for "no key available with this passphrase"
 EXIT_WRONG_KEY = 2
