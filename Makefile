@@ -28,8 +28,9 @@ test-vm:
 test-power-loss:
 	scripts/power-loss
 
-# Benchmarks (not pass/fail): figures 1-7 in one VM boot, figure 8 and what needs no device-mapper on this host, then the report
-# in docs/benchmarks/. BENCH_ARGS='--sizes 64,256 --runs 2' makes a quicker run, and
+# Benchmarks (not pass/fail): figures 1-7 in one VM boot; figure 8, and what needs no
+# device-mapper, on this host; then the report in docs/benchmarks/.
+# BENCH_ARGS='--sizes 64,256 --runs 2' makes a quicker run, and
 # BENCH_ARGS='read concurrent' re-runs only those sections (bench/devices.py --help).
 bench: setup
 	$(VENV)/bin/pip install -q -e '.[dev,bench]'
