@@ -49,11 +49,17 @@ def mount_points(opening: Opening, manifest: Manifest) -> list[Path]:
 
 
 def require_openable(image: Path, manifest: Manifest) -> None:
-    """ErasedImageError unless the image can be opened: from its disk, or by joining its opening."""
+    """ErasedImageError unless the image can be opened: from its disk, or by joining its opening.
+
+    A container joining an open image needs the bottom layer's keyslot only (or its header copy,
+    once erased at start): its key is checked against that one (`join`), the other layers are
+    open already, and an erase (`shred`, or at start) always wipes the bottom layer first.
+    """
     opening = state.load_opening(str(image))
-    if opening is not None and opening.erased and state.users_of(str(image)):
+    joining = opening is not None and bool(state.users_of(str(image)))
+    if joining and opening is not None and opening.erased:
         return
-    require_intact(image, manifest)
+    require_intact(image, manifest, first_only=joining)
 
 
 def join(record: Record, image: Path, manifest: Manifest, key: Secret) -> list[Path]:

@@ -35,9 +35,11 @@ def erase_layer(path: Path) -> None:
         )
 
 
-def require_intact(image: Path, manifest: manifest_mod.Manifest) -> None:
-    """ErasedImageError if any layer of the image has no keyslot left."""
-    for layer in manifest.layers:
+def require_intact(
+    image: Path, manifest: manifest_mod.Manifest, *, first_only: bool = False
+) -> None:
+    """ErasedImageError if any layer of the image (or the bottom one) has no keyslot left."""
+    for layer in manifest.layers[:1] if first_only else manifest.layers:
         if keyslot_count(image / layer.file) == 0:
             raise ErasedImageError(
                 f"image {image} was shredded (crypto-erased): no key can open it any more",

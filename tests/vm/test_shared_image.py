@@ -26,6 +26,17 @@ def shared_mappings(image: Path) -> list[str]:
     return udev.mappings(mapping_prefix(str(image)))
 
 
+def test_no_joining_an_image_shredded_while_open(cli: Cli, image: Path, key_file: Path) -> None:
+    start(cli, image, key_file, "a", "--keep")
+    cli.ok("shred", str(image))  # while a runs: its layers stay open, the disk's keyslots go
+    assert slots(image) == [0, 0]
+    code, _, err = cli("start", "--key-file", str(key_file), "--name", "b", "--keep", str(image))
+    assert code == ExitCode.ERASED, err  # the open layers do not let a new container in
+    assert err.startswith(f"error: image {image} was shredded (crypto-erased)")
+    cli.ok("stop", "a")
+    assert shared_mappings(image) == []
+
+
 def test_erased_at_start_and_the_last_user_closes(
     cli: Cli, image: Path, key_file: Path, tmp_path: Path
 ) -> None:
