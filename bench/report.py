@@ -153,7 +153,7 @@ def rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
                     f" shred -n {fig.get('baseline_shred_passes', 3)}"
                     f" {ms(fig['baseline_shred']['median_s'])}"
                     + (
-                        " (scaled from 256 MiB)"
+                        " (scaled from an earlier one-pass rate)"
                         if fig["baseline_shred"].get("extrapolated")
                         else ""
                     ),
@@ -303,7 +303,11 @@ def main() -> None:
         "below; where it is a software-emulated CPU, they are valid as ratios only.",
         "",
     ]
-    for key, title in (("machine_vm", "VM (figures 1-7)"), ("machine_host", "host (figure 8)")):
+    hosts = (
+        ("machine_vm", "VM (figures 1-7)"),
+        ("machine_host", "host (figure 8, and rows so marked)"),
+    )
+    for key, title in hosts:
         if key in data:
             m = data[key]
             lines.append(
@@ -311,6 +315,13 @@ def main() -> None:
                 f" {m['kernel']}, virtualization {m['virtualization']}, software emulation"
                 f" {m['software_emulation']}; {m['cryptsetup']}"
             )
+    when = data.get("generated", {})
+    sections = sorted(k for k in when if not k.startswith(("machine", "cli_startup")))
+    if sections:  # a section can be re-run alone (BENCH_ARGS): say when each one was measured
+        lines.append(
+            "- measured (UTC): "
+            + ", ".join(f"{k} {when[k][:16].replace('T', ' ')}" for k in sections)
+        )
     if "cli_startup_vm" in data:
         v = data["cli_startup_vm"]
         lines.append(
