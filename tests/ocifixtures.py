@@ -152,6 +152,5 @@ TOP = layer_tar([
     Entry("file", "usr/bin/ping", b"\x7fELF", mode=0o4755, xattrs={"security.capability": CAP}),
     Entry("hardlink", "usr/bin/ping2", target="usr/bin/ping", mode=0o4755),
     Entry("symlink", "usr/bin/p", target="ping"), Entry("fifo", "run/fifo", mode=0o600),
-    Entry("char", "dev/tty9", mode=0o620, device=(4, 9)),
     Entry("file", "home/app/owned", b"mine", uid=1000, gid=1000),
 ])  # fmt: skip

@@ -20,7 +20,7 @@ from . import manifest as manifest_mod
 from .errors import UsageError
 from .keys import Secret
 from .manifest import ImageConfig, Layer, Manifest
-from .paths import run_root
+from .paths import private_run_root
 from .sources import OciLayerSource, Source, SquashSource, parse_path
 from .system import require_kernel, require_root, require_tools
 from .tools import cryptsetup, losetup, mkfs, mount
@@ -137,10 +137,12 @@ def _build_layer(source: Source, image_dir: Path, filename: str, key: Secret) ->
         stack.callback(cryptsetup.close, name)
         inodes = _inodes(measure.inodes, fs_bytes, measure.blocks)
         mkfs.make_ext4(mapped, inodes=inodes, label=filename.removesuffix(".luks"))
-        mnt = run_root() / f".build-{name}"
-        mnt.mkdir(parents=True, mode=0o700)  # a dot name: never a container's
+        # Below the private runtime directory (0700): the new file system's root is 0755, and
+        # no other user may walk into the plaintext while it is filled.
+        mnt = private_run_root() / f".build-{name}"
+        mnt.mkdir(mode=0o700)  # a dot name: never a container's
         stack.callback(mnt.rmdir)
-        mount.mount(mapped, mnt, "ext4", ["noatime", "noinit_itable"])
+        mount.mount(mapped, mnt, "ext4", mount.SCRATCH_OPTIONS)
         with ExitStack() as mounted:
             mounted.callback(mount.umount, mnt)
             source.populate(mnt)

@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from .errors import CryptlayerError, ExitCode, UsageError
+from .errors import CryptlayerError, ExitCode, UsageError, printable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -71,7 +71,7 @@ KeepFlag = Annotated[
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {printable(message)}", err=True)
     return typer.Exit(code)
 
 
@@ -93,6 +93,16 @@ def handled(func: F) -> F:
                 traceback.print_exc()
             where = f" ({err.filename})" if err.filename else ""
             raise _fail(f"{err.strerror or err}{where}", ExitCode.FAILURE) from err
+        except (typer.Exit, typer.Abort, typer.BadParameter):
+            raise  # click's own: usage errors print as click prints them
+        except Exception as err:  # the last line of defence: still one line, no traceback
+            if _debug:
+                traceback.print_exc()
+            raise _fail(
+                f"unexpected {type(err).__name__}: {err}: run again with --debug for the"
+                " traceback, and report it",
+                ExitCode.FAILURE,
+            ) from err
 
     return wrapper  # type: ignore[return-value]
 
@@ -173,6 +183,39 @@ def _principals(
         principals.__exit__()
         raise
     return principals
+
+
+AllowSharedDir = Annotated[
+    bool,
+    typer.Option(
+        "--allow-shared-dir",
+        help="Use an image directory that users other than root may write (unsafe: they can"
+        " swap its files while root works on them).",
+    ),
+]
+Strict = Annotated[
+    bool,
+    typer.Option(
+        "--strict",
+        help="Refuse to start where decrypted memory could reach the disk (unencrypted swap,"
+        " zram writeback, core dumps to files, hibernation); without it, a warning.",
+    ),
+]
+
+
+def _check_host(strict: bool) -> None:
+    """Warn (or with --strict refuse) where this host may write decrypted memory to disk."""
+    from .hostcheck import problems
+
+    found = problems()
+    if found and strict:
+        raise UsageError(
+            f"this host may write decrypted memory to disk: {'; '.join(found)}",
+            "encrypt swap (or swapoff), pipe core dumps to a handler that drops them, or leave"
+            " out --strict (docs/threat-model.md)",
+        )
+    for problem in found:
+        typer.echo(f"warning: {problem}: decrypted memory may reach the disk", err=True)
 
 
 def _warn_if_erase_may_not_hold(image: Path) -> None:
@@ -309,10 +352,11 @@ def inspect(image: ImageArg, as_json: JsonFlag = False) -> None:
 
     info = inspect_image(image)
     if as_json:
-        typer.echo(json.dumps(info, indent=2))
+        typer.echo(json.dumps(info, indent=2))  # JSON escapes control characters itself
         return
-    typer.echo(f"image:   {info['image']}\ncipher:  {info['cipher']}\nstate:   {info['state']}")
-    typer.echo(f"created: {info['created']}")
+    p = printable  # every string of the manifest is the image author's: no terminal escapes
+    typer.echo(f"image:   {p(info['image'])}\ncipher:  {p(info['cipher'])}")
+    typer.echo(f"state:   {info['state']}\ncreated: {p(info['created'])}")
     if info["state"] == "erased":
         typer.echo("opens:   nobody (every keyslot is erased; keys.json lists who once could)")
     for entry in [] if info["state"] == "erased" else info["access"]:
@@ -321,17 +365,17 @@ def inspect(image: ImageArg, as_json: JsonFlag = False) -> None:
             cost = (
                 f" (argon2id, {entry['iterations']} iterations, {entry['memory_kib'] // 1024} MiB)"
             )
-        typer.echo(f"opens:   {entry['id']}{cost}")
+        typer.echo(f"opens:   {p(entry['id'])}{cost}")
     for i, layer in enumerate(info["layers"]):
         typer.echo(
-            f"layer {i}: {layer['file']} {layer['size']} bytes,"
-            f" keyslots {layer['keyslots']} ({layer['state']}), from {layer['source']}"
+            f"layer {i}: {p(layer['file'])} {layer['size']} bytes,"
+            f" keyslots {layer['keyslots']} ({layer['state']}), from {p(layer['source'])}"
         )
     cfg = info["config"]
-    typer.echo(f"command: {' '.join([*cfg['entrypoint'], *cfg['cmd']]) or '(none)'}")
+    typer.echo(f"command: {p(' '.join([*cfg['entrypoint'], *cfg['cmd']])) or '(none)'}")
     for item in cfg["env"]:
-        typer.echo(f"env:     {item}")
-    typer.echo(f"workdir: {cfg['workdir']}\nuser:    {cfg['user'] or 'root'}")
+        typer.echo(f"env:     {p(item)}")
+    typer.echo(f"workdir: {p(cfg['workdir'])}\nuser:    {p(cfg['user']) or 'root'}")
 
 
 @app.command()
@@ -417,6 +461,16 @@ def run(
     stop_timeout: Annotated[
         float, typer.Option(help="Seconds after SIGINT/SIGTERM before the container is killed.")
     ] = 10.0,
+    network: Annotated[
+        str,
+        typer.Option(
+            metavar="none|host",
+            help="none: a network namespace of its own with only loopback (default);"
+            " host: the host's network.",
+        ),
+    ] = "none",
+    allow_shared_dir: AllowSharedDir = False,
+    strict: Strict = False,
 ) -> None:
     """Run COMMAND (or the image's default) in a container from IMAGE, then tear down and shred."""
     from . import container, ocispec, state
@@ -426,18 +480,25 @@ def run(
         raise UsageError(
             "--interactive and the key both want standard input", "put the key in a file"
         )
+    if network not in {n.value for n in ocispec.Network}:
+        raise UsageError(f"unknown --network {network!r}", "use none or host")
     options = container.StartOptions(
         state.check_name(name) if name else container.default_name(image),
         not keep,
         _size(scratch_size),
+        stop_timeout,
+        allow_shared_dir,
     )
     # Everything after IMAGE is the command (as in podman); a `--` before it is optional.
     args = command[1:] if command and command[0] == "--" else (command or [])
-    overrides = ocispec.Overrides(tuple(args), tuple(env or ()), workdir, user)
+    overrides = ocispec.Overrides(
+        tuple(args), tuple(env or ()), workdir, user, ocispec.Network(network)
+    )
     require_root("start containers")
     if not keep:
         _warn_if_erase_may_not_hold(image)
     with _credential(image, key_file, key_command, keyring, passphrase, identity) as credential:
+        _check_host(strict)
         status = container.run(image, credential, options, overrides, interactive)
     raise typer.Exit(status)
 
@@ -454,16 +515,21 @@ def start(
     identity: IdentityOpt = None,
     keep: KeepFlag = False,
     scratch_size: Annotated[str, typer.Option(help="Size of the writable layer (sparse).")] = "1G",
+    allow_shared_dir: AllowSharedDir = False,
+    strict: Strict = False,
 ) -> None:
     """Assemble the root file system and print its path (for podman --rootfs, nspawn -D, crun)."""
     from . import container, state
     from .system import require_root
 
-    options = container.StartOptions(state.check_name(name), not keep, _size(scratch_size))
+    options = container.StartOptions(
+        state.check_name(name), not keep, _size(scratch_size), allow_shared_dir=allow_shared_dir
+    )
     require_root("start containers")
     if not keep:
         _warn_if_erase_may_not_hold(image)
     with _credential(image, key_file, key_command, keyring, passphrase, identity) as credential:
+        _check_host(strict)
         record = container.start(image, credential, options)
     typer.echo(record.rootfs)
 
@@ -503,14 +569,14 @@ def ps(as_json: JsonFlag = False) -> None:
 
 @app.command()
 @handled
-def shred(image: ImageArg) -> None:
+def shred(image: ImageArg, allow_shared_dir: AllowSharedDir = False) -> None:
     """Crypto-erase IMAGE: wipe every keyslot of every layer, then verify none is left."""
     from .shred import shred_image
     from .system import require_tools
 
     require_tools("cryptsetup")
     _warn_if_erase_may_not_hold(image)
-    count = shred_image(image)
+    count = shred_image(image, allow_shared=allow_shared_dir)
     typer.echo(
         f"shredded {image}: {count} layer(s), no keyslot left; no key can open it now", err=True
     )

@@ -24,10 +24,12 @@ from . import envelope, journal, layers, state
 from . import manifest as manifest_mod
 from .errors import CryptlayerError, UsageError
 from .fsutil import write_json_atomic
+from .imagefiles import ImageFiles, open_image
 from .journal import acquire, crash_point, mkdir
 from .keys import Credential, Secret
 from .ocispec import Overrides, runtime_config
 from .paths import run_root, scratch_dir
+from .seccomp import load_profile
 from .shred import shred_image
 from .state import Kind, Mode, Record
 from .system import require_kernel, require_root, require_tools
@@ -45,6 +47,7 @@ class StartOptions:
     shred: bool = True
     scratch_bytes: int = DEFAULT_SCRATCH
     stop_timeout: float = 10.0  # seconds from a forwarded signal to SIGKILL, as podman's
+    allow_shared_dir: bool = False  # an image directory others may write (see imagefiles.py)
 
 
 def default_name(image: Path) -> str:
@@ -76,7 +79,7 @@ def _open_scratch(stack: ExitStack, record: Record, size: int) -> Path:
     mkfs.make_ext4(node, inodes=None, label="scratch")
     target = mkdir(stack, record, run_root() / record.name / "scratch")
     acquire(stack, record, Kind.MOUNT, str(target),
-            lambda: mount.mount(node, target, "ext4", ["noatime", "noinit_itable"]))  # fmt: skip
+            lambda: mount.mount(node, target, "ext4", mount.SCRATCH_OPTIONS))  # fmt: skip
     for sub in ("upper", "work"):
         (target / sub).mkdir(mode=0o755)
     return target
@@ -85,15 +88,15 @@ def _open_scratch(stack: ExitStack, record: Record, size: int) -> Path:
 def assemble(
     stack: ExitStack,
     record: Record,
-    image: Path,
+    files: ImageFiles,
     manifest: manifest_mod.Manifest,
     key: Secret,
     options: StartOptions,
 ) -> Path:
     """Open (or join) the layers and stack them under the scratch layer; returns the rootfs."""
     mkdir(stack, record, run_root() / record.name)
-    lowers = acquire(stack, record, Kind.IMAGE, str(image),
-                     lambda: layers.join(record, image, manifest, key))  # fmt: skip
+    lowers = acquire(stack, record, Kind.IMAGE, str(files.image),
+                     lambda: layers.join(record, files, manifest, key))  # fmt: skip
     scratch = _open_scratch(stack, record, options.scratch_bytes)
     rootfs = mkdir(stack, record, run_root() / record.name / "rootfs")
     lowerdir = ":".join(str(p) for p in reversed(lowers))  # overlayfs lists the top layer first
@@ -101,28 +104,11 @@ def assemble(
         f"lowerdir={lowerdir}",
         f"upperdir={scratch}/upper",
         f"workdir={scratch}/work",
+        "nodev",  # device nodes an image carries open nothing (nor does the device cgroup)
     ]
     acquire(stack, record, Kind.MOUNT, str(rootfs),
             lambda: mount.mount("cryptlayer", rootfs, "overlay", overlay_options))  # fmt: skip
     return rootfs
-
-
-def _check_image(image: Path) -> manifest_mod.Manifest:
-    manifest = manifest_mod.load(image)
-    for layer in manifest.layers:
-        path = image / layer.file
-        try:
-            actual = path.stat().st_size
-        except FileNotFoundError:
-            raise UsageError(
-                f"layer file {path} is missing", "the image is incomplete; copy it again"
-            ) from None
-        if actual != layer.size:
-            raise UsageError(
-                f"layer file {path} has {actual} bytes, the manifest says {layer.size}",
-                "the image is damaged (truncated?); copy it again",
-            )
-    return manifest
 
 
 def _assemble_locked(
@@ -142,15 +128,30 @@ def _assemble_locked(
     require_root("start containers")
     require_tools(*TOOLS)
     image = image.resolve()
-    manifest = _check_image(image)
+    manifest = manifest_mod.load(image)
+    # Every layer file is opened here, checked, and used by descriptor from now on.
+    with open_image(image, manifest, allow_shared=options.allow_shared_dir) as files:
+        return _assemble_files(files, manifest, credential, options, mode, overrides)
+
+
+def _assemble_files(
+    files: ImageFiles,
+    manifest: manifest_mod.Manifest,
+    credential: Credential,
+    options: StartOptions,
+    mode: Mode,
+    overrides: Overrides | None,
+) -> Record:
+    image = files.image
     require_kernel()
     if overrides is not None:
         runtime.runtime()  # fail on a missing runtime before touching any device
+        load_profile()  # and on a missing seccomp profile
     created = datetime.now(UTC).isoformat(timespec="seconds")
     # Unwrapped before the host lock is taken: a passphrase's Argon2id takes seconds.
     key = envelope.unlock(image, envelope.load(image), credential)
     with key, state.locked():
-        layers.require_openable(image, manifest)
+        layers.require_openable(files)
         record = state.create(
             Record(
                 options.name,
@@ -160,6 +161,7 @@ def _assemble_locked(
                 os.getpid(),
                 created=created,
                 layers=len(manifest.layers),
+                layer_ids=files.identities(),
             )
         )
         erasing = False
@@ -172,7 +174,7 @@ def _assemble_locked(
         with ExitStack() as stack:
             stack.callback(_finish_if_empty, record)
             stack.callback(spare_unless_erasing)
-            rootfs = assemble(stack, record, image, manifest, key, options)
+            rootfs = assemble(stack, record, files, manifest, key, options)
             if overrides is not None:
                 config = runtime_config(rootfs, record.name, manifest.config, overrides)
                 config_path = run_root() / record.name / "config.json"
@@ -181,7 +183,7 @@ def _assemble_locked(
                 acquire(stack, record, Kind.CONTAINER, container_id(record), lambda: None)
             if options.shred:
                 erasing = True
-                layers.erase_at_start(record, image, manifest)
+                layers.erase_at_start(record, files)
             record.rootfs = str(rootfs)
             record.pid = os.getpid() if mode is Mode.RUN else 0
             record.save()
@@ -204,7 +206,7 @@ def _finish_if_empty(record: Record) -> None:
     nothing is left of it. Called under the host lock."""
     if record.shred and not record.shredded:
         crash_point()
-        shred_image(Path(record.image))
+        shred_image(Path(record.image), expected=record.layer_ids, allow_shared=True)
         record.shredded = True
         record.save()
     if not record.steps:

@@ -17,6 +17,7 @@ LUKS headers do not change.
 from __future__ import annotations
 
 import base64
+import binascii
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import UsageError, WrongKeyError
 from .fsutil import read_image_json, write_json_atomic
 from .keys import Credential, Secret
+from .manifest import number, text
 
 if TYPE_CHECKING:
     from .recipients import Recipient
@@ -41,6 +43,11 @@ MIN_ITERATIONS = 4
 MIN_MEMORY_KIB = 8 * 1024
 MAX_MEMORY_KIB = 1024 * 1024
 MAX_ITERATIONS = 1000  # a damaged or hostile keys.json must not make us compute for hours
+# ...nor memory times passes: 64 passes over 1 GiB (about a minute on a fast CPU), at most
+MAX_WORK_KIB = 64 * MAX_MEMORY_KIB
+MAX_PASSPHRASE_ENTRIES = 8  # each costs one Argon2id run when a passphrase is tried
+MAX_ENTRIES = 256
+KINDS = ("key", "passphrase", "x25519", "rsa")
 DEFAULT_ITER_TIME_MS = 2000
 
 
@@ -181,7 +188,8 @@ def calibrate(iter_time_ms: int) -> tuple[int, int]:
         memory = int(min(ceiling, memory * target / took))
     else:
         iterations = int(min(MAX_ITERATIONS, max(MIN_ITERATIONS, iterations * target / took)))
-    return iterations, max(MIN_MEMORY_KIB, memory - memory % (8 * LANES))
+    memory = max(MIN_MEMORY_KIB, memory - memory % (8 * LANES))
+    return min(iterations, MAX_WORK_KIB // memory), memory
 
 
 def for_key(image_key: Secret, key: Secret) -> Entry:
@@ -232,12 +240,7 @@ def _unwrap(entry: Entry, credential: Credential) -> Secret | None:
         salt = base64.b64decode(entry.param("salt"))
         return _unwrap_aes(_key_kek(credential.key, salt), wrapped)
     if entry.kind == "passphrase" and credential.passphrase is not None:
-        iterations, memory = int(entry.param("iterations")), int(entry.param("memory_kib"))
-        if not (1 <= iterations <= MAX_ITERATIONS and memory <= 4 * MAX_MEMORY_KIB):
-            raise UsageError(
-                f"{FILE} asks for an Argon2id cost out of bounds",
-                "the image is damaged; rebuild it",
-            )
+        iterations, memory = argon2_cost(entry)
         salt = base64.b64decode(entry.param("salt"))
         return _unwrap_aes(
             _passphrase_kek(credential.passphrase, salt, iterations, memory), wrapped
@@ -255,6 +258,26 @@ def _unwrap(entry: Entry, credential: Credential) -> Secret | None:
     return Secret(bytearray(raw))
 
 
+def argon2_cost(entry: Entry) -> tuple[int, int]:
+    """(iterations, memory KiB) of a passphrase entry; UsageError when out of bounds (a hostile
+    keys.json must not make us compute for hours or exhaust the host's memory)."""
+    iterations, memory = entry.param("iterations"), entry.param("memory_kib")
+    ceiling = max(MIN_MEMORY_KIB, min(MAX_MEMORY_KIB, available_memory_kib()))
+    if (
+        not 1 <= iterations <= MAX_ITERATIONS
+        or not MIN_MEMORY_KIB <= memory <= ceiling
+        or iterations * memory > MAX_WORK_KIB
+        or entry.param("lanes") != LANES
+    ):
+        raise UsageError(
+            f"{FILE} asks for an Argon2id cost out of bounds ({iterations} iterations,"
+            f" {memory} KiB, {entry.param('lanes')} lanes; at most {MAX_ITERATIONS},"
+            f" {ceiling} KiB here and {MAX_WORK_KIB} KiB in all, {LANES} lanes)",
+            "the image is damaged or hostile; rebuild it",
+        )
+    return iterations, memory
+
+
 def unlock(image: Path, entries: list[Entry], credential: Credential) -> Secret:
     """The image key, unwrapped with `credential`; WrongKeyError saying who could open it."""
     if credential.identity is not None:
@@ -270,6 +293,12 @@ def unlock(image: Path, entries: list[Entry], credential: Credential) -> Secret:
         candidates = [e for e in entries if e.id == key]
     else:
         candidates = [e for e in entries if e.kind == "passphrase"]
+        if len(candidates) > MAX_PASSPHRASE_ENTRIES:
+            raise UsageError(
+                f"{image}/{FILE} has {len(candidates)} passphrase entries, more than"
+                f" {MAX_PASSPHRASE_ENTRIES} (each costs an Argon2id run to try)",
+                "the image is damaged or hostile; rebuild it",
+            )
     for entry in candidates:
         image_key = _unwrap(entry, credential)
         if image_key is not None:
@@ -293,18 +322,49 @@ def load(image: Path) -> list[Entry]:
         path, FORMAT, "the image is incomplete (or older than cryptlayer keys v1); rebuild it"
     )
     try:
-        entries = []
-        for item in raw["entries"]:
-            params = tuple(
-                sorted((str(k), v) for k, v in item.items() if k not in ("type", "id", "wrapped"))
-            )
-            entries.append(Entry(str(item["type"]), str(item["id"]), str(item["wrapped"]), params))
-        return entries
+        items = raw["entries"]
+        if not isinstance(items, list) or not 1 <= len(items) <= MAX_ENTRIES:
+            raise ValueError(f"entries is not a list of 1 to {MAX_ENTRIES} entries")
+        return [_entry(item, i) for i, item in enumerate(items)]
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         detail = f"missing {err}" if isinstance(err, KeyError) else str(err)
         raise UsageError(
             f"{path} is malformed: {detail}", "the image is damaged; rebuild it"
         ) from err
+
+
+def _entry(item: Any, index: int) -> Entry:
+    """One entry of keys.json, every field checked for type and form."""
+    where = f"entry {index}"
+    if not isinstance(item, dict):
+        raise ValueError(f"{where} is not an object")
+    kind = text(item["type"], f"{where}'s type")
+    if kind not in KINDS:
+        raise ValueError(f"{where}'s type {kind!r} is not one of {', '.join(KINDS)}")
+    _b64_field(item["wrapped"], f"{where}'s wrapped")
+    params: list[tuple[str, str | int]] = []
+    for name, value in item.items():
+        if name in ("type", "id", "wrapped"):
+            continue
+        if name == "salt":
+            _b64_field(value, f"{where}'s salt")
+        elif name in ("iterations", "memory_kib", "lanes"):
+            number(value, f"{where}'s {name}", 1 << 32)
+        elif name == "kdf" and value != "argon2id":
+            raise ValueError(f"{where}'s kdf {value!r} is not argon2id")
+        params.append((text(name, "a field name"), value))
+    needed = {"key": {"salt"}, "passphrase": {"salt", "iterations", "memory_kib", "lanes"}}
+    missing = needed.get(kind, set()) - {name for name, _ in params}
+    if missing:
+        raise ValueError(f"{where} ({kind}) lacks {', '.join(sorted(missing))}")
+    return Entry(kind, text(item["id"], f"{where}'s id"), item["wrapped"], tuple(sorted(params)))
+
+
+def _b64_field(value: Any, what: str) -> bytes:
+    try:
+        return base64.b64decode(text(value, what), validate=True)
+    except binascii.Error as err:
+        raise ValueError(f"{what} is not base64 ({err})") from None
 
 
 def save(image: Path, entries: list[Entry]) -> None:

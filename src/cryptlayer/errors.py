@@ -18,6 +18,12 @@ class ExitCode(IntEnum):
     BUSY = 7  # a name in use, or a device still held open
 
 
+def printable(text: str) -> str:
+    """`text` with control characters (terminal escapes, newlines, NUL...) shown as escapes:
+    names and strings from an image must not forge or hide lines of our output."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class CryptlayerError(Exception):
     """Base of every error cryptlayer reports as one `error:` line."""
 

@@ -1,12 +1,104 @@
-"""Small file-system helpers: atomic writes."""
+"""Small file-system helpers: atomic writes, and reading files that an attacker may have made."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
+
+# How an untrusted file is opened: never through a symlink in its last component, never blocking
+# (a FIFO opens at once and is then refused as not a regular file), never kept across exec.
+UNTRUSTED = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# openat2(2)'s RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS: ".." and absolute symlinks stay inside
+RESOLVE_IN_ROOT = 0x10 | 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+SYS_OPENAT2 = 437  # the same number on every architecture (syscalls added since 5.1 are)
+
+
+class UntrustedFileError(Exception):
+    """A file that is not what it must be: missing, not a regular file, a symlink, too large."""
+
+
+def _libc() -> Any:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def open_in_root(root_fd: int, relative: str, *, symlinks: bool = True) -> int:
+    """Open `relative` below directory `root_fd` as if `root_fd` were `/` (symlinks and `..`
+    included; with `symlinks` False, any symlink on the way is refused with ELOOP), for reading
+    without blocking; OSError as open(2) gives it."""
+    import ctypes
+
+    class OpenHow(ctypes.Structure):
+        _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                    ("resolve", ctypes.c_uint64)]  # fmt: skip
+
+    resolve = RESOLVE_IN_ROOT | (0 if symlinks else RESOLVE_NO_SYMLINKS)
+    how = OpenHow(os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, 0, resolve)
+    fd = _libc().syscall(SYS_OPENAT2, root_fd, relative.encode(), ctypes.byref(how),
+                         ctypes.sizeof(how))  # fmt: skip
+    if fd >= 0:
+        return int(fd)
+    err = ctypes.get_errno()
+    if err != errno.ENOSYS:
+        raise OSError(err, os.strerror(err), relative)
+    # A kernel before 5.6: no symlink is followed at all (stricter, never outside the root).
+    parts = [p for p in relative.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise OSError(errno.EXDEV, "refusing '..'", relative)
+    current = root_fd
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            flags = UNTRUSTED if last else UNTRUSTED | os.O_DIRECTORY
+            nxt = os.open(part, flags, dir_fd=current)
+            if current != root_fd:
+                os.close(current)
+            current = nxt
+        return current
+    except BaseException:
+        if current != root_fd:
+            os.close(current)
+        raise
+
+
+def read_regular(fd: int, limit: int, what: str) -> bytes:
+    """All of the open file `fd` (closed afterwards); UntrustedFileError unless it is a regular
+    file of at most `limit` bytes."""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UntrustedFileError(f"{what} is not a regular file")
+        if st.st_size > limit:
+            raise UntrustedFileError(f"{what} has {st.st_size} bytes, more than {limit}")
+        chunks = []
+        total = 0
+        while chunk := os.read(fd, min(1 << 20, limit + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise UntrustedFileError(f"{what} has more than {limit} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_untrusted(name: str, limit: int, *, dir_fd: int | None = None) -> bytes:
+    """A regular file of at most `limit` bytes, opened without following a symlink (in its last
+    component) or blocking; FileNotFoundError if absent, UntrustedFileError if not such a file."""
+    try:
+        fd = os.open(name, UNTRUSTED, dir_fd=dir_fd)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UntrustedFileError(f"{name} is a symbolic link") from None
+        raise
+    return read_regular(fd, limit, name)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
@@ -38,15 +130,25 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = 
         os.close(dir_fd)
 
 
+MAX_IMAGE_JSON = 4 << 20  # manifest.json, keys.json: a few KiB in practice
+
+
 def read_image_json(path: Path, fmt: str, missing_hint: str) -> dict[str, Any]:
-    """A JSON document of an image, of format `fmt`; UsageError saying what is wrong."""
+    """A JSON document of an image, of format `fmt`; UsageError saying what is wrong.
+
+    The file is an attacker's: a regular file (no symlink, FIFO or device), size-capped."""
     from .errors import UsageError
 
     damaged = "the image is damaged; rebuild it"
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        data = read_untrusted(str(path), MAX_IMAGE_JSON)
+        raw = json.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise UsageError(f"{path} is missing", missing_hint) from None
+    except UntrustedFileError as err:
+        raise UsageError(f"{path}: {err}", damaged) from err
+    except RecursionError as err:
+        raise UsageError(f"{path} is nested too deeply", damaged) from err
     except (OSError, ValueError) as err:
         raise UsageError(f"{path} is not valid JSON ({err})", damaged) from err
     if not isinstance(raw, dict) or raw.get("format") != fmt:

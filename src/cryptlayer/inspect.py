@@ -9,18 +9,23 @@ from typing import Any
 from . import envelope
 from . import manifest as manifest_mod
 from .errors import UsageError
+from .imagefiles import open_dir, open_layer
 from .shred import keyslot_count
 
 
 def inspect_image(image: Path) -> dict[str, Any]:
     """Layers with sizes and keyslot state, who can open it, cipher, and the image config."""
+    image = image.resolve()  # the path the user gave; below it, nothing is followed
     manifest = manifest_mod.load(image)
     layers = []
-    for layer in manifest.layers:
-        path = image / layer.file
-        slots = keyslot_count(path) if path.exists() else 0
-        state = "missing" if not path.exists() else ("intact" if slots else "erased")
-        layers.append({**asdict(layer), "keyslots": slots, "state": state})
+    with open_dir(image) as files:
+        for layer in manifest.layers:
+            try:
+                slots = keyslot_count(open_layer(files, layer.file, None))
+                state = "intact" if slots else "erased"
+            except UsageError as err:
+                slots, state = 0, "missing" if "missing" in err.message else "damaged"
+            layers.append({**asdict(layer), "keyslots": slots, "state": state})
     states = {layer["state"] for layer in layers}
     overall = (
         "intact" if states == {"intact"} else ("erased" if states == {"erased"} else "damaged")

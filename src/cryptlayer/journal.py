@@ -62,6 +62,8 @@ def acquire(stack: ExitStack, journal: Journal, kind: Kind, ref: str, action: Ca
         crash_point()
         if kind is Kind.LOOP:
             step.device = str(result)
+            ident = losetup.backing_identity(step.device)
+            step.backing = f"{ident[0]}:{ident[1]}" if ident else ""
         step.done = True
         journal.save(durable=False)
     return result
@@ -99,7 +101,9 @@ def release_all(journal: Journal) -> None:
 def _release_loop(step: Step, journal: Journal) -> None:
     backing = Path(step.ref)
     if step.device:
-        if step.device in udev.loops_backed_by({backing}):
+        ident = losetup.backing_identity(step.device)
+        ours = bool(step.backing) and ident is not None and step.backing == f"{ident[0]}:{ident[1]}"
+        if ours or step.device in udev.loops_backed_by({backing}):  # even if the file was renamed
             losetup.detach(step.device)
         return
     # Crashed between attach and journal: a loop on our file that no other journal claims is ours.

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import journal, state
 from .errors import ErasedImageError, UsageError, WrongKeyError
+from .imagefiles import ImageFiles, LayerFile, require_same
 from .journal import acquire, crash_point, mkdir
 from .keys import Secret
 from .manifest import Manifest
@@ -48,32 +49,40 @@ def mount_points(opening: Opening, manifest: Manifest) -> list[Path]:
     return [_dir(opening) / f"layer{i}" for i in range(len(manifest.layers))]
 
 
-def require_openable(image: Path, manifest: Manifest) -> None:
+def require_openable(files: ImageFiles) -> None:
     """ErasedImageError unless the image can be opened: from its disk, or by joining its opening.
 
     A container joining an open image needs the bottom layer's keyslot only (or its header copy,
     once erased at start): its key is checked against that one (`join`), the other layers are
     open already, and an erase (`shred`, or at start) always wipes the bottom layer first.
     """
-    opening = state.load_opening(str(image))
-    joining = opening is not None and bool(state.users_of(str(image)))
-    if joining and opening is not None and opening.erased:
-        return
-    require_intact(image, manifest, first_only=joining)
+    image = str(files.image)
+    opening = state.load_opening(image)
+    joining = opening is not None and bool(state.users_of(image))
+    if joining and opening is not None:
+        require_same(files, opening.layers, "whose layers are open")
+        if opening.erased:
+            return
+    require_intact(files, first_only=joining)
 
 
-def join(record: Record, image: Path, manifest: Manifest, key: Secret) -> list[Path]:
+def join(record: Record, files: ImageFiles, manifest: Manifest, key: Secret) -> list[Path]:
     """Open the image's layers, or join the opening another container made; returns the mount
     points, bottom first. Called under the host lock, as the action of the record's IMAGE step."""
-    opening = state.load_opening(str(image))
-    if opening is not None and not state.users_of(str(image), besides=record.path):
+    image = str(files.image)
+    opening = state.load_opening(image)
+    if opening is not None and not state.users_of(image, besides=record.path):
         journal.close_opening(opening)  # left by a crash before its last user's IMAGE step
         opening = None
     if opening is not None:
-        first = _header_copy(opening, 0) if opening.erased else image / manifest.layers[0].file
-        cryptsetup.test_key(first, key)  # the layers are open already: prove the key first
+        require_same(files, opening.layers, "whose layers are open")
+        bottom = files.layers[0]
+        if opening.erased:
+            cryptsetup.test_key(_header_copy(opening, 0), key)
+        else:  # the layers are open already: prove the key first
+            cryptsetup.test_key(bottom.path, key, bottom.shown)
         return mount_points(opening, manifest)
-    opening = Opening(str(image))
+    opening = Opening(image, layers=files.identities())
     state.openings_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
     opening.save()
     _dir(opening).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -84,8 +93,8 @@ def join(record: Record, image: Path, manifest: Manifest, key: Secret) -> list[P
         workers = min(PARALLEL, len(manifest.layers))
         with ThreadPoolExecutor(workers, thread_name_prefix="layer") as pool:
             opened = [
-                pool.submit(_open_layer, stack, opening, image / layer.file, i, key)
-                for i, layer in enumerate(manifest.layers)
+                pool.submit(_open_layer, stack, opening, layer, i, key)
+                for i, layer in enumerate(files.layers)
             ]
             wait(opened)  # all of them, even when one fails: then every step is journaled
         for future in opened:
@@ -94,9 +103,12 @@ def join(record: Record, image: Path, manifest: Manifest, key: Secret) -> list[P
     return mount_points(opening, manifest)
 
 
-def _open_layer(stack: ExitStack, opening: Opening, path: Path, index: int, key: Secret) -> None:
+def _open_layer(
+    stack: ExitStack, opening: Opening, layer: LayerFile, index: int, key: Secret
+) -> None:
+    path = layer.shown
     loop = acquire(stack, opening, Kind.LOOP, str(path),
-                   lambda: losetup.attach(path, readonly=True))  # fmt: skip
+                   lambda: losetup.attach_fd(layer.fd, readonly=True, name=str(path)))  # fmt: skip
     mapping = f"{mapping_prefix(opening.image)}layer{index}"
     try:
         node = acquire(stack, opening, Kind.CRYPT, mapping,
@@ -108,29 +120,31 @@ def _open_layer(stack: ExitStack, opening: Opening, path: Path, index: int, key:
         ) from None
     target = mkdir(stack, opening, _dir(opening) / f"layer{index}")
     acquire(stack, opening, Kind.MOUNT, str(target),
-            lambda: mount.mount(node, target, "ext4", ["ro", "noatime", "noload"]))  # fmt: skip
+            lambda: mount.mount(node, target, "ext4", mount.LAYER_OPTIONS))  # fmt: skip
 
 
-def _copy_header(stack: ExitStack, opening: Opening, layer: Path, copy: Path) -> None:
-    acquire(stack, opening, Kind.HEADER, str(copy), lambda: cryptsetup.header_backup(layer, copy))
+def _copy_header(stack: ExitStack, opening: Opening, layer: LayerFile, copy: Path) -> None:
+    acquire(stack, opening, Kind.HEADER, str(copy),
+            lambda: cryptsetup.header_backup(layer.path, copy))  # fmt: skip
 
 
-def erase_at_start(record: Record, image: Path, manifest: Manifest) -> None:
+def erase_at_start(record: Record, files: ImageFiles) -> None:
     """Wipe the on-disk keyslots of every layer, keeping header copies in /run for joiners.
 
     The record says `shred` (since its creation), so a crash halfway leaves an erase that `gc`
     completes.
     """
-    opening = state.load_opening(str(image))
+    opening = state.load_opening(str(files.image))
     if opening is None:
-        raise ErasedImageError(f"image {image} is not open", "start the container again")
+        raise ErasedImageError(f"image {files.image} is not open", "start the container again")
+    require_same(files, opening.layers, "whose layers are open")
     if not opening.erased:
         with ExitStack() as stack:
-            for i, layer in enumerate(manifest.layers):
-                _copy_header(stack, opening, image / layer.file, _header_copy(opening, i))
+            for i, layer in enumerate(files.layers):
+                _copy_header(stack, opening, layer, _header_copy(opening, i))
             stack.pop_all()
-        for layer in manifest.layers:
-            erase_layer(image / layer.file)
+        for layer in files.layers:
+            erase_layer(layer)
             crash_point()
         opening.erased = True
         opening.save()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,67 @@ from .fsutil import read_image_json, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "cryptlayer.image.v1"
+MAX_LAYERS = 128  # each is a loop device, a mapping and a mount
+MAX_SIZE = 1 << 50  # bytes of one layer file
+
+
+def text(value: Any, what: str) -> str:
+    """`value` if it is a string without NUL; ValueError naming `what` otherwise."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} is {type(value).__name__}, not a string")
+    if "\0" in value:
+        raise ValueError(f"{what} holds a NUL character")
+    return value
+
+
+def texts(value: Any, what: str) -> tuple[str, ...]:
+    """A list of strings (None or absent: empty); ValueError otherwise."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError(f"{what} is {type(value).__name__}, not a list of strings")
+    return tuple(text(v, f"an item of {what}") for v in value)
+
+
+def number(value: Any, what: str, high: int, low: int = 0) -> int:
+    """An integer (not a bool) from `low` to `high`; ValueError otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{what} is {value!r}, not a whole number from {low} to {high}")
+    return value
+
+
+def image_config(
+    entrypoint: Any = None,
+    cmd: Any = None,
+    env: Any = None,
+    workdir: Any = None,
+    user: Any = None,
+    exposed_ports: Any = None,
+    labels: Any = None,
+) -> ImageConfig:
+    """An ImageConfig from untrusted values (manifest.json or an OCI config), each checked."""
+    if labels is None:
+        pairs: list[Any] = []
+    elif isinstance(labels, dict):
+        pairs = list(labels.items())
+    elif isinstance(labels, list):
+        pairs = labels
+    else:
+        raise ValueError(f"labels is {type(labels).__name__}, not an object")
+    checked = []
+    for pair in pairs:
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise ValueError("a label is not a name and a value")
+        checked.append((text(pair[0], "a label name"), text(pair[1], "a label value")))
+    return ImageConfig(
+        entrypoint=texts(entrypoint, "entrypoint"),
+        cmd=texts(cmd, "cmd"),
+        env=texts(env, "env"),
+        workdir=text("/" if workdir in (None, "") else workdir, "workdir"),
+        user=text("" if user is None else user, "user"),
+        exposed_ports=texts(exposed_ports, "exposed_ports"),
+        labels=tuple(sorted(checked)),
+    )
 
 
 @dataclass(frozen=True)
@@ -60,28 +121,48 @@ def load(image: Path) -> Manifest:
         )
     raw = read_image_json(path, FORMAT, "this is not a cryptlayer image, or it is incomplete")
     try:
-        layers = tuple(Layer(**layer) for layer in raw["layers"])
-        if not layers:
+        raw_layers = raw["layers"]
+        if not isinstance(raw_layers, list) or not raw_layers:
             raise ValueError("it lists no layers")
-        for layer in layers:
-            if "/" in layer.file or layer.file.startswith("."):
-                raise ValueError(f"layer file name {layer.file!r} is not a plain name")
-        cfg = raw.get("config", {})
-        config = ImageConfig(
-            entrypoint=tuple(cfg.get("entrypoint", ())),
-            cmd=tuple(cfg.get("cmd", ())),
-            env=tuple(cfg.get("env", ())),
-            workdir=cfg.get("workdir", "/") or "/",
-            user=cfg.get("user", ""),
-            exposed_ports=tuple(cfg.get("exposed_ports", ())),
-            labels=tuple((str(k), str(v)) for k, v in cfg.get("labels", ())),
-        )
-        return Manifest(layers, config, raw.get("cipher", ""), raw.get("created", ""))
+        if len(raw_layers) > MAX_LAYERS:
+            raise ValueError(f"it lists {len(raw_layers)} layers, more than {MAX_LAYERS}")
+        layers = tuple(_layer(item, i) for i, item in enumerate(raw_layers))
+        if len({layer.file for layer in layers}) != len(layers):
+            raise ValueError("a layer file is listed twice")
+        cfg = raw.get("config") or {}
+        if not isinstance(cfg, dict):
+            raise ValueError("config is not an object")
+        unknown = set(cfg) - {f.name for f in fields(ImageConfig)}
+        if unknown:
+            raise ValueError(f"config has unknown fields {sorted(unknown)}")
+        config = image_config(**cfg)
+        cipher = text(raw.get("cipher", ""), "cipher")
+        return Manifest(layers, config, cipher, text(raw.get("created", ""), "created"))
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         detail = f"missing {err}" if isinstance(err, KeyError) else str(err)
         raise UsageError(
             f"{path} is malformed: {detail}", "the image is damaged; rebuild it"
         ) from err
+
+
+def _layer(item: Any, index: int) -> Layer:
+    where = f"layer {index}"
+    if not isinstance(item, dict):
+        raise ValueError(f"{where} is not an object")
+    unknown = set(item) - {f.name for f in fields(Layer)}
+    if unknown:
+        raise ValueError(f"{where} has unknown fields {sorted(unknown)}")
+    name = text(item["file"], f"{where}'s file")
+    if not name or "/" in name or name.startswith(".") or not name.isprintable():
+        raise ValueError(f"layer file name {name!r} is not a plain name")
+    return Layer(
+        file=name,
+        uuid=text(item["uuid"], f"{where}'s uuid"),
+        size=number(item["size"], f"{where}'s size", MAX_SIZE, 1),
+        content_bytes=number(item["content_bytes"], f"{where}'s content_bytes", MAX_SIZE),
+        source=text(item["source"], f"{where}'s source"),
+        digest=text(item.get("digest", ""), f"{where}'s digest"),
+    )
 
 
 def save(image: Path, manifest: Manifest) -> None:

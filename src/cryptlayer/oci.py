@@ -7,10 +7,13 @@ place (tar members), never unpacked to disk.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import os
 import posixpath
+import stat
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +22,8 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from .errors import UsageError
-from .manifest import ImageConfig
+from .fsutil import open_in_root
+from .manifest import ImageConfig, image_config
 
 TRANSPORTS = ("oci", "oci-archive", "docker-archive")
 INDEX_TYPES = {
@@ -50,12 +54,27 @@ class DirBlobs:
     root: Path
 
     def open(self, name: str) -> IO[bytes]:
+        """A regular file inside the layout, reached through no symlink at all: a layout's
+        blobs are files, and a link could lead anywhere on the host."""
+        root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            return open(self.root / _clean(name), "rb")
+            fd = open_in_root(root, _clean(name), symlinks=False)
         except FileNotFoundError:
             raise UsageError(
                 f"{self.describe(name)} is missing", "the image is incomplete"
             ) from None
+        except OSError as err:
+            why = "a symbolic link" if err.errno == errno.ELOOP else err.strerror
+            raise UsageError(
+                f"{self.describe(name)} is {why}; refusing to read it",
+                "an OCI layout holds regular files only; copy the image again",
+            ) from None
+        finally:
+            os.close(root)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UsageError(f"{self.describe(name)} is not a regular file", "the image is damaged")
+        return os.fdopen(fd, "rb")
 
     def describe(self, name: str) -> str:
         return str(self.root / _clean(name))
@@ -162,15 +181,21 @@ def verify_blob(layer: OciLayer) -> None:
 
 def _image_config(raw: dict[str, Any]) -> ImageConfig:
     cfg = raw.get("config") or {}
-    return ImageConfig(
-        entrypoint=tuple(cfg.get("Entrypoint") or ()),
-        cmd=tuple(cfg.get("Cmd") or ()),
-        env=tuple(cfg.get("Env") or ()),
-        workdir=cfg.get("WorkingDir") or "/",
-        user=cfg.get("User") or "",
-        exposed_ports=tuple(sorted(cfg.get("ExposedPorts") or {})),
-        labels=tuple(sorted((cfg.get("Labels") or {}).items())),
-    )
+    ports = cfg.get("ExposedPorts") or {}
+    if not isinstance(ports, dict):
+        raise TypeError("ExposedPorts is not an object")
+    try:
+        return image_config(
+            entrypoint=cfg.get("Entrypoint"),
+            cmd=cfg.get("Cmd"),
+            env=cfg.get("Env"),
+            workdir=cfg.get("WorkingDir"),
+            user=cfg.get("User"),
+            exposed_ports=sorted(ports),
+            labels=cfg.get("Labels"),
+        )
+    except ValueError as err:
+        raise TypeError(f"the image config: {err}") from err
 
 
 def _diff_ids(raw: dict[str, Any], count: int, where: str) -> list[str]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .fsutil import UntrustedFileError, open_in_root, read_regular
 from .manifest import ImageConfig
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -16,6 +18,30 @@ CAPABILITIES = [
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_NET_BIND_SERVICE",
     "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID", "CAP_SYS_CHROOT",
 ]  # fmt: skip
+# containers-common's DefaultMaskedPaths and DefaultReadOnlyPaths (podman's defaults)
+MASKED_PATHS = [
+    "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/sched_debug",
+    "/proc/scsi", "/proc/timer_list", "/proc/timer_stats", "/sys/dev/block",
+    "/sys/devices/virtual/powercap", "/sys/firmware", "/sys/fs/selinux", "/proc/interrupts",
+]  # fmt: skip
+READONLY_PATHS = [
+    "/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+]  # fmt: skip
+# The devices a container may use (the OCI runtime creates these in its /dev tmpfs): everything
+# else is denied by the device cgroup, whatever nodes the image carries.
+ALLOWED_DEVICES = [
+    ("c", 1, 3), ("c", 1, 5), ("c", 1, 7), ("c", 1, 8), ("c", 1, 9),  # null zero full (u)random
+    ("c", 5, 0), ("c", 5, 1), ("c", 5, 2), ("c", 136, None),  # tty console ptmx pts/*
+]  # fmt: skip
+PIDS_LIMIT = 2048  # podman's default pids_limit
+MAX_DB_BYTES = 4 << 20  # the container's /etc/passwd or /etc/group
+
+
+class Network(StrEnum):
+    """Which network the container sees (podman's --network)."""
+
+    NONE = "none"  # a network namespace of its own, with only loopback (the default)
+    HOST = "host"  # the host's: its interfaces, loopback services and abstract sockets
 
 
 @dataclass(frozen=True)
@@ -26,6 +52,7 @@ class Overrides:
     env: tuple[str, ...] = ()
     workdir: str | None = None
     user: str | None = None
+    network: Network = Network.NONE
 
 
 def process_args(config: ImageConfig, command: tuple[str, ...]) -> list[str]:
@@ -51,21 +78,35 @@ def merge_env(*layers: tuple[str, ...]) -> list[str]:
     return [f"{k}={v}" for k, v in merged.items()]
 
 
+def _read_db(rootfs: Path, db: str) -> list[str]:
+    """The lines of the container's /etc/passwd or /etc/group, resolved inside the container
+    (its symlinks cannot lead out), refused unless a regular file of sane size: the image's."""
+    root_fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = open_in_root(root_fd, f"/etc/{db}")
+    except OSError:
+        return []  # absent, or not reachable inside the container
+    finally:
+        os.close(root_fd)
+    try:
+        data = read_regular(fd, MAX_DB_BYTES, f"the container's /etc/{db}")
+    except UntrustedFileError as err:
+        raise UsageError(str(err), "use a numeric UID[:GID]") from None
+    return data.decode("utf-8", errors="replace").splitlines()
+
+
 def _lookup(rootfs: Path, db: str, name: str, field: int) -> int | None:
     """Field `field` of entry `name` in the container's /etc/passwd or /etc/group."""
-    path = rootfs / "etc" / db
-    real = Path(os.path.realpath(path))
-    if rootfs.resolve() not in real.parents:
-        return None  # a symlink leading out of the container: not ours to read
-    try:
-        lines = real.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in lines:
+    for line in _read_db(rootfs, db):
         parts = line.split(":")
-        if len(parts) > field and parts[0] == name and parts[field].isdigit():
+        if len(parts) > field and parts[0] == name and _is_id(parts[field]):
             return int(parts[field])
     return None
+
+
+def _is_id(text: str) -> bool:
+    """A uid or gid: ASCII digits (str.isdigit takes '²'), at most 2^32 - 2."""
+    return text.isascii() and text.isdigit() and int(text) < 0xFFFFFFFF
 
 
 def resolve_user(rootfs: Path, user: str) -> tuple[int, int]:
@@ -73,19 +114,19 @@ def resolve_user(rootfs: Path, user: str) -> tuple[int, int]:
     if not user:
         return 0, 0
     name, _, group = user.partition(":")
-    uid = int(name) if name.isdigit() else _lookup(rootfs, "passwd", name, 2)
+    uid = int(name) if _is_id(name) else _lookup(rootfs, "passwd", name, 2)
     if uid is None:
         raise UsageError(
             f"user {name!r} is not in the container's /etc/passwd", "use a numeric UID"
         )
     if group:
-        gid = int(group) if group.isdigit() else _lookup(rootfs, "group", group, 2)
+        gid = int(group) if _is_id(group) else _lookup(rootfs, "group", group, 2)
         if gid is None:
             raise UsageError(
                 f"group {group!r} is not in the container's /etc/group", "use a numeric GID"
             )
     else:
-        gid = _lookup(rootfs, "passwd", name, 3) if not name.isdigit() else None
+        gid = _lookup(rootfs, "passwd", name, 3) if not _is_id(name) else None
         gid = 0 if gid is None else gid
     return uid, gid
 
@@ -98,7 +139,12 @@ def runtime_config(
     *,
     terminal: bool = False,
 ) -> dict[str, Any]:
-    """A complete OCI runtime config.json document."""
+    """A complete OCI runtime config.json document, confined as podman confines by default:
+    its capabilities, seccomp profile, masked and read-only paths and pids limit; no new
+    privileges; a device cgroup that allows only the standard devices; no core dumps; a network
+    namespace of its own unless `overrides.network` is host."""
+    from .seccomp import load_profile, oci_seccomp
+
     uid, gid = resolve_user(rootfs, overrides.user if overrides.user is not None else config.user)
     env = merge_env(
         (DEFAULT_PATH, f"HOSTNAME={hostname}", "container=cryptlayer"), config.env, overrides.env
@@ -106,6 +152,7 @@ def runtime_config(
     if not any(e.startswith("HOME=") for e in env):
         env.append("HOME=/root" if uid == 0 else "HOME=/")
     caps = CAPABILITIES if uid == 0 else []
+    seccomp = oci_seccomp(load_profile(), caps)
     mounts = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
@@ -119,7 +166,13 @@ def runtime_config(
         {"destination": "/sys", "type": "sysfs", "source": "sysfs",
          "options": ["nosuid", "noexec", "nodev", "ro"]},
     ]  # fmt: skip
-    for host_file in ("/etc/resolv.conf", "/etc/hosts"):
+    namespaces = ["pid", "ipc", "uts", "mount", "cgroup", "network"]
+    # The host's name resolution only where the container shares the host's network.
+    host_files: tuple[str, ...] = ()
+    if overrides.network is Network.HOST:
+        namespaces.remove("network")
+        host_files = ("/etc/resolv.conf", "/etc/hosts")
+    for host_file in host_files:
         if Path(host_file).is_file():
             mounts.append({"destination": host_file, "type": "bind", "source": host_file,
                            "options": ["rbind", "ro", "nosuid", "nodev"]})  # fmt: skip
@@ -132,33 +185,30 @@ def runtime_config(
             "env": env,
             "cwd": overrides.workdir or config.workdir or "/",
             "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
-            "noNewPrivileges": False,
+            "rlimits": [
+                {"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576},
+                {"type": "RLIMIT_CORE", "hard": 0, "soft": 0},  # a crash writes no plaintext
+            ],
+            "noNewPrivileges": True,
         },
         "root": {"path": str(rootfs), "readonly": False},
         "hostname": hostname,
         "mounts": mounts,
         "linux": {
-            # The host's network (like `podman run --network host`); everything else is private.
-            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
-            "maskedPaths": [
-                "/proc/acpi",
-                "/proc/kcore",
-                "/proc/keys",
-                "/proc/latency_stats",
-                "/proc/timer_list",
-                "/proc/timer_stats",
-                "/proc/sched_debug",
-                "/proc/scsi",
-                "/sys/firmware",
-            ],
-            "readonlyPaths": [
-                "/proc/asound",
-                "/proc/bus",
-                "/proc/fs",
-                "/proc/irq",
-                "/proc/sys",
-                "/proc/sysrq-trigger",
-            ],
+            "namespaces": [{"type": t} for t in namespaces],
+            "resources": {
+                "devices": [
+                    {"allow": False, "access": "rwm"},
+                    *(
+                        {"allow": True, "type": t, "major": major, "access": "rwm"}
+                        | ({} if minor is None else {"minor": minor})
+                        for t, major, minor in ALLOWED_DEVICES
+                    ),
+                ],
+                "pids": {"limit": PIDS_LIMIT},
+            },
+            "seccomp": seccomp,
+            "maskedPaths": MASKED_PATHS,
+            "readonlyPaths": READONLY_PATHS,
         },
     }

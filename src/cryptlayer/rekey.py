@@ -12,6 +12,7 @@ from pathlib import Path
 from . import envelope
 from . import manifest as manifest_mod
 from .errors import UsageError
+from .imagefiles import ImageFiles, open_image
 from .keys import Credential
 from .shred import require_intact
 from .system import require_tools
@@ -53,8 +54,17 @@ def rekey(
 ) -> Change:
     """Add `add` and remove `remove` (ids or files) from who may open IMAGE."""
     require_tools("cryptsetup")
+    image = image.resolve()  # the path the user gave; below it, nothing is followed
     manifest = manifest_mod.load(image)
-    require_intact(image, manifest)
+    with open_image(image, manifest, allow_shared=True) as files:
+        require_intact(files)
+        return _rekey(files, credential, add, remove)
+
+
+def _rekey(
+    files: ImageFiles, credential: Credential, add: envelope.Principals, remove: list[str]
+) -> Change:
+    image = files.image
     entries = envelope.load(image)
     doomed = {_resolve(entries, who, image) for who in remove}
     missing = doomed - {e.id for e in entries}
@@ -64,8 +74,8 @@ def rekey(
             f"`cryptlayer inspect {image}` lists who can",
         )
     with envelope.unlock(image, entries, credential) as image_key:
-        for layer in manifest.layers:
-            cryptsetup.test_key(image / layer.file, image_key)
+        for layer in files.layers:
+            cryptsetup.test_key(layer.path, image_key, layer.shown)
         new = add.wrap(image_key)
     known = {e.id for e in entries if e.id not in doomed}
     again = [e.id for e in new if e.id in known and e.kind != "passphrase"]

@@ -26,7 +26,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import IO
 
-from .errors import UsageError
+from .errors import UsageError, printable
 from .oci import HashingReader, OciLayer, verify_blob
 from .runner import filtered, run
 
@@ -50,6 +50,25 @@ class Measure:
             self.blocks + other.blocks,
             self.inodes + other.inodes,
         )
+
+
+def refuse_device(name: str, mode: int, rdev: int) -> None:
+    """UsageError for a device node, other than an overlay whiteout (a 0:0 character device):
+    a container has no business with the host's devices, whatever its image carries."""
+    if not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
+        return
+    if stat.S_ISCHR(mode) and rdev == 0:
+        return  # a whiteout
+    kind = "character" if stat.S_ISCHR(mode) else "block"
+    raise UsageError(
+        f"{printable(name)} is a {kind} device node ({os.major(rdev)}:{os.minor(rdev)})",
+        "images may not carry devices (the container gets /dev from the runtime); remove it",
+    )
+
+
+def _tar_mode(member: tarfile.TarInfo) -> int:
+    kind = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK}.get(member.type, 0)
+    return kind | member.mode
 
 
 def _blocks(size: int) -> int:
@@ -102,6 +121,7 @@ class DirectorySource(Source):
             rel = os.path.relpath(root, self.path)
             for name in dirs + files:
                 st = os.lstat(os.path.join(root, name))
+                refuse_device(os.path.join(root, name), st.st_mode, st.st_rdev)
                 top = name if rel == "." else rel.split(os.sep, 1)[0]
                 sizes[top] = sizes.get(top, 0) + BLOCK
                 if stat.S_ISDIR(st.st_mode):
@@ -203,6 +223,8 @@ class _TarSource(Source):
             with self._stream() as stream:
                 with tarfile.open(fileobj=stream, mode="r|") as tar:
                     for member in tar:
+                        refuse_device(f"{self.label}:{member.name}", _tar_mode(member),
+                                      os.makedev(member.devmajor, member.devminor))  # fmt: skip
                         inodes += 1
                         blocks += _blocks(member.size) if member.isfile() else 1
                         if member.isfile():
@@ -327,6 +349,8 @@ def _apply(
             os.makedirs("/" + parent, mode=0o755, exist_ok=True)
             os.mknod(victim, stat.S_IFCHR | 0o600, os.makedev(0, 0))
         return {}
+    # Checked again while extracting: a tar file may change between measuring and extracting.
+    refuse_device(member.name, _tar_mode(member), os.makedev(member.devmajor, member.devminor))
     path = "/" + name
     if name != "." and os.path.lexists(path) and not (member.isdir() and os.path.isdir(path)):
         _remove(path)  # a later layer replaces what is there

@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 from .errors import BusyError, UsageError
 from .fsutil import write_json_atomic
-from .paths import records_dir, state_root
+from .paths import private_run_root, records_dir, state_root
 
 T = TypeVar("T")
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
@@ -49,6 +49,7 @@ class Step:
     ref: str
     device: str = ""
     done: bool = False  # False: intent written, the step may or may not have happened
+    backing: str = ""  # LOOP: "DEV:INO" of the file behind the device (found even if renamed)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Record:
     steps: list[Step] = field(default_factory=list)
     layers: int = 0
     boot: str = ""  # the kernel's boot id when it was made: after a reboot nothing of it is left
+    layer_ids: list[list[int]] = field(default_factory=list)  # (device, inode) of each layer file
 
     @property
     def path(self) -> Path:
@@ -139,7 +141,8 @@ class Journal(Protocol):
 
 
 def _steps(raw: dict[str, Any]) -> list[Step]:
-    return [Step(Kind(s["kind"]), s["ref"], s.get("device", ""), s.get("done", False))
+    return [Step(Kind(s["kind"]), str(s["ref"]), str(s.get("device", "")),
+                 bool(s.get("done", False)), str(s.get("backing", "")))
             for s in raw.pop("steps", [])]  # fmt: skip
 
 
@@ -220,6 +223,7 @@ def locked() -> Iterator[None]:
     """Hold the host-wide cryptlayer lock (flock) so processes do not race over devices."""
     root = state_root()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_run_root()  # everything that takes the lock works below it
     fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -247,6 +251,7 @@ class Opening:
     image: str
     erased: bool = False
     steps: list[Step] = field(default_factory=list)
+    layers: list[list[int]] = field(default_factory=list)  # (device, inode) of each layer file
 
     @property
     def id(self) -> str:
@@ -269,7 +274,8 @@ def openings_dir() -> Path:
 
 def _opening_from_json(raw: dict[str, Any]) -> Opening:
     steps = _steps(raw)
-    return Opening(str(raw["image"]), bool(raw.get("erased", False)), steps)
+    layers = [[int(n) for n in ident] for ident in raw.get("layers", [])]
+    return Opening(str(raw["image"]), bool(raw.get("erased", False)), steps, layers)
 
 
 def load_opening(image: str) -> Opening | None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from conftest import Cli, image_key_of, keyslots
 
+from cryptlayer.container import StartOptions
 from cryptlayer.paths import run_root, state_root
 
 CLI = [sys.executable, "-m", "cryptlayer"]
@@ -108,13 +109,29 @@ def test_sigterm_is_forwarded_then_teardown_and_shred(
 def test_init_ignoring_sigterm_is_killed_after_stop_timeout(
     image: Path, key_file: Path, tmp_path: Path
 ) -> None:
+    """--stop-timeout 1 is honoured: the init is killed after 1 s, long before the default 10 s
+    (measured from the signal to the moment the container's process is gone, so that the
+    teardown's speed on a loaded machine does not count)."""
     run = Spawned(tmp_path, "run", "--keep", "--stop-timeout", "1", "--name", "stubborn",
-                  "--key-file", str(key_file), str(image), "--", "sh", "-c", "touch /ready; exec sleep 600")  # fmt: skip
+                  "--key-file", str(key_file), str(image), "--", "sh", "-c", "touch /ready; exec sleep 617")  # fmt: skip
     run.wait_ready("stubborn")
+    init = next(p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p) == "sleep 617")
+    signalled = time.monotonic()
     run.proc.send_signal(signal.SIGINT)
+    while Path(f"/proc/{init}").exists():
+        time.sleep(0.05)
+    took = time.monotonic() - signalled
     code, _, err = run.finish()
     assert code == 128 + signal.SIGKILL, err.decode()
+    assert 1.0 <= took < StartOptions("x").stop_timeout, took  # killed after 1 s, not after 10 s
     assert [keyslots(p) for p in sorted(image.glob("*.luks"))] == [1, 1]
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
 
 
 def test_sigkill_then_gc_cleans_up_and_shreds(

@@ -72,14 +72,15 @@ def open_luks(
     return f"/dev/mapper/{name}"
 
 
-def test_key(path: Path, key: Secret) -> None:
+def test_key(path: Path, key: Secret, shown: Path | None = None) -> None:
     """Check that `key` opens a keyslot of `path` (a layer or a header copy), mapping nothing."""
     try:
         run(["cryptsetup", "open", "--test-passphrase", "--key-file", "-", str(path)], secret=key)
     except CommandError as err:
         if err.returncode == EXIT_WRONG_KEY:
             raise UsageError(
-                f"the image key does not open {path}", "the image is damaged; copy it again"
+                f"the image key does not open {shown or path}",
+                "the image is damaged; copy it again",
             ) from err
         raise
 
@@ -107,28 +108,33 @@ def close(name: str) -> None:
     run(["cryptsetup", "close", name])
 
 
-def _on_header(argv: list[str], path: Path) -> str:
-    """Run a cryptsetup command on the LUKS2 header of layer file `path`; its stdout."""
+def _on_header(argv: list[str], path: Path, shown: Path | None) -> str:
+    """Run a cryptsetup command on the LUKS2 header of layer file `path` (called `shown` in
+    messages, when `path` is a descriptor's /proc link); its stdout."""
     try:
         return run([*argv, str(path)]).stdout
     except CommandError as err:
         detail = err.stderr.splitlines()[-1] if err.stderr else "no header"
         raise UsageError(
-            f"{path} is not a readable LUKS2 layer ({detail})",
+            f"{shown or path} is not a readable LUKS2 layer ({detail})",
             "the image is damaged or incomplete; rebuild it",
         ) from err
 
 
-def erase(path: Path) -> None:
+def erase(path: Path, shown: Path | None = None) -> None:
     """Wipe every keyslot of the LUKS header at `path` (luksErase; none left is no error)."""
-    _on_header(["cryptsetup", "luksErase", "--batch-mode"], path)
+    _on_header(["cryptsetup", "luksErase", "--batch-mode"], path, shown)
 
 
-def dump(path: Path) -> dict[str, Any]:
+def dump(path: Path, shown: Path | None = None) -> dict[str, Any]:
     """The LUKS2 header metadata of `path` as JSON (no key needed)."""
-    data: dict[str, Any] = json.loads(
-        _on_header(["cryptsetup", "luksDump", "--dump-json-metadata"], path)
-    )
+    text = _on_header(["cryptsetup", "luksDump", "--dump-json-metadata"], path, shown)
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise UsageError(f"{shown or path}: cryptsetup printed no JSON header ({err})") from err
+    if not isinstance(data, dict):
+        raise UsageError(f"{shown or path}: the LUKS2 header's metadata is not an object")
     return data
 
 

@@ -7,6 +7,11 @@ from pathlib import Path
 
 from ..runner import run
 
+# Layers and the scratch volume: no device node or set-uid file on them works through these
+# mounts (the overlay root is mounted nodev; the container has no_new_privs for set-uid).
+LAYER_OPTIONS = ["ro", "noatime", "noload", "nodev", "nosuid"]
+SCRATCH_OPTIONS = ["noatime", "noinit_itable", "nodev", "nosuid"]
+
 
 @dataclass(frozen=True)
 class Mounted:

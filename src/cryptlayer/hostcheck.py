@@ -1,0 +1,89 @@
+"""Where decrypted data could leave memory on this host: swap, zram writeback, core dumps.
+
+"Nothing decrypted is written to disk" holds for the layers and the scratch volume (dm-crypt);
+it also needs the memory of the container and of cryptlayer to stay off disk. Like tomb, which
+refuses to open on unencrypted swap, `run` and `start` look before they open anything: swap that
+is not on dm-crypt (a page of the container's plaintext may be swapped out and stay on disk),
+zram with a backing device (it writes idle pages out), and a core_pattern that writes files
+(a crash of a host process that read the plaintext). The container itself gets RLIMIT_CORE 0.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROC = Path("/proc")
+SYS = Path("/sys")
+
+
+def _block(sys: Path, device: str) -> Path | None:
+    """/sys/class/block/NAME for a device node or MAJ:MIN."""
+    if ":" in device and device.replace(":", "").isdigit():
+        link = sys / "dev/block" / device
+        return link.resolve() if link.exists() else None
+    name = Path(device).name
+    path = sys / "class/block" / name
+    return path.resolve() if path.exists() else None
+
+
+def _encrypted(block: Path, depth: int = 0) -> bool:
+    """Whether the block device at sysfs path `block` is dm-crypt, or lies on one."""
+    uuid = block / "dm/uuid"
+    if uuid.exists() and uuid.read_text().startswith("CRYPT-"):
+        return True
+    if depth > 8:
+        return False
+    slaves = block / "slaves"
+    below = list(slaves.iterdir()) if slaves.is_dir() else []  # a partition has none
+    return bool(below) and all(_encrypted(s.resolve(), depth + 1) for s in below)
+
+
+def _swap_problem(name: str, kind: str, sys: Path) -> str | None:
+    if kind == "file":
+        name = name.removesuffix("\\040(deleted)")
+        try:
+            dev = os.stat(name).st_dev
+        except OSError:
+            return f"swap file {name} (its device could not be checked)"
+        block = _block(sys, f"{os.major(dev)}:{os.minor(dev)}")
+        if block is None or not _encrypted(block):
+            return f"swap file {name} is not on a dm-crypt device"
+        return None
+    block = _block(sys, name)
+    if block is None:
+        return f"swap {name} (not found in sysfs)"
+    if block.name.startswith("zram"):
+        backing = block / "backing_dev"
+        if backing.exists() and backing.read_text().strip() not in ("", "none"):
+            return f"zram swap {name} writes idle pages to {backing.read_text().strip()}"
+        return None
+    if not _encrypted(block):
+        return f"swap {name} is not on dm-crypt"
+    return None
+
+
+def problems(proc: Path = PROC, sys: Path = SYS) -> list[str]:
+    """What on this host may write decrypted memory to disk; empty if nothing."""
+    found = []
+    try:
+        lines = (proc / "swaps").read_text().splitlines()[1:]
+    except OSError:
+        lines = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 2 and (problem := _swap_problem(fields[0], fields[1], sys)):
+            found.append(problem)
+    try:
+        pattern = (proc / "sys/kernel/core_pattern").read_text().strip()
+    except OSError:
+        pattern = ""
+    if pattern and not pattern.startswith("|"):
+        found.append(f"core_pattern {pattern!r} writes core dumps to files")
+    resume = sys / "power/resume"
+    if resume.exists() and resume.read_text().strip() not in ("", "0:0"):
+        device = resume.read_text().strip()
+        block = _block(sys, device)
+        if block is None or not _encrypted(block):
+            found.append(f"hibernation writes memory to {device}, which is not on dm-crypt")
+    return found
