@@ -124,10 +124,27 @@ def images(tmp_path: Path) -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def template(
+    images_root: Path, busybox_tree: Path, data_tree: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
+    """The two-layer image most tests use (busybox bottom, data on top, a default command),
+    built once per session; each test gets a copy (`image`) and a copy of its key."""
+    cli = Cli.new()
+    key = tmp_path_factory.mktemp("template") / "image.key"
+    cli.ok("keygen", str(key))
+    out = images_root / "template"
+    cli.ok("build", "--key-file", str(key), "--output", str(out),
+           "--cmd", "cat /data/hello.txt", str(busybox_tree), str(data_tree))  # fmt: skip
+    return out, key
+
+
 @pytest.fixture
-def key_file(tmp_path: Path, cli: Cli) -> Path:
+def key_file(tmp_path: Path, template: tuple[Path, Path]) -> Path:
+    """The template image's key (mode 0600), for the test's own images too."""
     path = tmp_path / "image.key"
-    cli.ok("keygen", str(path))
+    shutil.copyfile(template[1], path)
+    path.chmod(0o600)
     return path
 
 
@@ -160,11 +177,10 @@ def data_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def image(cli: Cli, images: Path, key_file: Path, busybox_tree: Path, data_tree: Path) -> Path:
-    """A two-layer image (busybox bottom, data on top) with a default command."""
+def image(images: Path, template: tuple[Path, Path]) -> Path:
+    """A fresh copy of the template image (opened with `key_file`)."""
     out = images / "img"
-    cli.ok("build", "--key-file", str(key_file), "--output", str(out),
-           "--cmd", "cat /data/hello.txt", str(busybox_tree), str(data_tree))  # fmt: skip
+    shutil.copytree(template[0], out)
     return out
 
 
