@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +138,31 @@ def template(
     cli.ok("build", "--key-file", str(key), "--output", str(out),
            "--cmd", "cat /data/hello.txt", str(busybox_tree), str(data_tree))  # fmt: skip
     return out, key
+
+
+@pytest.fixture(scope="session")
+def one_layer(
+    images_root: Path, busybox_tree: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
+    """A single-layer busybox image whose command is `true`, built once; tests copy it."""
+    cli = Cli.new()
+    key = tmp_path_factory.mktemp("one-layer") / "image.key"
+    cli.ok("keygen", str(key))
+    image = images_root / "one-layer"
+    cli.ok("build", "--key-file", str(key), "--output", str(image), "--cmd", "true",
+           str(busybox_tree))  # fmt: skip
+    return image, key
+
+
+@contextmanager
+def loop_device(path: Path) -> Iterator[str]:
+    """A loop device over `path`, attached with losetup(8) as any host would, then detached."""
+    device = subprocess.run(["losetup", "--find", "--show", str(path)], check=True,
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=True)
 
 
 @pytest.fixture

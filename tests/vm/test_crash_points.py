@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,19 +24,9 @@ FINISHED = 3  # the child's exit status when it passed its point without dying
 
 
 @pytest.fixture(scope="module")
-def base(
-    images_root: Path, busybox_tree: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Path, Path]]:
+def base(one_layer: tuple[Path, Path]) -> tuple[Path, Path]:
     """One single-layer image to copy for each case, and its key."""
-    cli = Cli.new()
-    key = tmp_path_factory.mktemp("crash") / "image.key"
-    cli.ok("keygen", str(key))
-    image = images_root / "crash-base"
-    cli.ok(
-        "build", "--key-file", str(key), "--output", str(image), "--cmd", "true", str(busybox_tree)
-    )
-    yield image, key
-    shutil.rmtree(image, ignore_errors=True)
+    return one_layer
 
 
 def counted(cli: Cli, *args: str) -> int:

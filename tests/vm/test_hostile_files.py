@@ -10,12 +10,11 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Cli, keyslots, leftovers, slots
+from conftest import Cli, keyslots, leftovers, loop_device, slots
 from test_crash_points import crash_at
 
 from cryptlayer import journal, state
@@ -23,43 +22,26 @@ from cryptlayer.errors import ExitCode
 from cryptlayer.paths import run_root
 
 
-@pytest.fixture(scope="module")
-def base(
-    images_root: Path, busybox_tree: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Path, Path]]:
-    """One single-layer image for the module, copied per test, and its key."""
-    cli = Cli.new()
-    key = tmp_path_factory.mktemp("hostile") / "image.key"
-    cli.ok("keygen", str(key))
-    image = images_root / "hostile-base"
-    cli.ok("build", "-k", str(key), "-o", str(image), "--cmd", "true", str(busybox_tree))
-    yield image, key
-    shutil.rmtree(image, ignore_errors=True)
-
-
 @pytest.fixture
-def image(base: tuple[Path, Path], images: Path) -> Path:
-    shutil.copytree(base[0], images / "img")
+def image(one_layer: tuple[Path, Path], images: Path) -> Path:
+    """A copy of the single-layer image (each test may erase its own)."""
+    shutil.copytree(one_layer[0], images / "img")
     return images / "img"
 
 
 @pytest.fixture
-def key(base: tuple[Path, Path]) -> Path:
-    return base[1]
+def key(one_layer: tuple[Path, Path]) -> Path:
+    return one_layer[1]
 
 
 @pytest.fixture
-def decoy(base: tuple[Path, Path], images: Path) -> Iterator[tuple[str, Path]]:
+def decoy(one_layer: tuple[Path, Path], images: Path) -> Iterator[tuple[str, Path]]:
     """A LUKS block device of the host (a loop device over another image's layer): what an
     attacker wants root's cryptsetup to erase."""
     backing = images / "decoy.luks"
-    shutil.copyfile(base[0] / "layer0.luks", backing)
-    device = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True,
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
-    try:
+    shutil.copyfile(one_layer[0] / "layer0.luks", backing)
+    with loop_device(backing) as device:
         yield device, backing
-    finally:
-        subprocess.run(["losetup", "--detach", device], check=True)
 
 
 def test_symlinked_layer_is_never_followed(
