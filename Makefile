@@ -22,7 +22,7 @@ test-host:
 # VM_TESTS=tests/vm/test_x.py or PYTEST_ARGS='-k shred'.
 VM_TESTS ?= tests/vm
 test-vm:
-	scripts/in-vm $(PYTEST) -m 'vm and not power_loss' -v $(VM_TESTS) $(PYTEST_ARGS)
+	scripts/in-vm $(PYTEST) -m 'vm and not power_loss' -v --durations=0 $(VM_TESTS) $(PYTEST_ARGS)
 	scripts/power-loss
 
 test-power-loss:
