@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -21,7 +22,8 @@ from .errors import UsageError
 from .keys import Secret
 from .manifest import ImageConfig, Layer, Manifest
 from .paths import private_run_root
-from .sources import OciLayerSource, Source, SquashSource, parse_path
+from .progress import Progress, Silent, watching
+from .sources import Measure, OciLayerSource, Source, SquashSource, parse_path
 from .system import require_kernel, require_root, require_tools
 from .tools import cryptsetup, losetup, mkfs, mount
 
@@ -74,12 +76,13 @@ def build_image(
     *,
     squash: bool = False,
     overrides: dict[str, Any] | None = None,
+    progress: Callable[[str, int], Progress] | None = None,
 ) -> Manifest:
     """Build an encrypted image at `output` from `sources` (bottom layer first).
 
     Every layer's keyslot holds a new random image key, wrapped in keys.json for each of
     `principals`. `config` is used where no OCI source brings one; `overrides` replace single
-    fields of it.
+    fields of it. `progress` makes a display for each layer (progress.for_terminal).
     """
     if not principals:
         raise UsageError(
@@ -107,8 +110,10 @@ def build_image(
         try:
             key = stack.enter_context(envelope.new_image_key())
             envelope.save(partial, principals.wrap(key))
+            show = progress or (lambda _label, _total: Silent())
             layers = tuple(
-                _build_layer(src, partial, f"layer{i}.luks", key) for i, src in enumerate(parsed)
+                _build_layer(src, partial, f"layer{i}.luks", key, show)
+                for i, src in enumerate(parsed)
             )
             created = datetime.now(UTC).isoformat(timespec="seconds")
             built = Manifest(layers, final_config, cryptsetup.CIPHER, created)
@@ -120,8 +125,31 @@ def build_image(
     return built
 
 
-def _build_layer(source: Source, image_dir: Path, filename: str, key: Secret) -> Layer:
+def _build_layer(
+    source: Source,
+    image_dir: Path,
+    filename: str,
+    key: Secret,
+    show: Callable[[str, int], Progress],
+) -> Layer:
     measure = source.measure()
+    total = measure.blocks * 4096  # what filling the file system will take, about
+    progress = show(filename.removesuffix(".luks"), total)
+    try:
+        return _fill_layer(source, image_dir, filename, key, measure, progress)
+    finally:
+        progress.close()
+
+
+def _fill_layer(
+    source: Source,
+    image_dir: Path,
+    filename: str,
+    key: Secret,
+    measure: Measure,
+    progress: Progress,
+) -> Layer:
+    progress.update("format", 0)
     path = image_dir / filename
     fs_bytes = _fs_bytes(measure.blocks, measure.inodes)
     with open(path, "xb") as f:
@@ -145,7 +173,9 @@ def _build_layer(source: Source, image_dir: Path, filename: str, key: Secret) ->
         mount.mount(mapped, mnt, "ext4", mount.SCRATCH_OPTIONS)
         with ExitStack() as mounted:
             mounted.callback(mount.umount, mnt)
-            source.populate(mnt)
+            with watching(mnt, progress, "copy"):
+                source.populate(mnt)
+            progress.update("shrink", measure.blocks * 4096)
             lost_found = mnt / "lost+found"
             if lost_found.is_dir() and not any(lost_found.iterdir()):
                 lost_found.rmdir()  # mkfs made it; the source did not have it

@@ -306,12 +306,16 @@ def build(
         str | None, typer.Option("--workdir", "-w", help="Working directory.")
     ] = None,
     user: Annotated[str | None, typer.Option("--user", "-u", help="Default USER[:GROUP].")] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars (none when not a terminal).")
+    ] = False,
 ) -> None:
     """Build an encrypted image: one LUKS2 layer per layer of each SOURCE."""
     import shlex
 
     from .build import build_image
     from .ocispec import merge_env
+    from .progress import for_terminal
     from .system import require_root
 
     # Only what was given overrides the config an OCI source brings.
@@ -336,7 +340,10 @@ def build(
     _stdin_twice(key_file, passphrase)
     keys = [(key_file, key_command, keyring)] if sources_given else []
     with _principals(output, keys, passphrase, recipient or [], iter_time) as principals:
-        built = build_image(sources, output, principals, squash=squash, overrides=overrides)
+        built = build_image(
+            sources, output, principals, squash=squash, overrides=overrides,
+            progress=for_terminal(quiet),
+        )  # fmt: skip
     for layer in built.layers:
         typer.echo(
             f"{output}/{layer.file}: {layer.size} bytes"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from conftest import MARKER_LOWER, MARKER_WRITTEN, Cli, keyslots
+from terminal import in_pty
 
 from cryptlayer.errors import ExitCode
 
@@ -32,3 +34,19 @@ def test_exit_status_passes_through(cli: Cli, image: Path, key_file: Path) -> No
 def test_default_command(cli: Cli, image: Path, key_file: Path) -> None:
     out = cli.ok("run", "--keep", "--key-file", str(key_file), str(image))
     assert out == f"{MARKER_LOWER}\n"
+
+
+def test_build_shows_progress_on_a_terminal(
+    cli: Cli, images: Path, key_file: Path, busybox_tree: Path, data_tree: Path
+) -> None:
+    """A build on a terminal shows each layer's phases and progress; elsewhere it is silent."""
+    out = images / "shown"
+    code, screen = in_pty([sys.executable, "-m", "cryptlayer", "build", "-k", str(key_file),
+                           "-o", str(out), str(busybox_tree), str(data_tree)], [])  # fmt: skip
+    assert code == 0, screen
+    for layer in ("layer0", "layer1"):
+        for phase in ("format", "copy", "shrink"):
+            assert f"{layer} {phase}" in screen, screen
+    assert "100%" in screen and "MiB/s" in screen
+    code, _, err = cli("build", "-k", str(key_file), "-o", str(images / "quiet"), str(data_tree))
+    assert (code, err) == (0, "")  # not a terminal: not a word on stderr
