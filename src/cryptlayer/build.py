@@ -19,10 +19,10 @@ from typing import Any
 from . import envelope, oci
 from . import manifest as manifest_mod
 from .errors import UsageError
-from .keys import Secret
 from .manifest import ImageConfig, Layer, Manifest
-from .paths import private_run_root
+from .paths import build_mapping, build_mount
 from .progress import Progress, Silent, watching
+from .secret import Secret
 from .sources import Measure, OciLayerSource, Source, SquashSource, parse_path
 from .system import require_kernel, require_root, require_tools
 from .tools import cryptsetup, losetup, mkfs, mount
@@ -72,7 +72,6 @@ def build_image(
     sources: list[str],
     output: Path,
     principals: envelope.Principals,
-    config: ImageConfig | None = None,
     *,
     squash: bool = False,
     overrides: dict[str, Any] | None = None,
@@ -81,8 +80,8 @@ def build_image(
     """Build an encrypted image at `output` from `sources` (bottom layer first).
 
     Every layer's keyslot holds a new random image key, wrapped in keys.json for each of
-    `principals`. `config` is used where no OCI source brings one; `overrides` replace single
-    fields of it. `progress` makes a display for each layer (progress.for_terminal).
+    `principals`. The config is the one an OCI source brings (or none); `overrides` replace
+    single fields of it. `progress` makes a display for each layer (progress.for_terminal).
     """
     if not principals:
         raise UsageError(
@@ -101,7 +100,7 @@ def build_image(
         )
     with ExitStack() as stack:
         parsed, oci_config = _expand(stack, sources)
-        final_config = replace(oci_config or config or ImageConfig(), **(overrides or {}))
+        final_config = replace(oci_config or ImageConfig(), **(overrides or {}))
         if squash and len(parsed) > 1:
             parsed = [SquashSource(tuple(parsed))]
         require_kernel()
@@ -157,7 +156,7 @@ def _fill_layer(
     cryptsetup.format_luks(path, key, label=f"cryptlayer {filename}")
     header_json = cryptsetup.dump(path)
     offset = cryptsetup.data_offset(header_json)
-    name = f"cryptlayer-build-{secrets.token_hex(6)}"
+    name = build_mapping()
     with ExitStack() as stack:
         loop = losetup.attach(path, readonly=False)
         stack.callback(losetup.detach, loop)
@@ -167,8 +166,8 @@ def _fill_layer(
         mkfs.make_ext4(mapped, inodes=inodes, label=filename.removesuffix(".luks"))
         # Below the private runtime directory (0700): the new file system's root is 0755, and
         # no other user may walk into the plaintext while it is filled.
-        mnt = private_run_root() / f".build-{name}"
-        mnt.mkdir(mode=0o700)  # a dot name: never a container's
+        mnt = build_mount(name)
+        mnt.mkdir(mode=0o700)
         stack.callback(mnt.rmdir)
         mount.mount(mapped, mnt, "ext4", mount.SCRATCH_OPTIONS)
         with ExitStack() as mounted:

@@ -20,16 +20,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import envelope, journal, layers, state
+from . import envelope, journal, layers, paths, state
 from . import manifest as manifest_mod
 from .errors import CryptlayerError, UsageError
 from .fsutil import write_json_atomic
 from .imagefiles import ImageFiles, open_image
 from .journal import acquire, crash_point, mkdir
-from .keys import Credential, Secret
+from .keys import Credential
 from .ocispec import Overrides, runtime_config
-from .paths import run_root, scratch_dir
+from .paths import scratch_dir
 from .seccomp import load_profile
+from .secret import Secret
 from .shred import shred_image
 from .state import Kind, Mode, Record
 from .system import require_kernel, require_root, require_tools
@@ -59,7 +60,7 @@ def default_name(image: Path) -> str:
 def _open_scratch(stack: ExitStack, record: Record, size: int) -> Path:
     """The writable layer: plain dm-crypt over a sparse file; its key exists only in the kernel."""
     scratch_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = scratch_dir() / f"{record.name}.img"
+    path = paths.scratch_file(record.name)
 
     def create() -> None:
         with open(path, "xb") as f:
@@ -69,7 +70,7 @@ def _open_scratch(stack: ExitStack, record: Record, size: int) -> Path:
     loop = acquire(
         stack, record, Kind.LOOP, str(path), lambda: losetup.attach(path, readonly=False)
     )
-    mapping = f"cryptlayer-{record.name}-scratch"
+    mapping = paths.scratch_mapping(record.name)
 
     def open_plain() -> str:
         with Secret.random(cryptsetup.KEY_BITS // 8) as key:
@@ -77,7 +78,7 @@ def _open_scratch(stack: ExitStack, record: Record, size: int) -> Path:
 
     node = acquire(stack, record, Kind.CRYPT, mapping, open_plain)
     mkfs.make_ext4(node, inodes=None, label="scratch")
-    target = mkdir(stack, record, run_root() / record.name / "scratch")
+    target = mkdir(stack, record, paths.scratch_mount(record.name))
     acquire(stack, record, Kind.MOUNT, str(target),
             lambda: mount.mount(node, target, "ext4", mount.SCRATCH_OPTIONS))  # fmt: skip
     for sub in ("upper", "work"):
@@ -94,11 +95,11 @@ def assemble(
     options: StartOptions,
 ) -> Path:
     """Open (or join) the layers and stack them under the scratch layer; returns the rootfs."""
-    mkdir(stack, record, run_root() / record.name)
+    mkdir(stack, record, paths.container_dir(record.name))
     lowers = acquire(stack, record, Kind.IMAGE, str(files.image),
                      lambda: layers.join(record, files, manifest, key))  # fmt: skip
     scratch = _open_scratch(stack, record, options.scratch_bytes)
-    rootfs = mkdir(stack, record, run_root() / record.name / "rootfs")
+    rootfs = mkdir(stack, record, paths.rootfs_mount(record.name))
     lowerdir = ":".join(str(p) for p in reversed(lowers))  # overlayfs lists the top layer first
     overlay_options = [
         f"lowerdir={lowerdir}",
@@ -177,7 +178,7 @@ def _assemble_files(
             rootfs = assemble(stack, record, files, manifest, key, options)
             if overrides is not None:
                 config = runtime_config(rootfs, record.name, manifest.config, overrides)
-                config_path = run_root() / record.name / "config.json"
+                config_path = paths.oci_config(record.name)
                 acquire(stack, record, Kind.FILE, str(config_path),
                         lambda: write_json_atomic(config_path, config, mode=0o600))  # fmt: skip
                 acquire(stack, record, Kind.CONTAINER, container_id(record), lambda: None)
@@ -193,7 +194,7 @@ def _assemble_files(
 
 def container_id(record: Record) -> str:
     """The OCI runtime's id for the container."""
-    return f"cryptlayer-{record.name}"
+    return paths.container_id(record.name)
 
 
 def start(image: Path, credential: Credential, options: StartOptions) -> Record:
@@ -227,8 +228,8 @@ def _confirm_gone(record: Record) -> None:
     """Ask udev, not the tools, whether the container's mappings and loop devices are gone
     (and the image's shared ones, when no other container holds them)."""
     udev.settle()
-    left = udev.mappings(f"cryptlayer-{record.name}-")
-    files = {scratch_dir() / f"{record.name}.img"}
+    left = udev.mappings(paths.container_mapping_prefix(record.name))
+    files = {paths.scratch_file(record.name)}
     if state.load_opening(record.image) is None:  # we were its last user
         left += udev.mappings(layers.mapping_prefix(record.image))
         files.add(Path(record.image))
@@ -286,7 +287,10 @@ def run(
     credential.wipe()  # the layers are open: nothing needs the key any more
     try:
         return _run_foreground(
-            run_root() / record.name, container_id(record), interactive, options.stop_timeout
+            paths.container_dir(record.name),
+            container_id(record),
+            interactive,
+            options.stop_timeout,
         )
     finally:
         _shielded(_locked_teardown, record)
@@ -298,32 +302,25 @@ def _run_foreground(bundle: Path, cid: str, interactive: bool, stop_timeout: flo
     Like `podman stop`: a container whose init ignores the signal (PID 1 has no default
     handlers) is killed with SIGKILL `stop_timeout` seconds after the first signal.
     """
-    import sh
-
     stdin: Any = getattr(sys.stdin, "buffer", sys.stdin) if interactive else None
-    pid, proc = runtime.start_attached(bundle, cid, stdin)
+    crun = runtime.start_attached(bundle, cid, stdin)
     signalled_at: list[float] = []
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        os.kill(pid, signum)  # crun passes it on to the container's init
+        os.kill(crun.pid, signum)  # crun passes it on to the container's init
         if not signalled_at:
             signalled_at.append(time.monotonic())
 
     forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.signal(s, forward) for s in forwarded}
     try:
-        while True:
-            try:
-                proc.wait(timeout=0.5)
-                break
-            except sh.TimeoutException:
-                if signalled_at and time.monotonic() - signalled_at[0] > stop_timeout:
-                    runtime.kill(cid, "KILL")
+        while not crun.wait(timeout=0.5):
+            if signalled_at and time.monotonic() - signalled_at[0] > stop_timeout:
+                runtime.kill(cid, "KILL")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    status: int = proc.exit_code
-    return 128 - status if status < 0 else status
+    return crun.status
 
 
 def _shielded(action: Any, *args: Any) -> None:

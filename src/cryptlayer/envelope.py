@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError, WrongKeyError
 from .fsutil import read_image_json, write_json_atomic
-from .keys import Credential, Secret
+from .keys import Credential
 from .manifest import number, text
+from .secret import Secret
 
 if TYPE_CHECKING:
     from .recipients import Recipient

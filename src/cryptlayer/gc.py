@@ -10,7 +10,7 @@ from . import journal, state
 from .container import teardown
 from .errors import CryptlayerError
 from .fsutil import wipe_file
-from .paths import run_root, scratch_dir
+from .paths import images_run_dir, run_root, scratch_dir
 from .state import Kind, Mode, Record
 from .tools import cryptsetup, losetup, mount, udev
 
@@ -84,7 +84,7 @@ def _collect_orphans(report: Report) -> None:
         for leftover in scratch_dir().iterdir():
             if str(leftover) not in claimed:
                 _try(report, f"scratch file {leftover}", leftover.unlink)
-    _collect_header_copies(report, root / ".images", claimed)
+    _collect_header_copies(report, images_run_dir(), claimed)
     # Empty directories of containers that no longer exist (never descending into a mount).
     mounted = mount.mounted_paths()
     if root.is_dir():

@@ -18,9 +18,8 @@ from typing import TypeVar
 
 from .errors import BusyError, CommandError
 from .fsutil import wipe_file
-from .runner import have, run
 from .state import Journal, Kind, Opening, Step, all_journals, load_opening, users_of
-from .tools import cryptsetup, losetup, mount, runtime, udev
+from .tools import cryptsetup, fuser, losetup, mount, runtime, udev
 
 T = TypeVar("T")
 CRASH_AT = "CRYPTLAYER_CRASH_AT"
@@ -64,7 +63,6 @@ def acquire(stack: ExitStack, journal: Journal, kind: Kind, ref: str, action: Ca
             step.device = str(result)
             ident = losetup.backing_identity(step.device)
             step.backing = f"{ident[0]}:{ident[1]}" if ident else ""
-        step.done = True
         journal.save(durable=False)
     return result
 
@@ -145,31 +143,19 @@ def _release_mount(step: Step, _journal: Journal) -> None:
         mount.umount(target)
     except CommandError as err:
         if "busy" in err.stderr:
+            held = fuser.holders(target)
             raise BusyError(
-                f"{target} is busy: {holders(target) or 'held by an unknown process'}",
+                f"{target} is busy: "
+                + (f"held by {', '.join(held)}" if held else "held by an unknown process"),
                 "end those processes (or leave the directory) and stop again, or `stop --force`",
             ) from err
         raise
 
 
-def holders(target: Path) -> str:
-    """The processes holding files under mount point `target`, as 'pid (command)' items."""
-    result = run(["fuser", "-m", str(target)], check=False) if have("fuser") else None
-    if result is None:
-        return ""
-    items = []
-    for pid in result.stdout.split():
-        pid = pid.rstrip("cefFrm")
-        with contextlib.suppress(OSError):
-            comm = Path(f"/proc/{pid}/comm").read_text().strip()
-            items.append(f"{pid} ({comm})")
-    return "held by " + ", ".join(items) if items else ""
-
-
 def kill_holders(target: Path) -> None:
-    """SIGKILL every process using files under mount point `target`."""
+    """SIGKILL every process using files under mount point `target` (if it is mounted)."""
     if target in mount.mounted_paths():
-        run(["fuser", "-k", "-KILL", "-m", str(target)], check=False)
+        fuser.kill(target)
 
 
 def _release_dir(step: Step, _journal: Journal) -> None:

@@ -1,7 +1,7 @@
 """Keys: reading, generating and holding them so they never leak.
 
-A key lives in a `Secret` (a bytearray wiped on close), prints as <redacted>, and reaches
-cryptsetup only through a pipe on stdin (see runner.run).
+A key lives in a `Secret` (secret.py), prints as <redacted>, and reaches cryptsetup only
+through a pipe on stdin (see runner.run).
 """
 
 from __future__ import annotations
@@ -9,72 +9,19 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
+from .secret import Secret
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from .recipients import Identity
 
-KEY_BYTES = 32
 # cryptsetup's own limit for a key file is 8 MiB; a key for us is small, so refuse anything large
 # (a wrong path pointing at a big file) before reading it into memory.
 MAX_KEY_BYTES = 8192
-
-
-class Secret:
-    """Key material in a wipeable buffer; never shows itself in repr, str or logs."""
-
-    def __init__(self, data: bytearray) -> None:
-        self._data = data
-
-    @classmethod
-    def random(cls, size: int = KEY_BYTES) -> Secret:
-        """A new key from the kernel's random source (getrandom, through `cryptography`)."""
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-        # AESGCM makes 256-bit keys from the OS CSPRNG; longer keys are built from several.
-        data = bytearray()
-        while len(data) < size:
-            data += AESGCM.generate_key(bit_length=256)
-        del data[size:]
-        return cls(data)
-
-    @contextmanager
-    def view(self) -> Iterator[memoryview]:
-        """Borrow the bytes without copying them."""
-        if not self._data:
-            raise ValueError("secret already wiped")
-        with memoryview(self._data) as mv:
-            yield mv
-
-    def wipe(self) -> None:
-        """Overwrite the key in memory; the Secret is unusable afterwards."""
-        for i in range(len(self._data)):
-            self._data[i] = 0
-        self._data = bytearray()
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __enter__(self) -> Secret:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.wipe()
-
-    def __repr__(self) -> str:
-        return "<Secret: redacted>"
-
-    __str__ = __repr__
-
-    def __reduce__(self) -> str | tuple[object, ...]:
-        raise TypeError("a Secret cannot be pickled")
 
 
 def _checked(data: bytearray, what: str) -> Secret:
@@ -167,16 +114,12 @@ def read_key_command(command: str) -> Secret:
 
 def read_keyring(name: str) -> Secret:
     """The payload of user key NAME in the kernel keyring (the user's, then the session's)."""
-    from .errors import CommandError
-    from .runner import run, run_for_secret
+    from .tools import keyctl
 
     for ring in ("@u", "@s"):
-        try:
-            key_id = run(["keyctl", "search", ring, "user", name]).stdout.strip()
-        except CommandError:
-            continue
-        return _checked(run_for_secret(["keyctl", "pipe", key_id], MAX_KEY_BYTES + 1),
-                        f"keyring key {name!r}")  # fmt: skip
+        key_id = keyctl.search(ring, name)
+        if key_id is not None:
+            return _checked(keyctl.pipe(key_id, MAX_KEY_BYTES + 1), f"keyring key {name!r}")
     raise UsageError(
         f"no user key {name!r} in the user or session keyring",
         f"add it first, e.g. keyctl padd user {name} @u < image.key",

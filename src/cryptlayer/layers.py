@@ -16,13 +16,12 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from pathlib import Path
 
-from . import journal, state
+from . import journal, paths, state
 from .errors import ErasedImageError, UsageError, WrongKeyError
 from .imagefiles import ImageFiles, LayerFile, require_same
 from .journal import acquire, crash_point, mkdir
-from .keys import Secret
 from .manifest import Manifest
-from .paths import run_root
+from .secret import Secret
 from .shred import erase_layer, require_intact
 from .state import Kind, Opening, Record
 from .tools import cryptsetup, losetup, mount
@@ -31,22 +30,21 @@ PARALLEL = 4  # layers opened at once
 
 
 def _dir(opening: Opening) -> Path:
-    return run_root() / ".images" / opening.id
+    return paths.image_run_dir(opening.id)
 
 
 def _header_copy(opening: Opening, index: int) -> Path:
-    return _dir(opening) / f"layer{index}.hdr"
+    return paths.header_copy(opening.id, index)
 
 
 def mapping_prefix(image: str) -> str:
-    """The start of the names of an image's shared mappings ('--': no container's name starts
-    with '-', so no container's own mappings, `cryptlayer-NAME-...`, can match)."""
-    return f"cryptlayer--{state.image_id(image)}-"
+    """The start of the names of an image's shared mappings."""
+    return paths.image_mapping_prefix(state.image_id(image))
 
 
 def mount_points(opening: Opening, manifest: Manifest) -> list[Path]:
     """Where the layers of `opening` are mounted, bottom first."""
-    return [_dir(opening) / f"layer{i}" for i in range(len(manifest.layers))]
+    return [paths.layer_mount(opening.id, i) for i in range(len(manifest.layers))]
 
 
 def require_openable(files: ImageFiles) -> None:
@@ -83,7 +81,7 @@ def join(record: Record, files: ImageFiles, manifest: Manifest, key: Secret) -> 
             cryptsetup.test_key(bottom.path, key, bottom.shown)
         return mount_points(opening, manifest)
     opening = Opening(image, layers=files.identities())
-    state.openings_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+    paths.openings_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
     opening.save()
     _dir(opening).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with ExitStack() as stack:
@@ -118,7 +116,7 @@ def _open_layer(
             f"the image key in keys.json does not open {path}",
             "the image is damaged (layers and keys.json differ); copy it again",
         ) from None
-    target = mkdir(stack, opening, _dir(opening) / f"layer{index}")
+    target = mkdir(stack, opening, paths.layer_mount(opening.id, index))
     acquire(stack, opening, Kind.MOUNT, str(target),
             lambda: mount.mount(node, target, "ext4", mount.LAYER_OPTIONS))  # fmt: skip
 

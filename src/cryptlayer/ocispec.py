@@ -136,8 +136,6 @@ def runtime_config(
     hostname: str,
     config: ImageConfig,
     overrides: Overrides,
-    *,
-    terminal: bool = False,
 ) -> dict[str, Any]:
     """A complete OCI runtime config.json document, confined as podman confines by default:
     its capabilities, seccomp profile, masked and read-only paths and pids limit; no new
@@ -179,7 +177,7 @@ def runtime_config(
     return {
         "ociVersion": "1.0.2",
         "process": {
-            "terminal": terminal,
+            "terminal": False,  # our stdio passes through (run -i for stdin)
             "user": {"uid": uid, "gid": gid},
             "args": process_args(config, overrides.command),
             "env": env,

@@ -1,4 +1,5 @@
-"""Where cryptlayer keeps things: state on disk, everything secret-bearing in memory."""
+"""Where cryptlayer keeps things, and what it names them: state on disk, everything
+secret-bearing in memory; every device-mapper name starts with `cryptlayer-`."""
 
 from __future__ import annotations
 
@@ -45,3 +46,88 @@ def records_dir() -> Path:
 
 def scratch_dir() -> Path:
     return state_root() / "scratch"
+
+
+def openings_dir() -> Path:
+    """The journals of images' shared layers (state.Opening)."""
+    return state_root() / "images"
+
+
+# Per container NAME
+def scratch_file(name: str) -> Path:
+    """The sparse file behind the container's writable layer."""
+    return scratch_dir() / f"{name}.img"
+
+
+def container_dir(name: str) -> Path:
+    """/run/cryptlayer/NAME: the container's mounts and its OCI bundle."""
+    return run_root() / name
+
+
+def scratch_mount(name: str) -> Path:
+    return container_dir(name) / "scratch"
+
+
+def rootfs_mount(name: str) -> Path:
+    return container_dir(name) / "rootfs"
+
+
+def oci_config(name: str) -> Path:
+    return container_dir(name) / "config.json"
+
+
+def container_mapping_prefix(name: str) -> str:
+    """The start of the names of the container's own mappings."""
+    return f"cryptlayer-{name}-"
+
+
+def scratch_mapping(name: str) -> str:
+    return f"{container_mapping_prefix(name)}scratch"
+
+
+def container_id(name: str) -> str:
+    """The OCI runtime's id for the container."""
+    return f"cryptlayer-{name}"
+
+
+# Per image (by the hash of its path), for its shared layers
+def image_mapping_prefix(image_id: str) -> str:
+    """The start of the names of an image's shared mappings ('--': no container's name starts
+    with '-', so no container's own mappings, `cryptlayer-NAME-...`, can match)."""
+    return f"cryptlayer--{image_id}-"
+
+
+def images_run_dir() -> Path:
+    """/run/cryptlayer/.images: the shared layers' mount points and header copies."""
+    return run_root() / ".images"
+
+
+def image_run_dir(image_id: str) -> Path:
+    return images_run_dir() / image_id
+
+
+def layer_mount(image_id: str, index: int) -> Path:
+    return image_run_dir(image_id) / f"layer{index}"
+
+
+def header_copy(image_id: str, index: int) -> Path:
+    """A layer's LUKS header, kept in memory once the disk's keyslots are erased at start."""
+    return image_run_dir(image_id) / f"layer{index}.hdr"
+
+
+# Build and the runtime
+def build_mapping() -> str:
+    """A fresh name for a layer being built."""
+    import secrets
+
+    return f"cryptlayer-build-{secrets.token_hex(6)}"
+
+
+def build_mount(mapping: str) -> Path:
+    """Where a layer being built is filled: a dot name, never a container's."""
+    return private_run_root() / f".build-{mapping}"
+
+
+def runtime_state() -> Path:
+    """The OCI runtime's own state (`crun --root`): memory-backed like the rest."""
+    return run_root() / ".oci"

@@ -21,7 +21,7 @@ from .errors import CommandError, MissingToolError
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from .keys import Secret
+    from .secret import Secret
 
 log = logging.getLogger("cryptlayer.run")
 
@@ -98,6 +98,19 @@ def _stdin_pipe(secret: Secret | None) -> Iterator[int | None]:
         os.close(read_fd)
 
 
+def _spawn(argv: Sequence[str], *, note: str = "", **options: Any) -> Any:
+    """The one place a program starts (through `sh`): found on the runner's PATH (or
+    MissingToolError), logged under --debug, with the base environment unless `_env` is given,
+    every exit status accepted (callers decide what a failure is)."""
+    import sh
+
+    argv = list(argv)
+    command = sh.Command(which(argv[0]))
+    log.debug("+ %s%s", shlex.join(argv), note)
+    options.setdefault("_env", BASE_ENV)
+    return command(*argv[1:], _ok_code=ANY_EXIT, **options)
+
+
 def run(
     argv: Sequence[str],
     *,
@@ -106,19 +119,15 @@ def run(
     env: Mapping[str, str] | None = None,
 ) -> Result:
     """Run argv to completion, capturing output; stdin is `secret` or empty."""
-    import sh
-
     argv = list(argv)
-    command = sh.Command(which(argv[0]))
-    log.debug("+ %s%s", shlex.join(argv), " <secret on stdin>" if secret else "")
     with _stdin_pipe(secret) as stdin_fd:
         # sh dups an int fd straight into the child: the key never becomes a Python bytes object.
         stdin: Any = stdin_fd if stdin_fd is not None else b""
-        proc: Any = command(
-            *argv[1:],
+        proc: Any = _spawn(
+            argv,
+            note=" <secret on stdin>" if secret else "",
             _in=stdin,
             _env={**BASE_ENV, **(env or {})},
-            _ok_code=ANY_EXIT,
             _return_cmd=True,
             _decode_errors="replace",
         )
@@ -132,27 +141,45 @@ def run(
     return result
 
 
+@dataclass(frozen=True)
+class Attached:
+    """A program running in the background with our stdout and stderr (run_attached)."""
+
+    pid: int
+    _proc: Any
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds; whether it has ended."""
+        import sh
+
+        try:
+            self._proc.wait(timeout=timeout)
+        except sh.TimeoutException:
+            return False
+        return True
+
+    @property
+    def status(self) -> int:
+        """Its exit status once ended, as a shell shows it (128 + N when killed by signal N)."""
+        code = int(self._proc.exit_code)
+        return 128 - code if code < 0 else code
+
+
 def run_attached(
     argv: Sequence[str], *, stdin: IO[bytes] | None, env: Mapping[str, str] | None = None
-) -> tuple[int, Any]:
-    """Start argv with our stdout/stderr (and optionally stdin); returns (pid, waiter)."""
-    import sh
-
-    argv = list(argv)
-    command = sh.Command(which(argv[0]))
-    log.debug("+ %s", shlex.join(argv))
-    proc: Any = command(
-        *argv[1:],
+) -> Attached:
+    """Start argv with our stdout/stderr (and optionally stdin), in the background."""
+    proc: Any = _spawn(
+        argv,
         _in=stdin if stdin is not None else b"",
         _out=_binary(sys.stdout),
         _err=_binary(sys.stderr),
         _env={**BASE_ENV, **(env or {})},
-        _ok_code=ANY_EXIT,
         _bg=True,
         _bg_exc=False,
         _new_session=False,
     )
-    return proc.pid, proc
+    return Attached(proc.pid, proc)
 
 
 def _binary(stream: IO[str]) -> Any:
@@ -164,19 +191,13 @@ def _binary(stream: IO[str]) -> Any:
 @contextmanager
 def filtered(argv: Sequence[str], source: IO[bytes]) -> Iterator[IO[bytes]]:
     """Run argv as a filter fed from `source`; yields its standard output as a stream."""
-    import sh
-
     argv = list(argv)
-    command = sh.Command(which(argv[0]))
-    log.debug("+ %s", shlex.join(argv))
     read_fd, write_fd = os.pipe()
     try:
-        proc: Any = command(
-            *argv[1:],
+        proc: Any = _spawn(
+            argv,
             _in=iter(lambda: source.read(1 << 20), b""),
             _out=write_fd,
-            _env=BASE_ENV,
-            _ok_code=ANY_EXIT,
             _bg=True,
             _bg_exc=False,
         )
@@ -196,15 +217,11 @@ def run_for_secret(argv: Sequence[str], limit: int) -> bytearray:
 
     Its stdout is a pipe read straight into a bytearray; nothing of it is logged.
     """
-    import sh
-
     argv = list(argv)
-    command = sh.Command(which(argv[0]))
-    log.debug("+ %s  (output is a secret)", shlex.join(argv))
     read_fd, write_fd = os.pipe()
     try:
-        proc: Any = command(*argv[1:], _in=b"", _out=write_fd, _env=BASE_ENV, _ok_code=ANY_EXIT,
-                            _bg=True, _bg_exc=False)  # fmt: skip
+        proc: Any = _spawn(argv, note="  (output is a secret)", _in=b"", _out=write_fd, _bg=True,
+                           _bg_exc=False)  # fmt: skip
     finally:
         os.close(write_fd)
     buf = bytearray(limit)

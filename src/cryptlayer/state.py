@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 from .errors import BusyError, UsageError
 from .fsutil import write_json_atomic
-from .paths import private_run_root, records_dir, state_root
+from .paths import openings_dir, private_run_root, records_dir, state_root
 
 T = TypeVar("T")
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
@@ -48,7 +48,6 @@ class Step:
     kind: Kind
     ref: str
     device: str = ""
-    done: bool = False  # False: intent written, the step may or may not have happened
     backing: str = ""  # LOOP: "DEV:INO" of the file behind the device (found even if renamed)
 
 
@@ -142,7 +141,7 @@ class Journal(Protocol):
 
 def _steps(raw: dict[str, Any]) -> list[Step]:
     return [Step(Kind(s["kind"]), str(s["ref"]), str(s.get("device", "")),
-                 bool(s.get("done", False)), str(s.get("backing", "")))
+                 str(s.get("backing", "")))
             for s in raw.pop("steps", [])]  # fmt: skip
 
 
@@ -266,10 +265,6 @@ class Opening:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
-
-
-def openings_dir() -> Path:
-    return state_root() / "images"
 
 
 def _opening_from_json(raw: dict[str, Any]) -> Opening:

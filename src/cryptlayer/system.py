@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from .errors import MissingToolError, NotRootError
-from .runner import run, which
+from .runner import which
+from .tools import modprobe
 
 KERNEL_MODULES = ("loop", "dm_crypt", "overlay")
 
@@ -25,11 +26,9 @@ def require_tools(*programs: str) -> None:
 
 def require_kernel() -> None:
     """Load loop, dm_crypt and overlay; MissingToolError when the kernel cannot provide them."""
-    if not _has_dm_crypt() or not _has_overlay():
-        modprobe = Path("/sbin/modprobe").exists() or Path("/usr/sbin/modprobe").exists()
-        if modprobe:
-            for module in KERNEL_MODULES:
-                run(["modprobe", "-q", module], check=False)
+    if (not _has_dm_crypt() or not _has_overlay()) and modprobe.available():
+        for module in KERNEL_MODULES:
+            modprobe.load(module)
     if not _has_dm_crypt():
         raise MissingToolError(
             "this kernel has no dm-crypt (device-mapper crypt target)",

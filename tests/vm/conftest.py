@@ -1,4 +1,4 @@
-"""VM tier: real cryptsetup, dm-crypt, loop, overlayfs and crun. Run through tests/vm/run-tier.
+"""VM tier: real cryptsetup, dm-crypt, loop, overlayfs and crun, in one VM boot (make test-vm).
 
 Every test is checked for leaks afterwards (mappings, loop devices, mounts, records) through
 udev/sysfs and /proc, not by trusting the code; a leak fails the test.
@@ -19,7 +19,14 @@ import pytest
 from typer.testing import CliRunner
 
 from cryptlayer.cli import app
-from cryptlayer.paths import run_root, state_root
+from cryptlayer.paths import (
+    images_run_dir,
+    openings_dir,
+    run_root,
+    runtime_state,
+    scratch_dir,
+    state_root,
+)
 from cryptlayer.tools import mount, udev
 
 MARKER_LOWER = "CRYPTLAYER-MARKER-lower-7f3a9c"
@@ -80,15 +87,13 @@ def leftovers() -> list[str]:
     records = state_root() / "containers"
     if records.is_dir():
         found += [f"record {p.name}" for p in records.iterdir()]
-    scratch = state_root() / "scratch"
-    if scratch.is_dir():
-        found += [f"scratch {p.name}" for p in scratch.iterdir()]
-    openings = state_root() / "images"
-    if openings.is_dir():
-        found += [f"opening {p.name}" for p in openings.iterdir()]
-    for hidden in (".images", ".oci"):  # header copies; the OCI runtime's container state
-        if (run_root() / hidden).is_dir():
-            found += [f"runtime file {p}" for p in (run_root() / hidden).rglob("*")]
+    if scratch_dir().is_dir():
+        found += [f"scratch {p.name}" for p in scratch_dir().iterdir()]
+    if openings_dir().is_dir():
+        found += [f"opening {p.name}" for p in openings_dir().iterdir()]
+    for hidden in (images_run_dir(), runtime_state()):  # header copies; the runtime's state
+        if hidden.is_dir():
+            found += [f"runtime file {p}" for p in hidden.rglob("*")]
     return found
 
 

@@ -115,7 +115,7 @@ def test_gc_finds_renamed_mappings_by_uuid_when_the_journal_is_lost(
 ) -> None:
     """The disk holding $CRYPTLAYER_ROOT was replaced: no record, no opening. And someone renamed
     a mapping. gc still finds it: cryptsetup's dm UUID keeps the name it was opened with."""
-    from cryptlayer import state
+    from cryptlayer import paths
     from cryptlayer.tools import udev
 
     template, key = base
@@ -124,7 +124,7 @@ def test_gc_finds_renamed_mappings_by_uuid_when_the_journal_is_lost(
     (layer,) = [m for m in udev.mappings("cryptlayer--")]
     subprocess.run(["dmsetup", "rename", layer, "innocuous"], check=True)
     assert "innocuous" in udev.cryptlayer_mappings()
-    for journal_file in [*state.records_dir().glob("*.json"), *state.openings_dir().glob("*.json")]:
+    for journal_file in [*paths.records_dir().glob("*.json"), *paths.openings_dir().glob("*.json")]:
         journal_file.unlink()
     out = cli.ok("gc")
     assert "removed orphan mapping innocuous\n" in out

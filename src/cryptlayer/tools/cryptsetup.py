@@ -11,7 +11,7 @@ from ..runner import run
 from . import udev
 
 if TYPE_CHECKING:
-    from ..keys import Secret
+    from ..secret import Secret
 
 CIPHER = "aes-xts-plain64"
 KEY_BITS = 512
@@ -47,18 +47,11 @@ def format_luks(path: Path, key: Secret, label: str) -> None:
     )  # fmt: skip
 
 
-def open_luks(
-    device: str, name: str, key: Secret, *, readonly: bool, header: Path | None = None
-) -> str:
-    """Map LUKS2 `device` as /dev/mapper/NAME; WrongKeyError when `key` opens no keyslot.
-
-    With `header`, the keyslots are read from that copy instead of from `device`.
-    """
+def open_luks(device: str, name: str, key: Secret, *, readonly: bool) -> str:
+    """Map LUKS2 `device` as /dev/mapper/NAME; WrongKeyError when `key` opens no keyslot."""
     argv = ["cryptsetup", "open", "--type", "luks2", "--key-file", "-"]
     if readonly:
         argv.append("--readonly")
-    if header is not None:
-        argv += ["--header", str(header)]
     try:
         run([*argv, device, name], secret=key)
     except CommandError as err:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from ..errors import MissingToolError
-from ..paths import run_root
-from ..runner import have, run, run_attached
+from ..paths import runtime_state
+from ..runner import Attached, have, run, run_attached
 
 
 def _state_root() -> str:
     """The runtime's own state: memory-backed, like everything of a running container."""
-    return str(run_root() / ".oci")
+    return str(runtime_state())
 
 
 def runtime() -> str:
@@ -23,8 +23,8 @@ def runtime() -> str:
     raise MissingToolError("no OCI runtime found", "install crun (apt-get install crun)")
 
 
-def start_attached(bundle: Path, container_id: str, stdin: IO[bytes] | None) -> tuple[int, Any]:
-    """`crun run` the bundle in the foreground of our stdio; returns (pid, waiter)."""
+def start_attached(bundle: Path, container_id: str, stdin: IO[bytes] | None) -> Attached:
+    """`crun run` the bundle in the foreground of our stdio."""
     return run_attached(
         [runtime(), "--root", _state_root(), "run", "--bundle", str(bundle), container_id],
         stdin=stdin,
