@@ -25,6 +25,7 @@ from common import MiB, drop_caches, group, machine, make_tree, record, sh, summ
 
 from cryptlayer import container, envelope, manifest, state
 from cryptlayer.build import build_image
+from cryptlayer.imagefiles import open_image
 from cryptlayer.keys import Credential, Secret
 from cryptlayer.layers import erase_at_start
 from cryptlayer.sources import DirectorySource
@@ -250,9 +251,9 @@ def _stop_and_shred(image: Path, saved: Path) -> float:
         container.start(image, credential, container.StartOptions("bench-shred", shred=False))
     drop_caches()
     begin = time.perf_counter()
-    with state.locked():
+    with state.locked(), open_image(image, manifest.load(image)) as files:
         record = state.load("bench-shred")
-        erase_at_start(record, image, manifest.load(image))
+        erase_at_start(record, files)
     erase = time.perf_counter() - begin
     drop_caches()
     begin = time.perf_counter()

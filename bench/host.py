@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MiB, machine, record, sh, summary, timed
 
+from cryptlayer.imagefiles import open_dir, open_layer
 from cryptlayer.keys import Secret
 from cryptlayer.shred import erase_layer
 from cryptlayer.tools import cryptsetup
@@ -36,9 +37,11 @@ def layer_without_mapping() -> dict[str, object]:
                 f.truncate(64 * MiB)
             cryptsetup.format_luks(layer, key, label="bench")
 
-        def erase() -> None:
-            cryptsetup.header_backup(layer, copy)
-            erase_layer(layer)
+        def erase() -> None:  # as at start: by descriptor, header copied first
+            with open_dir(layer.parent) as files:
+                opened = open_layer(files, layer.name, None)
+                cryptsetup.header_backup(opened.path, copy)
+                erase_layer(opened)
 
         fresh()
         out = {

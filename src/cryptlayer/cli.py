@@ -9,11 +9,14 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from .errors import CryptlayerError, ExitCode, UsageError, printable
+
+if TYPE_CHECKING:
+    from .keys import Credential
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -124,16 +127,6 @@ def _global(
         log.setLevel(logging.DEBUG)
 
 
-KEY_SOURCES = "--key-file, --key-command, --keyring"
-
-
-def _stdin_twice(key_file: str | None, *passphrases: bool) -> None:
-    if key_file == "-" and any(passphrases):
-        raise UsageError(
-            "--key-file - and --passphrase both want standard input", "put the key in a file"
-        )
-
-
 def _credential(
     image: Path,
     key_file: str | None,
@@ -141,48 +134,11 @@ def _credential(
     keyring: str | None,
     passphrase: bool,
     identity: str | None,
-) -> Any:
-    """What opens the image: exactly one key, passphrase or identity."""
-    from .keys import Credential, read_one, read_passphrase
-    from .recipients import load_identity
+) -> Credential:
+    """What opens the image (keys.credential checks that exactly one was given)."""
+    from .keys import KeySource, credential
 
-    given = [x for x in (key_file, key_command, keyring, identity) if x is not None]
-    if len(given) + passphrase != 1:
-        raise UsageError(
-            f"give exactly one of {KEY_SOURCES}, --passphrase and --identity",
-            "e.g. --key-file image.key, or --key-file - to read standard input",
-        )
-    if identity is not None:
-        return Credential(identity=load_identity(identity))
-    if passphrase:
-        return Credential(passphrase=read_passphrase(f"Passphrase for {image}: ", confirm=False))
-    return Credential(key=read_one(key_file, key_command, keyring))
-
-
-def _principals(
-    image: Path,
-    keys: list[tuple[str | None, str | None, str | None]],
-    passphrase: bool,
-    recipients: list[str],
-    iter_time: int,
-) -> Any:
-    """Who a new image or a rekey lets in; recipients are checked before anything is asked."""
-    from .envelope import Principals
-    from .keys import read_one, read_passphrase
-    from .recipients import load_recipient
-
-    loaded = [load_recipient(r) for r in recipients]
-    principals = Principals(recipients=loaded, iter_time_ms=iter_time)
-    try:
-        principals.keys += [read_one(*source) for source in keys]
-        if passphrase:
-            principals.passphrases.append(
-                read_passphrase(f"New passphrase for {image}: ", confirm=True)
-            )
-    except BaseException:
-        principals.__exit__()
-        raise
-    return principals
+    return credential(image, KeySource(key_file, key_command, keyring), passphrase, identity)
 
 
 AllowSharedDir = Annotated[
@@ -314,6 +270,8 @@ def build(
     import shlex
 
     from .build import build_image
+    from .envelope import principals as principals_of
+    from .keys import KeySource, stdin_once
     from .ocispec import merge_env
     from .progress import for_terminal
     from .system import require_root
@@ -331,15 +289,10 @@ def build(
     if user is not None:
         overrides["user"] = user
     require_root("build an image")
-    sources_given = [x for x in (key_file, key_command, keyring) if x is not None]
-    if len(sources_given) > 1:
-        raise UsageError(
-            f"give at most one of {KEY_SOURCES}",
-            "add more keys later with `cryptlayer rekey --add-key`",
-        )
-    _stdin_twice(key_file, passphrase)
-    keys = [(key_file, key_command, keyring)] if sources_given else []
-    with _principals(output, keys, passphrase, recipient or [], iter_time) as principals:
+    source = KeySource(key_file, key_command, keyring)
+    stdin_once(source, passphrase)
+    keys = [source] if source.count() else []
+    with principals_of(output, keys, passphrase, recipient or [], iter_time) as principals:
         built = build_image(
             sources, output, principals, squash=squash, overrides=overrides,
             progress=for_terminal(quiet),
@@ -416,20 +369,22 @@ def rekey(
     iter_time: IterTime = 2000,
 ) -> None:
     """Change who may open IMAGE (unlock it with any current key); the layers are not touched."""
+    from .envelope import principals as principals_of
+    from .keys import KeySource, stdin_once
     from .rekey import rekey as change_keys
 
     if not (add_key or add_passphrase or add_recipient or remove):
         raise UsageError(
             "nothing to change", "give --add-key, --add-passphrase, --add-recipient or --remove"
         )
-    _stdin_twice(key_file, passphrase, add_passphrase)
+    stdin_once(KeySource(key_file), passphrase, add_passphrase)
     if "-" in (add_key or []):
         raise UsageError("--add-key needs a file, not standard input", "cryptlayer keygen NEW.key")
     with (
         _credential(image, key_file, key_command, keyring, passphrase, identity) as credential,
-        _principals(
+        principals_of(
             image,
-            [(k, None, None) for k in add_key or []],
+            [KeySource(k) for k in add_key or []],
             add_passphrase,
             add_recipient or [],
             iter_time,

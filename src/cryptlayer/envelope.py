@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError, WrongKeyError
 from .fsutil import read_image_json, write_json_atomic
-from .keys import Credential
+from .keys import KEY_SOURCES, Credential, KeySource
 from .manifest import number, text
 from .secret import Secret
 
@@ -94,6 +94,39 @@ class Principals:
     def __exit__(self, *_: object) -> None:
         for secret in (*self.keys, *self.passphrases):
             secret.wipe()
+
+
+def principals(
+    image: Path,
+    keys: list[KeySource],
+    passphrase: bool,
+    recipients: list[str],
+    iter_time_ms: int,
+) -> Principals:
+    """Who a new image or a rekey lets in; recipients are checked before anything is asked.
+
+    Each of `keys` names one key source (UsageError if one names several)."""
+    from .keys import read_passphrase
+    from .recipients import load_recipient
+
+    for source in keys:
+        if source.count() > 1:
+            raise UsageError(
+                f"give at most one of {KEY_SOURCES}",
+                "add more keys later with `cryptlayer rekey --add-key`",
+            )
+    loaded = [load_recipient(r) for r in recipients]
+    chosen = Principals(recipients=loaded, iter_time_ms=iter_time_ms)
+    try:
+        chosen.keys += [source.read() for source in keys]
+        if passphrase:
+            chosen.passphrases.append(
+                read_passphrase(f"New passphrase for {image}: ", confirm=True)
+            )
+    except BaseException:
+        chosen.__exit__()
+        raise
+    return chosen
 
 
 def _b64(data: bytes) -> str:

@@ -126,6 +126,52 @@ def read_keyring(name: str) -> Secret:
     )
 
 
+KEY_SOURCES = "--key-file, --key-command, --keyring"
+
+
+@dataclass(frozen=True)
+class KeySource:
+    """A key as the user named it: a file ('-': standard input), a command, a keyring name."""
+
+    file: str | None = None
+    command: str | None = None
+    keyring: str | None = None
+
+    def count(self) -> int:
+        """How many of the three were given (one is right)."""
+        return sum(x is not None for x in (self.file, self.command, self.keyring))
+
+    def read(self) -> Secret:
+        return read_one(self.file, self.command, self.keyring)
+
+
+def stdin_once(source: KeySource, *passphrases: bool) -> None:
+    """UsageError when the key and a passphrase both want standard input."""
+    if source.file == "-" and any(passphrases):
+        raise UsageError(
+            "--key-file - and --passphrase both want standard input", "put the key in a file"
+        )
+
+
+def credential(
+    image: Path, source: KeySource, passphrase: bool, identity: str | None
+) -> Credential:
+    """What opens the image: exactly one key, passphrase or identity."""
+    from .recipients import load_identity
+
+    if source.count() + (identity is not None) + passphrase != 1:
+        raise UsageError(
+            f"give exactly one of {KEY_SOURCES}, --passphrase and --identity",
+            "e.g. --key-file image.key, or --key-file - to read standard input",
+        )
+    stdin_once(source, passphrase)
+    if identity is not None:
+        return Credential(identity=load_identity(identity))
+    if passphrase:
+        return Credential(passphrase=read_passphrase(f"Passphrase for {image}: ", confirm=False))
+    return Credential(key=source.read())
+
+
 def read_one(key_file: str | None, key_command: str | None, keyring: str | None) -> Secret:
     """The key from the one source given (callers check that exactly one is)."""
     if key_file is not None:
