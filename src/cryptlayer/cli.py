@@ -176,7 +176,7 @@ def _check_host(strict: bool) -> None:
 
 def _warn_if_erase_may_not_hold(image: Path) -> None:
     """A `warning:` line when the image's storage may keep old copies of erased keyslots."""
-    from .shred import erase_caveat
+    from .hostcheck import erase_caveat
 
     if image.is_dir() and (caveat := erase_caveat(image)):
         typer.echo(f"warning: {caveat}", err=True)

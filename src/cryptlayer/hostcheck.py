@@ -1,4 +1,6 @@
-"""Where decrypted data could leave memory on this host: swap, zram writeback, core dumps.
+"""What on this host could defeat the promise: decrypted memory reaching a disk (swap, zram
+writeback, core dumps, hibernation), and storage where an erase may leave old keyslots behind
+(copy-on-write file systems, flash).
 
 "Nothing decrypted is written to disk" holds for the layers and the scratch volume (dm-crypt);
 it also needs the memory of the container and of cryptlayer to stay off disk. Like tomb, which
@@ -13,8 +15,38 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .tools import mount
+
 PROC = Path("/proc")
 SYS = Path("/sys")
+
+
+# File systems that write changes to new blocks: an overwritten keyslot may survive in old ones.
+COPY_ON_WRITE = frozenset({"btrfs", "zfs", "bcachefs", "f2fs", "nilfs2"})
+
+
+def erase_caveat(image: Path, sysfs: Path = Path("/sys")) -> str | None:
+    """Why crypto-erasing `image` in place may leave old copies of its keyslots, if it may."""
+    where = mount.containing(image)
+    see = "keep the key off this host (docs/threat-model.md)"
+    if where.fstype in COPY_ON_WRITE:
+        return (
+            f"{image} is on {where.fstype}, which writes changes to new blocks: old copies of"
+            f" the erased keyslots may survive; {see}"
+        )
+    device = sysfs / "dev/block" / where.device
+    for queue in (device / "queue", device / ".." / "queue"):  # a disk, or a partition's disk
+        try:
+            rotational = (queue / "rotational").read_text().strip()
+        except OSError:
+            continue
+        if rotational == "0":
+            return (
+                f"{image} is on flash storage (device {where.device} is not rotational):"
+                f" wear levelling may keep old copies of the erased keyslots; {see}"
+            )
+        break
+    return None
 
 
 def _block(sys: Path, device: str) -> Path | None:

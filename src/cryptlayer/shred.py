@@ -7,7 +7,7 @@ from pathlib import Path
 from . import manifest as manifest_mod
 from .errors import CryptlayerError, ErasedImageError
 from .imagefiles import ImageFiles, LayerFile, open_image, require_same
-from .tools import cryptsetup, mount
+from .tools import cryptsetup
 
 
 def keyslot_count(layer: LayerFile) -> int:
@@ -55,31 +55,3 @@ def require_intact(files: ImageFiles, *, first_only: bool = False) -> None:
                 f"image {files.image} was shredded (crypto-erased): no key can open it any more",
                 "build or copy a fresh image",
             )
-
-
-# File systems that write changes to new blocks: an overwritten keyslot may survive in old ones.
-COPY_ON_WRITE = frozenset({"btrfs", "zfs", "bcachefs", "f2fs", "nilfs2"})
-
-
-def erase_caveat(image: Path, sysfs: Path = Path("/sys")) -> str | None:
-    """Why crypto-erasing `image` in place may leave old copies of its keyslots, if it may."""
-    where = mount.containing(image)
-    see = "keep the key off this host (docs/threat-model.md)"
-    if where.fstype in COPY_ON_WRITE:
-        return (
-            f"{image} is on {where.fstype}, which writes changes to new blocks: old copies of"
-            f" the erased keyslots may survive; {see}"
-        )
-    device = sysfs / "dev/block" / where.device
-    for queue in (device / "queue", device / ".." / "queue"):  # a disk, or a partition's disk
-        try:
-            rotational = (queue / "rotational").read_text().strip()
-        except OSError:
-            continue
-        if rotational == "0":
-            return (
-                f"{image} is on flash storage (device {where.device} is not rotational):"
-                f" wear levelling may keep old copies of the erased keyslots; {see}"
-            )
-        break
-    return None

@@ -272,7 +272,7 @@ def _fake_sysfs(root: Path, device: str, rotational: str) -> Path:
 
 
 def test_erase_caveat_names_flash_storage(tmp_path: Path) -> None:
-    from cryptlayer.shred import erase_caveat
+    from cryptlayer.hostcheck import erase_caveat
     from cryptlayer.tools import mount
 
     where = mount.containing(tmp_path)
@@ -290,12 +290,12 @@ def test_erase_caveat_names_flash_storage(tmp_path: Path) -> None:
 def test_erase_caveat_names_copy_on_write_file_systems(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cryptlayer import shred
+    from cryptlayer import hostcheck
     from cryptlayer.tools import mount
 
     # No btrfs on this host: the mount table's answer is the one thing faked.
     monkeypatch.setattr(mount, "containing", lambda _p: mount.Mounted(tmp_path, "btrfs", "0:99"))
-    caveat = shred.erase_caveat(tmp_path)
+    caveat = hostcheck.erase_caveat(tmp_path)
     assert caveat is not None and "is on btrfs, which writes changes to new blocks" in caveat
 
 
