@@ -207,9 +207,9 @@ def keygen(
     if x25519 and rsa:
         raise UsageError("give --x25519 or --rsa, not both")
     if x25519 or rsa:
-        from .recipients import write_key_pair
+        from .recipients import KeyKind, write_key_pair
 
-        kind = "x25519" if x25519 else "rsa"
+        kind = KeyKind.X25519 if x25519 else KeyKind.RSA
         ident = write_key_pair(keyfile, kind)
         typer.echo(
             f"wrote {keyfile} (private, mode 0600; keep it on the machine that runs the"

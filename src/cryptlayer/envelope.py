@@ -21,6 +21,7 @@ import binascii
 import os
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,15 +49,23 @@ MAX_ITERATIONS = 1000  # a damaged or hostile keys.json must not make us compute
 MAX_WORK_KIB = 64 * MAX_MEMORY_KIB
 MAX_PASSPHRASE_ENTRIES = 8  # each costs one Argon2id run when a passphrase is tried
 MAX_ENTRIES = 256
-KINDS = ("key", "passphrase", "x25519", "rsa")
 DEFAULT_ITER_TIME_MS = 2000
+
+
+class EntryKind(StrEnum):
+    """What an entry of keys.json wraps the image key for."""
+
+    KEY = "key"
+    PASSPHRASE = "passphrase"
+    X25519 = "x25519"
+    RSA = "rsa"
 
 
 @dataclass(frozen=True)
 class Entry:
     """The image key wrapped for one key, passphrase or recipient."""
 
-    kind: str  # key | passphrase | x25519 | rsa
+    kind: EntryKind
     id: str
     wrapped: str  # base64
     params: tuple[tuple[str, str | int], ...] = ()  # salt (base64) and KDF costs
@@ -229,7 +238,7 @@ def calibrate(iter_time_ms: int) -> tuple[int, int]:
 def for_key(image_key: Secret, key: Secret) -> Entry:
     salt = os.urandom(16)
     wrapped = _wrap(_key_kek(key, salt), image_key)
-    return Entry("key", key_id(key), wrapped, (("salt", _b64(salt)),))
+    return Entry(EntryKind.KEY, key_id(key), wrapped, (("salt", _b64(salt)),))
 
 
 def for_passphrase(image_key: Secret, passphrase: Secret, iter_time_ms: int) -> Entry:
@@ -243,7 +252,8 @@ def for_passphrase(image_key: Secret, passphrase: Secret, iter_time_ms: int) -> 
         ("memory_kib", memory),
         ("lanes", LANES),
     )
-    return Entry("passphrase", f"passphrase:{os.urandom(4).hex()}", wrapped, tuple(sorted(params)))
+    ident = f"passphrase:{os.urandom(4).hex()}"
+    return Entry(EntryKind.PASSPHRASE, ident, wrapped, tuple(sorted(params)))
 
 
 def for_recipient(image_key: Secret, recipient: Recipient) -> Entry:
@@ -252,7 +262,7 @@ def for_recipient(image_key: Secret, recipient: Recipient) -> Entry:
             wrapped = _hpke().encrypt(data, recipient.key, info=INFO)
         else:
             wrapped = recipient.key.encrypt(bytes(data), _oaep())  # type: ignore[union-attr]
-    return Entry(recipient.kind, recipient.id, _b64(wrapped))
+    return Entry(EntryKind(recipient.kind), recipient.id, _b64(wrapped))
 
 
 def _unwrap_aes(kek: Secret, wrapped: bytes) -> Secret | None:
@@ -373,8 +383,8 @@ def _entry(item: Any, index: int) -> Entry:
     if not isinstance(item, dict):
         raise ValueError(f"{where} is not an object")
     kind = text(item["type"], f"{where}'s type")
-    if kind not in KINDS:
-        raise ValueError(f"{where}'s type {kind!r} is not one of {', '.join(KINDS)}")
+    if kind not in {k.value for k in EntryKind}:
+        raise ValueError(f"{where}'s type {kind!r} is not one of {', '.join(EntryKind)}")
     _b64_field(item["wrapped"], f"{where}'s wrapped")
     params: list[tuple[str, str | int]] = []
     for name, value in item.items():
@@ -391,7 +401,8 @@ def _entry(item: Any, index: int) -> Entry:
     missing = needed.get(kind, set()) - {name for name, _ in params}
     if missing:
         raise ValueError(f"{where} ({kind}) lacks {', '.join(sorted(missing))}")
-    return Entry(kind, text(item["id"], f"{where}'s id"), item["wrapped"], tuple(sorted(params)))
+    ident = text(item["id"], f"{where}'s id")
+    return Entry(EntryKind(kind), ident, item["wrapped"], tuple(sorted(params)))
 
 
 def _b64_field(value: Any, what: str) -> bytes:

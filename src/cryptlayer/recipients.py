@@ -14,6 +14,7 @@ import hashlib
 import os
 import stat
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,11 +35,18 @@ MIN_RSA_BITS = 2048
 MAX_KEY_FILE = 64 * 1024
 
 
+class KeyKind(StrEnum):
+    """The kinds of recipient key."""
+
+    X25519 = "x25519"
+    RSA = "rsa"
+
+
 @dataclass(frozen=True)
 class Recipient:
     """A public key the image key can be wrapped to."""
 
-    kind: str  # "x25519" or "rsa"
+    kind: KeyKind
     key: PublicKey
 
     @property
@@ -50,7 +58,7 @@ class Recipient:
 class Identity:
     """A private key that may unwrap the image key."""
 
-    kind: str
+    kind: KeyKind
     key: PrivateKey
     path: str
 
@@ -71,18 +79,18 @@ def fingerprint(key: PublicKey) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
 
 
-def _kind(key: object, path: str, what: str) -> str:
+def _kind(key: object, path: str, what: str) -> KeyKind:
     from cryptography.hazmat.primitives.asymmetric import rsa, x25519
 
     if isinstance(key, x25519.X25519PublicKey | x25519.X25519PrivateKey):
-        return "x25519"
+        return KeyKind.X25519
     if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
         if key.key_size < MIN_RSA_BITS:
             raise UsageError(
                 f"{what} {path} is RSA-{key.key_size}",
                 f"use at least {MIN_RSA_BITS} bits (keygen --rsa makes {RSA_BITS})",
             )
-        return "rsa"
+        return KeyKind.RSA
     raise UsageError(
         f"{what} {path} is a {type(key).__name__.lstrip('_')}, not an X25519 or RSA key",
         "make one with `cryptlayer keygen --x25519 NAME` (or --rsa)",
@@ -160,7 +168,7 @@ def load_identity(path: str) -> Identity:
     return Identity(_kind(key, path, "identity"), key, path)  # type: ignore[arg-type]
 
 
-def write_key_pair(path: Path, kind: str) -> str:
+def write_key_pair(path: Path, kind: KeyKind) -> str:
     """Write a new private key to PATH (0600) and its public key to PATH.pub; returns its id.
 
     Neither file may exist: keygen never overwrites.
@@ -174,7 +182,7 @@ def write_key_pair(path: Path, kind: str) -> str:
             raise UsageError(f"{p} already exists", "choose another name; keygen never overwrites")
     key: PrivateKey = (
         x25519.X25519PrivateKey.generate()
-        if kind == "x25519"
+        if kind is KeyKind.X25519
         else rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
     )
     private = bytearray(

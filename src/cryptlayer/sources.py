@@ -18,6 +18,7 @@ import posixpath
 import shutil
 import stat
 import tarfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -75,17 +76,24 @@ def _blocks(size: int) -> int:
     return (size + BLOCK - 1) // BLOCK
 
 
-class Source:
+class Source(ABC):
     """What becomes one layer."""
 
-    label: str = ""
-    digest: str = ""  # the OCI diff_id, where there is one
+    @property
+    @abstractmethod
+    def label(self) -> str:
+        """What it is, for messages and the manifest."""
 
-    def measure(self) -> Measure:
-        raise NotImplementedError
+    @property
+    def digest(self) -> str:
+        """The OCI diff_id, where there is one."""
+        return ""
 
-    def populate(self, target: Path, *, squash: bool = False) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def measure(self) -> Measure: ...
+
+    @abstractmethod
+    def populate(self, target: Path, *, squash: bool = False) -> None: ...
 
 
 COPIERS = min(4, os.cpu_count() or 1)  # cp processes filling one layer from a directory
@@ -106,7 +114,7 @@ class DirectorySource(Source):
     path: Path
 
     @property
-    def label(self) -> str:  # type: ignore[override]
+    def label(self) -> str:
         return str(self.path)
 
     @cached_property
@@ -247,7 +255,7 @@ class TarSource(_TarSource):
     path: Path
 
     @property
-    def label(self) -> str:  # type: ignore[override]
+    def label(self) -> str:
         return str(self.path)
 
     @contextmanager
@@ -261,11 +269,11 @@ class OciLayerSource(_TarSource):
     layer: OciLayer
 
     @property
-    def label(self) -> str:  # type: ignore[override]
+    def label(self) -> str:
         return self.layer.blobs.describe(self.layer.path)
 
     @property
-    def digest(self) -> str:  # type: ignore[override]
+    def digest(self) -> str:
         return self.layer.diff_id
 
     def measure(self) -> Measure:
@@ -285,7 +293,7 @@ class SquashSource(Source):
     parts: tuple[Source, ...]
 
     @property
-    def label(self) -> str:  # type: ignore[override]
+    def label(self) -> str:
         return " + ".join(p.label for p in self.parts)
 
     def measure(self) -> Measure:
