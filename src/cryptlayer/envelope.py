@@ -29,14 +29,14 @@ from .errors import UsageError, WrongKeyError
 from .fsutil import read_image_json, write_json_atomic
 from .keys import KEY_SOURCES, Credential, KeySource
 from .manifest import number, text
-from .secret import Secret
+from .secret import KEY_BYTES, Secret
 
 if TYPE_CHECKING:
     from .recipients import Recipient
 
 FILE = "keys.json"
 FORMAT = "cryptlayer.keys.v1"
-IMAGE_KEY_BYTES = 32
+IMAGE_KEY_BYTES = KEY_BYTES
 INFO = b"cryptlayer.keys.v1"
 # Argon2id: cryptsetup's defaults (4 lanes, at least 4 iterations, at most 1 GiB), calibrated to
 # take --iter-time on this machine; a floor of 8 MiB keeps slow machines usable.
@@ -160,17 +160,19 @@ def _key_kek(key: Secret, salt: bytes) -> Secret:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-    kek = Secret(bytearray(32))
+    kek = Secret(bytearray(KEY_BYTES))
     with key.view() as data, kek.view() as out:
-        HKDF(hashes.SHA256(), 32, salt=salt, info=INFO + b" key").derive_into(data, out)
+        HKDF(hashes.SHA256(), KEY_BYTES, salt=salt, info=INFO + b" key").derive_into(data, out)
     return kek
 
 
 def _passphrase_kek(passphrase: Secret, salt: bytes, iterations: int, memory_kib: int) -> Secret:
     from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
-    kek = Secret(bytearray(32))
-    kdf = Argon2id(salt=salt, length=32, iterations=iterations, lanes=LANES, memory_cost=memory_kib)
+    kek = Secret(bytearray(KEY_BYTES))
+    kdf = Argon2id(
+        salt=salt, length=KEY_BYTES, iterations=iterations, lanes=LANES, memory_cost=memory_kib
+    )
     with passphrase.view() as data, kek.view() as out:
         kdf.derive_into(data, out)  # type: ignore[arg-type]  # any buffer works; the stub says bytes
     return kek

@@ -30,8 +30,9 @@ from typing import IO
 from .errors import UsageError, printable
 from .oci import HashingReader, OciLayer, verify_blob
 from .runner import filtered, run
+from .tools.mkfs import BLOCK_SIZE
 
-BLOCK = 4096
+BLOCK = BLOCK_SIZE  # what one ext4 block holds
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 XATTR_PAX = "SCHILY.xattr."
