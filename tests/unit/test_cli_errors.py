@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+import cryptlayer
 from cryptlayer import runner
 from cryptlayer.cli import app
 from cryptlayer.errors import ExitCode
@@ -143,12 +149,55 @@ def test_missing_tool_names_the_package(monkeypatch: pytest.MonkeyPatch, tmp_pat
     )
 
 
-def _as_nobody(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+NOBODY = ["--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@functools.cache
+def _nobody_python(where: str) -> tuple[str, dict[str, str]]:
+    """How user nobody runs this cryptlayer: as we do, when it can reach the checkout; else (a
+    checkout in root's 0700 home, say) the system interpreter with a readable copy, in `where`,
+    of cryptlayer and the packages it needs."""
     setpriv = shutil.which("setpriv")
     assert setpriv, "setpriv (util-linux) is needed"
-    env = {"PATH": os.environ["PATH"], "CRYPTLAYER_ROOT": str(kw.pop("root"))}
+    probe = subprocess.run([setpriv, *NOBODY, sys.executable, "-c", "import cryptlayer.cli"],
+                           capture_output=True, check=False)  # fmt: skip
+    if probe.returncode == 0:
+        return sys.executable, {}
+    site = Path(where) / "site"
+    todo, seen = ["cryptlayer"], set()
+    while todo:  # cryptlayer's runtime requirements, and theirs
+        name = todo.pop()
+        if name.lower() in seen:
+            continue
+        seen.add(name.lower())
+        dist = metadata.distribution(name)
+        for file in dist.files or []:
+            source = Path(str(dist.locate_file(file)))
+            if source.is_file() and not str(file).startswith(".."):
+                (site / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(source, site / file)
+        todo += [re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0] for r in dist.requires or []
+                 if "extra ==" not in r]  # fmt: skip
+    shutil.copytree(Path(cryptlayer.__file__).parent, site / "cryptlayer", dirs_exist_ok=True)
+    for path in [Path(where), *Path(where).rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return os.path.realpath(sys.executable), {"PYTHONPATH": str(site)}
+
+
+@pytest.fixture(scope="session")
+def nobody_dir() -> Iterator[str]:
+    """A directory every user can read (pytest's own are 0700)."""
+    where = tempfile.mkdtemp(prefix="cryptlayer-nobody-", dir="/var/tmp")
+    os.chmod(where, 0o755)
+    yield where
+    shutil.rmtree(where, ignore_errors=True)
+
+
+def _as_nobody(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    python, extra = _nobody_python(str(kw.pop("where")))
+    env = {"PATH": os.environ["PATH"], "CRYPTLAYER_ROOT": str(kw.pop("root")), **extra}
     return subprocess.run(
-        [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *CLI, *args],
+        [str(shutil.which("setpriv")), *NOBODY, python, "-m", "cryptlayer", *args],
         capture_output=True, text=True, env=env, check=False,
     )  # fmt: skip
 
@@ -161,15 +210,15 @@ def _as_nobody(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
         (("gc",), "error: must be root to collect garbage: run it with sudo"),
     ],
 )
-def test_not_root(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+def test_not_root(tmp_path: Path, nobody_dir: str, args: tuple[str, ...], message: str) -> None:
     tmp_path.chmod(0o755)
-    result = _as_nobody(*args, root=tmp_path)
+    result = _as_nobody(*args, root=tmp_path, where=nobody_dir)
     assert result.returncode == ExitCode.NOT_ROOT
     assert one_error_line(result.stderr) == message
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
-def test_not_root_build_and_run(tmp_path: Path) -> None:
+def test_not_root_build_and_run(tmp_path: Path, nobody_dir: str) -> None:
     tmp_path.chmod(0o755)
     key = tmp_path / "k"
     key.write_bytes(os.urandom(32))
@@ -177,7 +226,14 @@ def test_not_root_build_and_run(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     result = _as_nobody(
-        "build", "--key-file", str(key), "-o", str(tmp_path / "img"), str(src), root=tmp_path
+        "build",
+        "--key-file",
+        str(key),
+        "-o",
+        str(tmp_path / "img"),
+        str(src),
+        root=tmp_path,
+        where=nobody_dir,
     )
     assert result.returncode == ExitCode.NOT_ROOT
     assert (
@@ -185,7 +241,9 @@ def test_not_root_build_and_run(tmp_path: Path) -> None:
     )
     (tmp_path / "img").mkdir()
     (tmp_path / "img/manifest.json").write_text("{}")
-    result = _as_nobody("run", "--key-file", str(key), str(tmp_path / "img"), root=tmp_path)
+    result = _as_nobody(
+        "run", "--key-file", str(key), str(tmp_path / "img"), root=tmp_path, where=nobody_dir
+    )
     assert result.returncode == ExitCode.NOT_ROOT
     assert (
         one_error_line(result.stderr) == "error: must be root to start containers: run it with sudo"
