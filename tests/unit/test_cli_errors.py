@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 from typer.testing import CliRunner
 
 import cryptlayer
@@ -176,8 +176,10 @@ def _nobody_python(where: str) -> tuple[str, dict[str, str]]:
             if source.is_file() and not str(file).startswith(".."):
                 (site / file).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(source, site / file)
-        todo += [re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0] for r in dist.requires or []
-                 if "extra ==" not in r]  # fmt: skip
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
     shutil.copytree(Path(cryptlayer.__file__).parent, site / "cryptlayer", dirs_exist_ok=True)
     for path in [Path(where), *Path(where).rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
