@@ -89,13 +89,16 @@ def test_process_is_confined_as_podman_confines(cli: Cli, tools: tuple[Path, Pat
 
 
 def test_host_keyring_is_out_of_reach(cli: Cli, tools: tuple[Path, Path]) -> None:
-    """README's --keyring workflow keeps the image key in root's user keyring."""
+    """README's --keyring workflow keeps the image key in root's user keyring. crun gives the
+    container a fresh session keyring, so reading the key takes linking `@u` into it first:
+    that worked (it is the container's own uid's keyring) until keyctl was refused."""
     image, key = tools
     subprocess.run(["keyctl", "padd", "user", "cltest-secret", "@u"], input=SECRET.encode(),
                    check=True, capture_output=True)  # fmt: skip
     try:
         code, out, err = cli("run", "--keep", "-k", str(key), str(image), "--", "sh", "-c",
-                             "keyctl pipe $(keyctl search @u user cltest-secret)")  # fmt: skip
+                             "keyctl link @u @s; keyctl pipe $(keyctl search @u user"
+                             " cltest-secret)")  # fmt: skip
     finally:
         subprocess.run(["keyctl", "purge", "user", "cltest-secret"], capture_output=True)
     assert SECRET not in out
