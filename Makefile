@@ -17,12 +17,13 @@ test: setup test-host test-vm
 test-host:
 	$(PYTEST) tests/unit
 
-# Everything that touches devices: one VM boot (or this host, if it has dm-crypt) runs it all;
-# then the power-cut test, which needs two boots of one disk. Narrow the first with
-# VM_TESTS=tests/vm/test_x.py or PYTEST_ARGS='-k shred'.
+# Everything that touches devices: two VM boots at once, one CPU each (the crash-point sweep, and
+# the rest; scripts/vm-tier), or this host if it has dm-crypt; then the power-cut test, which
+# needs two boots of one disk. Narrow the first with VM_TESTS=tests/vm/test_x.py or
+# PYTEST_ARGS='-k shred' (one boot).
 VM_TESTS ?= tests/vm
 test-vm:
-	scripts/in-vm $(PYTEST) -m 'vm and not power_loss' -v --durations=0 $(VM_TESTS) $(PYTEST_ARGS)
+	scripts/vm-tier $(VM_TESTS) $(PYTEST_ARGS)
 	scripts/power-loss
 
 test-power-loss:
