@@ -277,7 +277,7 @@ def unlock_cost() -> dict[str, Any]:
     with_pass = [
         start_stop(image, Credential(passphrase=Secret(bytearray(PASSPHRASE)))) for _ in range(RUNS)
     ]
-    entries = envelope.load(image)
+    entries = envelope.load(image).entries
     argon = timed(
         lambda: envelope.unlock(
             image, entries, Credential(passphrase=Secret(bytearray(PASSPHRASE)))
@@ -423,7 +423,7 @@ def read_throughput(size_mib: int) -> dict[str, Any]:
     finally:
         container.stop("bench-read")
     # The same layer opened by hand with dm-crypt's workqueues bypassed.
-    image_key = envelope.unlock(image, envelope.load(image), Credential(key=key()))
+    image_key = envelope.unlock(image, envelope.load(image).entries, Credential(key=key()))
     loop = losetup.attach(image / "layer0.luks", readonly=True)
     try:
         sh_secret = [

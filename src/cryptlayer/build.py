@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import envelope, oci
+from . import envelope, luksheader, oci, signatures, statement
 from . import manifest as manifest_mod
 from .errors import UsageError
 from .manifest import ImageConfig, Layer, Manifest
@@ -25,7 +25,7 @@ from .progress import Progress, Silent, watching
 from .secret import Secret
 from .sources import Measure, OciLayerSource, Source, SquashSource, parse_path
 from .system import require_kernel, require_root, require_tools
-from .tools import cryptsetup, losetup, mkfs, mount
+from .tools import cryptsetup, losetup, mkfs, mount, veritysetup
 
 MiB = 1024 * 1024
 # Room ext4 needs beyond file data (superblocks, bitmaps, inode tables); the layer is shrunk to
@@ -76,12 +76,14 @@ def build_image(
     squash: bool = False,
     overrides: dict[str, Any] | None = None,
     progress: Callable[[str, int], Progress] | None = None,
+    signer: Any = None,
 ) -> Manifest:
     """Build an encrypted image at `output` from `sources` (bottom layer first).
 
     Every layer's keyslot holds a new random image key, wrapped in keys.json for each of
     `principals`. The config is the one an OCI source brings (or none); `overrides` replace
     single fields of it. `progress` makes a display for each layer (progress.for_terminal).
+    `signer`: a private key (signatures.load_signing_key) that signs the statement.
     """
     if not principals:
         raise UsageError(
@@ -89,7 +91,7 @@ def build_image(
             "give --key-file, --key-command, --keyring, --passphrase or --recipient",
         )
     require_root("build an image")
-    require_tools("cryptsetup", "losetup", "mkfs.ext4", "resize2fs", "mount")
+    require_tools("cryptsetup", "veritysetup", "losetup", "mkfs.ext4", "resize2fs", "mount")
     if output.exists() or output.is_symlink():
         raise UsageError(
             f"{output} already exists", "choose a new --output path (build never overwrites)"
@@ -108,15 +110,26 @@ def build_image(
         partial.mkdir(mode=0o755)
         try:
             key = stack.enter_context(envelope.new_image_key())
-            envelope.save(partial, principals.wrap(key))
+            entries = principals.wrap(key)
             show = progress or (lambda _label, _total: Silent())
             layers = tuple(
                 _build_layer(src, partial, f"layer{i}.luks", key, show)
                 for i, src in enumerate(parsed)
             )
             created = datetime.now(UTC).isoformat(timespec="seconds")
-            built = Manifest(layers, final_config, cryptsetup.CIPHER, created)
+            built = Manifest(
+                layers,
+                final_config,
+                cipher=cryptsetup.CIPHER,
+                key_bits=cryptsetup.KEY_BITS,
+                sector_size=cryptsetup.SECTOR_SIZE,
+                created=created,
+            )
+            built = replace(built, raw=built.encode())
             manifest_mod.save(partial, built)
+            envelope.save(partial, entries, statement.mac(key, built.raw))
+            if signer is not None:
+                signatures.add(partial, built.raw, signer)
             os.rename(partial, output)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)  # only our own, encrypted, files
@@ -154,8 +167,9 @@ def _fill_layer(
     with open(path, "xb") as f:
         f.truncate(cryptsetup.HEADER_BYTES + fs_bytes)
     cryptsetup.format_luks(path, key, label=f"cryptlayer {filename}")
-    header_json = cryptsetup.dump(path)
-    offset = cryptsetup.data_offset(header_json)
+    with open(path, "rb") as f:
+        header = luksheader.read(f.fileno(), path)
+    offset = int(header.metadata["segments"]["0"]["offset"])
     name = build_mapping()
     with ExitStack() as stack:
         loop = losetup.attach(path, readonly=False)
@@ -181,6 +195,25 @@ def _fill_layer(
         fs_size = mkfs.shrink(mapped)
     size = offset + fs_size
     os.truncate(path, size)
+    progress.update("hash", size)
+    tree = image_dir / tree_name(filename)
+    salt = secrets.token_hex(32)
+    root_hash = veritysetup.format_tree(path, tree, salt)
     return Layer(
-        filename, cryptsetup.uuid(path), size, measure.content_bytes, source.label, source.digest
+        filename,
+        header.uuid,
+        size,
+        measure.content_bytes,
+        source.label,
+        offset,
+        tree=tree.name,
+        tree_size=tree.stat().st_size,
+        root_hash=root_hash,
+        salt=salt,
+        digest=source.digest,
     )
+
+
+def tree_name(filename: str) -> str:
+    """layerN.luks -> layerN.verity"""
+    return f"{filename.removesuffix('.luks')}.verity"

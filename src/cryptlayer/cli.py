@@ -149,6 +149,26 @@ AllowSharedDir = Annotated[
         " swap its files while root works on them).",
     ),
 ]
+Digest = Annotated[
+    str | None,
+    typer.Option(
+        metavar="sha256:HEX",
+        help="Refuse any image but this one (its digest from `inspect`): pins against an older"
+        " or another image.",
+    ),
+]
+Trust = Annotated[
+    Path | None,
+    typer.Option(
+        metavar="ALLOWED_SIGNERS",
+        help="Refuse any image that no key of this file (OpenSSH allowed_signers) signed;"
+        " default: trust in /etc/cryptlayer/config.toml.",
+    ),
+]
+SignKey = Annotated[
+    Path | None,
+    typer.Option(metavar="PRIVATE_KEY", help="Sign the image with this SSH key (Ed25519 or RSA)."),
+]
 Strict = Annotated[
     bool,
     typer.Option(
@@ -180,6 +200,18 @@ def _warn_if_erase_may_not_hold(image: Path) -> None:
 
     if image.is_dir() and (caveat := erase_caveat(image)):
         typer.echo(f"warning: {caveat}", err=True)
+
+
+def _digest(digest: str | None) -> str | None:
+    from .statement import check_digest
+
+    return None if digest is None else check_digest(digest)
+
+
+def _trust(given: Path | None) -> Path | None:
+    from .config import trust
+
+    return trust(given)
 
 
 def _size(text: str) -> int:
@@ -265,6 +297,7 @@ def build(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bars (none when not a terminal).")
     ] = False,
+    sign_key: SignKey = None,
 ) -> None:
     """Build an encrypted image: one LUKS2 layer per layer of each SOURCE."""
     import shlex
@@ -291,11 +324,16 @@ def build(
     require_root("build an image")
     source = KeySource(key_file, key_command, keyring)
     stdin_once(source, passphrase)
+    signer = None
+    if sign_key is not None:
+        from .signatures import load_signing_key
+
+        signer = load_signing_key(sign_key)  # before the build: a wrong passphrase costs nothing
     keys = [source] if source.count() else []
     with principals_of(output, keys, passphrase, recipient or [], iter_time) as principals:
         built = build_image(
             sources, output, principals, squash=squash, overrides=overrides,
-            progress=for_terminal(quiet),
+            progress=for_terminal(quiet), signer=signer,
         )  # fmt: skip
     for layer in built.layers:
         typer.echo(
@@ -315,8 +353,11 @@ def inspect(image: ImageArg, as_json: JsonFlag = False) -> None:
         typer.echo(json.dumps(info, indent=2))  # JSON escapes control characters itself
         return
     p = printable  # every string of the manifest is the image author's: no terminal escapes
-    typer.echo(f"image:   {p(info['image'])}\ncipher:  {p(info['cipher'])}")
+    typer.echo(f"image:   {p(info['image'])}\ndigest:  {info['digest']}")
+    typer.echo(f"cipher:  {p(info['cipher'])}")
     typer.echo(f"state:   {info['state']}\ncreated: {p(info['created'])}")
+    for signer in info["signatures"]:
+        typer.echo(f"signed:  {p(signer['file'])} by {signer['key']} ({signer['status']})")
     if info["state"] == "erased":
         typer.echo("opens:   nobody (every keyslot is erased; keys.json lists who once could)")
     for entry in [] if info["state"] == "erased" else info["access"]:
@@ -433,6 +474,8 @@ def run(
     ] = "none",
     allow_shared_dir: AllowSharedDir = False,
     strict: Strict = False,
+    digest: Digest = None,
+    trust: Trust = None,
 ) -> None:
     """Run COMMAND (or the image's default) in a container from IMAGE, then tear down and shred."""
     from . import container, ocispec, state
@@ -450,6 +493,8 @@ def run(
         _size(scratch_size),
         stop_timeout,
         allow_shared_dir,
+        _digest(digest),
+        _trust(trust),
     )
     # Everything after IMAGE is the command (as in podman); a `--` before it is optional.
     args = command[1:] if command and command[0] == "--" else (command or [])
@@ -479,13 +524,20 @@ def start(
     scratch_size: Annotated[str, typer.Option(help="Size of the writable layer (sparse).")] = "1G",
     allow_shared_dir: AllowSharedDir = False,
     strict: Strict = False,
+    digest: Digest = None,
+    trust: Trust = None,
 ) -> None:
     """Assemble the root file system and print its path (for podman --rootfs, nspawn -D, crun)."""
     from . import container, state
     from .system import require_root
 
     options = container.StartOptions(
-        state.check_name(name), not keep, _size(scratch_size), allow_shared_dir=allow_shared_dir
+        state.check_name(name),
+        not keep,
+        _size(scratch_size),
+        allow_shared_dir=allow_shared_dir,
+        digest=_digest(digest),
+        trust=_trust(trust),
     )
     require_root("start containers")
     if not keep:
@@ -494,6 +546,44 @@ def start(
         _check_host(strict)
         record = container.start(image, credential, options)
     typer.echo(record.rootfs)
+
+
+@app.command()
+@handled
+def sign(
+    image: ImageArg,
+    sign_key: Annotated[
+        Path,
+        typer.Option(metavar="PRIVATE_KEY", help="SSH private key (Ed25519 or RSA) to sign with."),
+    ],
+    name: Annotated[
+        str | None,
+        typer.Option(help="Signature file name under IMAGE/signatures/ (default: from the key)."),
+    ] = None,
+) -> None:
+    """Sign IMAGE's statement (manifest.json) as `ssh-keygen -Y sign -n cryptlayer-image` does."""
+    from . import manifest, signatures
+
+    loaded = manifest.load(image)
+    path = signatures.add(image, loaded.raw, signatures.load_signing_key(sign_key), name)
+    typer.echo(f"signed {loaded.digest}: {path}", err=True)
+
+
+@app.command()
+@handled
+def verify(image: ImageArg, trust: Trust = None) -> None:
+    """Check a copy of IMAGE without its key: signatures, and each layer against the statement."""
+    from .verify import verify_image
+
+    report = verify_image(image, _trust(trust))
+    for warning in report.warnings:
+        typer.echo(f"warning: {printable(warning)}", err=True)
+    typer.echo(f"image:   {report.digest}")
+    for signer in report.signers:
+        typer.echo(f"signed:  {printable(signer)}")
+    if not report.signers:
+        typer.echo("signed:  nobody (no signatures/*.sig)")
+    typer.echo(f"layers:  {report.layers}, each as the statement records it")
 
 
 @app.command()

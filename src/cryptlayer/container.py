@@ -20,9 +20,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import envelope, journal, layers, paths, state
+from . import journal, layers, paths, signatures, state, statement
 from . import manifest as manifest_mod
-from .errors import CryptlayerError, UsageError
+from .errors import CryptlayerError, TamperedImageError, UsageError
 from .fsutil import write_json_atomic
 from .imagefiles import ImageFiles, open_image
 from .journal import acquire, crash_point, mkdir
@@ -49,6 +49,8 @@ class StartOptions:
     scratch_bytes: int = DEFAULT_SCRATCH
     stop_timeout: float = 10.0  # seconds from a forwarded signal to SIGKILL, as podman's
     allow_shared_dir: bool = False  # an image directory others may write (see imagefiles.py)
+    digest: str | None = None  # the image must be this one (statement.require_digest)
+    trust: Path | None = None  # an allowed_signers file: a key of it must have signed the image
 
 
 def default_name(image: Path) -> str:
@@ -130,6 +132,9 @@ def _assemble_locked(
     require_tools(*TOOLS)
     image = image.resolve()
     manifest = manifest_mod.load(image)
+    statement.require_digest(image, manifest, options.digest)
+    if options.trust is not None:
+        signatures.require_trusted(image, manifest.raw, options.trust)
     # Every layer file is opened here, checked, and used by descriptor from now on.
     with open_image(image, manifest, allow_shared=options.allow_shared_dir) as files:
         return _assemble_files(files, manifest, credential, options, mode, overrides)
@@ -149,8 +154,9 @@ def _assemble_files(
         runtime.runtime()  # fail on a missing runtime before touching any device
         load_profile()  # and on a missing seccomp profile
     created = datetime.now(UTC).isoformat(timespec="seconds")
-    # Unwrapped before the host lock is taken: a passphrase's Argon2id takes seconds.
-    key = envelope.unlock(image, envelope.load(image), credential)
+    # Unwrapped before the host lock is taken: a passphrase's Argon2id takes seconds. The
+    # manifest is authenticated with it before anything else is done.
+    key = statement.unlock(image, manifest, credential)
     with key, state.locked():
         layers.require_openable(files)
         record = state.create(
@@ -261,6 +267,7 @@ def stop(name: str, *, force: bool = False) -> Record:
             )
         record.pid = os.getpid()
         record.save()
+        corrupted = _corruption(record)
         try:
             if force:
                 for step in reversed(record.steps):
@@ -272,6 +279,8 @@ def stop(name: str, *, force: bool = False) -> Record:
                 record.pid = 0  # still assembled, at rest: `stop` can be tried again
                 record.save()
             raise
+    if corrupted is not None:
+        raise corrupted
     return record
 
 
@@ -285,15 +294,29 @@ def run(
     """Assemble, run the container in the foreground, tear down; returns its exit status."""
     record = _assemble_locked(image, credential, options, Mode.RUN, overrides)
     credential.wipe()  # the layers are open: nothing needs the key any more
+    corrupted: TamperedImageError | None = None
     try:
-        return _run_foreground(
+        status = _run_foreground(
             paths.container_dir(record.name),
             container_id(record),
             interactive,
             options.stop_timeout,
         )
+        corrupted = _corruption(record)
     finally:
         _shielded(_locked_teardown, record)
+    if corrupted is not None:
+        raise corrupted
+    return status
+
+
+def _corruption(record: Record) -> TamperedImageError | None:
+    """What dm-verity found changed in the image's layers while they were open, if anything."""
+    try:
+        layers.require_uncorrupted(state.load_opening(record.image), record.image, record.layers)
+    except TamperedImageError as err:
+        return err
+    return None
 
 
 def _run_foreground(bundle: Path, cid: str, interactive: bool, stop_timeout: float) -> int:

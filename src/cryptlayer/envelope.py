@@ -361,8 +361,16 @@ def unlock(image: Path, entries: list[Entry], credential: Credential) -> Secret:
     )
 
 
-def load(image: Path) -> list[Entry]:
-    """The entries of IMAGE/keys.json; UsageError saying what is wrong."""
+@dataclass(frozen=True)
+class Keys:
+    """keys.json: the entries, and the statement's MAC under the image key (statement.py)."""
+
+    entries: list[Entry]
+    statement_mac: str = ""
+
+
+def load(image: Path) -> Keys:
+    """IMAGE/keys.json; UsageError saying what is wrong."""
     path = image / FILE
     raw = read_image_json(
         path, FORMAT, "the image is incomplete (or older than cryptlayer keys v1); rebuild it"
@@ -371,7 +379,11 @@ def load(image: Path) -> list[Entry]:
         items = raw["entries"]
         if not isinstance(items, list) or not 1 <= len(items) <= MAX_ENTRIES:
             raise ValueError(f"entries is not a list of 1 to {MAX_ENTRIES} entries")
-        return [_entry(item, i) for i, item in enumerate(items)]
+        unknown = set(raw) - {"format", "entries", "statement_mac"}
+        if unknown:
+            raise ValueError(f"it has unknown fields {sorted(unknown)}")
+        entries = [_entry(item, i) for i, item in enumerate(items)]
+        return Keys(entries, text(raw.get("statement_mac", ""), "statement_mac"))
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         detail = f"missing {err}" if isinstance(err, KeyError) else str(err)
         raise UsageError(
@@ -414,8 +426,15 @@ def _b64_field(value: Any, what: str) -> bytes:
         raise ValueError(f"{what} is not base64 ({err})") from None
 
 
-def save(image: Path, entries: list[Entry]) -> None:
+def save(image: Path, entries: list[Entry], statement_mac: str) -> None:
     """Write IMAGE/keys.json atomically: a crash leaves the old set of entries or the new one."""
     if not entries:
         raise UsageError("nobody could open the image", "keep at least one key or recipient")
-    write_json_atomic(image / FILE, {"format": FORMAT, "entries": [e.to_json() for e in entries]})
+    write_json_atomic(
+        image / FILE,
+        {
+            "format": FORMAT,
+            "entries": [e.to_json() for e in entries],
+            "statement_mac": statement_mac,
+        },
+    )

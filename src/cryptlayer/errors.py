@@ -16,6 +16,7 @@ class ExitCode(IntEnum):
     KEY = 5  # wrong key, or no key that opens the image
     ERASED = 6  # the image was crypto-erased
     BUSY = 7  # a name in use, or a device still held open
+    TAMPERED = 8  # the image is not what its key holder or signer made (or cannot be checked)
 
 
 def printable(text: str) -> str:
@@ -60,6 +61,12 @@ class WrongKeyError(CryptlayerError):
 
 class ErasedImageError(CryptlayerError):
     exit_code = ExitCode.ERASED
+
+
+class TamperedImageError(CryptlayerError):
+    """The image was changed by someone without its key, or carries no proof that it was not."""
+
+    exit_code = ExitCode.TAMPERED
 
 
 class BusyError(CryptlayerError):

@@ -137,6 +137,13 @@ def read_image_json(path: Path, fmt: str, missing_hint: str) -> dict[str, Any]:
     """A JSON document of an image, of format `fmt`; UsageError saying what is wrong.
 
     The file is an attacker's: a regular file (no symlink, FIFO or device), size-capped."""
+    return read_image_document(path, (fmt,), missing_hint)[0]
+
+
+def read_image_document(
+    path: Path, formats: tuple[str, ...], missing_hint: str
+) -> tuple[dict[str, Any], bytes]:
+    """read_image_json of one of `formats`, and the exact bytes it was parsed from."""
     from .errors import UsageError
 
     damaged = "the image is damaged; rebuild it"
@@ -151,16 +158,22 @@ def read_image_json(path: Path, fmt: str, missing_hint: str) -> dict[str, Any]:
         raise UsageError(f"{path} is nested too deeply", damaged) from err
     except (OSError, ValueError) as err:
         raise UsageError(f"{path} is not valid JSON ({err})", damaged) from err
-    if not isinstance(raw, dict) or raw.get("format") != fmt:
+    if not isinstance(raw, dict) or raw.get("format") not in formats:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-        raise UsageError(f"{path} is malformed: format is {found!r}, expected {fmt!r}", damaged)
-    return raw
+        raise UsageError(
+            f"{path} is malformed: format is {found!r}, expected {formats[0]!r}", damaged
+        )
+    return raw, bytes(data)
+
+
+def json_bytes(value: Any) -> bytes:
+    """A JSON document as cryptlayer writes it: sorted keys, indented, one final newline."""
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
 
 
 def write_json_atomic(path: Path, value: Any, mode: int = 0o644, *, durable: bool = True) -> None:
     """write_atomic for a JSON document."""
-    data = (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
-    write_atomic(path, data, mode, durable=durable)
+    write_atomic(path, json_bytes(value), mode, durable=durable)
 
 
 def write_new_file(path: Path, data: bytes | bytearray | memoryview, mode: int) -> None:

@@ -55,6 +55,7 @@ class ImageFiles:
     image: Path
     dir_fd: int
     layers: list[LayerFile] = field(default_factory=list)
+    trees: list[LayerFile] = field(default_factory=list)  # each layer's dm-verity hash tree
     _stack: ExitStack = field(default_factory=ExitStack)
 
     def __enter__(self) -> ImageFiles:
@@ -106,6 +107,8 @@ def open_image(
             check_private(image, os.fstat(files.dir_fd))
         for layer in manifest.layers:
             files.layers.append(open_layer(files, layer.file, layer.size if sizes else None))
+            if sizes:  # (an erase needs no tree)
+                files.trees.append(open_layer(files, layer.tree, layer.tree_size))
     except BaseException:
         files.__exit__()
         raise

@@ -1,8 +1,12 @@
 """An image's read-only layers: opened once per host, shared by every container of the image.
 
-The first container to start from an image opens its layers (per layer: read-only loop,
-read-only mapping, read-only mount) in the image's *opening* (state.Opening, a journal of its
-own); later containers join it; the last to go closes it (journal's release of its IMAGE step).
+The first container to start from an image opens its layers in the image's *opening*
+(state.Opening, a journal of its own); later containers join it; the last to go closes it
+(journal's release of its IMAGE step). Per layer: read-only loops of the layer file and of its
+hash tree, a dm-verity mapping of the file checked against the tree and the statement's root
+hash, the LUKS mapping on top of that, and a read-only mount. So the kernel checks every block
+read, the LUKS header at open and the data while the container runs: a changed block is an I/O
+error, never silently wrong data (`corrupted_layers` says which layer was found so).
 
 Erase at start: a container that will shred its image wipes the on-disk keyslots as soon as it
 is assembled, so that a crash or a power cut leaves the disk's copy as unopenable as a clean
@@ -16,15 +20,21 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from pathlib import Path
 
-from . import journal, paths, state
-from .errors import ErasedImageError, UsageError, WrongKeyError
-from .imagefiles import ImageFiles, LayerFile, require_same
+from . import journal, luksheader, paths, state
+from .errors import (
+    CommandError,
+    ErasedImageError,
+    TamperedImageError,
+    UsageError,
+    WrongKeyError,
+)
+from .imagefiles import ImageFiles, require_same
 from .journal import acquire, crash_point, mkdir
-from .manifest import Manifest
+from .manifest import Layer, Manifest
 from .secret import Secret
 from .shred import erase_layer, require_intact
 from .state import Kind, Opening, Record
-from .tools import cryptsetup, losetup, mount
+from .tools import cryptsetup, losetup, mount, veritysetup
 
 PARALLEL = 4  # layers opened at once
 
@@ -76,10 +86,17 @@ def join(record: Record, files: ImageFiles, manifest: Manifest, key: Secret) -> 
         require_same(files, opening.layers, "whose layers are open")
         bottom = files.layers[0]
         if opening.erased:
-            cryptsetup.test_key(_header_copy(opening, 0), key)
+            copy = _header_copy(opening, 0)
+            with open(copy, "rb") as f:
+                luksheader.require(f.fileno(), manifest, manifest.layers[0], copy)
+            cryptsetup.test_key(copy, key)
         else:  # the layers are open already: prove the key first
+            luksheader.require(bottom.fd, manifest, manifest.layers[0], bottom.shown)
             cryptsetup.test_key(bottom.path, key, bottom.shown)
         return mount_points(opening, manifest)
+    # Every header is what the authenticated statement says before the key reaches cryptsetup.
+    for layer, file in zip(manifest.layers, files.layers, strict=True):
+        luksheader.require(file.fd, manifest, layer, file.shown)
     opening = Opening(image, layers=files.identities())
     paths.openings_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
     opening.save()
@@ -91,8 +108,8 @@ def join(record: Record, files: ImageFiles, manifest: Manifest, key: Secret) -> 
         workers = min(PARALLEL, len(manifest.layers))
         with ThreadPoolExecutor(workers, thread_name_prefix="layer") as pool:
             opened = [
-                pool.submit(_open_layer, stack, opening, layer, i, key)
-                for i, layer in enumerate(files.layers)
+                pool.submit(_open_layer, stack, opening, manifest.layers[i], files, i, key)
+                for i in range(len(manifest.layers))
             ]
             wait(opened)  # all of them, even when one fails: then every step is journaled
         for future in opened:
@@ -102,28 +119,79 @@ def join(record: Record, files: ImageFiles, manifest: Manifest, key: Secret) -> 
 
 
 def _open_layer(
-    stack: ExitStack, opening: Opening, layer: LayerFile, index: int, key: Secret
+    stack: ExitStack, opening: Opening, layer: Layer, files: ImageFiles, index: int, key: Secret
 ) -> None:
-    path = layer.shown
+    file, tree = files.layers[index], files.trees[index]
+    path = file.shown
     loop = acquire(stack, opening, Kind.LOOP, str(path),
-                   lambda: losetup.attach_fd(layer.fd, readonly=True, name=str(path)))  # fmt: skip
-    mapping = f"{mapping_prefix(opening.image)}layer{index}"
+                   lambda: losetup.attach_fd(file.fd, readonly=True, name=str(path)))  # fmt: skip
+    tree_loop = acquire(stack, opening, Kind.LOOP, str(tree.shown),
+                        lambda: losetup.attach_fd(tree.fd, readonly=True,
+                                                  name=str(tree.shown)))  # fmt: skip
+    checked_name = paths.verity_mapping(opening.id, index)
+
+    def open_checked() -> str:
+        return veritysetup.open_verity(
+            loop, checked_name, tree_loop, layer.root_hash, layer.salt, layer.blocks
+        )
+
+    checked = acquire(stack, opening, Kind.CRYPT, checked_name, open_checked)
+    mapping = paths.layer_mapping(opening.id, index)
+    # A block that fails its check fails what read it (cryptsetup reading the header, mount
+    # reading the superblock): then the verity mapping says the file was changed.
     try:
         node = acquire(stack, opening, Kind.CRYPT, mapping,
-                       lambda: cryptsetup.open_luks(loop, mapping, key, readonly=True))  # fmt: skip
-    except WrongKeyError:
+                       lambda: cryptsetup.open_luks(checked, mapping, key,
+                                                    readonly=True))  # fmt: skip
+        target = mkdir(stack, opening, paths.layer_mount(opening.id, index))
+        acquire(stack, opening, Kind.MOUNT, str(target),
+                lambda: mount.mount(node, target, "ext4", mount.LAYER_OPTIONS))  # fmt: skip
+    except (WrongKeyError, CommandError) as err:
+        if veritysetup.corrupted(checked_name):
+            raise _corrupted(path) from None
+        if isinstance(err, CommandError):
+            raise
         raise UsageError(
             f"the image key in keys.json does not open {path}",
             "the image is damaged (layers and keys.json differ); copy it again",
         ) from None
-    target = mkdir(stack, opening, paths.layer_mount(opening.id, index))
-    acquire(stack, opening, Kind.MOUNT, str(target),
-            lambda: mount.mount(node, target, "ext4", mount.LAYER_OPTIONS))  # fmt: skip
 
 
-def _copy_header(stack: ExitStack, opening: Opening, layer: LayerFile, copy: Path) -> None:
+def _corrupted(path: Path) -> TamperedImageError:
+    return TamperedImageError(
+        f"layer file {path} does not match its dm-verity hash tree: it was changed after the"
+        " build (the kernel refused the changed blocks)",
+        "do not use this copy; copy the image again from a source you trust",
+    )
+
+
+def corrupted_layers(opening: Opening, manifest_layers: int) -> list[int]:
+    """Indices of the layers whose verity mapping met a block that does not match its tree."""
+    return [
+        i for i in range(manifest_layers)
+        if veritysetup.corrupted(paths.verity_mapping(opening.id, i))
+    ]  # fmt: skip
+
+
+def require_uncorrupted(opening: Opening | None, image: str, count: int) -> None:
+    """TamperedImageError naming the layers dm-verity found changed while they were in use."""
+    if opening is None:
+        return
+    bad = corrupted_layers(opening, count)
+    if bad:
+        names = ", ".join(f"layer {i}" for i in bad)
+        raise TamperedImageError(
+            f"{names} of {image} failed dm-verity's check while in use: its blocks were changed"
+            " after the build, and the container got I/O errors instead of them",
+            "do not trust this copy or what the container made of it; copy the image again",
+        )
+
+
+def _copy_header(stack: ExitStack, opening: Opening, index: int, copy: Path) -> None:
+    """A copy of a layer's LUKS header, read through its verity mapping (checked blocks)."""
+    checked = f"/dev/mapper/{paths.verity_mapping(opening.id, index)}"
     acquire(stack, opening, Kind.HEADER, str(copy),
-            lambda: cryptsetup.header_backup(layer.path, copy))  # fmt: skip
+            lambda: cryptsetup.header_backup(Path(checked), copy))  # fmt: skip
 
 
 def erase_at_start(record: Record, files: ImageFiles) -> None:
@@ -138,8 +206,8 @@ def erase_at_start(record: Record, files: ImageFiles) -> None:
     require_same(files, opening.layers, "whose layers are open")
     if not opening.erased:
         with ExitStack() as stack:
-            for i, layer in enumerate(files.layers):
-                _copy_header(stack, opening, layer, _header_copy(opening, i))
+            for i in range(len(files.layers)):
+                _copy_header(stack, opening, i, _header_copy(opening, i))
             stack.pop_all()
         for layer in files.layers:
             erase_layer(layer)

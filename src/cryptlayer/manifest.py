@@ -1,18 +1,26 @@
-"""manifest.json: what an image is made of (layers bottom first, and its default process)."""
+"""manifest.json: what an image is made of (layers bottom first, and its default process).
+
+Its exact bytes are the image's *statement* (statement.py): authenticated by the image key,
+signed by publishers, and hashed into the image digest. So `load` keeps the bytes it parsed, and
+everything `run` uses from an image comes from them.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .fsutil import read_image_json, write_json_atomic
+from .errors import TamperedImageError, UsageError
+from .fsutil import json_bytes, read_image_document, write_atomic
 
 MANIFEST = "manifest.json"
-FORMAT = "cryptlayer.image.v1"
+FORMAT = "cryptlayer.image.v2"
+OLD_FORMATS = ("cryptlayer.image.v1",)  # before image authentication
 MAX_LAYERS = 128  # each is a loop device, a mapping and a mount
 MAX_SIZE = 1 << 50  # bytes of one layer file
+BLOCK_BYTES = 4096  # layer files are whole blocks: dm-verity's, ext4's and the LUKS sectors
 
 
 def text(value: Any, what: str) -> str:
@@ -83,7 +91,17 @@ class Layer:
     size: int  # bytes of the LUKS2 file
     content_bytes: int  # bytes of file content it holds
     source: str  # what it was built from
+    offset: int  # byte offset of the encrypted data (the LUKS2 header's size)
+    tree: str  # file name of its dm-verity hash tree, beside it
+    tree_size: int  # bytes of that file
+    root_hash: str  # dm-verity root hash over the whole layer file (hex)
+    salt: str  # dm-verity salt (hex)
     digest: str = ""  # the OCI diff_id (sha256 of the uncompressed layer tar), if it had one
+
+    @property
+    def blocks(self) -> int:
+        """Data blocks under the hash tree: the whole file."""
+        return self.size // BLOCK_BYTES
 
 
 @dataclass(frozen=True)
@@ -106,10 +124,25 @@ class Manifest:
     layers: tuple[Layer, ...]
     config: ImageConfig = field(default_factory=ImageConfig)
     cipher: str = "aes-xts-plain64"
+    key_bits: int = 512  # of the LUKS2 volume key
+    sector_size: int = 4096
     created: str = ""
+    # The exact bytes this was parsed from (or will be saved as): the statement.
+    raw: bytes = field(default=b"", compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, **asdict(self)}
+        data = asdict(self)
+        del data["raw"]
+        return {"format": FORMAT, **data}
+
+    def encode(self) -> bytes:
+        """The bytes of manifest.json for this manifest."""
+        return json_bytes(self.to_json())
+
+    @property
+    def digest(self) -> str:
+        """The image digest: sha256 of manifest.json's exact bytes, as OCI writes digests."""
+        return "sha256:" + hashlib.sha256(self.raw).hexdigest()
 
 
 def load(image: Path) -> Manifest:
@@ -119,7 +152,14 @@ def load(image: Path) -> Manifest:
         raise UsageError(
             f"{image} is not an image directory", "give the --output of `cryptlayer build`"
         )
-    raw = read_image_json(path, FORMAT, "this is not a cryptlayer image, or it is incomplete")
+    raw, data = read_image_document(
+        path, (FORMAT, *OLD_FORMATS), "this is not a cryptlayer image, or it is incomplete"
+    )
+    if raw["format"] in OLD_FORMATS:
+        raise TamperedImageError(
+            f"{image} was built by an older cryptlayer, without image authentication",
+            "rebuild it with this version",
+        )
     try:
         raw_layers = raw["layers"]
         if not isinstance(raw_layers, list) or not raw_layers:
@@ -127,7 +167,8 @@ def load(image: Path) -> Manifest:
         if len(raw_layers) > MAX_LAYERS:
             raise ValueError(f"it lists {len(raw_layers)} layers, more than {MAX_LAYERS}")
         layers = tuple(_layer(item, i) for i, item in enumerate(raw_layers))
-        if len({layer.file for layer in layers}) != len(layers):
+        names = [name for layer in layers for name in (layer.file, layer.tree)]
+        if len(set(names)) != len(names):
             raise ValueError("a layer file is listed twice")
         cfg = raw.get("config") or {}
         if not isinstance(cfg, dict):
@@ -136,8 +177,18 @@ def load(image: Path) -> Manifest:
         if unknown:
             raise ValueError(f"config has unknown fields {sorted(unknown)}")
         config = image_config(**cfg)
-        cipher = text(raw.get("cipher", ""), "cipher")
-        return Manifest(layers, config, cipher, text(raw.get("created", ""), "created"))
+        unknown = set(raw) - ({f.name for f in fields(Manifest)} - {"raw"}) - {"format"}
+        if unknown:
+            raise ValueError(f"it has unknown fields {sorted(unknown)}")
+        return Manifest(
+            layers,
+            config,
+            cipher=text(raw["cipher"], "cipher"),
+            key_bits=number(raw["key_bits"], "key_bits", 1024, 128),
+            sector_size=number(raw["sector_size"], "sector_size", 4096, 512),
+            created=text(raw.get("created", ""), "created"),
+            raw=data,
+        )
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         detail = f"missing {err}" if isinstance(err, KeyError) else str(err)
         raise UsageError(
@@ -152,19 +203,38 @@ def _layer(item: Any, index: int) -> Layer:
     unknown = set(item) - {f.name for f in fields(Layer)}
     if unknown:
         raise ValueError(f"{where} has unknown fields {sorted(unknown)}")
-    name = text(item["file"], f"{where}'s file")
-    if not name or "/" in name or name.startswith(".") or not name.isprintable():
-        raise ValueError(f"layer file name {name!r} is not a plain name")
+    name = _plain(text(item["file"], f"{where}'s file"))
+    size = number(item["size"], f"{where}'s size", MAX_SIZE, BLOCK_BYTES)
+    if size % BLOCK_BYTES:
+        raise ValueError(f"{where}'s size {size} is not a multiple of {BLOCK_BYTES} bytes")
     return Layer(
         file=name,
         uuid=text(item["uuid"], f"{where}'s uuid"),
-        size=number(item["size"], f"{where}'s size", MAX_SIZE, 1),
+        size=size,
         content_bytes=number(item["content_bytes"], f"{where}'s content_bytes", MAX_SIZE),
         source=text(item["source"], f"{where}'s source"),
+        offset=number(item["offset"], f"{where}'s offset", 1 << 30, BLOCK_BYTES),
+        tree=_plain(text(item["tree"], f"{where}'s tree")),
+        tree_size=number(item["tree_size"], f"{where}'s tree_size", MAX_SIZE // 64, BLOCK_BYTES),
+        root_hash=_hex(item["root_hash"], f"{where}'s root_hash"),
+        salt=_hex(item["salt"], f"{where}'s salt"),
         digest=text(item.get("digest", ""), f"{where}'s digest"),
     )
 
 
+def _plain(name: str) -> str:
+    if not name or "/" in name or name.startswith(".") or not name.isprintable():
+        raise ValueError(f"layer file name {name!r} is not a plain name")
+    return name
+
+
+def _hex(value: Any, what: str) -> str:
+    checked = text(value, what)
+    if len(checked) != 64 or any(c not in "0123456789abcdef" for c in checked):
+        raise ValueError(f"{what} is not 64 lowercase hex digits")
+    return checked
+
+
 def save(image: Path, manifest: Manifest) -> None:
-    """Write IMAGE/manifest.json atomically."""
-    write_json_atomic(image / MANIFEST, manifest.to_json())
+    """Write IMAGE/manifest.json atomically, as the bytes of `manifest.raw`."""
+    write_atomic(image / MANIFEST, manifest.raw, 0o644)

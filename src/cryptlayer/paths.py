@@ -97,6 +97,16 @@ def image_mapping_prefix(image_id: str) -> str:
     return f"cryptlayer--{image_id}-"
 
 
+def layer_mapping(image_id: str, index: int) -> str:
+    """The LUKS mapping of an image's layer (on top of its verity mapping)."""
+    return f"{image_mapping_prefix(image_id)}layer{index}"
+
+
+def verity_mapping(image_id: str, index: int) -> str:
+    """The dm-verity mapping of an image's layer file, under its LUKS mapping."""
+    return f"{layer_mapping(image_id, index)}-verity"
+
+
 def images_run_dir() -> Path:
     """/run/cryptlayer/.images: the shared layers' mount points and header copies."""
     return run_root() / ".images"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import envelope
+from . import envelope, luksheader, statement
 from . import manifest as manifest_mod
 from .errors import UsageError
 from .imagefiles import ImageFiles, open_image
@@ -58,14 +58,19 @@ def rekey(
     manifest = manifest_mod.load(image)
     with open_image(image, manifest, allow_shared=True) as files:
         require_intact(files)
-        return _rekey(files, credential, add, remove)
+        return _rekey(files, manifest, credential, add, remove)
 
 
 def _rekey(
-    files: ImageFiles, credential: Credential, add: envelope.Principals, remove: list[str]
+    files: ImageFiles,
+    manifest: manifest_mod.Manifest,
+    credential: Credential,
+    add: envelope.Principals,
+    remove: list[str],
 ) -> Change:
     image = files.image
-    entries = envelope.load(image)
+    keys = envelope.load(image)
+    entries = keys.entries
     doomed = {_resolve(entries, who, image) for who in remove}
     missing = doomed - {e.id for e in entries}
     if missing:
@@ -74,8 +79,10 @@ def _rekey(
             f"`cryptlayer inspect {image}` lists who can",
         )
     with envelope.unlock(image, entries, credential) as image_key:
-        for layer in files.layers:
-            cryptsetup.test_key(layer.path, image_key, layer.shown)
+        statement.authenticate(image, manifest, keys.statement_mac, image_key)
+        for layer, file in zip(manifest.layers, files.layers, strict=True):
+            luksheader.require(file.fd, manifest, layer, file.shown)
+            cryptsetup.test_key(file.path, image_key, file.shown)
         new = add.wrap(image_key)
     known = {e.id for e in entries if e.id not in doomed}
     again = [e.id for e in new if e.id in known and e.kind != "passphrase"]
@@ -90,5 +97,5 @@ def _rekey(
             "this would leave nobody able to open the image",
             "add a key, passphrase or recipient in the same rekey",
         )
-    envelope.save(image, kept + new)
+    envelope.save(image, kept + new, keys.statement_mac)
     return Change(tuple(e.id for e in new), tuple(sorted(doomed)))

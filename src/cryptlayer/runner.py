@@ -28,6 +28,7 @@ log = logging.getLogger("cryptlayer.run")
 # Which Debian package brings each program, for the "not found: install X" message.
 PACKAGES = {
     "cryptsetup": "cryptsetup-bin",
+    "veritysetup": "cryptsetup-bin",
     "losetup": "util-linux",
     "mount": "mount",
     "umount": "mount",

@@ -7,13 +7,13 @@ from pathlib import Path
 from . import manifest as manifest_mod
 from .errors import CryptlayerError, ErasedImageError
 from .imagefiles import ImageFiles, LayerFile, open_image, require_same
+from .luksheader import read
 from .tools import cryptsetup
 
 
 def keyslot_count(layer: LayerFile) -> int:
     """How many keyslots the LUKS2 header of the open layer file still has."""
-    keyslots = cryptsetup.dump(layer.path, layer.shown).get("keyslots", {})
-    return len(keyslots) if isinstance(keyslots, dict) else 0
+    return read(layer.fd, layer.shown).keyslots
 
 
 def shred_image(

@@ -9,7 +9,7 @@ from .errors import MissingToolError, NotRootError
 from .runner import which
 from .tools import modprobe
 
-KERNEL_MODULES = ("loop", "dm_crypt", "overlay")
+KERNEL_MODULES = ("loop", "dm_crypt", "dm_verity", "overlay")
 
 
 def require_root(action: str) -> None:
@@ -25,8 +25,9 @@ def require_tools(*programs: str) -> None:
 
 
 def require_kernel() -> None:
-    """Load loop, dm_crypt and overlay; MissingToolError when the kernel cannot provide them."""
-    if (not _has_dm_crypt() or not _has_overlay()) and modprobe.available():
+    """Load loop, dm_crypt, dm_verity and overlay; MissingToolError when the kernel cannot
+    provide them."""
+    if (not _has_dm_crypt() or not _has_verity() or not _has_overlay()) and modprobe.available():
         for module in KERNEL_MODULES:
             modprobe.load(module)
     if not _has_dm_crypt():
@@ -34,8 +35,17 @@ def require_kernel() -> None:
             "this kernel has no dm-crypt (device-mapper crypt target)",
             "load the dm_crypt module, or run cryptlayer in a VM with a stock kernel (see README)",
         )
+    if not _has_verity():
+        raise MissingToolError(
+            "this kernel has no dm-verity (device-mapper verity target)",
+            "load the dm_verity module",
+        )
     if not _has_overlay():
         raise MissingToolError("this kernel has no overlayfs", "load the overlay module")
+
+
+def _has_verity() -> bool:
+    return Path("/sys/module/dm_verity").exists()
 
 
 def _has_dm_crypt() -> bool:

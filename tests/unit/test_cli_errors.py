@@ -75,9 +75,9 @@ def test_missing_manifest(tmp_path: Path) -> None:
         ("{not json", "is not valid JSON"),
         (json.dumps({"format": "other"}), "is malformed: format is 'other'"),
         (json.dumps({"format": FORMAT, "layers": []}), "is malformed: it lists no layers"),
-        (json.dumps({"format": "cryptlayer.image.v1"}), "is malformed: missing 'layers'"),
+        (json.dumps({"format": FORMAT}), "is malformed: missing 'layers'"),
         (
-            json.dumps({"format": "cryptlayer.image.v1", "layers": [
+            json.dumps({"format": FORMAT, "layers": [
                 {"file": "../x", "uuid": "", "size": 1, "content_bytes": 1, "source": ""}]}),
             "is malformed: layer file name '../x' is not a plain name",
         ),
@@ -88,6 +88,17 @@ def test_malformed_manifest(tmp_path: Path, content: str, detail: str) -> None:
     code, _, err = invoke("inspect", str(tmp_path))
     assert code == ExitCode.USAGE
     assert detail in one_error_line(err)
+
+
+def test_image_of_the_old_format_is_refused(tmp_path: Path) -> None:
+    """An image from before authentication (format v1) carries no MAC: rebuild it."""
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "cryptlayer.image.v1"}))
+    code, _, err = invoke("inspect", str(tmp_path))
+    assert code == ExitCode.TAMPERED
+    assert one_error_line(err) == (
+        f"error: {tmp_path} was built by an older cryptlayer, without image authentication:"
+        " rebuild it with this version"
+    )
 
 
 def test_unknown_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

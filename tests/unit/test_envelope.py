@@ -70,8 +70,8 @@ def test_every_kind_of_entry_opens_and_nothing_else_does(
             iter_time_ms=FAST_MS,
         ).wrap(image_key)
     assert [e.kind for e in entries] == ["key", "passphrase", "x25519", "rsa"]
-    envelope.save(tmp_path, entries)
-    stored = envelope.load(tmp_path)
+    envelope.save(tmp_path, entries, "")
+    stored = envelope.load(tmp_path).entries
     assert stored == entries
     text = (tmp_path / envelope.FILE).read_text()
     assert expected.hex() not in text and "correct horse" not in text

@@ -27,8 +27,10 @@ from cryptlayer.ocispec import Network, Overrides, resolve_user, runtime_config
 from cryptlayer.sources import DirectorySource, TarSource
 
 GOOD_LAYER = {"file": "layer0.luks", "uuid": "u", "size": 4096, "content_bytes": 1,
-              "source": "s", "digest": ""}  # fmt: skip
+              "source": "s", "offset": 4096, "tree": "layer0.verity", "tree_size": 4096,
+              "root_hash": "ab" * 32, "salt": "cd" * 32, "digest": ""}  # fmt: skip
 GOOD = {"format": FORMAT, "layers": [GOOD_LAYER], "cipher": "aes-xts-plain64", "created": "",
+        "key_bits": 512, "sector_size": 4096,
         "config": {"entrypoint": [], "cmd": ["sh"], "env": ["A=1"], "workdir": "/", "user": "",
                    "exposed_ports": [], "labels": [["a", "b"]]}}  # fmt: skip
 
@@ -57,6 +59,11 @@ MANIFEST_CASES = [
     (("config", "workdir"), 3), (("config", "user"), 0), (("config", "exposed_ports"), [80]),
     (("config", "labels"), [["a"]]), (("config", "labels"), "x"), (("config", "cmd"), ["a\0b"]),
     (("config", "unknown"), 1), (("cipher",), 1), (("created",), []),
+    (("layers", 0, "offset"), 0), (("layers", 0, "offset"), "4096"), (("key_bits",), 0),
+    (("key_bits",), "512"), (("sector_size",), 1 << 20), (("raw",), "x"), (("evil",), 1),
+    (("layers", 0, "size"), 4097), (("layers", 0, "tree"), "layer0.luks"),
+    (("layers", 0, "tree"), "../t"), (("layers", 0, "root_hash"), "AB" * 32),
+    (("layers", 0, "salt"), "cd"), (("layers", 0, "tree_size"), 0),
 ]  # fmt: skip
 
 
@@ -161,7 +168,7 @@ def test_every_keys_field_malformed_is_a_usage_error(tmp_path: Path, entries: An
 def test_argon2id_cost_is_bounded_before_any_work(tmp_path: Path, cost: dict[str, int]) -> None:
     """keys.json may not demand 4 GiB x 1000 iterations (measured: it would run for hours)."""
     (tmp_path / "keys.json").write_text(json.dumps(_keys([{**PASS_ENTRY, **cost}])))
-    entries = envelope.load(tmp_path)
+    entries = envelope.load(tmp_path).entries
     credential = Credential(passphrase=Secret(bytearray(b"guess")))
     with pytest.raises(UsageError, match="asks for an Argon2id cost out of bounds"):
         envelope.unlock(tmp_path, entries, credential)
@@ -172,7 +179,7 @@ def test_number_of_passphrase_entries_tried_is_bounded(tmp_path: Path) -> None:
     (tmp_path / "keys.json").write_text(json.dumps(_keys(many)))
     credential = Credential(passphrase=Secret(bytearray(b"guess")))
     with pytest.raises(UsageError, match="has 20 passphrase entries, more than 8"):
-        envelope.unlock(tmp_path, envelope.load(tmp_path), credential)
+        envelope.unlock(tmp_path, envelope.load(tmp_path).entries, credential)
 
 
 def test_calibration_stays_within_the_bounds_it_enforces() -> None:

@@ -235,6 +235,6 @@ def image_key_of(image: Path, key: bytes) -> bytes:
     from cryptlayer.keys import Credential, Secret
 
     credential = Credential(key=Secret(bytearray(key)))
-    image_key = envelope.unlock(image, envelope.load(image), credential)
+    image_key = envelope.unlock(image, envelope.load(image).entries, credential)
     with image_key, image_key.view() as data:
         return bytes(data)

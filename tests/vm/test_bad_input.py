@@ -46,9 +46,9 @@ def test_damaged_header(cli: Cli, image: Path, key_file: Path) -> None:
         f.seek(16384)
         f.write(b"\0" * 8192)
     code, _, err = cli("run", "--key-file", str(key_file), str(image), "--", "true")
-    assert code == ExitCode.USAGE
-    assert err.startswith(f"error: {layer} is not a readable LUKS2 layer (")
-    assert err.endswith("the image is damaged or incomplete; rebuild it\n")
+    assert code == ExitCode.TAMPERED
+    assert err == (f"error: {layer} is not a readable LUKS2 layer (no LUKS2 header): the image is"
+                   " damaged or was tampered with; copy it again from a source you trust\n")  # fmt: skip
 
 
 def test_shred_of_a_damaged_header(cli: Cli, image: Path) -> None:

@@ -1,0 +1,407 @@
+"""Publisher signatures over the image statement (manifest.json's exact bytes), as OpenSSH makes
+them: `ssh-keygen -Y sign -n cryptlayer-image` and `cryptlayer sign` write the same thing.
+
+One armored SSHSIG file per signer under IMAGE/signatures/ (NAME.sig), outside the statement,
+so signing never changes the image digest. Format: OpenSSH's PROTOCOL.sshsig. Trust: OpenSSH's
+allowed_signers format (ssh-keygen(1), ALLOWED SIGNERS): `PRINCIPALS [OPTIONS] KEYTYPE BASE64`,
+with the `namespaces="..."` option honoured. Keys: Ed25519, and RSA (signed with rsa-sha2-512).
+Checking needs no image key and no device-mapper, so a mirror or a CI job can do it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fnmatch
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import TamperedImageError, UsageError
+from .fsutil import UntrustedFileError, read_untrusted, write_atomic
+
+NAMESPACE = "cryptlayer-image"
+DIR = "signatures"
+SUFFIX = ".sig"
+MAGIC = b"SSHSIG"
+ARMOR = ("-----BEGIN SSH SIGNATURE-----", "-----END SSH SIGNATURE-----")
+MAX_SIGNATURES = 64
+MAX_SIGNATURE_BYTES = 16384
+MAX_TRUST_BYTES = 1 << 20
+HASHES = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
+KEY_TYPES = ("ssh-ed25519", "ssh-rsa")
+
+
+# ---- the SSH wire format (RFC 4251) --------------------------------------------------------------
+
+
+def _string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.at = data, 0
+
+    def raw(self, n: int) -> bytes:
+        if self.at + n > len(self.data):
+            raise ValueError("it is cut short")
+        out = self.data[self.at : self.at + n]
+        self.at += n
+        return out
+
+    def uint32(self) -> int:
+        value: int = struct.unpack(">I", self.raw(4))[0]
+        return value
+
+    def string(self) -> bytes:
+        return self.raw(self.uint32())
+
+    def end(self) -> None:
+        if self.at != len(self.data):
+            raise ValueError("it has trailing bytes")
+
+
+def _mpint(value: int) -> bytes:
+    data = value.to_bytes(value.bit_length() // 8 + 1, "big")
+    return _string(data)
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """An SSH public key: its wire blob (what fingerprints and allowed_signers compare)."""
+
+    blob: bytes
+
+    @property
+    def kind(self) -> str:
+        return _Reader(self.blob).string().decode("ascii", "replace")
+
+    @property
+    def fingerprint(self) -> str:
+        """As `ssh-keygen -l` prints it: SHA256:base64 without padding."""
+        digest = base64.b64encode(hashlib.sha256(self.blob).digest()).decode().rstrip("=")
+        return f"SHA256:{digest}"
+
+    def verifier(self) -> Any:
+        """The `cryptography` public key."""
+        from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+        reader = _Reader(self.blob)
+        kind = reader.string()
+        if kind == b"ssh-ed25519":
+            raw = reader.string()
+            reader.end()
+            return ed25519.Ed25519PublicKey.from_public_bytes(raw)
+        if kind == b"ssh-rsa":
+            e = int.from_bytes(reader.string(), "big")
+            n = int.from_bytes(reader.string(), "big")
+            reader.end()
+            if n.bit_length() < 2048:
+                raise ValueError(f"an RSA key of {n.bit_length()} bits is too weak")
+            return rsa.RSAPublicNumbers(e, n).public_key()
+        raise ValueError(f"key type {kind.decode('ascii', 'replace')!r} is not supported")
+
+
+def public_key_of(private: Any) -> PublicKey:
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    if isinstance(private, ed25519.Ed25519PrivateKey):
+        raw = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return PublicKey(_string(b"ssh-ed25519") + _string(raw))
+    if isinstance(private, rsa.RSAPrivateKey):
+        numbers = private.public_key().public_numbers()
+        return PublicKey(_string(b"ssh-rsa") + _mpint(numbers.e) + _mpint(numbers.n))
+    raise UsageError("only Ed25519 and RSA keys can sign images", "use ssh-keygen -t ed25519")
+
+
+# ---- signatures --------------------------------------------------------------------------------
+
+
+def _signed_data(namespace: bytes, hash_name: bytes, message: bytes) -> bytes:
+    digest = HASHES[hash_name.decode()](message).digest()
+    return MAGIC + _string(namespace) + _string(b"") + _string(hash_name) + _string(digest)
+
+
+def sign(private: Any, message: bytes) -> str:
+    """An armored SSHSIG signature of `message` in our namespace, as ssh-keygen -Y sign makes."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ed25519, padding
+
+    public = public_key_of(private)
+    data = _signed_data(NAMESPACE.encode(), b"sha512", message)
+    if isinstance(private, ed25519.Ed25519PrivateKey):
+        inner = _string(b"ssh-ed25519") + _string(private.sign(data))
+    else:
+        raw = private.sign(data, padding.PKCS1v15(), hashes.SHA512())
+        inner = _string(b"rsa-sha2-512") + _string(raw)
+    blob = (
+        MAGIC + struct.pack(">I", 1) + _string(public.blob) + _string(NAMESPACE.encode())
+        + _string(b"") + _string(b"sha512") + _string(inner)
+    )  # fmt: skip
+    text = base64.b64encode(blob).decode()
+    lines = [text[i : i + 70] for i in range(0, len(text), 70)]
+    return "\n".join([ARMOR[0], *lines, ARMOR[1]]) + "\n"
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A signature file that verifies over the statement, and the key that made it."""
+
+    file: str
+    key: PublicKey
+
+
+def verify(armored: bytes, message: bytes) -> PublicKey:
+    """The key that signed `message` with `armored` in our namespace; ValueError saying why not."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    text = armored.decode("ascii", "replace").strip().splitlines()
+    if len(text) < 3 or text[0].strip() != ARMOR[0] or text[-1].strip() != ARMOR[1]:
+        raise ValueError("it is not an armored SSH signature")
+    try:
+        blob = base64.b64decode("".join(line.strip() for line in text[1:-1]), validate=True)
+    except binascii.Error:
+        raise ValueError("its armor is not base64") from None
+    reader = _Reader(blob)
+    if reader.raw(6) != MAGIC or reader.uint32() != 1:
+        raise ValueError("it is not an SSHSIG version 1 signature")
+    public = PublicKey(reader.string())
+    namespace, _reserved, hash_name, inner = (reader.string() for _ in range(4))
+    reader.end()
+    if namespace != NAMESPACE.encode():
+        raise ValueError(f"it was made for namespace {namespace.decode('ascii', 'replace')!r}")
+    if hash_name.decode("ascii", "replace") not in HASHES:
+        raise ValueError(f"its hash {hash_name.decode('ascii', 'replace')!r} is not supported")
+    sig = _Reader(inner)
+    algorithm, raw = sig.string(), sig.string()
+    sig.end()
+    key = public.verifier()
+    data = _signed_data(namespace, hash_name, message)
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            chosen = {b"rsa-sha2-512": hashes.SHA512(), b"rsa-sha2-256": hashes.SHA256()}
+            if algorithm not in chosen:
+                raise ValueError(f"RSA signature algorithm {algorithm!r} is not accepted")
+            key.verify(raw, data, padding.PKCS1v15(), chosen[algorithm])
+        else:
+            if algorithm != b"ssh-ed25519":
+                raise ValueError("its algorithm does not match its key")
+            key.verify(raw, data)
+    except InvalidSignature:
+        raise ValueError("it does not match the statement (changed since it was signed)") from None
+    return public
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A signature file that does not verify, and why."""
+
+    file: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{DIR}/{self.file}: {self.reason}"
+
+
+def read_all(image: Path, message: bytes) -> tuple[list[Signature], list[Rejected]]:
+    """The signatures under IMAGE/signatures/ that verify over `message`, and why the others do
+    not (each file an attacker's: regular, small, not followed through a symlink)."""
+    folder = image / DIR
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return [], []
+    except OSError as err:
+        return [], [Rejected("", f"cannot be read ({err.strerror}; a symlink is not followed)")]
+    try:
+        names = sorted(n for n in os.listdir(fd) if n.endswith(SUFFIX))
+        if len(names) > MAX_SIGNATURES:
+            return [], [Rejected("", f"holds {len(names)} signatures, more than {MAX_SIGNATURES}")]
+        good: list[Signature] = []
+        bad: list[Rejected] = []
+        for name in names:
+            try:
+                data = read_untrusted(name, MAX_SIGNATURE_BYTES, dir_fd=fd)
+                good.append(Signature(name, verify(bytes(data), message)))
+            except (UntrustedFileError, OSError, ValueError) as err:
+                bad.append(Rejected(name, str(err)))
+        return good, bad
+    finally:
+        os.close(fd)
+
+
+# ---- trust -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Signer:
+    """One line of an allowed_signers file."""
+
+    principals: tuple[str, ...]
+    key: PublicKey
+    namespaces: tuple[str, ...] | None  # None: any
+
+    def matches(self, principal: str | None) -> bool:
+        return principal is None or any(fnmatch.fnmatchcase(principal, p) for p in self.principals)
+
+
+def _options(text: str) -> list[str]:
+    """The comma-separated options of a line; commas inside double quotes do not split."""
+    parts, current, quoted = [], "", False
+    for c in text:
+        if c == '"':
+            quoted = not quoted
+        if c == "," and not quoted:
+            parts.append(current)
+            current = ""
+        else:
+            current += c
+    return [*parts, current]
+
+
+def _split_options(text: str) -> tuple[str, str]:
+    """(options, rest) of what follows the principals: options up to the next unquoted space."""
+    quoted, i = False, 0
+    while i < len(text) and (quoted or not text[i].isspace()):
+        quoted ^= text[i] == '"'
+        i += 1
+    return text[:i], text[i:].strip()
+
+
+def load_trust(path: Path) -> list[Signer]:
+    """The signers of an allowed_signers file; UsageError naming the bad line."""
+    try:
+        text = read_untrusted(str(path), MAX_TRUST_BYTES).decode("utf-8")
+    except FileNotFoundError:
+        raise UsageError(
+            f"trust file {path} does not exist", "give an allowed_signers file"
+        ) from None
+    except (OSError, UntrustedFileError, UnicodeDecodeError) as err:
+        raise UsageError(f"cannot read trust file {path}: {err}") from None
+    signers = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            signers.append(_signer(line))
+        except (ValueError, binascii.Error) as err:
+            raise UsageError(
+                f"{path}, line {number}: {err}",
+                'write PRINCIPALS [namespaces="cryptlayer-image"] ssh-ed25519 KEY (ssh-keygen(1))',
+            ) from None
+    if not signers:
+        raise UsageError(f"trust file {path} names no signer", "add a line per trusted key")
+    return signers
+
+
+def _signer(line: str) -> Signer:
+    principals, _, rest = line.partition(" ")
+    rest = rest.strip()
+    namespaces: tuple[str, ...] | None = None
+    if not rest.split(" ", 1)[0].startswith(("ssh-", "ecdsa-", "sk-")):  # options first
+        options, rest = _split_options(rest)
+        for option in _options(options):
+            name, _, value = option.partition("=")
+            if name.lower() == "namespaces":
+                namespaces = tuple(value.strip('"').split(","))
+            elif name.lower() == "cert-authority":
+                raise ValueError("cert-authority lines are not supported")
+            elif name.lower() not in ("valid-after", "valid-before"):
+                raise ValueError(f"unknown option {name!r}")
+    fields = rest.split()
+    if len(fields) < 2 or fields[0] not in KEY_TYPES:
+        raise ValueError(f"no key of a supported type ({', '.join(KEY_TYPES)})")
+    key = PublicKey(base64.b64decode(fields[1], validate=True))
+    if key.kind != fields[0]:
+        raise ValueError(f"the key is {key.kind}, the line says {fields[0]}")
+    key.verifier()  # a key that cannot verify anything is an error here, not at run time
+    return Signer(tuple(principals.split(",")), key, namespaces)
+
+
+def trusted(signers: list[Signer], key: PublicKey) -> list[str]:
+    """The principals `signers` trust `key` as, for our namespace."""
+    return [
+        ",".join(s.principals)
+        for s in signers
+        if s.key.blob == key.blob and (s.namespaces is None or NAMESPACE in s.namespaces)
+    ]
+
+
+def require_trusted(image: Path, message: bytes, trust: Path) -> list[str]:
+    """The principals of the trusted signers whose signatures verify; TamperedImageError when
+    there are none (the reasons of the others in the message)."""
+    signers = load_trust(trust)
+    good, bad = read_all(image, message)
+    names = [p for sig in good for p in trusted(signers, sig.key)]
+    if names:
+        return names
+    untrusted = [f"{DIR}/{s.file}: {s.key.fingerprint} is not in {trust}" for s in good]
+    reasons = "; ".join(untrusted + [str(b) for b in bad]) or f"it has no {DIR}/*{SUFFIX}"
+    raise TamperedImageError(
+        f"no key of {trust} signed {image} ({reasons})",
+        "run only images your publishers signed; check with `cryptlayer verify`",
+    )
+
+
+# ---- signing -----------------------------------------------------------------------------------
+
+
+def load_signing_key(path: Path) -> Any:
+    """An OpenSSH (or PEM) private key; asks for its passphrase when it has one."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    from .keys import read_passphrase
+
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UsageError(f"cannot read signing key {path}: {err.strerror}") from None
+    load = (
+        serialization.load_ssh_private_key
+        if b"OPENSSH PRIVATE KEY" in data
+        else serialization.load_pem_private_key
+    )
+    try:
+        return load(data, None)
+    except TypeError:  # encrypted
+        with (
+            read_passphrase(f"Passphrase for {path}: ", confirm=False) as phrase,
+            phrase.view() as p,
+        ):
+            try:
+                return load(data, bytes(p))
+            except ValueError:
+                raise UsageError(f"wrong passphrase for {path}") from None
+            except UnsupportedAlgorithm as err:  # bcrypt missing
+                raise UsageError(f"cannot open {path}: {err}", "pip install bcrypt") from None
+    except (ValueError, UnsupportedAlgorithm) as err:
+        raise UsageError(f"{path} is not a private key cryptlayer can sign with ({err})") from None
+
+
+def signature_name(public: PublicKey) -> str:
+    kind = public.kind.removeprefix("ssh-")
+    return f"{kind}-{hashlib.sha256(public.blob).hexdigest()[:16]}"
+
+
+def add(image: Path, message: bytes, private: Any, name: str | None = None) -> Path:
+    """Write IMAGE/signatures/NAME.sig (atomically; replaces that signer's earlier one)."""
+    public = public_key_of(private)
+    name = name or signature_name(public)
+    if not name or "/" in name or name.startswith(".") or not name.isprintable():
+        raise UsageError(f"signature name {name!r} is not a plain name", "e.g. --name release")
+    folder = image / DIR
+    folder.mkdir(mode=0o755, exist_ok=True)
+    if folder.is_symlink() or not folder.is_dir():
+        raise UsageError(f"{folder} is not a directory", "remove it, then sign again")
+    path = folder / f"{name}{SUFFIX}"
+    write_atomic(path, sign(private, message).encode(), 0o644)
+    return path

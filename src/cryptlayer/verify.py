@@ -1,0 +1,62 @@
+"""`cryptlayer verify`: check a copy of an image without its key and without device-mapper, as
+a mirror or a CI job would: the statement's signatures (against a trust file, if given), and
+each layer file against the statement (present, its size, a LUKS2 header carrying exactly the
+recorded cipher, sizes, offset and UUID, and every block against its dm-verity hash tree, which
+`veritysetup verify` checks in userspace)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import luksheader, signatures
+from . import manifest as manifest_mod
+from .errors import ErasedImageError, TamperedImageError
+from .imagefiles import open_image
+from .system import require_tools
+from .tools import veritysetup
+
+
+@dataclass(frozen=True)
+class Report:
+    """What was checked and found good."""
+
+    digest: str
+    signers: tuple[str, ...]  # trusted principals, or key fingerprints without a trust file
+    layers: int
+    warnings: tuple[str, ...]  # signatures that did not verify, beside a trusted one
+
+
+def verify_image(image: Path, trust: Path | None) -> Report:
+    """TamperedImageError naming the first check that failed."""
+    image = image.resolve()
+    manifest = manifest_mod.load(image)
+    if trust is not None:
+        names = signatures.require_trusted(image, manifest.raw, trust)
+        bad = signatures.read_all(image, manifest.raw)[1]
+    else:
+        good, bad = signatures.read_all(image, manifest.raw)
+        if bad:
+            raise TamperedImageError(
+                f"a signature of {image} does not verify ({'; '.join(map(str, bad))})",
+                "the image changed since it was signed, or the signature is damaged",
+            )
+        names = [f"{s.key.fingerprint} ({s.file})" for s in good]
+        bad = []
+    require_tools("veritysetup")
+    with open_image(image, manifest, allow_shared=True) as files:
+        for layer, file, tree in zip(manifest.layers, files.layers, files.trees, strict=True):
+            if luksheader.require(file.fd, manifest, layer, file.shown).keyslots == 0:
+                raise ErasedImageError(
+                    f"image {image} was shredded (crypto-erased): no key can open it any more",
+                    "build or copy a fresh image",
+                )
+            if not veritysetup.verify(file.path, tree.path, layer.root_hash, layer.salt,
+                                      layer.blocks):  # fmt: skip
+                raise TamperedImageError(
+                    f"layer file {file.shown} does not match its dm-verity hash tree"
+                    f" ({tree.shown}) and the statement's root hash: it was changed after the"
+                    " build",
+                    "do not use this copy; copy the image again from a source you trust",
+                )
+    return Report(manifest.digest, tuple(names), len(manifest.layers), tuple(map(str, bad)))

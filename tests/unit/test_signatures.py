@@ -1,0 +1,263 @@
+"""Publisher signatures without devices: OpenSSH's SSHSIG format both ways (ssh-keygen verifies
+ours, we verify ssh-keygen's), allowed_signers, and `sign`/`verify`/`run --trust` on a copy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from luksfixtures import fake_image
+from typer.testing import CliRunner
+
+from cryptlayer import signatures
+from cryptlayer.cli import app
+from cryptlayer.errors import ExitCode, TamperedImageError, UsageError
+
+
+def invoke(*args: str, input: str | None = None) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def ssh_keygen(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["ssh-keygen", *args], input=input, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("ssh")
+    made = {}
+    for kind, extra in (("ed25519", []), ("rsa", ["-b", "3072"])):
+        path = base / kind
+        assert ssh_keygen("-q", "-t", kind, *extra, "-N", "", "-C", f"{kind}@test",
+                          "-f", str(path)).returncode == 0  # fmt: skip
+        made[kind] = path
+    return made
+
+
+def allowed(path: Path, keys: dict[str, Path], *kinds: str, options: str = "") -> Path:
+    lines = []
+    for kind in kinds:
+        pub = Path(f"{keys[kind]}.pub").read_text().split()
+        lines.append(" ".join(x for x in (f"{kind}@test", options, pub[0], pub[1]) if x))
+    path.write_text("\n".join(["# publishers", *lines]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["ed25519", "rsa"])
+def test_ssh_keygen_verifies_ours(tmp_path: Path, keys: dict[str, Path], kind: str) -> None:
+    message = b'{"format": "cryptlayer.image.v2"}\n'
+    sig = tmp_path / "x.sig"
+    sig.write_text(signatures.sign(signatures.load_signing_key(keys[kind]), message))
+    signers = allowed(tmp_path / "allowed", keys, kind)
+    verify = ["-Y", "verify", "-n", "cryptlayer-image", "-f", str(signers), "-I", f"{kind}@test",
+              "-s", str(sig)]  # fmt: skip
+    done = ssh_keygen(*verify, input=message)
+    assert done.returncode == 0, done.stderr
+    assert b'Good "cryptlayer-image" signature' in done.stdout
+    assert ssh_keygen(*verify, input=message + b" ").returncode != 0
+
+
+@pytest.mark.parametrize("kind", ["ed25519", "rsa"])
+def test_we_verify_ssh_keygens(tmp_path: Path, keys: dict[str, Path], kind: str) -> None:
+    message = tmp_path / "manifest.json"
+    message.write_bytes(b"statement bytes\n")
+    assert ssh_keygen("-Y", "sign", "-n", "cryptlayer-image", "-f", str(keys[kind]),
+                      str(message)).returncode == 0  # fmt: skip
+    armored = Path(f"{message}.sig").read_bytes()
+    key = signatures.verify(armored, b"statement bytes\n")
+    fingerprint = ssh_keygen("-l", "-f", f"{keys[kind]}.pub").stdout.split()[1].decode()
+    assert key.fingerprint == fingerprint
+    with pytest.raises(ValueError, match="does not match the statement"):
+        signatures.verify(armored, b"statement bytes!\n")
+
+
+def test_another_namespace_is_refused(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """A signature the publisher made for something else (a git commit, a file) is not ours."""
+    message = tmp_path / "m"
+    message.write_bytes(b"x")
+    ssh_keygen("-Y", "sign", "-n", "git", "-f", str(keys["ed25519"]), str(message))
+    with pytest.raises(ValueError, match="made for namespace 'git'"):
+        signatures.verify(Path(f"{message}.sig").read_bytes(), b"x")
+
+
+@pytest.mark.parametrize(
+    ("line", "detail"),
+    [
+        ("a@b ssh-dss AAAA", "no key of a supported type"),
+        ("a@b cert-authority ssh-ed25519 AAAA", "cert-authority lines are not supported"),
+        ("a@b ssh-ed25519 !!!", "base64 data"),
+        ("a@b frobnicate ssh-ed25519 AAAA", "unknown option 'frobnicate'"),
+    ],
+)
+def test_bad_trust_lines(tmp_path: Path, line: str, detail: str) -> None:
+    path = tmp_path / "allowed"
+    path.write_text(f"# ok\n\n{line}\n")
+    with pytest.raises(UsageError) as caught:
+        signatures.load_trust(path)
+    assert caught.value.message.startswith(f"{path}, line 3: ")
+    assert detail.lower() in caught.value.message.lower()
+
+
+def test_sign_verify_and_trust(tmp_path: Path, keys: dict[str, Path]) -> None:
+    image = fake_image(tmp_path / "img")
+    digest = json.loads(invoke("inspect", "--json", str(image))[1])["digest"]
+    code, _, err = invoke("sign", str(image), "--sign-key", str(keys["ed25519"]), "--name", "rel")
+    assert code == 0 and err == f"signed {digest}: {image}/signatures/rel.sig\n"
+    # ssh-keygen agrees, with the command line the docs give
+    signers = allowed(tmp_path / "allowed", keys, "ed25519")
+    done = subprocess.run(["ssh-keygen", "-Y", "verify", "-n", "cryptlayer-image", "-f",
+                           str(signers), "-I", "ed25519@test", "-s", f"{image}/signatures/rel.sig"],
+                          input=(image / "manifest.json").read_bytes(), capture_output=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    code, out, _ = invoke("verify", str(image), "--trust", str(signers))
+    assert code == 0, out
+    assert out.splitlines() == [f"image:   {digest}", "signed:  ed25519@test",
+                                "layers:  1, each as the statement records it"]  # fmt: skip
+    info = json.loads(invoke("inspect", "--json", str(image))[1])
+    assert info["digest"] == digest  # signing does not change the digest
+    assert [s["status"] for s in info["signatures"]] == ["valid"]
+    # a signer the trust file does not name
+    only_rsa = allowed(tmp_path / "rsa-only", keys, "rsa")
+    code, _, err = invoke("verify", str(image), "--trust", str(only_rsa))
+    assert code == ExitCode.TAMPERED
+    assert err.startswith(
+        f"error: no key of {only_rsa} signed {image} (signatures/rel.sig: SHA256:"
+    )
+
+
+def test_trust_restricted_to_other_namespaces(tmp_path: Path, keys: dict[str, Path]) -> None:
+    image = fake_image(tmp_path / "img")
+    invoke("sign", str(image), "--sign-key", str(keys["ed25519"]))
+    git_only = allowed(tmp_path / "a", keys, "ed25519", options='namespaces="git,file"')
+    assert invoke("verify", str(image), "--trust", str(git_only))[0] == ExitCode.TAMPERED
+    ours = allowed(tmp_path / "b", keys, "ed25519", options='namespaces="git,cryptlayer-image"')
+    assert invoke("verify", str(image), "--trust", str(ours))[0] == 0
+
+
+def test_changed_statement_fails_every_signature(tmp_path: Path, keys: dict[str, Path]) -> None:
+    image = fake_image(tmp_path / "img")
+    invoke("sign", str(image), "--sign-key", str(keys["ed25519"]), "--name", "rel")
+    doc = json.loads((image / "manifest.json").read_text())
+    doc["config"]["cmd"] = ["sh", "-c", "evil"]
+    (image / "manifest.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    code, _, err = invoke("verify", str(image))
+    assert (code, err) == (ExitCode.TAMPERED, (
+        f"error: a signature of {image} does not verify (signatures/rel.sig: it does not match"
+        " the statement (changed since it was signed)): the image changed since it was signed,"
+        " or the signature is damaged\n"))  # fmt: skip
+
+
+def test_verify_checks_layer_headers(tmp_path: Path) -> None:
+    from luksfixtures import metadata, write_layer
+
+    image = fake_image(tmp_path / "img")
+    meta = metadata()
+    meta["segments"]["0"]["encryption"] = "cipher_null-ecb"
+    write_layer(image / "layer0.luks", meta)
+    code, _, err = invoke("verify", str(image))
+    assert code == ExitCode.TAMPERED
+    assert "cipher_null-ecb" in err and err.startswith(f"error: the LUKS2 header of {image}/layer0")
+
+
+def test_run_and_start_with_trust_refuse_an_unsigned_image(
+    tmp_path: Path, keys: dict[str, Path]
+) -> None:
+    """Refused before the key is used or any device touched (so this runs on any host)."""
+    image = fake_image(tmp_path / "img")
+    key = tmp_path / "k"
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o600)
+    signers = allowed(tmp_path / "allowed", keys, "ed25519")
+    for args in (("run", "--keep", "--trust", str(signers), "-k", str(key), str(image)),
+                 ("start", "--keep", "--name", "t", "--trust", str(signers), "-k", str(key),
+                  str(image))):  # fmt: skip
+        code, _, err = invoke(*args)  # (after any warning about this host's swap or cores)
+        assert (code, err.splitlines()[-1]) == (ExitCode.TAMPERED, (
+            f"error: no key of {signers} signed {image} (it has no signatures/*.sig): run only"
+            " images your publishers signed; check with `cryptlayer verify`")), args  # fmt: skip
+
+
+def test_default_trust_from_the_config(
+    tmp_path: Path, keys: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = fake_image(tmp_path / "img")
+    signers = allowed(tmp_path / "allowed", keys, "rsa")
+    config = tmp_path / "config.toml"
+    config.write_text(f'trust = "{signers}"\n')
+    monkeypatch.setenv("CRYPTLAYER_CONFIG", str(config))
+    invoke("sign", str(image), "--sign-key", str(keys["ed25519"]))
+    code, _, err = invoke("verify", str(image))
+    assert code == ExitCode.TAMPERED and f"no key of {signers} signed" in err
+    config.write_text("trust = 5\n")
+    code, _, err = invoke("verify", str(image))
+    assert (code, err) == (ExitCode.USAGE, f"error: {config}: trust is not a path: e.g. trust ="
+                                           ' "/etc/cryptlayer/signers"\n')  # fmt: skip
+
+
+def test_encrypted_signing_key_asks_its_passphrase(tmp_path: Path) -> None:
+    path = tmp_path / "k"
+    ssh_keygen("-q", "-t", "ed25519", "-N", "secret words", "-f", str(path))
+    image = fake_image(tmp_path / "img")
+    code, _, err = invoke("sign", str(image), "--sign-key", str(path), input="wrong\n")
+    assert (code, err) == (ExitCode.USAGE, f"error: wrong passphrase for {path}\n")
+    assert invoke("sign", str(image), "--sign-key", str(path), input="secret words\n")[0] == 0
+    assert len(signatures.read_all(image, (image / "manifest.json").read_bytes())[0]) == 1
+
+
+def test_hostile_signature_files(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """Symlinks, FIFOs, huge or garbage files under signatures/: reasons, never a hang."""
+    import os
+
+    image = fake_image(tmp_path / "img")
+    (image / "signatures").mkdir()
+    (image / "signatures/link.sig").symlink_to("/dev/zero")
+    os.mkfifo(image / "signatures/fifo.sig")
+    (image / "signatures/garbage.sig").write_text("-----BEGIN SSH SIGNATURE-----\n!!\n"
+                                                  "-----END SSH SIGNATURE-----\n")  # fmt: skip
+    (image / "signatures/huge.sig").write_bytes(b"x" * (1 << 20))
+    good, bad = signatures.read_all(image, (image / "manifest.json").read_bytes())
+    assert good == [] and [b.file for b in bad] == ["fifo.sig", "garbage.sig", "huge.sig",
+                                                    "link.sig"]  # fmt: skip
+    with pytest.raises(TamperedImageError):
+        signatures.require_trusted(image, b"", allowed(tmp_path / "a", keys, "ed25519"))
+
+
+@pytest.mark.parametrize(
+    ("where", "target", "offset"),
+    [
+        ("keyslot area", "layer0.luks", 150_000),  # no header checksum covers it
+        ("data start", "layer0.luks", 294_912),
+        ("last byte", "layer0.luks", -1),
+        ("hash tree", "layer0.verity", 0),
+    ],
+)
+def test_verify_finds_a_changed_byte_anywhere(
+    tmp_path: Path, where: str, target: str, offset: int
+) -> None:
+    image = fake_image(tmp_path / "img")
+    assert invoke("verify", str(image))[0] == 0
+    path = image / target
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1
+    path.write_bytes(bytes(data))
+    code, _, err = invoke("verify", str(image))
+    assert (code, err) == (ExitCode.TAMPERED, (
+        f"error: layer file {image}/layer0.luks does not match its dm-verity hash tree"
+        f" ({image}/layer0.verity) and the statement's root hash: it was changed after the build:"
+        " do not use this copy; copy the image again from a source you trust\n")), where  # fmt: skip
+
+
+def test_verify_of_a_shredded_copy_says_so(tmp_path: Path) -> None:
+    from luksfixtures import metadata, write_layer
+
+    image = fake_image(tmp_path / "img")
+    meta = metadata()
+    meta["keyslots"] = {}  # what luksErase leaves
+    write_layer(image / "layer0.luks", meta, seqid=2)
+    code, _, err = invoke("verify", str(image))
+    assert (code, err) == (ExitCode.ERASED, (
+        f"error: image {image} was shredded (crypto-erased): no key can open it any more:"
+        " build or copy a fresh image\n"))  # fmt: skip
