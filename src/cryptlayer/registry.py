@@ -1,0 +1,251 @@
+"""A thin client of the OCI distribution spec (v1.1) over `requests`: blobs by digest (HEAD
+first, cross-repository mount, monolithic upload), manifests by digest and then by tag, streamed
+and verified pulls that resume. Auth as skopeo and podman do it: credentials from
+$REGISTRY_AUTH_FILE, ${XDG_RUNTIME_DIR}/containers/auth.json or ~/.docker/config.json; Basic, or
+a Bearer token from the registry's realm. (WIP, part 8.)"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import TamperedImageError, UsageError
+
+ACCEPT = "application/vnd.oci.image.manifest.v1+json"
+CHUNK = 1 << 20
+DEFAULT_REGISTRY = "docker.io"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """docker://HOST[:PORT]/REPO[:TAG|@sha256:DIGEST], as skopeo writes it."""
+
+    host: str
+    repository: str
+    tag: str = ""
+    digest: str = ""
+
+    @property
+    def ref(self) -> str:
+        return self.digest or self.tag or "latest"
+
+    def __str__(self) -> str:
+        at = f"@{self.digest}" if self.digest else f":{self.tag}" if self.tag else ""
+        return f"docker://{self.host}/{self.repository}{at}"
+
+
+_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+
+
+def parse_reference(text: str) -> Reference:
+    """UsageError unless `text` names a repository as skopeo would take it."""
+    rest = text.removeprefix("docker://")
+    digest = ""
+    if "@" in rest:
+        rest, _, digest = rest.partition("@")
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            raise UsageError(f"{text}: {digest!r} is not a sha256 digest")
+    host, sep, path = rest.partition("/")
+    if not sep or not ("." in host or ":" in host or host == "localhost"):
+        host, path = DEFAULT_REGISTRY, rest
+        if "/" not in path:
+            path = f"library/{path}"
+    tag = ""
+    last = path.rsplit("/", 1)[-1]
+    if ":" in last:
+        path, _, tag = path.rpartition(":")
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", tag):
+            raise UsageError(f"{text}: {tag!r} is not a tag")
+    if not path or not all(_COMPONENT.match(c) for c in path.split("/")):
+        raise UsageError(
+            f"{text}: {path!r} is not a repository name", "e.g. docker://HOST/REPO:TAG"
+        )
+    return Reference(host, path, tag, digest)
+
+
+def auth_files() -> list[Path]:
+    """Where credentials are looked for, in podman's order."""
+    files = []
+    if os.environ.get("REGISTRY_AUTH_FILE"):
+        files.append(Path(os.environ["REGISTRY_AUTH_FILE"]))
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        files.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "containers/auth.json")
+    files.append(Path.home() / ".docker/config.json")
+    return files
+
+
+def credentials(host: str) -> tuple[str, str] | None:
+    for path in auth_files():
+        try:
+            auths = json.loads(path.read_text()).get("auths", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        entry = auths.get(host) or auths.get(f"https://{host}")
+        if isinstance(entry, dict) and isinstance(entry.get("auth"), str):
+            user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+            return user, password
+    return None
+
+
+class Registry:
+    """One repository of one registry."""
+
+    def __init__(self, ref: Reference, *, tls_verify: bool = True, cert_dir: Path | None = None):
+        import requests
+        from requests.adapters import HTTPAdapter
+        from urllib3.util.retry import Retry
+
+        self.ref = ref
+        self.scheme = "https" if tls_verify else "http"
+        self.base = f"{self.scheme}://{ref.host}/v2/{ref.repository}"
+        self.session = requests.Session()
+        retry = Retry(total=3, backoff_factor=0.5, status_forcelist=(502, 503, 504),
+                      allowed_methods=("GET", "HEAD", "PUT"))  # fmt: skip
+        self.session.mount(f"{self.scheme}://", HTTPAdapter(max_retries=retry))
+        if cert_dir is not None:
+            ca = sorted(cert_dir.glob("*.crt"))
+            if ca:
+                self.session.verify = str(ca[0])
+        self._auth: str | None = None
+
+    # -- requests with auth
+    def _request(self, method: str, url: str, **kw: Any) -> Any:
+        import requests
+
+        headers = dict(kw.pop("headers", {}))
+        for attempt in (0, 1):
+            if self._auth:
+                headers["Authorization"] = self._auth
+            try:
+                response = self.session.request(method, url, headers=headers, timeout=60, **kw)
+            except requests.exceptions.SSLError as err:
+                raise UsageError(f"TLS with {self.ref.host} failed ({err.__class__.__name__})",
+                                 "give --cert-dir with its CA, or --tls-verify=false") from None  # fmt: skip
+            except requests.exceptions.ConnectionError:
+                raise UsageError(f"cannot reach registry {self.ref.host}",
+                                 "is it running? for plain HTTP pass --tls-verify=false") from None  # fmt: skip
+            if response.status_code != 401 or attempt:
+                return response
+            self._authenticate(response.headers.get("WWW-Authenticate", ""))
+        return response
+
+    def _authenticate(self, challenge: str) -> None:
+        scheme, _, params = challenge.partition(" ")
+        fields = dict(re.findall(r'(\w+)="([^"]*)"', params))
+        creds = credentials(self.ref.host)
+        if scheme.lower() == "basic":
+            if creds is None:
+                raise _denied(self.ref.host, 401)
+            self._auth = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+            return
+        if scheme.lower() == "bearer" and "realm" in fields:
+            query = {k: v for k, v in fields.items() if k in ("service", "scope")}
+            query.setdefault("scope", f"repository:{self.ref.repository}:pull,push")
+            response = self.session.get(fields["realm"], params=query, auth=creds, timeout=60)
+            if response.status_code != 200:
+                raise _denied(self.ref.host, response.status_code)
+            body = response.json()
+            self._auth = f"Bearer {body.get('token') or body.get('access_token')}"
+            return
+        raise UsageError(f"registry {self.ref.host} asks for unknown auth {scheme!r}")
+
+    def _check(self, response: Any, what: str) -> Any:
+        if response.status_code in (401, 403):
+            raise _denied(self.ref.host, response.status_code)
+        if response.status_code == 404:
+            raise UsageError(f"{self.ref} has no {what}", "check the repository and tag")
+        if response.status_code >= 400:
+            raise UsageError(
+                f"{self.ref}: {what}: HTTP {response.status_code} {response.text[:200]}"
+            )
+        return response
+
+    # -- blobs
+    def has_blob(self, digest: str) -> bool:
+        response = self._request("HEAD", f"{self.base}/blobs/{digest}")
+        if response.status_code == 404:
+            return False
+        return self._check(response, f"blob {digest}").status_code == 200
+
+    def push_blob(self, path: Path, digest: str, size: int) -> bool:
+        """Upload `path` as `digest` unless the registry has it; True if bytes were sent."""
+        if self.has_blob(digest):
+            return False
+        response = self._check(self._request("POST", f"{self.base}/blobs/uploads/"), "upload")
+        location = response.headers["Location"]
+        if location.startswith("/"):
+            location = f"{self.scheme}://{self.ref.host}{location}"
+        with open(path, "rb") as f:
+            response = self._request(
+                "PUT", location, params={"digest": digest}, data=f,
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            )  # fmt: skip
+        self._check(response, f"upload of {digest}")
+        return True
+
+    def pull_blob(self, digest: str, size: int, target: Path) -> None:
+        """Stream blob `digest` into `target`, resuming what is there; its sha256 checked."""
+        h = hashlib.sha256()
+        have = target.stat().st_size if target.exists() else 0
+        if have > size:
+            target.unlink()
+            have = 0
+        if have:
+            with open(target, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+        if have < size:
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            response = self._request("GET", f"{self.base}/blobs/{digest}", headers=headers,
+                                     stream=True)  # fmt: skip
+            self._check(response, f"blob {digest}")
+            if have and response.status_code != 206:  # no range support: start over
+                h, have = hashlib.sha256(), 0
+            with open(target, "ab" if have else "wb") as f:
+                for chunk in response.iter_content(CHUNK):
+                    h.update(chunk)
+                    f.write(chunk)
+                    have += len(chunk)
+                    if have > size:
+                        break
+        if f"sha256:{h.hexdigest()}" != digest or have != size:
+            target.unlink(missing_ok=True)
+            raise TamperedImageError(
+                f"blob {digest} from {self.ref.host} does not match its digest",
+                "the registry or the network changed it; pull again",
+            )
+
+    # -- manifests
+    def put_manifest(self, data: bytes, ref: str) -> None:
+        response = self._request("PUT", f"{self.base}/manifests/{ref}", data=data,
+                                 headers={"Content-Type": ACCEPT})  # fmt: skip
+        self._check(response, f"manifest {ref}")
+
+    def get_manifest(self, ref: str) -> tuple[bytes, str]:
+        response = self._check(
+            self._request("GET", f"{self.base}/manifests/{ref}", headers={"Accept": ACCEPT}),
+            f"manifest {ref}",
+        )
+        data = response.content[: 4 << 20]
+        digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+        if ref.startswith("sha256:") and digest != ref:
+            raise TamperedImageError(f"manifest {ref} from {self.ref.host} has digest {digest}")
+        return data, digest
+
+
+def _denied(host: str, status: int) -> UsageError:
+    return UsageError(f"registry {host} refused access (HTTP {status})",
+                      f"log in first: cryptlayer login {host}")  # fmt: skip
+
+
+def chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            yield chunk
