@@ -80,7 +80,7 @@ def oci_manifest(statement: Blob, others: list[Blob], created: str) -> bytes:
             "mediaType": STATEMENT_TYPE,
             "digest": statement.digest,
             "size": statement.size,
-        },  # fmt: skip
+        },
         "layers": [b.descriptor() for b in others],
         "annotations": {"org.opencontainers.image.created": created} if created else {},
     }

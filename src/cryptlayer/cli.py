@@ -586,6 +586,108 @@ def verify(image: ImageArg, trust: Trust = None) -> None:
     typer.echo(f"layers:  {report.layers}, each as the statement records it")
 
 
+TlsVerify = Annotated[
+    bool,
+    typer.Option(
+        "--tls-verify/--no-tls-verify",
+        help="Require HTTPS and a trusted certificate (--tls-verify=false: a local registry).",
+    ),
+]
+CertDir = Annotated[
+    Path | None,
+    typer.Option(metavar="DIR", help="Trust the CA certificates (*.crt) in DIR for the registry."),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+@app.command()
+@handled
+def push(
+    image: ImageArg,
+    destination: Annotated[
+        str,
+        typer.Argument(metavar="REF", help="docker://HOST[:PORT]/REPO[:TAG] or oci:PATH[:TAG]."),
+    ],
+    tls_verify: TlsVerify = True,
+    cert_dir: CertDir = None,
+    quiet: Quiet = False,
+) -> None:
+    """Push IMAGE (ciphertext, keys.json's wrapped keys, signatures) to a registry or a layout."""
+    from .progress import for_terminal
+    from .transfer import open_store, push
+
+    store = open_store(destination, tls_verify=tls_verify, cert_dir=cert_dir)
+    digest, sent = push(image, store, for_terminal(quiet))
+    typer.echo(f"pushed {image} to {destination}: {digest} ({sent} blob(s) sent)", err=True)
+
+
+@app.command()
+@handled
+def pull(
+    source: Annotated[
+        str,
+        typer.Argument(
+            metavar="REF", help="docker://HOST[:PORT]/REPO[:TAG|@DIGEST] or oci:PATH[:TAG]."
+        ),
+    ],
+    image: ImageArg,
+    digest: Annotated[
+        str | None,
+        typer.Option(metavar="sha256:HEX", help="Refuse any manifest but this one."),
+    ] = None,
+    trust: Trust = None,
+    tls_verify: TlsVerify = True,
+    cert_dir: CertDir = None,
+    quiet: Quiet = False,
+) -> None:
+    """Pull an image into the new directory IMAGE; an interrupted pull resumes."""
+    from .progress import for_terminal
+    from .transfer import open_store, pull
+
+    store = open_store(source, tls_verify=tls_verify, cert_dir=cert_dir)
+    found, fetched = pull(store, image, digest=_digest(digest), trust=_trust(trust),
+                          show=for_terminal(quiet))  # fmt: skip
+    said = "pulled" if fetched else "already up to date:"
+    typer.echo(f"{said} {image} from {source}: {found}", err=True)
+
+
+@app.command()
+@handled
+def login(
+    registry: Annotated[str, typer.Argument(metavar="HOST[:PORT]", help="The registry.")],
+    username: Annotated[str, typer.Option("--username", "-u", help="User name.")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+    tls_verify: TlsVerify = True,
+    cert_dir: CertDir = None,
+) -> None:
+    """Check credentials with the registry and store them as podman does (never on argv)."""
+    from .keys import read_passphrase
+    from .registry import Reference, Registry, save_credentials
+
+    if not password_stdin and not sys.stdin.isatty():
+        raise UsageError("no terminal to ask the password on", "pass --password-stdin")
+    secret = read_passphrase(f"Password for {username}@{registry}: ", confirm=False)
+    with secret, secret.view() as data:
+        password = bytes(data)
+    client = Registry(Reference(registry, "cryptlayer-login-check"), tls_verify=tls_verify,
+                      cert_dir=cert_dir, login=(username, password.decode()))  # fmt: skip
+    client.ping()
+    path = save_credentials(registry, username, password)
+    typer.echo(f"login succeeded: credentials for {registry} in {path}", err=True)
+
+
+@app.command()
+@handled
+def logout(registry: Annotated[str, typer.Argument(metavar="HOST[:PORT]")]) -> None:
+    """Remove the stored credentials of a registry."""
+    from .registry import save_credentials
+
+    path = save_credentials(registry, "", None)
+    typer.echo(f"removed the credentials for {registry} from {path}", err=True)
+
+
 @app.command()
 @handled
 def stop(

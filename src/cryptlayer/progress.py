@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 MiB = 1 << 20
 POLL = 0.25  # seconds between two looks at a file system being filled
+RATED = ("copy", "push", "pull")  # phases that move bytes: their rate is shown
 
 
 class Progress(Protocol):
@@ -56,7 +57,7 @@ class Bar:
             done = min(max(done, 0), self.total)
             elapsed = max(time.monotonic() - self._started, 1e-3)
             self._bar.label = f"{self.label} {phase:<8}"
-            rate = f"{done / MiB / elapsed:.1f} MiB/s" if phase == "copy" else ""
+            rate = f"{done / MiB / elapsed:.1f} MiB/s" if phase in RATED else ""
             self._bar.current_item = rate
             if done > self._bar.pos:
                 self._bar.update(done - self._bar.pos)

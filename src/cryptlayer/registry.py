@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,15 +70,43 @@ def parse_reference(text: str) -> Reference:
     return Reference(host, path, tag, digest)
 
 
-def auth_files() -> list[Path]:
-    """Where credentials are looked for, in podman's order."""
-    files = []
+def auth_file() -> Path:
+    """Where `login` writes, as podman: $REGISTRY_AUTH_FILE, else
+    ${XDG_RUNTIME_DIR}/containers/auth.json, else /run/containers/UID/auth.json."""
     if os.environ.get("REGISTRY_AUTH_FILE"):
-        files.append(Path(os.environ["REGISTRY_AUTH_FILE"]))
+        return Path(os.environ["REGISTRY_AUTH_FILE"])
     if os.environ.get("XDG_RUNTIME_DIR"):
-        files.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "containers/auth.json")
-    files.append(Path.home() / ".docker/config.json")
-    return files
+        return Path(os.environ["XDG_RUNTIME_DIR"]) / "containers/auth.json"
+    return Path(f"/run/containers/{os.getuid()}/auth.json")
+
+
+def auth_files() -> list[Path]:
+    """Where credentials are looked for, in podman's order (then docker's file)."""
+    return [auth_file(), Path.home() / ".docker/config.json"]
+
+
+def save_credentials(host: str, user: str, password: bytes | None) -> Path:
+    """Add (or with None remove) HOST's credentials in auth_file(), mode 0600, atomically."""
+    from .fsutil import write_atomic
+
+    path = auth_file()
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict):
+            doc = {}
+    except (OSError, ValueError):
+        doc = {}
+    auths = doc.setdefault("auths", {})
+    if password is None:
+        if host not in auths:
+            raise UsageError(f"not logged in to {host}", f"{path} holds no credentials for it")
+        del auths[host]
+    else:
+        token = base64.b64encode(user.encode() + b":" + password).decode()
+        auths[host] = {"auth": token}
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomic(path, json.dumps(doc, indent=2).encode() + b"\n", 0o600)
+    return path
 
 
 def credentials(host: str) -> tuple[str, str] | None:
@@ -97,7 +125,14 @@ def credentials(host: str) -> tuple[str, str] | None:
 class Registry:
     """One repository of one registry."""
 
-    def __init__(self, ref: Reference, *, tls_verify: bool = True, cert_dir: Path | None = None):
+    def __init__(
+        self,
+        ref: Reference,
+        *,
+        tls_verify: bool = True,
+        cert_dir: Path | None = None,
+        login: tuple[str, str] | None = None,
+    ):
         import requests
         from requests.adapters import HTTPAdapter
         from urllib3.util.retry import Retry
@@ -106,14 +141,19 @@ class Registry:
         self.scheme = "https" if tls_verify else "http"
         self.base = f"{self.scheme}://{ref.host}/v2/{ref.repository}"
         self.session = requests.Session()
-        retry = Retry(total=3, backoff_factor=0.5, status_forcelist=(502, 503, 504),
+        retry = Retry(total=3, connect=3, read=2, other=0, backoff_factor=0.5,
+                      status_forcelist=(502, 503, 504),
                       allowed_methods=("GET", "HEAD", "PUT"))  # fmt: skip
         self.session.mount(f"{self.scheme}://", HTTPAdapter(max_retries=retry))
+        # Passed with every request: a session's own setting would lose to $REQUESTS_CA_BUNDLE.
+        self.verify: bool | str = True
         if cert_dir is not None:
             ca = sorted(cert_dir.glob("*.crt"))
-            if ca:
-                self.session.verify = str(ca[0])
+            if not ca:
+                raise UsageError(f"--cert-dir {cert_dir} holds no *.crt", "put the CA there")
+            self.verify = str(ca[0])
         self._auth: str | None = None
+        self._login = login  # credentials given now (login), else those of the auth files
 
     # -- requests with auth
     def _request(self, method: str, url: str, **kw: Any) -> Any:
@@ -124,13 +164,19 @@ class Registry:
             if self._auth:
                 headers["Authorization"] = self._auth
             try:
-                response = self.session.request(method, url, headers=headers, timeout=60, **kw)
-            except requests.exceptions.SSLError as err:
-                raise UsageError(f"TLS with {self.ref.host} failed ({err.__class__.__name__})",
-                                 "give --cert-dir with its CA, or --tls-verify=false") from None  # fmt: skip
+                response = self.session.request(
+                    method, url, headers=headers, timeout=60, verify=self.verify, **kw
+                )
+            except requests.exceptions.SSLError:
+                raise UsageError(
+                    f"TLS with registry {self.ref.host} failed (its certificate is not trusted)",
+                    "give --cert-dir with its CA, or --tls-verify=false for a local registry",
+                ) from None
             except requests.exceptions.ConnectionError:
-                raise UsageError(f"cannot reach registry {self.ref.host}",
-                                 "is it running? for plain HTTP pass --tls-verify=false") from None  # fmt: skip
+                raise UsageError(
+                    f"cannot reach registry {self.ref.host}",
+                    "is it running? a plain-HTTP registry needs --tls-verify=false",
+                ) from None
             if response.status_code != 401 or attempt:
                 return response
             self._authenticate(response.headers.get("WWW-Authenticate", ""))
@@ -139,7 +185,7 @@ class Registry:
     def _authenticate(self, challenge: str) -> None:
         scheme, _, params = challenge.partition(" ")
         fields = dict(re.findall(r'(\w+)="([^"]*)"', params))
-        creds = credentials(self.ref.host)
+        creds = self._login or credentials(self.ref.host)
         if scheme.lower() == "basic":
             if creds is None:
                 raise _denied(self.ref.host, 401)
@@ -148,7 +194,9 @@ class Registry:
         if scheme.lower() == "bearer" and "realm" in fields:
             query = {k: v for k, v in fields.items() if k in ("service", "scope")}
             query.setdefault("scope", f"repository:{self.ref.repository}:pull,push")
-            response = self.session.get(fields["realm"], params=query, auth=creds, timeout=60)
+            response = self.session.get(
+                fields["realm"], params=query, auth=creds, timeout=60, verify=self.verify
+            )
             if response.status_code != 200:
                 raise _denied(self.ref.host, response.status_code)
             body = response.json()
@@ -167,14 +215,21 @@ class Registry:
             )
         return response
 
+    def ping(self) -> None:
+        """GET /v2/ (authenticating as the registry asks); UsageError if refused."""
+        url = f"{self.scheme}://{self.ref.host}/v2/"
+        self._check(self._request("GET", url), "API (/v2/)")
+
     # -- blobs
     def has_blob(self, digest: str) -> bool:
         response = self._request("HEAD", f"{self.base}/blobs/{digest}")
         if response.status_code == 404:
             return False
-        return self._check(response, f"blob {digest}").status_code == 200
+        return bool(self._check(response, f"blob {digest}").status_code == 200)
 
-    def push_blob(self, path: Path, digest: str, size: int) -> bool:
+    def push_blob(
+        self, path: Path, digest: str, size: int, progress: Callable[[int], None]
+    ) -> bool:
         """Upload `path` as `digest` unless the registry has it; True if bytes were sent."""
         if self.has_blob(digest):
             return False
@@ -184,13 +239,15 @@ class Registry:
             location = f"{self.scheme}://{self.ref.host}{location}"
         with open(path, "rb") as f:
             response = self._request(
-                "PUT", location, params={"digest": digest}, data=f,
-                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                "PUT", location, params={"digest": digest}, data=_Counted(f, size, progress),
+                headers={"Content-Type": "application/octet-stream"},
             )  # fmt: skip
         self._check(response, f"upload of {digest}")
         return True
 
-    def pull_blob(self, digest: str, size: int, target: Path) -> None:
+    def pull_blob(
+        self, digest: str, size: int, target: Path, progress: Callable[[int], None]
+    ) -> None:
         """Stream blob `digest` into `target`, resuming what is there; its sha256 checked."""
         h = hashlib.sha256()
         have = target.stat().st_size if target.exists() else 0
@@ -213,6 +270,7 @@ class Registry:
                     h.update(chunk)
                     f.write(chunk)
                     have += len(chunk)
+                    progress(have)
                     if have > size:
                         break
         if f"sha256:{h.hexdigest()}" != digest or have != size:
@@ -223,12 +281,22 @@ class Registry:
             )
 
     # -- manifests
-    def put_manifest(self, data: bytes, ref: str) -> None:
-        response = self._request("PUT", f"{self.base}/manifests/{ref}", data=data,
-                                 headers={"Content-Type": ACCEPT})  # fmt: skip
-        self._check(response, f"manifest {ref}")
+    def put_manifest(self, data: bytes, digest: str) -> None:
+        """By digest, then under the tag: a half-finished push is never visible under it."""
+        refs = [digest] + ([] if self.ref.digest else [self.ref.tag or "latest"])
+        for ref in refs:
+            response = self._request("PUT", f"{self.base}/manifests/{ref}", data=data,
+                                     headers={"Content-Type": ACCEPT})  # fmt: skip
+            self._check(response, f"manifest {ref}")
 
-    def get_manifest(self, ref: str) -> tuple[bytes, str]:
+    def prepare(self) -> None:
+        pass
+
+    def __str__(self) -> str:
+        return str(self.ref)
+
+    def get_manifest(self) -> tuple[bytes, str]:
+        ref = self.ref.ref
         response = self._check(
             self._request("GET", f"{self.base}/manifests/{ref}", headers={"Accept": ACCEPT}),
             f"manifest {ref}",
@@ -245,7 +313,18 @@ def _denied(host: str, status: int) -> UsageError:
                       f"log in first: cryptlayer login {host}")  # fmt: skip
 
 
-def chunks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            yield chunk
+class _Counted:
+    """A file to upload that reports how much was read (requests streams it, Content-Length
+    from len())."""
+
+    def __init__(self, f: Any, size: int, progress: Callable[[int], None]) -> None:
+        self.f, self.size, self.progress, self.done = f, size, progress, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, n: int = -1) -> bytes:
+        chunk: bytes = self.f.read(n if n and n > 0 else CHUNK)
+        self.done += len(chunk)
+        self.progress(self.done)
+        return chunk

@@ -1,0 +1,114 @@
+"""A real registry for the tests: Debian's docker-registry (CNCF distribution 2.8), started on
+127.0.0.1 on a free port, plain HTTP or with htpasswd auth and TLS (a CA and a certificate made
+here)."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+USER, PASSWORD = "alice", "correct horse"
+
+
+@dataclass(frozen=True)
+class RunningRegistry:
+    host: str  # 127.0.0.1:PORT
+    storage: Path
+    cert_dir: Path | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _tls(base: Path) -> Path:
+    """A CA (ca.crt in the returned directory, as --cert-dir wants it) and a server key pair."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cryptlayer test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    certs = base / "certs"
+    certs.mkdir()
+    (certs / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (base / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (base / "server.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))  # fmt: skip
+    return certs
+
+
+@contextmanager
+def registry(base: Path, *, secure: bool = False) -> Iterator[RunningRegistry]:
+    base.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    config = ["version: 0.1", "log:", "  level: error", "storage:", "  filesystem:",
+              f"    rootdirectory: {base / 'data'}", "  delete:", "    enabled: true",
+              "http:", f"  addr: 127.0.0.1:{port}"]  # fmt: skip
+    cert_dir = None
+    if secure:
+        import bcrypt
+
+        cert_dir = _tls(base)
+        config += [
+            "  tls:",
+            f"    certificate: {base / 'server.crt'}",
+            f"    key: {base / 'server.key'}",
+        ]
+        hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=5)).decode()
+        (base / "htpasswd").write_text(f"{USER}:{hashed}\n")
+        config += [
+            "auth:",
+            "  htpasswd:",
+            "    realm: cryptlayer-test",
+            f"    path: {base / 'htpasswd'}",
+        ]
+    (base / "config.yml").write_text("\n".join(config) + "\n")
+    with open(base / "log", "wb") as log:
+        process = subprocess.Popen(["docker-registry", "serve", str(base / "config.yml")],
+                                   stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError as err:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log_text = (base / "log").read_text()
+                    raise RuntimeError(f"docker-registry did not start: {log_text}") from err
+                time.sleep(0.05)
+        yield RunningRegistry(f"127.0.0.1:{port}", base / "data", cert_dir)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
