@@ -31,6 +31,9 @@ BINARY_BYTES = 4096
 MAGIC = (b"LUKS\xba\xbe", b"SKUL\xba\xbe")  # primary, secondary
 HEADER_SIZES = tuple(16384 << i for i in range(9))  # 16 KiB .. 4 MiB, as LUKS2 allows
 MAX_ITERATIONS = 1 << 22  # a keyslot's PBKDF2 rounds; ours take 1000
+# The volume key's digest: cryptsetup benchmarks its rounds (about 1/8 s here); a header asking
+# for billions would make every open compute for hours.
+MAX_DIGEST_ITERATIONS = 1 << 24
 DAMAGED = "the image is damaged or was tampered with; copy it again from a source you trust"
 
 
@@ -136,7 +139,10 @@ def _check(header: Header, manifest: Manifest, layer: Layer) -> None:
             ("raw", manifest.cipher, key_bytes),
             "its keyslot area (type, cipher, key size)",
         )
-        end = int(area.get("offset", "0")) + int(area.get("size", "0"))
+        offset, size = str(area.get("offset", "")), str(area.get("size", ""))
+        if not (offset.isdigit() and size.isdigit()):
+            raise ValueError("its keyslot area's offset or size is not a number")
+        end = int(offset) + int(size)
         if end > layer.offset:
             raise ValueError("its keyslot area reaches into the data")
         kdf = _only(slot.get("kdf"), "a keyslot's KDF")
@@ -144,6 +150,15 @@ def _check(header: Header, manifest: Manifest, layer: Layer) -> None:
         iterations = kdf.get("iterations")
         if not isinstance(iterations, int) or not 1 <= iterations <= MAX_ITERATIONS:
             raise ValueError(f"its keyslot's PBKDF2 iterations are {iterations!r}")
+    digests = _only(meta.get("digests", {}), "digests")
+    if len(digests) > 1:
+        raise ValueError(f"it has {len(digests)} digests, the image's layers have one")
+    for digest in digests.values():
+        digest = _only(digest, "a digest")
+        _expect((digest.get("type"), digest.get("hash")), ("pbkdf2", "sha256"), "its digest")
+        rounds = digest.get("iterations")
+        if not isinstance(rounds, int) or not 1 <= rounds <= MAX_DIGEST_ITERATIONS:
+            raise ValueError(f"its digest's PBKDF2 iterations are {rounds!r}")
     _expect(_only(meta.get("tokens", {}), "tokens"), {}, "its tokens")
     config = _only(meta.get("config", {}), "config")
     _expect(config.get("requirements"), None, "its requirements")
