@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import re
 import secrets
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,7 +60,71 @@ def layer_without_mapping() -> dict[str, object]:
     return out
 
 
+def registry_on_host(size_mib: int = 256, runs: int = 3) -> dict[str, object]:
+    """Part 8: push and pull of a `size_mib` image against a local docker-registry, as processes,
+    next to `skopeo copy` moving the same bytes (from and to an OCI layout) in the same run; and
+    what pulling an image that is already there, or pushing one that is, costs. Every push goes
+    to a fresh registry: a registry that has the blobs lets skopeo mount them instead."""
+    tests = Path(__file__).resolve().parent.parent / "tests"
+    sys.path.insert(0, str(tests))
+    from luksfixtures import fake_image
+    from registryfixtures import registry
+
+    from cryptlayer import transfer
+
+    out: dict[str, object] = {"size_mib": size_mib}
+    copy = ["skopeo", "copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false"]
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        base = Path(tmp)
+        image = fake_image(base / "img", size=size_mib * MiB)
+        sh(*CLI, "push", "-q", str(image), f"oci:{base}/layout:v1")
+        n = iter(range(1000))
+
+        def fresh(argv: list[str]) -> float:
+            with registry(base / f"reg{next(n)}") as reg:
+                target = [a.replace("HOST", reg.host) for a in argv]
+                start = time.perf_counter()
+                sh(*target)
+                return time.perf_counter() - start
+
+        push = [fresh([*CLI, "push", "-q", "--no-tls-verify", str(image), "HOST/b/app:v1"])
+                for _ in range(runs)]  # fmt: skip
+        skopeo_push = [fresh([*copy, f"oci:{base}/layout:v1", "docker://HOST/b/app:v1"])
+                       for _ in range(runs)]  # fmt: skip
+        with registry(base / "pull") as reg:
+            host = reg.host
+            sh(*CLI, "push", "-q", "--no-tls-verify", str(image), f"{host}/b/app:v1")
+            dirs = iter(range(1000))
+            pulls = timed(lambda: sh(*CLI, "pull", "-q", "--no-tls-verify", f"{host}/b/app:v1",
+                                     str(base / f"pulled{next(dirs)}")),
+                          runs, cold=False)  # fmt: skip
+            skopeo_pulls = timed(lambda: sh(*copy, f"docker://{host}/b/app:v1",
+                                            f"oci:{base}/out{next(dirs)}:v1"),
+                                 runs, cold=False)  # fmt: skip
+            there = base / "pulled0"
+            process = timed(lambda: sh(*CLI, "pull", "-q", "--no-tls-verify",
+                                       f"{host}/b/app:v1", str(there)),
+                            runs, cold=False)  # fmt: skip
+            in_process = timed(lambda: transfer.pull(
+                transfer.open_store(f"{host}/b/app:v1", tls_verify=False), there),
+                runs * 5, cold=False)  # fmt: skip
+            repush = subprocess.run([*CLI, "push", "--no-tls-verify", str(image),
+                                     f"{host}/b/app:v1"], check=True, capture_output=True,
+                                    text=True).stderr  # fmt: skip
+        bare = timed(lambda: sh(*CLI, "--help"), runs, cold=False)
+    out.update(
+        push=summary(push), skopeo_push=summary(skopeo_push), pull=summary(pulls),
+        skopeo_pull=summary(skopeo_pulls), pull_already_there=summary(in_process),
+        pull_already_there_process=summary(process), cli_help=summary(bare),
+        repush_output=repush.strip(),
+    )  # fmt: skip
+    return out
+
+
 def main() -> None:
+    if sys.argv[1:] == ["registry"]:
+        record("registry_on_host", registry_on_host())
+        return
     record("machine_host", machine())
     figures = {
         "help": timed(lambda: sh(*CLI, "--help"), RUNS, cold=False),
@@ -67,6 +133,7 @@ def main() -> None:
     }
     record("cli_startup_host", {name: summary(times) for name, times in figures.items()})
     record("layer_on_host", layer_without_mapping())
+    record("registry_on_host", registry_on_host())
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,43 @@ def rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
                 f"peak memory {c['peak_memory_mib']:.0f} MiB",
                 "",
                 "failures: " + str(len(c["failures"])),
+            )
+        )
+    if "registry_on_host" in data:
+        r = data["registry_on_host"]
+        size = r["size_mib"]
+        for what in ("push", "pull"):
+            ours, theirs = r[what]["median_s"], r[f"skopeo_{what}"]["median_s"]
+            out.append(
+                (
+                    f"9. {what} of {size} MiB, as a process, local registry",
+                    ms(ours),
+                    f"skopeo copy of the same bytes {ms(theirs)}",
+                    f"{size / ours:.0f} MiB/s, {theirs / ours:.0%} of skopeo's rate",
+                    ">= 80%",
+                    verdict(theirs / ours >= 0.8),
+                )
+            )
+        there = r["pull_already_there"]["median_s"]
+        process, bare = r["pull_already_there_process"]["median_s"], r["cli_help"]["median_s"]
+        out.append(
+            (
+                "9. pull of an image already there (one manifest request; in-process)",
+                ms(there),
+                f"as a process {ms(process)}, `cryptlayer --help` {ms(bare)}",
+                "",
+                "< 100 ms",
+                verdict(there < 0.1),
+            )
+        )
+        out.append(
+            (
+                "9. push of an image the registry has",
+                (re.findall(r"\((\d+ blob\(s\) sent)\)", r["repush_output"]) or ["?"])[0],
+                "",
+                "",
+                "uploads nothing",
+                verdict("(0 blob(s) sent)" in r["repush_output"]),
             )
         )
     if "cli_startup_host" in data:

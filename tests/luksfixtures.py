@@ -66,9 +66,12 @@ def write_layer(path: Path, meta: dict[str, Any] | None = None, **kw: Any) -> Pa
     return path
 
 
-def fake_image(image: Path, key: bytes = b"k" * 32, cmd: tuple[str, ...] = ("sh",)) -> Path:
+def fake_image(
+    image: Path, key: bytes = b"k" * 32, cmd: tuple[str, ...] = ("sh",), size: int = 0
+) -> Path:
     """An image directory as build leaves it, opened by `key`, whose one layer is a header
-    (no file system: enough for everything that needs no device-mapper)."""
+    (no file system: enough for everything that needs no device-mapper) and, with `size`,
+    random bytes up to that many (for moving real amounts of data)."""
     from dataclasses import replace
 
     from cryptlayer import envelope, statement
@@ -79,6 +82,15 @@ def fake_image(image: Path, key: bytes = b"k" * 32, cmd: tuple[str, ...] = ("sh"
 
     image.mkdir(mode=0o755)
     layer = write_layer(image / "layer0.luks")
+    if size > layer.stat().st_size:
+        import os
+
+        with open(layer, "ab") as f:
+            left = (size - layer.stat().st_size) // 4096 * 4096
+            while left:
+                chunk = min(left, 1 << 20)
+                f.write(os.urandom(chunk))
+                left -= chunk
     salt = "5a" * 32
     root_hash = veritysetup.format_tree(layer, image / "layer0.verity", salt)  # userspace
     tree_size = (image / "layer0.verity").stat().st_size
