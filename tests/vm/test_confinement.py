@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MARKER_LOWER, Cli, leftovers, loop_device, slots
+from conftest import Cli, leftovers, loop_device, slots
 
 from cryptlayer import sources
 from cryptlayer.errors import ExitCode
@@ -119,11 +119,16 @@ def test_device_nodes_are_refused_at_build(
     assert not (images / "dev").exists()
 
 
+VICTIM = b"HOST-DISK-CONTENT-5e1d77"
+
+
 @pytest.fixture
 def victim(images: Path) -> Iterator[tuple[str, Path]]:
-    """A block device of the host holding a marker (a loop device over a file)."""
+    """A block device of the host holding a marker (a loop device over a file). Its own marker:
+    the file is plain on the scratch disk, whose freed blocks test_forensics scans for the image's
+    markers."""
     backing = images / "victim.img"
-    backing.write_bytes(MARKER_LOWER.encode() + bytes(1 << 20))
+    backing.write_bytes(VICTIM + bytes(1 << 20))
     with loop_device(backing) as device:
         yield device, backing
 
@@ -151,10 +156,10 @@ def test_device_node_of_an_old_image_opens_nothing(
     for user in ("0", "1000"):
         code, out, err = cli("run", "--keep", "-u", user, "-k", str(key_file), str(image), "--",
                              "sh", "-c", "head -c 64 /disk; echo pwned > /disk")  # fmt: skip
-        assert MARKER_LOWER not in out
+        assert VICTIM.decode() not in out
         assert code != 0
         assert "Permission denied" in err or "Operation not permitted" in err
-    assert backing.read_bytes().startswith(MARKER_LOWER.encode())  # nothing was written
+    assert backing.read_bytes().startswith(VICTIM)  # nothing was written
 
 
 @pytest.fixture
