@@ -8,6 +8,7 @@ directory is renamed into place when complete. Only ciphertext moves: nothing is
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import Callable, Iterator
@@ -100,8 +101,18 @@ def pull(store: Store, target: Path, *, digest: str | None = None, trust: Path |
         if path.exists() and path.stat().st_size == blob.size and \
                 artifact.file_digest(path) == blob.digest:  # fmt: skip
             continue  # complete from an interrupted pull, and checked again
-        with _bar(show, blob, "pull") as report:
-            store.pull_blob(blob.digest, blob.size, path, report)
+        try:
+            with _bar(show, blob, "pull") as report:
+                store.pull_blob(blob.digest, blob.size, path, report)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            need = sum(b.size for b in [statement, *others])
+            raise UsageError(
+                f"no space left on the device of {target.parent} for {blob.name} (the image"
+                f" takes {need} bytes)",
+                f"free some space, then pull again: it resumes from {partial.name}",
+            ) from None
     loaded = manifest_mod.load(partial)  # a statement we can read, before it is in place
     if trust is not None:
         signatures.require_trusted(partial, loaded.raw, trust)

@@ -279,3 +279,26 @@ def test_no_plaintext_or_key_in_what_was_pushed(plain: RunningRegistry, image: P
     stored = {p.read_bytes() for p in plain.storage.rglob("data")}
     for name in FILES:
         assert (image / name).read_bytes() in stored, name
+
+
+def test_disk_full_then_resume(plain: RunningRegistry, tmp_path: Path) -> None:
+    """A pull that fills its file system stops with a clear error and resumes once there is room."""
+    big = fake_image(tmp_path / "big", size=3 << 20)
+    assert invoke("push", "--no-tls-verify", str(big), f"{plain.host}/full/app:v1")[0] == 0
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
+    try:
+        code, _, err = invoke("pull", "--no-tls-verify", f"{plain.host}/full/app:v1",
+                              str(small / "img"))  # fmt: skip
+        assert code == ExitCode.USAGE
+        assert err.startswith(f"error: no space left on the device of {small} for layer0.luks")
+        assert "free some space, then pull again: it resumes from .img.pull-" in err
+        assert not (small / "img").exists()
+        subprocess.run(["mount", "-o", "remount,size=8m", str(small)], check=True)
+        code, _, err = invoke("pull", "--no-tls-verify", f"{plain.host}/full/app:v1",
+                              str(small / "img"))  # fmt: skip
+        assert code == 0, err
+        same_image(big, small / "img")
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
