@@ -230,10 +230,21 @@ class Registry:
     def push_blob(
         self, path: Path, digest: str, size: int, progress: Callable[[int], None]
     ) -> bool:
-        """Upload `path` as `digest` unless the registry has it; True if bytes were sent."""
+        """Upload `path` as `digest` unless the registry has it, or can mount it from another
+        repository where this host saw it (blob_locations); True if bytes were sent."""
         if self.has_blob(digest):
+            self.seen(digest)
             return False
-        response = self._check(self._request("POST", f"{self.base}/blobs/uploads/"), "upload")
+        params = {}
+        source = blob_locations().get(f"{self.ref.host} {digest}")
+        if source and source != self.ref.repository:
+            params = {"mount": digest, "from": source}  # the spec's cross-repository mount
+        response = self._check(
+            self._request("POST", f"{self.base}/blobs/uploads/", params=params), "upload"
+        )
+        if response.status_code == 201:  # mounted: nothing to send
+            self.seen(digest)
+            return False
         location = response.headers["Location"]
         if location.startswith("/"):
             location = f"{self.scheme}://{self.ref.host}{location}"
@@ -243,7 +254,12 @@ class Registry:
                 headers={"Content-Type": "application/octet-stream"},
             )  # fmt: skip
         self._check(response, f"upload of {digest}")
+        self.seen(digest)
         return True
+
+    def seen(self, digest: str) -> None:
+        """Remember that this repository holds `digest` (for later mounts)."""
+        remember_blob(f"{self.ref.host} {digest}", self.ref.repository)
 
     def pull_blob(
         self, digest: str, size: int, target: Path, progress: Callable[[int], None]
@@ -279,6 +295,7 @@ class Registry:
                 f"blob {digest} from {self.ref.host} does not match its digest",
                 "the registry or the network changed it; pull again",
             )
+        self.seen(digest)
 
     # -- manifests
     def put_manifest(self, data: bytes, digest: str) -> None:
@@ -311,6 +328,43 @@ class Registry:
 def _denied(host: str, status: int) -> UsageError:
     return UsageError(f"registry {host} refused access (HTTP {status})",
                       f"log in first: cryptlayer login {host}")  # fmt: skip
+
+
+MAX_LOCATIONS = 4096
+
+
+def _locations_file() -> Path:
+    from .paths import state_root
+
+    return state_root() / "blob-locations.json"
+
+
+def blob_locations() -> dict[str, str]:
+    """Where blobs were last pushed or pulled: "HOST DIGEST" -> repository. A cache, as skopeo's
+    blob-info cache: anything wrong with it means only that nothing is mounted."""
+    try:
+        data = json.loads(_locations_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def remember_blob(key: str, repository: str) -> None:
+    from .fsutil import write_atomic
+
+    known = blob_locations()
+    if known.get(key) == repository:
+        return
+    known.pop(key, None)
+    known[key] = repository
+    kept = dict(list(known.items())[-MAX_LOCATIONS:])
+    try:
+        _locations_file().parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(_locations_file(), json.dumps(kept).encode(), 0o600, durable=False)
+    except OSError:
+        pass  # a cache that cannot be written costs a later upload, nothing else
 
 
 class _Counted:

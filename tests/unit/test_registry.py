@@ -39,6 +39,13 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry
         yield running
 
 
+@pytest.fixture(autouse=True)
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the blob-location cache goes: the test's own."""
+    monkeypatch.setenv("CRYPTLAYER_ROOT", str(tmp_path / "state"))
+    return tmp_path / "state"
+
+
 @pytest.fixture
 def auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "auth.json"
@@ -65,7 +72,8 @@ def requests_made(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     original = requests.Session.request
 
     def counting(self: Any, method: str, url: str, *args: Any, **kw: Any) -> Any:
-        made.append((method, url))
+        full = requests.Request(method, url, params=kw.get("params")).prepare().url
+        made.append((method, str(full)))
         return original(self, method, url, *args, **kw)
 
     monkeypatch.setattr(requests.Session, "request", counting)
@@ -302,3 +310,15 @@ def test_disk_full_then_resume(plain: RunningRegistry, tmp_path: Path) -> None:
         same_image(big, small / "img")
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_push_to_another_repository_mounts(plain: RunningRegistry, image: Path,
+                                           requests_made: list[tuple[str, str]]) -> None:  # fmt: skip
+    """The registry has the blobs in another repository: mounted, not sent (as skopeo does)."""
+    assert invoke("push", "--no-tls-verify", str(image), f"{plain.host}/one/app:v1")[0] == 0
+    requests_made.clear()
+    code, _, err = invoke("push", "--no-tls-verify", str(image), f"{plain.host}/two/app:v1")
+    assert (code, err.endswith("(0 blob(s) sent)\n")) == (0, True)
+    mounts = [url for method, url in requests_made if method == "POST"]
+    assert len(mounts) == 4 and all("mount=sha256" in u and "from=one%2Fapp" in u for u in mounts)
+    assert not [m for m, _ in requests_made if m in ("PUT", "PATCH") and "/blobs/" in _]
