@@ -179,10 +179,10 @@ class Registry:
                 ) from None
             if response.status_code != 401 or attempt:
                 return response
-            self._authenticate(response.headers.get("WWW-Authenticate", ""))
+            self._authenticate(response.headers.get("WWW-Authenticate", ""), url)
         return response
 
-    def _authenticate(self, challenge: str) -> None:
+    def _authenticate(self, challenge: str, url: str) -> None:
         scheme, _, params = challenge.partition(" ")
         fields = dict(re.findall(r'(\w+)="([^"]*)"', params))
         creds = self._login or credentials(self.ref.host)
@@ -193,7 +193,8 @@ class Registry:
             return
         if scheme.lower() == "bearer" and "realm" in fields:
             query = {k: v for k, v in fields.items() if k in ("service", "scope")}
-            query.setdefault("scope", f"repository:{self.ref.repository}:pull,push")
+            if url.startswith(self.base):  # the repository's own: ask for its scope
+                query.setdefault("scope", f"repository:{self.ref.repository}:pull,push")
             response = self.session.get(
                 fields["realm"], params=query, auth=creds, timeout=60, verify=self.verify
             )

@@ -322,3 +322,73 @@ def test_push_to_another_repository_mounts(plain: RunningRegistry, image: Path,
     mounts = [url for method, url in requests_made if method == "POST"]
     assert len(mounts) == 4 and all("mount=sha256" in u and "from=one%2Fapp" in u for u in mounts)
     assert not [m for m, _ in requests_made if m in ("PUT", "PATCH") and "/blobs/" in _]
+
+
+def test_pull_shows_progress_on_a_terminal(plain: RunningRegistry, tmp_path: Path) -> None:
+    """Per blob: its name, the share done and the rate; -q: nothing."""
+    import sys
+
+    from terminal import in_pty
+
+    big = fake_image(tmp_path / "big", size=2 << 20)
+    invoke("push", "--no-tls-verify", str(big), f"{plain.host}/progress/app:v1")
+    pull = [sys.executable, "-m", "cryptlayer", "pull", "--no-tls-verify",
+            f"{plain.host}/progress/app:v1"]  # fmt: skip
+    code, out = in_pty([*pull, str(tmp_path / "a")], [])
+    assert code == 0, out
+    assert "layer0.luks pull" in out and "100%" in out and "MiB/s" in out
+    code, out = in_pty([*pull, "-q", str(tmp_path / "b")], [])
+    assert code == 0, out
+    assert "%" not in out and out.startswith("pulled ")
+
+
+def test_bearer_token_auth(tmp_path: Path, auth: Path) -> None:
+    """The token flow as Docker Hub and Harbor do it, against a small token-issuing server: a
+    401 with `Bearer realm=...`, a token from the realm with the stored credentials, the request
+    again with the token."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *_: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            host = f"127.0.0.1:{self.server.server_address[1]}"
+            seen.append(f"{self.path} {self.headers.get('Authorization')}")
+            if self.path.startswith("/token"):
+                good = "Basic " + base64.b64encode(b"bob:hunter2").decode()
+                ok = self.headers.get("Authorization") == good and "service=reg" in self.path
+                self.send_response(200 if ok else 401)
+                self.end_headers()
+                if ok:
+                    self.wfile.write(b'{"token": "t0k3n"}')
+                return
+            if self.headers.get("Authorization") == "Bearer t0k3n":
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"{}")
+                return
+            self.send_response(401)
+            self.send_header("WWW-Authenticate",
+                             f'Bearer realm="http://{host}/token",service="reg"')  # fmt: skip
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        code, _, err = invoke("login", "--no-tls-verify", "-u", "bob", "--password-stdin", host,
+                              input="wrong\n")  # fmt: skip
+        assert code == ExitCode.USAGE and "refused access (HTTP 401)" in err
+        code, _, err = invoke("login", "--no-tls-verify", "-u", "bob", "--password-stdin", host,
+                              input="hunter2\n")  # fmt: skip
+        assert code == 0, err
+        assert seen[-3:] == ["/v2/ None", "/token?service=reg " + "Basic "
+                             + base64.b64encode(b"bob:hunter2").decode(),
+                             "/v2/ Bearer t0k3n"]  # fmt: skip
+    finally:
+        server.shutdown()
