@@ -36,7 +36,7 @@ RUNS = 3
 LAYERS = [1, 5, 20]
 CONCURRENT = 20
 SHRED_S_PER_MIB = 0.0  # one pass of GNU shred, measured at the largest size below 1 GiB
-SECTIONS = ("startup", "unlock", "limit", "sizes", "read", "concurrent")
+SECTIONS = ("startup", "unlock", "limit", "sizes", "read", "concurrent", "verity")
 PARTS = 20
 CLI = [sys.executable, "-m", "cryptlayer"]
 WORK = Path(os.environ.get("CRYPTLAYER_SCRATCH", "/var/tmp")) / "bench"
@@ -453,6 +453,79 @@ def read_throughput(size_mib: int) -> dict[str, Any]:
     return {"size_mib": size_mib, **results}
 
 
+def verity_cost(size_mib: int) -> dict[str, Any]:
+    """Part 6: what dm-verity costs one layer, next to the same layer without it, in one run:
+    opening it (loop, [tree loop, verity,] LUKS, mount: as start does, by hand), reading through
+    it, the tree's share of a build, and the tree's size."""
+    from cryptlayer.tools import veritysetup
+
+    work = WORK / "verity"
+    tree = work / "tree"
+    make_tree(tree, size_mib * MiB, 1)
+    image = work / "img"
+    build_s = build([tree / "part00"], image)
+    layer = manifest.load(image).layers[0]
+    path, hashes = image / layer.file, image / layer.tree
+    mnt = work / "mnt"
+    mnt.mkdir()
+    image_key = envelope.unlock(image, envelope.load(image).entries, Credential(key=key()))
+    opened: list[str] = []
+
+    def open_layer(verified: bool) -> None:
+        loop = losetup.attach(path, readonly=True)
+        opened.append(loop)
+        below = loop
+        if verified:
+            tree_loop = losetup.attach(hashes, readonly=True)
+            opened.append(tree_loop)
+            below = veritysetup.open_verity(loop, "cryptlayer-bench-verity", tree_loop,
+                                            layer.root_hash, layer.salt, layer.blocks)  # fmt: skip
+        cryptsetup.open_luks(below, "cryptlayer-bench-layer", image_key, readonly=True)
+        sh("mount", "-o", "ro,noload", "/dev/mapper/cryptlayer-bench-layer", str(mnt))
+
+    def close_layer() -> None:
+        sh("umount", str(mnt))
+        cryptsetup.close("cryptlayer-bench-layer")
+        if Path("/dev/mapper/cryptlayer-bench-verity").exists():
+            cryptsetup.close("cryptlayer-bench-verity")
+        while opened:
+            losetup.detach(opened.pop())
+
+    def reads() -> dict[str, float]:
+        seq = timed(lambda: sh("sh", "-c", f"cat {mnt}/large* > /dev/null"), RUNS)
+        small = timed(lambda: sh("sh", "-c", f"find {mnt} -name 'small*' -print0"
+                                 " | xargs -0 cat > /dev/null"), RUNS)  # fmt: skip
+        return {"sequential_s": min(seq), "small_files_s": min(small)}
+
+    out: dict[str, Any] = {"size_mib": size_mib, "build_s": build_s}
+    for verified in (False, True):
+        name = "verity" if verified else "plain_luks"
+        opens = []
+        for _ in range(RUNS):
+            drop_caches()
+            begin = time.perf_counter()
+            open_layer(verified)
+            opens.append(time.perf_counter() - begin)
+            close_layer()
+        open_layer(verified)
+        try:
+            out[name] = {"open": summary(opens), **reads()}
+        finally:
+            close_layer()
+    image_key.wipe()
+    spare = work / "spare.verity"
+
+    def tree_again() -> None:
+        veritysetup.format_tree(path, spare, layer.salt)
+
+    out["tree_format"] = summary(
+        timed(tree_again, RUNS, setup=lambda: spare.unlink(missing_ok=True))
+    )
+    out["layer_bytes"], out["tree_bytes"] = layer.size, layer.tree_size
+    shutil.rmtree(work)
+    return out
+
+
 def concurrent_starts(count: int = 20) -> dict[str, Any]:
     """Figure 7: `count` containers started at once from one image, as processes."""
     work = WORK / "concurrent"
@@ -542,6 +615,8 @@ def main() -> None:
             record("read", read_throughput(min(256, max(SIZES))))
         if "concurrent" in sections:
             record("concurrent", concurrent_starts(CONCURRENT))
+        if "verity" in sections:
+            record("verity", verity_cost(min(256, max(SIZES))))
     finally:
         KEY.unlink()
         shutil.rmtree(WORK, ignore_errors=True)

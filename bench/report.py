@@ -14,6 +14,9 @@ from common import RESULTS
 MiB = 1 << 20
 
 
+MiB_F = float(1 << 20)
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
@@ -228,6 +231,54 @@ def rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
                 f"peak memory {c['peak_memory_mib']:.0f} MiB",
                 "",
                 "failures: " + str(len(c["failures"])),
+            )
+        )
+    if "verity" in data:
+        v = data["verity"]
+        plain, checked = v["plain_luks"], v["verity"]
+        delta = checked["open"]["median_s"] - plain["open"]["median_s"]
+        out.append(
+            (
+                f"10. open one layer with dm-verity, {v['size_mib']} MiB",
+                ms(checked["open"]["median_s"]),
+                f"without {ms(plain['open']['median_s'])}",
+                f"+{ms(delta)} ({delta / plain['open']['median_s']:.0%})",
+                "<= +10% per layer",
+                verdict(delta <= 0.1 * plain["open"]["median_s"]),
+            )
+        )
+        for kind, label in (("sequential_s", "sequential"), ("small_files_s", "small files")):
+            ratio = plain[kind] / checked[kind]
+            out.append(
+                (
+                    f"10. read through dm-verity, {label}, {v['size_mib']} MiB",
+                    ms(checked[kind]),
+                    f"without {ms(plain[kind])}",
+                    f"{ratio:.0%} of it",
+                    ">= 90%",
+                    verdict(ratio >= 0.9),
+                )
+            )
+        share = v["tree_format"]["median_s"] / (v["build_s"] - v["tree_format"]["median_s"])
+        out.append(
+            (
+                f"10. build, the hash tree's share, {v['size_mib']} MiB",
+                ms(v["build_s"]),
+                f"veritysetup format {ms(v['tree_format']['median_s'])}",
+                f"+{share:.0%}",
+                "<= +15%",
+                verdict(share <= 0.15),
+            )
+        )
+        limit = v["layer_bytes"] * 0.01 + 8192
+        out.append(
+            (
+                f"10. hash tree size, {v['size_mib']} MiB layer",
+                f"{v['tree_bytes'] / 1024:.0f} KiB",
+                f"layer {v['layer_bytes'] / MiB_F:.0f} MiB",
+                f"{v['tree_bytes'] / v['layer_bytes']:.2%}",
+                "<= 1% + 8 KiB",
+                verdict(v["tree_bytes"] <= limit),
             )
         )
     if "registry_on_host" in data:
