@@ -17,8 +17,9 @@ test: setup test-host test-vm
 test-host:
 	$(PYTEST) tests/unit
 
-# Everything that touches devices: two VM boots at once, one CPU each (the crash-point sweep, and
-# the rest; scripts/vm-tier), or this host if it has dm-crypt; then the power-cut test, which
+# Everything that touches devices: two VM boots at once, one CPU each (the crash-point sweep with
+# the tampering and registry tests, and the rest; scripts/vm-tier), or this host if it has
+# dm-crypt; then the power-cut test, which
 # needs two boots of one disk. Narrow the first with VM_TESTS=tests/vm/test_x.py or
 # PYTEST_ARGS='-k shred' (one boot).
 VM_TESTS ?= tests/vm
