@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from .errors import UsageError
+from .errors import TamperedImageError, UsageError
 from .manifest import MANIFEST, Manifest
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -42,6 +43,30 @@ class Blob:
     def descriptor(self) -> dict[str, Any]:
         return {"mediaType": self.media_type, "digest": self.digest, "size": self.size,
                 "annotations": {TITLE: self.name}}  # fmt: skip
+
+
+def write_checked(
+    chunks: Iterable[bytes], out: BinaryIO, h: Any, done: int, size: int,
+    progress: Callable[[int], None],
+) -> int:  # fmt: skip
+    """Write a blob's bytes to `out`, hashing them into `h`; stops past `size` (a source sending
+    more than it promised is cut off, not trusted); returns the bytes written in all."""
+    for chunk in chunks:
+        h.update(chunk)
+        out.write(chunk)
+        done += len(chunk)
+        progress(done)
+        if done > size:
+            break
+    return done
+
+
+def require_blob(h: Any, done: int, digest: str, size: int, target: Path, where: str,
+                 hint: str) -> None:  # fmt: skip
+    """TamperedImageError (and `target` removed) unless what was written is blob `digest`."""
+    if f"sha256:{h.hexdigest()}" != digest or done != size:
+        target.unlink(missing_ok=True)
+        raise TamperedImageError(f"blob {digest} {where} does not match its digest", hint)
 
 
 def file_digest(path: Path) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .artifact import require_blob, write_checked
 from .errors import TamperedImageError, UsageError
 from .fsutil import UntrustedFileError, open_in_root, read_regular, write_atomic
 
@@ -120,18 +121,8 @@ class Layout:
             raise UsageError(f"blob {digest} of {self.path}: {err.strerror}") from None
         finally:
             os.close(root)
-        h, done = hashlib.sha256(), 0
+        h = hashlib.sha256()
         with os.fdopen(fd, "rb") as src, open(target, "wb") as out:
-            while chunk := src.read(CHUNK):
-                h.update(chunk)
-                out.write(chunk)
-                done += len(chunk)
-                progress(done)
-                if done > size:
-                    break
-        if f"sha256:{h.hexdigest()}" != digest or done != size:
-            target.unlink(missing_ok=True)
-            raise TamperedImageError(
-                f"blob {digest} of {self.path} does not match its digest",
-                "the layout was changed; copy it again",
-            )
+            done = write_checked(iter(lambda: src.read(CHUNK), b""), out, h, 0, size, progress)
+        require_blob(h, done, digest, size, target, f"of {self.path}",
+                     "the layout was changed; copy it again")  # fmt: skip

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .artifact import require_blob, write_checked
 from .errors import TamperedImageError, UsageError
 
 ACCEPT = "application/vnd.oci.image.manifest.v1+json"
@@ -283,19 +284,9 @@ class Registry:
             if have and response.status_code != 206:  # no range support: start over
                 h, have = hashlib.sha256(), 0
             with open(target, "ab" if have else "wb") as f:
-                for chunk in response.iter_content(CHUNK):
-                    h.update(chunk)
-                    f.write(chunk)
-                    have += len(chunk)
-                    progress(have)
-                    if have > size:
-                        break
-        if f"sha256:{h.hexdigest()}" != digest or have != size:
-            target.unlink(missing_ok=True)
-            raise TamperedImageError(
-                f"blob {digest} from {self.ref.host} does not match its digest",
-                "the registry or the network changed it; pull again",
-            )
+                have = write_checked(response.iter_content(CHUNK), f, h, have, size, progress)
+        require_blob(h, have, digest, size, target, f"from {self.ref.host}",
+                     "the registry or the network changed it; pull again")  # fmt: skip
         self.seen(digest)
 
     # -- manifests
