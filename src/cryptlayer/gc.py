@@ -68,9 +68,21 @@ def _collect_orphans(report: Report) -> None:
     ours = [p for p in mount.mounted_paths() if root in p.parents and str(p) not in claimed]
     for target in sorted(ours, key=lambda p: len(p.parts), reverse=True):
         _try(report, f"mount {target}", lambda t=target: mount.umount(t))
-    for name in udev.cryptlayer_mappings():  # by dm UUID: found even if renamed
-        if name not in claimed:
-            _try(report, f"mapping {name}", lambda n=name: cryptsetup.close(n))
+    # By dm UUID: found even if renamed. A mapping another sits on (a layer's dm-verity mapping
+    # under its LUKS mapping) is busy until that one is closed: close in passes, top first.
+    pending = [name for name in udev.cryptlayer_mappings() if name not in claimed]
+    while pending:
+        failed: list[tuple[str, CryptlayerError]] = []
+        for name in pending:
+            try:
+                cryptsetup.close(name)
+                report.orphans.append(f"mapping {name}")
+            except CryptlayerError as err:
+                failed.append((name, err))
+        if len(failed) == len(pending):
+            report.errors += [f"mapping {name}: {err}" for name, err in failed]
+            break
+        pending = [name for name, _ in failed]
     files = {Path(s.ref) for j in live for s in j.steps if s.kind is Kind.LOOP}
     for device in udev.block_devices():
         if device.backing_file is None or device.node in claimed:

@@ -26,6 +26,9 @@ def shared_mappings(image: Path) -> list[str]:
     return udev.mappings(mapping_prefix(str(image)))
 
 
+SHARED = 2 * 2  # the template's two layers, each a dm-verity mapping with a LUKS mapping on it
+
+
 def test_no_joining_an_image_shredded_while_open(cli: Cli, image: Path, key_file: Path) -> None:
     start(cli, image, key_file, "a", "--keep")
     cli.ok("shred", str(image))  # while a runs: its layers stay open, the disk's keyslots go
@@ -42,7 +45,7 @@ def test_erased_at_start_and_the_last_user_closes(
 ) -> None:
     start(cli, image, key_file, "a", "--keep")
     assert slots(image) == [1, 1]  # --keep: nothing erased
-    assert len(shared_mappings(image)) == 2
+    assert len(shared_mappings(image)) == SHARED
     start(cli, image, key_file, "b")  # will shred: the disk's keyslots go now
     assert slots(image) == [0, 0]
     assert sorted(p.name for p in (run_root() / ".images").rglob("*.hdr")) == [
@@ -50,7 +53,7 @@ def test_erased_at_start_and_the_last_user_closes(
         "layer1.hdr",
     ]
     keeper = start(cli, image, key_file, "c", "--keep")  # joins, its key checked against /run
-    assert len(shared_mappings(image)) == 2  # still one set of layer mappings for three
+    assert len(shared_mappings(image)) == SHARED  # still one set of layer mappings for three
     assert (keeper / "data/hello.txt").read_text() == f"{MARKER_LOWER}\n"
 
     stranger = tmp_path / "stranger.key"
@@ -78,12 +81,12 @@ def test_ten_at_once_in_random_order(cli: Cli, image: Path, key_file: Path) -> N
     for name in names:
         start(cli, image, key_file, name, *(["--keep"] if rng.random() < 0.5 else []))
     assert slots(image) == [0, 0]  # at least one of them shreds
-    assert len(shared_mappings(image)) == 2
-    assert len(udev.mappings("cryptlayer-")) == 2 + 10  # shared layers, one scratch each
+    assert len(shared_mappings(image)) == SHARED
+    assert len(udev.mappings("cryptlayer-")) == SHARED + 10  # shared layers, one scratch each
     rng.shuffle(names)
     for name in names[:-1]:
         cli.ok("stop", name)
-        assert len(shared_mappings(image)) == 2, f"closed while {names[-1]} still ran"
+        assert len(shared_mappings(image)) == SHARED, f"closed while {names[-1]} still ran"
     (last,) = json.loads(cli.ok("ps", "--json"))
     rootfs = Path(last["rootfs"])
     assert (rootfs / "data/hello.txt").read_text() == f"{MARKER_LOWER}\n"
