@@ -135,8 +135,9 @@ def _collect_header_copies(report: Report, images: Path, claimed: set[str]) -> N
 
 
 def _is_layer_file(path: Path) -> bool:
-    """A layer of a cryptlayer image: a .luks file beside a manifest.json."""
-    return path.suffix == ".luks" and (path.parent / "manifest.json").is_file()
+    """A layer of a cryptlayer image, or its dm-verity hash tree: a .luks or .verity file beside
+    a manifest.json."""
+    return path.suffix in (".luks", ".verity") and (path.parent / "manifest.json").is_file()
 
 
 def _try(report: Report, what: str, action: object) -> None:
