@@ -29,7 +29,7 @@ from cryptlayer.imagefiles import open_image
 from cryptlayer.keys import Credential, Secret
 from cryptlayer.layers import erase_at_start
 from cryptlayer.sources import DirectorySource
-from cryptlayer.tools import cryptsetup, losetup
+from cryptlayer.tools import cryptsetup, devmapper, losetup
 
 SIZES = [64, 256, 1024]  # MiB
 RUNS = 3
@@ -293,7 +293,7 @@ def unlock_cost() -> dict[str, Any]:
 
     def close_if_open() -> None:
         if Path("/dev/mapper", mapping).exists():
-            cryptsetup.close(mapping)
+            devmapper.remove(mapping)
 
     try:
         opens = timed(
@@ -485,9 +485,9 @@ def verity_cost(size_mib: int) -> dict[str, Any]:
 
     def close_layer() -> None:
         sh("umount", str(mnt))
-        cryptsetup.close("cryptlayer-bench-layer")
+        devmapper.remove("cryptlayer-bench-layer")
         if Path("/dev/mapper/cryptlayer-bench-verity").exists():
-            cryptsetup.close("cryptlayer-bench-verity")
+            devmapper.remove("cryptlayer-bench-verity")
         while opened:
             losetup.detach(opened.pop())
 

@@ -25,7 +25,7 @@ from .progress import Progress, Silent, watching
 from .secret import Secret
 from .sources import Measure, OciLayerSource, Source, SquashSource, parse_path
 from .system import require_kernel, require_root, require_tools
-from .tools import cryptsetup, losetup, mkfs, mount, veritysetup
+from .tools import cryptsetup, devmapper, losetup, mkfs, mount, veritysetup
 
 MiB = 1024 * 1024
 # Room ext4 needs beyond file data (superblocks, bitmaps, inode tables); the layer is shrunk to
@@ -175,7 +175,7 @@ def _fill_layer(
         loop = losetup.attach(path, readonly=False)
         stack.callback(losetup.detach, loop)
         mapped = cryptsetup.open_luks(loop, name, key, readonly=False)
-        stack.callback(cryptsetup.close, name)
+        stack.callback(devmapper.remove, name)
         inodes = _inodes(measure.inodes, fs_bytes, measure.blocks)
         mkfs.make_ext4(mapped, inodes=inodes, label=filename.removesuffix(".luks"))
         # Below the private runtime directory (0700): the new file system's root is 0755, and

@@ -12,7 +12,7 @@ from .errors import CryptlayerError
 from .fsutil import wipe_file
 from .paths import images_run_dir, run_root, scratch_dir
 from .state import Kind, Mode, Record
-from .tools import cryptsetup, losetup, mount, udev
+from .tools import devmapper, losetup, mount, udev
 
 
 @dataclass
@@ -75,7 +75,7 @@ def _collect_orphans(report: Report) -> None:
         failed: list[tuple[str, CryptlayerError]] = []
         for name in pending:
             try:
-                cryptsetup.close(name)
+                devmapper.remove(name)
                 report.orphans.append(f"mapping {name}")
             except CryptlayerError as err:
                 failed.append((name, err))

@@ -19,7 +19,7 @@ from typing import TypeVar
 from .errors import BusyError, CommandError
 from .fsutil import wipe_file
 from .state import Journal, Kind, Opening, Step, all_journals, load_opening, users_of
-from .tools import cryptsetup, fuser, losetup, mount, runtime, udev
+from .tools import devmapper, fuser, losetup, mount, runtime, udev
 
 T = TypeVar("T")
 CRASH_AT = "CRYPTLAYER_CRASH_AT"
@@ -112,8 +112,7 @@ def _release_loop(step: Step, journal: Journal) -> None:
 
 
 def _release_crypt(step: Step, _journal: Journal) -> None:
-    if Path("/dev/mapper", step.ref).exists():
-        cryptsetup.close(step.ref)
+    devmapper.remove(step.ref)  # one that is gone already is no error
 
 
 def close_opening(opening: Opening) -> None:

@@ -105,3 +105,26 @@ def test_flash_storage_is_warned_about(
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
         subprocess.run(["rmmod", "brd"], check=False)
+
+
+def test_a_mapping_in_use_is_not_removed_and_a_gone_one_is_no_error(
+    cli: Cli, image: Path, key_file: Path
+) -> None:
+    """Mappings close by DM_DEV_REMOVE (tools/devmapper.py), not `cryptsetup close`: one that
+    another mapping sits on stays, with a BusyError; one already gone is no error."""
+    import pytest
+
+    from cryptlayer.errors import BusyError
+    from cryptlayer.tools import devmapper, udev
+
+    cli.ok("start", "--key-file", str(key_file), "--name", "held", str(image))  # erased at start
+    try:
+        verity = [m for m in udev.mappings("cryptlayer--") if m.endswith("-verity")]
+        assert len(verity) == 2  # one per layer, each under its layer's LUKS mapping
+        with pytest.raises(BusyError, match="is still in use"):
+            devmapper.remove(verity[0])
+        assert verity[0] in udev.mappings("cryptlayer--")
+    finally:
+        cli.ok("stop", "held")
+    assert udev.mappings("cryptlayer-") == []
+    devmapper.remove(verity[0])  # gone already

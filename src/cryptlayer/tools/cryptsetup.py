@@ -96,11 +96,6 @@ def open_plain(device: str, name: str, key: Secret) -> str:
     return f"/dev/mapper/{name}"
 
 
-def close(name: str) -> None:
-    """Remove mapping NAME (the kernel forgets its key)."""
-    run(["cryptsetup", "close", name])
-
-
 def _on_header(argv: list[str], path: Path, shown: Path | None) -> str:
     """Run a cryptsetup command on the LUKS2 header of layer file `path` (called `shown` in
     messages, when `path` is a descriptor's /proc link); its stdout."""
