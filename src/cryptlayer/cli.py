@@ -350,33 +350,34 @@ def inspect(image: ImageArg, as_json: JsonFlag = False) -> None:
 
     info = inspect_image(image)
     if as_json:
-        typer.echo(json.dumps(info, indent=2))  # JSON escapes control characters itself
+        typer.echo(json.dumps(info.to_json(), indent=2))  # JSON escapes control characters
         return
     p = printable  # every string of the manifest is the image author's: no terminal escapes
-    typer.echo(f"image:   {p(info['image'])}\ndigest:  {info['digest']}")
-    typer.echo(f"cipher:  {p(info['cipher'])}")
-    typer.echo(f"state:   {info['state']}\ncreated: {p(info['created'])}")
-    for signer in info["signatures"]:
-        typer.echo(f"signed:  {p(signer['file'])} by {signer['key']} ({signer['status']})")
-    if info["state"] == "erased":
+    typer.echo(f"image:   {p(info.image)}\ndigest:  {info.digest}")
+    typer.echo(f"cipher:  {p(info.cipher)}")
+    typer.echo(f"state:   {info.state}\ncreated: {p(info.created)}")
+    for signer in info.signatures:
+        typer.echo(f"signed:  {p(signer.file)} by {signer.key} ({signer.status})")
+    if info.state == "erased":
         typer.echo("opens:   nobody (every keyslot is erased; keys.json lists who once could)")
-    for entry in [] if info["state"] == "erased" else info["access"]:
+    for entry in [] if info.state == "erased" else info.access:
         cost = ""
         if entry["type"] == "passphrase":
             cost = (
                 f" (argon2id, {entry['iterations']} iterations, {entry['memory_kib'] // 1024} MiB)"
             )
         typer.echo(f"opens:   {p(entry['id'])}{cost}")
-    for i, layer in enumerate(info["layers"]):
+    for i, report in enumerate(info.layers):
+        layer = report.layer
         typer.echo(
-            f"layer {i}: {p(layer['file'])} {layer['size']} bytes,"
-            f" keyslots {layer['keyslots']} ({layer['state']}), from {p(layer['source'])}"
+            f"layer {i}: {p(layer.file)} {layer.size} bytes,"
+            f" keyslots {report.keyslots} ({report.state}), from {p(layer.source)}"
         )
-    cfg = info["config"]
-    typer.echo(f"command: {p(' '.join([*cfg['entrypoint'], *cfg['cmd']])) or '(none)'}")
-    for item in cfg["env"]:
+    cfg = info.config
+    typer.echo(f"command: {p(' '.join([*cfg.entrypoint, *cfg.cmd])) or '(none)'}")
+    for item in cfg.env:
         typer.echo(f"env:     {p(item)}")
-    typer.echo(f"workdir: {p(cfg['workdir'])}\nuser:    {p(cfg['user']) or 'root'}")
+    typer.echo(f"workdir: {p(cfg.workdir)}\nuser:    {p(cfg.user) or 'root'}")
 
 
 @app.command()
@@ -714,11 +715,11 @@ def ps(as_json: JsonFlag = False) -> None:
 
     rows = [r.describe() for r in state.all_records()]
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps([row.to_json() for row in rows], indent=2))
         return
     typer.echo(f"{'NAME':<24} {'STATUS':<10} {'LAYERS':>6}  {'IMAGE'}")
     for row in rows:
-        typer.echo(f"{row['name']:<24} {row['status']:<10} {row['layers']:>6}  {row['image']}")
+        typer.echo(f"{row.name:<24} {row.status:<10} {row.layers:>6}  {row.image}")
 
 
 @app.command()

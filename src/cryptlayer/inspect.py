@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +10,60 @@ from . import envelope, signatures
 from . import manifest as manifest_mod
 from .errors import CryptlayerError, UsageError
 from .imagefiles import open_dir, open_layer
+from .manifest import ImageConfig, Layer
 from .shred import keyslot_count
 
 
-def inspect_image(image: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LayerReport:
+    """A layer as its manifest entry says, and its header's state now."""
+
+    layer: Layer
+    keyslots: int
+    state: str  # intact, erased, missing or damaged
+
+
+@dataclass(frozen=True)
+class SignatureReport:
+    file: str  # under IMAGE/signatures/
+    key: str  # the signer's key fingerprint ("?" when the file is unreadable)
+    status: str  # "valid", or why not
+
+
+@dataclass(frozen=True)
+class ImageReport:
+    """Everything `inspect` shows of an image."""
+
+    image: str
+    digest: str
+    cipher: str
+    created: str
+    state: str  # intact, erased, or damaged (layers disagree, or one is missing)
+    layers: tuple[LayerReport, ...]
+    signatures: tuple[SignatureReport, ...]
+    access: tuple[dict[str, Any], ...]  # keys.json entries without their wrapped keys and salts
+    config: ImageConfig
+
+    def to_json(self) -> dict[str, Any]:
+        """The `inspect --json` document."""
+        return {
+            "image": self.image,
+            "signatures": [asdict(s) for s in self.signatures],
+            "digest": self.digest,
+            "cipher": self.cipher,
+            "created": self.created,
+            "state": self.state,
+            "layers": [
+                {**asdict(r.layer), "keyslots": r.keyslots, "state": r.state} for r in self.layers
+            ],
+            "access": [dict(entry) for entry in self.access],
+            "config": {
+                k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()
+            },
+        }
+
+
+def inspect_image(image: Path) -> ImageReport:
     """Layers with sizes and keyslot state, who can open it, cipher, and the image config."""
     image = image.resolve()  # the path the user gave; below it, nothing is followed
     manifest = manifest_mod.load(image)
@@ -25,8 +75,8 @@ def inspect_image(image: Path) -> dict[str, Any]:
                 state = "intact" if slots else "erased"
             except CryptlayerError as err:
                 slots, state = 0, "missing" if "missing" in err.message else "damaged"
-            layers.append({**asdict(layer), "keyslots": slots, "state": state})
-    states = {layer["state"] for layer in layers}
+            layers.append(LayerReport(layer, slots, state))
+    states = {layer.state for layer in layers}
     overall = (
         "intact" if states == {"intact"} else ("erased" if states == {"erased"} else "damaged")
     )
@@ -38,18 +88,16 @@ def inspect_image(image: Path) -> dict[str, Any]:
         entry.pop("wrapped", None)
         entry.pop("salt", None)
     good, bad = signatures.read_all(image, manifest.raw)
-    signed = [{"file": s.file, "key": s.key.fingerprint, "status": "valid"} for s in good]
-    signed += [{"file": b.file, "key": "?", "status": b.reason} for b in bad]
-    return {
-        "image": str(image),
-        "signatures": signed,
-        "digest": manifest.digest,
-        "cipher": manifest.cipher,
-        "created": manifest.created,
-        "state": overall,
-        "layers": layers,
-        "access": access,
-        "config": {
-            k: list(v) if isinstance(v, tuple) else v for k, v in asdict(manifest.config).items()
-        },
-    }
+    signed = [SignatureReport(s.file, s.key.fingerprint, "valid") for s in good]
+    signed += [SignatureReport(b.file, "?", b.reason) for b in bad]
+    return ImageReport(
+        image=str(image),
+        digest=manifest.digest,
+        cipher=manifest.cipher,
+        created=manifest.created,
+        state=overall,
+        layers=tuple(layers),
+        signatures=tuple(signed),
+        access=tuple(access),
+        config=manifest.config,
+    )

@@ -92,24 +92,33 @@ class Record:
             return True
         return True
 
-    def describe(self) -> dict[str, Any]:
-        """What `ps` shows of a container (without importing the heavy modules)."""
+    def describe(self) -> Description:
+        """What `ps` shows of this container (without importing the heavy modules)."""
         if self.mode is Mode.RUN and self.owner_alive():
             status = "running"
         elif self.mode is Mode.START and self.pid == 0 and not self.from_earlier_boot():
             status = "assembled"
         else:
             status = "stale"  # its owner died, or the machine restarted: `cryptlayer gc`
-        return {
-            "name": self.name,
-            "image": self.image,
-            "mode": str(self.mode),
-            "status": status,
-            "rootfs": self.rootfs,
-            "layers": self.layers,
-            "shred_on_stop": self.shred,
-            "created": self.created,
-        }
+        return Description(self.name, self.image, str(self.mode), status, self.rootfs,
+                           self.layers, self.shred, self.created)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Description:
+    """One row of `ps`: a container's name, image, mode, status and what stopping it does."""
+
+    name: str
+    image: str
+    mode: str
+    status: str  # running, assembled (started, at rest) or stale (for `cryptlayer gc`)
+    rootfs: str
+    layers: int
+    shred_on_stop: bool
+    created: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def boot_id() -> str:
