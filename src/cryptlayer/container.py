@@ -231,20 +231,31 @@ def teardown(record: Record) -> None:
 
 
 def _confirm_gone(record: Record) -> None:
-    """Ask udev, not the tools, whether the container's mappings and loop devices are gone
-    (and the image's shared ones, when no other container holds them)."""
-    udev.settle()
-    left = udev.mappings(paths.container_mapping_prefix(record.name))
-    files = {paths.scratch_file(record.name)}
-    if state.load_opening(record.image) is None:  # we were its last user
-        left += udev.mappings(layers.mapping_prefix(record.image))
-        files.add(Path(record.image))
-    left += udev.loops_backed_by(files)
+    """Ask the kernel (sysfs, through pyudev), not the tools, whether the container's mappings
+    and loop devices are gone (and the image's shared ones, when no other container holds them).
+
+    A loop device that udev's probe still held when it was detached goes when the probe ends:
+    only when something is left is udev waited for (`udevadm settle`, a program start) and
+    asked again.
+    """
+    left = _still_there(record)
+    if left:
+        udev.settle()
+        left = _still_there(record)
     if left:
         raise CryptlayerError(
             f"devices of {record.name!r} are still there after teardown: {', '.join(left)}",
             "see what holds them (lsof, fuser), then run `cryptlayer gc`",
         )
+
+
+def _still_there(record: Record) -> list[str]:
+    left = udev.mappings(paths.container_mapping_prefix(record.name))
+    files = {paths.scratch_file(record.name)}
+    if state.load_opening(record.image) is None:  # we were its last user
+        left += udev.mappings(layers.mapping_prefix(record.image))
+        files.add(Path(record.image))
+    return left + udev.loops_backed_by(files)
 
 
 def _locked_teardown(record: Record) -> None:

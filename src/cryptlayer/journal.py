@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import BusyError, CommandError
+from .errors import BusyError
 from .fsutil import wipe_file
 from .state import Journal, Kind, Opening, Step, all_journals, load_opening, users_of
 from .tools import devmapper, fuser, losetup, mount, runtime, udev
@@ -140,15 +140,13 @@ def _release_mount(step: Step, _journal: Journal) -> None:
         return
     try:
         mount.umount(target)
-    except CommandError as err:
-        if "busy" in err.stderr:
-            held = fuser.holders(target)
-            raise BusyError(
-                f"{target} is busy: "
-                + (f"held by {', '.join(held)}" if held else "held by an unknown process"),
-                "end those processes (or leave the directory) and stop again, or `stop --force`",
-            ) from err
-        raise
+    except mount.MountBusy as err:
+        held = fuser.holders(target)
+        raise BusyError(
+            f"{target} is busy: "
+            + (f"held by {', '.join(held)}" if held else "held by an unknown process"),
+            "end those processes (or leave the directory) and stop again, or `stop --force`",
+        ) from err
 
 
 def kill_holders(target: Path) -> None:

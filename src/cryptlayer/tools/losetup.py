@@ -3,7 +3,8 @@
 Attached from an open descriptor through the kernel's loop ioctls (LOOP_CONFIGURE), not by
 `losetup FILE`: losetup(8) canonicalizes the path it is given and opens it again by name, so a
 file swapped in between would be attached instead of the one that was checked. The kernel keeps
-its own reference to the descriptor's file. Detached with losetup(8).
+its own reference to the descriptor's file. Detached the same way (LOOP_CLR_FD), which is all
+`losetup --detach` does, without a program start (a few tenths of a second under emulation).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import struct
 from pathlib import Path
 
 from ..errors import CryptlayerError
-from ..runner import run
 from . import udev
 
 LOOP_CTL_GET_FREE = 0x4C82
+LOOP_CLR_FD = 0x4C01
 LOOP_CONFIGURE = 0x4C0A
 LOOP_GET_STATUS64 = 0x4C05
 LO_FLAGS_READ_ONLY = 1
@@ -85,5 +86,17 @@ def backing_identity(device: str) -> tuple[int, int] | None:
 
 
 def detach(device: str) -> None:
-    """Detach loop `device`."""
-    run(["losetup", "--detach", device])
+    """Detach loop `device` (LOOP_CLR_FD, as `losetup --detach` does; one still held open, by a
+    mapping on it say, is detached by the kernel when the last holder lets go). Nothing attached
+    is no error."""
+    try:
+        loop = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.ioctl(loop, LOOP_CLR_FD)
+    except OSError as err:
+        if err.errno != errno.ENXIO:
+            raise CryptlayerError(f"cannot detach loop device {device}: {err.strerror}") from err
+    finally:
+        os.close(loop)

@@ -1,11 +1,20 @@
-"""mount/umount for ext4 layers, the scratch volume and the overlay root file system."""
+"""mount(8) for ext4 layers, the scratch volume and the overlay root file system; unmounting
+by the umount2 system call, which is all umount(8) does for them, without a program start (a few
+tenths of a second each under emulation, four per container)."""
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import Any
 
+from ..errors import BusyError, CryptlayerError
 from ..runner import run
+
+UMOUNT_NOFOLLOW = 8  # a mount point that is (now) a symbolic link is not followed
 
 # Layers and the scratch volume: no device node or set-uid file on them works through these
 # mounts (the overlay root is mounted nodev; the container has no_new_privs for set-uid).
@@ -27,9 +36,27 @@ def mount(source: str, target: Path, fstype: str, options: list[str]) -> None:
     run(["mount", "-t", fstype, "-o", ",".join(options), source, str(target)])
 
 
+class MountBusy(BusyError):
+    """A file system still in use: a process has a file or its working directory there."""
+
+
+@cache
+def _libc() -> Any:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def umount(target: Path) -> None:
-    """Unmount `target`."""
-    run(["umount", str(target)])
+    """Unmount `target`; MountBusy while something uses it."""
+    import ctypes
+
+    if _libc().umount2(os.fsencode(target), UMOUNT_NOFOLLOW) == 0:
+        return
+    code = ctypes.get_errno()
+    if code == errno.EBUSY:
+        raise MountBusy(f"{target} is busy")
+    raise CryptlayerError(f"cannot unmount {target}: {os.strerror(code)}")
 
 
 def mounts() -> list[Mounted]:
