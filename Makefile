@@ -18,14 +18,13 @@ test-host:
 	$(PYTEST) tests/unit
 
 # Everything that touches devices: two VM boots at once, one CPU each (the crash-point sweep with
-# the tampering and registry tests, and the rest; scripts/vm-tier), or this host if it has
-# dm-crypt; then the power-cut test, which
-# needs two boots of one disk. Narrow the first with VM_TESTS=tests/vm/test_x.py or
-# PYTEST_ARGS='-k shred' (one boot).
+# the tampering and registry tests, and the rest), or this host if it has dm-crypt; and the
+# power-cut test, which needs two boots of one disk, as soon as either VM has ended
+# (scripts/vm-tier). Narrow the first with VM_TESTS=tests/vm/test_x.py or
+# PYTEST_ARGS='-k shred' (one boot, then the power-cut test).
 VM_TESTS ?= tests/vm
 test-vm:
 	scripts/vm-tier $(VM_TESTS) $(PYTEST_ARGS)
-	scripts/power-loss
 
 test-power-loss:
 	scripts/power-loss
