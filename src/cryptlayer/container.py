@@ -20,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import journal, layers, paths, signatures, state, statement
+from . import journal, layers, paths, state, statement
 from . import manifest as manifest_mod
 from .errors import CryptlayerError, TamperedImageError, UsageError
 from .fsutil import write_json_atomic
@@ -134,6 +134,8 @@ def _assemble_locked(
     manifest = manifest_mod.load(image)
     statement.require_digest(image, manifest, options.digest)
     if options.trust is not None:
+        from . import signatures  # only here: its import is a cost every start would pay
+
         signatures.require_trusted(image, manifest.raw, options.trust)
     # Every layer file is opened here, checked, and used by descriptor from now on.
     with open_image(image, manifest, allow_shared=options.allow_shared_dir) as files:
