@@ -1,11 +1,11 @@
-"""Figures 1-7: everything that needs dm-crypt. Runs inside the VM (`make bench` boots it).
+"""Figures 1-7, 10 and 11: everything that needs dm-crypt. Runs inside the VM (`make bench`).
 
 Each cryptlayer figure is measured next to its baseline in the same run, on the same disk, with
 caches dropped before every timed run. cryptlayer is called in-process (its own start-up taken
 out); a few runs as a real process measure that start-up too, which the report shows separately.
 Usage: devices.py [--sizes 64,256,1024] [--runs 3] [--layers 1,5,20] [--concurrent 20]
-[SECTION...] (default: all of startup unlock limit sizes read concurrent). Arguments, not
-environment variables: the VM does not inherit the host's environment.
+[SECTION...] (default: all of startup unlock limit sizes read concurrent verity process).
+Arguments, not environment variables: the VM does not inherit the host's environment.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ RUNS = 3
 LAYERS = [1, 5, 20]
 CONCURRENT = 20
 SHRED_S_PER_MIB = 0.0  # one pass of GNU shred, measured at the largest size below 1 GiB
-SECTIONS = ("startup", "unlock", "limit", "sizes", "read", "concurrent", "verity")
+SECTIONS = ("startup", "unlock", "limit", "sizes", "read", "concurrent", "verity", "process")
 PARTS = 20
 CLI = [sys.executable, "-m", "cryptlayer"]
 WORK = Path(os.environ.get("CRYPTLAYER_SCRATCH", "/var/tmp")) / "bench"
@@ -91,44 +91,14 @@ def start_latency_and_friends(size_mib: int, startup: float) -> dict[str, Any]:
     out: dict[str, Any] = {"content": content, "layers": {}}
 
     # Baseline: an AES-256 encrypted tar, decrypted and untarred to disk.
-    tar, enc, dest = work / "tree.tar", work / "tree.tar.enc", work / "untarred"
-    sh("tar", "-C", str(tree), "-cf", str(tar), ".")
-    out["tar_bytes"] = tar.stat().st_size
-    sh(
-        "openssl",
-        "enc",
-        "-aes-256-ctr",
-        "-pbkdf2",
-        "-pass",
-        f"file:{KEY}",
-        "-in",
-        str(tar),
-        "-out",
-        str(enc),
-    )
-    tar.unlink()
+    enc, dest = _encrypted_tar(tree, work)
+    out["tar_bytes"] = enc.stat().st_size - 16  # CTR after openssl's 16-byte salt header
 
     def untar() -> None:
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.mkdir()
+        _empty(dest)
 
     def decrypt_untar() -> None:
-        dec = subprocess.Popen(
-            [
-                "openssl",
-                "enc",
-                "-d",
-                "-aes-256-ctr",
-                "-pbkdf2",
-                "-pass",
-                f"file:{KEY}",
-                "-in",
-                str(enc),
-            ],
-            stdout=subprocess.PIPE,
-        )
-        subprocess.run(["tar", "-C", str(dest), "-xf", "-"], stdin=dec.stdout, check=True)
-        assert dec.wait() == 0
+        _decrypt_untar(enc, dest)
 
     out["baseline_decrypt_untar"] = summary(timed(decrypt_untar, RUNS, setup=untar))
     big = size_mib > 256  # under emulation each GiB of untar costs minutes: fewer runs
@@ -526,6 +496,189 @@ def verity_cost(size_mib: int) -> dict[str, Any]:
     return out
 
 
+# A real root file system's worth of real files, from this machine's /usr (the guest shares it):
+# about 200 MiB in about 6,800 files, as a Debian minbase tree.
+REAL_SOURCES = ("/usr/lib/python3.11", "/usr/lib/python3", "/usr/share/perl")
+REAL_FILLER = "/usr/share/locale"
+REAL_BYTES = 200 * MiB
+
+
+def real_tree(root: Path) -> dict[str, int]:
+    """Copy real files into `root`: REAL_SOURCES whole, then REAL_FILLER's directories, in name
+    order, until REAL_BYTES; its bytes and files."""
+    root.mkdir(parents=True)
+    total = files = 0
+
+    def count(tree: Path) -> None:
+        nonlocal total, files
+        for path in tree.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                total, files = total + path.lstat().st_size, files + 1
+
+    for source in REAL_SOURCES:
+        copy = root / source.strip("/").replace("/", "_")
+        shutil.copytree(source, copy, symlinks=True)
+        count(copy)
+    filler = root / "locale"
+    filler.mkdir()
+    for sub in sorted(Path(REAL_FILLER).iterdir()):
+        if total >= REAL_BYTES:
+            break
+        if sub.is_dir() and not sub.is_symlink():
+            shutil.copytree(sub, filler / sub.name, symlinks=True)
+            count(filler / sub.name)
+    return {"bytes": total, "files": files}
+
+
+def start_as_process() -> dict[str, Any]:
+    """Part 9: a one-layer `start` as users run it (a process), next to decrypt+untar of the same
+    real tree and to the same steps run by hand in a shell, all in this run; and where the
+    process's time goes (interpreter and imports, each program, udev waits, fsyncs, the rest)."""
+    work = WORK / "process"
+    tree = work / "tree"
+    out: dict[str, Any] = {"content": real_tree(tree)}
+    image = work / "img"
+    out["build_s"] = build([tree], image)
+    enc, dest = _encrypted_tar(tree, work)
+    shutil.rmtree(tree)
+    out["baseline_decrypt_untar"] = summary(
+        timed(lambda: _decrypt_untar(enc, dest), RUNS, setup=lambda: _empty(dest))
+    )
+    shutil.rmtree(dest)
+    enc.unlink()
+    out["start_as_process"] = summary([_process_start(image) for _ in range(RUNS)])
+    out["by_hand"] = summary([_start_by_hand(image, work) for _ in range(RUNS)])
+    out["bare_python"] = summary(timed(lambda: sh(sys.executable, "-c", "pass"), RUNS, cold=False))
+    out["import_cli"] = summary(
+        timed(lambda: sh(sys.executable, "-c", "import cryptlayer.cli"), RUNS, cold=False)
+    )
+    out["in_process"] = _start_split(image)
+    shutil.rmtree(work)
+    return out
+
+
+def _empty(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir()
+
+
+def _encrypted_tar(tree: Path, work: Path) -> tuple[Path, Path]:
+    """The baseline's input: `tree` as an AES-256-CTR encrypted tar; and where it untars to."""
+    tar, enc = work / "tree.tar", work / "tree.tar.enc"
+    sh("tar", "-C", str(tree), "-cf", str(tar), ".")
+    sh("openssl", "enc", "-aes-256-ctr", "-pbkdf2", "-pass", f"file:{KEY}", "-in", str(tar),
+       "-out", str(enc))  # fmt: skip
+    tar.unlink()
+    return enc, work / "untarred"
+
+
+def _decrypt_untar(enc: Path, dest: Path) -> None:
+    dec = subprocess.Popen(["openssl", "enc", "-d", "-aes-256-ctr", "-pbkdf2", "-pass",
+                            f"file:{KEY}", "-in", str(enc)], stdout=subprocess.PIPE)  # fmt: skip
+    subprocess.run(["tar", "-C", str(dest), "-xf", "-"], stdin=dec.stdout, check=True)
+    assert dec.wait() == 0
+
+
+HAND = """set -e
+d=$(losetup -f --show -r "$IMG/$FILE"); t=$(losetup -f --show -r "$IMG/$TREE")
+veritysetup open --no-superblock --hash sha256 --data-block-size 4096 --hash-block-size 4096 \\
+  --data-blocks "$BLOCKS" --salt "$SALT" "$d" hand-verity "$t" "$ROOT"
+cryptsetup open --type luks2 --readonly --key-file "$KEYFILE" /dev/mapper/hand-verity hand-layer
+mount -o ro,noatime,noload,nodev,nosuid /dev/mapper/hand-layer "$W/lower"
+truncate -s 1G "$W/scratch.img"; s=$(losetup -f --show "$W/scratch.img")
+head -c 64 /dev/urandom > "$TMPDIR/hand-scratch.key"
+cryptsetup open --type plain --cipher aes-xts-plain64 --key-size 512 --sector-size 4096 \\
+  --key-file "$TMPDIR/hand-scratch.key" --keyfile-size 64 "$s" hand-scratch
+rm "$TMPDIR/hand-scratch.key"
+mkfs.ext4 -q -F -b 4096 -m 0 -O ^has_journal -E root_owner=0:0,nodiscard,lazy_itable_init=1 \\
+  /dev/mapper/hand-scratch
+mount -o noatime,noinit_itable,nodev,nosuid /dev/mapper/hand-scratch "$W/scratch"
+mkdir "$W/scratch/upper" "$W/scratch/work"
+mount -t overlay -o "lowerdir=$W/lower,upperdir=$W/scratch/upper,workdir=$W/scratch/work" \\
+  overlay "$W/rootfs"
+"""
+
+
+def _start_by_hand(image: Path, work: Path) -> float:
+    """What `start --keep` does, as a shell script of the same tools (one bash process)."""
+    layer = manifest.load(image).layers[0]
+    hand = work / "hand"
+    for d in ("lower", "scratch", "rootfs"):
+        (hand / d).mkdir(parents=True, exist_ok=True)
+    keyfile = Path(os.environ.get("TMPDIR", "/tmp")) / "hand-layer.key"  # tmpfs in the VM
+    image_key = envelope.unlock(image, envelope.load(image).entries, Credential(key=key()))
+    with image_key.view() as raw:
+        keyfile.write_bytes(raw)
+    keyfile.chmod(0o600)
+    image_key.wipe()
+    env = {**os.environ, "IMG": str(image), "FILE": layer.file, "TREE": layer.tree,
+           "BLOCKS": str(layer.blocks), "SALT": layer.salt, "ROOT": layer.root_hash,
+           "KEYFILE": str(keyfile), "W": str(hand)}  # fmt: skip
+    drop_caches()
+    begin = time.perf_counter()
+    try:
+        subprocess.run(["bash", "-c", HAND], env=env, check=True)
+        return time.perf_counter() - begin
+    finally:
+        keyfile.unlink()
+        for d in ("rootfs", "scratch", "lower"):
+            subprocess.run(["umount", str(hand / d)], check=False)
+        for m in ("hand-scratch", "hand-layer", "hand-verity"):
+            devmapper.remove(m)
+        for line in sh("losetup", "-n", "-O", "NAME,BACK-FILE", "-l").splitlines():
+            device, _, backing = line.partition(" ")
+            if backing.strip().startswith((str(image), str(hand))):
+                losetup.detach(device)
+        shutil.rmtree(hand)
+
+
+def _start_split(image: Path) -> dict[str, Any]:
+    """An in-process `start --keep`, with the time spent in each program, in udev waits and in
+    fsyncs summed (the rest is cryptlayer's own Python: key, statement, headers, journal)."""
+    from cryptlayer import runner
+    from cryptlayer.tools import udev
+
+    programs: dict[str, float] = {}
+    waits = [0.0, 0.0]  # udev, fsync
+    spawn, wait_for_node, fsync = runner._spawn, udev.wait_for_node, os.fsync
+
+    def timed_spawn(argv: Any, **kw: Any) -> Any:
+        begin = time.perf_counter()
+        try:
+            return spawn(argv, **kw)
+        finally:
+            name = Path(argv[0]).name
+            programs[name] = programs.get(name, 0.0) + time.perf_counter() - begin
+
+    def timed_wait(node: str, timeout: float = 30.0) -> None:
+        begin = time.perf_counter()
+        try:
+            wait_for_node(node, timeout)
+        finally:
+            waits[0] += time.perf_counter() - begin
+
+    def timed_fsync(fd: int) -> None:
+        begin = time.perf_counter()
+        try:
+            fsync(fd)
+        finally:
+            waits[1] += time.perf_counter() - begin
+
+    runner._spawn, udev.wait_for_node, os.fsync = timed_spawn, timed_wait, timed_fsync  # type: ignore[assignment]
+    try:
+        drop_caches()
+        begin = time.perf_counter()
+        with Credential(key=key()) as credential:
+            container.start(image, credential, container.StartOptions("bench", shred=False))
+        total = time.perf_counter() - begin
+    finally:
+        runner._spawn, udev.wait_for_node, os.fsync = spawn, wait_for_node, fsync  # type: ignore[assignment]
+    container.stop("bench")
+    spent = sum(programs.values()) + sum(waits)
+    return {"total_s": total, "programs_s": programs, "udev_waits_s": waits[0],
+            "fsync_s": waits[1], "rest_s": total - spent}  # fmt: skip
+
+
 def concurrent_starts(count: int = 20) -> dict[str, Any]:
     """Figure 7: `count` containers started at once from one image, as processes."""
     work = WORK / "concurrent"
@@ -617,6 +770,8 @@ def main() -> None:
             record("concurrent", concurrent_starts(CONCURRENT))
         if "verity" in sections:
             record("verity", verity_cost(min(256, max(SIZES))))
+        if "process" in sections:
+            record("process", start_as_process())
     finally:
         KEY.unlink()
         shutil.rmtree(WORK, ignore_errors=True)

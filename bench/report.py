@@ -281,6 +281,8 @@ def rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
                 verdict(v["tree_bytes"] <= limit),
             )
         )
+    if "process" in data:
+        out += process_rows(data["process"])
     if "registry_on_host" in data:
         r = data["registry_on_host"]
         size = r["size_mib"]
@@ -334,6 +336,45 @@ def rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
                 )
             )
     return out
+
+
+def process_rows(p: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
+    """Figure 11: a one-layer `start` as a process, against the same steps by hand and against
+    decrypt+untar of the same real tree; and where the process's time goes."""
+    proc, hand = p["start_as_process"]["median_s"], p["by_hand"]["median_s"]
+    base = p["baseline_decrypt_untar"]["median_s"]
+    tree = f"{p['content']['bytes'] / MiB_F:.0f} MiB, {p['content']['files']} real files"
+    bare, imports = p["bare_python"]["median_s"], p["import_cli"]["median_s"]
+    split = p["in_process"]
+    programs = ", ".join(f"{name} {ms(t)}" for name, t in sorted(split["programs_s"].items()))
+    return [
+        (
+            f"11. `start` as a process, 1 layer ({tree})",
+            ms(proc),
+            f"the same steps by hand (bash) {ms(hand)}",
+            f"{proc / hand:.2f}x",
+            "<= 1.5x",
+            verdict(proc / hand <= 1.5),
+        ),
+        (
+            "11. `start` as a process, the same tree",
+            ms(proc),
+            f"decrypt+untar {ms(base)}",
+            f"{base / proc:.1f}x faster",
+            ">= 2x faster",
+            verdict(base / proc >= 2),
+        ),
+        (
+            "11. where that process's time goes",
+            f"interpreter {ms(bare)}, imports {ms(imports - bare)},"
+            f" the start itself {ms(split['total_s'])}",
+            f"of which programs: {programs}; udev waits {ms(split['udev_waits_s'])};"
+            f" fsyncs {ms(split['fsync_s'])}; cryptlayer's own Python {ms(split['rest_s'])}",
+            "",
+            "",
+            "",
+        ),
+    ]
 
 
 def plot(data: dict[str, Any], out: Path) -> bool:
