@@ -45,7 +45,7 @@ DM_DEV_SUSPEND = _iowr(6, HEADER.size)  # with no flag: resume, making a loaded 
 DM_TABLE_LOAD = _iowr(9, HEADER.size)
 DM_TABLE_STATUS = _iowr(12, HEADER.size)
 DM_READONLY_FLAG = 1 << 0
-SECTOR = 512
+SECTOR = 512  # the unit of a table's length
 
 
 def _call(

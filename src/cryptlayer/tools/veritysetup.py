@@ -43,7 +43,8 @@ def open_verity(data: str, name: str, tree: str, root_hash: str, salt: str, bloc
     """
     table = " ".join(["1", _devno(data), _devno(tree), str(BLOCK_SIZE), str(BLOCK_SIZE),
                       str(blocks), "0", HASH, root_hash, salt])  # fmt: skip
-    devmapper.create(name, f"CRYPT-VERITY-{name}", "verity", blocks * BLOCK_SIZE // 512, table)
+    sectors = blocks * BLOCK_SIZE // devmapper.SECTOR
+    devmapper.create(name, f"CRYPT-VERITY-{name}", "verity", sectors, table)
     udev.wait_for_node(f"/dev/mapper/{name}")
     return f"/dev/mapper/{name}"
 
