@@ -6,6 +6,7 @@ udev/sysfs and /proc, not by trusting the code; a leak fails the test.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import typer.testing
 from typer.testing import CliRunner
 
 from cryptlayer.cli import app
@@ -50,6 +52,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if skipped or passed == 0:
         reporter.write_line(f"vm tier: FAILED: {passed} passed, {skipped} skipped (none may skip)")
         session.exitstatus = 1
+
+
+# Typer builds the click command from the app's signatures at every CliRunner.invoke: about a
+# third of a second under emulation, paid by thousands of in-process calls here. The app does
+# not change between them, so it is built once.
+typer.testing._get_command = functools.cache(typer.testing._get_command)
 
 
 @dataclass
