@@ -1,7 +1,5 @@
 """The command line: parse, call one function of the core, render. Heavy modules load lazily."""
 
-from __future__ import annotations
-
 import functools
 import json
 import logging
@@ -134,7 +132,7 @@ def _credential(
     keyring: str | None,
     passphrase: bool,
     identity: str | None,
-) -> Credential:
+) -> "Credential":
     """What opens the image (keys.credential checks that exactly one was given)."""
     from .keys import KeySource, credential
 
