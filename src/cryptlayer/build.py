@@ -91,7 +91,7 @@ def build_image(
             "give --key-file, --key-command, --keyring, --passphrase or --recipient",
         )
     require_root("build an image")
-    require_tools("cryptsetup", "veritysetup", "losetup", "mkfs.ext4", "resize2fs", "mount")
+    require_tools("cryptsetup", "veritysetup", "mkfs.ext4", "resize2fs")
     if output.exists() or output.is_symlink():
         raise UsageError(
             f"{output} already exists", "choose a new --output path (build never overwrites)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import stat
@@ -23,7 +24,9 @@ class UntrustedFileError(Exception):
     """A file that is not what it must be: missing, not a regular file, a symlink, too large."""
 
 
-def _libc() -> Any:
+@functools.cache
+def libc() -> Any:
+    """The C library, for the system calls Python's os module lacks (errno kept for ctypes)."""
     import ctypes
 
     return ctypes.CDLL(None, use_errno=True)
@@ -41,7 +44,7 @@ def open_in_root(root_fd: int, relative: str, *, symlinks: bool = True) -> int:
 
     resolve = RESOLVE_IN_ROOT | (0 if symlinks else RESOLVE_NO_SYMLINKS)
     how = OpenHow(os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, 0, resolve)
-    fd = _libc().syscall(SYS_OPENAT2, root_fd, relative.encode(), ctypes.byref(how),
+    fd = libc().syscall(SYS_OPENAT2, root_fd, relative.encode(), ctypes.byref(how),
                          ctypes.sizeof(how))  # fmt: skip
     if fd >= 0:
         return int(fd)

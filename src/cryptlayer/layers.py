@@ -146,10 +146,10 @@ def _open_layer(
         target = mkdir(stack, opening, paths.layer_mount(opening.id, index))
         acquire(stack, opening, Kind.MOUNT, str(target),
                 lambda: mount.mount(node, target, "ext4", mount.LAYER_OPTIONS))  # fmt: skip
-    except (WrongKeyError, CommandError) as err:
+    except (WrongKeyError, CommandError, mount.MountError) as err:
         if veritysetup.corrupted(checked_name):
             raise _corrupted(path) from None
-        if isinstance(err, CommandError):
+        if not isinstance(err, WrongKeyError):
             raise
         raise UsageError(
             f"the image key in keys.json does not open {path}",

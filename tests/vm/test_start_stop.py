@@ -9,6 +9,17 @@ from pathlib import Path
 from conftest import MARKER_LOWER, Cli, keyslots
 
 from cryptlayer.errors import ExitCode
+from cryptlayer.paths import run_root
+
+
+def mount_options() -> list[tuple[str, str]]:
+    """(file system, mount options) of each of cryptlayer's mounts, in mount order."""
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if Path(fields[4]).is_relative_to(run_root()):
+            found.append((fields[fields.index("-") + 1], fields[5]))
+    return found
 
 
 def test_start_ps_stop_keep_then_shred(cli: Cli, image: Path, key_file: Path) -> None:
@@ -18,6 +29,12 @@ def test_start_ps_stop_keep_then_shred(cli: Cli, image: Path, key_file: Path) ->
     assert (rootfs / "data/hello.txt").read_text() == f"{MARKER_LOWER}\n"
     assert (rootfs / "bin/busybox").is_file()
     (rootfs / "written").write_text("scratch")  # the overlay is writable
+    assert mount_options() == [  # as the kernel took them (mount(2), from option lists)
+        ("ext4", "ro,nosuid,nodev,noatime"),  # the two layers
+        ("ext4", "ro,nosuid,nodev,noatime"),
+        ("ext4", "rw,nosuid,nodev,noatime"),  # the scratch volume
+        ("overlay", "rw,nodev,relatime"),  # the root file system
+    ]
     rows = json.loads(cli.ok("ps", "--json"))
     assert [(r["name"], r["status"], r["layers"]) for r in rows] == [("job1", "assembled", 2)]
     assert rows[0]["rootfs"] == str(rootfs)
