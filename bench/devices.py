@@ -23,7 +23,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MiB, drop_caches, group, machine, make_tree, record, sh, summary, timed
 
-from cryptlayer import container, envelope, manifest, state
+from cryptlayer import container, envelope, luksheader, manifest, state
 from cryptlayer.build import build_image
 from cryptlayer.imagefiles import open_image
 from cryptlayer.keys import Credential, Secret
@@ -216,7 +216,7 @@ def _stop_and_shred(image: Path, saved: Path) -> float:
     layers = manifest.load(image).layers
     saved.mkdir(exist_ok=True)
     for layer in layers:
-        cryptsetup.header_backup(image / layer.file, saved / layer.file)
+        luksheader.backup(image / layer.file, saved / layer.file)
     with Credential(key=key()) as credential:
         container.start(image, credential, container.StartOptions("bench-shred", shred=False))
     drop_caches()

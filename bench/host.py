@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MiB, machine, record, sh, summary, timed
 
+from cryptlayer import luksheader
 from cryptlayer.imagefiles import open_dir, open_layer
 from cryptlayer.keys import Secret
 from cryptlayer.shred import erase_layer
@@ -42,7 +43,7 @@ def layer_without_mapping() -> dict[str, object]:
         def erase() -> None:  # as at start: by descriptor, header copied first
             with open_dir(layer.parent) as files:
                 opened = open_layer(files, layer.name, None)
-                cryptsetup.header_backup(opened.path, copy)
+                luksheader.backup(opened.path, copy)
                 erase_layer(opened)
 
         fresh()

@@ -191,7 +191,7 @@ def _copy_header(stack: ExitStack, opening: Opening, index: int, copy: Path) -> 
     """A copy of a layer's LUKS header, read through its verity mapping (checked blocks)."""
     checked = f"/dev/mapper/{paths.verity_mapping(opening.id, index)}"
     acquire(stack, opening, Kind.HEADER, str(copy),
-            lambda: cryptsetup.header_backup(Path(checked), copy))  # fmt: skip
+            lambda: luksheader.backup(Path(checked), copy))  # fmt: skip
 
 
 def erase_at_start(record: Record, files: ImageFiles) -> None:

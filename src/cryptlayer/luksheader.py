@@ -30,6 +30,7 @@ from .manifest import Layer, Manifest
 BINARY_BYTES = 4096
 MAGIC = (b"LUKS\xba\xbe", b"SKUL\xba\xbe")  # primary, secondary
 HEADER_SIZES = tuple(16384 << i for i in range(9))  # 16 KiB .. 4 MiB, as LUKS2 allows
+MAX_BACKUP = 2 * HEADER_SIZES[-1] + (128 << 20)  # two copies and LUKS2's largest keyslots area
 MAX_ITERATIONS = 1 << 22  # a keyslot's PBKDF2 rounds; ours take 1000
 # The volume key's digest: cryptsetup benchmarks its rounds (about 1/8 s here); a header asking
 # for billions would make every open compute for hours.
@@ -44,6 +45,7 @@ class Header:
     uuid: str
     seqid: int
     metadata: dict[str, Any]
+    size: int  # of one copy (binary header and JSON area)
 
     @property
     def keyslots(self) -> int:
@@ -78,7 +80,7 @@ def _copy(fd: int, offset: int, primary: bool) -> tuple[Header, bytes]:
     if not isinstance(metadata, dict):
         raise ValueError("its metadata is not an object")
     uuid = binary[168:208].rstrip(b"\0").decode("ascii", "replace")
-    return Header(uuid, seqid, metadata), area
+    return Header(uuid, seqid, metadata, size), area
 
 
 def read(fd: int, shown: Path) -> Header:
@@ -97,6 +99,36 @@ def read(fd: int, shown: Path) -> Header:
     except OSError as err:
         raise TamperedImageError(f"{shown} cannot be read ({err.strerror})", DAMAGED) from None
     return primary
+
+
+def backup(source: Path, copy: Path) -> None:
+    """Write the LUKS2 header of `source` (both metadata copies and the keyslots area) to the new
+    file `copy`, read-only to its owner: the file `cryptsetup luksHeaderBackup` writes, which
+    cryptsetup takes as a detached header, without starting it. TamperedImageError unless the
+    header is a valid one."""
+    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        header = read(fd, source)
+        keyslots = _only(header.metadata.get("config"), "config").get("keyslots_size")
+        if not (isinstance(keyslots, str) and keyslots.isdigit()):
+            raise TamperedImageError(f"{source}: its keyslots area has no size", DAMAGED)
+        size = 2 * header.size + int(keyslots)
+        if size > MAX_BACKUP:
+            raise TamperedImageError(f"{source}: its header claims {size} bytes", DAMAGED)
+        data = os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise TamperedImageError(f"{source}: its header is cut short", DAMAGED)
+    page = os.sysconf("SC_PAGESIZE")
+    data += bytes(-size % page)  # cryptsetup writes whole pages
+    out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(out, view) :]
+    finally:
+        os.close(out)
 
 
 def _only(value: Any, what: str) -> dict[str, Any]:

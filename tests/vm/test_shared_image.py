@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 from pathlib import Path
 
 from conftest import MARKER_LOWER, Cli, slots
@@ -46,12 +47,19 @@ def test_erased_at_start_and_the_last_user_closes(
     start(cli, image, key_file, "a", "--keep")
     assert slots(image) == [1, 1]  # --keep: nothing erased
     assert len(shared_mappings(image)) == SHARED
+    backups = []  # the intact headers, as cryptsetup itself backs them up
+    for i, layer in enumerate(sorted(image.glob("*.luks"))):
+        backups.append(tmp_path / f"layer{i}.backup")
+        subprocess.run(["cryptsetup", "luksHeaderBackup", str(layer), "--header-backup-file",
+                        str(backups[-1])], check=True)  # fmt: skip
     start(cli, image, key_file, "b")  # will shred: the disk's keyslots go now
     assert slots(image) == [0, 0]
-    assert sorted(p.name for p in (run_root() / ".images").rglob("*.hdr")) == [
-        "layer0.hdr",
-        "layer1.hdr",
-    ]
+    copies = sorted((run_root() / ".images").rglob("*.hdr"))
+    assert [p.name for p in copies] == ["layer0.hdr", "layer1.hdr"]
+    # cryptlayer writes them itself: byte for byte the file luksHeaderBackup writes, owner-read
+    same = [p.read_bytes() == b.read_bytes() for p, b in zip(copies, backups, strict=True)]
+    assert same == [True, True]
+    assert [p.stat().st_mode & 0o777 for p in copies] == [0o400, 0o400]
     keeper = start(cli, image, key_file, "c", "--keep")  # joins, its key checked against /run
     assert len(shared_mappings(image)) == SHARED  # still one set of layer mappings for three
     assert (keeper / "data/hello.txt").read_text() == f"{MARKER_LOWER}\n"

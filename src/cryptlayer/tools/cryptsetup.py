@@ -78,12 +78,6 @@ def test_key(path: Path, key: Secret, shown: Path | None = None) -> None:
         raise
 
 
-def header_backup(path: Path, copy: Path) -> None:
-    """Copy the LUKS2 header of `path` (metadata and keyslots) to the new file `copy`."""
-    run(["cryptsetup", "luksHeaderBackup", "--batch-mode", str(path),
-         "--header-backup-file", str(copy)])  # fmt: skip
-
-
 def open_plain(device: str, name: str, key: Secret) -> str:
     """Map `device` with plain dm-crypt: no header, so the key exists only in the kernel."""
     run(
