@@ -37,5 +37,12 @@ def kill(container_id: str, signal: str) -> None:
 
 
 def delete(container_id: str) -> None:
-    """Forget the container, killing it first if it still runs (ignored if unknown)."""
+    """Forget the container, killing it first if it still runs (ignored if unknown).
+
+    A container the runtime knows has its directory in the runtime's state from its creation
+    until it is deleted (`crun run` deletes its container when it ends); without one there is
+    nothing to do, and no runtime is started to find that out.
+    """
+    if not (runtime_state() / container_id).exists():
+        return
     run([runtime(), "--root", _state_root(), "delete", "--force", container_id], check=False)
