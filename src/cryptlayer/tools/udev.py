@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,19 @@ class BlockDevice:
     dm_uuid: str | None = None
 
 
-def _context() -> Any:
-    import pyudev
+_local = threading.local()
 
-    return pyudev.Context()
+
+def _context() -> Any:
+    """This thread's udev context (libudev's are not to be shared between threads). Made once:
+    pyudev finds libudev through ctypes.util.find_library, which runs `ldconfig -p` each time
+    (a tenth of a second under emulation)."""
+    context = getattr(_local, "context", None)
+    if context is None:
+        import pyudev
+
+        context = _local.context = pyudev.Context()
+    return context
 
 
 def block_devices() -> list[BlockDevice]:
