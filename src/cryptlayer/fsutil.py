@@ -169,14 +169,19 @@ def read_image_document(
     return raw, bytes(data)
 
 
-def json_bytes(value: Any) -> bytes:
-    """A JSON document as cryptlayer writes it: sorted keys, indented, one final newline."""
+def json_bytes(value: Any, *, compact: bool = False) -> bytes:
+    """A JSON document as cryptlayer writes it: sorted keys, indented (or, `compact`, on one
+    line: json's C encoder, for the journal's many writes), one final newline."""
+    if compact:
+        return (json.dumps(value, separators=(",", ":"), sort_keys=True) + "\n").encode()
     return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
 
 
-def write_json_atomic(path: Path, value: Any, mode: int = 0o644, *, durable: bool = True) -> None:
+def write_json_atomic(
+    path: Path, value: Any, mode: int = 0o644, *, durable: bool = True, compact: bool = False
+) -> None:
     """write_atomic for a JSON document."""
-    write_atomic(path, json_bytes(value), mode, durable=durable)
+    write_atomic(path, json_bytes(value, compact=compact), mode, durable=durable)
 
 
 def write_new_file(path: Path, data: bytes | bytearray | memoryview, mode: int) -> None:

@@ -73,7 +73,7 @@ class Record:
         return records_dir() / f"{self.name}.json"
 
     def save(self, *, durable: bool = True) -> None:
-        write_json_atomic(self.path, asdict(self), mode=0o600, durable=durable)
+        write_json_atomic(self.path, _document(self), mode=0o600, durable=durable, compact=True)
 
     def from_earlier_boot(self) -> bool:
         """Whether the machine restarted since (power loss): its devices and mounts are gone."""
@@ -146,6 +146,14 @@ class Journal(Protocol):
     def path(self) -> Path: ...
 
     def save(self, *, durable: bool = True) -> None: ...
+
+
+def _document(journal: Record | Opening) -> dict[str, Any]:
+    """A record or opening as JSON: its fields, its steps as objects (dataclasses.asdict, but
+    without its deep copies: two writes per step make this a hot path under emulation)."""
+    document = {f.name: getattr(journal, f.name) for f in fields(journal)}
+    document["steps"] = [vars(step) for step in journal.steps]
+    return document
 
 
 def _steps(raw: dict[str, Any]) -> list[Step]:
@@ -270,7 +278,7 @@ class Opening:
         return openings_dir() / f"{self.id}.json"
 
     def save(self, *, durable: bool = True) -> None:
-        write_json_atomic(self.path, asdict(self), mode=0o600, durable=durable)
+        write_json_atomic(self.path, _document(self), mode=0o600, durable=durable, compact=True)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
