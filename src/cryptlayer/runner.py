@@ -109,6 +109,7 @@ def _spawn(argv: Sequence[str], *, note: str = "", **options: Any) -> Any:
     command = sh.Command(which(argv[0]))
     log.debug("+ %s%s", shlex.join(argv), note)
     options.setdefault("_env", BASE_ENV)
+    options.setdefault("_tty_out", False)  # output is captured: a pipe, not sh's default pty
     return command(*argv[1:], _ok_code=ANY_EXIT, **options)
 
 
