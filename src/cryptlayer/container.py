@@ -25,14 +25,14 @@ from . import manifest as manifest_mod
 from .errors import CryptlayerError, TamperedImageError, UsageError
 from .fsutil import write_json_atomic
 from .imagefiles import ImageFiles, open_image
-from .journal import acquire, crash_point, mkdir
+from .journal import Kind, acquire, crash_point, mkdir
 from .keys import Credential
 from .ocispec import Overrides, runtime_config
 from .paths import scratch_dir
 from .seccomp import load_profile
 from .secret import Secret
 from .shred import shred_image
-from .state import Kind, Mode, Record
+from .state import Mode, Record
 from .system import require_kernel, require_root, require_tools
 from .tools import cryptsetup, losetup, mkfs, mount, runtime, udev
 

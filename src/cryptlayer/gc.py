@@ -10,8 +10,9 @@ from . import journal, state
 from .container import teardown
 from .errors import CryptlayerError
 from .fsutil import wipe_file
+from .journal import Kind
 from .paths import images_run_dir, run_root, scratch_dir
-from .state import Kind, Mode, Record
+from .state import Mode, Record
 from .tools import devmapper, losetup, mount, udev
 
 

@@ -1,8 +1,11 @@
-"""Acquire and release resources through a journal: a container's record or an image's opening.
+"""Journals: the resources a container's record or an image's opening holds, as steps of a kind,
+and how each kind is taken and given back.
 
 `acquire` writes the intent, registers the undo on the caller's ExitStack, then acts; `release`
 undoes one step idempotently. Teardown of a live process (ExitStack unwinding) and of a record
-left by another process (`stop`, `gc`) both go through `release`.
+left by another process (`stop`, `gc`) both go through `release`. Records and openings, the
+journals themselves, are state.py's; the two releases that depend on the host's other journals
+ask the journal for them (`Journal.others`, `Journal.opening_of`).
 """
 
 from __future__ import annotations
@@ -11,17 +14,63 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from .errors import BusyError
 from .fsutil import wipe_file
-from .state import Journal, Kind, Opening, Step, all_journals, load_opening, users_of
-from .tools import devmapper, fuser, losetup, mount, runtime, udev
+from .tools import devmapper, losetup, mount, udev
+
+# fuser and the OCI runtime are imported where a release needs them: state.py imports this
+# module for Kind and Step, and `ps` should not load the program runner to list records.
 
 T = TypeVar("T")
+
+
+class Kind(StrEnum):
+    """What a journal step holds; each kind has one releaser below."""
+
+    LOOP = "loop"  # ref: backing file; device: /dev/loopN once attached
+    CRYPT = "crypt"  # ref: device-mapper name
+    MOUNT = "mount"  # ref: mount point
+    DIR = "dir"  # ref: a directory we created
+    FILE = "file"  # ref: a file we created (scratch file, OCI config)
+    CONTAINER = "container"  # ref: OCI runtime container id
+    IMAGE = "image"  # ref: image directory; a use of its shared layers (see layers.py)
+    HEADER = "header"  # ref: a LUKS header copy in memory-backed /run; overwritten, then removed
+
+
+@dataclass
+class Step:
+    kind: Kind
+    ref: str
+    device: str = ""
+    backing: str = ""  # LOOP: "DEV:INO" of the file behind the device (found even if renamed)
+
+
+class Journal(Protocol):
+    """What steps are written to: a container's record or an image's opening (state.py)."""
+
+    steps: list[Step]
+
+    @property
+    def path(self) -> Path: ...
+
+    def save(self, *, durable: bool = True) -> None: ...
+
+    def others(self) -> Sequence[Journal]:
+        """Every other journal on this host."""
+        ...
+
+    def opening_of(self, image: str) -> Journal | None:
+        """The opening of the shared layers of `image`, if they are (or may be) open."""
+        ...
+
+
 CRASH_AT = "CRYPTLAYER_CRASH_AT"
 crash_points = 0  # how many crash points this process has passed
 _lock = threading.Lock()  # layers open in parallel threads: one journal update at a time
@@ -105,7 +154,7 @@ def _release_loop(step: Step, journal: Journal) -> None:
             losetup.detach(step.device)
         return
     # Crashed between attach and journal: a loop on our file that no other journal claims is ours.
-    claimed = {s.device for j in all_journals() if j.path != journal.path for s in j.steps}
+    claimed = {s.device for other in journal.others() for s in other.steps}
     for device in udev.loops_backed_by({backing}):
         if device not in claimed:
             losetup.detach(device)
@@ -115,17 +164,18 @@ def _release_crypt(step: Step, _journal: Journal) -> None:
     devmapper.remove(step.ref)  # one that is gone already is no error
 
 
-def close_opening(opening: Opening) -> None:
+def close_opening(opening: Journal) -> None:
     """Release every step of an image's opening (its users are gone), then forget it."""
     release_all(opening)
-    opening.remove()
+    opening.path.unlink(missing_ok=True)
 
 
 def _release_image(step: Step, journal: Journal) -> None:
     """A container stops using an image's shared layers; the last user closes them."""
-    if users_of(step.ref, besides=journal.path):
-        return
-    opening = load_opening(step.ref)
+    others = journal.others()
+    if any(s.kind is Kind.IMAGE and s.ref == step.ref for other in others for s in other.steps):
+        return  # another container (or one that may have begun to) still uses them
+    opening = journal.opening_of(step.ref)
     if opening is not None:
         close_opening(opening)
 
@@ -141,6 +191,8 @@ def _release_mount(step: Step, _journal: Journal) -> None:
     try:
         mount.umount(target)
     except mount.MountBusy as err:
+        from .tools import fuser
+
         held = fuser.holders(target)
         raise BusyError(
             f"{target} is busy: "
@@ -152,6 +204,8 @@ def _release_mount(step: Step, _journal: Journal) -> None:
 def kill_holders(target: Path) -> None:
     """SIGKILL every process using files under mount point `target` (if it is mounted)."""
     if target in mount.mounted_paths():
+        from .tools import fuser
+
         fuser.kill(target)
 
 
@@ -165,6 +219,8 @@ def _release_file(step: Step, _journal: Journal) -> None:
 
 
 def _release_container(step: Step, _journal: Journal) -> None:
+    from .tools import runtime
+
     runtime.delete(step.ref)
 
 

@@ -29,11 +29,11 @@ from .errors import (
     WrongKeyError,
 )
 from .imagefiles import ImageFiles, require_same
-from .journal import acquire, crash_point, mkdir
+from .journal import Kind, acquire, crash_point, mkdir
 from .manifest import Layer, Manifest
 from .secret import Secret
 from .shred import erase_layer, require_intact
-from .state import Kind, Opening, Record
+from .state import Opening, Record
 from .tools import cryptsetup, losetup, mount, veritysetup
 
 PARALLEL = 4  # layers opened at once

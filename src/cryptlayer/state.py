@@ -15,40 +15,20 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from .errors import BusyError, UsageError
 from .fsutil import write_json_atomic
+from .journal import Kind, Step
 from .paths import openings_dir, private_run_root, records_dir, state_root
 
 T = TypeVar("T")
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 
 
-class Kind(StrEnum):
-    """What a journal step holds; each kind has one releaser in journal.py."""
-
-    LOOP = "loop"  # ref: backing file; device: /dev/loopN once attached
-    CRYPT = "crypt"  # ref: device-mapper name
-    MOUNT = "mount"  # ref: mount point
-    DIR = "dir"  # ref: a directory we created
-    FILE = "file"  # ref: a file we created (scratch file, OCI config)
-    CONTAINER = "container"  # ref: OCI runtime container id
-    IMAGE = "image"  # ref: image directory; a use of its shared layers (see layers.py)
-    HEADER = "header"  # ref: a LUKS header copy in memory-backed /run; overwritten, then removed
-
-
 class Mode(StrEnum):
     RUN = "run"  # owned by a `cryptlayer run` process for its whole life
     START = "start"  # assembled by `start`, lives until `stop`
-
-
-@dataclass
-class Step:
-    kind: Kind
-    ref: str
-    device: str = ""
-    backing: str = ""  # LOOP: "DEV:INO" of the file behind the device (found even if renamed)
 
 
 @dataclass
@@ -74,6 +54,12 @@ class Record:
 
     def save(self, *, durable: bool = True) -> None:
         write_json_atomic(self.path, _document(self), mode=0o600, durable=durable, compact=True)
+
+    def others(self) -> list[Record | Opening]:
+        return _others(self.path)
+
+    def opening_of(self, image: str) -> Opening | None:
+        return load_opening(image)
 
     def from_earlier_boot(self) -> bool:
         """Whether the machine restarted since (power loss): its devices and mounts are gone."""
@@ -135,17 +121,6 @@ def check_name(name: str) -> str:
             "use letters, digits, '_', '.' and '-' (at most 63), starting with a letter or digit",
         )
     return name
-
-
-class Journal(Protocol):
-    """What journal.acquire/release work on: a container's record or an image's opening."""
-
-    steps: list[Step]
-
-    @property
-    def path(self) -> Path: ...
-
-    def save(self, *, durable: bool = True) -> None: ...
 
 
 def _document(journal: Record | Opening) -> dict[str, Any]:
@@ -280,6 +255,12 @@ class Opening:
     def save(self, *, durable: bool = True) -> None:
         write_json_atomic(self.path, _document(self), mode=0o600, durable=durable, compact=True)
 
+    def others(self) -> list[Record | Opening]:
+        return _others(self.path)
+
+    def opening_of(self, image: str) -> Opening | None:
+        return load_opening(image)
+
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
 
@@ -309,3 +290,7 @@ def all_openings() -> list[Opening]:
 def all_journals() -> list[Record | Opening]:
     """Every record and opening: everything cryptlayer holds on this host."""
     return [*all_records(), *all_openings()]
+
+
+def _others(path: Path) -> list[Record | Opening]:
+    return [j for j in all_journals() if j.path != path]
