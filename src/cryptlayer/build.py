@@ -25,18 +25,18 @@ from .progress import Progress, Silent, watching
 from .secret import Secret
 from .sources import Measure, OciLayerSource, Source, SquashSource, parse_path
 from .system import require_kernel, require_root, require_tools
-from .tools import cryptsetup, devmapper, losetup, mkfs, mount, veritysetup
+from .tools import BLOCK, cryptsetup, devmapper, losetup, mkfs, mount, veritysetup
 
 MiB = 1024 * 1024
 # Room ext4 needs beyond file data (superblocks, bitmaps, inode tables); the layer is shrunk to
 # its minimum afterwards, so a generous guess costs nothing on disk.
 FS_OVERHEAD = 16 * MiB
 INODE_BYTES = 256
-GROUP_BYTES = 32768 * mkfs.BLOCK_SIZE  # an ext4 block group of 4 KiB blocks
+GROUP_BYTES = 32768 * BLOCK  # an ext4 block group of 4 KiB blocks
 
 
 def _fs_bytes(blocks: int, inodes: int) -> int:
-    data = blocks * mkfs.BLOCK_SIZE
+    data = blocks * BLOCK
     total = FS_OVERHEAD + data + data // 5 + inodes * INODE_BYTES * 2
     return -(-total // MiB) * MiB  # whole MiB: a multiple of the 4 KiB sector size
 
@@ -50,7 +50,7 @@ def _inodes(needed: int, fs_bytes: int, blocks: int) -> int:
     groups now for each one the data needs, and the groups that remain still hold every inode.
     """
     groups_now = -(-fs_bytes // GROUP_BYTES)
-    groups_after = max(1, -(-blocks * mkfs.BLOCK_SIZE // GROUP_BYTES))
+    groups_after = max(1, -(-blocks * BLOCK // GROUP_BYTES))
     return -(-(needed + 64) * groups_now // groups_after)
 
 
@@ -122,7 +122,7 @@ def build_image(
                 final_config,
                 cipher=cryptsetup.CIPHER,
                 key_bits=cryptsetup.KEY_BITS,
-                sector_size=cryptsetup.SECTOR_SIZE,
+                sector_size=BLOCK,
                 created=created,
             )
             built = replace(built, raw=built.encode())
@@ -145,7 +145,7 @@ def _build_layer(
     show: Callable[[str, int], Progress],
 ) -> Layer:
     measure = source.measure()
-    total = measure.blocks * mkfs.BLOCK_SIZE  # what filling the file system will take, about
+    total = measure.blocks * BLOCK  # what filling the file system will take, about
     progress = show(filename.removesuffix(".luks"), total)
     try:
         return _fill_layer(source, image_dir, filename, key, measure, progress)
@@ -188,7 +188,7 @@ def _fill_layer(
             mounted.callback(mount.umount, mnt)
             with watching(mnt, progress, "copy"):
                 source.populate(mnt)
-            progress.update("shrink", measure.blocks * mkfs.BLOCK_SIZE)
+            progress.update("shrink", measure.blocks * BLOCK)
             lost_found = mnt / "lost+found"
             if lost_found.is_dir() and not any(lost_found.iterdir()):
                 lost_found.rmdir()  # mkfs made it; the source did not have it

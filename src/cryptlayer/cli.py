@@ -25,6 +25,7 @@ app = typer.Typer(
     rich_markup_mode=None,
     help="Run containers straight from LUKS2-encrypted layer images; no plaintext lands on disk.",
 )
+SCRATCH = "1G"  # run and start; the core's own default is container.DEFAULT_SCRATCH
 _debug = False
 
 KeyFile = Annotated[
@@ -66,6 +67,7 @@ ImageArg = Annotated[
     Path, typer.Argument(metavar="IMAGE", help="Image directory (the --output of build).")
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+ScratchSize = Annotated[str, typer.Option(help="Size of the writable layer (sparse).")]
 KeepFlag = Annotated[
     bool, typer.Option("--keep", help="Do not shred the image when the container stops.")
 ]
@@ -459,7 +461,7 @@ def run(
     interactive: Annotated[
         bool, typer.Option("--interactive", "-i", help="Pass stdin in.")
     ] = False,
-    scratch_size: Annotated[str, typer.Option(help="Size of the writable layer (sparse).")] = "1G",
+    scratch_size: ScratchSize = SCRATCH,
     stop_timeout: Annotated[
         float, typer.Option(help="Seconds after SIGINT/SIGTERM before the container is killed.")
     ] = 10.0,
@@ -520,7 +522,7 @@ def start(
     passphrase: Passphrase = False,
     identity: IdentityOpt = None,
     keep: KeepFlag = False,
-    scratch_size: Annotated[str, typer.Option(help="Size of the writable layer (sparse).")] = "1G",
+    scratch_size: ScratchSize = SCRATCH,
     allow_shared_dir: AllowSharedDir = False,
     strict: Strict = False,
     digest: Digest = None,

@@ -34,7 +34,7 @@ from .secret import Secret
 from .shred import shred_image
 from .state import Mode, Record
 from .system import require_kernel, require_root, require_tools
-from .tools import cryptsetup, losetup, mkfs, mount, runtime, udev
+from .tools import BLOCK, cryptsetup, losetup, mkfs, mount, runtime, udev
 
 DEFAULT_SCRATCH = 1 << 30  # sparse: costs only what the container writes
 TOOLS = ("cryptsetup", "mkfs.ext4")  # the programs a start runs (loops, mounts: system calls)
@@ -66,7 +66,7 @@ def _open_scratch(stack: ExitStack, record: Record, size: int) -> Path:
 
     def create() -> None:
         with open(path, "xb") as f:
-            f.truncate(-(-size // cryptsetup.SECTOR_SIZE) * cryptsetup.SECTOR_SIZE)
+            f.truncate(-(-size // BLOCK) * BLOCK)
 
     acquire(stack, record, Kind.FILE, str(path), create)
     loop = acquire(

@@ -14,13 +14,13 @@ from typing import Any
 
 from .errors import TamperedImageError, UsageError
 from .fsutil import json_bytes, read_image_document, write_atomic
+from .tools import BLOCK
 
 MANIFEST = "manifest.json"
 FORMAT = "cryptlayer.image.v2"
 OLD_FORMATS = ("cryptlayer.image.v1",)  # before image authentication
 MAX_LAYERS = 128  # each is a loop device, a mapping and a mount
 MAX_SIZE = 1 << 50  # bytes of one layer file
-BLOCK_BYTES = 4096  # layer files are whole blocks: dm-verity's, ext4's and the LUKS sectors
 
 
 def text(value: Any, what: str) -> str:
@@ -101,7 +101,7 @@ class Layer:
     @property
     def blocks(self) -> int:
         """Data blocks under the hash tree: the whole file."""
-        return self.size // BLOCK_BYTES
+        return self.size // BLOCK
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class Manifest:
     config: ImageConfig = field(default_factory=ImageConfig)
     cipher: str = "aes-xts-plain64"
     key_bits: int = 512  # of the LUKS2 volume key
-    sector_size: int = 4096
+    sector_size: int = BLOCK
     created: str = ""
     # The exact bytes this was parsed from (or will be saved as): the statement.
     raw: bytes = field(default=b"", compare=False, repr=False)
@@ -204,18 +204,18 @@ def _layer(item: Any, index: int) -> Layer:
     if unknown:
         raise ValueError(f"{where} has unknown fields {sorted(unknown)}")
     name = _plain(text(item["file"], f"{where}'s file"))
-    size = number(item["size"], f"{where}'s size", MAX_SIZE, BLOCK_BYTES)
-    if size % BLOCK_BYTES:
-        raise ValueError(f"{where}'s size {size} is not a multiple of {BLOCK_BYTES} bytes")
+    size = number(item["size"], f"{where}'s size", MAX_SIZE, BLOCK)
+    if size % BLOCK:
+        raise ValueError(f"{where}'s size {size} is not a multiple of {BLOCK} bytes")
     return Layer(
         file=name,
         uuid=text(item["uuid"], f"{where}'s uuid"),
         size=size,
         content_bytes=number(item["content_bytes"], f"{where}'s content_bytes", MAX_SIZE),
         source=text(item["source"], f"{where}'s source"),
-        offset=number(item["offset"], f"{where}'s offset", 1 << 30, BLOCK_BYTES),
+        offset=number(item["offset"], f"{where}'s offset", 1 << 30, BLOCK),
         tree=_plain(text(item["tree"], f"{where}'s tree")),
-        tree_size=number(item["tree_size"], f"{where}'s tree_size", MAX_SIZE // 64, BLOCK_BYTES),
+        tree_size=number(item["tree_size"], f"{where}'s tree_size", MAX_SIZE // 64, BLOCK),
         root_hash=_hex(item["root_hash"], f"{where}'s root_hash"),
         salt=_hex(item["salt"], f"{where}'s salt"),
         digest=text(item.get("digest", ""), f"{where}'s digest"),

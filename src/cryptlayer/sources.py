@@ -30,9 +30,8 @@ from typing import IO
 from .errors import UsageError, printable
 from .oci import HashingReader, OciLayer, verify_blob
 from .runner import filtered, run
-from .tools.mkfs import BLOCK_SIZE
+from .tools import BLOCK  # what one ext4 block holds
 
-BLOCK = BLOCK_SIZE  # what one ext4 block holds
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 XATTR_PAX = "SCHILY.xattr."

@@ -8,14 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CommandError, UsageError, WrongKeyError
 from ..runner import run
-from . import udev
+from . import BLOCK, devmapper, udev
 
 if TYPE_CHECKING:
     from ..secret import Secret
 
 CIPHER = "aes-xts-plain64"
 KEY_BITS = 512
-SECTOR_SIZE = 4096
 HEADER_BYTES = 2 * 16 * 1024 + 256 * 1024  # where a layer's data begins; see FORMAT_OPTIONS
 # Layer keys are 32 random bytes: stretching them buys nothing, so the cheapest PBKDF2 keeps an
 # unlock in milliseconds (argon2id's default costs ~3 s and 1 GiB per layer).
@@ -23,7 +22,7 @@ FORMAT_OPTIONS = [
     "--type", "luks2",
     "--cipher", CIPHER,
     "--key-size", str(KEY_BITS),
-    "--sector-size", str(SECTOR_SIZE),
+    "--sector-size", str(BLOCK),
     "--hash", "sha256",
     "--pbkdf", "pbkdf2",
     "--pbkdf-force-iterations", "1000",
@@ -32,7 +31,7 @@ FORMAT_OPTIONS = [
     # per layer, where cryptsetup's defaults take 16 MiB (and its 1 MiB alignment, 1 MiB).
     "--luks2-metadata-size", "16k",
     "--luks2-keyslots-size", "256k",
-    "--offset", str(HEADER_BYTES // 512),
+    "--offset", str(HEADER_BYTES // devmapper.SECTOR),
 ]  # fmt: skip
 # cryptsetup's exit status for "no key available with this passphrase"
 EXIT_WRONG_KEY = 2
@@ -82,7 +81,7 @@ def open_plain(device: str, name: str, key: Secret) -> str:
     """Map `device` with plain dm-crypt: no header, so the key exists only in the kernel."""
     run(
         ["cryptsetup", "open", "--type", "plain", "--cipher", CIPHER, "--key-size", str(KEY_BITS),
-         "--sector-size", str(SECTOR_SIZE), "--key-file", "-", "--keyfile-size", str(KEY_BITS // 8),
+         "--sector-size", str(BLOCK), "--key-file", "-", "--keyfile-size", str(KEY_BITS // 8),
          device, name],
         secret=key,
     )  # fmt: skip

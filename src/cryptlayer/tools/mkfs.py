@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from ..runner import run
-
-BLOCK_SIZE = 4096
+from . import BLOCK
 
 
 def make_ext4(device: str, *, inodes: int | None, label: str) -> None:
     """Make a journal-less ext4 on `device` (layers are read-only; the journal is dead weight)."""
-    argv = ["mkfs.ext4", "-q", "-F", "-b", str(BLOCK_SIZE), "-m", "0", "-O", "^has_journal",
+    argv = ["mkfs.ext4", "-q", "-F", "-b", str(BLOCK), "-m", "0", "-O", "^has_journal",
             "-L", label[:16], "-E", "root_owner=0:0,nodiscard,lazy_itable_init=1"]  # fmt: skip
     if inodes is not None:
         argv += ["-N", str(inodes)]
@@ -23,7 +22,7 @@ def shrink(device: str) -> int:
     fresh e2fsck, which would also recreate the lost+found the layer's source did not have.
     """
     run(["resize2fs", "-f", "-M", device])
-    return block_count(device) * BLOCK_SIZE
+    return block_count(device) * BLOCK
 
 
 def block_count(device: str) -> int:

@@ -11,15 +11,14 @@ from pathlib import Path
 
 from ..errors import CommandError
 from ..runner import run
-from . import devmapper, udev
+from . import BLOCK, devmapper, udev
 
 HASH = "sha256"
-BLOCK_SIZE = 4096  # data and hash blocks: the layer's sector size, and the page size
 
 
 def _options(salt: str) -> list[str]:
-    return ["--no-superblock", "--hash", HASH, "--data-block-size", str(BLOCK_SIZE),
-            "--hash-block-size", str(BLOCK_SIZE), "--salt", salt]  # fmt: skip
+    return ["--no-superblock", "--hash", HASH, "--data-block-size", str(BLOCK),
+            "--hash-block-size", str(BLOCK), "--salt", salt]  # fmt: skip
 
 
 def format_tree(data: Path, tree: Path, salt: str) -> str:
@@ -41,9 +40,9 @@ def open_verity(data: str, name: str, tree: str, root_hash: str, salt: str, bloc
     cost about a second per layer under emulation. The dm UUID is veritysetup's, so `gc` knows
     the mapping as cryptlayer's even when no journal does.
     """
-    table = " ".join(["1", _devno(data), _devno(tree), str(BLOCK_SIZE), str(BLOCK_SIZE),
+    table = " ".join(["1", _devno(data), _devno(tree), str(BLOCK), str(BLOCK),
                       str(blocks), "0", HASH, root_hash, salt])  # fmt: skip
-    sectors = blocks * BLOCK_SIZE // devmapper.SECTOR
+    sectors = blocks * BLOCK // devmapper.SECTOR
     devmapper.create(name, f"CRYPT-VERITY-{name}", "verity", sectors, table)
     udev.wait_for_node(f"/dev/mapper/{name}")
     return f"/dev/mapper/{name}"
