@@ -102,7 +102,10 @@ def assemble(
                      lambda: layers.join(record, files, manifest, key))  # fmt: skip
     scratch = _open_scratch(stack, record, options.scratch_bytes)
     rootfs = mkdir(stack, record, paths.rootfs_mount(record.name))
-    lowerdir = ":".join(str(p) for p in reversed(lowers))  # overlayfs lists the top layer first
+    # overlayfs lists the top layer first; by name, in the directory every layer is mounted in
+    # (the options must fit in a page: 128 full paths would not)
+    layers_dir = lowers[0].parent
+    lowerdir = ":".join(p.relative_to(layers_dir).as_posix() for p in reversed(lowers))
     overlay_options = [
         f"lowerdir={lowerdir}",
         f"upperdir={scratch}/upper",
@@ -110,7 +113,8 @@ def assemble(
         "nodev",  # device nodes an image carries open nothing (nor does the device cgroup)
     ]
     acquire(stack, record, Kind.MOUNT, str(rootfs),
-            lambda: mount.mount("cryptlayer", rootfs, "overlay", overlay_options))  # fmt: skip
+            lambda: mount.mount("cryptlayer", rootfs, "overlay", overlay_options,
+                                cwd=layers_dir))  # fmt: skip
     return rootfs
 
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import MARKER_LOWER, Cli, keyslots
 
 from cryptlayer.errors import ExitCode
@@ -145,3 +146,28 @@ def test_a_mapping_in_use_is_not_removed_and_a_gone_one_is_no_error(
         cli.ok("stop", "held")
     assert udev.mappings("cryptlayer-") == []
     devmapper.remove(verity[0])  # gone already
+
+
+def test_an_overlay_of_128_layers_fits_by_name(tmp_path: Path) -> None:
+    """The kernel takes one page of mount options: 128 layers (manifest.MAX_LAYERS) fit only
+    when named from their directory, as assembly names them."""
+    from cryptlayer.manifest import MAX_LAYERS
+    from cryptlayer.tools import mount
+
+    base = tmp_path / ("layers-" + "d" * 40)
+    for i in range(MAX_LAYERS):
+        (base / f"layer{i}").mkdir(parents=True)
+        (base / f"layer{i}" / f"from-{i}").write_text(str(i))
+    target = tmp_path / "root"
+    target.mkdir()
+    names = [f"layer{i}" for i in reversed(range(MAX_LAYERS))]
+    absolute = ":".join(str(base / n) for n in names)
+    with pytest.raises(mount.MountError, match="the kernel takes 4095"):
+        mount.mount("t", target, "overlay", [f"lowerdir={absolute}", "ro"])
+    mount.mount("t", target, "overlay", [f"lowerdir={':'.join(names)}", "ro"], cwd=base)
+    try:
+        assert len(list(target.iterdir())) == MAX_LAYERS
+        assert (target / "from-0").read_text() == "0"
+    finally:
+        mount.umount(target)
+    assert Path.cwd() != base

@@ -39,9 +39,16 @@ class MountError(CryptlayerError):
     """The kernel refused a mount (its errno: EIO, EUCLEAN, EINVAL, ...)."""
 
 
-def mount(source: str, target: Path, fstype: str, options: list[str]) -> None:
+def mount(
+    source: str, target: Path, fstype: str, options: list[str], *, cwd: Path | None = None
+) -> None:
     """Mount `source` (a device, or a name for a file system without one) on `target`, as
-    `mount -t FSTYPE -o OPTIONS SOURCE TARGET` would; MountError naming the kernel's reason."""
+    `mount -t FSTYPE -o OPTIONS SOURCE TARGET` would; MountError naming the kernel's reason.
+
+    With `cwd`, relative paths in the options (overlayfs's lowerdir list) are taken from there:
+    the kernel copies one page of options, and only short names let 128 layers fit. The working
+    directory is the process's, so this is for callers with no other thread of theirs running.
+    """
     import ctypes
 
     flags = 0
@@ -58,10 +65,18 @@ def mount(source: str, target: Path, fstype: str, options: list[str]) -> None:
             f" takes {DATA_LIMIT - 1}",
             "use an image with fewer layers",
         )
-    done = libc().mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags,
-                         text or None)  # fmt: skip
-    if done != 0:
+    saved = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if cwd else -1
+    try:
+        if cwd:
+            os.chdir(cwd)
+        done = libc().mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags,
+                             text or None)  # fmt: skip
         code = ctypes.get_errno()
+    finally:
+        if saved >= 0:
+            os.fchdir(saved)
+            os.close(saved)
+    if done != 0:
         raise MountError(f"cannot mount {source} on {target} ({fstype}): {os.strerror(code)}")
 
 
