@@ -20,6 +20,7 @@ from . import envelope, luksheader, oci, signatures, statement
 from . import manifest as manifest_mod
 from .errors import UsageError
 from .manifest import ImageConfig, Layer, Manifest
+from .ocispec import Overrides
 from .paths import build_mapping, build_mount
 from .progress import Progress, Silent, watching
 from .secret import Secret
@@ -74,7 +75,7 @@ def build_image(
     principals: envelope.Principals,
     *,
     squash: bool = False,
-    overrides: dict[str, Any] | None = None,
+    overrides: Overrides | None = None,
     progress: Callable[[str, int], Progress] | None = None,
     signer: Any = None,
 ) -> Manifest:
@@ -102,7 +103,7 @@ def build_image(
         )
     with ExitStack() as stack:
         parsed, oci_config = _expand(stack, sources)
-        final_config = replace(oci_config or ImageConfig(), **(overrides or {}))
+        final_config = (overrides or Overrides()).image_config(oci_config or ImageConfig())
         if squash and len(parsed) > 1:
             parsed = [SquashSource(tuple(parsed))]
         require_kernel()

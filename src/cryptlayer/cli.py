@@ -305,22 +305,18 @@ def build(
     from .build import build_image
     from .envelope import principals as principals_of
     from .keys import KeySource, stdin_once
-    from .ocispec import merge_env
+    from .ocispec import Overrides, merge_env
     from .progress import for_terminal
     from .system import require_root
 
     # Only what was given overrides the config an OCI source brings.
-    overrides: dict[str, Any] = {}
-    if entrypoint is not None:
-        overrides["entrypoint"] = tuple(shlex.split(entrypoint))
-    if cmd is not None:
-        overrides["cmd"] = tuple(shlex.split(cmd))
-    if env:
-        overrides["env"] = tuple(merge_env(tuple(env)))
-    if workdir is not None:
-        overrides["workdir"] = workdir
-    if user is not None:
-        overrides["user"] = user
+    overrides = Overrides(
+        command=None if cmd is None else tuple(shlex.split(cmd)),
+        env=tuple(merge_env(tuple(env))) if env else (),
+        workdir=workdir,
+        user=user,
+        entrypoint=None if entrypoint is None else tuple(shlex.split(entrypoint)),
+    )
     require_root("build an image")
     source = KeySource(key_file, key_command, keyring)
     stdin_once(source, passphrase)

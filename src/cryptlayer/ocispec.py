@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -46,16 +46,26 @@ class Network(StrEnum):
 
 @dataclass(frozen=True)
 class Overrides:
-    """What `run` may change of the image's default process (podman's -e, -w, -u)."""
+    """What the command line changes of an image's default process, where it was given: `run`
+    changes the container's (a COMMAND, -e, -w, -u, --network, as podman's), `build` the
+    image's config (--cmd, --env, --workdir, --user, --entrypoint)."""
 
-    command: tuple[str, ...] = ()
-    env: tuple[str, ...] = ()
+    command: tuple[str, ...] | None = None  # run: none or empty keeps the image's
+    env: tuple[str, ...] = ()  # run: added to the image's; build: the config's, all of it
     workdir: str | None = None
     user: str | None = None
-    network: Network = Network.NONE
+    network: Network = Network.NONE  # run only
+    entrypoint: tuple[str, ...] | None = None  # build only
+
+    def image_config(self, config: ImageConfig) -> ImageConfig:
+        """`config` with each field that was given in its place (build)."""
+        given: dict[str, Any] = {"entrypoint": self.entrypoint, "cmd": self.command,
+                                 "env": self.env or None, "workdir": self.workdir,
+                                 "user": self.user}  # fmt: skip
+        return replace(config, **{k: v for k, v in given.items() if v is not None})
 
 
-def process_args(config: ImageConfig, command: tuple[str, ...]) -> list[str]:
+def process_args(config: ImageConfig, command: tuple[str, ...] | None) -> list[str]:
     """Entrypoint + (command or Cmd), as podman does; UsageError if that is empty."""
     args = [*config.entrypoint, *(command or config.cmd)]
     if not args:

@@ -316,3 +316,14 @@ def test_mount_data_longer_than_the_kernel_takes_is_refused(tmp_path: Path) -> N
         mount.mount("cryptlayer", tmp_path, "overlay", [f"lowerdir={lowers}", "nodev"])
     assert str(err.value).startswith(f"cannot mount {tmp_path}: its overlay options are ")
     assert err.value.hint == "use an image with fewer layers"
+
+
+def test_build_overrides_replace_only_what_was_given() -> None:
+    """build's --cmd/--env/...: the same Overrides as run's, written into the image's config."""
+    base = ImageConfig(entrypoint=("/init",), cmd=("serve",), env=("A=1",), workdir="/srv")
+    assert Overrides().image_config(base) == base
+    changed = Overrides(command=(), env=("B=2",), user="app").image_config(base)
+    assert changed == ImageConfig(entrypoint=("/init",), cmd=(), env=("B=2",), workdir="/srv",
+                                  user="app")  # fmt: skip
+    shell = ("/bin/sh", "-c")
+    assert Overrides(entrypoint=shell).image_config(base).entrypoint == shell
