@@ -109,7 +109,6 @@ def _spawn(argv: Sequence[str], *, note: str = "", **options: Any) -> Any:
     command = sh.Command(which(argv[0]))
     log.debug("+ %s%s", shlex.join(argv), note)
     options.setdefault("_env", BASE_ENV)
-    options.setdefault("_tty_out", False)  # output is captured: a pipe, not sh's default pty
     return command(*argv[1:], _ok_code=ANY_EXIT, **options)
 
 
@@ -130,6 +129,7 @@ def run(
             note=" <secret on stdin>" if secret else "",
             _in=stdin,
             _env={**BASE_ENV, **(env or {})},
+            _tty_out=False,  # the output is captured: through a pipe, not sh's default pty
             _return_cmd=True,
             _decode_errors="replace",
         )
