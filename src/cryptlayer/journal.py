@@ -23,10 +23,10 @@ from typing import Protocol, TypeVar
 
 from .errors import BusyError
 from .fsutil import wipe_file
-from .tools import devmapper, losetup, mount, udev
 
-# fuser and the OCI runtime are imported where a release needs them: state.py imports this
-# module for Kind and Step, and `ps` should not load the program runner to list records.
+# The tools are imported where a step is taken or released: state.py imports this module for
+# Kind and Step, and `ps`, which only reads records, should not load them (each module costs a
+# few tenths of a second to import cold under emulation).
 
 T = TypeVar("T")
 
@@ -110,6 +110,8 @@ def acquire(stack: ExitStack, journal: Journal, kind: Kind, ref: str, action: Ca
         crash_point()
         if kind is Kind.LOOP:
             step.device = str(result)
+            from .tools import losetup
+
             ident = losetup.backing_identity(step.device)
             step.backing = f"{ident[0]}:{ident[1]}" if ident else ""
         journal.save(durable=False)
@@ -146,6 +148,8 @@ def release_all(journal: Journal) -> None:
 
 
 def _release_loop(step: Step, journal: Journal) -> None:
+    from .tools import losetup, udev
+
     backing = Path(step.ref)
     if step.device:
         ident = losetup.backing_identity(step.device)
@@ -161,6 +165,8 @@ def _release_loop(step: Step, journal: Journal) -> None:
 
 
 def _release_crypt(step: Step, _journal: Journal) -> None:
+    from .tools import devmapper
+
     devmapper.remove(step.ref)  # one that is gone already is no error
 
 
@@ -185,14 +191,14 @@ def _release_header(step: Step, _journal: Journal) -> None:
 
 
 def _release_mount(step: Step, _journal: Journal) -> None:
+    from .tools import fuser, mount
+
     target = Path(step.ref)
     if target not in mount.mounted_paths():
         return
     try:
         mount.umount(target)
     except mount.MountBusy as err:
-        from .tools import fuser
-
         held = fuser.holders(target)
         raise BusyError(
             f"{target} is busy: "
@@ -203,9 +209,9 @@ def _release_mount(step: Step, _journal: Journal) -> None:
 
 def kill_holders(target: Path) -> None:
     """SIGKILL every process using files under mount point `target` (if it is mounted)."""
-    if target in mount.mounted_paths():
-        from .tools import fuser
+    from .tools import fuser, mount
 
+    if target in mount.mounted_paths():
         fuser.kill(target)
 
 
