@@ -358,6 +358,14 @@ def process_rows(p: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]
         ),
         *_warm_rows(p),
         (
+            "11. the same start in-process (no interpreter start-up)",
+            ms(split["total_s"]),
+            f"the same steps by hand (bash) {ms(hand)}",
+            f"{split['total_s'] / hand:.2f}x",
+            "",
+            "",
+        ),
+        (
             "11. `start` as a process, the same tree",
             ms(proc),
             f"decrypt+untar {ms(base)}",
