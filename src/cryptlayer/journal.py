@@ -176,10 +176,14 @@ def close_opening(opening: Journal) -> None:
     opening.path.unlink(missing_ok=True)
 
 
+def uses_image(journal: Journal, image: str) -> bool:
+    """Whether `journal` holds (or may have begun to hold) the shared layers of `image`."""
+    return any(s.kind is Kind.IMAGE and s.ref == image for s in journal.steps)
+
+
 def _release_image(step: Step, journal: Journal) -> None:
     """A container stops using an image's shared layers; the last user closes them."""
-    others = journal.others()
-    if any(s.kind is Kind.IMAGE and s.ref == step.ref for other in others for s in other.steps):
+    if any(uses_image(other, step.ref) for other in journal.others()):
         return  # another container (or one that may have begun to) still uses them
     opening = journal.opening_of(step.ref)
     if opening is not None:

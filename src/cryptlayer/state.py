@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from .errors import BusyError, UsageError
 from .fsutil import write_json_atomic
-from .journal import Kind, Step
+from .journal import Kind, Step, uses_image
 from .paths import openings_dir, private_run_root, records_dir, state_root
 
 T = TypeVar("T")
@@ -184,11 +184,7 @@ def all_records() -> list[Record]:
 
 def users_of(image: str, besides: Path | None = None) -> list[str]:
     """Names of the containers that use (or may have begun to use) the shared layers of `image`."""
-    return [
-        r.name
-        for r in all_records()
-        if r.path != besides and any(s.kind is Kind.IMAGE and s.ref == image for s in r.steps)
-    ]
+    return [r.name for r in all_records() if r.path != besides and uses_image(r, image)]
 
 
 def create(record: Record) -> Record:
