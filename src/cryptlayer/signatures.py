@@ -4,7 +4,11 @@ them: `ssh-keygen -Y sign -n cryptlayer-image` and `cryptlayer sign` write the s
 One armored SSHSIG file per signer under IMAGE/signatures/ (NAME.sig), outside the statement,
 so signing never changes the image digest. Format: OpenSSH's PROTOCOL.sshsig. Trust: OpenSSH's
 allowed_signers format (ssh-keygen(1), ALLOWED SIGNERS): `PRINCIPALS [OPTIONS] KEYTYPE BASE64`,
-with the `namespaces="..."` option honoured. Keys: Ed25519, and RSA (signed with rsa-sha2-512).
+read as OpenSSH's sshsig.c reads it (fields apart by spaces or tabs; `namespaces="..."` a
+pattern list; `valid-after`/`valid-before` held against the current time), so that a line means
+to cryptlayer what it means to `ssh-keygen -Y verify`; a line it cannot read so (an unknown
+option, `cert-authority`, a bad time) refuses the whole file. Keys: Ed25519, and RSA (signed
+with rsa-sha2-512).
 Checking needs no image key and no device-mapper, so a mirror or a CI job can do it.
 """
 
@@ -12,15 +16,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import fnmatch
 import hashlib
 import os
+import re
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import TamperedImageError, UsageError
+from .errors import TamperedImageError, UsageError, printable
 from .fsutil import UntrustedFileError, read_untrusted, write_atomic
 
 NAMESPACE = "cryptlayer-image"
@@ -188,7 +193,8 @@ def verify(armored: bytes, message: bytes) -> PublicKey:
         if isinstance(key, rsa.RSAPublicKey):
             chosen = {b"rsa-sha2-512": hashes.SHA512(), b"rsa-sha2-256": hashes.SHA256()}
             if algorithm not in chosen:
-                raise ValueError(f"RSA signature algorithm {algorithm!r} is not accepted")
+                name = printable(algorithm.decode("ascii", "replace"))
+                raise ValueError(f"RSA signature algorithm {name} is not accepted")
             key.verify(raw, data, padding.PKCS1v15(), chosen[algorithm])
         else:
             if algorithm != b"ssh-ed25519":
@@ -237,46 +243,79 @@ def read_all(image: Path, message: bytes) -> tuple[list[Signature], list[Rejecte
         os.close(fd)
 
 
-# ---- trust -------------------------------------------------------------------------------------
+# ---- trust: allowed_signers, read as OpenSSH's sshsig.c reads it --------------------------------
+
+WHITESPACE = " \t\r\n"  # what separates the principals from the rest (OpenSSH's strdelimw)
+BLANKS = " \t"  # what ends the options and separates the key's fields (sshkey_read)
+MAX_PATTERN = 1023  # OpenSSH's match_pattern_list gives up on a longer pattern
+
+
+def match_pattern(string: str, pattern: str) -> bool:
+    """OpenSSH's match_pattern: `*` any run of characters, `?` any one, all else literal."""
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, string, re.DOTALL) is not None
+
+
+def match_pattern_list(string: str, patterns: str) -> int:
+    """OpenSSH's match_pattern_list: 1 if a pattern of the comma-separated list matches, -1 if
+    a negated one (`!pattern`) does (whatever else matches), 0 if none does."""
+    positive = 0
+    for pattern in patterns.split(",") if patterns else []:
+        negated = pattern.startswith("!")
+        pattern = pattern[1:] if negated else pattern
+        if len(pattern) >= MAX_PATTERN:
+            return 0
+        if match_pattern(string, pattern):
+            if negated:
+                return -1
+            positive = 1
+    return positive
+
+
+# Key types OpenSSH knows: a line's field after the principals is its key when it is one of
+# these (sshkey_read succeeds), and otherwise its options.
+OPENSSH_KEY_TYPE = re.compile(
+    r"(ssh-(ed25519|rsa|dss|xmss@openssh\.com)|ecdsa-sha2-nistp(256|384|521)"
+    r"|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com)(-cert-v01@openssh\.com)?",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
 class Signer:
-    """One line of an allowed_signers file."""
+    """One line of an allowed_signers file: principals (patterns), key and options."""
 
     principals: tuple[str, ...]
     key: PublicKey
-    namespaces: tuple[str, ...] | None  # None: any
+    namespaces: str | None = None  # a pattern list; None: any
+    valid_after: int | None = None  # seconds since the epoch
+    valid_before: int | None = None
+    line: int = 0
 
     def matches(self, principal: str | None) -> bool:
-        return principal is None or any(fnmatch.fnmatchcase(principal, p) for p in self.principals)
+        """Whether the line names `principal` (as `ssh-keygen -Y verify -I` checks)."""
+        return principal is None or match_pattern_list(principal, ",".join(self.principals)) == 1
+
+    def refusal(self, namespace: str, now: int) -> str | None:
+        """Why this line does not trust its key for `namespace` at `now`; None if it does."""
+        if self.namespaces is not None and match_pattern_list(namespace, self.namespaces) != 1:
+            return f"is not permitted for namespace {namespace} (namespaces={self.namespaces})"
+        if self.valid_after is not None and now < self.valid_after:
+            return f"is not valid before {_utc(self.valid_after)}"
+        if self.valid_before is not None and now > self.valid_before:
+            return f"expired at {_utc(self.valid_before)}"
+        return None
 
 
-def _options(text: str) -> list[str]:
-    """The comma-separated options of a line; commas inside double quotes do not split."""
-    parts, current, quoted = [], "", False
-    for c in text:
-        if c == '"':
-            quoted = not quoted
-        if c == "," and not quoted:
-            parts.append(current)
-            current = ""
-        else:
-            current += c
-    return [*parts, current]
+def _utc(when: int) -> str:
+    import datetime
 
-
-def _split_options(text: str) -> tuple[str, str]:
-    """(options, rest) of what follows the principals: options up to the next unquoted space."""
-    quoted, i = False, 0
-    while i < len(text) and (quoted or not text[i].isspace()):
-        quoted ^= text[i] == '"'
-        i += 1
-    return text[:i], text[i:].strip()
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def load_trust(path: Path) -> list[Signer]:
-    """The signers of an allowed_signers file; UsageError naming the bad line."""
+    """The signers of an allowed_signers file; UsageError naming the bad line (any line
+    cryptlayer cannot read as OpenSSH would is refused, never half-read)."""
     try:
         text = read_untrusted(str(path), MAX_TRUST_BYTES).decode("utf-8")
     except FileNotFoundError:
@@ -286,53 +325,182 @@ def load_trust(path: Path) -> list[Signer]:
     except (OSError, UntrustedFileError, UnicodeDecodeError) as err:
         raise UsageError(f"cannot read trust file {path}: {err}") from None
     signers = []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    for number, line in enumerate(text.split("\n"), 1):  # getline(3): lines end at \n only
         try:
-            signers.append(_signer(line))
+            signer = _signer(line, number)
         except (ValueError, binascii.Error) as err:
             raise UsageError(
-                f"{path}, line {number}: {err}",
+                f"{path}, line {number}: {printable(str(err))}",
                 'write PRINCIPALS [namespaces="cryptlayer-image"] ssh-ed25519 KEY (ssh-keygen(1))',
             ) from None
+        if signer is not None:
+            signers.append(signer)
     if not signers:
         raise UsageError(f"trust file {path} names no signer", "add a line per trusted key")
     return signers
 
 
-def _signer(line: str) -> Signer:
-    principals, _, rest = line.partition(" ")
-    rest = rest.strip()
-    namespaces: tuple[str, ...] | None = None
-    if not rest.split(" ", 1)[0].startswith(("ssh-", "ecdsa-", "sk-")):  # options first
-        options, rest = _split_options(rest)
-        for option in _options(options):
-            name, _, value = option.partition("=")
-            if name.lower() == "namespaces":
-                namespaces = tuple(value.strip('"').split(","))
-            elif name.lower() == "cert-authority":
-                raise ValueError("cert-authority lines are not supported")
-            elif name.lower() not in ("valid-after", "valid-before"):
-                raise ValueError(f"unknown option {name!r}")
-    fields = rest.split()
+def _delimited(text: str) -> tuple[str, str] | None:
+    """(first field, the rest after its whitespace) as OpenSSH's strdelimw splits them: a
+    field ends at whitespace or a double quote, a quoted part may hold spaces; None when the
+    line is one field or its quote is not closed."""
+    at = next((i for i, c in enumerate(text) if c in WHITESPACE + '"'), None)
+    if at is None:
+        return None
+    if text[at] == '"':
+        text = text[:at] + text[at + 1 :]
+        end = text.find('"', at)
+        if end < 0:
+            return None
+        return text[:end], text[end + 1 :].lstrip(WHITESPACE)
+    return text[:at], text[at + 1 :].lstrip(WHITESPACE)
+
+
+def _past_options(text: str) -> int:
+    """Where the options end (the first blank outside double quotes; `\\"` does not count)."""
+    quoted, i = False, 0
+    while i < len(text) and (quoted or text[i] not in BLANKS):
+        if text[i] == "\\" and text[i + 1 : i + 2] == '"':
+            i += 1
+        elif text[i] == '"':
+            quoted = not quoted
+        i += 1
+    if quoted:
+        raise ValueError("its options have an unterminated quote")
+    return i
+
+
+def _dequote(text: str, at: int, name: str) -> tuple[str, int]:
+    """The double-quoted value starting at `at` (OpenSSH's opt_dequote), and where it ends."""
+    if text[at : at + 1] != '"':
+        raise ValueError(f'the value of {name} is not in double quotes ({name}="...")')
+    value, i = "", at + 1
+    while i < len(text) and text[i] != '"':
+        if text[i] == "\\" and text[i + 1 : i + 2] == '"':
+            i += 1
+        value += text[i]
+        i += 1
+    if i == len(text):
+        raise ValueError(f"the value of {name} has no closing quote")
+    return value, i + 1
+
+
+def parse_time(value: str) -> int:
+    """OpenSSH's parse_absolute_time: YYYYMMDD[HHMM[SS]], local time, or UTC with a `Z` or
+    `UTC` suffix; seconds since the epoch."""
+    import datetime
+
+    utc = False
+    if len(value) > 1 and value[-1:].upper() == "Z":
+        utc, value = True, value[:-1]
+    elif len(value) > 3 and value[-3:].upper() == "UTC":
+        utc, value = True, value[:-3]
+    if len(value) not in (8, 12, 14) or not (value.isascii() and value.isdigit()):
+        raise ValueError("a time is not YYYYMMDD[HHMM[SS]][Z]")
+    digits = value.ljust(14, "0")
+    year, month, day, hour, minute, second = (int(digits[i : i + 2]) for i in range(2, 14, 2))
+    year += int(digits[:2]) * 100
+    try:
+        zone = datetime.UTC if utc else None
+        when = datetime.datetime(year, month, day, hour, minute, second, tzinfo=zone)
+        seconds = int(when.timestamp())  # a naive time is local, as mktime(3) takes it
+    except (ValueError, OverflowError, OSError):
+        raise ValueError(f"{value} is not a valid time") from None
+    if seconds <= 0:
+        raise ValueError(f"{value} is not after 1970")
+    return seconds
+
+
+def _options(text: str) -> dict[str, Any]:
+    """The options of a line as OpenSSH's sshsigopt_parse reads them (names without regard to
+    case; a value in double quotes; commas between; anything else refused)."""
+    found: dict[str, Any] = {}
+    i = 0
+    while i < len(text) and text[i] not in BLANKS:
+        rest = text[i:].lower()
+        if rest.startswith("cert-authority"):
+            found["cert-authority"] = True
+            i += len("cert-authority")
+        else:
+            name = next((n for n in ("namespaces", "valid-after", "valid-before")
+                         if rest.startswith(f"{n}=")), None)  # fmt: skip
+            if name is None:
+                unknown = re.split(r"[=,]", text[i:], maxsplit=1)[0]
+                raise ValueError(f"unknown option {unknown}")
+            if name in found:
+                raise ValueError(f"it has more than one {name} option")
+            value, i = _dequote(text, i + len(name) + 1, name)
+            found[name] = value if name == "namespaces" else parse_time(value)
+        if i == len(text) or text[i] in BLANKS:
+            break
+        if text[i] != ",":
+            raise ValueError(f"unknown option {re.split(r'[=,]', text[i:], maxsplit=1)[0]}")
+        i += 1
+        if i == len(text):
+            raise ValueError("its options end with a comma")
+    after, before = found.get("valid-after"), found.get("valid-before")
+    if after is not None and before is not None and before <= after:
+        raise ValueError("its valid-before time is not after its valid-after time")
+    return found
+
+
+def _signer(line: str, number: int = 0) -> Signer | None:
+    """One line: `PRINCIPALS [OPTIONS] KEYTYPE BASE64 [COMMENT]`; None for a blank line or a
+    comment; ValueError saying what is wrong."""
+    line = line.lstrip(BLANKS)
+    if not line or line.startswith("#") or not line.strip(WHITESPACE):
+        return None
+    split = _delimited(line)
+    if split is None:
+        raise ValueError("it has principals but no key (or an unclosed quote)")
+    principals, rest = split
+    options: dict[str, Any] = {}
+    if not OPENSSH_KEY_TYPE.fullmatch(re.split(f"[{BLANKS}]", rest, maxsplit=1)[0]):
+        end = _past_options(rest)
+        options = _options(rest[:end])
+        rest = rest[end:].lstrip(BLANKS)
+        if not rest:
+            raise ValueError("it has no key after its options")
+    if options.get("cert-authority"):
+        raise ValueError("cert-authority lines are not supported (cryptlayer checks plain keys)")
+    fields = re.split(f"[{BLANKS}]+", rest.strip(WHITESPACE))
     if len(fields) < 2 or fields[0] not in KEY_TYPES:
         raise ValueError(f"no key of a supported type ({', '.join(KEY_TYPES)})")
     key = PublicKey(base64.b64decode(fields[1], validate=True))
     if key.kind != fields[0]:
         raise ValueError(f"the key is {key.kind}, the line says {fields[0]}")
     key.verifier()  # a key that cannot verify anything is an error here, not at run time
-    return Signer(tuple(principals.split(",")), key, namespaces)
+    return Signer(
+        tuple(principals.split(",")),
+        key,
+        options.get("namespaces"),
+        options.get("valid-after"),
+        options.get("valid-before"),
+        number,
+    )
 
 
-def trusted(signers: list[Signer], key: PublicKey) -> list[str]:
-    """The principals `signers` trust `key` as, for our namespace."""
+def trusted(signers: list[Signer], key: PublicKey, now: int | None = None) -> list[str]:
+    """The principals `signers` trust `key` as, for our namespace, at `now` (default: now)."""
+    when = int(time.time()) if now is None else now
     return [
         ",".join(s.principals)
         for s in signers
-        if s.key.blob == key.blob and (s.namespaces is None or NAMESPACE in s.namespaces)
+        if s.key.blob == key.blob and s.refusal(NAMESPACE, when) is None
     ]
+
+
+def _untrusted(signers: list[Signer], sig: Signature, trust: Path, now: int) -> str:
+    """Why the trust file does not trust a signature that verifies."""
+    lines = [s for s in signers if s.key.blob == sig.key.blob]
+    if not lines:
+        return f"{DIR}/{sig.file}: {sig.key.fingerprint} is not in {trust}"
+    why = [
+        f"its key ({printable(','.join(s.principals))}, {trust} line {s.line})"
+        f" {s.refusal(NAMESPACE, now)}"
+        for s in lines
+    ]
+    return f"{DIR}/{sig.file}: " + "; ".join(why)
 
 
 def require_trusted(image: Path, message: bytes, trust: Path) -> list[str]:
@@ -340,10 +508,11 @@ def require_trusted(image: Path, message: bytes, trust: Path) -> list[str]:
     there are none (the reasons of the others in the message)."""
     signers = load_trust(trust)
     good, bad = read_all(image, message)
-    names = [p for sig in good for p in trusted(signers, sig.key)]
+    now = int(time.time())
+    names = [p for sig in good for p in trusted(signers, sig.key, now)]
     if names:
         return names
-    untrusted = [f"{DIR}/{s.file}: {s.key.fingerprint} is not in {trust}" for s in good]
+    untrusted = [_untrusted(signers, s, trust, now) for s in good]
     reasons = "; ".join(untrusted + [str(b) for b in bad]) or f"it has no {DIR}/*{SUFFIX}"
     raise TamperedImageError(
         f"no key of {trust} signed {image} ({reasons})",

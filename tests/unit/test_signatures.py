@@ -89,7 +89,14 @@ def test_another_namespace_is_refused(tmp_path: Path, keys: dict[str, Path]) -> 
         ("a@b ssh-dss AAAA", "no key of a supported type"),
         ("a@b cert-authority ssh-ed25519 AAAA", "cert-authority lines are not supported"),
         ("a@b ssh-ed25519 !!!", "base64 data"),
-        ("a@b frobnicate ssh-ed25519 AAAA", "unknown option 'frobnicate'"),
+        ("a@b frobnicate ssh-ed25519 AAAA", "unknown option frobnicate"),
+        ('a@b valid-before="1 Jan" ssh-ed25519 AAAA', "a time is not YYYYMMDD[HHMM[SS]][Z]"),
+        ('a@b valid-after="20200230" ssh-ed25519 AAAA', "20200230 is not a valid time"),
+        ('a@b namespaces="x ssh-ed25519 AAAA', "unterminated quote"),
+        ('a@b namespaces="x",  ssh-ed25519 AAAA', "its options end with a comma"),
+        ("a@b", "no key"),
+        ('a@b\tnamespaces="x"', "no key after its options"),
+        ("a@b namespaces=x ssh-ed25519 AAAA", "namespaces is not in double quotes"),
     ],
 )
 def test_bad_trust_lines(tmp_path: Path, line: str, detail: str) -> None:
@@ -261,3 +268,131 @@ def test_verify_of_a_shredded_copy_says_so(tmp_path: Path) -> None:
     assert (code, err) == (ExitCode.ERASED, (
         f"error: image {image} was shredded (crypto-erased): no key can open it any more:"
         " build or copy a fresh image\n"))  # fmt: skip
+
+
+# ---- allowed_signers as OpenSSH reads it: each case checked against `ssh-keygen -Y verify` ----
+
+TRUSTED, REFUSED = True, False
+KEY = "{key}"  # the ed25519 test key, "ssh-ed25519 AAAA..."
+AGREE_CASES = [
+    # (case, allowed_signers text, trusted by ssh-keygen and by cryptlayer)
+    ("plain", f"ed25519@test {KEY}", TRUSTED),
+    ("our namespace", f'ed25519@test namespaces="cryptlayer-image" {KEY}', TRUSTED),
+    ("another namespace", f'ed25519@test namespaces="git" {KEY}', REFUSED),
+    ("tab after principals", f'ed25519@test\tnamespaces="git" {KEY}', REFUSED),
+    ("tabs everywhere", f'ed25519@test\t\tnamespaces="git"\t{KEY}', REFUSED),
+    ("tabs, our namespace", f'ed25519@test\tnamespaces="git,cryptlayer-image"\t{KEY}', TRUSTED),
+    ("namespace pattern", f'ed25519@test namespaces="crypt*-im?ge" {KEY}', TRUSTED),
+    ("namespace pattern elsewhere", f'ed25519@test namespaces="git*,file" {KEY}', REFUSED),
+    ("namespace negated", f'ed25519@test namespaces="!cryptlayer-image,*" {KEY}', REFUSED),
+    ("negated last", f'ed25519@test namespaces="*,!cryptlayer-*" {KEY}', REFUSED),
+    ("option case", f'ed25519@test NAMESPACES="git" {KEY}', REFUSED),
+    ("expired", f'ed25519@test valid-before="20200101" {KEY}', REFUSED),
+    ("expired, UTC", f'ed25519@test valid-before="202001011200Z" {KEY}', REFUSED),
+    ("expired, tab", f'ed25519@test\tvalid-before="20200101"\t{KEY}', REFUSED),
+    ("not yet valid", f'ed25519@test valid-after="20990101" {KEY}', REFUSED),
+    (
+        "within its time",
+        f'ed25519@test valid-after="20200101Z",valid-before="20990101" {KEY}',
+        TRUSTED,
+    ),
+    ("seconds", f'ed25519@test valid-before="20990101123456Z" {KEY}', TRUSTED),
+    (
+        "both options",
+        f'ed25519@test namespaces="cryptlayer-image",valid-before="20200101" {KEY}',
+        REFUSED,
+    ),
+    ("bad time", f'ed25519@test valid-before="2099-01-01" {KEY}', REFUSED),
+    (
+        "before after after",
+        f'ed25519@test valid-after="20990101",valid-before="20980101" {KEY}',
+        REFUSED,
+    ),
+    ("twice", f'ed25519@test namespaces="cryptlayer-image",namespaces="git" {KEY}', REFUSED),
+    ("unquoted", f"ed25519@test namespaces=cryptlayer-image {KEY}", REFUSED),
+    ("principal pattern", f"*@test,other {KEY}", TRUSTED),
+    ("comment after the key", f"ed25519@test {KEY} alice's laptop", TRUSTED),
+    (
+        "expired, then not",
+        f'ed25519@test valid-before="20200101" {KEY}\ned25519@test {KEY}',
+        TRUSTED,
+    ),
+    (
+        "other namespace, then ours",
+        f'ed25519@test namespaces="git" {KEY}\ned25519@test namespaces="cryptlayer-image" {KEY}',
+        TRUSTED,
+    ),
+    ("cert-authority", f"ed25519@test cert-authority {KEY}", REFUSED),
+    ("quoted principal", f'"ed25519@test" {KEY}', TRUSTED),
+    ("leading blanks, CRLF", f" \t ed25519@test {KEY}\r", TRUSTED),
+]
+
+
+@pytest.fixture(scope="module")
+def signed_by_ssh_keygen(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, Path]) -> Path:
+    """An image whose one signature ssh-keygen made (signatures/ed25519.sig)."""
+    image = fake_image(tmp_path_factory.mktemp("agree") / "img")
+    (image / "signatures").mkdir()
+    done = ssh_keygen("-Y", "sign", "-n", "cryptlayer-image", "-f", str(keys["ed25519"]),
+                      input=(image / "manifest.json").read_bytes())  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (image / "signatures/ed25519.sig").write_bytes(done.stdout)
+    return image
+
+
+@pytest.mark.parametrize(("case", "text", "expected"), AGREE_CASES, ids=[c[0] for c in AGREE_CASES])
+def test_allowed_signers_read_as_ssh_keygen_reads_them(
+    tmp_path: Path, keys: dict[str, Path], signed_by_ssh_keygen: Path,
+    case: str, text: str, expected: bool,
+) -> None:  # fmt: skip
+    """ssh-keygen -Y verify and cryptlayer, on the same files, agree on each line's meaning:
+    time limits honoured, whitespace is spaces or tabs, namespaces a pattern list."""
+    image = signed_by_ssh_keygen
+    pub = " ".join(Path(f"{keys['ed25519']}.pub").read_text().split()[:2])
+    trust = tmp_path / "allowed_signers"
+    trust.write_text(text.replace(KEY, pub) + "\n")
+    manifest = (image / "manifest.json").read_bytes()
+    done = ssh_keygen("-Y", "verify", "-f", str(trust), "-I", "ed25519@test", "-n",
+                      "cryptlayer-image", "-s", str(image / "signatures/ed25519.sig"),
+                      input=manifest)  # fmt: skip
+    assert (done.returncode == 0) == expected, (case, done.stderr)
+    try:
+        signatures.require_trusted(image, manifest, trust)
+        ours = TRUSTED
+    except (TamperedImageError, UsageError):
+        ours = REFUSED
+    assert ours == expected, case
+
+
+def test_an_expired_signer_is_named_as_expired(
+    tmp_path: Path, keys: dict[str, Path], signed_by_ssh_keygen: Path
+) -> None:
+    """The refusal says why the line did not count, as ssh-keygen says "key has expired"."""
+    pub = " ".join(Path(f"{keys['ed25519']}.pub").read_text().split()[:2])
+    trust = tmp_path / "allowed_signers"
+    trust.write_text(f'ed25519@test\tvalid-before="20200101Z" {pub}\n')
+    code, _, err = invoke("verify", str(signed_by_ssh_keygen), "--trust", str(trust))
+    assert code == ExitCode.TAMPERED
+    assert (f"signatures/ed25519.sig: its key (ed25519@test, {trust} line 1) expired at"
+            " 2020-01-01 00:00:00 UTC") in err  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("patterns", "string", "expected"),
+    [
+        ("*@test", "ed25519@test", 1),
+        ("a?c", "abc", 1),
+        ("a?c", "ac", 0),
+        ("a*b*c", "axxbyyc", 1),
+        ("[ab]", "a", 0),  # no character classes in OpenSSH patterns
+        ("[ab]", "[ab]", 1),
+        ("!ed*,*", "ed25519@test", -1),
+        ("*,!ed*", "ed25519@test", -1),
+        ("!x,*", "y", 1),
+        ("!y", "x", 0),
+        ("", "", 0),
+        ("a,,b", "b", 1),
+    ],
+)
+def test_openssh_pattern_lists(patterns: str, string: str, expected: int) -> None:
+    assert signatures.match_pattern_list(string, patterns) == expected
