@@ -233,9 +233,19 @@ def read_passphrase(prompt: str, *, confirm: bool) -> Secret:
     return first
 
 
+class NoPassphraseError(UsageError):
+    """No passphrase came: an empty line, or standard input at its end."""
+
+
+def stdin_is_terminal() -> bool:
+    """Whether a passphrase would be asked for on a terminal (not read from a pipe)."""
+    fd = _stdin()[1]
+    return fd >= 0 and os.isatty(fd)
+
+
 def _checked_passphrase(data: bytearray) -> Secret:
     if not data:
-        raise UsageError("the passphrase is empty", "type one, or use --key-file")
+        raise NoPassphraseError("the passphrase is empty", "type one, or use --key-file")
     if len(data) > MAX_KEY_BYTES:
         data[:] = bytes(len(data))
         raise UsageError(f"the passphrase is longer than {MAX_KEY_BYTES} bytes")

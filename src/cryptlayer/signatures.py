@@ -19,6 +19,7 @@ import binascii
 import hashlib
 import os
 import re
+import stat
 import struct
 import time
 from dataclasses import dataclass
@@ -523,17 +524,64 @@ def require_trusted(image: Path, message: bytes, trust: Path) -> list[str]:
 # ---- signing -----------------------------------------------------------------------------------
 
 
+MAX_PRIVATE_KEY_BYTES = 64 * 1024  # an 8192-bit RSA key in OpenSSH's format is under 7 KiB
+
+
+def _read_private_key(path: Path) -> bytes:
+    """The bytes of a private key file: a regular file, small, that only its owner can read
+    (as ssh-keygen refuses an unprotected one); a public key is named as one."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as err:
+        raise UsageError(f"cannot read signing key {path}: {err.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"signing key {path} is not a regular file", "give a private key")
+        if st.st_size > MAX_PRIVATE_KEY_BYTES:
+            raise UsageError(f"{path} is not a private key: it is {st.st_size} bytes")
+        data = os.read(fd, MAX_PRIVATE_KEY_BYTES + 1)
+    finally:
+        os.close(fd)
+    first = data.split(None, 1)[0] if data.strip() else b""
+    if OPENSSH_KEY_TYPE.fullmatch(first.decode("ascii", "replace")):
+        private = path.with_suffix("") if path.suffix == ".pub" else None
+        raise UsageError(
+            f"{path} is a public key: give the private key (without .pub)",
+            f"--sign-key {private}" if private else None,
+        )
+    if st.st_mode & 0o077:
+        raise UsageError(
+            f"permissions {stat.S_IMODE(st.st_mode):04o} for {path} are too open"
+            " (a private key must not be accessible by others)",
+            f"chmod 600 {path}",
+        )
+    return data
+
+
+def _no_terminal(path: Path) -> UsageError:
+    return UsageError(
+        f"the signing key {path} is passphrase-protected and there is no terminal to ask for"
+        " its passphrase (standard input is not one, and gave none)",
+        "run it on a terminal, pipe the passphrase on standard input, or sign with ssh-keygen"
+        f" (which can use ssh-agent): ssh-keygen -Y sign -n {NAMESPACE} -f {path}"
+        " IMAGE/manifest.json, then move manifest.json.sig to IMAGE/signatures/NAME.sig",
+    )
+
+
 def load_signing_key(path: Path) -> Any:
     """An OpenSSH (or PEM) private key; asks for its passphrase when it has one."""
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
-    from .keys import read_passphrase
+    from .keys import NoPassphraseError, read_passphrase, stdin_is_terminal
 
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise UsageError(f"cannot read signing key {path}: {err.strerror}") from None
+    data = _read_private_key(path)
+    if b"PRIVATE KEY-----" not in data:
+        raise UsageError(
+            f"{path} is not a private key",
+            "give an OpenSSH or PEM private key (Ed25519 or RSA), e.g. ~/.ssh/id_ed25519",
+        )
     load = (
         serialization.load_ssh_private_key
         if b"OPENSSH PRIVATE KEY" in data
@@ -542,18 +590,32 @@ def load_signing_key(path: Path) -> Any:
     try:
         return load(data, None)
     except TypeError:  # encrypted
-        with (
-            read_passphrase(f"Passphrase for {path}: ", confirm=False) as phrase,
-            phrase.view() as p,
-        ):
+        try:
+            phrase = read_passphrase(f"Passphrase for {path}: ", confirm=False)
+        except NoPassphraseError:
+            if stdin_is_terminal():
+                raise
+            raise _no_terminal(path) from None
+        with phrase, phrase.view() as p:
             try:
                 return load(data, bytes(p))
             except ValueError:
                 raise UsageError(f"wrong passphrase for {path}") from None
             except UnsupportedAlgorithm as err:  # bcrypt missing
-                raise UsageError(f"cannot open {path}: {err}", "pip install bcrypt") from None
+                raise UsageError(
+                    f"cannot open {path}: {_library(err)}", "pip install bcrypt"
+                ) from None
     except (ValueError, UnsupportedAlgorithm) as err:
-        raise UsageError(f"{path} is not a private key cryptlayer can sign with ({err})") from None
+        raise UsageError(
+            f"{path} is not a private key cryptlayer can sign with ({_library(err)})",
+            "give an OpenSSH or PEM private key (Ed25519 or RSA)",
+        ) from None
+
+
+def _library(err: Exception) -> str:
+    """A library's message without its pointers to web pages (the first sentence)."""
+    text = str(err).split(" See https://", 1)[0].strip()
+    return printable(text.split(". ", 1)[0].rstrip(".")) or type(err).__name__
 
 
 def signature_name(public: PublicKey) -> str:

@@ -396,3 +396,71 @@ def test_an_expired_signer_is_named_as_expired(
 )
 def test_openssh_pattern_lists(patterns: str, string: str, expected: int) -> None:
     assert signatures.match_pattern_list(string, patterns) == expected
+
+
+# ---- `sign`'s key: what a user gives by mistake gets an answer, not a library's text ---------
+
+
+def _sign_process(image: Path, key: Path) -> subprocess.CompletedProcess[str]:
+    """`cryptlayer sign` as a process whose standard input is no terminal and empty (a CI job,
+    a cron line)."""
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "cryptlayer", "sign", str(image), "--sign-key",
+                           str(key)], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          check=False)  # fmt: skip
+
+
+def test_encrypted_signing_key_without_a_terminal(tmp_path: Path) -> None:
+    """sign has no --key-file: the error says what works instead."""
+    path = tmp_path / "k"
+    ssh_keygen("-q", "-t", "ed25519", "-N", "secret words", "-f", str(path))
+    image = fake_image(tmp_path / "img")
+    done = _sign_process(image, path)
+    assert (done.returncode, done.stderr) == (ExitCode.USAGE, (
+        f"error: the signing key {path} is passphrase-protected and there is no terminal to ask"
+        " for its passphrase (standard input is not one, and gave none): run it on a terminal,"
+        " pipe the passphrase on standard input, or sign with ssh-keygen (which can use"
+        f" ssh-agent): ssh-keygen -Y sign -n cryptlayer-image -f {path} IMAGE/manifest.json,"
+        " then move manifest.json.sig to IMAGE/signatures/NAME.sig\n"))  # fmt: skip
+    assert "--key-file" not in done.stderr
+    code, _, err = invoke("sign", str(image), "--sign-key", str(path), input="")
+    assert code == ExitCode.USAGE and "is passphrase-protected and there is no terminal" in err
+
+
+def test_public_key_given_to_sign(tmp_path: Path, keys: dict[str, Path]) -> None:
+    image = fake_image(tmp_path / "img")
+    pub = Path(f"{keys['ed25519']}.pub")
+    code, _, err = invoke("sign", str(image), "--sign-key", str(pub))
+    assert (code, err) == (ExitCode.USAGE, (
+        f"error: {pub} is a public key: give the private key (without .pub):"
+        f" --sign-key {keys['ed25519']}\n"))  # fmt: skip
+    garbage = tmp_path / "notes.txt"
+    garbage.write_text("not a key\n")
+    garbage.chmod(0o600)
+    code, _, err = invoke("sign", str(image), "--sign-key", str(garbage))
+    assert (code, err) == (ExitCode.USAGE, (
+        f"error: {garbage} is not a private key: give an OpenSSH or PEM private key (Ed25519"
+        " or RSA), e.g. ~/.ssh/id_ed25519\n"))  # fmt: skip
+    assert "http" not in err
+
+
+def test_signing_key_others_can_read_is_refused_as_ssh_keygen_refuses_it(
+    tmp_path: Path, keys: dict[str, Path]
+) -> None:
+    import shutil
+
+    image = fake_image(tmp_path / "img")
+    key = tmp_path / "id_ed25519"
+    shutil.copy(keys["ed25519"], key)
+    key.chmod(0o644)
+    done = ssh_keygen("-Y", "sign", "-n", "cryptlayer-image", "-f", str(key),
+                      input=b"x")  # fmt: skip
+    assert done.returncode != 0 and b"are too open" in done.stderr  # what ssh-keygen says
+    code, _, err = invoke("sign", str(image), "--sign-key", str(key))
+    assert (code, err) == (ExitCode.USAGE, (
+        f"error: permissions 0644 for {key} are too open (a private key must not be"
+        f" accessible by others): chmod 600 {key}\n"))  # fmt: skip
+    assert not (image / "signatures").exists()
+    key.chmod(0o600)
+    assert invoke("sign", str(image), "--sign-key", str(key))[0] == 0
