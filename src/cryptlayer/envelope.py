@@ -45,8 +45,10 @@ MIN_ITERATIONS = 4
 MIN_MEMORY_KIB = 8 * 1024
 MAX_MEMORY_KIB = 1024 * 1024
 MAX_ITERATIONS = 1000  # a damaged or hostile keys.json must not make us compute for hours
-# ...nor memory times passes: 64 passes over 1 GiB (about a minute on a fast CPU), at most
+# ...nor memory times passes: 64 passes over 1 GiB (about a minute on a fast CPU), at most, for
+# trying a passphrase: the sum over all the passphrase entries tried, not each
 MAX_WORK_KIB = 64 * MAX_MEMORY_KIB
+GIB_KIB = 1024 * 1024
 MAX_PASSPHRASE_ENTRIES = 8  # each costs one Argon2id run when a passphrase is tried
 MAX_ENTRIES = 256
 DEFAULT_ITER_TIME_MS = 2000
@@ -318,10 +320,44 @@ def argon2_cost(entry: Entry) -> tuple[int, int]:
         raise UsageError(
             f"{FILE} asks for an Argon2id cost out of bounds ({iterations} iterations,"
             f" {memory} KiB, {entry.param('lanes')} lanes; at most {MAX_ITERATIONS},"
-            f" {ceiling} KiB here and {MAX_WORK_KIB} KiB in all, {LANES} lanes)",
+            f" {ceiling} KiB here and {MAX_WORK_KIB} KiB of memory passes, {LANES} lanes)",
             "the image is damaged or hostile; rebuild it",
         )
     return iterations, memory
+
+
+def _gib(work_kib: int) -> str:
+    return f"{work_kib / GIB_KIB:.4g} GiB"
+
+
+def passphrase_work(entries: list[Entry]) -> tuple[int, int]:
+    """(how many passphrase entries, their Argon2id memory passes in KiB together)."""
+    mine = [e for e in entries if e.kind == "passphrase"]
+    return len(mine), sum(e.param("iterations") * e.param("memory_kib") for e in mine)
+
+
+def check_passphrase_budget(image: Path, entries: list[Entry]) -> None:
+    """UsageError, before any Argon2id runs, unless trying a passphrase on every passphrase
+    entry stays within one budget: at most MAX_PASSPHRASE_ENTRIES, each within its bounds,
+    MAX_WORK_KIB of memory passes in all (a hostile keys.json must not make us compute for
+    hours with many entries each within bounds)."""
+    candidates = [e for e in entries if e.kind == "passphrase"]
+    if len(candidates) > MAX_PASSPHRASE_ENTRIES:
+        raise UsageError(
+            f"{image}/{FILE} has {len(candidates)} passphrase entries, more than"
+            f" {MAX_PASSPHRASE_ENTRIES} (each costs an Argon2id run to try)",
+            "the image is damaged or hostile; rebuild it",
+        )
+    for entry in candidates:
+        argon2_cost(entry)
+    count, work = passphrase_work(candidates)
+    if work > MAX_WORK_KIB:
+        raise UsageError(
+            f"{image}/{FILE} asks for {_gib(work)} of Argon2id memory passes in all ({count}"
+            f" passphrase entries), more than the {_gib(MAX_WORK_KIB)} cryptlayer spends on"
+            " trying a passphrase",
+            "the image is damaged or hostile; rebuild it",
+        )
 
 
 def unlock(image: Path, entries: list[Entry], credential: Credential) -> Secret:
@@ -339,12 +375,7 @@ def unlock(image: Path, entries: list[Entry], credential: Credential) -> Secret:
         candidates = [e for e in entries if e.id == key]
     else:
         candidates = [e for e in entries if e.kind == "passphrase"]
-        if len(candidates) > MAX_PASSPHRASE_ENTRIES:
-            raise UsageError(
-                f"{image}/{FILE} has {len(candidates)} passphrase entries, more than"
-                f" {MAX_PASSPHRASE_ENTRIES} (each costs an Argon2id run to try)",
-                "the image is damaged or hostile; rebuild it",
-            )
+        check_passphrase_budget(image, candidates)
     for entry in candidates:
         image_key = _unwrap(entry, credential)
         if image_key is not None:
@@ -430,6 +461,21 @@ def save(image: Path, entries: list[Entry], statement_mac: str) -> None:
     """Write IMAGE/keys.json atomically: a crash leaves the old set of entries or the new one."""
     if not entries:
         raise UsageError("nobody could open the image", "keep at least one key or recipient")
+    # what would be refused when a passphrase is tried is not written: an image nobody opens
+    count, work = passphrase_work(entries)
+    if count > MAX_PASSPHRASE_ENTRIES:
+        raise UsageError(
+            f"{image}/{FILE} would have {count} passphrase entries, more than"
+            f" {MAX_PASSPHRASE_ENTRIES} (each costs an Argon2id run to try)",
+            "remove a passphrase first (rekey --remove)",
+        )
+    if work > MAX_WORK_KIB:
+        raise UsageError(
+            f"{image}/{FILE} would ask for {_gib(work)} of Argon2id memory passes in all"
+            f" ({count} passphrase entries), more than the {_gib(MAX_WORK_KIB)} cryptlayer"
+            " spends on trying a passphrase",
+            "remove a passphrase first (rekey --remove), or add it with a smaller --iter-time",
+        )
     write_json_atomic(
         image / FILE,
         {

@@ -248,3 +248,60 @@ def test_build_needs_someone_who_can_open(tmp_path: Path) -> None:
         "error: nobody could open the image: give --key-file, --key-command, --keyring,"
         " --passphrase or --recipient\n"
     )
+
+
+def _passphrase_entry(i: int, iterations: int, memory_kib: int) -> envelope.Entry:
+    import base64
+
+    params = (("iterations", iterations), ("kdf", "argon2id"), ("lanes", envelope.LANES),
+              ("memory_kib", memory_kib), ("salt", base64.b64encode(bytes(16)).decode()))  # fmt: skip
+    wrapped = base64.b64encode(bytes(40)).decode()
+    return envelope.Entry(envelope.EntryKind.PASSPHRASE, f"passphrase:{i}", wrapped, params)
+
+
+def test_one_argon2id_budget_across_all_passphrase_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight entries at 64 iterations over 1 GiB each (512 GiB of memory passes, minutes of
+    work) are each within bounds but not together: refused before any Argon2id runs. No
+    timing: the derivation is replaced by one that counts its calls."""
+    gib = 1024 * 1024
+    monkeypatch.setattr(envelope, "available_memory_kib", lambda: 8 * gib)  # any host
+    runs: list[tuple[int, int]] = []
+
+    def counted(_phrase: Secret, _salt: bytes, iterations: int, memory: int) -> Secret:
+        runs.append((iterations, memory))
+        return secret(bytes(32))
+
+    monkeypatch.setattr(envelope, "_passphrase_kek", counted)
+    guess = Credential(passphrase=secret(b"guess"))
+    hostile = [_passphrase_entry(i, 64, gib) for i in range(8)]
+    with pytest.raises(UsageError) as err:
+        envelope.unlock(tmp_path, hostile, guess)
+    assert str(err.value) == (
+        f"{tmp_path}/keys.json asks for 512 GiB of Argon2id memory passes in all (8 passphrase"
+        " entries), more than the 64 GiB cryptlayer spends on trying a passphrase: the image"
+        " is damaged or hostile; rebuild it"
+    )
+    assert runs == []
+    # within the budget in all, every entry is tried
+    fair = [_passphrase_entry(i, 16, gib) for i in range(4)]
+    with pytest.raises(WrongKeyError):
+        envelope.unlock(tmp_path, fair, guess)
+    assert runs == [(16, gib)] * 4
+
+
+def test_keys_json_is_never_written_beyond_the_budget(tmp_path: Path) -> None:
+    """rekey --passphrase must not make an image no passphrase can open."""
+    gib = 1024 * 1024
+    entries = [_passphrase_entry(i, 32, gib) for i in range(3)]
+    with pytest.raises(UsageError) as err:
+        envelope.save(tmp_path, entries, "")
+    assert str(err.value) == (
+        f"{tmp_path}/keys.json would ask for 96 GiB of Argon2id memory passes in all (3"
+        " passphrase entries), more than the 64 GiB cryptlayer spends on trying a passphrase:"
+        " remove a passphrase first (rekey --remove), or add it with a smaller --iter-time"
+    )
+    assert not (tmp_path / "keys.json").exists()
+    envelope.save(tmp_path, entries[:2], "")
+    assert len(envelope.load(tmp_path).entries) == 2
