@@ -9,7 +9,7 @@ import os
 import tomllib
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import UsageError, printable
 
 DEFAULT = Path("/etc/cryptlayer/config.toml")
 KNOWN = {"trust"}
@@ -30,9 +30,14 @@ def trust(given: Path | None) -> Path | None:
         return None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise UsageError(f"cannot read {path}: {err}", "fix or remove the file") from None
-    unknown = set(settings) - KNOWN
+    unknown = sorted(set(settings) - KNOWN)
     if unknown:
-        raise UsageError(f"{path}: unknown settings {sorted(unknown)}", f"known: {sorted(KNOWN)}")
+        which = "setting" if len(unknown) == 1 else "settings"
+        raise UsageError(
+            f"{path}: unknown {which} {printable(', '.join(unknown))}"
+            f" (known: {', '.join(sorted(KNOWN))})",
+            "fix or remove it" if len(unknown) == 1 else "fix or remove them",
+        )
     value = settings.get("trust")
     if value is None:
         return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UsageError, WrongKeyError
+from .errors import UsageError, WrongKeyError, printable
 from .fsutil import read_image_json, write_json_atomic
 from .keys import KEY_SOURCES, Credential, KeySource
 from .manifest import number, text
@@ -412,7 +413,7 @@ def load(image: Path) -> Keys:
             raise ValueError(f"entries is not a list of 1 to {MAX_ENTRIES} entries")
         unknown = set(raw) - {"format", "entries", "statement_mac"}
         if unknown:
-            raise ValueError(f"it has unknown fields {sorted(unknown)}")
+            raise ValueError(f"it has unknown fields {printable(', '.join(sorted(unknown)))}")
         entries = [_entry(item, i) for i, item in enumerate(items)]
         return Keys(entries, text(raw.get("statement_mac", ""), "statement_mac"))
     except (AttributeError, KeyError, TypeError, ValueError) as err:
@@ -429,7 +430,7 @@ def _entry(item: Any, index: int) -> Entry:
         raise ValueError(f"{where} is not an object")
     kind = text(item["type"], f"{where}'s type")
     if kind not in {k.value for k in EntryKind}:
-        raise ValueError(f"{where}'s type {kind!r} is not one of {', '.join(EntryKind)}")
+        raise ValueError(f"{where}'s type {printable(kind)} is not one of {', '.join(EntryKind)}")
     _b64_field(item["wrapped"], f"{where}'s wrapped")
     params: list[tuple[str, str | int]] = []
     for name, value in item.items():
@@ -440,7 +441,7 @@ def _entry(item: Any, index: int) -> Entry:
         elif name in ("iterations", "memory_kib", "lanes"):
             number(value, f"{where}'s {name}", 1 << 32)
         elif name == "kdf" and value != "argon2id":
-            raise ValueError(f"{where}'s kdf {value!r} is not argon2id")
+            raise ValueError(f"{where}'s kdf {printable(json.dumps(value))} is not argon2id")
         params.append((text(name, "a field name"), value))
     needed = {"key": {"salt"}, "passphrase": {"salt", "iterations", "memory_kib", "lanes"}}
     missing = needed.get(kind, set()) - {name for name, _ in params}

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import TamperedImageError
+from .errors import TamperedImageError, printable
 from .manifest import Layer, Manifest
 
 BINARY_BYTES = 4096
@@ -137,16 +137,45 @@ def _only(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
+def _shown(value: Any) -> str:
+    """A header's value as a person reads it (not as Python prints a dict or a tuple), control
+    characters escaped: the header is the attacker's."""
+    if value is None:
+        return "none"
+    if isinstance(value, str):
+        return printable(value) if value else '""'
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_shown(v) for v in value) if value else "none"
+    if isinstance(value, dict):
+        if not value:
+            return "none"
+        parts = (f"{printable(str(k))} " + (f"({_shown(v)})" if isinstance(v, dict) else _shown(v))
+                 for k, v in value.items())  # fmt: skip
+        return "; ".join(parts)
+    return printable(json.dumps(value) if isinstance(value, (bool, int, float)) else repr(value))
+
+
 def _expect(found: Any, wanted: Any, what: str) -> None:
-    if found != wanted:
-        raise ValueError(f"{what} is {found!r}, the statement says {wanted!r}")
+    if found == wanted:
+        return
+    if isinstance(found, dict) and isinstance(wanted, dict) and wanted:
+        names = [*wanted, *(k for k in found if k not in wanted)]
+        diff = [
+            f"{printable(str(k))} {_shown(got)}, the statement says {_shown(wanted.get(k))}"
+            for k in names
+            if (got := found.get(k)) != wanted.get(k)
+        ]
+        raise ValueError(f"{what} is not the statement's ({'; '.join(diff)})")
+    raise ValueError(f"{what} is {_shown(found)}, the statement says {_shown(wanted)}")
 
 
 def _check(header: Header, manifest: Manifest, layer: Layer) -> None:
     meta = header.metadata
     _expect(header.uuid, layer.uuid, "its UUID")
     segments = _only(meta.get("segments"), "segments")
-    _expect(sorted(segments), ["0"], "its segment list")
+    if sorted(segments) != ["0"]:
+        shown = " and ".join(_shown(k) for k in sorted(segments)) or "none"
+        raise ValueError(f"its segment list is {shown}, the image's layers have segment 0 only")
     segment = _only(segments["0"], "segment 0")
     _expect(
         {k: segment.get(k) for k in ("type", "offset", "size", "iv_tweak", "encryption")},
@@ -156,7 +185,11 @@ def _check(header: Header, manifest: Manifest, layer: Layer) -> None:
     )  # fmt: skip
     _expect(segment.get("sector_size"), manifest.sector_size, "its sector size")
     unknown = set(segment) - {"type", "offset", "size", "iv_tweak", "encryption", "sector_size"}
-    _expect(sorted(unknown), [], "its segment's extra fields (integrity, flags)")
+    if unknown:
+        raise ValueError(
+            f"its segment has extra fields ({_shown(sorted(unknown))}), the image's layers have"
+            " none (no integrity, no flags)"
+        )
     keyslots = _only(meta.get("keyslots"), "keyslots")
     if len(keyslots) > 1:
         raise ValueError(f"it has {len(keyslots)} keyslots, the image's layers have one")
@@ -167,10 +200,11 @@ def _check(header: Header, manifest: Manifest, layer: Layer) -> None:
         _expect(slot.get("key_size"), key_bytes, "its keyslot's key size")
         area = _only(slot.get("area"), "a keyslot area")
         _expect(
-            (area.get("type"), area.get("encryption"), area.get("key_size")),
-            ("raw", manifest.cipher, key_bytes),
-            "its keyslot area (type, cipher, key size)",
-        )
+            {"type": area.get("type"), "cipher": area.get("encryption"),
+             "key size": area.get("key_size")},
+            {"type": "raw", "cipher": manifest.cipher, "key size": key_bytes},
+            "its keyslot area",
+        )  # fmt: skip
         offset, size = str(area.get("offset", "")), str(area.get("size", ""))
         if not (offset.isdigit() and size.isdigit()):
             raise ValueError("its keyslot area's offset or size is not a number")
@@ -178,22 +212,36 @@ def _check(header: Header, manifest: Manifest, layer: Layer) -> None:
         if end > layer.offset:
             raise ValueError("its keyslot area reaches into the data")
         kdf = _only(slot.get("kdf"), "a keyslot's KDF")
-        _expect((kdf.get("type"), kdf.get("hash")), ("pbkdf2", "sha256"), "its keyslot's KDF")
+        _expect(
+            {"type": kdf.get("type"), "hash": kdf.get("hash")},
+            {"type": "pbkdf2", "hash": "sha256"},
+            "its keyslot's KDF",
+        )
         iterations = kdf.get("iterations")
         if not isinstance(iterations, int) or not 1 <= iterations <= MAX_ITERATIONS:
-            raise ValueError(f"its keyslot's PBKDF2 iterations are {iterations!r}")
+            raise ValueError(f"its keyslot's PBKDF2 iterations are {_shown(iterations)}")
     digests = _only(meta.get("digests", {}), "digests")
     if len(digests) > 1:
         raise ValueError(f"it has {len(digests)} digests, the image's layers have one")
     for digest in digests.values():
         digest = _only(digest, "a digest")
-        _expect((digest.get("type"), digest.get("hash")), ("pbkdf2", "sha256"), "its digest")
+        _expect(
+            {"type": digest.get("type"), "hash": digest.get("hash")},
+            {"type": "pbkdf2", "hash": "sha256"},
+            "its digest",
+        )
         rounds = digest.get("iterations")
         if not isinstance(rounds, int) or not 1 <= rounds <= MAX_DIGEST_ITERATIONS:
-            raise ValueError(f"its digest's PBKDF2 iterations are {rounds!r}")
-    _expect(_only(meta.get("tokens", {}), "tokens"), {}, "its tokens")
+            raise ValueError(f"its digest's PBKDF2 iterations are {_shown(rounds)}")
+    tokens = _only(meta.get("tokens", {}), "tokens")
+    if tokens:
+        raise ValueError(f"it has tokens ({_shown(tokens)}), the image's layers have none")
     config = _only(meta.get("config", {}), "config")
-    _expect(config.get("requirements"), None, "its requirements")
+    if config.get("requirements") is not None:
+        raise ValueError(
+            f"it has requirements ({_shown(config.get('requirements'))}), the image's layers"
+            " have none"
+        )
 
 
 def check(header: Header, manifest: Manifest, layer: Layer, shown: Path) -> None:

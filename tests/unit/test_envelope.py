@@ -305,3 +305,20 @@ def test_keys_json_is_never_written_beyond_the_budget(tmp_path: Path) -> None:
     assert not (tmp_path / "keys.json").exists()
     envelope.save(tmp_path, entries[:2], "")
     assert len(envelope.load(tmp_path).entries) == 2
+
+
+def test_keys_json_errors_read_as_text(tmp_path: Path) -> None:
+    """Names and values in messages as a person writes them, not as Python prints a list."""
+    import json
+
+    entry = {"type": "passphrase", "id": "p", "wrapped": "AAAA", "kdf": ["pbkdf2"]}
+    for doc, detail in (
+        ({"format": envelope.FORMAT, "entries": [entry], "zz": 1, "aa": 2},
+         "it has unknown fields aa, zz"),
+        ({"format": envelope.FORMAT, "entries": [entry]},
+         "entry 0's kdf [\"pbkdf2\"] is not argon2id"),
+    ):  # fmt: skip
+        (tmp_path / "keys.json").write_text(json.dumps(doc))
+        with pytest.raises(UsageError) as err:
+            envelope.load(tmp_path)
+        assert err.value.message == f"{tmp_path}/keys.json is malformed: {detail}"

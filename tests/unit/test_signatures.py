@@ -198,6 +198,10 @@ def test_default_trust_from_the_config(
     invoke("sign", str(image), "--sign-key", str(keys["ed25519"]))
     code, _, err = invoke("verify", str(image))
     assert code == ExitCode.TAMPERED and f"no key of {signers} signed" in err
+    config.write_text(f'trst = "{signers}"\n')
+    code, _, err = invoke("verify", str(image))
+    assert (code, err) == (ExitCode.USAGE, f"error: {config}: unknown setting trst (known:"
+                                           " trust): fix or remove it\n")  # fmt: skip
     config.write_text("trust = 5\n")
     code, _, err = invoke("verify", str(image))
     assert (code, err) == (ExitCode.USAGE, f"error: {config}: trust is not a path: e.g. trust ="

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -186,7 +187,7 @@ HOSTILE: list[tuple[str, dict[str, Any], str]] = [
     ("null keyslot area", _set(("keyslots", "0", "area", "encryption"), "cipher_null-ecb"),
      "keyslot area"),
     ("two keyslots", _set(("keyslots", "1"), metadata()["keyslots"]["0"]), "2 keyslots"),
-    ("second segment", _set(("segments", "1"), metadata()["segments"]["0"]), "segment list"),
+    ("second segment", _set(("segments", "1"), metadata()["segments"]["0"]), "segment list is 0 and 1"),
     ("other offset", _set(("segments", "0", "offset"), "4096"), "data segment"),
     ("other sector", _set(("segments", "0", "sector_size"), 512), "sector size"),
     ("integrity", _set(("segments", "0", "integrity"), {"type": "hmac(sha256)"}), "extra fields"),
@@ -216,12 +217,24 @@ def test_hostile_header_is_refused(
         f"the LUKS2 header of {path} is not the one the image was built with: "
     )
     assert detail in caught.value.message
+    # read as text, not as Python prints a dict, list or tuple
+    assert not re.search(r"[{}\[\]]|'[^'\s]+'", caught.value.message), caught.value.message
+
+
+def test_header_mismatch_reads_as_text(tmp_path: Path) -> None:
+    path = write_layer(tmp_path / "l", HOSTILE[0][1])
+    with pytest.raises(TamperedImageError) as caught:
+        check(path)
+    assert caught.value.message == (
+        f"the LUKS2 header of {path} is not the one the image was built with: its data segment"
+        " is not the statement's (encryption cipher_null-ecb, the statement says aes-xts-plain64)"
+    )
 
 
 def test_other_uuid_is_refused(tmp_path: Path) -> None:
     """A genuine layer of another image (same format, other UUID) is not this one."""
     path = write_layer(tmp_path / "l", uuid="11111111-2222-3333-4444-555555555555")
-    with pytest.raises(TamperedImageError, match="its UUID is '11111111-"):
+    with pytest.raises(TamperedImageError, match="its UUID is 11111111-2222-3333-4444-5555"):
         check(path)
 
 
