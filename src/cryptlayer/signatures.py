@@ -389,6 +389,7 @@ def _dequote(text: str, at: int, name: str) -> tuple[str, int]:
 def parse_time(value: str) -> int:
     """OpenSSH's parse_absolute_time: YYYYMMDD[HHMM[SS]], local time, or UTC with a `Z` or
     `UTC` suffix; seconds since the epoch."""
+    import calendar
     import datetime
 
     utc = False
@@ -402,9 +403,9 @@ def parse_time(value: str) -> int:
     year, month, day, hour, minute, second = (int(digits[i : i + 2]) for i in range(2, 14, 2))
     year += int(digits[:2]) * 100
     try:
-        zone = datetime.UTC if utc else None
-        when = datetime.datetime(year, month, day, hour, minute, second, tzinfo=zone)
-        seconds = int(when.timestamp())  # a naive time is local, as mktime(3) takes it
+        when = datetime.datetime(year, month, day, hour, minute, second)  # a real date?
+        fields = (*when.timetuple()[:8], 0)  # tm_isdst 0, as OpenSSH's zeroed struct tm has
+        seconds = calendar.timegm(fields) if utc else int(time.mktime(fields))
     except (ValueError, OverflowError, OSError):
         raise ValueError(f"{value} is not a valid time") from None
     if seconds <= 0:

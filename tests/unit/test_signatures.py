@@ -468,3 +468,35 @@ def test_signing_key_others_can_read_is_refused_as_ssh_keygen_refuses_it(
     assert not (image / "signatures").exists()
     key.chmod(0o600)
     assert invoke("sign", str(image), "--sign-key", str(key))[0] == 0
+
+
+@pytest.mark.parametrize("valid_before", ["202007010030", "202007010100", "202006302330Z"])
+@pytest.mark.parametrize("at", ["202006302345Z", "202006302315Z"])
+def test_local_times_read_as_ssh_keygen_reads_them(
+    tmp_path: Path, keys: dict[str, Path], signed_by_ssh_keygen: Path,
+    monkeypatch: pytest.MonkeyPatch, valid_before: str, at: str,
+) -> None:  # fmt: skip
+    """A time without Z is local time as mktime(3) reads OpenSSH's zeroed struct tm (standard
+    time, even in summer): checked at fixed moments (ssh-keygen's -Overify-time) in Berlin."""
+    import time
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        pub = " ".join(Path(f"{keys['ed25519']}.pub").read_text().split()[:2])
+        trust = tmp_path / "allowed_signers"
+        trust.write_text(f'ed25519@test valid-before="{valid_before}" {pub}\n')
+        image = signed_by_ssh_keygen
+        manifest = (image / "manifest.json").read_bytes()
+        done = subprocess.run(
+            ["ssh-keygen", "-Y", "verify", "-f", str(trust), "-I", "ed25519@test", "-n",
+             "cryptlayer-image", "-s", str(image / "signatures/ed25519.sig"),
+             f"-Overify-time={at}"],
+            input=manifest, capture_output=True, env={"TZ": "Europe/Berlin"}, check=False,
+        )  # fmt: skip
+        key = signatures.read_all(image, manifest)[0][0].key
+        ours = signatures.trusted(signatures.load_trust(trust), key, signatures.parse_time(at))
+        assert bool(ours) == (done.returncode == 0), done.stderr
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
