@@ -122,7 +122,7 @@ def pull(store: Store, target: Path, *, digest: str | None = None, trust: Path |
                              target)  # fmt: skip
         with work:
             _fill(store, work, statement, others, trust, show)
-            os.fchmod(work.fd, 0o755)
+            work.publish()
             if os.path.lexists(target):
                 raise UsageError(f"{target} appeared while pulling", "choose a new directory")
             os.rename(work.name, target.name, src_dir_fd=parent, dst_dir_fd=parent)
@@ -279,6 +279,11 @@ class _WorkDir:
             raise UsageError(f"{self.shown / name} is not ours (uid {st.st_uid})",
                              PRIVATE_HINT.format(self.shown))  # fmt: skip
         return os.fdopen(fd, "r+b")
+
+    def publish(self) -> None:
+        """Make the finished directories readable by others (mode 0755), as an image is."""
+        for fd in self._dirs.values():
+            os.fchmod(fd, 0o755)
 
     def unlink(self, name: str) -> None:
         dir_fd, base = self._at(name)

@@ -157,6 +157,7 @@ def test_only_a_private_work_directory_of_ours_is_resumed(
     assert code == 0, err
     assert not work.exists()
     assert (shared / "img/keys.json").read_bytes() == (tmp_path / "img/keys.json").read_bytes()
+    assert (shared / "img").stat().st_mode & 0o777 == 0o755  # private only while pulling
 
 
 # ---- B2, B11: push opens each file once, no symlink, no FIFO, no device ------------------------
@@ -314,7 +315,9 @@ def test_a_damaged_copy_is_never_up_to_date(layout: Path, image: Path, tmp_path:
     assert code == ExitCode.TAMPERED and "(keys.json differs (rekeyed here?" in err, err
 
 
-def test_trust_is_checked_whatever_the_target_holds(layout: Path, tmp_path: Path) -> None:
+def test_trust_is_checked_whatever_the_target_holds(
+    layout: Path, image: Path, tmp_path: Path
+) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")],
                    check=True)  # fmt: skip
     trust = tmp_path / "allowed"
@@ -328,6 +331,15 @@ def test_trust_is_checked_whatever_the_target_holds(layout: Path, tmp_path: Path
     code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(target))
     assert code == ExitCode.TAMPERED, err
     assert err.startswith(f"error: no key of {trust} signed {target} (it has no"), err
+    assert invoke("sign", str(image), "--sign-key", str(tmp_path / "k"))[0] == 0
+    assert invoke("push", str(image), f"oci:{layout}:signed")[0] == 0
+    signed = tmp_path / "signed"
+    code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:signed", str(signed))
+    assert code == 0, err
+    assert (signed / "signatures").stat().st_mode & 0o777 == 0o755
+    assert len(list((signed / "signatures").iterdir())) == 1
+    code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:signed", str(signed))
+    assert code == 0 and err.startswith("already up to date:"), err
 
 
 # ---- B8, B10: a hostile manifest or layout -----------------------------------------------------
