@@ -13,6 +13,7 @@ A target that exists is compared with the manifest file by file. Only ciphertext
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
@@ -244,6 +245,12 @@ class _WorkDir:
         except OSError as err:
             raise UsageError(f"cannot create {target.parent / name}: {err.strerror}") from None
         fd = _private_dir(parent, name, target.parent / name)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(f"another pull into {target} is running",
+                             "wait for it to finish") from None  # fmt: skip
         return cls(parent, name, target, fd)
 
     def __enter__(self) -> _WorkDir:

@@ -5,6 +5,7 @@ devices, manifests naming files the statement does not. Most use an `oci:` layou
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -153,6 +154,12 @@ def test_only_a_private_work_directory_of_ours_is_resumed(
     work.unlink()
     work.mkdir(mode=0o700)
     (work / "keys.json").write_bytes(b"half")  # an interrupted pull's
+    held = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # another pull, still running
+    code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
+    os.close(held)
+    assert (code, err) == (ExitCode.USAGE, f"error: another pull into {shared}/img is running:"
+                           " wait for it to finish\n")  # fmt: skip
     code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
     assert code == 0, err
     assert not work.exists()
