@@ -621,7 +621,11 @@ def push(
     store = open_store(destination, tls_verify=tls_verify, cert_dir=cert_dir)
     digest, sent = push(image, store, for_terminal(quiet))
     if digestfile is not None:
-        write_atomic(digestfile, digest.encode(), durable=False)
+        try:
+            write_atomic(digestfile, digest.encode(), durable=False)
+        except OSError as err:
+            raise UsageError(f"pushed, but cannot write --digestfile {digestfile}: {err.strerror}",
+                             f"the manifest digest is {digest}") from None  # fmt: skip
     typer.echo(
         f"pushed {image} to {destination}: manifest digest {digest} ({sent} blob(s) sent)",
         err=True,

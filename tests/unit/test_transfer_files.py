@@ -439,6 +439,11 @@ def test_digestfile_and_a_layout_of_one_image(image: Path, tmp_path: Path) -> No
     assert code == 0, err
     written = (tmp_path / "d").read_text()
     assert written == manifest_digest(tmp_path / "out") and f"manifest digest {written}" in err
+    code, err = invoke("push", "--digestfile", str(tmp_path / "no/d"), str(image),
+                       f"oci:{tmp_path}/out:v1")  # fmt: skip
+    assert (code, err) == (ExitCode.USAGE, f"error: pushed, but cannot write --digestfile"
+                           f" {tmp_path}/no/d: No such file or directory: the manifest digest is"
+                           f" {written}\n")  # fmt: skip
     code, err = invoke("pull", f"oci:{tmp_path}/out", str(tmp_path / "x"))
     assert code == 0, err
     for name in FILES:
