@@ -8,15 +8,19 @@ it registry to registry, to an `oci:` layout and back, keeping the manifest dige
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import TamperedImageError, UsageError
+from .fsutil import MAX_IMAGE_JSON, NotRegularError, open_regular, read_untrusted
 from .manifest import MANIFEST, Manifest
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -61,38 +65,149 @@ def write_checked(
     return done
 
 
-def require_blob(h: Any, done: int, digest: str, size: int, target: Path, where: str,
-                 hint: str) -> None:  # fmt: skip
-    """TamperedImageError (and `target` removed) unless what was written is blob `digest`."""
+def require_blob(h: Any, done: int, digest: str, size: int, where: str, hint: str) -> None:
+    """TamperedImageError unless what was written is blob `digest` (the caller removes it)."""
     if f"sha256:{h.hexdigest()}" != digest or done != size:
-        target.unlink(missing_ok=True)
         raise TamperedImageError(f"blob {digest} {where} does not match its digest", hint)
 
 
-def file_digest(path: Path) -> str:
+def fd_digest(fd: int) -> tuple[str, int]:
+    """The sha256 digest and the size of what the open file `fd` holds, read from its start."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
+    done = 0
+    while chunk := os.pread(fd, CHUNK, done):
+        h.update(chunk)
+        done += len(chunk)
+    return f"sha256:{h.hexdigest()}", done
 
 
-def blobs_of(image: Path, manifest: Manifest) -> tuple[Blob, list[Blob]]:
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_file(dir_fd: int, name: str, shown: Path, *, size: int | None = None,
+              limit: int | None = None, flags: int = os.O_RDONLY) -> int:  # fmt: skip
+    """File `name` of the directory `dir_fd` (NAME or signatures/NAME), opened only if it is a
+    regular file with one link (no symlink followed, no device or FIFO opened), of `size` bytes
+    or at most `limit`; UsageError saying what it is otherwise. `shown` names it in messages."""
+    folder, _, base = name.rpartition("/")
+    inner = os.open(folder, DIR_FLAGS, dir_fd=dir_fd) if folder else dir_fd
+    try:
+        fd = open_regular(base, dir_fd=inner, flags=flags | os.O_NONBLOCK | os.O_CLOEXEC)
+    except NotRegularError as err:
+        raise UsageError(f"{shown} is not a regular file ({err.kind})",
+                         "an image holds regular files only; copy it again") from None  # fmt: skip
+    except FileNotFoundError:
+        raise UsageError(f"{shown} is missing", "the image is incomplete; copy it again") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UsageError(
+                f"{shown} is a symbolic link; refusing to follow it",
+                "an image holds regular files only; copy it again",
+            ) from None
+        raise UsageError(f"cannot open {shown}: {err.strerror}") from None
+    finally:
+        if inner != dir_fd:
+            os.close(inner)
+    try:
+        st = os.fstat(fd)
+        if st.st_nlink != 1:
+            raise UsageError(
+                f"{shown} has {st.st_nlink} hard links; refusing it",
+                "a file of an image must be its own: copy it with cp, not cp -l or ln",
+            )
+        if size is not None and st.st_size != size:
+            raise UsageError(f"{shown} has {st.st_size} bytes, the manifest says {size}",
+                             "the image is damaged (truncated?); copy it again")  # fmt: skip
+        if limit is not None and st.st_size > limit:
+            raise UsageError(f"{shown} has {st.st_size} bytes, more than {limit}",
+                             "the image is damaged; copy it again")  # fmt: skip
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@dataclass
+class Outgoing:
+    """An image directory being pushed: its statement and every other file, each opened once
+    and checked, hashed from its descriptor and sent from the same one; a context manager."""
+
+    image: Path
+    manifest: Manifest
+    statement: Blob
+    others: list[Blob] = field(default_factory=list)
+    fds: dict[str, int] = field(default_factory=dict)
+    _stack: ExitStack = field(default_factory=ExitStack)
+
+    def __enter__(self) -> Outgoing:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stack.close()
+
+    def source(self, blob: Blob) -> BinaryIO:
+        """What to send for `blob`, from its start: the statement's bytes as read, or the open
+        file that was hashed (a new descriptor of the same open file)."""
+        if blob.name == MANIFEST:
+            return io.BytesIO(self.manifest.raw)
+        f = os.fdopen(os.dup(self.fds[blob.name]), "rb")
+        f.seek(0)
+        self._stack.callback(f.close)
+        return f
+
+
+def blobs_of(image: Path, manifest: Manifest) -> Outgoing:
     """The statement blob and the other blobs of an image directory (layers, trees, keys.json,
-    signatures), in a fixed order."""
+    signatures), in a fixed order, each file opened (under `image`, opened without following a
+    symlink), checked and hashed; UsageError for any file that is not a plain one."""
+    from .signatures import DIR, MAX_SIGNATURE_BYTES, MAX_SIGNATURES, SUFFIX
+
     statement = Blob(MANIFEST, STATEMENT_TYPE, manifest.digest, len(manifest.raw))
-    named = []
-    for layer in manifest.layers:
-        named += [(layer.file, LAYER_TYPE), (layer.tree, TREE_TYPE)]
-    named.append(("keys.json", KEYS_TYPE))
-    sigdir = image / "signatures"
-    if sigdir.is_dir():
-        named += [(f"signatures/{p.name}", SIGNATURE_TYPE) for p in sorted(sigdir.glob("*.sig"))]
-    others = [
-        Blob(name, kind, file_digest(image / name), (image / name).stat().st_size)
-        for name, kind in named
-    ]
-    return statement, others
+    out = Outgoing(image, manifest, statement)
+    try:
+        try:
+            dir_fd = os.open(image, DIR_FLAGS)
+        except OSError as err:
+            raise UsageError(f"{image} is not an image directory ({err.strerror})",
+                             "give the --output of `cryptlayer build`") from None  # fmt: skip
+        out._stack.callback(os.close, dir_fd)
+        if read_untrusted(MANIFEST, MAX_IMAGE_JSON, dir_fd=dir_fd) != manifest.raw:
+            raise UsageError(f"{image}/{MANIFEST} changed while it was read", "push it again")
+        named: list[tuple[str, str, int | None, int | None]] = []
+        for layer in manifest.layers:
+            named += [(layer.file, LAYER_TYPE, layer.size, None),
+                      (layer.tree, TREE_TYPE, layer.tree_size, None)]  # fmt: skip
+        named.append(("keys.json", KEYS_TYPE, None, MAX_IMAGE_JSON))
+        try:
+            sig_fd = os.open(DIR, DIR_FLAGS, dir_fd=dir_fd)
+        except FileNotFoundError:
+            sig_fd = -1
+        except OSError as err:
+            raise UsageError(
+                f"{image}/{DIR} is not a directory ({err.strerror}; a symlink is not followed)",
+                "remove it, or sign the image again",
+            ) from None
+        if sig_fd >= 0:
+            try:
+                sigs = sorted(n for n in os.listdir(sig_fd) if n.endswith(SUFFIX))
+            finally:
+                os.close(sig_fd)
+            if len(sigs) > MAX_SIGNATURES:
+                raise UsageError(f"{image}/{DIR} holds {len(sigs)} signatures, more than"
+                                 f" {MAX_SIGNATURES}", "remove the ones no one needs")  # fmt: skip
+            named += [(f"{DIR}/{n}", SIGNATURE_TYPE, None, MAX_SIGNATURE_BYTES) for n in sigs]
+        for name, kind, size, limit in named:
+            fd = open_file(dir_fd, name, image / name, size=size, limit=limit)
+            out._stack.callback(os.close, fd)
+            out.fds[name] = fd
+            digest, done = fd_digest(fd)
+            if size is not None and done != size:
+                raise UsageError(f"{image / name} changed while it was read", "push it again")
+            out.others.append(Blob(name, kind, digest, done))
+    except BaseException:
+        out.__exit__()
+        raise
+    return out
 
 
 def oci_manifest(statement: Blob, others: list[Blob], created: str) -> bytes:
@@ -133,6 +248,9 @@ def parse(data: bytes, where: str) -> tuple[Blob, list[Blob]]:
         if len(set(names)) != len(names) or "keys.json" not in names:
             raise ValueError("its files repeat, or it has no keys.json")
         return statement, others
+    except RecursionError:
+        raise UsageError(f"{where} is not a cryptlayer image (its manifest is nested too"
+                         " deeply)", "push one with `cryptlayer push`") from None  # fmt: skip
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise UsageError(f"{where} is not a cryptlayer image ({err})",
                          "push one with `cryptlayer push`") from None  # fmt: skip
@@ -154,6 +272,8 @@ def _size(value: Any) -> int:
 def _check_name(name: Any, kind: str) -> None:
     if not isinstance(name, str) or not name.isprintable():
         raise ValueError(f"file name {name!r} is not printable")
+    if name == MANIFEST:  # the statement is the config blob, and only that
+        raise ValueError(f"a layer is titled {MANIFEST}, the statement's name")
     base = name.removeprefix("signatures/") if kind == SIGNATURE_TYPE else name
     if not base or "/" in base or base.startswith(".") or base != os.path.basename(base):
         raise ValueError(f"file name {name!r} is not a plain name")

@@ -608,14 +608,28 @@ def push(
     tls_verify: TlsVerify = True,
     cert_dir: CertDir = None,
     quiet: Quiet = False,
+    digestfile: Annotated[
+        Path | None,
+        typer.Option(metavar="PATH", help="Write the manifest digest to PATH (as skopeo does)."),
+    ] = None,
 ) -> None:
     """Push IMAGE (ciphertext, keys.json's wrapped keys, signatures) to a registry or a layout."""
+    from .fsutil import write_atomic
     from .progress import for_terminal
     from .transfer import open_store, push
 
     store = open_store(destination, tls_verify=tls_verify, cert_dir=cert_dir)
     digest, sent = push(image, store, for_terminal(quiet))
-    typer.echo(f"pushed {image} to {destination}: {digest} ({sent} blob(s) sent)", err=True)
+    if digestfile is not None:
+        try:
+            write_atomic(digestfile, digest.encode(), durable=False)
+        except OSError as err:
+            raise UsageError(f"pushed, but cannot write --digestfile {digestfile}: {err.strerror}",
+                             f"the manifest digest is {digest}") from None  # fmt: skip
+    typer.echo(
+        f"pushed {image} to {destination}: manifest digest {digest} ({sent} blob(s) sent)",
+        err=True,
+    )
 
 
 @app.command()
@@ -630,7 +644,11 @@ def pull(
     image: ImageArg,
     digest: Annotated[
         str | None,
-        typer.Option(metavar="sha256:HEX", help="Refuse any manifest but this one."),
+        typer.Option(
+            metavar="sha256:HEX",
+            help="Refuse any image but this one: its image digest, as `inspect` shows it (a"
+            " manifest digest is pinned as REF@sha256:HEX).",
+        ),
     ] = None,
     trust: Trust = None,
     tls_verify: TlsVerify = True,
@@ -642,10 +660,11 @@ def pull(
     from .transfer import open_store, pull
 
     store = open_store(source, tls_verify=tls_verify, cert_dir=cert_dir)
-    found, fetched = pull(store, image, digest=_digest(digest), trust=_trust(trust),
-                          show=for_terminal(quiet))  # fmt: skip
-    said = "pulled" if fetched else "already up to date:"
-    typer.echo(f"{said} {image} from {source}: {found}", err=True)
+    done = pull(store, image, digest=_digest(digest), trust=_trust(trust),
+                show=for_terminal(quiet))  # fmt: skip
+    said = "pulled" if done.fetched else "already up to date:"
+    typer.echo(f"{said} {image} from {source}: image digest {done.image_digest} (manifest"
+               f" digest {done.manifest_digest})", err=True)  # fmt: skip
 
 
 @app.command()

@@ -11,9 +11,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# How an untrusted file is opened: never through a symlink in its last component, never blocking
-# (a FIFO opens at once and is then refused as not a regular file), never kept across exec.
-UNTRUSTED = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# How an untrusted file is opened, once open_regular has seen it is a regular file: never
+# through a symlink in its last component, never blocking, never as a controlling terminal,
+# never kept across exec.
+UNTRUSTED = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+# How a name is looked at first: O_PATH opens no device, FIFO or socket (no driver's open runs,
+# nothing blocks), and with O_NOFOLLOW it gives a symlink itself rather than its target.
+LOOK = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # openat2(2)'s RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS: ".." and absolute symlinks stay inside
 RESOLVE_IN_ROOT = 0x10 | 0x02
 RESOLVE_NO_SYMLINKS = 0x04
@@ -22,6 +26,45 @@ SYS_OPENAT2 = 437  # the same number on every architecture (syscalls added since
 
 class UntrustedFileError(Exception):
     """A file that is not what it must be: missing, not a regular file, a symlink, too large."""
+
+
+class NotRegularError(UntrustedFileError):
+    """A name that is a device, FIFO, socket or directory where a regular file must be."""
+
+    def __init__(self, what: str, mode: int) -> None:
+        super().__init__(f"{what} is not a regular file ({kind(mode)})")
+        self.kind = kind(mode)
+
+
+def kind(mode: int) -> str:
+    """What a file of `mode` is, for a message ("a FIFO", "a character device node"...)."""
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISCHR, "a character device node"), (stat.S_ISBLK, "a block device node"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link")]  # fmt: skip
+    return next((what for test, what in kinds if test(mode)), "not a regular file")
+
+
+def reopen_regular(path_fd: int, what: str, flags: int = UNTRUSTED) -> int:
+    """The file behind the O_PATH descriptor `path_fd` (left open), opened with `flags` only if
+    it is a regular file: the very inode that was checked (through /proc/self/fd), so that a
+    device or FIFO is never opened; NotRegularError otherwise, OSError(ELOOP) for a symlink."""
+    st = os.fstat(path_fd)
+    if stat.S_ISLNK(st.st_mode):
+        raise OSError(errno.ELOOP, "is a symbolic link", what)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularError(what, st.st_mode)
+    return os.open(f"/proc/self/fd/{path_fd}", flags & ~os.O_NOFOLLOW | os.O_NOCTTY)
+
+
+def open_regular(name: str, *, dir_fd: int | None = None, flags: int = UNTRUSTED) -> int:
+    """Open `name` with `flags` only if it is a regular file, never through a symlink in its last
+    component (OSError ELOOP) and never opening anything else (NotRegularError): the name is
+    looked at with O_PATH first. OSError as open(2) gives it (FileNotFoundError...)."""
+    path_fd = os.open(name, LOOK, dir_fd=dir_fd)
+    try:
+        return reopen_regular(path_fd, name, flags)
+    finally:
+        os.close(path_fd)
 
 
 @functools.cache
@@ -35,7 +78,27 @@ def libc() -> Any:
 def open_in_root(root_fd: int, relative: str, *, symlinks: bool = True) -> int:
     """Open `relative` below directory `root_fd` as if `root_fd` were `/` (symlinks and `..`
     included; with `symlinks` False, any symlink on the way is refused with ELOOP), for reading
-    without blocking; OSError as open(2) gives it."""
+    without blocking; OSError as open(2) gives it.
+
+    Only a regular file is opened for reading; anything else (a device, a FIFO) is not opened at
+    all and comes back as an O_PATH descriptor, good for fstat only, which callers refuse."""
+    path_fd = _look_in_root(root_fd, relative, symlinks)
+    try:
+        mode = os.fstat(path_fd).st_mode
+        if stat.S_ISLNK(mode):  # (the lookup without openat2 follows none)
+            raise OSError(errno.ELOOP, "is a symbolic link", relative)
+        if not stat.S_ISREG(mode):
+            return path_fd
+        fd = reopen_regular(path_fd, relative)
+    except BaseException:
+        os.close(path_fd)
+        raise
+    os.close(path_fd)
+    return fd
+
+
+def _look_in_root(root_fd: int, relative: str, symlinks: bool) -> int:
+    """open_in_root's lookup: an O_PATH descriptor of what `relative` names."""
     import ctypes
 
     class OpenHow(ctypes.Structure):
@@ -43,7 +106,7 @@ def open_in_root(root_fd: int, relative: str, *, symlinks: bool = True) -> int:
                     ("resolve", ctypes.c_uint64)]  # fmt: skip
 
     resolve = RESOLVE_IN_ROOT | (0 if symlinks else RESOLVE_NO_SYMLINKS)
-    how = OpenHow(os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, 0, resolve)
+    how = OpenHow(os.O_PATH | os.O_CLOEXEC, 0, resolve)
     fd = libc().syscall(SYS_OPENAT2, root_fd, relative.encode(), ctypes.byref(how),
                          ctypes.sizeof(how))  # fmt: skip
     if fd >= 0:
@@ -59,7 +122,7 @@ def open_in_root(root_fd: int, relative: str, *, symlinks: bool = True) -> int:
     try:
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
-            flags = UNTRUSTED if last else UNTRUSTED | os.O_DIRECTORY
+            flags = LOOK if last else UNTRUSTED | os.O_DIRECTORY
             nxt = os.open(part, flags, dir_fd=current)
             if current != root_fd:
                 os.close(current)
@@ -77,7 +140,7 @@ def read_regular(fd: int, limit: int, what: str) -> bytes:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise UntrustedFileError(f"{what} is not a regular file")
+            raise NotRegularError(what, st.st_mode)
         if st.st_size > limit:
             raise UntrustedFileError(f"{what} has {st.st_size} bytes, more than {limit}")
         chunks = []
@@ -96,7 +159,7 @@ def read_untrusted(name: str, limit: int, *, dir_fd: int | None = None) -> bytes
     """A regular file of at most `limit` bytes, opened without following a symlink (in its last
     component) or blocking; FileNotFoundError if absent, UntrustedFileError if not such a file."""
     try:
-        fd = os.open(name, UNTRUSTED, dir_fd=dir_fd)
+        fd = open_regular(name, dir_fd=dir_fd)
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise UntrustedFileError(f"{name} is a symbolic link") from None

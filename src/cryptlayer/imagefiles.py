@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
+from .fsutil import NotRegularError, open_regular
 from .manifest import Manifest
 
-OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 SHARED_DIR_HINT = (
     "whoever can write it can swap its files while root uses them; make it root's and not"
     " writable by others (chown root: DIR; chmod go-w DIR), or pass --allow-shared-dir"
@@ -119,7 +119,12 @@ def open_layer(files: ImageFiles, name: str, size: int | None) -> LayerFile:
     """Open layer file `name` of `files` (closed with them); UsageError if it is not one."""
     shown = files.image / name
     try:
-        fd = os.open(name, OPEN_FLAGS, dir_fd=files.dir_fd)
+        fd = open_regular(name, dir_fd=files.dir_fd)  # (a device or FIFO is never opened)
+    except NotRegularError as err:
+        raise UsageError(
+            f"layer file {shown} is not a regular file ({err.kind})",
+            "the image is damaged; copy it again",
+        ) from None
     except FileNotFoundError:
         raise UsageError(
             f"layer file {shown} is missing", "the image is incomplete; copy it again"
@@ -133,10 +138,6 @@ def open_layer(files: ImageFiles, name: str, size: int | None) -> LayerFile:
         raise UsageError(f"cannot open layer file {shown}: {err.strerror}") from None
     files._stack.callback(os.close, fd)
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise UsageError(
-            f"layer file {shown} is not a regular file", "the image is damaged; copy it again"
-        )
     if st.st_nlink != 1:
         raise UsageError(
             f"layer file {shown} has {st.st_nlink} hard links; refusing to use or erase it",

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .artifact import require_blob, write_checked
 from .errors import TamperedImageError, UsageError
@@ -230,10 +230,11 @@ class Registry:
         return bool(self._check(response, f"blob {digest}").status_code == 200)
 
     def push_blob(
-        self, path: Path, digest: str, size: int, progress: Callable[[int], None]
+        self, blob: BinaryIO, digest: str, size: int, progress: Callable[[int], None]
     ) -> bool:
-        """Upload `path` as `digest` unless the registry has it, or can mount it from another
-        repository where this host saw it (blob_locations); True if bytes were sent."""
+        """Upload `blob` (an open file, read from where it stands) as `digest` unless the
+        registry has it, or can mount it from another repository where this host saw it
+        (blob_locations); True if bytes were sent."""
         if self.has_blob(digest):
             self.seen(digest)
             return False
@@ -250,11 +251,10 @@ class Registry:
         location = response.headers["Location"]
         if location.startswith("/"):
             location = f"{self.scheme}://{self.ref.host}{location}"
-        with open(path, "rb") as f:
-            response = self._request(
-                "PUT", location, params={"digest": digest}, data=_Counted(f, size, progress),
-                headers={"Content-Type": "application/octet-stream"},
-            )  # fmt: skip
+        response = self._request(
+            "PUT", location, params={"digest": digest}, data=_Counted(blob, size, progress),
+            headers={"Content-Type": "application/octet-stream"},
+        )  # fmt: skip
         self._check(response, f"upload of {digest}")
         self.seen(digest)
         return True
@@ -264,18 +264,20 @@ class Registry:
         remember_blob(f"{self.ref.host} {digest}", self.ref.repository)
 
     def pull_blob(
-        self, digest: str, size: int, target: Path, progress: Callable[[int], None]
+        self, digest: str, size: int, out: BinaryIO, progress: Callable[[int], None]
     ) -> None:
-        """Stream blob `digest` into `target`, resuming what is there; its sha256 checked."""
+        """Stream blob `digest` into `out` (an open file, readable and writable), resuming what
+        it holds; its sha256 checked (TamperedImageError: the caller removes the file)."""
         h = hashlib.sha256()
-        have = target.stat().st_size if target.exists() else 0
+        out.seek(0)
+        have = 0
+        while chunk := out.read(CHUNK):
+            h.update(chunk)
+            have += len(chunk)
         if have > size:
-            target.unlink()
-            have = 0
-        if have:
-            with open(target, "rb") as f:
-                while chunk := f.read(CHUNK):
-                    h.update(chunk)
+            out.seek(0)
+            out.truncate()
+            h, have = hashlib.sha256(), 0
         if have < size:
             headers = {"Range": f"bytes={have}-"} if have else {}
             response = self._request("GET", f"{self.base}/blobs/{digest}", headers=headers,
@@ -283,9 +285,10 @@ class Registry:
             self._check(response, f"blob {digest}")
             if have and response.status_code != 206:  # no range support: start over
                 h, have = hashlib.sha256(), 0
-            with open(target, "ab" if have else "wb") as f:
-                have = write_checked(response.iter_content(CHUNK), f, h, have, size, progress)
-        require_blob(h, have, digest, size, target, f"from {self.ref.host}",
+                out.seek(0)
+                out.truncate()
+            have = write_checked(response.iter_content(CHUNK), out, h, have, size, progress)
+        require_blob(h, have, digest, size, f"from {self.ref.host}",
                      "the registry or the network changed it; pull again")  # fmt: skip
         self.seen(digest)
 

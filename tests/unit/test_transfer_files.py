@@ -1,0 +1,454 @@
+"""push and pull as file-system code, against a hostile neighbour (another local user who can
+write beside the target) and a hostile layout or registry: work directories, symlinks, FIFOs,
+devices, manifests naming files the statement does not. Most use an `oci:` layout as the store
+(no network needed); the registry path goes through the same transfer code."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from luksfixtures import fake_image
+from registryfixtures import RunningRegistry, registry
+from typer.testing import CliRunner
+
+from cryptlayer.cli import app
+from cryptlayer.errors import ExitCode
+
+FILES = ("manifest.json", "keys.json", "layer0.luks", "layer0.verity")
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    return result.exit_code, result.stderr
+
+
+@pytest.fixture(autouse=True)
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRYPTLAYER_ROOT", str(tmp_path / "state"))
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    return fake_image(tmp_path / "img")
+
+
+@pytest.fixture
+def layout(image: Path, tmp_path: Path) -> Path:
+    """The image pushed to an OCI layout, tag v1."""
+    code, err = invoke("push", str(image), f"oci:{tmp_path}/layout:v1")
+    assert code == 0, err
+    return tmp_path / "layout"
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A directory like /tmp: anyone may create entries in it (sticky)."""
+    path = Path(tempfile.mkdtemp(prefix="cryptlayer-shared-", dir="/tmp"))
+    path.chmod(0o1777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def as_nobody(script: str) -> None:
+    subprocess.run([*NOBODY, "sh", "-ec", script], check=True)
+
+
+def manifest_digest(layout: Path) -> str:
+    index = json.loads((layout / "index.json").read_text())
+    return str(index["manifests"][0]["digest"])
+
+
+def blob_path(layout: Path, digest: str) -> Path:
+    return layout / "blobs/sha256" / digest.removeprefix("sha256:")
+
+
+def rewrite(layout: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Change the layout's one manifest (as a hostile layout or registry would serve it)."""
+    old = manifest_digest(layout)
+    doc = json.loads(blob_path(layout, old).read_bytes())
+    change(doc)
+    set_manifest(layout, json.dumps(doc).encode())
+
+
+def set_manifest(layout: Path, data: bytes) -> None:
+    digest = add_blob(layout, data)
+    index = json.loads((layout / "index.json").read_text())
+    index["manifests"][0]["digest"] = digest
+    index["manifests"][0]["size"] = len(data)
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def add_blob(layout: Path, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    blob_path(layout, digest).write_bytes(data)
+    return digest
+
+
+# ---- B1: the work directory beside the target -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
+    with registry(tmp_path_factory.mktemp("plain")) as running:
+        yield running
+
+
+@pytest.mark.parametrize("source", ["oci", "registry"])
+def test_a_neighbours_work_directory_is_refused(
+    source: str, layout: Path, image: Path, shared: Path, tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
+    """Another user makes the predictable `.img.pull-HEX` with keys.json -> a root-only file:
+    root's pull refuses it (saying what to do), and the root-only file is unchanged."""
+    ref = f"oci:{layout}:v1"
+    if source == "registry":
+        plain: RunningRegistry = request.getfixturevalue("plain")
+        ref = f"docker://{plain.host}/neighbour/app:v1"
+        assert invoke("push", "--no-tls-verify", str(image), ref)[0] == 0
+    victim = tmp_path / "root-only"
+    victim.write_bytes(b"root's\n")
+    victim.chmod(0o600)
+    work = shared / f".img.pull-{manifest_digest(layout).removeprefix('sha256:')[:12]}"
+    as_nobody(f"mkdir {work}; ln -s {victim} {work}/keys.json; ln -s {victim} {work}/job")
+    tls = ["--no-tls-verify"] if source == "registry" else []
+    code, err = invoke("pull", *tls, ref, str(shared / "img"))
+    assert code == ExitCode.USAGE, err
+    assert err.startswith(f"error: {work} is not a directory pull made (owned by uid 65534")
+    assert err.endswith(f"remove it (rm -r {work}) and pull again: pull resumes only a"
+                        " directory it made\n")  # fmt: skip
+    assert victim.read_bytes() == b"root's\n"
+    assert not (shared / "img").exists()
+
+
+def test_only_a_private_work_directory_of_ours_is_resumed(
+    layout: Path, shared: Path, tmp_path: Path
+) -> None:
+    """Ours but open to others (0755), or a symlink to ours: refused; ours and 0700: resumed."""
+    work = shared / f".img.pull-{manifest_digest(layout).removeprefix('sha256:')[:12]}"
+    work.mkdir(mode=0o755)
+    work.chmod(0o755)
+    code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
+    assert code == ExitCode.USAGE and "(owned by uid 0, mode 0755)" in err, err
+    work.rmdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    as_nobody(f"ln -s {elsewhere} {work}")
+    code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
+    assert code == ExitCode.USAGE and "a symlink is not followed" in err, err
+    assert list(elsewhere.iterdir()) == []
+    work.unlink()
+    work.mkdir(mode=0o700)
+    (work / "keys.json").write_bytes(b"half")  # an interrupted pull's
+    held = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # another pull, still running
+    code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
+    os.close(held)
+    assert (code, err) == (ExitCode.USAGE, f"error: another pull into {shared}/img is running:"
+                           " wait for it to finish\n")  # fmt: skip
+    code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
+    assert code == 0, err
+    assert not work.exists()
+    assert (shared / "img/keys.json").read_bytes() == (tmp_path / "img/keys.json").read_bytes()
+    assert (shared / "img").stat().st_mode & 0o777 == 0o755  # private only while pulling
+
+
+# ---- B2, B11: push opens each file once, no symlink, no FIFO, no device ------------------------
+
+
+def test_push_refuses_a_symlinked_signature(image: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root's secret\n")
+    (image / "signatures").mkdir()
+    (image / "signatures/z.sig").symlink_to(secret)
+    code, err = invoke("push", str(image), f"oci:{tmp_path}/out:v1")
+    assert (code, err) == (ExitCode.USAGE, f"error: {image}/signatures/z.sig is a symbolic link;"
+                           " refusing to follow it: an image holds regular files only; copy it"
+                           " again\n")  # fmt: skip
+    stored = [p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert b"root's secret\n" not in stored
+
+
+@pytest.mark.parametrize("name", ["layer0.verity", "keys.json"])
+def test_push_refuses_symlinked_and_hard_linked_files(
+    image: Path, tmp_path: Path, name: str
+) -> None:
+    os.rename(image / name, tmp_path / name)
+    (image / name).symlink_to(tmp_path / name)
+    code, err = invoke("push", str(image), f"oci:{tmp_path}/out:v1")
+    assert code == ExitCode.USAGE and f"{image}/{name} is a symbolic link" in err, err
+    (image / name).unlink()
+    os.link(tmp_path / name, image / name)
+    code, err = invoke("push", str(image), f"oci:{tmp_path}/out:v1")
+    assert code == ExitCode.USAGE and f"{image}/{name} has 2 hard links" in err, err
+
+
+@pytest.fixture
+def waiting_writer(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    """A FIFO and a process blocked opening it for writing: if anyone opens the FIFO for
+    reading (even O_NONBLOCK), that process wakes up and leaves open(2)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen([sys.executable, "-c", f"open({str(fifo)!r}, 'wb')"])
+    wchan = Path(f"/proc/{writer.pid}/wchan")
+    while wchan.read_text() != "wait_for_partner":  # until it is blocked in open(2)
+        assert writer.poll() is None
+        time.sleep(0.01)
+    try:
+        yield fifo, writer
+    finally:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # let it go
+        writer.wait(timeout=30)
+
+
+def still_blocked(writer: subprocess.Popen[bytes]) -> bool:
+    return bool(writer.poll() is None
+                and Path(f"/proc/{writer.pid}/wchan").read_text() == "wait_for_partner")  # fmt: skip
+
+
+def test_push_never_opens_a_fifo(
+    image: Path, tmp_path: Path, waiting_writer: tuple[Path, subprocess.Popen[bytes]]
+) -> None:
+    fifo, writer = waiting_writer
+    (image / "signatures").mkdir()
+    os.rename(fifo, image / "signatures/f.sig")
+    code, err = invoke("push", str(image), f"oci:{tmp_path}/out:v1")
+    assert (code, err) == (ExitCode.USAGE, f"error: {image}/signatures/f.sig is not a regular"
+                           " file (a FIFO): an image holds regular files only; copy it again\n")  # fmt: skip
+    assert still_blocked(writer)
+    os.rename(image / "signatures/f.sig", fifo)
+
+
+def test_untrusted_reads_never_open_a_fifo(
+    image: Path, waiting_writer: tuple[Path, subprocess.Popen[bytes]]
+) -> None:
+    """The image path too: keys.json through fsutil.read_untrusted, a layer through imagefiles."""
+    from cryptlayer import manifest as manifest_mod
+    from cryptlayer.errors import UsageError
+    from cryptlayer.fsutil import UntrustedFileError, read_untrusted
+    from cryptlayer.imagefiles import open_image
+
+    fifo, writer = waiting_writer
+    with pytest.raises(UntrustedFileError, match=r"is not a regular file \(a FIFO\)"):
+        read_untrusted(str(fifo), 1 << 20)
+    assert still_blocked(writer)
+    loaded = manifest_mod.load(image)
+    (image / "layer0.luks").unlink()
+    os.rename(fifo, image / "layer0.luks")
+    with pytest.raises(UsageError, match=r"layer0.luks is not a regular file \(a FIFO\)"):
+        open_image(image, loaded)
+    assert still_blocked(writer)
+    os.rename(image / "layer0.luks", fifo)
+
+
+def test_device_nodes_are_refused(image: Path, tmp_path: Path) -> None:
+    """A /dev/null-like node as a layer, and a tty-like one as keys.json (opening a terminal
+    without O_NOCTTY could make it ours): refused by type, before any open."""
+    import stat
+
+    (image / "layer0.verity").unlink()
+    os.mknod(image / "layer0.verity", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    code, err = invoke("push", str(image), f"oci:{tmp_path}/out:v1")
+    assert code == ExitCode.USAGE, err
+    assert f"{image}/layer0.verity is not a regular file (a character device node)" in err
+    (image / "keys.json").unlink()
+    os.mknod(image / "keys.json", stat.S_IFCHR | 0o600, os.makedev(5, 0))  # /dev/tty
+    from cryptlayer.fsutil import UntrustedFileError, read_untrusted
+
+    with pytest.raises(UntrustedFileError, match=r"\(a character device node\)"):
+        read_untrusted(str(image / "keys.json"), 1 << 20)
+
+
+# ---- B6: a layout someone else prepared --------------------------------------------------------
+
+
+def test_push_to_a_layout_never_writes_through_a_symlink(image: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched\n")
+    out = tmp_path / "out"
+    (out / "blobs/sha256").mkdir(parents=True)
+    for name in FILES:
+        data = (image / name).read_bytes()
+        partial = out / f"blobs/sha256/.{hashlib.sha256(data).hexdigest()}.partial"
+        partial.symlink_to(victim)
+    code, err = invoke("push", str(image), f"oci:{out}:v1")
+    assert code == 0, err
+    assert victim.read_bytes() == b"untouched\n"
+    code, err = invoke("pull", f"oci:{out}:v1", str(tmp_path / "back"))
+    assert code == 0, err
+    shutil.rmtree(out / "blobs")
+    (out / "blobs").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere/sha256").mkdir(parents=True)
+    code, err = invoke("push", str(image), f"oci:{out}:v1")
+    assert code == ExitCode.USAGE, err
+    assert err.startswith(f"error: {out}/blobs is not a directory of an OCI layout")
+    assert list((tmp_path / "elsewhere/sha256").iterdir()) == []
+
+
+# ---- B7, C1, C8: an existing target, trust -----------------------------------------------------
+
+
+def test_a_damaged_copy_is_never_up_to_date(layout: Path, image: Path, tmp_path: Path) -> None:
+    target = tmp_path / "copy"
+    assert invoke("pull", f"oci:{layout}:v1", str(target))[0] == 0
+    code, err = invoke("pull", f"oci:{layout}:v1", str(target))
+    assert code == 0 and err.startswith("already up to date:"), err
+    data = bytearray((target / "layer0.luks").read_bytes())
+    data[-1] ^= 1
+    (target / "layer0.luks").write_bytes(bytes(data))  # same size: sizes alone miss it
+    code, err = invoke("pull", f"oci:{layout}:v1", str(target))
+    digest = json.loads(blob_path(layout, manifest_digest(layout)).read_bytes())["config"]
+    assert (code, err) == (ExitCode.TAMPERED, f"error: {target} does not match image"
+                           f" {digest['digest']} (layer0.luks differs): remove it and pull"
+                           " again, or pull into a new directory\n")  # fmt: skip
+    data[-1] ^= 1
+    (target / "layer0.luks").write_bytes(bytes(data))
+    (target / "keys.json").write_bytes(b"{}")
+    code, err = invoke("pull", f"oci:{layout}:v1", str(target))
+    assert code == ExitCode.TAMPERED and "(keys.json differs (rekeyed here?" in err, err
+
+
+def test_trust_is_checked_whatever_the_target_holds(
+    layout: Path, image: Path, tmp_path: Path
+) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")],
+                   check=True)  # fmt: skip
+    trust = tmp_path / "allowed"
+    trust.write_text("a@b " + " ".join((tmp_path / "k.pub").read_text().split()[:2]) + "\n")
+    target = tmp_path / "copy"
+    code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(target))
+    assert code == ExitCode.TAMPERED, err
+    assert err.startswith(f"error: no key of {trust} signed {target} (it has no"), err
+    assert not target.exists() and not list(tmp_path.glob(".copy.pull-*"))
+    assert invoke("pull", f"oci:{layout}:v1", str(target))[0] == 0  # unsigned, not asked
+    code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(target))
+    assert code == ExitCode.TAMPERED, err
+    assert err.startswith(f"error: no key of {trust} signed {target} (it has no"), err
+    assert invoke("sign", str(image), "--sign-key", str(tmp_path / "k"))[0] == 0
+    assert invoke("push", str(image), f"oci:{layout}:signed")[0] == 0
+    signed = tmp_path / "signed"
+    code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:signed", str(signed))
+    assert code == 0, err
+    assert (signed / "signatures").stat().st_mode & 0o777 == 0o755
+    assert len(list((signed / "signatures").iterdir())) == 1
+    code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:signed", str(signed))
+    assert code == 0 and err.startswith("already up to date:"), err
+
+
+# ---- B8, B10: a hostile manifest or layout -----------------------------------------------------
+
+
+def test_the_statement_is_the_config_blob_and_nothing_else(
+    layout: Path, image: Path, tmp_path: Path
+) -> None:
+    forged = add_blob(layout, b'{"format": "forged"}')
+
+    def titled_manifest(doc: dict[str, Any]) -> None:
+        doc["layers"].append({"mediaType": "application/vnd.cryptlayer.layer.v2.luks2",
+                              "digest": forged, "size": 20,
+                              "annotations": {"org.opencontainers.image.title":
+                                              "manifest.json"}})  # fmt: skip
+
+    rewrite(layout, titled_manifest)
+    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    assert code == ExitCode.USAGE, err
+    assert "a layer is titled manifest.json, the statement's name" in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("title", "kind"),
+    [("job", "layer.v2.luks2"), ("other", "keys.v1+json"), ("x.sig", "signature.v1.sshsig")],
+)
+def test_only_files_the_statement_names_are_written(
+    layout: Path, tmp_path: Path, title: str, kind: str
+) -> None:
+    job = add_blob(layout, b"#!/bin/sh\nattacker\n")
+
+    def extra(doc: dict[str, Any]) -> None:
+        doc["layers"].append({"mediaType": f"application/vnd.cryptlayer.{kind}",
+                              "digest": job, "size": 20,
+                              "annotations": {"org.opencontainers.image.title": title}})  # fmt: skip
+
+    rewrite(layout, extra)
+    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    assert code == ExitCode.TAMPERED, err
+    assert f"oci:{layout}:v1 carries {title}, a file image sha256:" in err
+    assert not (tmp_path / "x").exists()
+    work = next(tmp_path.glob(".x.pull-*"))
+    assert sorted(os.listdir(work)) == ["manifest.json"]
+
+
+def test_bad_manifests_and_indexes_are_one_line_errors(layout: Path, tmp_path: Path) -> None:
+    original = (layout / "index.json").read_text()
+    set_manifest(layout, b"[" * 200_000 + b"]" * 200_000)
+    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    assert (code, err) == (ExitCode.USAGE, f"error: oci:{layout}:v1 is not a cryptlayer image"
+                           " (its manifest is nested too deeply): push one with `cryptlayer"
+                           " push`\n")  # fmt: skip
+    for index, why in [({"manifests": 5}, "manifests is not a list"),
+                       ({"manifests": [{"digest": 5, "annotations": {}}]},
+                        "manifests[0] has no digest or annotations object"),
+                       ({"manifests": [{"digest": "sha256:00", "annotations": []}]},
+                        "manifests[0] has no digest or annotations object"),
+                       ({"manifests": [{"digest": "sha256:../../x", "annotations": {}}]},
+                        "'sha256:../../x' is not a sha256 digest")]:  # fmt: skip
+        (layout / "index.json").write_text(json.dumps(index))
+        code, err = invoke("pull", f"oci:{layout}", str(tmp_path / "x"))
+        assert code == ExitCode.USAGE and why in err and err.count("\n") == 1, err
+    (layout / "index.json").write_text("[" * 200_000 + "]" * 200_000)
+    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    assert (code, err) == (ExitCode.USAGE, f"error: {layout}/index.json is nested too deeply\n")
+    (layout / "index.json").write_text(original)
+
+
+# ---- C2, C9: digests by name, --digestfile, a layout without a tag ------------------------------
+
+
+def test_digest_pins_the_image_digest(layout: Path, image: Path, tmp_path: Path) -> None:
+    from cryptlayer import manifest as manifest_mod
+
+    image_digest = manifest_mod.load(image).digest
+    manifest = manifest_digest(layout)
+    code, err = invoke("pull", "--digest", image_digest, f"oci:{layout}:v1", str(tmp_path / "a"))
+    assert code == 0, err
+    assert err.endswith(f"image digest {image_digest} (manifest digest {manifest})\n")
+    code, err = invoke("pull", "--digest", manifest, f"oci:{layout}:v1", str(tmp_path / "b"))
+    assert code == ExitCode.TAMPERED
+    assert err.startswith(f"error: oci:{layout}:v1 is image digest {image_digest}, not the"
+                          f" pinned {manifest}")  # fmt: skip
+
+
+def test_digestfile_and_a_layout_of_one_image(image: Path, tmp_path: Path) -> None:
+    code, err = invoke("push", "--digestfile", str(tmp_path / "d"), str(image),
+                       f"oci:{tmp_path}/out:v1")  # fmt: skip
+    assert code == 0, err
+    written = (tmp_path / "d").read_text()
+    assert written == manifest_digest(tmp_path / "out") and f"manifest digest {written}" in err
+    code, err = invoke("push", "--digestfile", str(tmp_path / "no/d"), str(image),
+                       f"oci:{tmp_path}/out:v1")  # fmt: skip
+    assert (code, err) == (ExitCode.USAGE, f"error: pushed, but cannot write --digestfile"
+                           f" {tmp_path}/no/d: No such file or directory: the manifest digest is"
+                           f" {written}\n")  # fmt: skip
+    code, err = invoke("pull", f"oci:{tmp_path}/out", str(tmp_path / "x"))
+    assert code == 0, err
+    for name in FILES:
+        assert (tmp_path / "x" / name).read_bytes() == (image / name).read_bytes()
+    assert invoke("push", str(image), f"oci:{tmp_path}/out:v2")[0] == 0
+    code, err = invoke("pull", f"oci:{tmp_path}/out", str(tmp_path / "y"))
+    assert (code, err) == (ExitCode.USAGE, f"error: oci:{tmp_path}/out names no image (it holds"
+                           " 2; tags: v1, v2): name one: oci:PATH:TAG\n")  # fmt: skip
