@@ -5,11 +5,15 @@ import json
 import logging
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+from typer._click.core import Context
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
+from typer._click.exceptions import UsageError as ClickUsageError
+from typer.core import TyperCommand, TyperGroup
 
 from .errors import CryptlayerError, ExitCode, UsageError, printable
 
@@ -18,7 +22,72 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+def _command_path(ctx: Context | None) -> str:
+    """`cryptlayer SUBCOMMAND` as a user types it (whatever argv[0] or the test runner says)."""
+    names: list[str] = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(["cryptlayer", *reversed(names)])
+
+
+def usage_error_line(err: ClickUsageError) -> str:
+    """click's usage error as the one `error:` line the README promises, with where to look."""
+    text = err.format_message().strip().rstrip(".")
+    if text[:1].isupper() and not text[1:2].isupper():
+        text = text[:1].lower() + text[1:]
+    return f"error: {printable(text)}: see `{_command_path(err.ctx)} --help`"
+
+
+class _Group(TyperGroup):
+    """The command group, with click's usage errors as one `error:` line (not its three-line
+    box) and usage lines without typer's {braces} around required arguments."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            status = super().main(args, prog_name, complete_var, False, **extra)
+        except NoArgsIsHelpError as err:
+            err.show()
+            sys.exit(err.exit_code)
+        except ClickUsageError as err:
+            typer.echo(usage_error_line(err), err=True)
+            sys.exit(ExitCode.USAGE)
+        except ClickException as err:
+            typer.echo(f"error: {printable(err.format_message())}", err=True)
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(ExitCode.FAILURE)
+        sys.exit(status if isinstance(status, int) else 0)
+
+
+class _Command(TyperCommand):
+    """A subcommand whose usage line reads `IMAGE`, not typer's `{IMAGE}`."""
+
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except ClickUsageError as err:
+            err.ctx = err.ctx or ctx  # the parser's own errors carry none: say which command
+            raise
+
+    def collect_usage_pieces(self, ctx: Context) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
+
+
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -110,10 +179,24 @@ def handled(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _show_version(wanted: bool) -> None:
+    if wanted:
+        from importlib.metadata import version
+
+        typer.echo(f"cryptlayer {version('cryptlayer')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(
     debug: Annotated[
         bool, typer.Option("--debug", help="Log every command run; show tracebacks.")
+    ] = False,
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_show_version, help="Print the version and exit."
+        ),
     ] = False,
 ) -> None:
     global _debug
@@ -444,7 +527,10 @@ def run(
     keyring: Keyring = None,
     passphrase: Passphrase = False,
     identity: IdentityOpt = None,
-    command: Annotated[list[str] | None, typer.Argument(help="COMMAND [ARG...] after --.")] = None,
+    command: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[COMMAND [ARG]...]", help="What to run instead of the default."),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Container name (default: generated).")] = None,
     keep: KeepFlag = False,
     env: Annotated[
@@ -688,7 +774,7 @@ def logout(registry: Annotated[str, typer.Argument(metavar="HOST[:PORT]")]) -> N
 @app.command()
 @handled
 def stop(
-    name: Annotated[str, typer.Argument(help="Container name.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Container name.")],
     force: Annotated[
         bool, typer.Option("--force", "-f", help="Kill processes using the container's files.")
     ] = False,
@@ -753,6 +839,12 @@ def gc() -> None:
                               "fix the cause and run `cryptlayer gc` again")  # fmt: skip
     if not (report.containers or report.orphans or report.shredded):
         typer.echo("nothing to clean up")
+
+
+# Every command (those added later too) gets the usage line without braces.
+for _info in app.registered_commands:
+    if _info.cls in (None, TyperCommand):
+        _info.cls = _Command
 
 
 def main() -> None:
