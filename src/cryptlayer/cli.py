@@ -142,7 +142,29 @@ KeepFlag = Annotated[
 ]
 
 
+# Warnings wait here until the command hands the terminal over (run's container) or ends, and
+# go out before any error line: a refusal's cause is always the last line a user or script sees.
+_pending_warnings: list[str] = []
+
+
+def warn(kind: str, text: str) -> None:
+    """A `warning: TEXT [KIND]` line, unless the host's config.toml silences KIND."""
+    from .config import WARNINGS, quiet_warnings
+
+    assert kind in WARNINGS, kind
+    if kind not in quiet_warnings():
+        _pending_warnings.append(f"warning: {printable(text)} [{kind}]")
+
+
+def flush_warnings() -> None:
+    """Print the warnings held so far."""
+    for line in _pending_warnings:
+        typer.echo(line, err=True)
+    _pending_warnings.clear()
+
+
 def _fail(message: str, code: int) -> typer.Exit:
+    flush_warnings()
     typer.echo(f"error: {printable(message)}", err=True)
     return typer.Exit(code)
 
@@ -153,7 +175,9 @@ def handled(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            flush_warnings()
+            return result
         except CryptlayerError as err:
             if _debug:
                 traceback.print_exc()
@@ -166,7 +190,8 @@ def handled(func: F) -> F:
             where = f" ({err.filename})" if err.filename else ""
             raise _fail(f"{err.strerror or err}{where}", ExitCode.FAILURE) from err
         except (typer.Exit, typer.Abort, typer.BadParameter):
-            raise  # click's own: usage errors print as click prints them
+            flush_warnings()  # before click's own line (run's exit status, a usage error)
+            raise
         except Exception as err:  # the last line of defence: still one line, no traceback
             if _debug:
                 traceback.print_exc()
@@ -269,12 +294,12 @@ def _check_host(strict: bool) -> None:
     found = problems()
     if found and strict:
         raise UsageError(
-            f"this host may write decrypted memory to disk: {'; '.join(found)}",
+            f"this host may write decrypted memory to disk: {'; '.join(map(str, found))}",
             "encrypt swap (or swapoff), pipe core dumps to a handler that drops them, or leave"
             " out --strict (docs/threat-model.md)",
         )
     for problem in found:
-        typer.echo(f"warning: {problem}: decrypted memory may reach the disk", err=True)
+        warn(problem.kind, f"{problem}: decrypted memory may reach the disk")
 
 
 def _warn_if_erase_may_not_hold(image: Path) -> None:
@@ -282,7 +307,7 @@ def _warn_if_erase_may_not_hold(image: Path) -> None:
     from .hostcheck import erase_caveat
 
     if image.is_dir() and (caveat := erase_caveat(image)):
-        typer.echo(f"warning: {caveat}", err=True)
+        warn("erase-storage", caveat)
 
 
 def _digest(digest: str | None) -> str | None:
@@ -589,6 +614,7 @@ def run(
         _warn_if_erase_may_not_hold(image)
     with _credential(image, key_file, key_command, keyring, passphrase, identity) as credential:
         _check_host(strict)
+        flush_warnings()  # before the container's own output
         status = container.run(image, credential, options, overrides, interactive)
     raise typer.Exit(status)
 
@@ -660,7 +686,7 @@ def verify(image: ImageArg, trust: Trust = None) -> None:
 
     report = verify_image(image, _trust(trust))
     for warning in report.warnings:
-        typer.echo(f"warning: {printable(warning)}", err=True)
+        warn("signature", warning)
     typer.echo(f"image:   {report.digest}")
     for signer in report.signers:
         typer.echo(f"signed:  {printable(signer)}")

@@ -4,10 +4,13 @@ typed, --version, --format, and warnings that never bury the error."""
 from __future__ import annotations
 
 from importlib import metadata
+from pathlib import Path
 
 import pytest
+from luksfixtures import fake_image
 from typer.testing import CliRunner
 
+from cryptlayer import config, hostcheck
 from cryptlayer.cli import app
 from cryptlayer.errors import ExitCode
 
@@ -67,3 +70,82 @@ def test_help_exits_0() -> None:
     code, out, err = invoke("--help")
     assert (code, err) == (0, "")
     assert "--version" in out
+
+
+def _refused_start(tmp_path: Path) -> tuple[int, list[str]]:
+    """`start` on an image whose trust file is missing: refused after the host was checked."""
+    image = tmp_path / "img"
+    if not image.exists():
+        fake_image(image)
+    key = tmp_path / "k"
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o600)
+    code, _, err = invoke("start", "--name", "t", "--trust", str(tmp_path / "nosigners"),
+                          "-k", str(key), str(image))  # fmt: skip
+    return code, err.splitlines()
+
+
+@pytest.fixture
+def noisy_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A host whose core dumps go to files, on storage where an erase may not hold; returns
+    the config.toml cryptlayer reads (not there yet)."""
+    monkeypatch.setattr(
+        hostcheck,
+        "problems",
+        lambda: [
+            hostcheck.Problem("core-pattern", "core_pattern 'core' writes core dumps to files")
+        ],
+    )
+    monkeypatch.setattr(hostcheck, "erase_caveat", lambda image: f"{image} is on flash storage")
+    config = tmp_path / "config.toml"
+    monkeypatch.setenv("CRYPTLAYER_CONFIG", str(config))
+    return config  # fmt: skip
+
+
+def test_the_error_is_the_last_line_after_warnings(tmp_path: Path, noisy_host: Path) -> None:
+    code, lines = _refused_start(tmp_path)
+    assert code == ExitCode.USAGE
+    assert lines[:-1] == [
+        f"warning: {tmp_path}/img is on flash storage [erase-storage]",
+        "warning: core_pattern 'core' writes core dumps to files: decrypted memory may reach"
+        " the disk [core-pattern]",
+    ]
+    assert lines[-1].startswith("error: ") and "nosigners" in lines[-1], lines
+
+
+def test_an_operator_silences_a_warning_they_accepted(tmp_path: Path, noisy_host: Path) -> None:
+    noisy_host.write_text('quiet-warnings = ["core-pattern"]\n')
+    code, lines = _refused_start(tmp_path)
+    assert code == ExitCode.USAGE
+    assert lines[0] == f"warning: {tmp_path}/img is on flash storage [erase-storage]"
+    assert len(lines) == 2 and lines[1].startswith("error: "), lines
+    noisy_host.write_text('quiet-warnings = ["core-pattern", "erase-storage"]\n')
+    code, lines = _refused_start(tmp_path)
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+
+
+def test_every_warning_can_be_named_in_the_config() -> None:
+    kinds = {p.kind for p in hostcheck.problems()} | {"erase-storage", "signature"}
+    assert kinds <= set(config.WARNINGS)
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ('quiet-warnings = ["cores"]\n', "error: {config}: quiet-warnings names no warning"
+         " 'cores': the warnings are swap, zram-writeback, core-pattern, hibernation,"
+         " erase-storage, signature"),
+        ('quiet-warnings = "core-pattern"\n', "error: {config}: quiet-warnings is not a list of"
+         ' names: e.g. quiet-warnings = ["core-pattern"]'),
+        ('trst = "/x"\n', "error: {config}: unknown setting 'trst': the settings are"
+         " quiet-warnings, trust"),
+    ],
+)  # fmt: skip
+def test_a_wrong_setting_says_what_is_known(
+    tmp_path: Path, noisy_host: Path, text: str, line: str
+) -> None:
+    """It read "unknown settings ['trst']: known: ['trust']" (issue 21, C10)."""
+    noisy_host.write_text(text)
+    code, lines = _refused_start(tmp_path)
+    assert code == ExitCode.USAGE
+    assert lines == [line.format(config=noisy_host)]
