@@ -446,22 +446,68 @@ def build(
         )
 
 
+OutputFormat = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        "-f",
+        metavar="json|TEMPLATE",
+        help="json (as --json), or a template of its fields, as podman's: '{{.Digest}}'.",
+    ),
+]
+
+
+def _json_or_template(doc: Any, fmt: str | None) -> bool:
+    """Print `doc` as --json or --format asked; whether it did (else the command's text)."""
+    if fmt is None or fmt == "json":
+        if fmt is None:
+            return False
+        typer.echo(json.dumps(doc, indent=2))  # JSON escapes control characters
+        return True
+    from .template import render
+
+    typer.echo(render(fmt, doc))
+    return True
+
+
 @app.command()
 @handled
-def inspect(image: ImageArg, as_json: JsonFlag = False) -> None:
+def inspect(
+    image: Annotated[
+        str,
+        typer.Argument(
+            metavar="IMAGE",
+            help="Image directory, or docker://HOST/REPO[:TAG|@DIGEST]: an image in a registry"
+            " (its manifest, statement, keys.json and signatures; no layer is fetched).",
+        ),
+    ],
+    as_json: JsonFlag = False,
+    output_format: OutputFormat = None,
+    tls_verify: "TlsVerify" = True,
+    cert_dir: "CertDir" = None,
+) -> None:
     """Show an image's layers, sizes, cipher, keyslot state and config (no key needed)."""
-    from .inspect import inspect_image
+    import shlex
 
-    info = inspect_image(image)
-    if as_json:
-        typer.echo(json.dumps(info.to_json(), indent=2))  # JSON escapes control characters
+    from .inspect import inspect_image, inspect_remote
+
+    if image.startswith("docker://"):
+        from .registry import Registry, parse_reference
+
+        registry = Registry(parse_reference(image), tls_verify=tls_verify, cert_dir=cert_dir)
+        info = inspect_remote(registry)
+    else:
+        info = inspect_image(Path(image))
+    if _json_or_template(info.to_json(), "json" if as_json else output_format):
         return
     p = printable  # every string of the manifest is the image author's: no terminal escapes
     typer.echo(f"image:   {p(info.image)}\ndigest:  {info.digest}")
+    if info.manifest_digest:
+        typer.echo(f"manifest: {info.manifest_digest} (the registry's manifest of it)")
     typer.echo(f"cipher:  {p(info.cipher)}")
     typer.echo(f"state:   {info.state}\ncreated: {p(info.created)}")
     for signer in info.signatures:
-        typer.echo(f"signed:  {p(signer.file)} by {signer.key} ({signer.status})")
+        typer.echo(f"signed:  {p(signer.file)} by {signer.key} ({p(signer.status)})")
     if info.state == "erased":
         typer.echo("opens:   nobody (every keyslot is erased; keys.json lists who once could)")
     for entry in [] if info.state == "erased" else info.access:
@@ -473,12 +519,16 @@ def inspect(image: ImageArg, as_json: JsonFlag = False) -> None:
         typer.echo(f"opens:   {p(entry['id'])}{cost}")
     for i, report in enumerate(info.layers):
         layer = report.layer
+        where = (
+            f"keyslots {report.keyslots} ({report.state})"
+            if report.keyslots is not None
+            else f"{report.digest or 'no blob'} ({p(report.state)})"
+        )
         typer.echo(
-            f"layer {i}: {p(layer.file)} {layer.size} bytes,"
-            f" keyslots {report.keyslots} ({report.state}), from {p(layer.source)}"
+            f"layer {i}: {p(layer.file)} {layer.size} bytes, {where}, from {p(layer.source)}"
         )
     cfg = info.config
-    typer.echo(f"command: {p(' '.join([*cfg.entrypoint, *cfg.cmd])) or '(none)'}")
+    typer.echo(f"command: {p(shlex.join([*cfg.entrypoint, *cfg.cmd])) or '(none)'}")
     for item in cfg.env:
         typer.echo(f"env:     {p(item)}")
     typer.echo(f"workdir: {p(cfg.workdir)}\nuser:    {p(cfg.user) or 'root'}")
@@ -817,13 +867,23 @@ def stop(
 
 @app.command()
 @handled
-def ps(as_json: JsonFlag = False) -> None:
+def ps(as_json: JsonFlag = False, output_format: OutputFormat = None) -> None:
     """List the containers that are running or assembled now."""
     from . import state
 
     rows = [r.describe() for r in state.all_records()]
-    if as_json:
+    fmt = "json" if as_json else output_format
+    if fmt == "json":
         typer.echo(json.dumps([row.to_json() for row in rows], indent=2))
+        return
+    if fmt is not None:
+        from dataclasses import fields
+
+        from .template import render
+
+        render(fmt, {f.name: "" for f in fields(state.Description)})  # wrong even with no rows
+        for row in rows:
+            _json_or_template(row.to_json(), fmt)
         return
     typer.echo(f"{'NAME':<24} {'STATUS':<10} {'LAYERS':>6}  {'IMAGE'}")
     for row in rows:
