@@ -325,11 +325,14 @@ class Registry:
                 "this is not a cryptlayer image as this version knows one",
             )
         response = self._check(
-            self._request("GET", f"{self.base}/blobs/{digest}", stream=True), f"blob {digest}"
-        )
+            self._request("GET", f"{self.base}/blobs/{digest}", stream=True,
+                          headers={"Accept-Encoding": "identity"}),
+            f"blob {digest}",
+        )  # fmt: skip
         data = bytearray()
         with response:
-            for chunk in response.iter_content(CHUNK):
+            # The bytes as sent, never decompressed: a small gzip body must not become gigabytes.
+            for chunk in response.raw.stream(CHUNK, decode_content=False):
                 data += chunk
                 if len(data) > size:
                     break

@@ -176,7 +176,7 @@ def test_inspect_a_registry_image_without_pulling_its_layers(
 
 @contextmanager
 def hostile_registry(
-    manifest: dict[str, Any], blobs: dict[str, bytes]
+    manifest: dict[str, Any], blobs: dict[str, bytes], encoding: str = ""
 ) -> Iterator[tuple[str, list[str]]]:
     """A registry that serves `manifest` for every tag and `blobs` by digest; yields HOST:PORT
     and the digests of the blobs asked for."""
@@ -194,6 +194,8 @@ def hostile_registry(
             else:
                 body = b"{}"
             self.send_response(200)
+            if encoding and "/blobs/" in self.path:
+                self.send_header("Content-Encoding", encoding)  # asked for identity or not
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -225,6 +227,20 @@ def test_inspect_refuses_a_changed_statement(image: Path) -> None:
     assert (code, out) == (ExitCode.TAMPERED, "")
     assert err == (f"error: blob {statement} from {host} does not match its digest: the registry"
                    " or the network changed it\n")  # fmt: skip
+
+
+def test_inspect_never_inflates_a_compressed_blob(image: Path) -> None:
+    """A statement sent gzip-encoded (64 MiB of zeros in 64 KiB) is taken as the bytes sent,
+    not inflated: it does not match its digest."""
+    import gzip
+
+    doc, blobs = _manifest_of(image)
+    statement = doc["config"]["digest"]
+    blobs[statement] = gzip.compress(bytes(64 << 20))
+    with hostile_registry(doc, blobs, encoding="gzip") as (host, _):
+        code, _, err = invoke("inspect", "--no-tls-verify", f"docker://{host}/x/y:v1")
+    assert code == ExitCode.TAMPERED
+    assert err.startswith(f"error: blob {statement} from {host} does not match its digest")
 
 
 def test_inspect_does_not_fetch_a_huge_statement(image: Path) -> None:
