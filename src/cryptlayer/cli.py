@@ -42,7 +42,7 @@ def usage_error_line(err: ClickUsageError) -> str:
 
 class _Group(TyperGroup):
     """The command group, with click's usage errors as one `error:` line (not its three-line
-    box) and usage lines without typer's {braces} around required arguments."""
+    Usage/Try/Error box) and exit 2."""
 
     def main(  # type: ignore[override]
         self,
