@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import UsageError, printable
 
 DEFAULT = Path("/etc/cryptlayer/config.toml")
 KNOWN = ("quiet-warnings", "trust")
@@ -44,10 +44,11 @@ def _settings() -> tuple[Path, dict[str, Any]]:
         raise UsageError(f"cannot read {path}: {err}", "fix or remove the file") from None
     unknown = sorted(set(settings) - set(KNOWN))
     if unknown:
-        names = ", ".join(repr(name) for name in unknown)
+        which = "setting" if len(unknown) == 1 else "settings"
         raise UsageError(
-            f"{path}: unknown setting{'s' if len(unknown) > 1 else ''} {names}",
-            f"the settings are {', '.join(KNOWN)}",
+            f"{path}: unknown {which} {printable(', '.join(unknown))}"
+            f" (known: {', '.join(sorted(KNOWN))})",
+            "fix or remove it" if len(unknown) == 1 else "fix or remove them",
         )
     return path, settings
 

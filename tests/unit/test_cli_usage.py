@@ -137,8 +137,8 @@ def test_every_warning_can_be_named_in_the_config() -> None:
          " erase-storage, signature"),
         ('quiet-warnings = "core-pattern"\n', "error: {config}: quiet-warnings is not a list of"
          ' names: e.g. quiet-warnings = ["core-pattern"]'),
-        ('trst = "/x"\n', "error: {config}: unknown setting 'trst': the settings are"
-         " quiet-warnings, trust"),
+        ('trst = "/x"\n', "error: {config}: unknown setting trst (known: quiet-warnings,"
+         " trust): fix or remove it"),
     ],
 )  # fmt: skip
 def test_a_wrong_setting_says_what_is_known(
