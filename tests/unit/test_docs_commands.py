@@ -233,7 +233,7 @@ def test_the_docs_show_commands() -> None:
     assert "keygen image.key" in lines  # a fenced line
     assert "sign img --sign-key KEY" in lines  # from a comment: `# or later: cryptlayer sign ...`
     assert "verify IMAGE '[--trust' 'FILE]'" in lines  # inline, in docs/threat-model.md
-    assert ("docs/registries.md:57", "--tls-verify=false") in FRAGMENTS
+    assert "--tls-verify=false" in {fragment for _, fragment in FRAGMENTS}  # docs/registries.md
     assert len(COMMANDS) > 30 and len(FRAGMENTS) > 60
     assert parse("keygen --bogus k") == "No such option: --bogus"
     assert parse("inspect") == "Missing argument 'IMAGE'."
