@@ -235,7 +235,7 @@ def parse(data: bytes, where: str) -> tuple[Blob, list[Blob]]:
         if doc.get("artifactType") != ARTIFACT_TYPE and (
             doc.get("config", {}).get("mediaType") != STATEMENT_TYPE
         ):
-            raise ValueError("it is not a cryptlayer image (artifactType, config media type)")
+            raise ValueError("neither its artifactType nor its config's media type is cryptlayer's")
         config = doc["config"]
         statement = Blob(MANIFEST, STATEMENT_TYPE, _digest(config["digest"]), _size(config["size"]))
         others = []

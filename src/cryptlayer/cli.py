@@ -5,11 +5,15 @@ import json
 import logging
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+from typer._click.core import Context
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
+from typer._click.exceptions import UsageError as ClickUsageError
+from typer.core import TyperCommand, TyperGroup
 
 from .errors import CryptlayerError, ExitCode, UsageError, printable
 
@@ -18,7 +22,72 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+def _command_path(ctx: Context | None) -> str:
+    """`cryptlayer SUBCOMMAND` as a user types it (whatever argv[0] or the test runner says)."""
+    names: list[str] = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(["cryptlayer", *reversed(names)])
+
+
+def usage_error_line(err: ClickUsageError) -> str:
+    """click's usage error as the one `error:` line the README promises, with where to look."""
+    text = err.format_message().strip().rstrip(".")
+    if text[:1].isupper() and not text[1:2].isupper():
+        text = text[:1].lower() + text[1:]
+    return f"error: {printable(text)}: see `{_command_path(err.ctx)} --help`"
+
+
+class _Group(TyperGroup):
+    """The command group, with click's usage errors as one `error:` line (not its three-line
+    Usage/Try/Error box) and exit 2."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            status = super().main(args, prog_name, complete_var, False, **extra)
+        except NoArgsIsHelpError as err:
+            err.show()
+            sys.exit(err.exit_code)
+        except ClickUsageError as err:
+            typer.echo(usage_error_line(err), err=True)
+            sys.exit(ExitCode.USAGE)
+        except ClickException as err:
+            typer.echo(f"error: {printable(err.format_message())}", err=True)
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(ExitCode.FAILURE)
+        sys.exit(status if isinstance(status, int) else 0)
+
+
+class _Command(TyperCommand):
+    """A subcommand whose usage line reads `IMAGE`, not typer's `{IMAGE}`."""
+
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except ClickUsageError as err:
+            err.ctx = err.ctx or ctx  # the parser's own errors carry none: say which command
+            raise
+
+    def collect_usage_pieces(self, ctx: Context) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
+
+
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -73,7 +142,29 @@ KeepFlag = Annotated[
 ]
 
 
+# Warnings wait here until the command hands the terminal over (run's container) or ends, and
+# go out before any error line: a refusal's cause is always the last line a user or script sees.
+_pending_warnings: list[str] = []
+
+
+def warn(kind: str, text: str) -> None:
+    """A `warning: TEXT [KIND]` line, unless the host's config.toml silences KIND."""
+    from .config import WARNINGS, quiet_warnings
+
+    assert kind in WARNINGS, kind
+    if kind not in quiet_warnings():
+        _pending_warnings.append(f"warning: {printable(text)} [{kind}]")
+
+
+def flush_warnings() -> None:
+    """Print the warnings held so far."""
+    for line in _pending_warnings:
+        typer.echo(line, err=True)
+    _pending_warnings.clear()
+
+
 def _fail(message: str, code: int) -> typer.Exit:
+    flush_warnings()
     typer.echo(f"error: {printable(message)}", err=True)
     return typer.Exit(code)
 
@@ -84,7 +175,9 @@ def handled(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            flush_warnings()
+            return result
         except CryptlayerError as err:
             if _debug:
                 traceback.print_exc()
@@ -97,7 +190,8 @@ def handled(func: F) -> F:
             where = f" ({err.filename})" if err.filename else ""
             raise _fail(f"{err.strerror or err}{where}", ExitCode.FAILURE) from err
         except (typer.Exit, typer.Abort, typer.BadParameter):
-            raise  # click's own: usage errors print as click prints them
+            flush_warnings()  # before click's own line (run's exit status, a usage error)
+            raise
         except Exception as err:  # the last line of defence: still one line, no traceback
             if _debug:
                 traceback.print_exc()
@@ -110,10 +204,24 @@ def handled(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _show_version(wanted: bool) -> None:
+    if wanted:
+        from importlib.metadata import version
+
+        typer.echo(f"cryptlayer {version('cryptlayer')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(
     debug: Annotated[
         bool, typer.Option("--debug", help="Log every command run; show tracebacks.")
+    ] = False,
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_show_version, help="Print the version and exit."
+        ),
     ] = False,
 ) -> None:
     global _debug
@@ -186,12 +294,12 @@ def _check_host(strict: bool) -> None:
     found = problems()
     if found and strict:
         raise UsageError(
-            f"this host may write decrypted memory to disk: {'; '.join(found)}",
+            f"this host may write decrypted memory to disk: {'; '.join(map(str, found))}",
             "encrypt swap (or swapoff), pipe core dumps to a handler that drops them, or leave"
             " out --strict (docs/threat-model.md)",
         )
     for problem in found:
-        typer.echo(f"warning: {problem}: decrypted memory may reach the disk", err=True)
+        warn(problem.kind, f"{problem}: decrypted memory may reach the disk")
 
 
 def _warn_if_erase_may_not_hold(image: Path) -> None:
@@ -199,7 +307,7 @@ def _warn_if_erase_may_not_hold(image: Path) -> None:
     from .hostcheck import erase_caveat
 
     if image.is_dir() and (caveat := erase_caveat(image)):
-        typer.echo(f"warning: {caveat}", err=True)
+        warn("erase-storage", caveat)
 
 
 def _digest(digest: str | None) -> str | None:
@@ -338,22 +446,68 @@ def build(
         )
 
 
+OutputFormat = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        "-f",
+        metavar="json|TEMPLATE",
+        help="json (as --json), or a template of its fields, as podman's: '{{.Digest}}'.",
+    ),
+]
+
+
+def _json_or_template(doc: Any, fmt: str | None) -> bool:
+    """Print `doc` as --json or --format asked; whether it did (else the command's text)."""
+    if fmt is None or fmt == "json":
+        if fmt is None:
+            return False
+        typer.echo(json.dumps(doc, indent=2))  # JSON escapes control characters
+        return True
+    from .template import render
+
+    typer.echo(render(fmt, doc))
+    return True
+
+
 @app.command()
 @handled
-def inspect(image: ImageArg, as_json: JsonFlag = False) -> None:
+def inspect(
+    image: Annotated[
+        str,
+        typer.Argument(
+            metavar="IMAGE",
+            help="Image directory, or docker://HOST/REPO[:TAG|@DIGEST]: an image in a registry"
+            " (its manifest, statement, keys.json and signatures; no layer is fetched).",
+        ),
+    ],
+    as_json: JsonFlag = False,
+    output_format: OutputFormat = None,
+    tls_verify: "TlsVerify" = True,
+    cert_dir: "CertDir" = None,
+) -> None:
     """Show an image's layers, sizes, cipher, keyslot state and config (no key needed)."""
-    from .inspect import inspect_image
+    import shlex
 
-    info = inspect_image(image)
-    if as_json:
-        typer.echo(json.dumps(info.to_json(), indent=2))  # JSON escapes control characters
+    from .inspect import inspect_image, inspect_remote
+
+    if image.startswith("docker://"):
+        from .registry import Registry, parse_reference
+
+        registry = Registry(parse_reference(image), tls_verify=tls_verify, cert_dir=cert_dir)
+        info = inspect_remote(registry)
+    else:
+        info = inspect_image(Path(image))
+    if _json_or_template(info.to_json(), "json" if as_json else output_format):
         return
     p = printable  # every string of the manifest is the image author's: no terminal escapes
     typer.echo(f"image:   {p(info.image)}\ndigest:  {info.digest}")
+    if info.manifest_digest:
+        typer.echo(f"manifest: {info.manifest_digest} (the registry's manifest of it)")
     typer.echo(f"cipher:  {p(info.cipher)}")
     typer.echo(f"state:   {info.state}\ncreated: {p(info.created)}")
     for signer in info.signatures:
-        typer.echo(f"signed:  {p(signer.file)} by {signer.key} ({signer.status})")
+        typer.echo(f"signed:  {p(signer.file)} by {signer.key} ({p(signer.status)})")
     if info.state == "erased":
         typer.echo("opens:   nobody (every keyslot is erased; keys.json lists who once could)")
     for entry in [] if info.state == "erased" else info.access:
@@ -365,12 +519,16 @@ def inspect(image: ImageArg, as_json: JsonFlag = False) -> None:
         typer.echo(f"opens:   {p(entry['id'])}{cost}")
     for i, report in enumerate(info.layers):
         layer = report.layer
+        where = (
+            f"keyslots {report.keyslots} ({report.state})"
+            if report.keyslots is not None
+            else f"{report.digest or 'no blob'} ({p(report.state)})"
+        )
         typer.echo(
-            f"layer {i}: {p(layer.file)} {layer.size} bytes,"
-            f" keyslots {report.keyslots} ({report.state}), from {p(layer.source)}"
+            f"layer {i}: {p(layer.file)} {layer.size} bytes, {where}, from {p(layer.source)}"
         )
     cfg = info.config
-    typer.echo(f"command: {p(' '.join([*cfg.entrypoint, *cfg.cmd])) or '(none)'}")
+    typer.echo(f"command: {p(shlex.join([*cfg.entrypoint, *cfg.cmd])) or '(none)'}")
     for item in cfg.env:
         typer.echo(f"env:     {p(item)}")
     typer.echo(f"workdir: {p(cfg.workdir)}\nuser:    {p(cfg.user) or 'root'}")
@@ -444,7 +602,10 @@ def run(
     keyring: Keyring = None,
     passphrase: Passphrase = False,
     identity: IdentityOpt = None,
-    command: Annotated[list[str] | None, typer.Argument(help="COMMAND [ARG...] after --.")] = None,
+    command: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[COMMAND [ARG]...]", help="What to run instead of the default."),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Container name (default: generated).")] = None,
     keep: KeepFlag = False,
     env: Annotated[
@@ -503,6 +664,7 @@ def run(
         _warn_if_erase_may_not_hold(image)
     with _credential(image, key_file, key_command, keyring, passphrase, identity) as credential:
         _check_host(strict)
+        flush_warnings()  # before the container's own output
         status = container.run(image, credential, options, overrides, interactive)
     raise typer.Exit(status)
 
@@ -574,7 +736,7 @@ def verify(image: ImageArg, trust: Trust = None) -> None:
 
     report = verify_image(image, _trust(trust))
     for warning in report.warnings:
-        typer.echo(f"warning: {printable(warning)}", err=True)
+        warn("signature", warning)
     typer.echo(f"image:   {report.digest}")
     for signer in report.signers:
         typer.echo(f"signed:  {printable(signer)}")
@@ -707,7 +869,7 @@ def logout(registry: Annotated[str, typer.Argument(metavar="HOST[:PORT]")]) -> N
 @app.command()
 @handled
 def stop(
-    name: Annotated[str, typer.Argument(help="Container name.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Container name.")],
     force: Annotated[
         bool, typer.Option("--force", "-f", help="Kill processes using the container's files.")
     ] = False,
@@ -724,13 +886,23 @@ def stop(
 
 @app.command()
 @handled
-def ps(as_json: JsonFlag = False) -> None:
+def ps(as_json: JsonFlag = False, output_format: OutputFormat = None) -> None:
     """List the containers that are running or assembled now."""
     from . import state
 
     rows = [r.describe() for r in state.all_records()]
-    if as_json:
+    fmt = "json" if as_json else output_format
+    if fmt == "json":
         typer.echo(json.dumps([row.to_json() for row in rows], indent=2))
+        return
+    if fmt is not None:
+        from dataclasses import fields
+
+        from .template import render
+
+        render(fmt, {f.name: "" for f in fields(state.Description)})  # wrong even with no rows
+        for row in rows:
+            _json_or_template(row.to_json(), fmt)
         return
     typer.echo(f"{'NAME':<24} {'STATUS':<10} {'LAYERS':>6}  {'IMAGE'}")
     for row in rows:
@@ -772,6 +944,12 @@ def gc() -> None:
                               "fix the cause and run `cryptlayer gc` again")  # fmt: skip
     if not (report.containers or report.orphans or report.shredded):
         typer.echo("nothing to clean up")
+
+
+# Every command (those added later too) gets the usage line without braces.
+for _info in app.registered_commands:
+    if _info.cls in (None, TyperCommand):
+        _info.cls = _Command
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """The host's settings: /etc/cryptlayer/config.toml ($CRYPTLAYER_CONFIG), all optional.
 
 trust = "/etc/cryptlayer/allowed_signers"   # run/start/verify --trust when not given
+quiet-warnings = ["core-pattern"]            # warnings this host's operator has accepted
 """
 
 from __future__ import annotations
@@ -8,29 +9,40 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from .errors import UsageError, printable
 
 DEFAULT = Path("/etc/cryptlayer/config.toml")
-KNOWN = {"trust"}
+KNOWN = ("quiet-warnings", "trust")
+
+# Every warning cryptlayer prints, by the name it carries (`warning: ... [NAME]`) and that
+# quiet-warnings takes. --strict still refuses on the host's, silenced or not.
+WARNINGS = {
+    "swap": "swap that is not on dm-crypt (run, start)",
+    "zram-writeback": "zram swap that writes idle pages to a disk (run, start)",
+    "core-pattern": "a core_pattern that writes core dumps to files (run, start)",
+    "hibernation": "hibernation to a device that is not on dm-crypt (run, start)",
+    "erase-storage": "an image on copy-on-write or flash storage, where old copies of erased"
+    " keyslots may survive (run, start, shred)",
+    "signature": "a signature that does not verify, beside a trusted one (verify)",
+}
 
 
 def _path() -> Path:
     return Path(os.environ.get("CRYPTLAYER_CONFIG", DEFAULT))
 
 
-def trust(given: Path | None) -> Path | None:
-    """The allowed_signers file to hold images to: `given`, else the config's, else none."""
-    if given is not None:
-        return given
+def _settings() -> tuple[Path, dict[str, Any]]:
+    """The config file's path and its settings (none when it does not exist)."""
     path = _path()
     try:
         settings = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        return None
+        return path, {}
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise UsageError(f"cannot read {path}: {err}", "fix or remove the file") from None
-    unknown = sorted(set(settings) - KNOWN)
+    unknown = sorted(set(settings) - set(KNOWN))
     if unknown:
         which = "setting" if len(unknown) == 1 else "settings"
         raise UsageError(
@@ -38,9 +50,33 @@ def trust(given: Path | None) -> Path | None:
             f" (known: {', '.join(sorted(KNOWN))})",
             "fix or remove it" if len(unknown) == 1 else "fix or remove them",
         )
+    return path, settings
+
+
+def trust(given: Path | None) -> Path | None:
+    """The allowed_signers file to hold images to: `given`, else the config's, else none."""
+    if given is not None:
+        return given
+    path, settings = _settings()
     value = settings.get("trust")
     if value is None:
         return None
     if not isinstance(value, str) or not value:
         raise UsageError(f"{path}: trust is not a path", 'e.g. trust = "/etc/cryptlayer/signers"')
     return Path(value)
+
+
+def quiet_warnings() -> frozenset[str]:
+    """The warnings (names of WARNINGS) this host's operator silenced."""
+    path, settings = _settings()
+    value = settings.get("quiet-warnings", [])
+    example = 'e.g. quiet-warnings = ["core-pattern"]'
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{path}: quiet-warnings is not a list of names", example)
+    unknown = [v for v in value if v not in WARNINGS]
+    if unknown:
+        raise UsageError(
+            f"{path}: quiet-warnings names no warning {printable(unknown[0])}",
+            f"the warnings are {', '.join(WARNINGS)}",
+        )
+    return frozenset(value)

@@ -13,12 +13,25 @@ zram with a backing device (it writes idle pages out), and a core_pattern that w
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .tools import mount
 
 PROC = Path("/proc")
 SYS = Path("/sys")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing on this host that may write decrypted memory to disk; `kind` is the name a
+    host's config.toml uses to silence its warning (config.WARNINGS)."""
+
+    kind: str  # swap, zram-writeback, core-pattern or hibernation
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
 
 
 # File systems that write changes to new blocks: an overwritten keyslot may survive in old ones.
@@ -71,31 +84,32 @@ def _encrypted(block: Path, depth: int = 0) -> bool:
     return bool(below) and all(_encrypted(s.resolve(), depth + 1) for s in below)
 
 
-def _swap_problem(name: str, kind: str, sys: Path) -> str | None:
+def _swap_problem(name: str, kind: str, sys: Path) -> Problem | None:
     if kind == "file":
         name = name.removesuffix("\\040(deleted)")
         try:
             dev = os.stat(name).st_dev
         except OSError:
-            return f"swap file {name} (its device could not be checked)"
+            return Problem("swap", f"swap file {name} (its device could not be checked)")
         block = _block(sys, f"{os.major(dev)}:{os.minor(dev)}")
         if block is None or not _encrypted(block):
-            return f"swap file {name} is not on a dm-crypt device"
+            return Problem("swap", f"swap file {name} is not on a dm-crypt device")
         return None
     block = _block(sys, name)
     if block is None:
-        return f"swap {name} (not found in sysfs)"
+        return Problem("swap", f"swap {name} (not found in sysfs)")
     if block.name.startswith("zram"):
         backing = block / "backing_dev"
         if backing.exists() and backing.read_text().strip() not in ("", "none"):
-            return f"zram swap {name} writes idle pages to {backing.read_text().strip()}"
+            where = backing.read_text().strip()
+            return Problem("zram-writeback", f"zram swap {name} writes idle pages to {where}")
         return None
     if not _encrypted(block):
-        return f"swap {name} is not on dm-crypt"
+        return Problem("swap", f"swap {name} is not on dm-crypt")
     return None
 
 
-def problems(proc: Path = PROC, sys: Path = SYS) -> list[str]:
+def problems(proc: Path = PROC, sys: Path = SYS) -> list[Problem]:
     """What on this host may write decrypted memory to disk; empty if nothing."""
     found = []
     try:
@@ -111,11 +125,14 @@ def problems(proc: Path = PROC, sys: Path = SYS) -> list[str]:
     except OSError:
         pattern = ""
     if pattern and not pattern.startswith("|"):
-        found.append(f"core_pattern {pattern!r} writes core dumps to files")
+        found.append(
+            Problem("core-pattern", f"core_pattern {pattern!r} writes core dumps to files")
+        )
     resume = sys / "power/resume"
     if resume.exists() and resume.read_text().strip() not in ("", "0:0"):
         device = resume.read_text().strip()
         block = _block(sys, device)
         if block is None or not _encrypted(block):
-            found.append(f"hibernation writes memory to {device}, which is not on dm-crypt")
+            text = f"hibernation writes memory to {device}, which is not on dm-crypt"
+            found.append(Problem("hibernation", text))
     return found

@@ -319,6 +319,33 @@ class Registry:
             raise TamperedImageError(f"manifest {ref} from {self.ref.host} has digest {digest}")
         return data, digest
 
+    def read_small_blob(self, digest: str, size: int, limit: int) -> bytes:
+        """Blob `digest` of `size` bytes into memory, its sha256 checked; refused unasked when
+        `size` is over `limit`, and never more than `size` bytes read (for `inspect`)."""
+        if size > limit:
+            raise UsageError(
+                f"{self.ref}: blob {digest} is {size} bytes, more than {limit}",
+                "this is not a cryptlayer image as this version knows one",
+            )
+        response = self._check(
+            self._request("GET", f"{self.base}/blobs/{digest}", stream=True,
+                          headers={"Accept-Encoding": "identity"}),
+            f"blob {digest}",
+        )  # fmt: skip
+        data = bytearray()
+        with response:
+            # The bytes as sent, never decompressed: a small gzip body must not become gigabytes.
+            for chunk in response.raw.stream(CHUNK, decode_content=False):
+                data += chunk
+                if len(data) > size:
+                    break
+        if len(data) != size or f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
+            raise TamperedImageError(
+                f"blob {digest} from {self.ref.host} does not match its digest",
+                "the registry or the network changed it",
+            )
+        return bytes(data)
+
 
 def _denied(host: str, status: int) -> UsageError:
     return UsageError(f"registry {host} refused access (HTTP {status})",

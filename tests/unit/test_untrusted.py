@@ -310,9 +310,11 @@ def test_hostcheck_finds_what_may_write_plaintext(tmp_path: Path) -> None:
              "/dev/zram0 partition 1 0 100\n")  # fmt: skip
     proc, sys = _fake_host(tmp_path, swaps, "/var/crash/core.%p\n")
     assert hostcheck.problems(proc, sys) == [
-        "swap /dev/loop0 is not on dm-crypt",
-        "zram swap /dev/zram0 writes idle pages to /dev/sdb1",
-        "core_pattern '/var/crash/core.%p' writes core dumps to files",
+        hostcheck.Problem("swap", "swap /dev/loop0 is not on dm-crypt"),
+        hostcheck.Problem("zram-writeback", "zram swap /dev/zram0 writes idle pages to /dev/sdb1"),
+        hostcheck.Problem(
+            "core-pattern", "core_pattern '/var/crash/core.%p' writes core dumps to files"
+        ),
     ]
     proc, sys = _fake_host(tmp_path / "ok", "/dev/dm-1 partition 1 0 -2\n", "|/bin/false\n")
     assert hostcheck.problems(proc, sys) == []  # LVM on dm-crypt; a pipe handler
@@ -321,7 +323,11 @@ def test_hostcheck_finds_what_may_write_plaintext(tmp_path: Path) -> None:
 def test_start_checks_the_host_before_opening_anything(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(hostcheck, "problems", lambda: ["swap /dev/sdb2 is not on dm-crypt"])
+    monkeypatch.setattr(
+        hostcheck,
+        "problems",
+        lambda: [hostcheck.Problem("swap", "swap /dev/sdb2 is not on dm-crypt")],
+    )
     key = tmp_path / "k"
     invoke("keygen", str(key))
     code, _, err = invoke("start", "--strict", "--name", "c", "-k", str(key), str(tmp_path))

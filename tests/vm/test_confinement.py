@@ -186,7 +186,7 @@ def test_crash_in_the_container_writes_no_core(
     assert code == 0, err
     assert "core" not in out  # /core.PID would be in the container's root
     assert err.startswith("warning: core_pattern '/core.%p' writes core dumps to files:"
-                          " decrypted memory may reach the disk\n")  # fmt: skip
+                          " decrypted memory may reach the disk [core-pattern]\n")  # fmt: skip
     assert "core dumped" not in err
     code, _, err = cli("run", "--strict", "-k", str(key), str(image), "--", "true")
     assert code == ExitCode.USAGE
@@ -214,7 +214,7 @@ def test_unencrypted_swap_is_reported(cli: Cli, tools: tuple[Path, Path], images
             code, out, err = cli("run", "-k", str(key), str(image), "--", "echo", "ran")
             assert (code, out) == (0, "ran\n")
             assert err == (f"warning: swap {device} is not on dm-crypt: decrypted memory may"
-                           " reach the disk\n")  # fmt: skip
+                           " reach the disk [swap]\n")  # fmt: skip
         finally:
             subprocess.run(["swapoff", device], check=True)
 
