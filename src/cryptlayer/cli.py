@@ -298,6 +298,13 @@ def build(
         bool, typer.Option("--quiet", "-q", help="No progress bars (none when not a terminal).")
     ] = False,
     sign_key: SignKey = None,
+    drop_devices: Annotated[
+        bool,
+        typer.Option(
+            "--drop-devices",
+            help="Leave out device nodes outside /dev too (those in /dev always are), each named.",
+        ),
+    ] = False,
 ) -> None:
     """Build an encrypted image: one LUKS2 layer per layer of each SOURCE."""
     import shlex
@@ -329,7 +336,8 @@ def build(
     with principals_of(output, keys, passphrase, recipient or [], iter_time) as principals:
         built = build_image(
             sources, output, principals, squash=squash, overrides=overrides,
-            progress=for_terminal(quiet), signer=signer,
+            progress=for_terminal(quiet), signer=signer, drop_devices=drop_devices,
+            notice=lambda line: typer.echo(printable(line), err=True),
         )  # fmt: skip
     for layer in built.layers:
         typer.echo(
