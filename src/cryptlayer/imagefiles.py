@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import DamagedImageError, UsageError
 from .manifest import Manifest
 
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -116,17 +116,18 @@ def open_image(
 
 
 def open_layer(files: ImageFiles, name: str, size: int | None) -> LayerFile:
-    """Open layer file `name` of `files` (closed with them); UsageError if it is not one."""
+    """Open layer file `name` of `files` (closed with them); DamagedImageError if it is not one
+    (missing, a symlink, not a regular file, linked elsewhere, or not of `size` bytes)."""
     shown = files.image / name
     try:
         fd = os.open(name, OPEN_FLAGS, dir_fd=files.dir_fd)
     except FileNotFoundError:
-        raise UsageError(
+        raise DamagedImageError(
             f"layer file {shown} is missing", "the image is incomplete; copy it again"
         ) from None
     except OSError as err:
         if err.errno == errno.ELOOP:
-            raise UsageError(
+            raise DamagedImageError(
                 f"layer file {shown} is a symbolic link; refusing to follow it",
                 "a layer is a regular file inside the image directory; copy the image again",
             ) from None
@@ -134,16 +135,16 @@ def open_layer(files: ImageFiles, name: str, size: int | None) -> LayerFile:
     files._stack.callback(os.close, fd)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-        raise UsageError(
+        raise DamagedImageError(
             f"layer file {shown} is not a regular file", "the image is damaged; copy it again"
         )
     if st.st_nlink != 1:
-        raise UsageError(
+        raise DamagedImageError(
             f"layer file {shown} has {st.st_nlink} hard links; refusing to use or erase it",
             "a layer must be the image's own file: copy the image (cp, not cp -l or ln)",
         )
     if size is not None and st.st_size != size:
-        raise UsageError(
+        raise DamagedImageError(
             f"layer file {shown} has {st.st_size} bytes, the manifest says {size}",
             "the image is damaged (truncated?); copy it again",
         )
