@@ -413,6 +413,7 @@ def rekey(
         ),
     ] = None,
     iter_time: IterTime = 2000,
+    allow_shared_dir: AllowSharedDir = False,
 ) -> None:
     """Change who may open IMAGE (unlock it with any current key); the layers are not touched."""
     from .envelope import principals as principals_of
@@ -436,7 +437,9 @@ def rekey(
             iter_time,
         ) as principals,
     ):
-        change = change_keys(image, credential, principals, remove or [])
+        change = change_keys(
+            image, credential, principals, remove or [], allow_shared=allow_shared_dir
+        )
     for ident in change.added:
         typer.echo(f"added {ident}")
     for ident in change.removed:
