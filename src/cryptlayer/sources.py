@@ -102,7 +102,7 @@ def device_node(name: str, shown: str, mode: int, rdev: int, *, drop: bool) -> D
 
 
 def device_shown(shown: str, mode: int, rdev: int) -> str:
-    """A device node as a line names it: `PATH (character 1:3)`."""
+    """A device node as a line names it: `PATH (character device 1:3)`."""
     kind = "character" if stat.S_ISCHR(mode) else "block"
     return f"{shown} ({kind} device {os.major(rdev)}:{os.minor(rdev)})"
 
