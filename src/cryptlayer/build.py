@@ -55,16 +55,18 @@ def _inodes(needed: int, fs_bytes: int, blocks: int) -> int:
     return -(-(needed + 64) * groups_now // groups_after)
 
 
-def _expand(stack: ExitStack, sources: list[str]) -> tuple[list[Source], ImageConfig | None]:
+def _expand(
+    stack: ExitStack, sources: list[str], drop_devices: bool
+) -> tuple[list[Source], ImageConfig | None]:
     """Each SOURCE as its layers, bottom first, and the image config an OCI source brings."""
     layers: list[Source] = []
     config: ImageConfig | None = None
     for text in sources:
         if oci.split_reference(text) is None:
-            layers.append(parse_path(text))
+            layers.append(parse_path(text, drop_devices=drop_devices))
             continue
         image = stack.enter_context(oci.open_image(text))
-        layers += [OciLayerSource(layer) for layer in image.layers]
+        layers += [OciLayerSource(layer, drop_devices) for layer in image.layers]
         config = image.config  # the topmost image's config wins, as with FROM in a Containerfile
     return layers, config
 
@@ -78,6 +80,8 @@ def build_image(
     overrides: Overrides | None = None,
     progress: Callable[[str, int], Progress] | None = None,
     signer: Any = None,
+    drop_devices: bool = False,
+    notice: Callable[[str], None] | None = None,
 ) -> Manifest:
     """Build an encrypted image at `output` from `sources` (bottom layer first).
 
@@ -85,6 +89,8 @@ def build_image(
     `principals`. The config is the one an OCI source brings (or none); `overrides` replace
     single fields of it. `progress` makes a display for each layer (progress.for_terminal).
     `signer`: a private key (signatures.load_signing_key) that signs the statement.
+    Device nodes under /dev are left out, and with `drop_devices` those elsewhere too
+    (sources.device_node); `notice` is given a line saying so for each layer.
     """
     if not principals:
         raise UsageError(
@@ -102,7 +108,7 @@ def build_image(
             f"{output.parent} does not exist", "create the directory that will hold the image"
         )
     with ExitStack() as stack:
-        parsed, oci_config = _expand(stack, sources)
+        parsed, oci_config = _expand(stack, sources, drop_devices)
         final_config = (overrides or Overrides()).image_config(oci_config or ImageConfig())
         if squash and len(parsed) > 1:
             parsed = [SquashSource(tuple(parsed))]
@@ -113,8 +119,9 @@ def build_image(
             key = stack.enter_context(envelope.new_image_key())
             entries = principals.wrap(key)
             show = progress or (lambda _label, _total: Silent())
+            tell = notice or (lambda _line: None)
             layers = tuple(
-                _build_layer(src, partial, f"layer{i}.luks", key, show)
+                _build_layer(src, partial, f"layer{i}.luks", key, show, tell)
                 for i, src in enumerate(parsed)
             )
             created = datetime.now(UTC).isoformat(timespec="seconds")
@@ -144,8 +151,11 @@ def _build_layer(
     filename: str,
     key: Secret,
     show: Callable[[str, int], Progress],
+    notice: Callable[[str], None],
 ) -> Layer:
     measure = source.measure()
+    for line in measure.left_out(source.label):
+        notice(line)
     total = measure.blocks * BLOCK  # what filling the file system will take, about
     progress = show(filename.removesuffix(".luks"), total)
     try:

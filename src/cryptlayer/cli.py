@@ -406,6 +406,13 @@ def build(
         bool, typer.Option("--quiet", "-q", help="No progress bars (none when not a terminal).")
     ] = False,
     sign_key: SignKey = None,
+    drop_devices: Annotated[
+        bool,
+        typer.Option(
+            "--drop-devices",
+            help="Leave out device nodes outside /dev too (those in /dev always are), each named.",
+        ),
+    ] = False,
 ) -> None:
     """Build an encrypted image: one LUKS2 layer per layer of each SOURCE."""
     import shlex
@@ -437,7 +444,8 @@ def build(
     with principals_of(output, keys, passphrase, recipient or [], iter_time) as principals:
         built = build_image(
             sources, output, principals, squash=squash, overrides=overrides,
-            progress=for_terminal(quiet), signer=signer,
+            progress=for_terminal(quiet), signer=signer, drop_devices=drop_devices,
+            notice=lambda line: typer.echo(printable(line), err=True),
         )  # fmt: skip
     for layer in built.layers:
         typer.echo(
@@ -563,6 +571,7 @@ def rekey(
         ),
     ] = None,
     iter_time: IterTime = 2000,
+    allow_shared_dir: AllowSharedDir = False,
 ) -> None:
     """Change who may open IMAGE (unlock it with any current key); the layers are not touched."""
     from .envelope import principals as principals_of
@@ -586,7 +595,9 @@ def rekey(
             iter_time,
         ) as principals,
     ):
-        change = change_keys(image, credential, principals, remove or [])
+        change = change_keys(
+            image, credential, principals, remove or [], allow_shared=allow_shared_dir
+        )
     for ident in change.added:
         typer.echo(f"added {ident}")
     for ident in change.removed:

@@ -45,6 +45,12 @@ class UsageError(CryptlayerError):
     exit_code = ExitCode.USAGE
 
 
+class DamagedImageError(UsageError):
+    """A file of an image is not as build wrote it: unreadable, malformed, cut short or grown, or
+    missing beside the manifest that lists it. Bad input to a command that uses the image; to
+    `verify` and `inspect`, which check a copy, damage to the copy (TamperedImageError, exit 8)."""
+
+
 class NotRootError(CryptlayerError):
     exit_code = ExitCode.NOT_ROOT
 

@@ -210,7 +210,7 @@ def read_image_document(
     path: Path, formats: tuple[str, ...], missing_hint: str
 ) -> tuple[dict[str, Any], bytes]:
     """read_image_json of one of `formats`, and the exact bytes it was parsed from."""
-    from .errors import UsageError
+    from .errors import DamagedImageError, UsageError
 
     damaged = "the image is damaged; rebuild it"
     try:
@@ -219,14 +219,14 @@ def read_image_document(
     except FileNotFoundError:
         raise UsageError(f"{path} is missing", missing_hint) from None
     except UntrustedFileError as err:
-        raise UsageError(f"{path}: {err}", damaged) from err
+        raise DamagedImageError(f"{path}: {err}", damaged) from err
     except RecursionError as err:
-        raise UsageError(f"{path} is nested too deeply", damaged) from err
+        raise DamagedImageError(f"{path} is nested too deeply", damaged) from err
     except (OSError, ValueError) as err:
-        raise UsageError(f"{path} is not valid JSON ({err})", damaged) from err
+        raise DamagedImageError(f"{path} is not valid JSON ({err})", damaged) from err
     if not isinstance(raw, dict) or raw.get("format") not in formats:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-        raise UsageError(
+        raise DamagedImageError(
             f"{path} is malformed: format is {found!r}, expected {formats[0]!r}", damaged
         )
     return raw, bytes(data)

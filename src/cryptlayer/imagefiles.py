@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import DamagedImageError, UsageError
 from .fsutil import NotRegularError, open_regular
 from .manifest import Manifest
 
@@ -116,22 +116,23 @@ def open_image(
 
 
 def open_layer(files: ImageFiles, name: str, size: int | None) -> LayerFile:
-    """Open layer file `name` of `files` (closed with them); UsageError if it is not one."""
+    """Open layer file `name` of `files` (closed with them); DamagedImageError if it is not one
+    (missing, a symlink, not a regular file, linked elsewhere, or not of `size` bytes)."""
     shown = files.image / name
     try:
         fd = open_regular(name, dir_fd=files.dir_fd)  # (a device or FIFO is never opened)
     except NotRegularError as err:
-        raise UsageError(
+        raise DamagedImageError(
             f"layer file {shown} is not a regular file ({err.kind})",
             "the image is damaged; copy it again",
         ) from None
     except FileNotFoundError:
-        raise UsageError(
+        raise DamagedImageError(
             f"layer file {shown} is missing", "the image is incomplete; copy it again"
         ) from None
     except OSError as err:
         if err.errno == errno.ELOOP:
-            raise UsageError(
+            raise DamagedImageError(
                 f"layer file {shown} is a symbolic link; refusing to follow it",
                 "a layer is a regular file inside the image directory; copy the image again",
             ) from None
@@ -139,12 +140,12 @@ def open_layer(files: ImageFiles, name: str, size: int | None) -> LayerFile:
     files._stack.callback(os.close, fd)
     st = os.fstat(fd)
     if st.st_nlink != 1:
-        raise UsageError(
+        raise DamagedImageError(
             f"layer file {shown} has {st.st_nlink} hard links; refusing to use or erase it",
             "a layer must be the image's own file: copy the image (cp, not cp -l or ln)",
         )
     if size is not None and st.st_size != size:
-        raise UsageError(
+        raise DamagedImageError(
             f"layer file {shown} has {st.st_size} bytes, the manifest says {size}",
             "the image is damaged (truncated?); copy it again",
         )

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import envelope, signatures
 from . import manifest as manifest_mod
-from .errors import CryptlayerError, UsageError
+from .errors import CryptlayerError, DamagedImageError, TamperedImageError, UsageError
 from .imagefiles import open_dir, open_layer
 from .manifest import ImageConfig, Layer
 from .shred import keyslot_count
@@ -79,12 +79,18 @@ class ImageReport:
 def inspect_image(image: Path) -> ImageReport:
     """Layers with sizes and keyslot state, who can open it, cipher, and the image config."""
     image = image.resolve()  # the path the user gave; below it, nothing is followed
-    manifest = manifest_mod.load(image)
+    try:
+        manifest = manifest_mod.load(image)
+    except DamagedImageError as err:  # nothing to show: a damaged copy, as `verify` says
+        raise TamperedImageError(err.message, err.hint) from err
     layers = []
     with open_dir(image) as files:
         for layer in manifest.layers:
             try:
-                slots = keyslot_count(open_layer(files, layer.file, None))
+                # Both files, each of the size the statement records (a layer cut short still
+                # has its header: its keyslots say nothing of the rest).
+                open_layer(files, layer.tree, layer.tree_size)
+                slots = keyslot_count(open_layer(files, layer.file, layer.size))
                 state = "intact" if slots else "erased"
             except CryptlayerError as err:
                 slots, state = 0, "missing" if "missing" in err.message else "damaged"

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import TamperedImageError, UsageError
+from .errors import DamagedImageError, TamperedImageError, UsageError
 from .fsutil import json_bytes, read_image_document, write_atomic
 from .tools import BLOCK
 
@@ -191,7 +191,7 @@ def load(image: Path) -> Manifest:
         )
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         detail = f"missing {err}" if isinstance(err, KeyError) else str(err)
-        raise UsageError(
+        raise DamagedImageError(
             f"{path} is malformed: {detail}", "the image is damaged; rebuild it"
         ) from err
 

@@ -50,13 +50,21 @@ def _resolve(entries: list[envelope.Entry], who: str, image: Path) -> str:
 
 
 def rekey(
-    image: Path, credential: Credential, add: envelope.Principals, remove: list[str]
+    image: Path,
+    credential: Credential,
+    add: envelope.Principals,
+    remove: list[str],
+    *,
+    allow_shared: bool = False,
 ) -> Change:
-    """Add `add` and remove `remove` (ids or files) from who may open IMAGE."""
+    """Add `add` and remove `remove` (ids or files) from who may open IMAGE.
+
+    A directory that users other than root may write is refused unless `allow_shared`, as for
+    every command that changes an image (imagefiles.check_private)."""
     require_tools("cryptsetup")
     image = image.resolve()  # the path the user gave; below it, nothing is followed
     manifest = manifest_mod.load(image)
-    with open_image(image, manifest, allow_shared=True) as files:
+    with open_image(image, manifest, allow_shared=allow_shared) as files:
         require_intact(files)
         return _rekey(files, manifest, credential, add, remove)
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 from typing import IO
@@ -39,32 +40,81 @@ XATTR_PAX = "SCHILY.xattr."
 
 @dataclass(frozen=True)
 class Measure:
-    """How much a source holds: bytes of file content, and blocks and inodes it will need."""
+    """How much a source holds: bytes of file content, and blocks and inodes it will need; and
+    the device nodes it leaves out (see device_node)."""
 
     content_bytes: int
     blocks: int
     inodes: int
+    dev_nodes: int = 0  # device nodes under /dev, left out
+    dropped: tuple[str, ...] = ()  # device nodes elsewhere, left out by --drop-devices: shown
 
     def __add__(self, other: Measure) -> Measure:
         return Measure(
             self.content_bytes + other.content_bytes,
             self.blocks + other.blocks,
             self.inodes + other.inodes,
+            self.dev_nodes + other.dev_nodes,
+            self.dropped + other.dropped,
         )
 
+    def left_out(self, label: str) -> list[str]:
+        """One line for the device nodes under /dev, one for each other one dropped."""
+        lines = [f"left out {shown}: --drop-devices" for shown in self.dropped]
+        if self.dev_nodes:
+            nodes = "node" if self.dev_nodes == 1 else "nodes"
+            lines.insert(0, f"left out {self.dev_nodes} device {nodes} under /dev of {label}"
+                            " (the container gets /dev from the runtime)")  # fmt: skip
+        return lines
 
-def refuse_device(name: str, mode: int, rdev: int) -> None:
-    """UsageError for a device node, other than an overlay whiteout (a 0:0 character device):
-    a container has no business with the host's devices, whatever its image carries."""
+
+class Device(StrEnum):
+    """What a layer does with one entry of its source (device_node)."""
+
+    KEEP = "keep"  # not a device node, or an overlay whiteout
+    UNDER_DEV = "under /dev"  # left out: the runtime gives the container its own /dev
+    DROPPED = "dropped"  # elsewhere, left out because --drop-devices was given
+
+
+def device_node(name: str, shown: str, mode: int, rdev: int, *, drop: bool) -> Device:
+    """What becomes of the entry `name` (its path from the layer's root) with `mode` and
+    `rdev`: UsageError for a device node outside /dev without `drop`.
+
+    A debootstrap tree, and every OCI layer made from one, carries console, null, tty... in
+    /dev; a container gets /dev from the runtime, and layers are mounted nodev, so those are
+    left out. One anywhere else has no such reason to be there: refused, unless dropped too.
+    An overlay whiteout (a 0:0 character device) is kept wherever it is.
+    """
     if not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
-        return
+        return Device.KEEP
     if stat.S_ISCHR(mode) and rdev == 0:
-        return  # a whiteout
+        return Device.KEEP  # a whiteout
+    if under_dev(name):
+        return Device.UNDER_DEV
+    if drop:
+        return Device.DROPPED
     kind = "character" if stat.S_ISCHR(mode) else "block"
     raise UsageError(
-        f"{printable(name)} is a {kind} device node ({os.major(rdev)}:{os.minor(rdev)})",
-        "images may not carry devices (the container gets /dev from the runtime); remove it",
+        f"{printable(shown)} is a {kind} device node ({os.major(rdev)}:{os.minor(rdev)})",
+        "an image may carry device nodes only in /dev, which build leaves out (the container"
+        " gets /dev from the runtime); remove it, or pass --drop-devices to leave it out",
     )
+
+
+def device_shown(shown: str, mode: int, rdev: int) -> str:
+    """A device node as a line names it: `PATH (character device 1:3)`."""
+    kind = "character" if stat.S_ISCHR(mode) else "block"
+    return f"{shown} ({kind} device {os.major(rdev)}:{os.minor(rdev)})"
+
+
+def under_dev(name: str) -> bool:
+    """Whether `name`, a path from a layer's root, lies below its /dev."""
+    return _in_layer(name).startswith("dev/")
+
+
+def _in_layer(name: str) -> str:
+    """A member name as extraction resolves it: relative to the root, no `..` above it."""
+    return posixpath.normpath("/" + name).lstrip("/") or "."
 
 
 def _tar_mode(member: tarfile.TarInfo) -> int:
@@ -112,6 +162,7 @@ class _Tree:
 @dataclass(frozen=True)
 class DirectorySource(Source):
     path: Path
+    drop_devices: bool = False  # leave out device nodes outside /dev too (device_node)
 
     @property
     def label(self) -> str:
@@ -119,7 +170,8 @@ class DirectorySource(Source):
 
     @cached_property
     def _tree(self) -> _Tree:
-        content = blocks = inodes = 0
+        content = blocks = inodes = dev_nodes = 0
+        dropped: list[str] = []
         linked = False
         sizes: dict[str, int] = {}
         seen: set[tuple[int, int]] = set()
@@ -129,9 +181,17 @@ class DirectorySource(Source):
             rel = os.path.relpath(root, self.path)
             for name in dirs + files:
                 st = os.lstat(os.path.join(root, name))
-                refuse_device(os.path.join(root, name), st.st_mode, st.st_rdev)
                 top = name if rel == "." else rel.split(os.sep, 1)[0]
                 sizes[top] = sizes.get(top, 0) + BLOCK
+                shown = os.path.join(root, name)
+                what = device_node(os.path.join(rel, name), shown, st.st_mode, st.st_rdev,
+                                   drop=self.drop_devices)  # fmt: skip
+                if what is Device.UNDER_DEV:
+                    dev_nodes += 1
+                    continue
+                if what is Device.DROPPED:
+                    dropped.append(device_shown(shown, st.st_mode, st.st_rdev))
+                    continue
                 if stat.S_ISDIR(st.st_mode):
                     continue  # counted when walked
                 if st.st_nlink > 1:
@@ -146,7 +206,8 @@ class DirectorySource(Source):
                     sizes[top] += st.st_size
                 elif stat.S_ISLNK(st.st_mode):
                     blocks += 1
-        return _Tree(Measure(content, blocks, inodes), linked, sizes)
+        measure = Measure(content, blocks, inodes, dev_nodes, tuple(dropped))
+        return _Tree(measure, linked, sizes)
 
     def measure(self) -> Measure:
         return self._tree.measure
@@ -159,17 +220,44 @@ class DirectorySource(Source):
         shares = [] if self._tree.linked else _shares(self._tree.sizes, COPIERS)
         if len(shares) < 2:
             run(["cp", "-a", "--", f"{self.path}/.", f"{target}/"])
-            return
-        with ThreadPoolExecutor(len(shares), thread_name_prefix="copy") as pool:
-            argvs = [["cp", "-a", "--", *(str(self.path / n) for n in share), f"{target}/"]
-                     for share in shares]  # fmt: skip
-            for copied in [pool.submit(run, argv) for argv in argvs]:
-                copied.result()
-        # What `cp -a SRC/. TARGET/` does for the top directory itself, once its entries are in
-        # (they change its times): owner, mode, times and extended attributes.
-        top = os.lstat(self.path)
-        os.chown(target, top.st_uid, top.st_gid)
-        shutil.copystat(self.path, target)
+        else:
+            with ThreadPoolExecutor(len(shares), thread_name_prefix="copy") as pool:
+                argvs = [["cp", "-a", "--", *(str(self.path / n) for n in share), f"{target}/"]
+                         for share in shares]  # fmt: skip
+                for copied in [pool.submit(run, argv) for argv in argvs]:
+                    copied.result()
+            # What `cp -a SRC/. TARGET/` does for the top directory itself, once its entries
+            # are in (they change its times): owner, mode, times and extended attributes.
+            top = os.lstat(self.path)
+            os.chown(target, top.st_uid, top.st_gid)
+            shutil.copystat(self.path, target)
+        self._leave_out_devices(target)
+
+    def _leave_out_devices(self, target: Path) -> None:
+        """Remove from the filled layer the device nodes device_node leaves out; refuse any
+        other. What cp copied is checked, not what measure saw: the tree may have changed."""
+        todo = [""]
+        while todo:
+            rel = todo.pop()
+            where = target / rel if rel else target
+            times = os.lstat(where)
+            removed = False
+            with os.scandir(where) as entries:
+                for entry in entries:
+                    name = posixpath.join(rel, entry.name) if rel else entry.name
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append(name)
+                        continue
+                    if entry.is_file(follow_symlinks=False) or entry.is_symlink():
+                        continue  # (d_type says so: no stat for each file of a large tree)
+                    st = entry.stat(follow_symlinks=False)
+                    what = device_node(name, str(self.path / name), st.st_mode, st.st_rdev,
+                                       drop=self.drop_devices)  # fmt: skip
+                    if what is not Device.KEEP:
+                        os.unlink(entry.path)
+                        removed = True
+            if removed:  # the directory's times, as cp -a made them (the source's)
+                os.utime(where, ns=(times.st_atime_ns, times.st_mtime_ns), follow_symlinks=False)
 
 
 def _shares(sizes: dict[str, int], count: int) -> list[list[str]]:
@@ -205,8 +293,43 @@ def decompressed(raw: IO[bytes]) -> Iterator[IO[bytes]]:
         yield raw
 
 
+class _TarDevices:
+    """device_node for the members of one tar in order, hard links to a node left out included
+    (a link to a node is the node under another name); what was left out, counted and named."""
+
+    def __init__(self, label: str, drop: bool) -> None:
+        self.label = label  # "" in the extracting child: its messages get the label added
+        self.drop = drop
+        self.left_out: dict[str, tuple[int, int]] = {}  # name -> (mode, rdev)
+        self.dev_nodes = 0
+        self.dropped: list[str] = []
+
+    def __call__(self, member: tarfile.TarInfo) -> Device:
+        name = _in_layer(member.name)
+        if member.islnk():
+            node = self.left_out.get(_in_layer(member.linkname))
+            if node is None:
+                return Device.KEEP
+            mode, rdev = node
+        else:
+            mode, rdev = _tar_mode(member), os.makedev(member.devmajor, member.devminor)
+        shown = f"{self.label}:{member.name}" if self.label else member.name
+        what = device_node(name, shown, mode, rdev, drop=self.drop)
+        if what is Device.KEEP:
+            self.left_out.pop(name, None)  # (a later member put something else there)
+            return what
+        self.left_out[name] = (mode, rdev)
+        if what is Device.UNDER_DEV:
+            self.dev_nodes += 1
+        else:
+            self.dropped.append(device_shown(shown, mode, rdev))
+        return what
+
+
 class _TarSource(Source):
     """A layer tar, wherever its bytes come from; checked against its diff_id if it has one."""
+
+    drop_devices: bool  # leave out device nodes outside /dev too (device_node)
 
     @contextmanager
     def _raw(self) -> Iterator[IO[bytes]]:
@@ -227,12 +350,13 @@ class _TarSource(Source):
 
     def measure(self) -> Measure:
         content = blocks = inodes = 0
+        devices = _TarDevices(self.label, self.drop_devices)
         try:
             with self._stream() as stream:
                 with tarfile.open(fileobj=stream, mode="r|") as tar:
                     for member in tar:
-                        refuse_device(f"{self.label}:{member.name}", _tar_mode(member),
-                                      os.makedev(member.devmajor, member.devminor))  # fmt: skip
+                        if devices(member) is not Device.KEEP:
+                            continue
                         inodes += 1
                         blocks += _blocks(member.size) if member.isfile() else 1
                         if member.isfile():
@@ -242,17 +366,20 @@ class _TarSource(Source):
             raise UsageError(
                 f"cannot read layer {self.label}: {err}", "is the file complete?"
             ) from err
-        return Measure(content, blocks, inodes + 1)
+        return Measure(content, blocks, inodes + 1, devices.dev_nodes, tuple(devices.dropped))
 
     def populate(self, target: Path, *, squash: bool = False) -> None:
         with self._stream() as stream:
-            digest = extract_confined(stream, target, self.label, squash=squash)
+            digest = extract_confined(
+                stream, target, self.label, squash=squash, drop_devices=self.drop_devices
+            )
         self._check(digest)
 
 
 @dataclass(frozen=True)
 class TarSource(_TarSource):
     path: Path
+    drop_devices: bool = False
 
     @property
     def label(self) -> str:
@@ -267,6 +394,7 @@ class TarSource(_TarSource):
 @dataclass(frozen=True)
 class OciLayerSource(_TarSource):
     layer: OciLayer
+    drop_devices: bool = False
 
     @property
     def label(self) -> str:
@@ -307,21 +435,21 @@ class SquashSource(Source):
             part.populate(target, squash=True)
 
 
-def parse_path(text: str) -> Source:
-    """A directory or a tar file named on the command line."""
+def parse_path(text: str, *, drop_devices: bool = False) -> Source:
+    """A directory or a tar file named on the command line (`drop_devices`: see device_node)."""
     path = Path(text)
     if not path.exists():
         raise UsageError(
             f"source {text} does not exist", "give a directory, a layer tar or oci:PATH"
         )
     if path.is_dir():
-        return DirectorySource(path)
+        return DirectorySource(path, drop_devices)
     if path.is_file():
         # The first member's headers (PAX ones included) fit well in 64 KiB of the plain stream.
         with open(path, "rb") as f, decompressed(f) as plain:
             head = plain.read(1 << 16)
         if tarfile.is_tarfile(io.BytesIO(head)):
-            return TarSource(path)
+            return TarSource(path, drop_devices)
     raise UsageError(f"source {text} is neither a directory nor a tar archive")
 
 
@@ -336,9 +464,16 @@ def _remove(path: str) -> None:
 
 
 def _apply(
-    tar: tarfile.TarFile, member: tarfile.TarInfo, squash: bool, seen: set[str]
+    tar: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    squash: bool,
+    seen: set[str],
+    devices: _TarDevices,
 ) -> dict[str, bytes]:
     """Extract one member (or apply its whiteout); returns the xattrs still to set on it."""
+    # Checked again while extracting: a tar file may change between measuring and extracting.
+    if devices(member) is not Device.KEEP:
+        return {}  # left out: never made, so never reached through a symlink either
     name = posixpath.normpath("/" + member.name).lstrip("/") or "."
     base, parent = posixpath.basename(name), posixpath.dirname(name) or "."
     if base == OPAQUE:
@@ -357,8 +492,6 @@ def _apply(
             os.makedirs("/" + parent, mode=0o755, exist_ok=True)
             os.mknod(victim, stat.S_IFCHR | 0o600, os.makedev(0, 0))
         return {}
-    # Checked again while extracting: a tar file may change between measuring and extracting.
-    refuse_device(member.name, _tar_mode(member), os.makedev(member.devmajor, member.devminor))
     path = "/" + name
     if name != "." and os.path.lexists(path) and not (member.isdir() and os.path.isdir(path)):
         _remove(path)  # a later layer replaces what is there
@@ -372,14 +505,15 @@ def _apply(
     }
 
 
-def _extract_here(stream: IO[bytes], squash: bool) -> None:
+def _extract_here(stream: IO[bytes], squash: bool, drop_devices: bool) -> None:
     """Extract the tar on `stream` into / (we are chrooted)."""
+    devices = _TarDevices("", drop_devices)
     seen: set[str] = set()
     dirs: list[tarfile.TarInfo] = []
     xattrs: list[tuple[str, dict[str, bytes]]] = []
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
-            pending = _apply(tar, member, squash, seen)
+            pending = _apply(tar, member, squash, seen, devices)
             if pending:
                 xattrs.append(("/" + member.name, pending))
             if member.isdir():
@@ -401,8 +535,11 @@ def _close_all_but(keep: set[int]) -> None:
                 os.close(fd)
 
 
-def extract_confined(stream: HashingReader, target: Path, label: str, *, squash: bool) -> str:
+def extract_confined(
+    stream: HashingReader, target: Path, label: str, *, squash: bool, drop_devices: bool = False
+) -> str:
     """Extract a tar stream into `target` from a child chrooted there; returns its sha256.
+    Device nodes are left out or refused as device_node says.
 
     We feed the child the plain tar through a pipe of its own; the child closes every other
     descriptor first, so it holds nothing open that another process waits on (such as the
@@ -420,7 +557,7 @@ def extract_confined(stream: HashingReader, target: Path, label: str, *, squash:
             os.chroot(target)
             os.chdir("/")
             with os.fdopen(data_r, "rb") as data:
-                _extract_here(data, squash)
+                _extract_here(data, squash, drop_devices)
                 while data.read(1 << 20):  # the tar's trailing padding
                     pass
             os.write(msg_w, b"ok")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import luksheader, signatures
 from . import manifest as manifest_mod
-from .errors import ErasedImageError, TamperedImageError
+from .errors import DamagedImageError, ErasedImageError, TamperedImageError
 from .imagefiles import open_image
 from .system import require_tools
 from .tools import veritysetup
@@ -27,9 +27,20 @@ class Report:
     warnings: tuple[str, ...]  # signatures that did not verify, beside a trusted one
 
 
+COPY_AGAIN = "do not use this copy; copy the image again from a source you trust"
+
+
 def verify_image(image: Path, trust: Path | None) -> Report:
-    """TamperedImageError naming the first check that failed."""
-    image = image.resolve()
+    """TamperedImageError naming the first check that failed: any damage to the copy (a
+    statement that does not parse, a layer cut short or missing...) as much as a changed byte,
+    so that a mirror or CI job has one exit status (8) to check for."""
+    try:
+        return _verify(image.resolve(), trust)
+    except DamagedImageError as err:
+        raise TamperedImageError(err.message, err.hint) from err
+
+
+def _verify(image: Path, trust: Path | None) -> Report:
     manifest = manifest_mod.load(image)
     if trust is not None:
         names = signatures.require_trusted(image, manifest.raw, trust)
@@ -57,6 +68,6 @@ def verify_image(image: Path, trust: Path | None) -> Report:
                     f"layer file {file.shown} does not match its dm-verity hash tree"
                     f" ({tree.shown}) and the statement's root hash: it was changed after the"
                     " build",
-                    "do not use this copy; copy the image again from a source you trust",
+                    COPY_AGAIN,
                 )
     return Report(manifest.digest, tuple(names), len(manifest.layers), tuple(map(str, bad)))

@@ -86,7 +86,7 @@ def test_missing_manifest(tmp_path: Path) -> None:
 def test_malformed_manifest(tmp_path: Path, content: str, detail: str) -> None:
     (tmp_path / "manifest.json").write_text(content)
     code, _, err = invoke("inspect", str(tmp_path))
-    assert code == ExitCode.USAGE
+    assert code == ExitCode.TAMPERED  # a damaged copy (test_copies.py)
     assert detail in one_error_line(err)
 
 

@@ -126,16 +126,24 @@ def test_gc_erases_only_the_file_the_container_opened(
     assert slots(image) == [0]
 
 
-def test_image_directory_others_can_write_is_refused(cli: Cli, image: Path, key: Path) -> None:
+def test_image_directory_others_can_write_is_refused(
+    cli: Cli, image: Path, key: Path, tmp_path: Path
+) -> None:
     hint = ("whoever can write it can swap its files while root uses them; make it root's and"
             " not writable by others (chown root: DIR; chmod go-w DIR), or pass"
             " --allow-shared-dir\n")  # fmt: skip
+    other = tmp_path / "other.key"
+    cli.ok("keygen", str(other))
     image.chmod(0o777)
-    for args in (("run", "-k", str(key), str(image)), ("shred", str(image))):
+    keys_before = (image / "keys.json").read_bytes()
+    rekey = ("rekey", str(image), "-k", str(key), "--add-key", str(other))
+    for args in (("run", "-k", str(key), str(image)), ("shred", str(image)), rekey):
         code, _, err = cli(*args)
         assert (code, err) == (ExitCode.USAGE, f"error: image directory {image} is writable by"
                                f" users other than root (mode 0777): {hint}")  # fmt: skip
-    assert cli.ok("run", "--keep", "--allow-shared-dir", "-k", str(key), str(image), "--",
+    assert (image / "keys.json").read_bytes() == keys_before  # rekey changed nothing (issue 21)
+    assert cli.ok(*rekey, "--allow-shared-dir").startswith("added ")
+    assert cli.ok("run", "--keep", "--allow-shared-dir", "-k", str(other), str(image), "--",
                   "echo", "allowed") == "allowed\n"  # fmt: skip
     image.chmod(0o755)
     os.chown(image, 1000, 1000)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import stat
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -153,3 +155,86 @@ def test_corrupted_blob_leaves_nothing(
     assert err.startswith(f"error: {layout}/{blob} does not match its digest sha256:")
     assert err.endswith("the image is corrupted; fetch it again\n")
     assert list(images.iterdir()) == []
+
+
+# What debootstrap puts in /dev (and so every OCI layer made from its tree: umoci, `podman
+# import`, `docker export`), with the kernel's own numbers.
+DEV_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9),
+             "tty": (5, 0), "console": (5, 1), "ptmx": (5, 2)}  # fmt: skip
+PROBE_DEV = "echo gone > /dev/null && head -c 3 /dev/zero | wc -c && echo ran"
+
+
+@pytest.fixture(scope="module")
+def debootstrap_tree(busybox_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The busybox tree with debootstrap's /dev: its eight nodes, pts/ and shm/."""
+    root = tmp_path_factory.mktemp("deboot") / "rootfs"
+    shutil.copytree(busybox_tree, root, symlinks=True)
+    (root / "dev/pts").mkdir()
+    (root / "dev/shm").mkdir()
+    for name, (major, minor) in DEV_NODES.items():
+        os.mknod(root / "dev" / name, stat.S_IFCHR | 0o666, os.makedev(major, minor))
+    return root
+
+
+def umoci_layout(tree: Path, layout: Path) -> Path:
+    """An OCI layout of `tree` as umoci makes one: its layer holds /dev's nodes."""
+    bundle = layout.parent / "bundle"
+    for argv in (["init", "--layout", str(layout)], ["new", "--image", f"{layout}:deb"],
+                 ["unpack", "--image", f"{layout}:deb", str(bundle)]):  # fmt: skip
+        subprocess.run(["umoci", *argv], check=True, capture_output=True)
+    subprocess.run(["cp", "-a", "--", f"{tree}/.", f"{bundle}/rootfs/"], check=True)
+    subprocess.run(["umoci", "repack", "--image", f"{layout}:deb", str(bundle)], check=True,
+                   capture_output=True)  # fmt: skip
+    return layout
+
+
+def test_debootstrap_dev_nodes_build_and_run(
+    cli: Cli, images: Path, key_file: Path, tmp_path: Path, debootstrap_tree: Path
+) -> None:
+    """Issue 21 A1: the nodes under /dev are left out with one line; the image runs."""
+    layout = umoci_layout(debootstrap_tree, tmp_path / "layout")
+    (blob,) = [p for p in (layout / "blobs/sha256").iterdir() if tarfile.is_tarfile(p)]
+    with tarfile.open(blob) as layer:
+        assert {m.name.removeprefix("./") for m in layer if m.ischr()} == {
+            f"dev/{name}" for name in DEV_NODES
+        }  # the layer carries them, as umoci's of a real debootstrap tree does
+    for name, source, shown in (("dir", str(debootstrap_tree), debootstrap_tree),
+                                ("umoci", f"oci:{layout}:deb", blob)):  # fmt: skip
+        image = images / name
+        code, _, err = cli("build", "-k", str(key_file), "-o", str(image), source)
+        assert code == 0, err
+        assert err == (f"left out 8 device nodes under /dev of {shown} (the container gets /dev"
+                       " from the runtime)\n")  # fmt: skip
+        out = cli.ok("run", "--keep", "-k", str(key_file), str(image), "--", "sh", "-c", PROBE_DEV)
+        assert out == "3\nran\n"
+    rootfs = Path(cli.ok("start", "--keep", "-k", str(key_file), "--name", "deb",
+                         str(images / "umoci")).strip())  # fmt: skip
+    try:
+        assert sorted(p.name for p in (rootfs / "dev").iterdir()) == ["pts", "shm"]
+    finally:
+        cli.ok("stop", "deb")
+
+
+def test_device_node_elsewhere_is_refused_unless_dropped(
+    cli: Cli, images: Path, key_file: Path, tmp_path: Path, debootstrap_tree: Path
+) -> None:
+    tree = tmp_path / "tree"
+    subprocess.run(["cp", "-a", "--", str(debootstrap_tree), str(tree)], check=True)  # (copytree
+    # would read each device node as a file: /dev/console blocks for ever)
+    os.mknod(tree / "etc/evil", stat.S_IFCHR | 0o666, os.makedev(1, 1))  # /dev/mem
+    code, _, err = cli("build", "-k", str(key_file), "-o", str(images / "evil"), str(tree))
+    assert code == ExitCode.USAGE
+    assert err == (f"error: {tree}/etc/evil is a character device node (1:1): an image may carry"
+                   " device nodes only in /dev, which build leaves out (the container gets /dev"
+                   " from the runtime); remove it, or pass --drop-devices to leave it out\n")  # fmt: skip
+    assert list(images.iterdir()) == []
+    code, _, err = cli("build", "--drop-devices", "-k", str(key_file), "-o",
+                       str(images / "evil"), str(tree))  # fmt: skip
+    assert code == 0, err
+    assert err.splitlines() == [
+        f"left out 8 device nodes under /dev of {tree} (the container gets /dev from the runtime)",
+        f"left out {tree}/etc/evil (character device 1:1): --drop-devices",
+    ]
+    out = cli.ok("run", "-k", str(key_file), str(images / "evil"), "--", "sh", "-c",
+                 "test -e /etc/evil || echo absent")  # fmt: skip
+    assert out == "absent\n"
