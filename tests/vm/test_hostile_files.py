@@ -78,7 +78,8 @@ def test_hard_linked_or_device_layer_is_refused(
     for args in (("run", "-k", str(key), str(image)), ("shred", str(image))):
         code, _, err = cli(*args)
         assert (code, err) == (ExitCode.USAGE, f"error: layer file {layer} is not a regular"
-                               " file: the image is damaged; copy it again\n")  # fmt: skip
+                               " file (a block device node): the image is damaged; copy it"
+                               " again\n")  # fmt: skip
     assert keyslots(backing) == 1
 
 
@@ -169,7 +170,7 @@ def test_hostile_passwd_and_group_do_not_hang_or_leak(
     cli.ok("build", "-k", str(key_file), "-o", str(image), str(tree))
     code, _, err = cli("run", "--keep", "-u", "app", "-k", str(key_file), str(image), "--", "id")
     assert (code, err) == (ExitCode.USAGE, "error: the container's /etc/passwd is not a regular"
-                           " file: use a numeric UID[:GID]\n")  # fmt: skip
+                           " file (a FIFO): use a numeric UID[:GID]\n")  # fmt: skip
     code, _, err = cli("run", "--keep", "-u", "0:grp", "-k", str(key_file), str(image), "--", "id")
     assert (code, err) == (ExitCode.USAGE, "error: group 'grp' is not in the container's"
                            " /etc/group: use a numeric GID\n")  # fmt: skip
