@@ -552,3 +552,54 @@ def test_a_truncated_body(tmp_path: Path) -> None:
         code, _, err = invoke("pull", "--tls-verify=false", f"{a.host}/x/y:v1", str(tmp_path / "x"))
     assert (code, err) == (ExitCode.FAILURE, f"error: the connection to {a.host} broke while"
                            " reading its manifest v1: try again\n")  # fmt: skip
+
+
+def test_a_blob_cut_short_resumes(plain: RunningRegistry, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A registry (here a proxy in front of a real one) that ends a blob's connection halfway:
+    one line, exit 1, and the half stays, so that the pull resumes from it (a Range request)
+    from the real registry. Failed before: "error: ('Connection broken: IncompleteRead(1048576
+    bytes read, 1048576 more expected)', IncompleteRead(...))"."""
+    import hashlib
+
+    import requests
+
+    big = fake_image(tmp_path / "big", size=2 * MiB)
+    layer = "sha256:" + hashlib.sha256((big / "layer0.luks").read_bytes()).hexdigest()
+    assert invoke("push", "--tls-verify=false", str(big), f"{plain.host}/cut/app:v1")[0] == 0
+
+    def proxy(request: Any) -> None:
+        forwarded = {k: v for k, v in request.headers.items() if k in ("Accept", "Range")}
+        upstream = requests.request(request.command, f"http://{plain.host}{request.path}",
+                                    headers=forwarded, timeout=10)  # fmt: skip
+        body = upstream.content
+        request.send_response(upstream.status_code)
+        for name in ("Content-Type", "Docker-Content-Digest"):
+            if name in upstream.headers:
+                request.send_header(name, upstream.headers[name])
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        if request.command != "HEAD":
+            request.wfile.write(body[: len(body) // 2] if request.path.endswith(layer) else body)
+
+    with hostile(proxy) as cutting:
+        code, _, err = invoke("pull", "--tls-verify=false", f"{cutting.host}/cut/app:v1",
+                              str(tmp_path / "x"))  # fmt: skip
+    assert (code, err) == (ExitCode.FAILURE, f"error: the connection to {cutting.host} broke"
+                           f" during blob {layer}: pull again: it resumes\n")  # fmt: skip
+    partial = [p for p in tmp_path.glob(".x.pull-*/*") if p.name == "layer0.luks"]
+    assert len(partial) == 1 and 0 < partial[0].stat().st_size < 2 * MiB
+    ranges: list[str] = []
+    original = requests.Session.request
+
+    def recording(self: Any, method: str, url: str, *args: Any, **kw: Any) -> Any:
+        if url.endswith(layer):
+            ranges.append(kw.get("headers", {}).get("Range", ""))
+        return original(self, method, url, *args, **kw)
+
+    monkeypatch.setattr(requests.Session, "request", recording)
+    code, _, err = invoke("pull", "--tls-verify=false", f"{plain.host}/cut/app:v1",
+                          str(tmp_path / "x"))  # fmt: skip
+    assert code == 0, err
+    assert ranges and ranges[-1].startswith("bytes=") and ranges[-1] != "bytes=0-"
+    assert (tmp_path / "x/layer0.luks").read_bytes() == (big / "layer0.luks").read_bytes()
