@@ -376,10 +376,14 @@ def zeros(request: Any, total: int) -> None:
 
 
 def pull_in_a_child(host: str, target: Path) -> tuple[int, str, int]:
-    """`cryptlayer pull` as a process: exit code, stderr, and its peak RSS in MiB (wait4)."""
     argv = [sys.executable, "-m", "cryptlayer", "pull", "--no-tls-verify", f"{host}/x/y:v1",
             str(target)]  # fmt: skip
-    with open(target.parent / "stderr", "w+") as err:
+    return child(argv, target.parent)
+
+
+def child(argv: list[str], where: Path) -> tuple[int, str, int]:
+    """`argv` as a process: exit code, stderr, and its peak RSS in MiB (wait4: this child's)."""
+    with open(where / "stderr", "w+") as err:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=err)  # fmt: skip
         _, status, usage = os.wait4(process.pid, 0)
@@ -603,3 +607,28 @@ def test_a_blob_cut_short_resumes(plain: RunningRegistry, tmp_path: Path,
     assert code == 0, err
     assert ranges and ranges[-1].startswith("bytes=") and ranges[-1] != "bytes=0-"
     assert (tmp_path / "x/layer0.luks").read_bytes() == (big / "layer0.luks").read_bytes()
+
+
+def test_a_huge_error_body_on_a_blob(plain: RunningRegistry, tmp_path: Path) -> None:
+    """The issue's case as it was found: a real image's manifest, then HTTP 500 with 256 MiB on
+    its blobs; the pull (a child) stays small. Failed before: 818 MB peak."""
+    import requests
+
+    assert invoke("push", "--tls-verify=false", str(fake_image(tmp_path / "img")),
+                  f"{plain.host}/errbody/app:v1")[0] == 0  # fmt: skip
+
+    def server(request: Any) -> None:
+        if "/blobs/" not in request.path:
+            upstream = requests.get(f"http://{plain.host}{request.path}", timeout=10,
+                                    headers={"Accept": request.headers.get("Accept", "")})  # fmt: skip
+            return reply(request, upstream.status_code, upstream.content)
+        request.send_response(500)
+        request.end_headers()
+        zeros(request, 256 * MiB)
+
+    with hostile(server) as a:
+        argv = [sys.executable, "-m", "cryptlayer", "pull", "--no-tls-verify",
+                f"{a.host}/errbody/app:v1", str(tmp_path / "x")]  # fmt: skip
+        code, err, peak = child(argv, tmp_path)
+    assert code == ExitCode.FAILURE and ": HTTP 500 " in err and err.count("\n") == 1, err
+    assert peak < 128, f"peak RSS {peak} MiB"
