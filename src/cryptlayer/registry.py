@@ -550,7 +550,7 @@ class Registry:
 
     def _check(self, response: Any, what: str) -> Any:
         status = response.status_code
-        if status < 400:
+        if 200 <= status < 300:
             return response
         excerpt = _excerpt(response, self.ref.host)
         if status in (401, 403):

@@ -381,15 +381,24 @@ def pull_in_a_child(host: str, target: Path) -> tuple[int, str, int]:
     return child(argv, target.parent)
 
 
+# A small process between: a child's ru_maxrss starts at the high-water mark of the memory it
+# was forked from (the kernel keeps it across exec), and pytest may be large.
+MEASURE = """import os, subprocess, sys
+p = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(p.pid, 0)
+p.returncode = os.waitstatus_to_exitcode(status)
+print(usage.ru_maxrss >> 10)
+sys.exit(p.returncode)
+"""
+
+
 def child(argv: list[str], where: Path) -> tuple[int, str, int]:
-    """`argv` as a process: exit code, stderr, and its peak RSS in MiB (wait4: this child's)."""
+    """`argv` as a process: exit code, stderr, and its peak RSS in MiB (wait4: its own)."""
     with open(where / "stderr", "w+") as err:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=err)  # fmt: skip
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
+        done = subprocess.run([sys.executable, "-c", MEASURE, *argv], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=err, text=True)  # fmt: skip
         err.seek(0)
-        return process.returncode, err.read(), usage.ru_maxrss >> 10
+        return done.returncode, err.read(), int(done.stdout)
 
 
 def huge_manifest_declared(request: Any) -> None:
