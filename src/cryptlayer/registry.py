@@ -646,17 +646,22 @@ class Registry:
 
         _require_identity(response, what, self.ref.host)
         end = time.monotonic() + DEADLINE + expected / MIN_RATE
+        complete = False
         try:
             while chunk := response.raw.read1(CHUNK, decode_content=False):
                 yield chunk
                 if time.monotonic() > end:
                     raise RegistryError(f"registry {self.ref.host} sent {what} too slowly",
                                         "pull again: it resumes")  # fmt: skip
+            complete = True
         except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError):
             raise RegistryError(f"the connection to {self.ref.host} broke during {what}",
                                 "pull again: it resumes") from None  # fmt: skip
         finally:
-            response.close()
+            if complete:
+                response.raw.release_conn()  # read to its end: the connection is reused
+            else:
+                response.close()
 
     # -- manifests
     def put_manifest(self, data: bytes, digest: str) -> None:
