@@ -79,8 +79,9 @@ def store_credentials(path: Path, host: str, user: str = "bob", password: str = 
 # -- A2: --tls-verify as skopeo and podman take it
 
 
-def test_the_documented_tls_verify_lines_work_as_typed(plain: RunningRegistry,
-                                                       tmp_path: Path) -> None:  # fmt: skip
+def test_the_documented_tls_verify_lines_work_as_typed(
+    plain: RunningRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every `cryptlayer ... --tls-verify=false ...` line of docs/registries.md, typed as written
     (only the registry's address and the directories are this test's). Failed before: "Option
     '--tls-verify' does not take a value"."""
@@ -88,7 +89,7 @@ def test_the_documented_tls_verify_lines_work_as_typed(plain: RunningRegistry,
              if line.startswith("cryptlayer ") and "--tls-verify=false" in line]  # fmt: skip
     assert len(lines) >= 3, lines
     fake_image(tmp_path / "img")
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     for line in lines:
         argv = shlex.split(line.replace("localhost:5000", plain.host))[1:]
         code, _, err = invoke(*[a for a in argv if not a.startswith("<")], input="secret\n")
@@ -241,10 +242,12 @@ def test_authfile_and_creds(secure: RunningRegistry, image: Path, tmp_path: Path
     assert json.loads(mine.read_text())["auths"] == {}
 
 
-@pytest.mark.parametrize("key", ["https://{host}/v1/", "http://{host}/v2/", "{host}"])
+@pytest.mark.parametrize("key", ["https://{host}/v1/", "http://{host}/v2/", "{host}",
+                                 "{host}/dockerkeys"])  # fmt: skip
 def test_docker_config_keys_match_as_docker_does(secure: RunningRegistry, image: Path,
                                                  tmp_path: Path, key: str) -> None:  # fmt: skip
-    """~/.docker/config.json written by docker: keys with a scheme and a path mean the host."""
+    """~/.docker/config.json written by docker: keys with a scheme and a path mean the host (and
+    podman's HOST/NAMESPACE keys hold a namespace's credentials)."""
     assert secure.cert_dir is not None
     cert = ["--cert-dir", str(secure.cert_dir)]
     config = Path(os.environ["HOME"]) / ".docker/config.json"
