@@ -598,7 +598,15 @@ def _go_bool(value: str) -> str:
 class _GoFlags(typer.core.TyperCommand):
     """Boolean options as skopeo and podman take them (Go's pflag): a bare `--tls-verify` is
     true, `--tls-verify=false` sets it (click flags take no value); `--no-tls-verify` kept, and
-    `--tls-verify false` (as --help shows it) read as =false."""
+    `--tls-verify false` (as --help shows it; any of ParseBool's words) read as =false."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Declared (hidden, never set: parse_args spells it --tls-verify=false) so that whatever
+        # looks at the command's options finds it.
+        old = typer.core.TyperOption
+        self.params.append(old(param_decls=["--no-tls-verify"], is_flag=True, hidden=True,
+                               expose_value=False))  # fmt: skip
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         end = args.index("--") if "--" in args else len(args)
@@ -609,7 +617,7 @@ class _GoFlags(typer.core.TyperCommand):
             if arg == "--no-tls-verify":
                 arg = "--tls-verify=false"
             elif arg == "--tls-verify":
-                value = args[i + 1] if i + 1 < end and args[i + 1] in ("true", "false") else ""
+                value = args[i + 1] if i + 1 < end and args[i + 1] in _TRUE + _FALSE else ""
                 i += bool(value)
                 arg = f"--tls-verify={value or 'true'}"
             out.append(arg)
