@@ -644,3 +644,34 @@ def test_a_huge_error_body_on_a_blob(plain: RunningRegistry, tmp_path: Path) -> 
         code, err, peak = child(argv, tmp_path)
     assert code == ExitCode.FAILURE and ": HTTP 500 " in err and err.count("\n") == 1, err
     assert peak < 128, f"peak RSS {peak} MiB"
+
+
+def test_a_redirect_to_another_host_carries_no_credentials(tmp_path: Path) -> None:
+    """What held before (requests stripped Authorization on a redirect to another host) holds
+    with redirects followed here: the CDN gets neither the Basic credentials nor a token, the
+    registry's own origin gets them. The CDN's body is then the manifest (here not an image)."""
+    cdn_saw: list[str] = []
+    registry_saw: list[str] = []
+
+    def cdn(request: Any) -> None:
+        cdn_saw.append(request.headers.get("Authorization", ""))
+        reply(request, 200, b"{}")
+
+    with hostile(cdn) as b:
+
+        def registry_a(request: Any) -> None:
+            registry_saw.append(request.headers.get("Authorization", ""))
+            if not request.headers.get("Authorization"):
+                reply(request, 401, headers={"WWW-Authenticate": 'Basic realm="r"'})
+            elif "/manifests/" in request.path:
+                reply(request, 307, headers={"Location": f"http://{b.host}/m?sig=1"})
+            else:
+                reply(request, 200, b"{}")
+
+        with hostile(registry_a) as a:
+            store_credentials(Path(os.environ["REGISTRY_AUTH_FILE"]), a.host)
+            code, _, err = invoke("pull", "--tls-verify=false", f"{a.host}/x/y:v1",
+                                  str(tmp_path / "x"))  # fmt: skip
+    assert cdn_saw == [""]
+    assert registry_saw[-1] == "Basic " + base64.b64encode(b"bob:hunter2").decode()
+    assert code == ExitCode.USAGE and "is not a cryptlayer image" in err
