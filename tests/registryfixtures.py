@@ -1,6 +1,6 @@
 """A real registry for the tests: Debian's docker-registry (CNCF distribution 2.8), started on
 127.0.0.1 on a free port, plain HTTP or with htpasswd auth and TLS (a CA and a certificate made
-here)."""
+here); and hostile(), a registry that is one function, for what a real one never sends."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import datetime
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 USER, PASSWORD = "alice", "correct horse"
 
@@ -112,3 +113,77 @@ def registry(base: Path, *, secure: bool = False) -> Iterator[RunningRegistry]:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@dataclass(frozen=True)
+class Hostile:
+    host: str  # 127.0.0.1:PORT
+    cert_dir: Path | None = None  # with tls: the self-signed certificate, as --cert-dir wants it
+
+
+def self_signed(base: Path) -> tuple[Path, Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (made here, with cryptography): its directory for
+    --cert-dir, the certificate, its key."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))  # fmt: skip
+    certs = base / "certs"
+    certs.mkdir(parents=True)
+    (certs / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (base / "server.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))  # fmt: skip
+    return certs, certs / "ca.crt", base / "server.key"
+
+
+@contextmanager
+def hostile(handle: Callable[[Any], None], tls: Path | None = None) -> Iterator[Hostile]:
+    """A registry (or token server, or CDN) that is one function: `handle(request)` answers every
+    request (request.command, .path, .headers, .send_response, .wfile: http.server's). HTTP/1.0,
+    each reply ends the connection. With `tls` (a directory), HTTPS with a self-signed
+    certificate made there."""
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *_: Any) -> None:
+            pass
+
+        def answer(self) -> None:
+            # the client may stop reading, as it should
+            with suppress(BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                handle(self)
+
+        do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = answer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    cert_dir = None
+    if tls is not None:
+        cert_dir, cert, key = self_signed(tls)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server.socket = context.wrap_socket(server.socket, server_side=True,
+                                            do_handshake_on_connect=False)  # fmt: skip
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield Hostile(f"127.0.0.1:{server.server_address[1]}", cert_dir)
+    finally:
+        server.shutdown()
+        server.server_close()

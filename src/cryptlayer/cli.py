@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+import typer.core
 from typer._click.core import Context
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
@@ -84,6 +85,47 @@ class _Command(TyperCommand):
     def collect_usage_pieces(self, ctx: Context) -> list[str]:
         pieces = super().collect_usage_pieces(ctx)
         return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
+
+
+_TRUE = ("1", "t", "T", "TRUE", "true", "True")
+_FALSE = ("0", "f", "F", "FALSE", "false", "False")
+
+
+def _go_bool(value: str) -> str:
+    """--tls-verify=VALUE as skopeo and podman parse it (Go's strconv.ParseBool)."""
+    if value not in _TRUE + _FALSE:
+        raise typer.BadParameter(f"{value!r} is not true or false", param_hint="--tls-verify")
+    return "true" if value in _TRUE else "false"
+
+
+class _GoFlags(_Command):
+    """Boolean options as skopeo and podman take them (Go's pflag): a bare `--tls-verify` is
+    true, `--tls-verify=false` sets it (click flags take no value); `--no-tls-verify` kept, and
+    `--tls-verify false` (as --help shows it; any of ParseBool's words) read as =false."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Declared (hidden, never set: parse_args spells it --tls-verify=false) so that whatever
+        # looks at the command's options finds it.
+        old = typer.core.TyperOption
+        self.params.append(old(param_decls=["--no-tls-verify"], is_flag=True, hidden=True,
+                               expose_value=False))  # fmt: skip
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        out: list[str] = []
+        i = 0
+        while i < end:
+            arg = args[i]
+            if arg == "--no-tls-verify":
+                arg = "--tls-verify=false"
+            elif arg == "--tls-verify":
+                value = args[i + 1] if i + 1 < end and args[i + 1] in _TRUE + _FALSE else ""
+                i += bool(value)
+                arg = f"--tls-verify={value or 'true'}"
+            out.append(arg)
+            i += 1
+        return list(super().parse_args(ctx, out + args[end:]))
 
 
 app = typer.Typer(
@@ -478,7 +520,7 @@ def _json_or_template(doc: Any, fmt: str | None) -> bool:
     return True
 
 
-@app.command()
+@app.command(cls=_GoFlags)
 @handled
 def inspect(
     image: Annotated[
@@ -491,7 +533,7 @@ def inspect(
     ],
     as_json: JsonFlag = False,
     output_format: OutputFormat = None,
-    tls_verify: "TlsVerify" = True,
+    tls_verify: "TlsVerify" = "true",
     cert_dir: "CertDir" = None,
 ) -> None:
     """Show an image's layers, sizes, cipher, keyslot state and config (no key needed)."""
@@ -502,7 +544,8 @@ def inspect(
     if image.startswith("docker://"):
         from .registry import Registry, parse_reference
 
-        registry = Registry(parse_reference(image), tls_verify=tls_verify, cert_dir=cert_dir)
+        registry = Registry(parse_reference(image), tls_verify=tls_verify == "true",
+                            cert_dir=cert_dir)  # fmt: skip
         info = inspect_remote(registry)
     else:
         info = inspect_image(Path(image))
@@ -757,12 +800,62 @@ def verify(image: ImageArg, trust: Trust = None) -> None:
 
 
 TlsVerify = Annotated[
-    bool,
+    str,
     typer.Option(
-        "--tls-verify/--no-tls-verify",
-        help="Require HTTPS and a trusted certificate (--tls-verify=false: a local registry).",
+        "--tls-verify",
+        metavar="true|false",
+        callback=_go_bool,
+        help="Require HTTPS and a trusted certificate (default); false: HTTPS without checking"
+        " the certificate, or plain HTTP where the registry speaks only that (as skopeo).",
     ),
 ]
+AuthFile = Annotated[
+    Path | None,
+    typer.Option("--authfile", metavar="PATH", help="Read (and login: write) only this auth file."),
+]
+Creds = Annotated[
+    str | None,
+    typer.Option(
+        "--creds",
+        metavar="USER",
+        help="Log in as USER for this command (password asked, or --password-stdin).",
+    ),
+]
+PasswordStdin = Annotated[
+    bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+]
+
+
+def _password(username: str, registry: str, password_stdin: bool) -> bytes:
+    """The password for USER, typed without echo or (--password-stdin) its first line on stdin."""
+    from .keys import read_passphrase
+
+    if not password_stdin and not sys.stdin.isatty():
+        raise UsageError("no terminal to ask the password on", "pass --password-stdin")
+    secret = read_passphrase(f"Password for {username}@{registry}: ", confirm=False)
+    with secret, secret.view() as data:
+        return bytes(data)
+
+
+def _registry_auth(
+    creds: str | None, password_stdin: bool, authfile: Path | None, where: str
+) -> dict[str, Any]:
+    """Registry(...)'s auth options from --creds and --authfile."""
+    auth: dict[str, Any] = {"authfile": authfile}
+    if creds is not None:
+        if ":" in creds:
+            raise UsageError(
+                "--creds takes USER only: a password on the command line is visible to every"
+                " user (ps, /proc)",
+                "use --creds USER and type the password when asked, or pipe it with"
+                " --password-stdin",
+            )
+        auth["login"] = (creds, _password(creds, where, password_stdin).decode())
+    elif password_stdin:
+        raise UsageError("--password-stdin needs --creds USER")
+    return auth
+
+
 CertDir = Annotated[
     Path | None,
     typer.Option(metavar="DIR", help="Trust the CA certificates (*.crt) in DIR for the registry."),
@@ -770,7 +863,7 @@ CertDir = Annotated[
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
-@app.command()
+@app.command(cls=_GoFlags)
 @handled
 def push(
     image: ImageArg,
@@ -778,8 +871,11 @@ def push(
         str,
         typer.Argument(metavar="REF", help="docker://HOST[:PORT]/REPO[:TAG] or oci:PATH[:TAG]."),
     ],
-    tls_verify: TlsVerify = True,
+    tls_verify: TlsVerify = "true",
     cert_dir: CertDir = None,
+    authfile: AuthFile = None,
+    creds: Creds = None,
+    password_stdin: PasswordStdin = False,
     quiet: Quiet = False,
     digestfile: Annotated[
         Path | None,
@@ -791,7 +887,8 @@ def push(
     from .progress import for_terminal
     from .transfer import open_store, push
 
-    store = open_store(destination, tls_verify=tls_verify, cert_dir=cert_dir)
+    auth = _registry_auth(creds, password_stdin, authfile, destination)
+    store = open_store(destination, tls_verify=tls_verify == "true", cert_dir=cert_dir, **auth)
     digest, sent = push(image, store, for_terminal(quiet))
     if digestfile is not None:
         try:
@@ -805,7 +902,7 @@ def push(
     )
 
 
-@app.command()
+@app.command(cls=_GoFlags)
 @handled
 def pull(
     source: Annotated[
@@ -824,15 +921,19 @@ def pull(
         ),
     ] = None,
     trust: Trust = None,
-    tls_verify: TlsVerify = True,
+    tls_verify: TlsVerify = "true",
     cert_dir: CertDir = None,
+    authfile: AuthFile = None,
+    creds: Creds = None,
+    password_stdin: PasswordStdin = False,
     quiet: Quiet = False,
 ) -> None:
     """Pull an image into the new directory IMAGE; an interrupted pull resumes."""
     from .progress import for_terminal
     from .transfer import open_store, pull
 
-    store = open_store(source, tls_verify=tls_verify, cert_dir=cert_dir)
+    auth = _registry_auth(creds, password_stdin, authfile, source)
+    store = open_store(source, tls_verify=tls_verify == "true", cert_dir=cert_dir, **auth)
     done = pull(store, image, digest=_digest(digest), trust=_trust(trust),
                 show=for_terminal(quiet))  # fmt: skip
     said = "pulled" if done.fetched else "already up to date:"
@@ -840,41 +941,39 @@ def pull(
                f" digest {done.manifest_digest})", err=True)  # fmt: skip
 
 
-@app.command()
+@app.command(cls=_GoFlags)
 @handled
 def login(
     registry: Annotated[str, typer.Argument(metavar="HOST[:PORT]", help="The registry.")],
     username: Annotated[str, typer.Option("--username", "-u", help="User name.")],
-    password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
-    ] = False,
-    tls_verify: TlsVerify = True,
+    password_stdin: PasswordStdin = False,
+    tls_verify: TlsVerify = "true",
     cert_dir: CertDir = None,
+    authfile: AuthFile = None,
 ) -> None:
     """Check credentials with the registry and store them as podman does (never on argv)."""
-    from .keys import read_passphrase
-    from .registry import Reference, Registry, save_credentials
+    from .registry import Reference, Registry, registry_host, save_credentials
 
-    if not password_stdin and not sys.stdin.isatty():
-        raise UsageError("no terminal to ask the password on", "pass --password-stdin")
-    secret = read_passphrase(f"Password for {username}@{registry}: ", confirm=False)
-    with secret, secret.view() as data:
-        password = bytes(data)
-    client = Registry(Reference(registry, "cryptlayer-login-check"), tls_verify=tls_verify,
+    host = registry_host(registry)
+    password = _password(username, host, password_stdin)
+    client = Registry(Reference(host, "cryptlayer-login-check"), tls_verify=tls_verify == "true",
                       cert_dir=cert_dir, login=(username, password.decode()))  # fmt: skip
     client.ping()
-    path = save_credentials(registry, username, password)
-    typer.echo(f"login succeeded: credentials for {registry} in {path}", err=True)
+    path = save_credentials(host, username, password, authfile)
+    typer.echo(f"login succeeded: credentials for {host} in {path}", err=True)
 
 
 @app.command()
 @handled
-def logout(registry: Annotated[str, typer.Argument(metavar="HOST[:PORT]")]) -> None:
+def logout(
+    registry: Annotated[str, typer.Argument(metavar="HOST[:PORT]")], authfile: AuthFile = None
+) -> None:
     """Remove the stored credentials of a registry."""
-    from .registry import save_credentials
+    from .registry import registry_host, save_credentials
 
-    path = save_credentials(registry, "", None)
-    typer.echo(f"removed the credentials for {registry} from {path}", err=True)
+    host = registry_host(registry)
+    path = save_credentials(host, "", None, authfile)
+    typer.echo(f"removed the credentials for {host} from {path}", err=True)
 
 
 @app.command()

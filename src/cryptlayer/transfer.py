@@ -43,7 +43,8 @@ class Store(Protocol):
                   progress: Callable[[int], None]) -> None: ...  # fmt: skip
 
 
-def open_store(text: str, *, tls_verify: bool = True, cert_dir: Path | None = None) -> Any:
+def open_store(text: str, *, tls_verify: bool = True, cert_dir: Path | None = None,
+               **auth: Any) -> Any:  # fmt: skip
     """A registry (docker://HOST/REPO[:TAG|@DIGEST], docker:// optional) or a layout
     (oci:PATH[:TAG])."""
     if text.startswith("oci:"):
@@ -51,7 +52,7 @@ def open_store(text: str, *, tls_verify: bool = True, cert_dir: Path | None = No
         if not path:
             raise UsageError(f"{text!r} names no path", "use oci:PATH[:TAG]")
         return Layout(Path(path), tag)
-    return Registry(parse_reference(text), tls_verify=tls_verify, cert_dir=cert_dir)
+    return Registry(parse_reference(text), tls_verify=tls_verify, cert_dir=cert_dir, **auth)
 
 
 Show = Callable[[str, int], Progress]

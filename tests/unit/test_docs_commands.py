@@ -25,11 +25,7 @@ OPERATORS = {"|", "||", "&", "&&", ";", ";;", "(", ")", "<", ">", ">>", "<<", "2
 # Lines the docs show that today's parser refuses because another item of issue 21 changes the
 # CLI to take them, each named. Remove an entry once that item is merged: the test then fails on
 # it, saying so.
-NOT_YET: dict[str, str] = {
-    # issue 21 A2 (branch part10-net): push, pull and login take --tls-verify=true|false, as
-    # skopeo and podman do; docs/registries.md tells users to type it.
-    "--tls-verify=false": "issue 21 A2",
-}
+NOT_YET: dict[str, str] = {}
 
 
 def _spans(line: str) -> list[str]:
