@@ -16,7 +16,6 @@ import errno
 import fcntl
 import hashlib
 import os
-import shutil
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
@@ -126,6 +125,11 @@ def pull(store: Store, target: Path, *, digest: str | None = None, trust: Path |
             work.publish()
             if os.path.lexists(target):
                 raise UsageError(f"{target} appeared while pulling", "choose a new directory")
+            if not work.named_here():
+                raise UsageError(
+                    f"{work.shown} was renamed or replaced while pulling",
+                    f"pull into a directory only you can write (not {target.parent})",
+                )
             os.rename(work.name, target.name, src_dir_fd=parent, dst_dir_fd=parent)
     finally:
         os.close(parent)
@@ -307,8 +311,26 @@ class _WorkDir:
             raise
 
     def remove(self) -> None:
-        """Remove the work directory (ours and private: nobody else put anything there)."""
-        shutil.rmtree(self.name, dir_fd=self.parent)
+        """Remove the work directory through our descriptors (ours and private: nobody else put
+        anything in it), then its name if that still leads to it: in a parent others may write
+        without the sticky bit, a neighbour can rename another of our directories to that name."""
+        for name, fd in sorted(self._dirs.items(), reverse=True):  # signatures/ before the top
+            for entry in os.listdir(fd):
+                if not (name == "" and entry in self._dirs):
+                    os.unlink(entry, dir_fd=fd)
+            if name:
+                os.rmdir(name, dir_fd=self.fd)
+        if self.named_here():
+            os.rmdir(self.name, dir_fd=self.parent)
+
+    def named_here(self) -> bool:
+        """Whether our name in the parent still leads to our directory."""
+        try:
+            st = os.stat(self.name, dir_fd=self.parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        ours = os.fstat(self.fd)
+        return (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 def _private_dir(dir_fd: int, name: str, shown: Path) -> int:

@@ -452,3 +452,65 @@ def test_digestfile_and_a_layout_of_one_image(image: Path, tmp_path: Path) -> No
     code, err = invoke("pull", f"oci:{tmp_path}/out", str(tmp_path / "y"))
     assert (code, err) == (ExitCode.USAGE, f"error: oci:{tmp_path}/out names no image (it holds"
                            " 2; tags: v1, v2): name one: oci:PATH:TAG\n")  # fmt: skip
+
+
+# ---- review: a parent directory others may write (no sticky bit) -------------------------------
+
+
+def test_a_refused_pull_removes_only_its_own_work_directory(
+    layout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """In a directory anyone may write without the sticky bit, a neighbour may rename root's
+    entries: while `pull --trust` fetches, they move its work directory aside and put root's
+    private `precious/` under that name. The refused pull removes what it wrote through its
+    own descriptor, never whatever the name leads to now."""
+    from cryptlayer.layout import Layout
+
+    shared = Path(tempfile.mkdtemp(prefix="cryptlayer-ww-", dir="/tmp"))
+    shared.chmod(0o777)
+    request.addfinalizer(lambda: shutil.rmtree(shared))
+    precious = shared / "precious"
+    precious.mkdir(mode=0o700)
+    (precious / "data").write_bytes(b"root's\n")
+    trust = tmp_path / "allowed"
+    trust.write_text("a@b ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB3fW6fLQzOuX2JD6n6ZYbSnz3rnFlWTmY6"
+                     "DkX1hYq6Y\n")  # fmt: skip
+    work = f".img.pull-{manifest_digest(layout).removeprefix('sha256:')[:12]}"
+    real = Layout.pull_blob
+
+    def swapped(self: Layout, digest: str, size: int, out: Any, progress: Any) -> None:
+        real(self, digest, size, out, progress)
+        if (shared / work / "keys.json").exists() and not (shared / "aside").exists():
+            as_nobody(f"cd {shared}; mv {work} aside; mv precious {work}")
+
+    monkeypatch.setattr(Layout, "pull_blob", swapped)
+    code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(shared / "img"))
+    assert code == ExitCode.TAMPERED, err
+    assert (shared / work / "data").read_bytes() == b"root's\n"  # root's, untouched
+    assert list((shared / "aside").iterdir()) == []  # what the pull wrote, removed
+
+
+def test_a_work_directory_replaced_while_pulling_is_not_renamed_into_place(
+    layout: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """The same neighbour swaps the finished work directory for one of theirs just before the
+    rename: the pull says so rather than put their directory at the target as its own."""
+    from cryptlayer.layout import Layout
+
+    shared = Path(tempfile.mkdtemp(prefix="cryptlayer-ww-", dir="/tmp"))
+    shared.chmod(0o777)
+    request.addfinalizer(lambda: shutil.rmtree(shared))
+    work = f".img.pull-{manifest_digest(layout).removeprefix('sha256:')[:12]}"
+    real = Layout.pull_blob
+
+    def swapped(self: Layout, digest: str, size: int, out: Any, progress: Any) -> None:
+        real(self, digest, size, out, progress)
+        if len(os.listdir(shared / work)) == len(FILES) and not (shared / "aside").exists():
+            as_nobody(f"cd {shared}; mv {work} aside; mkdir -m 700 {work}")
+
+    monkeypatch.setattr(Layout, "pull_blob", swapped)
+    code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
+    assert (code, err) == (ExitCode.USAGE, f"error: {shared}/{work} was renamed or replaced"
+                           f" while pulling: pull into a directory only you can write (not"
+                           f" {shared})\n")  # fmt: skip
+    assert not (shared / "img").exists()
