@@ -179,6 +179,19 @@ def _only_named(store: Store, statement: artifact.Blob, loaded: manifest_mod.Man
                 f"{store} carries {blob.name}, a file image {statement.digest} does not name",
                 "the manifest was changed; pull from the publisher",
             )
+        limit = MAX_IMAGE_JSON if blob.name == "keys.json" else signatures.MAX_SIGNATURE_BYTES
+        if blob.name not in expected and blob.size > limit:  # never read past that anyway
+            raise TamperedImageError(
+                f"{store} lists {blob.name} with {blob.size} bytes, more than {limit}",
+                "the manifest was changed; pull from the publisher",
+            )
+    if (count := sum(b.name.startswith(f"{signatures.DIR}/") for b in others)) > (
+        signatures.MAX_SIGNATURES
+    ):
+        raise TamperedImageError(
+            f"{store} lists {count} signatures, more than {signatures.MAX_SIGNATURES}",
+            "the manifest was changed; pull from the publisher",
+        )
     if missing := sorted(set(expected) - names):
         raise TamperedImageError(
             f"{store} lacks {', '.join(missing)} of image {statement.digest}",

@@ -514,3 +514,45 @@ def test_a_work_directory_replaced_while_pulling_is_not_renamed_into_place(
                            f" while pulling: pull into a directory only you can write (not"
                            f" {shared})\n")  # fmt: skip
     assert not (shared / "img").exists()
+
+
+@pytest.mark.parametrize(("title", "kind", "size"), [
+    ("signatures/x.sig", "signature.v1.sshsig", 16385),
+    ("keys.json", "keys.v1+json", (4 << 20) + 1),
+])  # fmt: skip
+def test_files_beside_the_statement_are_bounded_before_they_are_fetched(
+    layout: Path, tmp_path: Path, title: str, kind: str, size: int
+) -> None:
+    """A signature or keys.json larger than cryptlayer ever reads (a hostile registry filling
+    the disk before `--trust` refuses the image): refused before a byte of it is written."""
+    big = add_blob(layout, b"x" * size)
+
+    def oversized(doc: dict[str, Any]) -> None:
+        titled = "org.opencontainers.image.title"
+        doc["layers"] = [d for d in doc["layers"] if d["annotations"][titled] != title]
+        doc["layers"].append({"mediaType": f"application/vnd.cryptlayer.{kind}",
+                              "digest": big, "size": size,
+                              "annotations": {"org.opencontainers.image.title": title}})  # fmt: skip
+
+    rewrite(layout, oversized)
+    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    assert code == ExitCode.TAMPERED, err
+    assert f"oci:{layout}:v1 lists {title} with {size} bytes, more than {size - 1}" in err
+    work = next(tmp_path.glob(".x.pull-*"))
+    assert sorted(os.listdir(work)) == ["manifest.json"]
+
+
+def test_more_signatures_than_are_ever_read_are_refused(layout: Path, tmp_path: Path) -> None:
+    sig = add_blob(layout, b"not a signature\n")
+
+    def many(doc: dict[str, Any]) -> None:
+        doc["layers"] += [{"mediaType": "application/vnd.cryptlayer.signature.v1.sshsig",
+                           "digest": sig, "size": 16,
+                           "annotations": {"org.opencontainers.image.title":
+                                           f"signatures/{i}.sig"}} for i in range(65)]  # fmt: skip
+
+    rewrite(layout, many)
+    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    assert (code, err) == (ExitCode.TAMPERED, f"error: oci:{layout}:v1 lists 65 signatures, more"
+                           " than 64: the manifest was changed; pull from the publisher\n")  # fmt: skip
+    assert not (tmp_path / "x").exists()
