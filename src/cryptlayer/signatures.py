@@ -297,8 +297,19 @@ class Signer:
         """Whether the line names `principal` (as `ssh-keygen -Y verify -I` checks)."""
         return principal is None or match_pattern_list(principal, ",".join(self.principals)) == 1
 
+    def names_someone(self) -> bool:
+        """Whether some `ssh-keygen -Y verify -I PRINCIPAL` can match the line: one of its
+        patterns, read as a principal, is matched by the list (`""`, `!alice` or `!*,*` match
+        no one, and OpenSSH then never trusts the line's key)."""
+        patterns = ",".join(self.principals)
+        return any(
+            not p.startswith("!") and match_pattern_list(p, patterns) == 1 for p in self.principals
+        )
+
     def refusal(self, namespace: str, now: int) -> str | None:
         """Why this line does not trust its key for `namespace` at `now`; None if it does."""
+        if not self.names_someone():
+            return "names no principal (ssh-keygen -Y verify -I matches none of its patterns)"
         if self.namespaces is not None and match_pattern_list(namespace, self.namespaces) != 1:
             return f"is not permitted for namespace {namespace} (namespaces={self.namespaces})"
         if self.valid_after is not None and now < self.valid_after:
@@ -326,6 +337,10 @@ def load_trust(path: Path) -> list[Signer]:
     except (OSError, UntrustedFileError, UnicodeDecodeError) as err:
         raise UsageError(f"cannot read trust file {path}: {err}") from None
     signers = []
+    if "\0" in text:  # OpenSSH reads each line only up to its first NUL
+        number = text.count("\n", 0, text.index("\0")) + 1
+        raise UsageError(f"{path}, line {number} holds a NUL byte",
+                         "write it as a text file (ssh-keygen(1), ALLOWED SIGNERS)")  # fmt: skip
     for number, line in enumerate(text.split("\n"), 1):  # getline(3): lines end at \n only
         try:
             signer = _signer(line, number)
@@ -492,13 +507,16 @@ def trusted(signers: list[Signer], key: PublicKey, now: int | None = None) -> li
     ]
 
 
+EMPTY = '""'  # principals shown as written when there are none
+
+
 def _untrusted(signers: list[Signer], sig: Signature, trust: Path, now: int) -> str:
     """Why the trust file does not trust a signature that verifies."""
     lines = [s for s in signers if s.key.blob == sig.key.blob]
     if not lines:
         return f"{DIR}/{sig.file}: {sig.key.fingerprint} is not in {trust}"
     why = [
-        f"its key ({printable(','.join(s.principals))}, {trust} line {s.line})"
+        f"its key ({printable(','.join(s.principals)) or EMPTY}, {trust} line {s.line})"
         f" {s.refusal(NAMESPACE, now)}"
         for s in lines
     ]

@@ -329,6 +329,12 @@ AGREE_CASES = [
     ("cert-authority", f"ed25519@test cert-authority {KEY}", REFUSED),
     ("quoted principal", f'"ed25519@test" {KEY}', TRUSTED),
     ("leading blanks, CRLF", f" \t ed25519@test {KEY}\r", TRUSTED),
+    # principals that no `-I` matches: ssh-keygen never verifies with such a line
+    ("empty principals", f'"" {KEY}', REFUSED),
+    ("negated principal", f"!ed25519@test {KEY}", REFUSED),
+    ("all negated", f"!*,* {KEY}", REFUSED),
+    ("negated, then any", f"!other@test,* {KEY}", TRUSTED),
+    ("NUL after the principal", f"ed25519@test\0 {KEY}", REFUSED),  # ssh reads up to the NUL
 ]
 
 
