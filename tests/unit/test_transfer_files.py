@@ -556,3 +556,21 @@ def test_more_signatures_than_are_ever_read_are_refused(layout: Path, tmp_path: 
     assert (code, err) == (ExitCode.TAMPERED, f"error: oci:{layout}:v1 lists 65 signatures, more"
                            " than 64: the manifest was changed; pull from the publisher\n")  # fmt: skip
     assert not (tmp_path / "x").exists()
+
+
+def test_a_directory_in_a_layouts_blobs_is_one_error_line(layout: Path, tmp_path: Path) -> None:
+    """A blob (here keys.json's, then the manifest) that is a directory: exit 2 and one line
+    naming it once, not exit 1 with the descriptor's number ("Is a directory (7)")."""
+    doc = json.loads(blob_path(layout, manifest_digest(layout)).read_bytes())
+    keys = next(d["digest"] for d in doc["layers"]
+                if d["annotations"]["org.opencontainers.image.title"] == "keys.json")  # fmt: skip
+    for digest in (keys, manifest_digest(layout)):
+        path = blob_path(layout, digest)
+        data = path.read_bytes()
+        path.unlink()
+        path.mkdir()
+        code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+        assert code == ExitCode.USAGE, err
+        assert err.count(str(layout)) == 1 and "(a directory)" in err, err
+        path.rmdir()
+        path.write_bytes(data)
