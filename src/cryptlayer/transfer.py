@@ -122,9 +122,10 @@ def pull(store: Store, target: Path, *, digest: str | None = None, trust: Path |
                              target)  # fmt: skip
         with work:
             _fill(store, work, statement, others, trust, show)
-            work.publish()
+            work.prune({statement.name, *(b.name for b in others)})
             if os.path.lexists(target):
                 raise UsageError(f"{target} appeared while pulling", "choose a new directory")
+            work.publish()
             if not work.named_here():
                 raise UsageError(
                     f"{work.shown} was renamed or replaced while pulling",
@@ -281,6 +282,24 @@ class _WorkDir:
             os.mkdir(name, 0o700, dir_fd=self.fd)
         self._dirs[name] = _private_dir(self.fd, name, self.shown / name)
         self._stack.callback(os.close, self._dirs[name])
+
+    def prune(self, keep: set[str]) -> None:
+        """Remove what is not in `keep`: what an interrupted pull of another manifest whose
+        digest begins as this one's left (the name holds only 12 hex digits of it)."""
+        for entry in os.listdir(self.fd):
+            if (
+                entry not in keep
+                and entry not in self._dirs
+                and stat.S_ISDIR(os.stat(entry, dir_fd=self.fd, follow_symlinks=False).st_mode)
+            ):
+                self.subdir(entry)  # ours and private, as the work directory is
+        for folder, fd in sorted(self._dirs.items(), reverse=True):
+            for entry in os.listdir(fd):
+                name = f"{folder}/{entry}" if folder else entry
+                if name not in keep and name not in self._dirs:
+                    os.unlink(entry, dir_fd=fd)
+            if folder and not any(n.startswith(f"{folder}/") for n in keep):
+                os.rmdir(folder, dir_fd=self.fd)
 
     def _at(self, name: str) -> tuple[int, str]:
         folder, _, base = name.rpartition("/")

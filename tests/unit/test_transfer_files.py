@@ -574,3 +574,20 @@ def test_a_directory_in_a_layouts_blobs_is_one_error_line(layout: Path, tmp_path
         assert err.count(str(layout)) == 1 and "(a directory)" in err, err
         path.rmdir()
         path.write_bytes(data)
+
+
+def test_a_resumed_work_directory_keeps_only_what_this_image_names(
+    layout: Path, tmp_path: Path
+) -> None:
+    """The work directory is named by 12 hex digits of the manifest digest: a registry can
+    serve two manifests that share them (2^24 tries). What an interrupted pull of the first
+    left there (a layer, a signature the second does not list) is not installed with the
+    second: the target holds exactly the files its manifest names."""
+    work = tmp_path / f".x.pull-{manifest_digest(layout).removeprefix('sha256:')[:12]}"
+    work.mkdir(mode=0o700)
+    (work / "signatures").mkdir(mode=0o700)
+    (work / "job").write_bytes(b"#!/bin/sh\nattacker\n")
+    (work / "signatures/old.sig").write_bytes(b"not this image's\n")
+    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "x")) == sorted(FILES)
