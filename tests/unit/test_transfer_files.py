@@ -591,3 +591,42 @@ def test_a_resumed_work_directory_keeps_only_what_this_image_names(
     code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
     assert code == 0, err
     assert sorted(os.listdir(tmp_path / "x")) == sorted(FILES)
+
+
+TITLE = "org.opencontainers.image.title"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+HOSTILE_MANIFESTS = [
+    # (case, change to the manifest, what the one error line says in brackets)
+    ("another artifact", lambda d: d.update(artifactType="x", config={"mediaType": OCI_CONFIG}),
+     "its artifactType and config media type are not cryptlayer's"),
+    ("not an object", lambda d: [d.clear()], "the manifest is not a JSON object"),
+    ("no layers", lambda d: d.__delitem__("layers"), "its layers are not a list"),
+    ("layers an object", lambda d: d.update(layers={"a": 1}), "its layers are not a list"),
+    ("config a string", lambda d: d.update(config="x"), "its config is not an object"),
+    ("no annotations", lambda d: d["layers"][0].__delitem__("annotations"),
+     "layer 0 has no annotations object"),
+    ("a list as title", lambda d: d["layers"][0]["annotations"].update({TITLE: ["x"]}),
+     'layer 0\'s file name ["x"] is not printable'),
+    ("a dict as digest", lambda d: d["layers"][0].update(digest={"a": [1, "b"]}),
+     'layer 0\'s digest {"a": [1, "b"]} is not a sha256 digest'),
+    ("a long digest", lambda d: d["layers"][0].update(digest="sha256:" + "\u202e" * 3000),
+     'layer 0\'s digest "sha256:\\u202e\\u202e'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "change", "why"), HOSTILE_MANIFESTS,
+                         ids=[c[0] for c in HOSTILE_MANIFESTS])  # fmt: skip
+def test_a_hostile_manifest_is_named_without_python(
+    layout: Path, tmp_path: Path, case: str, change: Callable[[Any], Any], why: str
+) -> None:
+    """A manifest from a hostile registry or layout: one short `error:` line saying what is
+    wrong, never Python's own words ("'list' object has no attribute 'get'", "('layers')",
+    "string indices must be integers"), a repr, or the whole of a huge field."""
+    old = manifest_digest(layout)
+    doc = json.loads(blob_path(layout, old).read_bytes())
+    replaced = change(doc)
+    set_manifest(layout, json.dumps(replaced[0] if isinstance(replaced, list) else doc).encode())
+    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    assert code == ExitCode.USAGE, err
+    assert err.startswith(f"error: oci:{layout}:v1 is not a cryptlayer image ({why}"), err
+    assert err.count("\n") == 1 and len(err) < 400, err
