@@ -269,7 +269,11 @@ class _WorkDir:
             os.close(fd)
             raise UsageError(f"another pull into {target} is running",
                              "wait for it to finish") from None  # fmt: skip
-        return cls(parent, name, target, fd)
+        work = cls(parent, name, target, fd)
+        if not work.named_here():  # renamed into place by the pull we waited on
+            work.__exit__()
+            raise UsageError(f"another pull into {target} finished meanwhile", "pull again")
+        return work
 
     def __enter__(self) -> _WorkDir:
         return self

@@ -630,3 +630,33 @@ def test_a_hostile_manifest_is_named_without_python(
     assert code == ExitCode.USAGE, err
     assert err.startswith(f"error: oci:{layout}:v1 is not a cryptlayer image ({why}"), err
     assert err.count("\n") == 1 and len(err) < 400, err
+
+
+def test_a_pull_that_finished_meanwhile_is_left_alone(
+    layout: Path, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second pull opens the work directory just as the first renames it into place and lets
+    go of its lock: the second must not take the finished target for its work directory (a
+    refused `--trust` would then empty it)."""
+    from cryptlayer import transfer
+
+    work = tmp_path / f".x.pull-{manifest_digest(layout).removeprefix('sha256:')[:12]}"
+    work.mkdir(mode=0o700)
+    for name in FILES:
+        shutil.copy(image / name, work / name)  # the first pull, complete
+    real = fcntl.flock
+
+    def first_pull_finishes(fd: int, op: int) -> None:
+        if work.exists():
+            os.rename(work, tmp_path / "x")
+        real(fd, op)
+
+    monkeypatch.setattr(transfer.fcntl, "flock", first_pull_finishes)
+    trust = tmp_path / "allowed"
+    trust.write_text("a@b ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB3fW6fLQzOuX2JD6n6ZYbSnz3rnFlWTmY6"
+                     "DkX1hYq6Y\n")  # fmt: skip
+    code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(tmp_path / "x"))
+    monkeypatch.undo()
+    assert (code, err) == (ExitCode.USAGE, f"error: another pull into {tmp_path}/x finished"
+                           " meanwhile: pull again\n")  # fmt: skip
+    assert sorted(os.listdir(tmp_path / "x")) == sorted(FILES)
