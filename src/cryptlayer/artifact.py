@@ -196,6 +196,14 @@ def blobs_of(image: Path, manifest: Manifest) -> Outgoing:
             if len(sigs) > MAX_SIGNATURES:
                 raise UsageError(f"{image}/{DIR} holds {len(sigs)} signatures, more than"
                                  f" {MAX_SIGNATURES}", "remove the ones no one needs")  # fmt: skip
+            for n in sigs:
+                try:
+                    _check_name(f"{DIR}/{n}", SIGNATURE_TYPE, DIR)
+                except ValueError:  # what every pull would refuse
+                    raise UsageError(
+                        f"{image}/{DIR}/{n} is not a plain file name",
+                        "rename it (NAME.sig) or remove it; pull refuses an image carrying it",
+                    ) from None
             named += [(f"{DIR}/{n}", SIGNATURE_TYPE, None, MAX_SIGNATURE_BYTES) for n in sigs]
         for name, kind, size, limit in named:
             fd = open_file(dir_fd, name, image / name, size=size, limit=limit)

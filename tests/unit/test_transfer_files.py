@@ -660,3 +660,19 @@ def test_a_pull_that_finished_meanwhile_is_left_alone(
     assert (code, err) == (ExitCode.USAGE, f"error: another pull into {tmp_path}/x finished"
                            " meanwhile: pull again\n")  # fmt: skip
     assert sorted(os.listdir(tmp_path / "x")) == sorted(FILES)
+
+
+@pytest.mark.parametrize("name", [".hidden.sig", "a\nb.sig"])
+def test_push_refuses_a_signature_name_pull_would_refuse(
+    image: Path, tmp_path: Path, name: str
+) -> None:
+    """A signature file whose name is not a plain printable one: push stops, naming it, rather
+    than publish an image that every pull refuses."""
+    (image / "signatures").mkdir()
+    (image / "signatures" / name).write_bytes(b"-----BEGIN SSH SIGNATURE-----\n")
+    code, err = invoke("push", str(image), f"oci:{tmp_path}/out:v1")
+    shown = name.replace("\n", "\\n")
+    assert (code, err) == (ExitCode.USAGE, f"error: {image}/signatures/{shown} is not a plain"
+                           " file name: rename it (NAME.sig) or remove it; pull refuses an image"
+                           " carrying it\n")  # fmt: skip
+    assert not (tmp_path / "out").exists()
