@@ -217,27 +217,27 @@ def _fetch(store: Store, work: _WorkDir, blob: artifact.Blob, show: Show,
     """One blob into its file of the work directory: kept if complete and correct (an
     interrupted pull), continued if shorter, else fetched anew; removed if it is not the blob."""
     out = work.file(blob.name)
-    with out:
-        fd = out.fileno()
-        if os.fstat(fd).st_size == blob.size and artifact.fd_digest(fd)[0] == blob.digest:
-            return  # complete from an interrupted pull, and checked again
-        if os.fstat(fd).st_size >= blob.size:
-            os.ftruncate(fd, 0)
-        try:
+    try:
+        with out:  # (closing flushes: a small file's ENOSPC may come only then)
+            fd = out.fileno()
+            if os.fstat(fd).st_size == blob.size and artifact.fd_digest(fd)[0] == blob.digest:
+                return  # complete from an interrupted pull, and checked again
+            if os.fstat(fd).st_size >= blob.size:
+                os.ftruncate(fd, 0)
             with _bar(show, blob, "pull") as report:
                 store.pull_blob(blob.digest, blob.size, out, report)
-        except TamperedImageError:
-            work.unlink(blob.name)
+    except TamperedImageError:
+        work.unlink(blob.name)
+        raise
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
             raise
-        except OSError as err:
-            if err.errno != errno.ENOSPC:
-                raise
-            need = sum(b.size for b in every)
-            raise UsageError(
-                f"no space left on the device of {work.target.parent} for {blob.name} (the"
-                f" image takes {need} bytes)",
-                f"free some space, then pull again: it resumes from {work.name}",
-            ) from None
+        need = sum(b.size for b in every)
+        raise UsageError(
+            f"no space left on the device of {work.target.parent} for {blob.name} (the"
+            f" image takes {need} bytes)",
+            f"free some space, then pull again: it resumes from {work.name}",
+        ) from None
 
 
 PRIVATE_HINT = "remove it (rm -r {0}) and pull again: pull resumes only a directory it made"

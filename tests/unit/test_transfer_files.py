@@ -676,3 +676,18 @@ def test_push_refuses_a_signature_name_pull_would_refuse(
                            " file name: rename it (NAME.sig) or remove it; pull refuses an image"
                            " carrying it\n")  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_on_a_small_file_says_so_too(layout: Path, tmp_path: Path) -> None:
+    """keys.json (small, so still in the file's buffer when it is closed) on a full file system:
+    the same error as for a layer, saying what to do; not a bare "No space left on device"."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(small)], check=True)
+    try:
+        code, err = invoke("pull", f"oci:{layout}:v1", str(small / "x"))
+        assert code == ExitCode.USAGE, err
+        assert err.startswith(f"error: no space left on the device of {small} for keys.json"), err
+        assert "free some space, then pull again: it resumes from .x.pull-" in err
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
