@@ -400,6 +400,7 @@ def _check_existing(target: Path, statement: artifact.Blob, others: list[artifac
         raise UsageError(f"{target} already exists and is not an image directory"
                          f" ({err.strerror})", exists) from None  # fmt: skip
     try:
+        _require_ours(os.fstat(dir_fd), target, exists)
         try:
             raw = read_untrusted(manifest_mod.MANIFEST, MAX_IMAGE_JSON, dir_fd=dir_fd)
         except (OSError, UntrustedFileError):
@@ -410,12 +411,15 @@ def _check_existing(target: Path, statement: artifact.Blob, others: list[artifac
         for blob in others:
             try:
                 fd = artifact.open_file(dir_fd, blob.name, target / blob.name)
-                try:
-                    same = artifact.fd_digest(fd) == (blob.digest, blob.size)
-                finally:
-                    os.close(fd)
             except UsageError:
-                same = False
+                fd = -1
+            try:
+                if fd >= 0:
+                    _require_ours(os.fstat(fd), target / blob.name, exists)
+                same = fd >= 0 and artifact.fd_digest(fd) == (blob.digest, blob.size)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
             if not same:
                 rekeyed = " (rekeyed here? then it is another image now)" * (
                     blob.name == "keys.json"
@@ -429,3 +433,14 @@ def _check_existing(target: Path, statement: artifact.Blob, others: list[artifac
         os.close(dir_fd)
     if trust is not None:
         signatures.require_trusted(target, raw, trust)
+
+
+def _require_ours(st: os.stat_result, shown: Path, hint: str) -> None:
+    """UsageError unless `st` is root's or ours and neither group nor others may write it: what
+    another user can change at any moment is not a copy pull can call up to date."""
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        raise UsageError(
+            f"{shown} already exists and is not yours to vouch for (owned by uid {st.st_uid},"
+            f" mode {stat.S_IMODE(st.st_mode):04o})",
+            hint,
+        )

@@ -691,3 +691,29 @@ def test_a_full_disk_on_a_small_file_says_so_too(layout: Path, tmp_path: Path) -
         assert "free some space, then pull again: it resumes from .x.pull-" in err
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_neighbours_copy_is_not_up_to_date(layout: Path, image: Path, shared: Path) -> None:
+    """Another user puts an exact copy of the image where root will pull it: it matches the
+    manifest today, but its owner can change it at any moment (as they can a file in it that
+    others may write). Not "already up to date": refused, saying whose it is."""
+    source = Path(tempfile.mkdtemp(prefix="cryptlayer-copy-", dir="/tmp"))
+    try:
+        for name in FILES:
+            shutil.copy(image / name, source / name)
+            (source / name).chmod(0o644)
+        source.chmod(0o755)
+        as_nobody(f"cp -r {source} {shared}/img")
+    finally:
+        shutil.rmtree(source)
+    code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
+    assert (code, err) == (ExitCode.USAGE, f"error: {shared}/img already exists and is not"
+                           " yours to vouch for (owned by uid 65534, mode 0755): choose a new"
+                           " directory (pull never overwrites)\n")  # fmt: skip
+    mine = shared / "mine"
+    assert invoke("pull", f"oci:{layout}:v1", str(mine))[0] == 0
+    (mine / "keys.json").chmod(0o666)  # anyone may rewrite it in place
+    code, err = invoke("pull", f"oci:{layout}:v1", str(mine))
+    assert (code, err) == (ExitCode.USAGE, f"error: {mine}/keys.json already exists and is not"
+                           " yours to vouch for (owned by uid 0, mode 0666): choose a new"
+                           " directory (pull never overwrites)\n")  # fmt: skip
