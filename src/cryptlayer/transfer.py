@@ -101,6 +101,8 @@ def pull(store: Store, target: Path, *, digest: str | None = None, trust: Path |
     """Pull into `target`. `digest` pins the image digest (the statement's, as `inspect` shows
     it; a manifest digest is pinned as REF@sha256:...). A target that exists must be this image,
     file by file (then it costs one manifest request), and trusted if `trust` is given."""
+    if trust is not None:
+        signatures.load_trust(trust)  # a bad trust file is bad input before any fetch
     data, found = store.get_manifest()
     statement, others = artifact.parse(data, str(store))
     if digest is not None and statement.digest != digest:

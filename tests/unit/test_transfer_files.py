@@ -717,3 +717,13 @@ def test_a_neighbours_copy_is_not_up_to_date(layout: Path, image: Path, shared: 
     assert (code, err) == (ExitCode.USAGE, f"error: {mine}/keys.json already exists and is not"
                            " yours to vouch for (owned by uid 0, mode 0666): choose a new"
                            " directory (pull never overwrites)\n")  # fmt: skip
+
+
+def test_a_bad_trust_file_is_refused_before_anything_is_fetched(
+    layout: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "bad").write_text("a@b ssh-ed25519 AAAA\n")
+    for trust in (tmp_path / "missing", tmp_path / "bad"):
+        code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(tmp_path / "x"))
+        assert code == ExitCode.USAGE and str(trust) in err, err
+        assert not list(tmp_path.glob(".x.pull-*"))
