@@ -252,9 +252,22 @@ MAX_PATTERN = 1023  # OpenSSH's match_pattern_list gives up on a longer pattern
 
 
 def match_pattern(string: str, pattern: str) -> bool:
-    """OpenSSH's match_pattern: `*` any run of characters, `?` any one, all else literal."""
-    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.fullmatch(regex, string, re.DOTALL) is not None
+    """OpenSSH's match_pattern: `*` any run of characters, `?` any one, all else literal.
+
+    Matched greedily, going back only to the last `*` (time linear in both lengths: a
+    backtracking matcher takes hours on `*a*a*a*a*a*a*c` against `*a*a*...*b`)."""
+    at, p, star, mark = 0, 0, -1, 0
+    while at < len(string):
+        if p < len(pattern) and pattern[p] == "*":
+            star, mark, p = p, at, p + 1
+        elif p < len(pattern) and pattern[p] in ("?", string[at]):
+            at, p = at + 1, p + 1
+        elif star >= 0:
+            mark += 1
+            at, p = mark, star + 1
+        else:
+            return False
+    return pattern[p:].strip("*") == ""
 
 
 def match_pattern_list(string: str, patterns: str) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -506,3 +507,36 @@ def test_local_times_read_as_ssh_keygen_reads_them(
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+
+
+def test_principal_patterns_cannot_make_trust_checking_hang(
+    tmp_path: Path, keys: dict[str, Path], signed_by_ssh_keygen: Path
+) -> None:
+    """Principals are patterns matched against patterns (which principals can match at all):
+    `!*a*a*a*a*a*a*a*a*c,*a*a*...*b` made a backtracking matcher take hours. Matched as OpenSSH
+    matches (`*` any run, `?` one character) in time linear in both lengths: the check ends,
+    and says the line trusts its key (as `*a*a...*b` names someone)."""
+    pub = " ".join(Path(f"{keys['ed25519']}.pub").read_text().split()[:2])
+    trust = tmp_path / "allowed_signers"
+    trust.write_text("!" + "*a" * 12 + "*c," + "*a" * 300 + "b " + pub + "\n")
+    check = ("import sys; from pathlib import Path; from cryptlayer import signatures as s;"
+             " print(s.require_trusted(Path(sys.argv[1]), Path(sys.argv[1], 'manifest.json')"
+             ".read_bytes(), Path(sys.argv[2]))[0][:4])")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", check, str(signed_by_ssh_keygen), str(trust)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert (done.returncode, done.stdout) == (0, "!*a*\n"), done.stderr
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pattern_matching_is_openssh_glob(seed: int) -> None:
+    """The linear matcher against a plain regex translation, on random short strings."""
+    import random
+    import re
+
+    rng = random.Random(seed)
+    for _ in range(3000):
+        pattern = "".join(rng.choice("ab*?") for _ in range(rng.randrange(7)))
+        string = "".join(rng.choice("ab*?") for _ in range(rng.randrange(7)))
+        regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+        expected = re.fullmatch(regex, string, re.DOTALL) is not None
+        assert signatures.match_pattern(string, pattern) == expected, (string, pattern)
