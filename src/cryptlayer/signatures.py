@@ -493,7 +493,7 @@ def _signer(line: str, number: int = 0) -> Signer | None:
             raise ValueError("it has no key after its options")
     if options.get("cert-authority"):
         raise ValueError("cert-authority lines are not supported (cryptlayer checks plain keys)")
-    fields = re.split(f"[{BLANKS}]+", rest.strip(WHITESPACE))
+    fields = re.split(f"[{BLANKS}]+", rest.rstrip(WHITESPACE))  # (a CR before it: no type)
     if len(fields) < 2 or fields[0] not in KEY_TYPES:
         raise ValueError(f"no key of a supported type ({', '.join(KEY_TYPES)})")
     key = PublicKey(base64.b64decode(fields[1], validate=True))

@@ -336,6 +336,9 @@ AGREE_CASES = [
     ("all negated", f"!*,* {KEY}", REFUSED),
     ("negated, then any", f"!other@test,* {KEY}", TRUSTED),
     ("NUL after the principal", f"ed25519@test\0 {KEY}", REFUSED),  # ssh reads up to the NUL
+    # after options only blanks (space, tab) may come before the key type, not a CR
+    ("CR before the key", f'ed25519@test namespaces="cryptlayer-image" \r{KEY}', REFUSED),
+    ("CR after the principal", f"ed25519@test \r{KEY}", TRUSTED),
 ]
 
 
