@@ -352,12 +352,7 @@ class _WorkDir:
         """Remove the work directory through our descriptors (ours and private: nobody else put
         anything in it), then its name if that still leads to it: in a parent others may write
         without the sticky bit, a neighbour can rename another of our directories to that name."""
-        for name, fd in sorted(self._dirs.items(), reverse=True):  # signatures/ before the top
-            for entry in os.listdir(fd):
-                if not (name == "" and entry in self._dirs):
-                    os.unlink(entry, dir_fd=fd)
-            if name:
-                os.rmdir(name, dir_fd=self.fd)
+        self.prune(set())
         if self.named_here():
             os.rmdir(self.name, dir_fd=self.parent)
 

@@ -727,3 +727,21 @@ def test_a_bad_trust_file_is_refused_before_anything_is_fetched(
         code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(tmp_path / "x"))
         assert code == ExitCode.USAGE and str(trust) in err, err
         assert not list(tmp_path.glob(".x.pull-*"))
+
+
+def test_a_refused_resumed_pull_removes_a_stale_signatures_directory(
+    layout: Path, tmp_path: Path
+) -> None:
+    """The resumed work directory holds signatures/ from an earlier pull that this (unsigned)
+    manifest does not list: `--trust` refuses the image (exit 8) and removes it all, rather
+    than stop at the directory ("Is a directory", exit 1)."""
+    work = tmp_path / f".x.pull-{manifest_digest(layout).removeprefix('sha256:')[:12]}"
+    work.mkdir(mode=0o700)
+    (work / "signatures").mkdir(mode=0o700)
+    (work / "signatures/old.sig").write_bytes(b"not this image's\n")
+    trust = tmp_path / "allowed"
+    trust.write_text("a@b ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB3fW6fLQzOuX2JD6n6ZYbSnz3rnFlWTmY6"
+                     "DkX1hYq6Y\n")  # fmt: skip
+    code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(tmp_path / "x"))
+    assert code == ExitCode.TAMPERED, err
+    assert not work.exists() and not (tmp_path / "x").exists()
