@@ -248,7 +248,7 @@ def parse(data: bytes, where: str) -> tuple[Blob, list[Blob]]:
         if doc.get("artifactType") != ARTIFACT_TYPE and not (
             isinstance(config, dict) and config.get("mediaType") == STATEMENT_TYPE
         ):
-            raise ValueError("its artifactType and config media type are not cryptlayer's")
+            raise ValueError("neither its artifactType nor its config's media type is cryptlayer's")
         if not isinstance(config, dict):
             raise ValueError("its config is not an object")
         digest, size = _digest(config.get("digest"), "config"), _size(config.get("size"), "config")

@@ -598,7 +598,7 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 HOSTILE_MANIFESTS = [
     # (case, change to the manifest, what the one error line says in brackets)
     ("another artifact", lambda d: d.update(artifactType="x", config={"mediaType": OCI_CONFIG}),
-     "its artifactType and config media type are not cryptlayer's"),
+     "neither its artifactType nor its config's media type is cryptlayer's"),
     ("not an object", lambda d: [d.clear()], "the manifest is not a JSON object"),
     ("no layers", lambda d: d.__delitem__("layers"), "its layers are not a list"),
     ("layers an object", lambda d: d.update(layers={"a": 1}), "its layers are not a list"),
