@@ -249,6 +249,7 @@ def read_all(image: Path, message: bytes) -> tuple[list[Signature], list[Rejecte
 WHITESPACE = " \t\r\n"  # what separates the principals from the rest (OpenSSH's strdelimw)
 BLANKS = " \t"  # what ends the options and separates the key's fields (sshkey_read)
 MAX_PATTERN = 1023  # OpenSSH's match_pattern_list gives up on a longer pattern
+MAX_PRINCIPALS = 4096  # characters of a line's principals: a few names in practice
 
 
 def match_pattern(string: str, pattern: str) -> bool:
@@ -484,6 +485,8 @@ def _signer(line: str, number: int = 0) -> Signer | None:
     if split is None:
         raise ValueError("it has principals but no key (or an unclosed quote)")
     principals, rest = split
+    if len(principals) > MAX_PRINCIPALS:  # (they are matched against each other: names_someone)
+        raise ValueError(f"its principals are longer than {MAX_PRINCIPALS} characters")
     options: dict[str, Any] = {}
     if not OPENSSH_KEY_TYPE.fullmatch(re.split(f"[{BLANKS}]", rest, maxsplit=1)[0]):
         end = _past_options(rest)

@@ -530,6 +530,20 @@ def test_principal_patterns_cannot_make_trust_checking_hang(
     assert (done.returncode, done.stdout) == (0, "!*a*\n"), done.stderr
 
 
+def test_principals_are_bounded(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """Principals are matched against each other (which names a line can match): quadratic in
+    their length, so a line's are at most 4096 characters (`"*aaa...ab"` negations against
+    `aaa...a` names, 1 MiB of them, took hours even in linear-time matching)."""
+    pub = " ".join(Path(f"{keys['ed25519']}.pub").read_text().split()[:2])
+    trust = tmp_path / "allowed_signers"
+    slow = ",".join(["!*" + "a" * 500 + "b"] * 8 + ["a" * 1000] * 2 + ["!*"])
+    trust.write_text(f"{slow} {pub}\n")
+    with pytest.raises(UsageError, match="line 1: its principals are longer than 4096 char"):
+        signatures.load_trust(trust)
+    trust.write_text(f"{slow[:4000]},* {pub}\n")
+    assert len(signatures.load_trust(trust)) == 1
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_pattern_matching_is_openssh_glob(seed: int) -> None:
     """The linear matcher against a plain regex translation, on random short strings."""
