@@ -67,7 +67,15 @@ class Layout:
 
     def _blob_dir(self) -> tuple[int, int]:
         """The layout's directory and its blobs/sha256, open (both to be closed by the caller)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            below = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
+            raise UsageError(
+                f"cannot create {self.path}: Not a directory ({below} is not one)"
+            ) from None
+        except OSError as err:
+            raise UsageError(f"cannot create {self.path}: {err.strerror}") from None
         root = self._open_dir(None, self.path, True)
         try:
             blobs = self._open_dir(root, "blobs", True)

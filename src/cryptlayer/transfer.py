@@ -16,6 +16,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
@@ -25,7 +26,7 @@ from typing import Any, BinaryIO, Protocol
 
 from . import artifact, signatures
 from . import manifest as manifest_mod
-from .errors import CryptlayerError, TamperedImageError, UsageError
+from .errors import CryptlayerError, TamperedImageError, UsageError, printable
 from .fsutil import MAX_IMAGE_JSON, UntrustedFileError, read_untrusted
 from .layout import Layout
 from .progress import Progress, Silent
@@ -49,6 +50,9 @@ def open_store(text: str, *, tls_verify: bool = True, cert_dir: Path | None = No
         path, _, tag = text.removeprefix("oci:").partition(":")
         if not path:
             raise UsageError(f"{text!r} names no path", "use oci:PATH[:TAG]")
+        if tag and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", tag):  # as skopeo
+            raise UsageError(f"{printable(text)}: {printable(tag)} is not a tag (letters, digits,"
+                             " _ . -; 128 at most)", "use oci:PATH[:TAG]")  # fmt: skip
         return Layout(Path(path), tag)
     return Registry(parse_reference(text), tls_verify=tls_verify, cert_dir=cert_dir)
 

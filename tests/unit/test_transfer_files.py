@@ -745,3 +745,19 @@ def test_a_refused_resumed_pull_removes_a_stale_signatures_directory(
     code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(tmp_path / "x"))
     assert code == ExitCode.TAMPERED, err
     assert not work.exists() and not (tmp_path / "x").exists()
+
+
+def test_oci_paths_and_tags_that_cannot_be_are_bad_input(image: Path, tmp_path: Path) -> None:
+    """A layout path below a file, and tags skopeo refuses (`oci:PATH:TAG` as containers/image
+    reads it): one `error:` line, exit 2, nothing written."""
+    (tmp_path / "file").write_text("x")
+    code, err = invoke("push", str(image), f"oci:{tmp_path}/file/out:v1")
+    assert (code, err) == (ExitCode.USAGE, f"error: cannot create {tmp_path}/file/out: Not a"
+                           f" directory ({tmp_path}/file is not one)\n")  # fmt: skip
+    for tag in ("bad tag", "../../x", "a\nb", ".x"):
+        code, err = invoke("push", str(image), f"oci:{tmp_path}/out:{tag}")
+        assert code == ExitCode.USAGE and err.count("\n") == 1, err
+        assert "is not a tag (letters, digits, _ . -; 128 at most)" in err, err
+        code, err = invoke("pull", f"oci:{tmp_path}/out:{tag}", str(tmp_path / "x"))
+        assert code == ExitCode.USAGE and "is not a tag" in err, err
+    assert not (tmp_path / "out").exists()
