@@ -137,7 +137,8 @@ def pull(store: Store, target: Path, *, digest: str | None = None, trust: Path |
                     f"{work.shown} was renamed or replaced while pulling",
                     f"pull into a directory only you can write (not {target.parent})",
                 )
-            os.rename(work.name, target.name, src_dir_fd=parent, dst_dir_fd=parent)
+            if not _rename_noreplace(parent, work.name, target.name):
+                raise UsageError(f"{target} appeared while pulling", "choose a new directory")
     finally:
         os.close(parent)
     return Pulled(statement.digest, found, True)
@@ -445,3 +446,26 @@ def _require_ours(st: os.stat_result, shown: Path, hint: str) -> None:
             f" mode {stat.S_IMODE(st.st_mode):04o})",
             hint,
         )
+
+
+RENAME_NOREPLACE = 1
+
+
+def _rename_noreplace(dir_fd: int, old: str, new: str) -> bool:
+    """Rename `old` to `new` in `dir_fd` unless `new` exists (renameat2 RENAME_NOREPLACE: no
+    instant between the look and the rename); False if it exists. A kernel or file system
+    without the flag: a plain rename (which never replaces a non-empty directory either)."""
+    import ctypes
+
+    from .fsutil import libc
+
+    done = libc().renameat2(dir_fd, old.encode(), dir_fd, new.encode(), RENAME_NOREPLACE)
+    if done == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EEXIST:
+        return False
+    if err not in (errno.EINVAL, errno.ENOSYS):
+        raise OSError(err, os.strerror(err), new)
+    os.rename(old, new, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    return True

@@ -761,3 +761,25 @@ def test_oci_paths_and_tags_that_cannot_be_are_bad_input(image: Path, tmp_path: 
         code, err = invoke("pull", f"oci:{tmp_path}/out:{tag}", str(tmp_path / "x"))
         assert code == ExitCode.USAGE and "is not a tag" in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("planted", ["symlink", "empty directory"])
+def test_a_target_planted_just_before_the_rename(
+    layout: Path, shared: Path, monkeypatch: pytest.MonkeyPatch, planted: str
+) -> None:
+    """A neighbour creates the target name in the instant between pull's last look and its
+    rename: the rename never replaces it (nor fails on it with a bare 'Not a directory')."""
+    from cryptlayer import transfer
+
+    real = transfer._WorkDir.publish
+
+    def plant(self: Any) -> None:
+        real(self)
+        make = f"ln -s /etc {shared}/img" if planted == "symlink" else f"mkdir {shared}/img"
+        as_nobody(make)
+
+    monkeypatch.setattr(transfer._WorkDir, "publish", plant)
+    code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
+    assert (code, err) == (ExitCode.USAGE, f"error: {shared}/img appeared while pulling: choose"
+                           " a new directory\n")  # fmt: skip
+    assert os.stat(shared / "img", follow_symlinks=False).st_uid == 65534  # theirs, untouched
