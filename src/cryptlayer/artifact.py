@@ -13,13 +13,14 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import TamperedImageError, UsageError
+from .errors import TamperedImageError, UsageError, printable
 from .fsutil import MAX_IMAGE_JSON, NotRegularError, open_regular, read_untrusted
 from .manifest import MANIFEST, Manifest
 
@@ -195,6 +196,14 @@ def blobs_of(image: Path, manifest: Manifest) -> Outgoing:
             if len(sigs) > MAX_SIGNATURES:
                 raise UsageError(f"{image}/{DIR} holds {len(sigs)} signatures, more than"
                                  f" {MAX_SIGNATURES}", "remove the ones no one needs")  # fmt: skip
+            for n in sigs:
+                try:
+                    _check_name(f"{DIR}/{n}", SIGNATURE_TYPE, DIR)
+                except ValueError:  # what every pull would refuse
+                    raise UsageError(
+                        f"{image}/{DIR}/{n} is not a plain file name",
+                        "rename it (NAME.sig) or remove it; pull refuses an image carrying it",
+                    ) from None
             named += [(f"{DIR}/{n}", SIGNATURE_TYPE, None, MAX_SIGNATURE_BYTES) for n in sigs]
         for name, kind, size, limit in named:
             fd = open_file(dir_fd, name, image / name, size=size, limit=limit)
@@ -229,21 +238,34 @@ def oci_manifest(statement: Blob, others: list[Blob], created: str) -> bytes:
 
 def parse(data: bytes, where: str) -> tuple[Blob, list[Blob]]:
     """The blobs a pulled manifest names; UsageError unless it is a cryptlayer image whose every
-    file name is a plain name (or signatures/NAME.sig) of a known type."""
+    file name is a plain name (or signatures/NAME.sig) of a known type. The manifest is an
+    attacker's: every field's type is checked, and a message shows a bad value shortened."""
     try:
         doc = json.loads(data)
-        if doc.get("artifactType") != ARTIFACT_TYPE and (
-            doc.get("config", {}).get("mediaType") != STATEMENT_TYPE
+        if not isinstance(doc, dict):
+            raise ValueError("the manifest is not a JSON object")
+        config = doc.get("config")
+        if doc.get("artifactType") != ARTIFACT_TYPE and not (
+            isinstance(config, dict) and config.get("mediaType") == STATEMENT_TYPE
         ):
             raise ValueError("neither its artifactType nor its config's media type is cryptlayer's")
-        config = doc["config"]
-        statement = Blob(MANIFEST, STATEMENT_TYPE, _digest(config["digest"]), _size(config["size"]))
+        if not isinstance(config, dict):
+            raise ValueError("its config is not an object")
+        digest, size = _digest(config.get("digest"), "config"), _size(config.get("size"), "config")
+        statement = Blob(MANIFEST, STATEMENT_TYPE, digest, size)
+        layers = doc.get("layers")
+        if not isinstance(layers, list):
+            raise ValueError("its layers are not a list")
         others = []
-        for item in doc["layers"]:
-            name = item["annotations"][TITLE]
-            kind = item["mediaType"]
-            _check_name(name, kind)
-            others.append(Blob(name, kind, _digest(item["digest"]), _size(item["size"])))
+        for i, item in enumerate(layers):
+            where_i = f"layer {i}"
+            annotations = item.get("annotations") if isinstance(item, dict) else None
+            if not isinstance(annotations, dict):
+                raise ValueError(f"{where_i} has no annotations object")
+            kind = item.get("mediaType")
+            name = _check_name(annotations.get(TITLE), kind, where_i)
+            digest, size = _digest(item.get("digest"), where_i), _size(item.get("size"), where_i)
+            others.append(Blob(name, kind, digest, size))
         names = [b.name for b in others]
         if len(set(names)) != len(names) or "keys.json" not in names:
             raise ValueError("its files repeat, or it has no keys.json")
@@ -251,31 +273,38 @@ def parse(data: bytes, where: str) -> tuple[Blob, list[Blob]]:
     except RecursionError:
         raise UsageError(f"{where} is not a cryptlayer image (its manifest is nested too"
                          " deeply)", "push one with `cryptlayer push`") from None  # fmt: skip
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise UsageError(f"{where} is not a cryptlayer image ({err})",
+    except ValueError as err:
+        why = str(err) if not isinstance(err, json.JSONDecodeError) else "it is not JSON"
+        raise UsageError(f"{where} is not a cryptlayer image ({why})",
                          "push one with `cryptlayer push`") from None  # fmt: skip
 
 
-def _digest(value: Any) -> str:
-    if not isinstance(value, str) or not value.startswith("sha256:") or len(value) != 71:
-        raise ValueError(f"digest {value!r} is not a sha256 digest")
-    int(value[7:], 16)
+def _shown(value: Any) -> str:
+    """A value of the manifest for a message: as JSON, escaped, at most 80 characters."""
+    text = printable(json.dumps(value))
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _digest(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+        raise ValueError(f"{where}'s digest {_shown(value)} is not a sha256 digest")
     return value
 
 
-def _size(value: Any) -> int:
+def _size(value: Any, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1 << 50:
-        raise ValueError(f"size {value!r} is out of range")
+        raise ValueError(f"{where}'s size {_shown(value)} is out of range")
     return value
 
 
-def _check_name(name: Any, kind: str) -> None:
+def _check_name(name: Any, kind: Any, where: str) -> str:
     if not isinstance(name, str) or not name.isprintable():
-        raise ValueError(f"file name {name!r} is not printable")
+        raise ValueError(f"{where}'s file name {_shown(name)} is not printable")
     if name == MANIFEST:  # the statement is the config blob, and only that
         raise ValueError(f"a layer is titled {MANIFEST}, the statement's name")
     base = name.removeprefix("signatures/") if kind == SIGNATURE_TYPE else name
     if not base or "/" in base or base.startswith(".") or base != os.path.basename(base):
-        raise ValueError(f"file name {name!r} is not a plain name")
+        raise ValueError(f"file name {_shown(name)} is not a plain name")
     if kind not in (LAYER_TYPE, TREE_TYPE, KEYS_TYPE, SIGNATURE_TYPE):
-        raise ValueError(f"media type {kind!r} is not one of cryptlayer's")
+        raise ValueError(f"media type {_shown(kind)} is not one of cryptlayer's")
+    return name

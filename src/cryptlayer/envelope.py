@@ -295,8 +295,8 @@ def _unwrap(entry: Entry, credential: Credential) -> Secret | None:
             _passphrase_kek(credential.passphrase, salt, iterations, memory), wrapped
         )
     identity = credential.identity
-    if identity is None or identity.id != entry.id:
-        return None
+    if identity is None or identity.id != entry.id or entry.kind != str(identity.kind):
+        return None  # (an entry of another kind under its id: a hostile keys.json's)
     try:
         if entry.kind == "x25519":
             raw = _hpke().decrypt(wrapped, identity.key, info=INFO)

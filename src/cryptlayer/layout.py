@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 from .artifact import require_blob, write_checked
 from .errors import TamperedImageError, UsageError
-from .fsutil import UntrustedFileError, open_in_root, read_regular
+from .fsutil import UntrustedFileError, kind, open_in_root, read_regular
 
 REF_NAME = "org.opencontainers.image.ref.name"
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -67,7 +67,15 @@ class Layout:
 
     def _blob_dir(self) -> tuple[int, int]:
         """The layout's directory and its blobs/sha256, open (both to be closed by the caller)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            below = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
+            raise UsageError(
+                f"cannot create {self.path}: Not a directory ({below} is not one)"
+            ) from None
+        except OSError as err:
+            raise UsageError(f"cannot create {self.path}: {err.strerror}") from None
         root = self._open_dir(None, self.path, True)
         try:
             blobs = self._open_dir(root, "blobs", True)
@@ -139,8 +147,10 @@ class Layout:
             return read_regular(fd, limit, f"{self.path}/{relative}")
         except FileNotFoundError:
             raise UsageError(f"{self.path}/{relative} is missing", "is it an OCI layout?") from None
-        except (OSError, UntrustedFileError) as err:
-            raise UsageError(f"{self.path}/{relative}: {err}") from None
+        except UntrustedFileError as err:  # (it names the file)
+            raise UsageError(str(err), "is it an OCI layout, as skopeo writes one?") from None
+        except OSError as err:
+            raise UsageError(f"{self.path}/{relative}: {err.strerror}") from None
         finally:
             os.close(root)
 
@@ -186,12 +196,14 @@ class Layout:
         finally:
             os.close(root)
         h = hashlib.sha256()
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # (an O_PATH descriptor, which open() would not take)
+            os.close(fd)
+            raise UsageError(
+                f"blob {digest} of {self.path} is not a regular file ({kind(mode)})",
+                "an OCI layout holds regular files only; copy it again",
+            )
         with os.fdopen(fd, "rb") as src:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise UsageError(
-                    f"blob {digest} of {self.path} is not a regular file",
-                    "an OCI layout holds regular files only; copy it again",
-                )
             out.seek(0)
             out.truncate()
             done = write_checked(iter(lambda: src.read(CHUNK), b""), out, h, 0, size, progress)

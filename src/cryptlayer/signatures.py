@@ -249,12 +249,26 @@ def read_all(image: Path, message: bytes) -> tuple[list[Signature], list[Rejecte
 WHITESPACE = " \t\r\n"  # what separates the principals from the rest (OpenSSH's strdelimw)
 BLANKS = " \t"  # what ends the options and separates the key's fields (sshkey_read)
 MAX_PATTERN = 1023  # OpenSSH's match_pattern_list gives up on a longer pattern
+MAX_PRINCIPALS = 4096  # characters of a line's principals: a few names in practice
 
 
 def match_pattern(string: str, pattern: str) -> bool:
-    """OpenSSH's match_pattern: `*` any run of characters, `?` any one, all else literal."""
-    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.fullmatch(regex, string, re.DOTALL) is not None
+    """OpenSSH's match_pattern: `*` any run of characters, `?` any one, all else literal.
+
+    Matched greedily, going back only to the last `*` (time linear in both lengths: a
+    backtracking matcher takes hours on `*a*a*a*a*a*a*c` against `*a*a*...*b`)."""
+    at, p, star, mark = 0, 0, -1, 0
+    while at < len(string):
+        if p < len(pattern) and pattern[p] == "*":
+            star, mark, p = p, at, p + 1
+        elif p < len(pattern) and pattern[p] in ("?", string[at]):
+            at, p = at + 1, p + 1
+        elif star >= 0:
+            mark += 1
+            at, p = mark, star + 1
+        else:
+            return False
+    return pattern[p:].strip("*") == ""
 
 
 def match_pattern_list(string: str, patterns: str) -> int:
@@ -297,8 +311,19 @@ class Signer:
         """Whether the line names `principal` (as `ssh-keygen -Y verify -I` checks)."""
         return principal is None or match_pattern_list(principal, ",".join(self.principals)) == 1
 
+    def names_someone(self) -> bool:
+        """Whether some `ssh-keygen -Y verify -I PRINCIPAL` can match the line: one of its
+        patterns, read as a principal, is matched by the list (`""`, `!alice` or `!*,*` match
+        no one, and OpenSSH then never trusts the line's key)."""
+        patterns = ",".join(self.principals)
+        return any(
+            not p.startswith("!") and match_pattern_list(p, patterns) == 1 for p in self.principals
+        )
+
     def refusal(self, namespace: str, now: int) -> str | None:
         """Why this line does not trust its key for `namespace` at `now`; None if it does."""
+        if not self.names_someone():
+            return "names no principal (ssh-keygen -Y verify -I matches none of its patterns)"
         if self.namespaces is not None and match_pattern_list(namespace, self.namespaces) != 1:
             return f"is not permitted for namespace {namespace} (namespaces={self.namespaces})"
         if self.valid_after is not None and now < self.valid_after:
@@ -326,6 +351,10 @@ def load_trust(path: Path) -> list[Signer]:
     except (OSError, UntrustedFileError, UnicodeDecodeError) as err:
         raise UsageError(f"cannot read trust file {path}: {err}") from None
     signers = []
+    if "\0" in text:  # OpenSSH reads each line only up to its first NUL
+        number = text.count("\n", 0, text.index("\0")) + 1
+        raise UsageError(f"{path}, line {number} holds a NUL byte",
+                         "write it as a text file (ssh-keygen(1), ALLOWED SIGNERS)")  # fmt: skip
     for number, line in enumerate(text.split("\n"), 1):  # getline(3): lines end at \n only
         try:
             signer = _signer(line, number)
@@ -456,6 +485,8 @@ def _signer(line: str, number: int = 0) -> Signer | None:
     if split is None:
         raise ValueError("it has principals but no key (or an unclosed quote)")
     principals, rest = split
+    if len(principals) > MAX_PRINCIPALS:  # (they are matched against each other: names_someone)
+        raise ValueError(f"its principals are longer than {MAX_PRINCIPALS} characters")
     options: dict[str, Any] = {}
     if not OPENSSH_KEY_TYPE.fullmatch(re.split(f"[{BLANKS}]", rest, maxsplit=1)[0]):
         end = _past_options(rest)
@@ -465,7 +496,7 @@ def _signer(line: str, number: int = 0) -> Signer | None:
             raise ValueError("it has no key after its options")
     if options.get("cert-authority"):
         raise ValueError("cert-authority lines are not supported (cryptlayer checks plain keys)")
-    fields = re.split(f"[{BLANKS}]+", rest.strip(WHITESPACE))
+    fields = re.split(f"[{BLANKS}]+", rest.rstrip(WHITESPACE))  # (a CR before it: no type)
     if len(fields) < 2 or fields[0] not in KEY_TYPES:
         raise ValueError(f"no key of a supported type ({', '.join(KEY_TYPES)})")
     key = PublicKey(base64.b64decode(fields[1], validate=True))
@@ -492,13 +523,16 @@ def trusted(signers: list[Signer], key: PublicKey, now: int | None = None) -> li
     ]
 
 
+EMPTY = '""'  # principals shown as written when there are none
+
+
 def _untrusted(signers: list[Signer], sig: Signature, trust: Path, now: int) -> str:
     """Why the trust file does not trust a signature that verifies."""
     lines = [s for s in signers if s.key.blob == sig.key.blob]
     if not lines:
         return f"{DIR}/{sig.file}: {sig.key.fingerprint} is not in {trust}"
     why = [
-        f"its key ({printable(','.join(s.principals))}, {trust} line {s.line})"
+        f"its key ({printable(','.join(s.principals)) or EMPTY}, {trust} line {s.line})"
         f" {s.refusal(NAMESPACE, now)}"
         for s in lines
     ]

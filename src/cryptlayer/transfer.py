@@ -16,7 +16,7 @@ import errno
 import fcntl
 import hashlib
 import os
-import shutil
+import re
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Protocol
 
 from . import artifact, signatures
 from . import manifest as manifest_mod
-from .errors import CryptlayerError, TamperedImageError, UsageError
+from .errors import CryptlayerError, TamperedImageError, UsageError, printable
 from .fsutil import MAX_IMAGE_JSON, UntrustedFileError, read_untrusted
 from .layout import Layout
 from .progress import Progress, Silent
@@ -51,6 +51,9 @@ def open_store(text: str, *, tls_verify: bool = True, cert_dir: Path | None = No
         path, _, tag = text.removeprefix("oci:").partition(":")
         if not path:
             raise UsageError(f"{text!r} names no path", "use oci:PATH[:TAG]")
+        if tag and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", tag):  # as skopeo
+            raise UsageError(f"{printable(text)}: {printable(tag)} is not a tag (letters, digits,"
+                             " _ . -; 128 at most)", "use oci:PATH[:TAG]")  # fmt: skip
         return Layout(Path(path), tag)
     return Registry(parse_reference(text), tls_verify=tls_verify, cert_dir=cert_dir, **auth)
 
@@ -103,6 +106,8 @@ def pull(store: Store, target: Path, *, digest: str | None = None, trust: Path |
     """Pull into `target`. `digest` pins the image digest (the statement's, as `inspect` shows
     it; a manifest digest is pinned as REF@sha256:...). A target that exists must be this image,
     file by file (then it costs one manifest request), and trusted if `trust` is given."""
+    if trust is not None:
+        signatures.load_trust(trust)  # a bad trust file is bad input before any fetch
     data, found = store.get_manifest()
     statement, others = artifact.parse(data, str(store))
     if digest is not None and statement.digest != digest:
@@ -124,10 +129,17 @@ def pull(store: Store, target: Path, *, digest: str | None = None, trust: Path |
                              target)  # fmt: skip
         with work:
             _fill(store, work, statement, others, trust, show)
-            work.publish()
+            work.prune({statement.name, *(b.name for b in others)})
             if os.path.lexists(target):
                 raise UsageError(f"{target} appeared while pulling", "choose a new directory")
-            os.rename(work.name, target.name, src_dir_fd=parent, dst_dir_fd=parent)
+            work.publish()
+            if not work.named_here():
+                raise UsageError(
+                    f"{work.shown} was renamed or replaced while pulling",
+                    f"pull into a directory only you can write (not {target.parent})",
+                )
+            if not _rename_noreplace(parent, work.name, target.name):
+                raise UsageError(f"{target} appeared while pulling", "choose a new directory")
     finally:
         os.close(parent)
     return Pulled(statement.digest, found, True)
@@ -176,6 +188,19 @@ def _only_named(store: Store, statement: artifact.Blob, loaded: manifest_mod.Man
                 f"{store} carries {blob.name}, a file image {statement.digest} does not name",
                 "the manifest was changed; pull from the publisher",
             )
+        limit = MAX_IMAGE_JSON if blob.name == "keys.json" else signatures.MAX_SIGNATURE_BYTES
+        if blob.name not in expected and blob.size > limit:  # never read past that anyway
+            raise TamperedImageError(
+                f"{store} lists {blob.name} with {blob.size} bytes, more than {limit}",
+                "the manifest was changed; pull from the publisher",
+            )
+    if (count := sum(b.name.startswith(f"{signatures.DIR}/") for b in others)) > (
+        signatures.MAX_SIGNATURES
+    ):
+        raise TamperedImageError(
+            f"{store} lists {count} signatures, more than {signatures.MAX_SIGNATURES}",
+            "the manifest was changed; pull from the publisher",
+        )
     if missing := sorted(set(expected) - names):
         raise TamperedImageError(
             f"{store} lacks {', '.join(missing)} of image {statement.digest}",
@@ -200,27 +225,27 @@ def _fetch(store: Store, work: _WorkDir, blob: artifact.Blob, show: Show,
     """One blob into its file of the work directory: kept if complete and correct (an
     interrupted pull), continued if shorter, else fetched anew; removed if it is not the blob."""
     out = work.file(blob.name)
-    with out:
-        fd = out.fileno()
-        if os.fstat(fd).st_size == blob.size and artifact.fd_digest(fd)[0] == blob.digest:
-            return  # complete from an interrupted pull, and checked again
-        if os.fstat(fd).st_size >= blob.size:
-            os.ftruncate(fd, 0)
-        try:
+    try:
+        with out:  # (closing flushes: a small file's ENOSPC may come only then)
+            fd = out.fileno()
+            if os.fstat(fd).st_size == blob.size and artifact.fd_digest(fd)[0] == blob.digest:
+                return  # complete from an interrupted pull, and checked again
+            if os.fstat(fd).st_size >= blob.size:
+                os.ftruncate(fd, 0)
             with _bar(show, blob, "pull") as report:
                 store.pull_blob(blob.digest, blob.size, out, report)
-        except TamperedImageError:
-            work.unlink(blob.name)
+    except TamperedImageError:
+        work.unlink(blob.name)
+        raise
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
             raise
-        except OSError as err:
-            if err.errno != errno.ENOSPC:
-                raise
-            need = sum(b.size for b in every)
-            raise UsageError(
-                f"no space left on the device of {work.target.parent} for {blob.name} (the"
-                f" image takes {need} bytes)",
-                f"free some space, then pull again: it resumes from {work.name}",
-            ) from None
+        need = sum(b.size for b in every)
+        raise UsageError(
+            f"no space left on the device of {work.target.parent} for {blob.name} (the"
+            f" image takes {need} bytes)",
+            f"free some space, then pull again: it resumes from {work.name}",
+        ) from None
 
 
 PRIVATE_HINT = "remove it (rm -r {0}) and pull again: pull resumes only a directory it made"
@@ -252,7 +277,11 @@ class _WorkDir:
             os.close(fd)
             raise UsageError(f"another pull into {target} is running",
                              "wait for it to finish") from None  # fmt: skip
-        return cls(parent, name, target, fd)
+        work = cls(parent, name, target, fd)
+        if not work.named_here():  # renamed into place by the pull we waited on
+            work.__exit__()
+            raise UsageError(f"another pull into {target} finished meanwhile", "pull again")
+        return work
 
     def __enter__(self) -> _WorkDir:
         return self
@@ -265,6 +294,24 @@ class _WorkDir:
             os.mkdir(name, 0o700, dir_fd=self.fd)
         self._dirs[name] = _private_dir(self.fd, name, self.shown / name)
         self._stack.callback(os.close, self._dirs[name])
+
+    def prune(self, keep: set[str]) -> None:
+        """Remove what is not in `keep`: what an interrupted pull of another manifest whose
+        digest begins as this one's left (the name holds only 12 hex digits of it)."""
+        for entry in os.listdir(self.fd):
+            if (
+                entry not in keep
+                and entry not in self._dirs
+                and stat.S_ISDIR(os.stat(entry, dir_fd=self.fd, follow_symlinks=False).st_mode)
+            ):
+                self.subdir(entry)  # ours and private, as the work directory is
+        for folder, fd in sorted(self._dirs.items(), reverse=True):
+            for entry in os.listdir(fd):
+                name = f"{folder}/{entry}" if folder else entry
+                if name not in keep and name not in self._dirs:
+                    os.unlink(entry, dir_fd=fd)
+            if folder and not any(n.startswith(f"{folder}/") for n in keep):
+                os.rmdir(folder, dir_fd=self.fd)
 
     def _at(self, name: str) -> tuple[int, str]:
         folder, _, base = name.rpartition("/")
@@ -308,8 +355,21 @@ class _WorkDir:
             raise
 
     def remove(self) -> None:
-        """Remove the work directory (ours and private: nobody else put anything there)."""
-        shutil.rmtree(self.name, dir_fd=self.parent)
+        """Remove the work directory through our descriptors (ours and private: nobody else put
+        anything in it), then its name if that still leads to it: in a parent others may write
+        without the sticky bit, a neighbour can rename another of our directories to that name."""
+        self.prune(set())
+        if self.named_here():
+            os.rmdir(self.name, dir_fd=self.parent)
+
+    def named_here(self) -> bool:
+        """Whether our name in the parent still leads to our directory."""
+        try:
+            st = os.stat(self.name, dir_fd=self.parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        ours = os.fstat(self.fd)
+        return (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 def _private_dir(dir_fd: int, name: str, shown: Path) -> int:
@@ -343,6 +403,7 @@ def _check_existing(target: Path, statement: artifact.Blob, others: list[artifac
         raise UsageError(f"{target} already exists and is not an image directory"
                          f" ({err.strerror})", exists) from None  # fmt: skip
     try:
+        _require_ours(os.fstat(dir_fd), target, exists)
         try:
             raw = read_untrusted(manifest_mod.MANIFEST, MAX_IMAGE_JSON, dir_fd=dir_fd)
         except (OSError, UntrustedFileError):
@@ -353,12 +414,15 @@ def _check_existing(target: Path, statement: artifact.Blob, others: list[artifac
         for blob in others:
             try:
                 fd = artifact.open_file(dir_fd, blob.name, target / blob.name)
-                try:
-                    same = artifact.fd_digest(fd) == (blob.digest, blob.size)
-                finally:
-                    os.close(fd)
             except UsageError:
-                same = False
+                fd = -1
+            try:
+                if fd >= 0:
+                    _require_ours(os.fstat(fd), target / blob.name, exists)
+                same = fd >= 0 and artifact.fd_digest(fd) == (blob.digest, blob.size)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
             if not same:
                 rekeyed = " (rekeyed here? then it is another image now)" * (
                     blob.name == "keys.json"
@@ -372,3 +436,37 @@ def _check_existing(target: Path, statement: artifact.Blob, others: list[artifac
         os.close(dir_fd)
     if trust is not None:
         signatures.require_trusted(target, raw, trust)
+
+
+def _require_ours(st: os.stat_result, shown: Path, hint: str) -> None:
+    """UsageError unless `st` is root's or ours and neither group nor others may write it: what
+    another user can change at any moment is not a copy pull can call up to date."""
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        raise UsageError(
+            f"{shown} already exists and is not yours to vouch for (owned by uid {st.st_uid},"
+            f" mode {stat.S_IMODE(st.st_mode):04o})",
+            hint,
+        )
+
+
+RENAME_NOREPLACE = 1
+
+
+def _rename_noreplace(dir_fd: int, old: str, new: str) -> bool:
+    """Rename `old` to `new` in `dir_fd` unless `new` exists (renameat2 RENAME_NOREPLACE: no
+    instant between the look and the rename); False if it exists. A kernel or file system
+    without the flag: a plain rename (which never replaces a non-empty directory either)."""
+    import ctypes
+
+    from .fsutil import libc
+
+    done = libc().renameat2(dir_fd, old.encode(), dir_fd, new.encode(), RENAME_NOREPLACE)
+    if done == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EEXIST:
+        return False
+    if err not in (errno.EINVAL, errno.ENOSYS):
+        raise OSError(err, os.strerror(err), new)
+    os.rename(old, new, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    return True

@@ -322,3 +322,26 @@ def test_keys_json_errors_read_as_text(tmp_path: Path) -> None:
         with pytest.raises(UsageError) as err:
             envelope.load(tmp_path)
         assert err.value.message == f"{tmp_path}/keys.json is malformed: {detail}"
+
+
+@pytest.mark.parametrize(("kind", "other"), [("x25519", "rsa"), ("rsa", "x25519"),
+                                             ("x25519", "key"), ("rsa", "passphrase")])  # fmt: skip
+def test_an_entry_of_another_kind_under_the_identitys_id(
+    tmp_path: Path, pairs: dict[str, Path], kind: str, other: str
+) -> None:
+    """A hostile keys.json files an entry of another kind under the identity's id: that entry
+    does not open the image (WrongKeyError), never an AttributeError or TypeError from the
+    library ("unexpected ...", exit 1)."""
+    import base64
+
+    identity = load_identity(str(pairs[kind]))
+    salt = base64.b64encode(b"s" * 16).decode()
+    argon2 = (("iterations", 4), ("kdf", "argon2id"), ("lanes", 4), ("memory_kib", 8192))
+    params: tuple[tuple[str, str | int], ...] = {
+        "key": (("salt", salt),),
+        "passphrase": (*argon2, ("salt", salt)),
+    }.get(other, ())
+    entry = envelope.Entry(envelope.EntryKind(other), identity.id,
+                           base64.b64encode(b"x" * 40).decode(), params)  # fmt: skip
+    with pytest.raises(WrongKeyError):
+        envelope.unlock(tmp_path, [entry], Credential(identity=identity))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -329,6 +330,15 @@ AGREE_CASES = [
     ("cert-authority", f"ed25519@test cert-authority {KEY}", REFUSED),
     ("quoted principal", f'"ed25519@test" {KEY}', TRUSTED),
     ("leading blanks, CRLF", f" \t ed25519@test {KEY}\r", TRUSTED),
+    # principals that no `-I` matches: ssh-keygen never verifies with such a line
+    ("empty principals", f'"" {KEY}', REFUSED),
+    ("negated principal", f"!ed25519@test {KEY}", REFUSED),
+    ("all negated", f"!*,* {KEY}", REFUSED),
+    ("negated, then any", f"!other@test,* {KEY}", TRUSTED),
+    ("NUL after the principal", f"ed25519@test\0 {KEY}", REFUSED),  # ssh reads up to the NUL
+    # after options only blanks (space, tab) may come before the key type, not a CR
+    ("CR before the key", f'ed25519@test namespaces="cryptlayer-image" \r{KEY}', REFUSED),
+    ("CR after the principal", f"ed25519@test \r{KEY}", TRUSTED),
 ]
 
 
@@ -500,3 +510,50 @@ def test_local_times_read_as_ssh_keygen_reads_them(
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+
+
+def test_principal_patterns_cannot_make_trust_checking_hang(
+    tmp_path: Path, keys: dict[str, Path], signed_by_ssh_keygen: Path
+) -> None:
+    """Principals are patterns matched against patterns (which principals can match at all):
+    `!*a*a*a*a*a*a*a*a*c,*a*a*...*b` made a backtracking matcher take hours. Matched as OpenSSH
+    matches (`*` any run, `?` one character) in time linear in both lengths: the check ends,
+    and says the line trusts its key (as `*a*a...*b` names someone)."""
+    pub = " ".join(Path(f"{keys['ed25519']}.pub").read_text().split()[:2])
+    trust = tmp_path / "allowed_signers"
+    trust.write_text("!" + "*a" * 12 + "*c," + "*a" * 300 + "b " + pub + "\n")
+    check = ("import sys; from pathlib import Path; from cryptlayer import signatures as s;"
+             " print(s.require_trusted(Path(sys.argv[1]), Path(sys.argv[1], 'manifest.json')"
+             ".read_bytes(), Path(sys.argv[2]))[0][:4])")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", check, str(signed_by_ssh_keygen), str(trust)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert (done.returncode, done.stdout) == (0, "!*a*\n"), done.stderr
+
+
+def test_principals_are_bounded(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """Principals are matched against each other (which names a line can match): quadratic in
+    their length, so a line's are at most 4096 characters (`"*aaa...ab"` negations against
+    `aaa...a` names, 1 MiB of them, took hours even in linear-time matching)."""
+    pub = " ".join(Path(f"{keys['ed25519']}.pub").read_text().split()[:2])
+    trust = tmp_path / "allowed_signers"
+    slow = ",".join(["!*" + "a" * 500 + "b"] * 8 + ["a" * 1000] * 2 + ["!*"])
+    trust.write_text(f"{slow} {pub}\n")
+    with pytest.raises(UsageError, match="line 1: its principals are longer than 4096 char"):
+        signatures.load_trust(trust)
+    trust.write_text(f"{slow[:4000]},* {pub}\n")
+    assert len(signatures.load_trust(trust)) == 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pattern_matching_is_openssh_glob(seed: int) -> None:
+    """The linear matcher against a plain regex translation, on random short strings."""
+    import random
+    import re
+
+    rng = random.Random(seed)
+    for _ in range(3000):
+        pattern = "".join(rng.choice("ab*?") for _ in range(rng.randrange(7)))
+        string = "".join(rng.choice("ab*?") for _ in range(rng.randrange(7)))
+        regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+        expected = re.fullmatch(regex, string, re.DOTALL) is not None
+        assert signatures.match_pattern(string, pattern) == expected, (string, pattern)

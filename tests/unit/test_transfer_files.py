@@ -452,3 +452,334 @@ def test_digestfile_and_a_layout_of_one_image(image: Path, tmp_path: Path) -> No
     code, err = invoke("pull", f"oci:{tmp_path}/out", str(tmp_path / "y"))
     assert (code, err) == (ExitCode.USAGE, f"error: oci:{tmp_path}/out names no image (it holds"
                            " 2; tags: v1, v2): name one: oci:PATH:TAG\n")  # fmt: skip
+
+
+# ---- review: a parent directory others may write (no sticky bit) -------------------------------
+
+
+def test_a_refused_pull_removes_only_its_own_work_directory(
+    layout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """In a directory anyone may write without the sticky bit, a neighbour may rename root's
+    entries: while `pull --trust` fetches, they move its work directory aside and put root's
+    private `precious/` under that name. The refused pull removes what it wrote through its
+    own descriptor, never whatever the name leads to now."""
+    from cryptlayer.layout import Layout
+
+    shared = Path(tempfile.mkdtemp(prefix="cryptlayer-ww-", dir="/tmp"))
+    shared.chmod(0o777)
+    request.addfinalizer(lambda: shutil.rmtree(shared))
+    precious = shared / "precious"
+    precious.mkdir(mode=0o700)
+    (precious / "data").write_bytes(b"root's\n")
+    trust = tmp_path / "allowed"
+    trust.write_text("a@b ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB3fW6fLQzOuX2JD6n6ZYbSnz3rnFlWTmY6"
+                     "DkX1hYq6Y\n")  # fmt: skip
+    work = f".img.pull-{manifest_digest(layout).removeprefix('sha256:')[:12]}"
+    real = Layout.pull_blob
+
+    def swapped(self: Layout, digest: str, size: int, out: Any, progress: Any) -> None:
+        real(self, digest, size, out, progress)
+        if (shared / work / "keys.json").exists() and not (shared / "aside").exists():
+            as_nobody(f"cd {shared}; mv {work} aside; mv precious {work}")
+
+    monkeypatch.setattr(Layout, "pull_blob", swapped)
+    code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(shared / "img"))
+    assert code == ExitCode.TAMPERED, err
+    assert (shared / work / "data").read_bytes() == b"root's\n"  # root's, untouched
+    assert list((shared / "aside").iterdir()) == []  # what the pull wrote, removed
+
+
+def test_a_work_directory_replaced_while_pulling_is_not_renamed_into_place(
+    layout: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """The same neighbour swaps the finished work directory for one of theirs just before the
+    rename: the pull says so rather than put their directory at the target as its own."""
+    from cryptlayer.layout import Layout
+
+    shared = Path(tempfile.mkdtemp(prefix="cryptlayer-ww-", dir="/tmp"))
+    shared.chmod(0o777)
+    request.addfinalizer(lambda: shutil.rmtree(shared))
+    work = f".img.pull-{manifest_digest(layout).removeprefix('sha256:')[:12]}"
+    real = Layout.pull_blob
+
+    def swapped(self: Layout, digest: str, size: int, out: Any, progress: Any) -> None:
+        real(self, digest, size, out, progress)
+        if len(os.listdir(shared / work)) == len(FILES) and not (shared / "aside").exists():
+            as_nobody(f"cd {shared}; mv {work} aside; mkdir -m 700 {work}")
+
+    monkeypatch.setattr(Layout, "pull_blob", swapped)
+    code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
+    assert (code, err) == (ExitCode.USAGE, f"error: {shared}/{work} was renamed or replaced"
+                           f" while pulling: pull into a directory only you can write (not"
+                           f" {shared})\n")  # fmt: skip
+    assert not (shared / "img").exists()
+
+
+@pytest.mark.parametrize(("title", "kind", "size"), [
+    ("signatures/x.sig", "signature.v1.sshsig", 16385),
+    ("keys.json", "keys.v1+json", (4 << 20) + 1),
+])  # fmt: skip
+def test_files_beside_the_statement_are_bounded_before_they_are_fetched(
+    layout: Path, tmp_path: Path, title: str, kind: str, size: int
+) -> None:
+    """A signature or keys.json larger than cryptlayer ever reads (a hostile registry filling
+    the disk before `--trust` refuses the image): refused before a byte of it is written."""
+    big = add_blob(layout, b"x" * size)
+
+    def oversized(doc: dict[str, Any]) -> None:
+        titled = "org.opencontainers.image.title"
+        doc["layers"] = [d for d in doc["layers"] if d["annotations"][titled] != title]
+        doc["layers"].append({"mediaType": f"application/vnd.cryptlayer.{kind}",
+                              "digest": big, "size": size,
+                              "annotations": {"org.opencontainers.image.title": title}})  # fmt: skip
+
+    rewrite(layout, oversized)
+    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    assert code == ExitCode.TAMPERED, err
+    assert f"oci:{layout}:v1 lists {title} with {size} bytes, more than {size - 1}" in err
+    work = next(tmp_path.glob(".x.pull-*"))
+    assert sorted(os.listdir(work)) == ["manifest.json"]
+
+
+def test_more_signatures_than_are_ever_read_are_refused(layout: Path, tmp_path: Path) -> None:
+    sig = add_blob(layout, b"not a signature\n")
+
+    def many(doc: dict[str, Any]) -> None:
+        doc["layers"] += [{"mediaType": "application/vnd.cryptlayer.signature.v1.sshsig",
+                           "digest": sig, "size": 16,
+                           "annotations": {"org.opencontainers.image.title":
+                                           f"signatures/{i}.sig"}} for i in range(65)]  # fmt: skip
+
+    rewrite(layout, many)
+    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    assert (code, err) == (ExitCode.TAMPERED, f"error: oci:{layout}:v1 lists 65 signatures, more"
+                           " than 64: the manifest was changed; pull from the publisher\n")  # fmt: skip
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_directory_in_a_layouts_blobs_is_one_error_line(layout: Path, tmp_path: Path) -> None:
+    """A blob (here keys.json's, then the manifest) that is a directory: exit 2 and one line
+    naming it once, not exit 1 with the descriptor's number ("Is a directory (7)")."""
+    doc = json.loads(blob_path(layout, manifest_digest(layout)).read_bytes())
+    keys = next(d["digest"] for d in doc["layers"]
+                if d["annotations"]["org.opencontainers.image.title"] == "keys.json")  # fmt: skip
+    for digest in (keys, manifest_digest(layout)):
+        path = blob_path(layout, digest)
+        data = path.read_bytes()
+        path.unlink()
+        path.mkdir()
+        code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+        assert code == ExitCode.USAGE, err
+        assert err.count(str(layout)) == 1 and "(a directory)" in err, err
+        path.rmdir()
+        path.write_bytes(data)
+
+
+def test_a_resumed_work_directory_keeps_only_what_this_image_names(
+    layout: Path, tmp_path: Path
+) -> None:
+    """The work directory is named by 12 hex digits of the manifest digest: a registry can
+    serve two manifests that share them (2^24 tries). What an interrupted pull of the first
+    left there (a layer, a signature the second does not list) is not installed with the
+    second: the target holds exactly the files its manifest names."""
+    work = tmp_path / f".x.pull-{manifest_digest(layout).removeprefix('sha256:')[:12]}"
+    work.mkdir(mode=0o700)
+    (work / "signatures").mkdir(mode=0o700)
+    (work / "job").write_bytes(b"#!/bin/sh\nattacker\n")
+    (work / "signatures/old.sig").write_bytes(b"not this image's\n")
+    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "x")) == sorted(FILES)
+
+
+TITLE = "org.opencontainers.image.title"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+HOSTILE_MANIFESTS = [
+    # (case, change to the manifest, what the one error line says in brackets)
+    ("another artifact", lambda d: d.update(artifactType="x", config={"mediaType": OCI_CONFIG}),
+     "neither its artifactType nor its config's media type is cryptlayer's"),
+    ("not an object", lambda d: [d.clear()], "the manifest is not a JSON object"),
+    ("no layers", lambda d: d.__delitem__("layers"), "its layers are not a list"),
+    ("layers an object", lambda d: d.update(layers={"a": 1}), "its layers are not a list"),
+    ("config a string", lambda d: d.update(config="x"), "its config is not an object"),
+    ("no annotations", lambda d: d["layers"][0].__delitem__("annotations"),
+     "layer 0 has no annotations object"),
+    ("a list as title", lambda d: d["layers"][0]["annotations"].update({TITLE: ["x"]}),
+     'layer 0\'s file name ["x"] is not printable'),
+    ("a dict as digest", lambda d: d["layers"][0].update(digest={"a": [1, "b"]}),
+     'layer 0\'s digest {"a": [1, "b"]} is not a sha256 digest'),
+    ("a long digest", lambda d: d["layers"][0].update(digest="sha256:" + "\u202e" * 3000),
+     'layer 0\'s digest "sha256:\\u202e\\u202e'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "change", "why"), HOSTILE_MANIFESTS,
+                         ids=[c[0] for c in HOSTILE_MANIFESTS])  # fmt: skip
+def test_a_hostile_manifest_is_named_without_python(
+    layout: Path, tmp_path: Path, case: str, change: Callable[[Any], Any], why: str
+) -> None:
+    """A manifest from a hostile registry or layout: one short `error:` line saying what is
+    wrong, never Python's own words ("'list' object has no attribute 'get'", "('layers')",
+    "string indices must be integers"), a repr, or the whole of a huge field."""
+    old = manifest_digest(layout)
+    doc = json.loads(blob_path(layout, old).read_bytes())
+    replaced = change(doc)
+    set_manifest(layout, json.dumps(replaced[0] if isinstance(replaced, list) else doc).encode())
+    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    assert code == ExitCode.USAGE, err
+    assert err.startswith(f"error: oci:{layout}:v1 is not a cryptlayer image ({why}"), err
+    assert err.count("\n") == 1 and len(err) < 400, err
+
+
+def test_a_pull_that_finished_meanwhile_is_left_alone(
+    layout: Path, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second pull opens the work directory just as the first renames it into place and lets
+    go of its lock: the second must not take the finished target for its work directory (a
+    refused `--trust` would then empty it)."""
+    from cryptlayer import transfer
+
+    work = tmp_path / f".x.pull-{manifest_digest(layout).removeprefix('sha256:')[:12]}"
+    work.mkdir(mode=0o700)
+    for name in FILES:
+        shutil.copy(image / name, work / name)  # the first pull, complete
+    real = fcntl.flock
+
+    def first_pull_finishes(fd: int, op: int) -> None:
+        if work.exists():
+            os.rename(work, tmp_path / "x")
+        real(fd, op)
+
+    monkeypatch.setattr(transfer.fcntl, "flock", first_pull_finishes)
+    trust = tmp_path / "allowed"
+    trust.write_text("a@b ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB3fW6fLQzOuX2JD6n6ZYbSnz3rnFlWTmY6"
+                     "DkX1hYq6Y\n")  # fmt: skip
+    code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(tmp_path / "x"))
+    monkeypatch.undo()
+    assert (code, err) == (ExitCode.USAGE, f"error: another pull into {tmp_path}/x finished"
+                           " meanwhile: pull again\n")  # fmt: skip
+    assert sorted(os.listdir(tmp_path / "x")) == sorted(FILES)
+
+
+@pytest.mark.parametrize("name", [".hidden.sig", "a\nb.sig"])
+def test_push_refuses_a_signature_name_pull_would_refuse(
+    image: Path, tmp_path: Path, name: str
+) -> None:
+    """A signature file whose name is not a plain printable one: push stops, naming it, rather
+    than publish an image that every pull refuses."""
+    (image / "signatures").mkdir()
+    (image / "signatures" / name).write_bytes(b"-----BEGIN SSH SIGNATURE-----\n")
+    code, err = invoke("push", str(image), f"oci:{tmp_path}/out:v1")
+    shown = name.replace("\n", "\\n")
+    assert (code, err) == (ExitCode.USAGE, f"error: {image}/signatures/{shown} is not a plain"
+                           " file name: rename it (NAME.sig) or remove it; pull refuses an image"
+                           " carrying it\n")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_on_a_small_file_says_so_too(layout: Path, tmp_path: Path) -> None:
+    """keys.json (small, so still in the file's buffer when it is closed) on a full file system:
+    the same error as for a layer, saying what to do; not a bare "No space left on device"."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(small)], check=True)
+    try:
+        code, err = invoke("pull", f"oci:{layout}:v1", str(small / "x"))
+        assert code == ExitCode.USAGE, err
+        assert err.startswith(f"error: no space left on the device of {small} for keys.json"), err
+        assert "free some space, then pull again: it resumes from .x.pull-" in err
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_neighbours_copy_is_not_up_to_date(layout: Path, image: Path, shared: Path) -> None:
+    """Another user puts an exact copy of the image where root will pull it: it matches the
+    manifest today, but its owner can change it at any moment (as they can a file in it that
+    others may write). Not "already up to date": refused, saying whose it is."""
+    source = Path(tempfile.mkdtemp(prefix="cryptlayer-copy-", dir="/tmp"))
+    try:
+        for name in FILES:
+            shutil.copy(image / name, source / name)
+            (source / name).chmod(0o644)
+        source.chmod(0o755)
+        as_nobody(f"cp -r {source} {shared}/img")
+    finally:
+        shutil.rmtree(source)
+    code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
+    assert (code, err) == (ExitCode.USAGE, f"error: {shared}/img already exists and is not"
+                           " yours to vouch for (owned by uid 65534, mode 0755): choose a new"
+                           " directory (pull never overwrites)\n")  # fmt: skip
+    mine = shared / "mine"
+    assert invoke("pull", f"oci:{layout}:v1", str(mine))[0] == 0
+    (mine / "keys.json").chmod(0o666)  # anyone may rewrite it in place
+    code, err = invoke("pull", f"oci:{layout}:v1", str(mine))
+    assert (code, err) == (ExitCode.USAGE, f"error: {mine}/keys.json already exists and is not"
+                           " yours to vouch for (owned by uid 0, mode 0666): choose a new"
+                           " directory (pull never overwrites)\n")  # fmt: skip
+
+
+def test_a_bad_trust_file_is_refused_before_anything_is_fetched(
+    layout: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "bad").write_text("a@b ssh-ed25519 AAAA\n")
+    for trust in (tmp_path / "missing", tmp_path / "bad"):
+        code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(tmp_path / "x"))
+        assert code == ExitCode.USAGE and str(trust) in err, err
+        assert not list(tmp_path.glob(".x.pull-*"))
+
+
+def test_a_refused_resumed_pull_removes_a_stale_signatures_directory(
+    layout: Path, tmp_path: Path
+) -> None:
+    """The resumed work directory holds signatures/ from an earlier pull that this (unsigned)
+    manifest does not list: `--trust` refuses the image (exit 8) and removes it all, rather
+    than stop at the directory ("Is a directory", exit 1)."""
+    work = tmp_path / f".x.pull-{manifest_digest(layout).removeprefix('sha256:')[:12]}"
+    work.mkdir(mode=0o700)
+    (work / "signatures").mkdir(mode=0o700)
+    (work / "signatures/old.sig").write_bytes(b"not this image's\n")
+    trust = tmp_path / "allowed"
+    trust.write_text("a@b ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB3fW6fLQzOuX2JD6n6ZYbSnz3rnFlWTmY6"
+                     "DkX1hYq6Y\n")  # fmt: skip
+    code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(tmp_path / "x"))
+    assert code == ExitCode.TAMPERED, err
+    assert not work.exists() and not (tmp_path / "x").exists()
+
+
+def test_oci_paths_and_tags_that_cannot_be_are_bad_input(image: Path, tmp_path: Path) -> None:
+    """A layout path below a file, and tags skopeo refuses (`oci:PATH:TAG` as containers/image
+    reads it): one `error:` line, exit 2, nothing written."""
+    (tmp_path / "file").write_text("x")
+    code, err = invoke("push", str(image), f"oci:{tmp_path}/file/out:v1")
+    assert (code, err) == (ExitCode.USAGE, f"error: cannot create {tmp_path}/file/out: Not a"
+                           f" directory ({tmp_path}/file is not one)\n")  # fmt: skip
+    for tag in ("bad tag", "../../x", "a\nb", ".x"):
+        code, err = invoke("push", str(image), f"oci:{tmp_path}/out:{tag}")
+        assert code == ExitCode.USAGE and err.count("\n") == 1, err
+        assert "is not a tag (letters, digits, _ . -; 128 at most)" in err, err
+        code, err = invoke("pull", f"oci:{tmp_path}/out:{tag}", str(tmp_path / "x"))
+        assert code == ExitCode.USAGE and "is not a tag" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("planted", ["symlink", "empty directory"])
+def test_a_target_planted_just_before_the_rename(
+    layout: Path, shared: Path, monkeypatch: pytest.MonkeyPatch, planted: str
+) -> None:
+    """A neighbour creates the target name in the instant between pull's last look and its
+    rename: the rename never replaces it (nor fails on it with a bare 'Not a directory')."""
+    from cryptlayer import transfer
+
+    real = transfer._WorkDir.publish
+
+    def plant(self: Any) -> None:
+        real(self)
+        make = f"ln -s /etc {shared}/img" if planted == "symlink" else f"mkdir {shared}/img"
+        as_nobody(make)
+
+    monkeypatch.setattr(transfer._WorkDir, "publish", plant)
+    code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
+    assert (code, err) == (ExitCode.USAGE, f"error: {shared}/img appeared while pulling: choose"
+                           " a new directory\n")  # fmt: skip
+    assert os.stat(shared / "img", follow_symlinks=False).st_uid == 65534  # theirs, untouched
