@@ -1,0 +1,72 @@
+"""What an attacker's review of issue 21's fixes still found: auth-file errors, a password in a
+reference echoed, `sign` writing by path in a directory others can write, an existing blob of
+the right size kept unhashed in an `oci:` layout, and a complete pull left behind unnamed."""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from luksfixtures import fake_image
+from registryfixtures import hostile
+from typer.testing import CliRunner
+
+from cryptlayer.cli import app
+from cryptlayer.errors import ExitCode
+
+
+def invoke(*args: str, input: str | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
+    return result.exit_code, result.stderr
+
+
+@pytest.fixture(autouse=True)
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRYPTLAYER_ROOT", str(tmp_path / "state"))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "auth.json"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    return fake_image(tmp_path / "img")
+
+
+# ---- 1. a malformed auth file: one line naming the file and what is wrong, exit 2 ------------
+
+
+def always_401(request: Any) -> None:
+    request.send_response(401)
+    request.send_header("WWW-Authenticate", 'Basic realm="r"')
+    request.send_header("Content-Length", "0")
+    request.end_headers()
+
+
+@pytest.mark.parametrize(("auths", "said"), [
+    ('[]', '"auths" is not an object'),
+    ('{"HOST": {"auth": "/w=="}}', "is not base64 of USER:PASSWORD in UTF-8"),
+    ('{"HOST": {"auth": "!!!"}}', "is not base64 of USER:PASSWORD in UTF-8"),
+    ('{"HOST": {"auth": "' + base64.b64encode(b":pw").decode() + '"}}', "is not base64 of USER"),
+    ('{"HOST": {"auth": 5}}', "is not base64 of USER:PASSWORD in UTF-8"),
+    ('null', '"auths" is not an object'),
+])  # fmt: skip
+@pytest.mark.parametrize("command", ["pull", "push"])
+def test_a_malformed_auth_file_is_one_error_line(
+    tmp_path: Path, image: Path, auths: str, said: str, command: str
+) -> None:
+    """A registry answering every request 401 Basic: the stored credentials are needed, and the
+    file that should hold them is malformed. (Passed on bff4b56 already: a control.)"""
+    path = Path(os.environ["REGISTRY_AUTH_FILE"])
+    with hostile(always_401) as a:
+        path.write_text('{"auths": ' + auths.replace("HOST", a.host) + "}")
+        ref = f"docker://{a.host}/x/y:v1"
+        args = [ref, str(tmp_path / "out")] if command == "pull" else [str(image), ref]
+        code, err = invoke(command, "--tls-verify=false", *args)
+    assert code == ExitCode.USAGE, err
+    assert err.startswith(f"error: auth file {path}") and said in err, err
+    assert err.count("\n") == 1 and "unexpected" not in err
+
+
