@@ -73,6 +73,14 @@ class Reference:
 _COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
 
 
+def no_userinfo() -> UsageError:
+    """For a reference written USER[:PASS]@HOST/...: what is refused, without the password."""
+    return UsageError(
+        "a reference carries no credentials (it has USER[:PASSWORD]@ before the registry)",
+        "log in with cryptlayer login --username USER HOST, or pass --creds USER",
+    )
+
+
 def parse_reference(text: str) -> Reference:
     """UsageError unless `text` names a repository as skopeo would take it."""
     transport = re.match(r"([a-z][a-z0-9-]*):(//)?", text)
@@ -83,8 +91,11 @@ def parse_reference(text: str) -> Reference:
     digest = ""
     if "@" in rest:
         rest, _, digest = rest.partition("@")
+        if not digest.startswith("sha256:") or "/" in digest:
+            raise no_userinfo()  # USER[:PASS]@HOST/...: the text is never echoed
         if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
-            raise UsageError(f"{text}: {digest!r} is not a sha256 digest")
+            raise UsageError(f"{printable(digest)!r} is not a sha256 digest",
+                             "pin a manifest digest as REF@sha256:HEX (64 hex digits)")  # fmt: skip
     host, sep, path = rest.partition("/")
     if not sep or not ("." in host or ":" in host or host == "localhost"):
         host, path = DEFAULT_REGISTRY, rest
@@ -129,6 +140,8 @@ def registry_host(text: str) -> str:
     if not text.startswith("docker://") and re.match(r"[a-z][a-z0-9-]*:(?!\d)", text):
         parse_reference(text)  # refuses oci-archive: and the like by name
     host = text.removeprefix("docker://").rstrip("/")
+    if "@" in host:
+        raise no_userinfo()
     if not re.fullmatch(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\])(:[0-9]+)?", host):
         raise UsageError(f"{text!r} is not a registry's HOST[:PORT]",
                          "e.g. cryptlayer login --username USER registry.example.com")  # fmt: skip

@@ -70,3 +70,34 @@ def test_a_malformed_auth_file_is_one_error_line(
     assert err.count("\n") == 1 and "unexpected" not in err
 
 
+# ---- 2. a reference carries no credentials, and no error echoes them ------------------------
+
+
+@pytest.mark.parametrize("ref", [
+    "docker://user:s3cret@registry.example.com/repo",
+    "user:s3cret@registry.example.com/repo:v1",
+    "docker://user:s3cret@registry.example.com",
+    "docker://user:s3/cret@registry.example.com/repo",
+    "docker://user:s3cret@sha256:00@registry.example.com/repo",
+    "docker://user:s3cret@localhost:5000/repo@sha256:" + "0" * 64,
+])  # fmt: skip
+def test_a_password_in_a_reference_is_never_echoed(image: Path, tmp_path: Path, ref: str) -> None:
+    """Failed before: "...user:s3cret@registry.example.com/repo: 'registry.example.com/repo' is
+    not a sha256 digest"."""
+    for args in (["pull", ref, str(tmp_path / "x")], ["push", str(image), ref],
+                 ["inspect", ref if ref.startswith("docker://") else f"docker://{ref}"],
+                 ["login", "-u", "u", "--password-stdin", ref]):  # fmt: skip
+        code, err = invoke(*args, input="pw\n")
+        assert code == ExitCode.USAGE, (args, err)
+        assert "s3" not in err and "cret" not in err, (args, err)
+        assert err.startswith("error: a reference carries no credentials"), (args, err)
+        assert err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_bad_digest_is_named_without_the_reference(tmp_path: Path) -> None:
+    code, err = invoke("pull", "docker://host.example/repo@sha256:abc", str(tmp_path / "x"))
+    assert code == ExitCode.USAGE
+    assert err.startswith("error: 'sha256:abc' is not a sha256 digest"), err
+
+
