@@ -773,12 +773,14 @@ def sign(
         str | None,
         typer.Option(help="Signature file name under IMAGE/signatures/ (default: from the key)."),
     ] = None,
+    allow_shared_dir: AllowSharedDir = False,
 ) -> None:
     """Sign IMAGE's statement (manifest.json) as `ssh-keygen -Y sign -n cryptlayer-image` does."""
     from . import manifest, signatures
 
     loaded = manifest.load(image)
-    path = signatures.add(image, loaded.raw, signatures.load_signing_key(sign_key), name)
+    key = signatures.load_signing_key(sign_key)
+    path = signatures.add(image, loaded.raw, key, name, allow_shared=allow_shared_dir)
     typer.echo(f"signed {loaded.digest}: {path}", err=True)
 
 

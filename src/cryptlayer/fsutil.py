@@ -196,6 +196,27 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = 
         os.close(dir_fd)
 
 
+def write_atomic_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> None:
+    """write_atomic by descriptor: `name` in the directory `dir_fd` replaced with `data`, through
+    a temporary file created there new (O_EXCL, O_NOFOLLOW: never a name someone planted), synced,
+    then renamed; whatever the directory's path leads to meanwhile."""
+    tmp = f".{name}.{os.urandom(4).hex()}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, mode, dir_fd=dir_fd)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    os.fsync(dir_fd)
+
+
 MAX_IMAGE_JSON = 4 << 20  # manifest.json, keys.json: a few KiB in practice
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TamperedImageError, UsageError, printable
-from .fsutil import UntrustedFileError, read_untrusted, write_atomic
+from .fsutil import UntrustedFileError, read_untrusted, write_atomic_at
 
 NAMESPACE = "cryptlayer-image"
 DIR = "signatures"
@@ -658,16 +658,52 @@ def signature_name(public: PublicKey) -> str:
     return f"{kind}-{hashlib.sha256(public.blob).hexdigest()[:16]}"
 
 
-def add(image: Path, message: bytes, private: Any, name: str | None = None) -> Path:
-    """Write IMAGE/signatures/NAME.sig (atomically; replaces that signer's earlier one)."""
+def add(image: Path, message: bytes, private: Any, name: str | None = None, *,
+        allow_shared: bool = False) -> Path:  # fmt: skip
+    """Write IMAGE/signatures/NAME.sig (atomically; replaces that signer's earlier one).
+
+    By descriptor, as the image path is: the image directory opened once (no symlink) and, unless
+    `allow_shared`, refused if others may write it; its manifest.json must still be `message`;
+    signatures/ made and opened below it (no symlink); the file written there by descriptor."""
+    from .imagefiles import check_private
+    from .manifest import MANIFEST
+
     public = public_key_of(private)
     name = name or signature_name(public)
     if not name or "/" in name or name.startswith(".") or not name.isprintable():
         raise UsageError(f"signature name {name!r} is not a plain name", "e.g. --name release")
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        image_fd = os.open(image, flags)
+    except OSError as err:
+        raise UsageError(f"{image} is not an image directory ({err.strerror})",
+                         "give the --output of `cryptlayer build`") from None  # fmt: skip
     folder = image / DIR
-    folder.mkdir(mode=0o755, exist_ok=True)
-    if folder.is_symlink() or not folder.is_dir():
-        raise UsageError(f"{folder} is not a directory", "remove it, then sign again")
-    path = folder / f"{name}{SUFFIX}"
-    write_atomic(path, sign(private, message).encode(), 0o644)
-    return path
+    try:
+        if not allow_shared:
+            check_private(image, os.fstat(image_fd))
+        try:
+            held = read_untrusted(MANIFEST, len(message) + 1, dir_fd=image_fd)
+        except (OSError, UntrustedFileError):
+            held = b""
+        if held != message:
+            raise UsageError(f"{image / MANIFEST} changed while signing", "sign again")
+        try:
+            os.mkdir(DIR, 0o755, dir_fd=image_fd)
+        except FileExistsError:
+            pass
+        except OSError as err:
+            raise UsageError(f"cannot create {folder}: {err.strerror}") from None
+        try:
+            dir_fd = os.open(DIR, flags, dir_fd=image_fd)
+        except OSError:  # ELOOP (a symlink), ENOTDIR
+            raise UsageError(f"{folder} is not a directory", "remove it, then sign again") from None
+        try:
+            write_atomic_at(dir_fd, f"{name}{SUFFIX}", sign(private, message).encode(), 0o644)
+        except OSError as err:
+            raise UsageError(f"cannot write {folder / (name + SUFFIX)}: {err.strerror}") from None
+        finally:
+            os.close(dir_fd)
+    finally:
+        os.close(image_fd)
+    return folder / f"{name}{SUFFIX}"
