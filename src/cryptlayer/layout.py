@@ -6,7 +6,8 @@ A layout to pull from is an attacker's: every file is opened below the layout wi
 symlinks (openat2 RESOLVE_NO_SYMLINKS), must be regular, and is size-capped or streamed and
 checked against its digest; index.json's every field is checked. A layout pushed to may be
 someone else's too: its directories are opened without following a symlink and every file is
-created new (O_EXCL, O_NOFOLLOW) under a temporary name, then renamed into place."""
+created new (O_EXCL, O_NOFOLLOW) under a temporary name, then renamed into place; a blob already
+there is kept only if its bytes are that blob."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Any, BinaryIO
 
 from .artifact import require_blob, write_checked
 from .errors import TamperedImageError, UsageError
-from .fsutil import UntrustedFileError, kind, open_in_root, read_regular
+from .fsutil import UntrustedFileError, kind, open_in_root, open_regular, read_regular
 
 REF_NAME = "org.opencontainers.image.ref.name"
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -98,12 +99,13 @@ class Layout:
 
     def push_blob(self, source: BinaryIO, digest: str, size: int,
                   progress: Callable[[int], None]) -> bool:  # fmt: skip
-        """Copy `source` (read from where it stands) into the layout as blob `digest`, unless a
-        regular file of that size is there; its sha256 checked while it is copied."""
+        """Copy `source` (read from where it stands) into the layout as blob `digest`, unless
+        that very blob is there (a regular file of that size and digest: the layout may be
+        someone else's); its sha256 checked while it is copied."""
         root, sha = self._blob_dir()
         try:
             name = _hex(digest)
-            if _exists(sha, name, size):
+            if _holds(sha, name, digest, size):
                 return False
             h = hashlib.sha256()
             chunks = iter(lambda: source.read(CHUNK), b"")
@@ -119,7 +121,7 @@ class Layout:
     def put_manifest(self, data: bytes, digest: str) -> None:
         root, sha = self._blob_dir()
         try:
-            if not _exists(sha, _hex(digest), len(data)):
+            if not _holds(sha, _hex(digest), digest, len(data)):
                 _replace(sha, _hex(digest), [data])
             index: dict[str, Any] = {"schemaVersion": 2, "mediaType": INDEX_TYPE}
             listed: list[dict[str, Any]] = []
@@ -247,6 +249,25 @@ def _exists(dir_fd: int, name: str, size: int | None = None) -> bool:
     except FileNotFoundError:
         return False
     return stat.S_ISREG(st.st_mode) and (size is None or st.st_size == size)
+
+
+def _holds(dir_fd: int, name: str, digest: str, size: int) -> bool:
+    """Whether `name` in `dir_fd` is blob `digest`: a regular file (opened without following a
+    symlink, never a device or FIFO) of `size` bytes whose sha256 is that digest. A wrong one is
+    then replaced through a fresh .partial, never written in place."""
+    try:
+        fd = open_regular(name, dir_fd=dir_fd)
+    except (OSError, UntrustedFileError):  # absent, a symlink, not a regular file
+        return False
+    with os.fdopen(fd, "rb") as f:
+        if os.fstat(fd).st_size != size:
+            return False
+        h = hashlib.sha256()
+        done = 0
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            done += len(chunk)
+    return done == size and f"sha256:{h.hexdigest()}" == digest
 
 
 def _replace(dir_fd: int, name: str, chunks: Iterable[bytes], h: Any = None, size: int = -1,

@@ -5,6 +5,7 @@ the right size kept unhashed in an `oci:` layout, and a complete pull left behin
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,49 @@ def test_sign_replaces_a_signature_atomically(image: Path, key: Path) -> None:
     assert code == 0, err
     assert sig.read_text().startswith("-----BEGIN SSH SIGNATURE-----")
     assert sorted(p.name for p in sig.parent.iterdir()) == ["elsewhere", "rel.sig"]
+
+
+# ---- 4. push to a layout someone else prepared: an existing blob is hashed ------------------
+
+
+def test_push_replaces_a_wrong_blob_of_the_right_size(image: Path, tmp_path: Path) -> None:
+    """Failed before: a blob of the right size but wrong bytes was kept unhashed; push said it
+    pushed, and every pull then failed (exit 8)."""
+    out = tmp_path / "out"
+    (out / "blobs/sha256").mkdir(parents=True)
+    planted = {}
+    for name in ("manifest.json", "keys.json", "layer0.luks"):
+        data = (image / name).read_bytes()
+        blob = out / "blobs/sha256" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(b"\0" * len(data))
+        planted[name] = blob
+    code, err = invoke("push", str(image), f"oci:{out}:v1")
+    assert code == 0, err
+    for name, blob in planted.items():
+        assert blob.read_bytes() == (image / name).read_bytes(), name
+    assert not [p for p in (out / "blobs/sha256").iterdir() if p.name.endswith(".partial")]
+    code, err = invoke("pull", f"oci:{out}:v1", str(tmp_path / "back"))
+    assert code == 0, err
+
+
+def test_push_replaces_a_blob_that_is_not_a_regular_file(image: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    data = (image / "keys.json").read_bytes()
+    victim.write_bytes(b"x" * len(data))
+    out = tmp_path / "out"
+    (out / "blobs/sha256").mkdir(parents=True)
+    (out / "blobs/sha256" / hashlib.sha256(data).hexdigest()).symlink_to(victim)
+    code, err = invoke("push", str(image), f"oci:{out}:v1")
+    assert code == 0, err
+    assert victim.read_bytes() == b"x" * len(data)
+    assert invoke("pull", f"oci:{out}:v1", str(tmp_path / "back"))[0] == 0
+
+
+def test_push_keeps_a_correct_blob(image: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert invoke("push", str(image), f"oci:{out}:v1")[0] == 0
+    data = (image / "layer0.luks").read_bytes()
+    blob = out / "blobs/sha256" / hashlib.sha256(data).hexdigest()
+    before = blob.stat().st_ino
+    assert invoke("push", str(image), f"oci:{out}:v2")[0] == 0
+    assert blob.stat().st_ino == before
