@@ -130,16 +130,18 @@ def pull(store: Store, target: Path, *, digest: str | None = None, trust: Path |
         with work:
             _fill(store, work, statement, others, trust, show)
             work.prune({statement.name, *(b.name for b in others)})
-            if os.path.lexists(target):
-                raise UsageError(f"{target} appeared while pulling", "choose a new directory")
             work.publish()
             if not work.named_here():
                 raise UsageError(
                     f"{work.shown} was renamed or replaced while pulling",
                     f"pull into a directory only you can write (not {target.parent})",
                 )
-            if not _rename_noreplace(parent, work.name, target.name):
-                raise UsageError(f"{target} appeared while pulling", "choose a new directory")
+            if os.path.lexists(target) or not _rename_noreplace(parent, work.name, target.name):
+                raise UsageError(  # the complete copy stays: say where, and what to do with it
+                    f"{target} appeared while pulling; the complete copy is in {work.shown}",
+                    f"rename it yourself (mv {work.shown} NEW-DIRECTORY), or remove it"
+                    f" (rm -r {work.shown})",
+                )
     finally:
         os.close(parent)
     return Pulled(statement.digest, found, True)

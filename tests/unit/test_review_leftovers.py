@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -246,3 +247,35 @@ def test_push_keeps_a_correct_blob(image: Path, tmp_path: Path) -> None:
     before = blob.stat().st_ino
     assert invoke("push", str(image), f"oci:{out}:v2")[0] == 0
     assert blob.stat().st_ino == before
+
+
+# ---- 5. a target that appeared while pulling: say where the complete copy is ---------------
+
+
+def test_the_complete_copy_is_named_when_the_target_appeared(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failed before: "TARGET appeared while pulling: choose a new directory", and the complete
+    .img.pull-X stayed behind unnamed."""
+    from cryptlayer import transfer
+
+    assert invoke("push", str(image), f"oci:{tmp_path}/layout:v1")[0] == 0
+    target = tmp_path / "back"
+    real = transfer._WorkDir.publish
+
+    def plant(self: Any) -> None:
+        real(self)
+        target.mkdir()
+
+    monkeypatch.setattr(transfer._WorkDir, "publish", plant)
+    code, err = invoke("pull", f"oci:{tmp_path}/layout:v1", str(target))
+    assert code == ExitCode.USAGE, err
+    (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(".back.pull-")]
+    assert err.startswith(f"error: {target} appeared while pulling"), err
+    assert f"the complete copy is in {left}" in err and err.count("\n") == 1, err
+    assert json.loads((left / "manifest.json").read_bytes()) == json.loads(
+        (image / "manifest.json").read_bytes()
+    )
+    target.rmdir()
+    left.rename(target)
+    assert invoke("verify", str(target))[0] == 0

@@ -780,6 +780,8 @@ def test_a_target_planted_just_before_the_rename(
 
     monkeypatch.setattr(transfer._WorkDir, "publish", plant)
     code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
-    assert (code, err) == (ExitCode.USAGE, f"error: {shared}/img appeared while pulling: choose"
-                           " a new directory\n")  # fmt: skip
+    (work,) = shared.glob(".img.pull-*")
+    assert (code, err) == (ExitCode.USAGE, f"error: {shared}/img appeared while pulling; the"
+                           f" complete copy is in {work}: rename it yourself (mv {work}"
+                           f" NEW-DIRECTORY), or remove it (rm -r {work})\n")  # fmt: skip
     assert os.stat(shared / "img", follow_symlinks=False).st_uid == 65534  # theirs, untouched
