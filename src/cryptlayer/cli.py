@@ -844,6 +844,10 @@ def _registry_auth(
 ) -> dict[str, Any]:
     """Registry(...)'s auth options from --creds and --authfile."""
     auth: dict[str, Any] = {"authfile": authfile}
+    if creds is not None and not where.startswith("oci:"):
+        from .registry import parse_reference
+
+        parse_reference(where)  # before the prompt shows it: it may hold USER:PASS@
     if creds is not None:
         if ":" in creds:
             raise UsageError(

@@ -88,7 +88,9 @@ def test_a_password_in_a_reference_is_never_echoed(image: Path, tmp_path: Path, 
     not a sha256 digest"."""
     for args in (["pull", ref, str(tmp_path / "x")], ["push", str(image), ref],
                  ["inspect", ref if ref.startswith("docker://") else f"docker://{ref}"],
-                 ["login", "-u", "u", "--password-stdin", ref]):  # fmt: skip
+                 ["login", "-u", "u", "--password-stdin", ref],
+                 ["pull", "--creds", "u", ref, str(tmp_path / "x")],
+                 ["push", "--creds", "u", str(image), ref]):  # fmt: skip
         code, err = invoke(*args, input="pw\n")
         assert code == ExitCode.USAGE, (args, err)
         assert "s3" not in err and "cret" not in err, (args, err)
