@@ -278,8 +278,8 @@ def _deadline(seconds: float, host: str) -> Iterator[None]:
 
 
 def _origin(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
     try:
+        parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         return ("", "", 0)
@@ -312,6 +312,20 @@ def _reason(err: BaseException) -> str:
     return "the connection failed"
 
 
+def _session() -> Any:
+    """A requests session that never looks at a redirect itself: even with allow_redirects=False,
+    requests' Session.send prepares the next request of a 3xx, reading its body whole (and
+    inflated) first and parsing its Location (a non-UTF-8 or malformed one raised from there).
+    Redirects are followed in Registry._send, their bodies drained with a cap."""
+    import requests
+
+    class Session(requests.Session):
+        def resolve_redirects(self, *_: Any, **__: Any) -> Any:
+            return iter(())
+
+    return Session()
+
+
 class Registry:
     """One repository of one registry."""
 
@@ -324,7 +338,6 @@ class Registry:
         login: tuple[str, str] | None = None,
         authfile: Path | None = None,
     ):
-        import requests
         import urllib3
         from requests.adapters import HTTPAdapter
         from urllib3.util.retry import Retry
@@ -335,7 +348,7 @@ class Registry:
         # certificate, or plain HTTP where the registry speaks only that (the first request
         # decides, as skopeo's ping does).
         self.scheme: str | None = "https" if tls_verify else None
-        self.session = requests.Session()
+        self.session = _session()
         # Replies unencoded: a cap must count what is parsed (0.5 MB of gzip can be 1 GB).
         self.session.headers["Accept-Encoding"] = "identity"
         retry = Retry(total=3, connect=3, read=2, other=0, redirect=0, backoff_factor=0.5,
@@ -396,9 +409,15 @@ class Registry:
             response = self._exchange(method, url, sent, **kw)
             if not (response.is_redirect and method in ("GET", "HEAD")):
                 return response
-            target = urljoin(response.url, response.headers["Location"])
             _drain(response)
-            if urlsplit(target).scheme not in ("http", "https"):
+            location = response.headers["Location"]
+            try:
+                target = urljoin(response.url, location)
+                scheme = urlsplit(target).scheme
+            except ValueError:  # e.g. "http://[::1/": an IPv6 address never closed
+                scheme = ""
+                target = location
+            if scheme not in ("http", "https"):
                 raise RegistryError(f"registry {self.ref.host} redirected to {target[:EXCERPT]!r}",
                                     "only http and https are followed")  # fmt: skip
             url = target
@@ -492,7 +511,10 @@ class Registry:
         """The credentials the token server `realm` may receive: with TLS verified, an https
         realm (any host: the registry proved who it is, and Docker Hub's is auth.docker.io);
         without, only a realm on the registry's own host name (nothing proves who named it)."""
-        scheme, host = urlsplit(realm).scheme, _origin(realm)[1]
+        try:
+            scheme, host = urlsplit(realm).scheme, _origin(realm)[1]
+        except ValueError:  # e.g. "http://[::1/": an IPv6 address never closed
+            scheme = host = ""
         if scheme not in ("http", "https") or not host:
             raise RegistryError(f"registry {self.ref.host} names a token server that is not a URL"
                                 f" ({realm[:EXCERPT]!r})")  # fmt: skip
