@@ -282,3 +282,21 @@ def test_not_a_cryptlayer_image_says_so_once(image: Path) -> None:
     assert err == (f"error: docker://{host}/x/y:v1 is not a cryptlayer image (neither its"
                    " artifactType nor its config's media type is cryptlayer's): push one with"
                    " `cryptlayer push`\n")  # fmt: skip
+
+
+def test_inspect_does_not_fetch_more_signatures_than_an_image_may_hold(image: Path) -> None:
+    """A manifest listing 2000 signatures of 16 KiB (31 MiB fetched into a temporary directory,
+    2000 requests) is refused before any is fetched, as `pull` refuses it. Failed before: every
+    one was fetched, then the signatures were found to be too many."""
+    doc, blobs = _manifest_of(image)
+    sig = b"x" * 16384
+    blobs[_sha(sig)] = sig
+    doc["layers"] += [{"mediaType": artifact.SIGNATURE_TYPE, "digest": _sha(sig), "size": len(sig),
+                       "annotations": {artifact.TITLE: f"signatures/s{i}.sig"}}
+                      for i in range(2000)]  # fmt: skip
+    with hostile_registry(doc, blobs) as (host, asked):
+        code, out, err = invoke("inspect", "--no-tls-verify", f"docker://{host}/x/y:v1")
+    assert (code, out) == (ExitCode.TAMPERED, "")
+    assert err.startswith(f"error: docker://{host}/x/y:v1 lists 2000 signatures, more than 64")
+    assert err.count("\n") == 1, err
+    assert asked == []
