@@ -278,12 +278,22 @@ def _deadline(seconds: float, host: str) -> Iterator[None]:
 
 
 def _origin(url: str) -> tuple[str, str, int]:
+    """Scheme, host and port of `url`, as urllib.parse and urllib3 (which connects) both read
+    them; ("", "", 0) where they disagree (`http://B\\@A/`: urllib.parse reads a user name
+    before A, urllib3 connects to B) or cannot read it."""
+    from urllib3.exceptions import LocationParseError
+    from urllib3.util import parse_url
+
     try:
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
+        parts, connect = urlsplit(url), parse_url(url)
+        default = 443 if parts.scheme == "https" else 80
+        split = (parts.scheme, (parts.hostname or "").lower(), parts.port or default)
+    except (ValueError, LocationParseError):
         return ("", "", 0)
-    return parts.scheme, (parts.hostname or "").lower(), port
+    host = (connect.host or "").lower().removeprefix("[").removesuffix("]")
+    if ((connect.scheme or "").lower(), host, connect.port or default) != split:
+        return ("", "", 0)
+    return split
 
 
 def _has_port(host: str) -> bool:
@@ -511,10 +521,7 @@ class Registry:
         """The credentials the token server `realm` may receive: with TLS verified, an https
         realm (any host: the registry proved who it is, and Docker Hub's is auth.docker.io);
         without, only a realm on the registry's own host name (nothing proves who named it)."""
-        try:
-            scheme, host = urlsplit(realm).scheme, _origin(realm)[1]
-        except ValueError:  # e.g. "http://[::1/": an IPv6 address never closed
-            scheme = host = ""
+        scheme, host, _ = _origin(realm)  # "" if urllib3 would connect elsewhere
         if scheme not in ("http", "https") or not host:
             raise RegistryError(f"registry {self.ref.host} names a token server that is not a URL"
                                 f" ({realm[:EXCERPT]!r})")  # fmt: skip

@@ -728,3 +728,56 @@ def test_a_malformed_location_or_realm_is_one_error_line(tmp_path: Path, header:
     assert code == ExitCode.FAILURE, err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert said.format(a=a.host) in err and "unexpected" not in err, err
+
+
+def test_a_redirect_that_urllib_and_urllib3_read_differently_carries_no_credentials(
+    tmp_path: Path,
+) -> None:
+    """`Location: http://HOST:B\\@HOST:A/...`: urllib.parse reads the registry's own HOST:A (a
+    user name before the @), urllib3, which connects, reads HOST:B. Failed before: the
+    registry's Authorization went to B (with a name that has a certificate, under TLS
+    verification too)."""
+    got: list[str | None] = []
+
+    def b_server(request: Any) -> None:
+        got.append(request.headers.get("Authorization"))
+        reply(request, 200, b"{}")
+
+    with hostile(b_server) as b:
+
+        def registry_a(request: Any) -> None:
+            if request.headers.get("Authorization") is None:
+                return reply(request, 401, headers={"WWW-Authenticate": 'Basic realm="a"'})
+            reply(request, 302, headers={"Location": f"http://{b.host}\\@{a.host}/m"})
+
+        with hostile(registry_a) as a:
+            store_credentials(Path(os.environ["REGISTRY_AUTH_FILE"]), a.host)
+            invoke("pull", "--tls-verify=false", f"{a.host}/x/y:v1", str(tmp_path / "x"))
+    assert got and got == [None] * len(got)
+
+
+def test_a_realm_that_urllib_and_urllib3_read_differently_gets_no_credentials(
+    tmp_path: Path,
+) -> None:
+    """`Bearer realm="http://HOST:B\\@HOST:A/token"` under --tls-verify=false, where only the
+    registry's own host may receive credentials: refused, nothing sent to B. Failed before: the
+    password went to B (urllib.parse took the realm for the registry's own host)."""
+    got: list[str | None] = []
+
+    def b_server(request: Any) -> None:
+        got.append(request.headers.get("Authorization"))
+        reply(request, 200, b'{"token": "t"}')
+
+    with hostile(b_server) as b:
+
+        def registry_a(request: Any) -> None:
+            realm = f"http://{b.host}\\@{a.host}/token"
+            reply(request, 401, headers={"WWW-Authenticate": f'Bearer realm="{realm}"'})
+
+        with hostile(registry_a) as a:
+            store_credentials(Path(os.environ["REGISTRY_AUTH_FILE"]), a.host)
+            code, _, err = invoke("pull", "--tls-verify=false", f"{a.host}/x/y:v1",
+                                  str(tmp_path / "x"))  # fmt: skip
+    assert got == []
+    assert code == ExitCode.FAILURE and err.count("\n") == 1, err
+    assert "names a token server that is not a URL" in err, err
