@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import signal
 import stat
 import threading
@@ -574,7 +575,9 @@ class Registry:
             hint = "check the user name and password"
         else:
             again = "again" if self._stored else "first"
-            hint = f"log in {again}: cryptlayer login --username USER {self.ref.host}"
+            # where this command looks: a login that wrote elsewhere would not be found
+            where = f"--authfile {shlex.quote(str(self.authfile))} " if self.authfile else ""
+            hint = f"log in {again}: cryptlayer login {where}--username USER {self.ref.host}"
         return UsageError(f"registry {self.ref.host} refused access (HTTP {status})", hint)
 
     def _check(self, response: Any, what: str) -> Any:

@@ -781,3 +781,25 @@ def test_a_realm_that_urllib_and_urllib3_read_differently_gets_no_credentials(
     assert got == []
     assert code == ExitCode.FAILURE and err.count("\n") == 1, err
     assert "names a token server that is not a URL" in err, err
+
+
+def test_the_login_hint_keeps_the_authfile(secure: RunningRegistry, tmp_path: Path) -> None:
+    """`pull --authfile PATH` not logged in: the hint's login writes PATH, so that the pull
+    typed again finds it. Failed before: the hint omitted --authfile, and the login it gave
+    wrote the default file, where that pull never looks."""
+    assert secure.cert_dir is not None
+    cert = ["--cert-dir", str(secure.cert_dir)]
+    mine = tmp_path / "my auth.json"
+    pull = ["pull", *cert, "--authfile", str(mine), f"{secure.host}/hint/app:v1"]
+    code, _, err = invoke(*pull, str(tmp_path / "x"))
+    hint = f"log in first: cryptlayer login --authfile {shlex.quote(str(mine))} --username USER"
+    assert (code, err) == (ExitCode.USAGE, f"error: registry {secure.host} refused access (HTTP"
+                           f" 401): {hint} {secure.host}\n")  # fmt: skip
+    typed = shlex.split(err.split(": log in first: ", 1)[1].replace("USER", USER))[1:]
+    code, _, err = invoke(*typed, *cert, "--password-stdin", input=f"{PASSWORD}\n")
+    assert code == 0, err
+    assert secure.host in json.loads(mine.read_text())["auths"]
+    code, _, err = invoke(*pull, str(tmp_path / "x"))
+    assert (code, err) != (ExitCode.USAGE, f"error: registry {secure.host} refused access (HTTP"
+                           f" 401): {hint} {secure.host}\n")  # fmt: skip
+    assert "refused access" not in err, err
