@@ -324,17 +324,26 @@ def _reason(err: BaseException) -> str:
 
 
 def _session() -> Any:
-    """A requests session that never looks at a redirect itself: even with allow_redirects=False,
-    requests' Session.send prepares the next request of a 3xx, reading its body whole (and
-    inflated) first and parsing its Location (a non-UTF-8 or malformed one raised from there).
-    Redirects are followed in Registry._send, their bodies drained with a cap."""
+    """A requests session that never looks at a redirect itself, nor at ~/.netrc: even with
+    allow_redirects=False, requests' Session.send prepares the next request of a 3xx, reading its
+    body whole (and inflated) first and parsing its Location (a non-UTF-8 or malformed one raised
+    from there). Redirects are followed in Registry._send, their bodies drained with a cap."""
     import requests
 
     class Session(requests.Session):
         def resolve_redirects(self, *_: Any, **__: Any) -> Any:
             return iter(())
 
-    return Session()
+    session = Session()
+    # An auth of the session's own (adding nothing) keeps requests from adding ~/.netrc's
+    # password to every request without one: to any port of a host, over plain HTTP, wherever
+    # the registry redirects. Credentials come from the auth files only.
+    session.auth = _no_auth
+    return session
+
+
+def _no_auth(request: Any) -> Any:
+    return request
 
 
 class Registry:

@@ -803,3 +803,28 @@ def test_the_login_hint_keeps_the_authfile(secure: RunningRegistry, tmp_path: Pa
     assert (code, err) != (ExitCode.USAGE, f"error: registry {secure.host} refused access (HTTP"
                            f" 401): {hint} {secure.host}\n")  # fmt: skip
     assert "refused access" not in err, err
+
+
+def test_no_netrc_credentials_go_where_the_registry_sends_us(tmp_path: Path) -> None:
+    """~/.netrc names the registry's host (for another tool): a redirect to another port of it
+    gets no Authorization (cryptlayer's credentials come from auth files only). Failed before:
+    requests added the .netrc password to every request that had no Authorization, to any port
+    and over plain HTTP."""
+    got: list[str | None] = []
+
+    def b_server(request: Any) -> None:
+        got.append(request.headers.get("Authorization"))
+        reply(request, 200, b"{}")
+
+    home = Path(os.environ["HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    (home / ".netrc").write_text("machine 127.0.0.1 login bob password hunter2\n")
+    (home / ".netrc").chmod(0o600)
+    with hostile(b_server) as b:
+
+        def registry_a(request: Any) -> None:
+            reply(request, 302, headers={"Location": f"http://{b.host}/m"})
+
+        with hostile(registry_a) as a:
+            invoke("pull", "--tls-verify=false", f"{a.host}/x/y:v1", str(tmp_path / "x"))
+    assert got and got == [None] * len(got)
