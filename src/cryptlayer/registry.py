@@ -480,6 +480,12 @@ class Registry:
 
     def _unreachable(self, url: str, err: BaseException) -> RegistryError:
         where = urlsplit(url).netloc
+        for said, what in (("got more than 100 headers", "more than 100 header lines"),
+                           ("LineTooLong", "a line longer than 64 KiB"),
+                           ("BadStatusLine", "no HTTP status line")):  # fmt: skip
+            if said in str(err):
+                return RegistryError(f"{where} answered what is not HTTP ({what})",
+                                     f"is {where} a registry's host:port?")  # fmt: skip
         if where == self.ref.host:
             return RegistryError(f"cannot reach registry {where} ({_reason(err)})",
                                  f"is it running, and is {where} its host:port?")  # fmt: skip

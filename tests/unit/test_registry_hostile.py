@@ -828,3 +828,33 @@ def test_no_netrc_credentials_go_where_the_registry_sends_us(tmp_path: Path) -> 
         with hostile(registry_a) as a:
             invoke("pull", "--tls-verify=false", f"{a.host}/x/y:v1", str(tmp_path / "x"))
     assert got and got == [None] * len(got)
+
+
+def many_headers(request: Any) -> None:
+    request.send_response(200)
+    for i in range(200):
+        request.send_header(f"X-{i}", "y")
+    request.end_headers()
+
+
+def long_header(request: Any) -> None:
+    request.wfile.write(b"HTTP/1.0 401 Unauthorized\r\nWWW-Authenticate: " + b"a" * (1 << 17))
+
+
+def no_status(request: Any) -> None:
+    request.wfile.write(b"garbage\r\n\r\n")
+
+
+@pytest.mark.parametrize(("handle", "what"), [
+    (many_headers, "more than 100 header lines"),
+    (long_header, "a line longer than 64 KiB"),
+    (no_status, "no HTTP status line"),
+])  # fmt: skip
+def test_an_answer_that_is_not_http_is_named(tmp_path: Path, handle: Any, what: str) -> None:
+    """200 headers, a 128 KiB WWW-Authenticate, no status line: refused by http.client's limits
+    (memory holds) and said as such. Failed before: "cannot reach registry ... (the connection
+    failed): is it running", about a server that answered."""
+    with hostile(handle) as a:
+        code, _, err = invoke("pull", "--tls-verify=false", f"{a.host}/x/y:v1", str(tmp_path / "x"))
+    assert (code, err) == (ExitCode.FAILURE, f"error: {a.host} answered what is not HTTP ({what}):"
+                           f" is {a.host} a registry's host:port?\n")  # fmt: skip
