@@ -644,7 +644,14 @@ class Registry:
         if not response.headers.get("Location"):
             raise RegistryError(f"registry {self.ref.host} started an upload but did not say"
                                 " where to send it (no Location header)")  # fmt: skip
-        location = urljoin(response.url, response.headers["Location"])
+        said = response.headers["Location"]
+        try:
+            location = urljoin(response.url, said)
+        except ValueError:  # e.g. "http://[::1/": an IPv6 address never closed
+            location = said
+        if not _origin(location)[0].startswith("http"):  # "" where it is no URL
+            raise RegistryError(f"registry {self.ref.host} started an upload at {said[:EXCERPT]!r},"
+                                " which is not an http or https URL")  # fmt: skip
         response = self._request(
             "PUT", location, params={"digest": digest}, data=_Counted(blob, size, progress),
             headers={"Content-Type": "application/octet-stream"},

@@ -858,3 +858,23 @@ def test_an_answer_that_is_not_http_is_named(tmp_path: Path, handle: Any, what: 
         code, _, err = invoke("pull", "--tls-verify=false", f"{a.host}/x/y:v1", str(tmp_path / "x"))
     assert (code, err) == (ExitCode.FAILURE, f"error: {a.host} answered what is not HTTP ({what}):"
                            f" is {a.host} a registry's host:port?\n")  # fmt: skip
+
+
+@pytest.mark.parametrize("location", ["http://[::1/up", "file:///etc/x", "ftp://{a}/up"])
+def test_an_upload_location_that_is_no_http_url(tmp_path: Path, image: Path,
+                                                location: str) -> None:  # fmt: skip
+    """A 202 whose Location is no http(s) URL: one error line naming it. Failed before:
+    "unexpected ValueError: Invalid IPv6 URL", or "cannot reach , where registry ... sent us"."""
+
+    def handle(request: Any) -> None:
+        if request.command == "HEAD":
+            return reply(request, 404)
+        if request.command == "POST":
+            return reply(request, 202, headers={"Location": location.format(a=a.host)})
+        reply(request, 201)
+
+    with hostile(handle) as a:
+        code, _, err = invoke("push", "--tls-verify=false", str(image), f"{a.host}/x/y:v1")
+    assert (code, err) == (ExitCode.FAILURE, f"error: registry {a.host} started an upload at"
+                           f" {location.format(a=a.host)!r}, which is not an http or https"
+                           " URL\n")  # fmt: skip
