@@ -300,3 +300,22 @@ def test_inspect_does_not_fetch_more_signatures_than_an_image_may_hold(image: Pa
     assert err.startswith(f"error: docker://{host}/x/y:v1 lists 2000 signatures, more than 64")
     assert err.count("\n") == 1, err
     assert asked == []
+
+
+def test_pull_does_not_fetch_a_huge_statement(image: Path, tmp_path: Path) -> None:
+    """`pull` (with --trust or not) of a manifest whose config claims 64 MiB (and a registry that sends them):
+    refused before the statement is asked for, as inspect refuses it, since no statement is
+    larger than 4 MiB (a local one is read with that cap). Failed before: the 64 MiB (up to the
+    terabyte a manifest may claim) were written to the work directory before the digest or the
+    trust check refused them."""
+    doc, blobs = _manifest_of(image)
+    doc["config"]["size"] = 64 << 20
+    blobs[doc["config"]["digest"]] = bytes(64 << 20)
+    with hostile_registry(doc, blobs) as (host, asked):
+        code, _, err = invoke("pull", "--no-tls-verify", f"docker://{host}/x/y:v1",
+                              str(tmp_path / "x"))  # fmt: skip
+    assert code == ExitCode.TAMPERED, err
+    assert err == (f"error: docker://{host}/x/y:v1 lists its statement (manifest.json) with"
+                   f" {64 << 20} bytes, more than {4 << 20}: the manifest was changed; pull from"
+                   " the publisher\n")  # fmt: skip
+    assert asked == []
