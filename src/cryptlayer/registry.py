@@ -906,9 +906,20 @@ class _Counted:
 
     def __init__(self, f: Any, size: int, progress: Callable[[int], None]) -> None:
         self.f, self.size, self.progress, self.done = f, size, progress, 0
+        self.start = f.tell()
 
     def __len__(self) -> int:
         return self.size
+
+    # urllib3 rewinds a body it retries (a 502 on the PUT) through these; without them the
+    # retry sent no bytes under the same Content-Length, and the registry waited for them.
+    def tell(self) -> int:
+        return int(self.f.tell())
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        at = int(self.f.seek(pos, whence))
+        self.done = at - self.start
+        return at
 
     def read(self, n: int = -1) -> bytes:
         chunk: bytes = self.f.read(n if n and n > 0 else CHUNK)

@@ -878,3 +878,33 @@ def test_an_upload_location_that_is_no_http_url(tmp_path: Path, image: Path,
     assert (code, err) == (ExitCode.FAILURE, f"error: registry {a.host} started an upload at"
                            f" {location.format(a=a.host)!r}, which is not an http or https"
                            " URL\n")  # fmt: skip
+
+
+def test_a_blob_upload_retried_after_a_502_sends_the_blob_again(tmp_path: Path,
+                                                                image: Path) -> None:  # fmt: skip
+    """The first PUT of a blob answered 502 (a load balancer's hiccup): urllib3's retry sends the
+    whole blob again. Failed before: the retry sent no bytes under the same Content-Length (the
+    file had been read to its end and was never rewound), so a registry waited for them until
+    the deadline."""
+    bodies: list[tuple[int, int]] = []
+
+    def handle(request: Any) -> None:
+        if request.command == "HEAD":
+            return reply(request, 404)
+        if request.command == "POST":
+            return reply(request, 202, headers={"Location": "/upload"})
+        if request.command == "PUT" and request.path.startswith("/upload"):
+            expected = int(request.headers["Content-Length"])
+            request.connection.settimeout(10)
+            try:
+                got = len(request.rfile.read(expected))
+            except OSError:
+                got = -1
+            bodies.append((expected, got))
+            return reply(request, 502 if len(bodies) == 1 else 201)
+        reply(request, 201)
+
+    with hostile(handle) as a:
+        code, _, err = invoke("push", "--tls-verify=false", str(image), f"{a.host}/x/y:v1")
+    assert code == 0, err
+    assert bodies[0][0] == bodies[0][1] and bodies[1] == bodies[0], bodies
