@@ -751,9 +751,9 @@ class Registry:
         """Blob `digest` of `size` bytes into memory, its sha256 checked; refused unasked when
         `size` is over `limit`, and never more than `size` bytes read (for `inspect`)."""
         if size > limit:
-            raise UsageError(
-                f"{self.ref}: blob {digest} is {size} bytes, more than {limit}",
-                "this is not a cryptlayer image as this version knows one",
+            raise TamperedImageError(  # as pull refuses the same manifest
+                f"{self.ref} lists blob {digest} with {size} bytes, more than {limit}",
+                "the manifest was changed; pull from the publisher",
             )
         response = self._check(
             self._request("GET", f"{self.base}/blobs/{digest}"), f"blob {digest}"

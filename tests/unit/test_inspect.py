@@ -266,9 +266,26 @@ def test_inspect_does_not_fetch_a_huge_statement(image: Path) -> None:
     doc["config"]["size"] = 1 << 40
     with hostile_registry(doc, blobs) as (host, asked):
         code, _, err = invoke("inspect", "--no-tls-verify", f"docker://{host}/x/y:v1")
-    assert code == ExitCode.USAGE
-    assert f"is {1 << 40} bytes, more than {4 << 20}" in err
+    assert code == ExitCode.TAMPERED  # as pull refuses it (exit 2 before)
+    assert f"with {1 << 40} bytes, more than {4 << 20}" in err
     assert asked == []  # refused before asking
+
+
+def test_inspect_refuses_an_oversized_keys_json_as_pull_does(image: Path, tmp_path: Path) -> None:
+    """keys.json listed at 1 TiB: inspect and pull both exit 8 (the manifest was changed), before
+    asking for it. Failed before: inspect exited 2 ("not a cryptlayer image as this version
+    knows one") where pull exits 8."""
+    doc, blobs = _manifest_of(image)
+    keys = next(d for d in doc["layers"] if d["annotations"][artifact.TITLE] == "keys.json")
+    keys["size"] = 1 << 40
+    with hostile_registry(doc, blobs) as (host, asked):
+        inspected = invoke("inspect", "--no-tls-verify", f"docker://{host}/x/y:v1")
+        pulled = invoke("pull", "--no-tls-verify", f"docker://{host}/x/y:v1", str(tmp_path / "x"))
+    assert inspected[0] == pulled[0] == ExitCode.TAMPERED, (inspected, pulled)
+    assert inspected[2] == (f"error: docker://{host}/x/y:v1 lists blob {keys['digest']} with"
+                            f" {1 << 40} bytes, more than {4 << 20}: the manifest was changed;"
+                            " pull from the publisher\n")  # fmt: skip
+    assert keys["digest"] not in asked
 
 
 def test_not_a_cryptlayer_image_says_so_once(image: Path) -> None:
