@@ -144,6 +144,13 @@ def inspect_remote(registry: Registry) -> ImageReport:
         artifact.KEYS_TYPE: MAX_IMAGE_JSON,
         artifact.SIGNATURE_TYPE: signatures.MAX_SIGNATURE_BYTES,
     }
+    # As pull refuses it, before anything is fetched: not thousands of requests and files.
+    count = sum(b.name.startswith(f"{signatures.DIR}/") for b in others)
+    if count > signatures.MAX_SIGNATURES:
+        raise TamperedImageError(
+            f"{registry} lists {count} signatures, more than {signatures.MAX_SIGNATURES}",
+            "the manifest was changed; pull from the publisher",
+        )
     wanted = [(statement, MAX_IMAGE_JSON)]
     wanted += [(b, small[b.media_type]) for b in others if b.media_type in small]
     with tempfile.TemporaryDirectory(prefix="cryptlayer-inspect-") as tmp:  # 0700, ours

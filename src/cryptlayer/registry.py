@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import signal
 import stat
 import threading
@@ -291,12 +292,22 @@ def _deadline(seconds: float, host: str) -> Iterator[None]:
 
 
 def _origin(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
+    """Scheme, host and port of `url`, as urllib.parse and urllib3 (which connects) both read
+    them; ("", "", 0) where they disagree (`http://B\\@A/`: urllib.parse reads a user name
+    before A, urllib3 connects to B) or cannot read it."""
+    from urllib3.exceptions import LocationParseError
+    from urllib3.util import parse_url
+
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
+        parts, connect = urlsplit(url), parse_url(url)
+        default = 443 if parts.scheme == "https" else 80
+        split = (parts.scheme, (parts.hostname or "").lower(), parts.port or default)
+    except (ValueError, LocationParseError):
         return ("", "", 0)
-    return parts.scheme, (parts.hostname or "").lower(), port
+    host = (connect.host or "").lower().removeprefix("[").removesuffix("]")
+    if ((connect.scheme or "").lower(), host, connect.port or default) != split:
+        return ("", "", 0)
+    return split
 
 
 def _has_port(host: str) -> bool:
@@ -325,6 +336,29 @@ def _reason(err: BaseException) -> str:
     return "the connection failed"
 
 
+def _session() -> Any:
+    """A requests session that never looks at a redirect itself, nor at ~/.netrc: even with
+    allow_redirects=False, requests' Session.send prepares the next request of a 3xx, reading its
+    body whole (and inflated) first and parsing its Location (a non-UTF-8 or malformed one raised
+    from there). Redirects are followed in Registry._send, their bodies drained with a cap."""
+    import requests
+
+    class Session(requests.Session):
+        def resolve_redirects(self, *_: Any, **__: Any) -> Any:
+            return iter(())
+
+    session = Session()
+    # An auth of the session's own (adding nothing) keeps requests from adding ~/.netrc's
+    # password to every request without one: to any port of a host, over plain HTTP, wherever
+    # the registry redirects. Credentials come from the auth files only.
+    session.auth = _no_auth
+    return session
+
+
+def _no_auth(request: Any) -> Any:
+    return request
+
+
 class Registry:
     """One repository of one registry."""
 
@@ -337,7 +371,6 @@ class Registry:
         login: tuple[str, str] | None = None,
         authfile: Path | None = None,
     ):
-        import requests
         import urllib3
         from requests.adapters import HTTPAdapter
         from urllib3.util.retry import Retry
@@ -348,7 +381,7 @@ class Registry:
         # certificate, or plain HTTP where the registry speaks only that (the first request
         # decides, as skopeo's ping does).
         self.scheme: str | None = "https" if tls_verify else None
-        self.session = requests.Session()
+        self.session = _session()
         # Replies unencoded: a cap must count what is parsed (0.5 MB of gzip can be 1 GB).
         self.session.headers["Accept-Encoding"] = "identity"
         retry = Retry(total=3, connect=3, read=2, other=0, redirect=0, backoff_factor=0.5,
@@ -409,9 +442,15 @@ class Registry:
             response = self._exchange(method, url, sent, **kw)
             if not (response.is_redirect and method in ("GET", "HEAD")):
                 return response
-            target = urljoin(response.url, response.headers["Location"])
             _drain(response)
-            if urlsplit(target).scheme not in ("http", "https"):
+            location = response.headers["Location"]
+            try:
+                target = urljoin(response.url, location)
+                scheme = urlsplit(target).scheme
+            except ValueError:  # e.g. "http://[::1/": an IPv6 address never closed
+                scheme = ""
+                target = location
+            if scheme not in ("http", "https"):
                 raise RegistryError(f"registry {self.ref.host} redirected to {target[:EXCERPT]!r}",
                                     "only http and https are followed")  # fmt: skip
             url = target
@@ -454,6 +493,12 @@ class Registry:
 
     def _unreachable(self, url: str, err: BaseException) -> RegistryError:
         where = urlsplit(url).netloc
+        for said, what in (("got more than 100 headers", "more than 100 header lines"),
+                           ("LineTooLong", "a line longer than 64 KiB"),
+                           ("BadStatusLine", "no HTTP status line")):  # fmt: skip
+            if said in str(err):
+                return RegistryError(f"{where} answered what is not HTTP ({what})",
+                                     f"is {where} a registry's host:port?")  # fmt: skip
         if where == self.ref.host:
             return RegistryError(f"cannot reach registry {where} ({_reason(err)})",
                                  f"is it running, and is {where} its host:port?")  # fmt: skip
@@ -505,7 +550,7 @@ class Registry:
         """The credentials the token server `realm` may receive: with TLS verified, an https
         realm (any host: the registry proved who it is, and Docker Hub's is auth.docker.io);
         without, only a realm on the registry's own host name (nothing proves who named it)."""
-        scheme, host = urlsplit(realm).scheme, _origin(realm)[1]
+        scheme, host, _ = _origin(realm)  # "" if urllib3 would connect elsewhere
         if scheme not in ("http", "https") or not host:
             raise RegistryError(f"registry {self.ref.host} names a token server that is not a URL"
                                 f" ({realm[:EXCERPT]!r})")  # fmt: skip
@@ -558,7 +603,9 @@ class Registry:
             hint = "check the user name and password"
         else:
             again = "again" if self._stored else "first"
-            hint = f"log in {again}: cryptlayer login --username USER {self.ref.host}"
+            # where this command looks: a login that wrote elsewhere would not be found
+            where = f"--authfile {shlex.quote(str(self.authfile))} " if self.authfile else ""
+            hint = f"log in {again}: cryptlayer login {where}--username USER {self.ref.host}"
         return UsageError(f"registry {self.ref.host} refused access (HTTP {status})", hint)
 
     def _check(self, response: Any, what: str) -> Any:
@@ -610,7 +657,14 @@ class Registry:
         if not response.headers.get("Location"):
             raise RegistryError(f"registry {self.ref.host} started an upload but did not say"
                                 " where to send it (no Location header)")  # fmt: skip
-        location = urljoin(response.url, response.headers["Location"])
+        said = response.headers["Location"]
+        try:
+            location = urljoin(response.url, said)
+        except ValueError:  # e.g. "http://[::1/": an IPv6 address never closed
+            location = said
+        if not _origin(location)[0].startswith("http"):  # "" where it is no URL
+            raise RegistryError(f"registry {self.ref.host} started an upload at {said[:EXCERPT]!r},"
+                                " which is not an http or https URL")  # fmt: skip
         response = self._request(
             "PUT", location, params={"digest": digest}, data=_Counted(blob, size, progress),
             headers={"Content-Type": "application/octet-stream"},
@@ -710,9 +764,9 @@ class Registry:
         """Blob `digest` of `size` bytes into memory, its sha256 checked; refused unasked when
         `size` is over `limit`, and never more than `size` bytes read (for `inspect`)."""
         if size > limit:
-            raise UsageError(
-                f"{self.ref}: blob {digest} is {size} bytes, more than {limit}",
-                "this is not a cryptlayer image as this version knows one",
+            raise TamperedImageError(  # as pull refuses the same manifest
+                f"{self.ref} lists blob {digest} with {size} bytes, more than {limit}",
+                "the manifest was changed; pull from the publisher",
             )
         response = self._check(
             self._request("GET", f"{self.base}/blobs/{digest}"), f"blob {digest}"
@@ -865,9 +919,20 @@ class _Counted:
 
     def __init__(self, f: Any, size: int, progress: Callable[[int], None]) -> None:
         self.f, self.size, self.progress, self.done = f, size, progress, 0
+        self.start = f.tell()
 
     def __len__(self) -> int:
         return self.size
+
+    # urllib3 rewinds a body it retries (a 502 on the PUT) through these; without them the
+    # retry sent no bytes under the same Content-Length, and the registry waited for them.
+    def tell(self) -> int:
+        return int(self.f.tell())
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        at = int(self.f.seek(pos, whence))
+        self.done = at - self.start
+        return at
 
     def read(self, n: int = -1) -> bytes:
         chunk: bytes = self.f.read(n if n and n > 0 else CHUNK)

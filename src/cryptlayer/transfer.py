@@ -151,6 +151,11 @@ def _fill(store: Store, work: _WorkDir, statement: artifact.Blob, others: list[a
           trust: Path | None, show: Show) -> None:  # fmt: skip
     """Fetch the statement, then the files it names: signatures and keys.json, the trust check
     (before the large files), then the layers and their trees."""
+    if statement.size > MAX_IMAGE_JSON:  # as a local one is read: never fetched, let alone kept
+        raise TamperedImageError(
+            f"{store} lists its statement ({statement.name}) with {statement.size} bytes, more"
+            f" than {MAX_IMAGE_JSON}", "the manifest was changed; pull from the publisher",
+        )  # fmt: skip
     _fetch(store, work, statement, show, [statement, *others])
     loaded = work.named(manifest_mod.load)
     _only_named(store, statement, loaded, others)

@@ -266,9 +266,26 @@ def test_inspect_does_not_fetch_a_huge_statement(image: Path) -> None:
     doc["config"]["size"] = 1 << 40
     with hostile_registry(doc, blobs) as (host, asked):
         code, _, err = invoke("inspect", "--no-tls-verify", f"docker://{host}/x/y:v1")
-    assert code == ExitCode.USAGE
-    assert f"is {1 << 40} bytes, more than {4 << 20}" in err
+    assert code == ExitCode.TAMPERED  # as pull refuses it (exit 2 before)
+    assert f"with {1 << 40} bytes, more than {4 << 20}" in err
     assert asked == []  # refused before asking
+
+
+def test_inspect_refuses_an_oversized_keys_json_as_pull_does(image: Path, tmp_path: Path) -> None:
+    """keys.json listed at 1 TiB: inspect and pull both exit 8 (the manifest was changed), before
+    asking for it. Failed before: inspect exited 2 ("not a cryptlayer image as this version
+    knows one") where pull exits 8."""
+    doc, blobs = _manifest_of(image)
+    keys = next(d for d in doc["layers"] if d["annotations"][artifact.TITLE] == "keys.json")
+    keys["size"] = 1 << 40
+    with hostile_registry(doc, blobs) as (host, asked):
+        inspected = invoke("inspect", "--no-tls-verify", f"docker://{host}/x/y:v1")
+        pulled = invoke("pull", "--no-tls-verify", f"docker://{host}/x/y:v1", str(tmp_path / "x"))
+    assert inspected[0] == pulled[0] == ExitCode.TAMPERED, (inspected, pulled)
+    assert inspected[2] == (f"error: docker://{host}/x/y:v1 lists blob {keys['digest']} with"
+                            f" {1 << 40} bytes, more than {4 << 20}: the manifest was changed;"
+                            " pull from the publisher\n")  # fmt: skip
+    assert keys["digest"] not in asked
 
 
 def test_not_a_cryptlayer_image_says_so_once(image: Path) -> None:
@@ -282,3 +299,40 @@ def test_not_a_cryptlayer_image_says_so_once(image: Path) -> None:
     assert err == (f"error: docker://{host}/x/y:v1 is not a cryptlayer image (neither its"
                    " artifactType nor its config's media type is cryptlayer's): push one with"
                    " `cryptlayer push`\n")  # fmt: skip
+
+
+def test_inspect_does_not_fetch_more_signatures_than_an_image_may_hold(image: Path) -> None:
+    """A manifest listing 2000 signatures of 16 KiB (31 MiB fetched into a temporary directory,
+    2000 requests) is refused before any is fetched, as `pull` refuses it. Failed before: every
+    one was fetched, then the signatures were found to be too many."""
+    doc, blobs = _manifest_of(image)
+    sig = b"x" * 16384
+    blobs[_sha(sig)] = sig
+    doc["layers"] += [{"mediaType": artifact.SIGNATURE_TYPE, "digest": _sha(sig), "size": len(sig),
+                       "annotations": {artifact.TITLE: f"signatures/s{i}.sig"}}
+                      for i in range(2000)]  # fmt: skip
+    with hostile_registry(doc, blobs) as (host, asked):
+        code, out, err = invoke("inspect", "--no-tls-verify", f"docker://{host}/x/y:v1")
+    assert (code, out) == (ExitCode.TAMPERED, "")
+    assert err.startswith(f"error: docker://{host}/x/y:v1 lists 2000 signatures, more than 64")
+    assert err.count("\n") == 1, err
+    assert asked == []
+
+
+def test_pull_does_not_fetch_a_huge_statement(image: Path, tmp_path: Path) -> None:
+    """`pull` (with --trust or not) of a manifest whose config claims 64 MiB (and a registry that sends them):
+    refused before the statement is asked for, as inspect refuses it, since no statement is
+    larger than 4 MiB (a local one is read with that cap). Failed before: the 64 MiB (up to the
+    terabyte a manifest may claim) were written to the work directory before the digest or the
+    trust check refused them."""
+    doc, blobs = _manifest_of(image)
+    doc["config"]["size"] = 64 << 20
+    blobs[doc["config"]["digest"]] = bytes(64 << 20)
+    with hostile_registry(doc, blobs) as (host, asked):
+        code, _, err = invoke("pull", "--no-tls-verify", f"docker://{host}/x/y:v1",
+                              str(tmp_path / "x"))  # fmt: skip
+    assert code == ExitCode.TAMPERED, err
+    assert err == (f"error: docker://{host}/x/y:v1 lists its statement (manifest.json) with"
+                   f" {64 << 20} bytes, more than {4 << 20}: the manifest was changed; pull from"
+                   " the publisher\n")  # fmt: skip
+    assert asked == []
