@@ -225,7 +225,11 @@ def handled(func: F) -> F:
                 traceback.print_exc()
             raise _fail(str(err), err.exit_code) from err
         except KeyboardInterrupt:
-            raise _fail("interrupted", 130) from None
+            raise _fail("interrupted", ExitCode.INTERRUPTED) from None
+        except BrokenPipeError as err:
+            if not _reader_gone():
+                raise _fail(f"{err.strerror or err}", ExitCode.FAILURE) from err
+            raise typer.Exit(ExitCode.READER_GONE) from None
         except OSError as err:
             if _debug:
                 traceback.print_exc()
@@ -244,6 +248,25 @@ def handled(func: F) -> F:
             ) from err
 
     return wrapper  # type: ignore[return-value]
+
+
+def _reader_gone() -> bool:
+    """Whether our standard output is a pipe its reader closed (`cryptlayer ps | head -1`): not
+    an error, as for any tool; then nothing more goes to it. A broken pipe to a program we run
+    is an error all the same."""
+    import os
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, 0)
+        gone = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):  # (no descriptor: under a test's runner)
+        return False
+    if gone:  # so that the interpreter's last flush at exit has nowhere to fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return gone
 
 
 def _show_version(wanted: bool) -> None:

@@ -17,6 +17,8 @@ class ExitCode(IntEnum):
     ERASED = 6  # the image was crypto-erased
     BUSY = 7  # a name in use, or a device still held open
     TAMPERED = 8  # the image is not what its key holder or signer made (or cannot be checked)
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as a shell reports it
+    READER_GONE = 141  # our output's reader closed it early (128 + SIGPIPE), as `| head` does
 
 
 def printable(text: str) -> str:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -336,3 +338,18 @@ def test_pull_does_not_fetch_a_huge_statement(image: Path, tmp_path: Path) -> No
                    f" {64 << 20} bytes, more than {4 << 20}: the manifest was changed; pull from"
                    " the publisher\n")  # fmt: skip
     assert asked == []
+
+
+def test_a_reader_that_went_away_is_no_error(tmp_path: Path, state_root: Path) -> None:
+    """`cryptlayer inspect IMG | head -1`: the reader closing the pipe early is what the user
+    asked for, not "error: Broken pipe" (exit 141, as a shell reports a process SIGPIPE ended)."""
+    image = fake_image(tmp_path / "big", cmd=("x" * 200_000,))  # more than a pipe holds
+    cli = str(Path(sys.executable).with_name("cryptlayer"))
+    env = {**os.environ, "CRYPTLAYER_ROOT": str(state_root)}
+    with subprocess.Popen([cli, "inspect", str(image)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=env) as child:  # fmt: skip
+        assert child.stdout is not None and child.stderr is not None
+        child.stdout.read(10)
+        child.stdout.close()
+        err = child.stderr.read()
+    assert (child.returncode, err) == (141, b"")
