@@ -262,6 +262,39 @@ class _Expired(BaseException):
 _armed = False
 
 
+MAX_CA_FILE = 1 << 20
+
+
+def _ca_bundle(cert_dir: Path) -> str:
+    """Every *.crt in `cert_dir` as one CA bundle file (skopeo's --cert-dir trusts each of them;
+    requests takes one file), removed when this process ends. The directory is the user's own
+    configuration, so its links are followed (/etc/docker/certs.d/HOST/ca.crt often is one)."""
+    import atexit
+    import tempfile
+
+    names = sorted(cert_dir.glob("*.crt"))
+    if not names:
+        raise UsageError(f"--cert-dir {cert_dir} holds no *.crt", "put the CA there")
+    bundle = bytearray()
+    for name in names:
+        try:
+            with open(name, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise UsageError(f"--cert-dir: {name} is not a regular file")
+                data = f.read(MAX_CA_FILE + 1)
+        except OSError as err:
+            raise UsageError(f"--cert-dir: cannot read {name} ({err.strerror})") from None
+        if len(data) > MAX_CA_FILE or b"-----BEGIN CERTIFICATE-----" not in data:
+            raise UsageError(f"--cert-dir: {name} is not a PEM certificate",
+                             "put the registry's CA there as PEM (*.crt)")  # fmt: skip
+        bundle += data.rstrip(b"\n") + b"\n"
+    fd, path = tempfile.mkstemp(prefix="cryptlayer-ca.", suffix=".pem")
+    atexit.register(os.unlink, path)
+    with os.fdopen(fd, "wb") as out:
+        out.write(bundle)
+    return path
+
+
 @contextmanager
 def _deadline(seconds: float, host: str) -> Iterator[None]:
     """Abort what runs inside after `seconds` (connecting, TLS, sending, the status and headers,
@@ -395,10 +428,7 @@ class Registry:
         if not tls_verify:
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         elif cert_dir is not None:
-            ca = sorted(cert_dir.glob("*.crt"))
-            if not ca:
-                raise UsageError(f"--cert-dir {cert_dir} holds no *.crt", "put the CA there")
-            self.verify = str(ca[0])
+            self.verify = _ca_bundle(cert_dir)
         self._auth: str | None = None
         self._login = login  # credentials given now (login, --creds), else the auth files'
         self._stored = False  # whether the credentials in use came from an auth file

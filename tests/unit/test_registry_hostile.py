@@ -170,6 +170,19 @@ def test_tls_verify_false_with_a_self_signed_server(tmp_path: Path) -> None:
         assert code == 0, err
 
 
+def test_cert_dir_trusts_every_crt_in_it(tmp_path: Path) -> None:
+    """--cert-dir DIR as skopeo takes it: every *.crt in DIR is a CA, not only the first by name
+    (here a bundle of public CAs sorts before the registry's own)."""
+    import certifi
+
+    with hostile(lambda request: reply(request, 200, b"{}"), tls=tmp_path / "tls") as server:
+        assert server.cert_dir is not None
+        (server.cert_dir / "0-public.crt").write_bytes(Path(certifi.where()).read_bytes())
+        code, _, err = invoke("login", "-u", "bob", "--password-stdin", server.host,
+                              "--cert-dir", str(server.cert_dir), input="hunter2\n")  # fmt: skip
+        assert code == 0, err
+
+
 # -- C5: hints that send users the right way
 
 
