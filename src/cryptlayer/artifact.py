@@ -32,7 +32,6 @@ TREE_TYPE = "application/vnd.cryptlayer.layer.v2.verity"
 KEYS_TYPE = "application/vnd.cryptlayer.keys.v1+json"
 SIGNATURE_TYPE = "application/vnd.cryptlayer.signature.v1.sshsig"
 TITLE = "org.opencontainers.image.title"
-MAX_MANIFEST = 4 << 20  # as distribution's own limit
 CHUNK = 1 << 20
 
 

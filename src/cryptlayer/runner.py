@@ -29,11 +29,7 @@ log = logging.getLogger("cryptlayer.run")
 PACKAGES = {
     "cryptsetup": "cryptsetup-bin",
     "veritysetup": "cryptsetup-bin",
-    "losetup": "util-linux",
-    "mount": "mount",
-    "umount": "mount",
     "mkfs.ext4": "e2fsprogs",
-    "e2fsck": "e2fsprogs",
     "resize2fs": "e2fsprogs",
     "dumpe2fs": "e2fsprogs",
     "cp": "coreutils",

@@ -307,10 +307,6 @@ class Signer:
     valid_before: int | None = None
     line: int = 0
 
-    def matches(self, principal: str | None) -> bool:
-        """Whether the line names `principal` (as `ssh-keygen -Y verify -I` checks)."""
-        return principal is None or match_pattern_list(principal, ",".join(self.principals)) == 1
-
     def names_someone(self) -> bool:
         """Whether some `ssh-keygen -Y verify -I PRINCIPAL` can match the line: one of its
         patterns, read as a principal, is matched by the list (`""`, `!alice` or `!*,*` match

@@ -257,9 +257,6 @@ class Opening:
     def opening_of(self, image: str) -> Opening | None:
         return load_opening(image)
 
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-
 
 def _opening_from_json(raw: dict[str, Any]) -> Opening:
     steps = _steps(raw)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import CommandError, UsageError, WrongKeyError
 from ..runner import run
@@ -105,25 +104,3 @@ def _on_header(argv: list[str], path: Path, shown: Path | None) -> str:
 def erase(path: Path, shown: Path | None = None) -> None:
     """Wipe every keyslot of the LUKS header at `path` (luksErase; none left is no error)."""
     _on_header(["cryptsetup", "luksErase", "--batch-mode"], path, shown)
-
-
-def dump(path: Path, shown: Path | None = None) -> dict[str, Any]:
-    """The LUKS2 header metadata of `path` as JSON (no key needed)."""
-    text = _on_header(["cryptsetup", "luksDump", "--dump-json-metadata"], path, shown)
-    try:
-        data = json.loads(text)
-    except ValueError as err:
-        raise UsageError(f"{shown or path}: cryptsetup printed no JSON header ({err})") from err
-    if not isinstance(data, dict):
-        raise UsageError(f"{shown or path}: the LUKS2 header's metadata is not an object")
-    return data
-
-
-def uuid(path: Path) -> str:
-    """The LUKS UUID of `path`."""
-    return run(["cryptsetup", "luksUUID", str(path)]).stdout.strip()
-
-
-def data_offset(header: dict[str, Any]) -> int:
-    """Byte offset of the encrypted data in a LUKS2 file."""
-    return int(header["segments"]["0"]["offset"])
