@@ -25,8 +25,8 @@ from .errors import BusyError
 from .fsutil import wipe_file
 
 # The tools are imported where a step is taken or released: state.py imports this module for
-# Kind and Step, and `ps`, which only reads records, should not load them (each module costs a
-# few tenths of a second to import cold under emulation).
+# Kind and Step, and `ps`, which only reads records, should not load them (imports are a large
+# part of a command's time under emulation: docs/benchmarks, figure 11).
 
 T = TypeVar("T")
 

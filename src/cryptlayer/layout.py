@@ -1,6 +1,6 @@
 """An OCI image layout on disk (`oci:PATH[:TAG]`, as skopeo writes one), as a place to push an
 image to and pull it from: blobs/sha256/HEX, index.json naming each manifest by the annotation
-org.opencontainers.image.ref.name, oci-layout. For air-gapped transfer. (WIP, part 8.)
+org.opencontainers.image.ref.name, oci-layout. For air-gapped transfer.
 
 A layout to pull from is an attacker's: every file is opened below the layout without following
 symlinks (openat2 RESOLVE_NO_SYMLINKS), must be regular, and is size-capped or streamed and

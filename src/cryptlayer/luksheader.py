@@ -32,8 +32,8 @@ MAGIC = (b"LUKS\xba\xbe", b"SKUL\xba\xbe")  # primary, secondary
 HEADER_SIZES = tuple(16384 << i for i in range(9))  # 16 KiB .. 4 MiB, as LUKS2 allows
 MAX_BACKUP = 2 * HEADER_SIZES[-1] + (128 << 20)  # two copies and LUKS2's largest keyslots area
 MAX_ITERATIONS = 1 << 22  # a keyslot's PBKDF2 rounds; ours take 1000
-# The volume key's digest: cryptsetup benchmarks its rounds (about 1/8 s here); a header asking
-# for billions would make every open compute for hours.
+# The volume key's digest: cryptsetup benchmarks its rounds (a fraction of a second's worth); a
+# header asking for billions would make every open compute for hours.
 MAX_DIGEST_ITERATIONS = 1 << 24
 DAMAGED = "the image is damaged or was tampered with; copy it again from a source you trust"
 

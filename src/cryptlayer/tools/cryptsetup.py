@@ -16,7 +16,7 @@ CIPHER = "aes-xts-plain64"
 KEY_BITS = 512
 HEADER_BYTES = 2 * 16 * 1024 + 256 * 1024  # where a layer's data begins; see FORMAT_OPTIONS
 # Layer keys are 32 random bytes: stretching them buys nothing, so the cheapest PBKDF2 keeps an
-# unlock in milliseconds (argon2id's default costs ~3 s and 1 GiB per layer).
+# unlock in milliseconds (cryptsetup's default argon2id aims at 2 s and up to 1 GiB per layer).
 FORMAT_OPTIONS = [
     "--type", "luks2",
     "--cipher", CIPHER,

@@ -2,15 +2,15 @@
 removal, without a process.
 
 - Creation makes a layer's dm-verity mapping (tools/veritysetup.py) without a veritysetup
-  process (about a second per layer under emulation).
+  process.
 - Status is dm-verity's verdict on a layer (`V` verified so far, `C` a block failed its check),
-  read at every stop: an ioctl costs microseconds where `veritysetup status` costs a program
-  start (about half a second under emulation).
+  read at every stop: an ioctl, where `veritysetup status` costs a program start.
 - Removal is what `cryptsetup close` and `dmsetup remove` do in the end (DM_DEV_REMOVE; the
   kernel wipes a dm-crypt key as it destroys the table), without what `cryptsetup close` does
   first: read the header of the device below. Below a layer's LUKS mapping is its dm-verity
   mapping, whose header blocks fail verification once the image was erased at start; that
-  read, and the udev probe it sets off, made each stop wait 12-28 s for udev under emulation.
+  read, and the udev probe it sets off, made each stop wait for udev (docs/benchmarks: "Programs
+  replaced by system calls").
 
 Structures from linux/dm-ioctl.h.
 """

@@ -4,7 +4,7 @@ Attached from an open descriptor through the kernel's loop ioctls (LOOP_CONFIGUR
 `losetup FILE`: losetup(8) canonicalizes the path it is given and opens it again by name, so a
 file swapped in between would be attached instead of the one that was checked. The kernel keeps
 its own reference to the descriptor's file. Detached the same way (LOOP_CLR_FD), which is all
-`losetup --detach` does, without a program start (a few tenths of a second under emulation).
+`losetup --detach` does, without a program start.
 """
 
 from __future__ import annotations

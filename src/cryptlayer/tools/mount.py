@@ -1,7 +1,7 @@
 """Mounting ext4 layers, the scratch volume and the overlay root file system, and unmounting
 them, by the mount(2) and umount2(2) system calls: all mount(8) and umount(8) do for these,
-without a program start (a quarter of a second each under emulation; a container has one mount
-per layer, its scratch volume and the overlay).
+without a program start (a container has one mount per layer, its scratch volume and the
+overlay).
 """
 
 from __future__ import annotations

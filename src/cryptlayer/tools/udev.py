@@ -24,8 +24,7 @@ _local = threading.local()
 
 def _context() -> Any:
     """This thread's udev context (libudev's are not to be shared between threads). Made once:
-    pyudev finds libudev through ctypes.util.find_library, which runs `ldconfig -p` each time
-    (a tenth of a second under emulation)."""
+    pyudev finds libudev through ctypes.util.find_library, which runs `ldconfig -p` each time."""
     context = getattr(_local, "context", None)
     if context is None:
         import pyudev

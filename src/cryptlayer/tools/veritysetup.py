@@ -36,8 +36,8 @@ def open_verity(data: str, name: str, tree: str, root_hash: str, salt: str, bloc
     (read-only by nature; a block that fails its check is an I/O error).
 
     The table is what `veritysetup open --no-superblock` loads (format 1, hashes from block 0 of
-    the tree device, no optional arguments), given to the kernel by ioctl: a veritysetup process
-    cost about a second per layer under emulation. The dm UUID is veritysetup's, so `gc` knows
+    the tree device, no optional arguments), given to the kernel by ioctl: no veritysetup process
+    per layer (docs/benchmarks says what one cost). The dm UUID is veritysetup's, so `gc` knows
     the mapping as cryptlayer's even when no journal does.
     """
     table = " ".join(["1", _devno(data), _devno(tree), str(BLOCK), str(BLOCK),
