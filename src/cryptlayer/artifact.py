@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from . import envelope, signatures
 from .errors import TamperedImageError, UsageError, printable
 from .fsutil import MAX_IMAGE_JSON, NotRegularError, open_regular, read_untrusted
 from .manifest import MANIFEST, Manifest
@@ -177,7 +178,7 @@ def blobs_of(image: Path, manifest: Manifest) -> Outgoing:
         for layer in manifest.layers:
             named += [(layer.file, LAYER_TYPE, layer.size, None),
                       (layer.tree, TREE_TYPE, layer.tree_size, None)]  # fmt: skip
-        named.append(("keys.json", KEYS_TYPE, None, MAX_IMAGE_JSON))
+        named.append((envelope.FILE, KEYS_TYPE, None, MAX_IMAGE_JSON))
         try:
             sig_fd = os.open(DIR, DIR_FLAGS, dir_fd=dir_fd)
         except FileNotFoundError:
@@ -266,8 +267,8 @@ def parse(data: bytes, where: str) -> tuple[Blob, list[Blob]]:
             digest, size = _digest(item.get("digest"), where_i), _size(item.get("size"), where_i)
             others.append(Blob(name, kind, digest, size))
         names = [b.name for b in others]
-        if len(set(names)) != len(names) or "keys.json" not in names:
-            raise ValueError("its files repeat, or it has no keys.json")
+        if len(set(names)) != len(names) or envelope.FILE not in names:
+            raise ValueError(f"its files repeat, or it has no {envelope.FILE}")
         return statement, others
     except RecursionError:
         raise UsageError(f"{where} is not a cryptlayer image (its manifest is nested too"
@@ -301,7 +302,7 @@ def _check_name(name: Any, kind: Any, where: str) -> str:
         raise ValueError(f"{where}'s file name {_shown(name)} is not printable")
     if name == MANIFEST:  # the statement is the config blob, and only that
         raise ValueError(f"a layer is titled {MANIFEST}, the statement's name")
-    base = name.removeprefix("signatures/") if kind == SIGNATURE_TYPE else name
+    base = name.removeprefix(f"{signatures.DIR}/") if kind == SIGNATURE_TYPE else name
     if not base or "/" in base or base.startswith(".") or base != os.path.basename(base):
         raise ValueError(f"file name {_shown(name)} is not a plain name")
     if kind not in (LAYER_TYPE, TREE_TYPE, KEYS_TYPE, SIGNATURE_TYPE):

@@ -19,7 +19,7 @@ from typing import Any
 from . import envelope, luksheader, oci, signatures, statement
 from . import manifest as manifest_mod
 from .errors import UsageError
-from .manifest import ImageConfig, Layer, Manifest
+from .manifest import LAYER_SUFFIX, TREE_SUFFIX, ImageConfig, Layer, Manifest
 from .ocispec import Overrides
 from .paths import build_mapping, build_mount
 from .progress import Progress, Silent, watching
@@ -121,7 +121,7 @@ def build_image(
             show = progress or (lambda _label, _total: Silent())
             tell = notice or (lambda _line: None)
             layers = tuple(
-                _build_layer(src, partial, f"layer{i}.luks", key, show, tell)
+                _build_layer(src, partial, f"layer{i}{LAYER_SUFFIX}", key, show, tell)
                 for i, src in enumerate(parsed)
             )
             created = datetime.now(UTC).isoformat(timespec="seconds")
@@ -157,7 +157,7 @@ def _build_layer(
     for line in measure.left_out(source.label):
         notice(line)
     total = measure.blocks * BLOCK  # what filling the file system will take, about
-    progress = show(filename.removesuffix(".luks"), total)
+    progress = show(filename.removesuffix(LAYER_SUFFIX), total)
     try:
         return _fill_layer(source, image_dir, filename, key, measure, progress)
     finally:
@@ -188,7 +188,7 @@ def _fill_layer(
         mapped = cryptsetup.open_luks(loop, name, key, readonly=False)
         stack.callback(devmapper.remove, name)
         inodes = _inodes(measure.inodes, fs_bytes, measure.blocks)
-        mkfs.make_ext4(mapped, inodes=inodes, label=filename.removesuffix(".luks"))
+        mkfs.make_ext4(mapped, inodes=inodes, label=filename.removesuffix(LAYER_SUFFIX))
         # Below the private runtime directory (0700): the new file system's root is 0755, and
         # no other user may walk into the plaintext while it is filled.
         mnt = build_mount(name)
@@ -227,4 +227,4 @@ def _fill_layer(
 
 def tree_name(filename: str) -> str:
     """layerN.luks -> layerN.verity"""
-    return f"{filename.removesuffix('.luks')}.verity"
+    return f"{filename.removesuffix(LAYER_SUFFIX)}{TREE_SUFFIX}"

@@ -217,7 +217,10 @@ def write_atomic_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> N
     os.fsync(dir_fd)
 
 
-MAX_IMAGE_JSON = 4 << 20  # manifest.json, keys.json: a few KiB in practice
+# The one limit on a JSON document of an image, wherever it is read (the image directory, an OCI
+# layout, a registry): manifest.json, keys.json, the artifact's manifest, a layout's index.json.
+# A few KiB in practice; 4 MiB is distribution's own limit on a manifest.
+MAX_IMAGE_JSON = 4 << 20
 
 
 def read_image_json(path: Path, fmt: str, missing_hint: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from .container import teardown
 from .errors import CryptlayerError
 from .fsutil import wipe_file
 from .journal import Kind
+from .manifest import LAYER_SUFFIX, MANIFEST, TREE_SUFFIX
 from .paths import images_run_dir, run_root, scratch_dir
 from .state import Mode, Record
 from .tools import devmapper, losetup, mount, udev
@@ -138,7 +139,7 @@ def _collect_header_copies(report: Report, images: Path, claimed: set[str]) -> N
 def _is_layer_file(path: Path) -> bool:
     """A layer of a cryptlayer image, or its dm-verity hash tree: a .luks or .verity file beside
     a manifest.json."""
-    return path.suffix in (".luks", ".verity") and (path.parent / "manifest.json").is_file()
+    return path.suffix in (LAYER_SUFFIX, TREE_SUFFIX) and (path.parent / MANIFEST).is_file()
 
 
 def _try(report: Report, what: str, action: object) -> None:

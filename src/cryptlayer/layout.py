@@ -23,12 +23,18 @@ from typing import Any, BinaryIO
 
 from .artifact import require_blob, write_checked
 from .errors import TamperedImageError, UsageError
-from .fsutil import UntrustedFileError, kind, open_in_root, open_regular, read_regular
+from .fsutil import (
+    MAX_IMAGE_JSON,
+    UntrustedFileError,
+    kind,
+    open_in_root,
+    open_regular,
+    read_regular,
+)
 
 REF_NAME = "org.opencontainers.image.ref.name"
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
-MAX_JSON = 4 << 20
 CHUNK = 1 << 20
 DEFAULT_TAG = "latest"
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -158,7 +164,7 @@ class Layout:
 
     def _index(self) -> dict[str, Any]:
         try:
-            index = json.loads(self._read("index.json", MAX_JSON))
+            index = json.loads(self._read("index.json", MAX_IMAGE_JSON))
             if not isinstance(index, dict):
                 raise ValueError("not an object")
             return index
@@ -178,7 +184,7 @@ class Layout:
             raise UsageError(f"{self} names no image (it holds {len(entries)}; tags: {tags})",
                              hint)  # fmt: skip
         digest = chosen[-1]
-        data = self._read(f"blobs/sha256/{_hex(digest)}", MAX_JSON)
+        data = self._read(f"blobs/sha256/{_hex(digest)}", MAX_IMAGE_JSON)
         if f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
             raise TamperedImageError(
                 f"manifest digest {digest} in {self.path} does not match the manifest",

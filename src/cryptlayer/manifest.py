@@ -17,6 +17,8 @@ from .fsutil import json_bytes, read_image_document, write_atomic
 from .tools import BLOCK
 
 MANIFEST = "manifest.json"
+LAYER_SUFFIX = ".luks"  # layerN.luks: a layer (LUKS2 over ext4)
+TREE_SUFFIX = ".verity"  # layerN.verity: its dm-verity hash tree
 FORMAT = "cryptlayer.image.v2"
 OLD_FORMATS = ("cryptlayer.image.v1",)  # before image authentication
 MAX_LAYERS = 128  # each is a loop device, a mapping and a mount

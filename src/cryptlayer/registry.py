@@ -30,12 +30,11 @@ from urllib.parse import urljoin, urlsplit
 
 from .artifact import require_blob, write_checked
 from .errors import CryptlayerError, TamperedImageError, UsageError, printable
+from .fsutil import MAX_IMAGE_JSON
 
 ACCEPT = "application/vnd.oci.image.manifest.v1+json"
 CHUNK = 1 << 20
 DEFAULT_REGISTRY = "docker.io"
-# What a registry may send before it is cut off (distribution's own manifest limit is 4 MiB).
-MANIFEST_CAP = 4 << 20
 TOKEN_CAP = 1 << 20  # a token reply (JWTs run to a few KiB)
 ERROR_CAP = 64 << 10  # an error body: read at most this, print an excerpt of it
 EXCERPT = 200
@@ -784,7 +783,7 @@ class Registry:
             self._request("GET", f"{self.base}/manifests/{ref}", headers={"Accept": ACCEPT}),
             f"manifest {ref}",
         )
-        data = _read(response, MANIFEST_CAP, f"manifest {ref}", self.ref.host)
+        data = _read(response, MAX_IMAGE_JSON, f"manifest {ref}", self.ref.host)
         digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
         if ref.startswith("sha256:") and digest != ref:
             raise TamperedImageError(f"manifest {ref} from {self.ref.host} has digest {digest}")

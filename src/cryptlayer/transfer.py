@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from . import artifact, signatures
+from . import artifact, envelope, signatures
 from . import manifest as manifest_mod
 from .errors import CryptlayerError, TamperedImageError, UsageError, printable
 from .fsutil import MAX_IMAGE_JSON, UntrustedFileError, read_untrusted
@@ -195,7 +195,7 @@ def _only_named(store: Store, statement: artifact.Blob, loaded: manifest_mod.Man
                 f"{store} carries {blob.name}, a file image {statement.digest} does not name",
                 "the manifest was changed; pull from the publisher",
             )
-        limit = MAX_IMAGE_JSON if blob.name == "keys.json" else signatures.MAX_SIGNATURE_BYTES
+        limit = MAX_IMAGE_JSON if blob.name == envelope.FILE else signatures.MAX_SIGNATURE_BYTES
         if blob.name not in expected and blob.size > limit:  # never read past that anyway
             raise TamperedImageError(
                 f"{store} lists {blob.name} with {blob.size} bytes, more than {limit}",
@@ -218,7 +218,7 @@ def _only_named(store: Store, statement: artifact.Blob, loaded: manifest_mod.Man
 def _beside(blob: artifact.Blob) -> bool:
     """Whether `blob` is one of the files an image has beside those its statement names:
     keys.json, or a signature."""
-    if blob.name == "keys.json":
+    if blob.name == envelope.FILE:
         return blob.media_type == artifact.KEYS_TYPE
     return (
         blob.media_type == artifact.SIGNATURE_TYPE
@@ -432,7 +432,7 @@ def _check_existing(target: Path, statement: artifact.Blob, others: list[artifac
                     os.close(fd)
             if not same:
                 rekeyed = " (rekeyed here? then it is another image now)" * (
-                    blob.name == "keys.json"
+                    blob.name == envelope.FILE
                 )
                 raise TamperedImageError(
                     f"{target} does not match image {statement.digest} ({blob.name}"
