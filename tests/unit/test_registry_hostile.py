@@ -14,37 +14,18 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from clirunner import invoke
 from luksfixtures import fake_image
-from registryfixtures import PASSWORD, USER, RunningRegistry, hostile, registry
-from typer.testing import CliRunner
+from registryfixtures import PASSWORD, USER, RunningRegistry, hostile
 
-from cryptlayer.cli import app
 from cryptlayer.errors import ExitCode
 
 DOCS = Path(__file__).parents[2] / "docs"
 MiB = 1 << 20
-
-
-def invoke(*args: str, input: str | None = None) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
-    with registry(tmp_path_factory.mktemp("plain")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
-    with registry(tmp_path_factory.mktemp("secure"), secure=True) as running:
-        yield running
 
 
 @pytest.fixture(autouse=True)
@@ -53,11 +34,6 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CRYPTLAYER_ROOT", str(tmp_path / "state"))
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "auth.json"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-
-
-@pytest.fixture
-def image(tmp_path: Path) -> Path:
-    return fake_image(tmp_path / "img")
 
 
 def reply(request: Any, status: int, body: bytes = b"", headers: dict[str, str] | None = None,

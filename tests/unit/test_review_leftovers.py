@@ -12,17 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clirunner import invoke
 from luksfixtures import fake_image
 from registryfixtures import hostile
-from typer.testing import CliRunner
 
-from cryptlayer.cli import app
 from cryptlayer.errors import ExitCode
-
-
-def invoke(*args: str, input: str | None = None) -> tuple[int, str]:
-    result = CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
-    return result.exit_code, result.stderr
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +60,7 @@ def test_a_malformed_auth_file_is_one_error_line(
         path.write_text('{"auths": ' + auths.replace("HOST", a.host) + "}")
         ref = f"docker://{a.host}/x/y:v1"
         args = [ref, str(tmp_path / "out")] if command == "pull" else [str(image), ref]
-        code, err = invoke(command, "--tls-verify=false", *args)
+        code, _, err = invoke(command, "--tls-verify=false", *args)
     assert code == ExitCode.USAGE, err
     assert err.startswith(f"error: auth file {path}") and said in err, err
     assert err.count("\n") == 1 and "unexpected" not in err
@@ -91,7 +85,7 @@ def test_a_password_in_a_reference_is_never_echoed(image: Path, tmp_path: Path, 
                  ["login", "-u", "u", "--password-stdin", ref],
                  ["pull", "--creds", "u", ref, str(tmp_path / "x")],
                  ["push", "--creds", "u", str(image), ref]):  # fmt: skip
-        code, err = invoke(*args, input="pw\n")
+        code, _, err = invoke(*args, input="pw\n")
         assert code == ExitCode.USAGE, (args, err)
         assert "s3" not in err and "cret" not in err, (args, err)
         assert err.startswith("error: a reference carries no credentials"), (args, err)
@@ -100,7 +94,7 @@ def test_a_password_in_a_reference_is_never_echoed(image: Path, tmp_path: Path, 
 
 
 def test_a_bad_digest_is_named_without_the_reference(tmp_path: Path) -> None:
-    code, err = invoke("pull", "docker://host.example/repo@sha256:abc", str(tmp_path / "x"))
+    code, _, err = invoke("pull", "docker://host.example/repo@sha256:abc", str(tmp_path / "x"))
     assert code == ExitCode.USAGE
     assert err.startswith("error: 'sha256:abc' is not a sha256 digest"), err
 
@@ -125,7 +119,7 @@ def test_sign_never_writes_through_a_symlinked_signatures_dir(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (image / "signatures").symlink_to(elsewhere)
-    code, err = invoke("sign", str(image), "--sign-key", str(key), "--name", "rel")
+    code, _, err = invoke("sign", str(image), "--sign-key", str(key), "--name", "rel")
     assert code == ExitCode.USAGE, err
     assert err.startswith(f"error: {image}/signatures is not a directory"), err
     assert list(elsewhere.iterdir()) == []
@@ -149,7 +143,7 @@ def test_sign_never_writes_through_a_signatures_dir_swapped_while_signing(
         return real(private, message)
 
     monkeypatch.setattr(signatures, "sign", swap)
-    code, err = invoke("sign", str(image), "--sign-key", str(key), "--name", "rel")
+    code, _, err = invoke("sign", str(image), "--sign-key", str(key), "--name", "rel")
     assert list(elsewhere.iterdir()) == []
     assert code == 0, err
     assert (image / "signatures.old/rel.sig").read_text().startswith("-----BEGIN SSH SIGNATURE")
@@ -169,7 +163,7 @@ def test_sign_refuses_a_manifest_swapped_before_it_is_signed(
         return loaded
 
     monkeypatch.setattr(manifest, "load", swap)
-    code, err = invoke("sign", str(image), "--sign-key", str(key), "--name", "rel")
+    code, _, err = invoke("sign", str(image), "--sign-key", str(key), "--name", "rel")
     assert (code, err) == (ExitCode.USAGE,
                            f"error: {image}/manifest.json changed while signing: sign again\n")  # fmt: skip
     assert not (image / "signatures/rel.sig").exists()
@@ -178,19 +172,19 @@ def test_sign_refuses_a_manifest_swapped_before_it_is_signed(
 def test_sign_refuses_a_shared_image_directory(image: Path, key: Path) -> None:
     """Failed before: a 0777 image directory was signed in by name."""
     image.chmod(0o777)
-    code, err = invoke("sign", str(image), "--sign-key", str(key), "--name", "rel")
+    code, _, err = invoke("sign", str(image), "--sign-key", str(key), "--name", "rel")
     assert code == ExitCode.USAGE, err
     assert err.startswith(f"error: image directory {image} is writable by users other than root")
     assert "--allow-shared-dir" in err and err.count("\n") == 1
     assert not (image / "signatures").exists()
-    code, err = invoke("sign", str(image), "--sign-key", str(key), "--name", "rel",
+    code, _, err = invoke("sign", str(image), "--sign-key", str(key), "--name", "rel",
                        "--allow-shared-dir")  # fmt: skip
     assert code == 0, err
     sig = image / "signatures/rel.sig"
     assert sig.read_text().startswith("-----BEGIN SSH SIGNATURE-----")
     assert [p.name for p in sig.parent.iterdir()] == ["rel.sig"]  # no temporary file left
     assert (sig.stat().st_mode & 0o777, sig.parent.stat().st_mode & 0o777) == (0o644, 0o755)
-    code, err = invoke("verify", str(image))
+    code, _, err = invoke("verify", str(image))
     assert code == 0, err
 
 
@@ -199,7 +193,7 @@ def test_sign_replaces_a_signature_atomically(image: Path, key: Path) -> None:
     sig = image / "signatures/rel.sig"
     sig.write_text("old\n")
     (image / "signatures/elsewhere").write_text("kept\n")
-    code, err = invoke("sign", str(image), "--sign-key", str(key), "--name", "rel")
+    code, _, err = invoke("sign", str(image), "--sign-key", str(key), "--name", "rel")
     assert code == 0, err
     assert sig.read_text().startswith("-----BEGIN SSH SIGNATURE-----")
     assert sorted(p.name for p in sig.parent.iterdir()) == ["elsewhere", "rel.sig"]
@@ -219,12 +213,12 @@ def test_push_replaces_a_wrong_blob_of_the_right_size(image: Path, tmp_path: Pat
         blob = out / "blobs/sha256" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(b"\0" * len(data))
         planted[name] = blob
-    code, err = invoke("push", str(image), f"oci:{out}:v1")
+    code, _, err = invoke("push", str(image), f"oci:{out}:v1")
     assert code == 0, err
     for name, blob in planted.items():
         assert blob.read_bytes() == (image / name).read_bytes(), name
     assert not [p for p in (out / "blobs/sha256").iterdir() if p.name.endswith(".partial")]
-    code, err = invoke("pull", f"oci:{out}:v1", str(tmp_path / "back"))
+    code, _, err = invoke("pull", f"oci:{out}:v1", str(tmp_path / "back"))
     assert code == 0, err
 
 
@@ -235,7 +229,7 @@ def test_push_replaces_a_blob_that_is_not_a_regular_file(image: Path, tmp_path: 
     out = tmp_path / "out"
     (out / "blobs/sha256").mkdir(parents=True)
     (out / "blobs/sha256" / hashlib.sha256(data).hexdigest()).symlink_to(victim)
-    code, err = invoke("push", str(image), f"oci:{out}:v1")
+    code, _, err = invoke("push", str(image), f"oci:{out}:v1")
     assert code == 0, err
     assert victim.read_bytes() == b"x" * len(data)
     assert invoke("pull", f"oci:{out}:v1", str(tmp_path / "back"))[0] == 0
@@ -270,7 +264,7 @@ def test_the_complete_copy_is_named_when_the_target_appeared(
         target.mkdir()
 
     monkeypatch.setattr(transfer._WorkDir, "publish", plant)
-    code, err = invoke("pull", f"oci:{tmp_path}/layout:v1", str(target))
+    code, _, err = invoke("pull", f"oci:{tmp_path}/layout:v1", str(target))
     assert code == ExitCode.USAGE, err
     (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(".back.pull-")]
     assert err.startswith(f"error: {target} appeared while pulling"), err

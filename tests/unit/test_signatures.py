@@ -9,17 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from clirunner import invoke
 from luksfixtures import fake_image
-from typer.testing import CliRunner
 
 from cryptlayer import signatures
-from cryptlayer.cli import app
 from cryptlayer.errors import ExitCode, TamperedImageError, UsageError
-
-
-def invoke(*args: str, input: str | None = None) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
 
 
 def ssh_keygen(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
