@@ -281,6 +281,52 @@ def test_push_to_a_layout_never_writes_through_a_symlink(image: Path, tmp_path: 
     assert list((tmp_path / "elsewhere/sha256").iterdir()) == []
 
 
+# An existing blob is hashed, whatever its size.
+
+
+def test_push_replaces_a_wrong_blob_of_the_right_size(image: Path, tmp_path: Path) -> None:
+    """Failed before: a blob of the right size but wrong bytes was kept unhashed; push said it
+    pushed, and every pull then failed (exit 8)."""
+    out = tmp_path / "out"
+    (out / "blobs/sha256").mkdir(parents=True)
+    planted = {}
+    for name in ("manifest.json", "keys.json", "layer0.luks"):
+        data = (image / name).read_bytes()
+        blob = out / "blobs/sha256" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(b"\0" * len(data))
+        planted[name] = blob
+    code, _, err = invoke("push", str(image), f"oci:{out}:v1")
+    assert code == 0, err
+    for name, blob in planted.items():
+        assert blob.read_bytes() == (image / name).read_bytes(), name
+    assert not [p for p in (out / "blobs/sha256").iterdir() if p.name.endswith(".partial")]
+    code, _, err = invoke("pull", f"oci:{out}:v1", str(tmp_path / "back"))
+    assert code == 0, err
+
+
+def test_push_replaces_a_blob_that_is_not_a_regular_file(image: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    data = (image / "keys.json").read_bytes()
+    victim.write_bytes(b"x" * len(data))
+    out = tmp_path / "out"
+    (out / "blobs/sha256").mkdir(parents=True)
+    (out / "blobs/sha256" / hashlib.sha256(data).hexdigest()).symlink_to(victim)
+    code, _, err = invoke("push", str(image), f"oci:{out}:v1")
+    assert code == 0, err
+    assert victim.read_bytes() == b"x" * len(data)
+    assert invoke("pull", f"oci:{out}:v1", str(tmp_path / "back"))[0] == 0
+
+
+def test_push_keeps_a_correct_blob(image: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert invoke("push", str(image), f"oci:{out}:v1")[0] == 0
+    data = (image / "layer0.luks").read_bytes()
+    blob = out / "blobs/sha256" / hashlib.sha256(data).hexdigest()
+    before = blob.stat().st_ino
+    assert invoke("push", str(image), f"oci:{out}:v2")[0] == 0
+    assert blob.stat().st_ino == before
+
+
 # ---- B7, C1, C8: an existing target, trust -----------------------------------------------------
 
 
@@ -329,6 +375,38 @@ def test_trust_is_checked_whatever_the_target_holds(
     assert len(list((signed / "signatures").iterdir())) == 1
     code, _, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:signed", str(signed))
     assert code == 0 and err.startswith("already up to date:"), err
+
+
+# A target that appeared while pulling: say where the complete copy is.
+
+
+def test_the_complete_copy_is_named_when_the_target_appeared(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failed before: "TARGET appeared while pulling: choose a new directory", and the complete
+    .img.pull-X stayed behind unnamed."""
+    from cryptlayer import transfer
+
+    assert invoke("push", str(image), f"oci:{tmp_path}/layout:v1")[0] == 0
+    target = tmp_path / "back"
+    real = transfer._WorkDir.publish
+
+    def plant(self: Any) -> None:
+        real(self)
+        target.mkdir()
+
+    monkeypatch.setattr(transfer._WorkDir, "publish", plant)
+    code, _, err = invoke("pull", f"oci:{tmp_path}/layout:v1", str(target))
+    assert code == ExitCode.USAGE, err
+    (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(".back.pull-")]
+    assert err.startswith(f"error: {target} appeared while pulling"), err
+    assert f"the complete copy is in {left}" in err and err.count("\n") == 1, err
+    assert json.loads((left / "manifest.json").read_bytes()) == json.loads(
+        (image / "manifest.json").read_bytes()
+    )
+    target.rmdir()
+    left.rename(target)
+    assert invoke("verify", str(target))[0] == 0
 
 
 # ---- B8, B10: a hostile manifest or layout -----------------------------------------------------
