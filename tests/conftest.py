@@ -1,1 +1,1 @@
-"""Shared by both tiers: makes tests/ importable (ocifixtures, terminal)."""
+"""Shared by both tiers: makes tests/ importable (clirunner, ocifixtures, terminal)."""

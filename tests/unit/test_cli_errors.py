@@ -14,21 +14,15 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from clirunner import invoke
 from packaging.requirements import Requirement
-from typer.testing import CliRunner
 
 import cryptlayer
 from cryptlayer import runner
-from cryptlayer.cli import app
 from cryptlayer.errors import ExitCode
 from cryptlayer.manifest import FORMAT
 
 CLI = [sys.executable, "-m", "cryptlayer"]
-
-
-def invoke(*args: str, input: bytes | None = None) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
 
 
 def one_error_line(err: str) -> str:

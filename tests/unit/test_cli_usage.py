@@ -7,17 +7,11 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from clirunner import invoke
 from luksfixtures import fake_image
-from typer.testing import CliRunner
 
 from cryptlayer import config, hostcheck
-from cryptlayer.cli import app
 from cryptlayer.errors import ExitCode
-
-
-def invoke(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.mark.parametrize(

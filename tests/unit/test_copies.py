@@ -9,18 +9,12 @@ import os
 from pathlib import Path
 
 import pytest
+from clirunner import invoke
 from luksfixtures import fake_image
-from typer.testing import CliRunner
 
-from cryptlayer.cli import app
 from cryptlayer.errors import ExitCode
 
 KEY = b"k" * 32  # fake_image's
-
-
-def invoke(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
 
 
 def one_line(err: str) -> str:

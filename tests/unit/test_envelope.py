@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from clirunner import invoke
 from terminal import in_pty
-from typer.testing import CliRunner
 
 from cryptlayer import envelope
-from cryptlayer.cli import app
 from cryptlayer.errors import ExitCode, UsageError, WrongKeyError
 from cryptlayer.keys import Credential, Secret, read_passphrase
 from cryptlayer.recipients import load_identity, load_recipient
@@ -33,12 +32,11 @@ def image_key_bytes(image_key: Secret) -> bytes:
 def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """An X25519 and an RSA key pair, made by `cryptlayer keygen`."""
     base = tmp_path_factory.mktemp("pairs")
-    runner = CliRunner()
     made = {}
     for kind in ("x25519", "rsa"):
-        result = runner.invoke(app, ["keygen", f"--{kind}", str(base / kind)])
-        assert result.exit_code == 0, result.stderr
-        assert f"{kind}:SHA256:" in result.stderr
+        code, _, err = invoke("keygen", f"--{kind}", str(base / kind))
+        assert code == 0, err
+        assert f"{kind}:SHA256:" in err
         made[kind] = base / kind
     return made
 
@@ -49,9 +47,9 @@ def test_keygen_pairs_are_private_and_never_overwritten(pairs: dict[str, Path]) 
         assert b"BEGIN PRIVATE KEY" in path.read_bytes()
         assert b"BEGIN PUBLIC KEY" in Path(f"{path}.pub").read_bytes()
         assert load_recipient(f"{path}.pub").id == load_identity(str(path)).id
-        result = CliRunner().invoke(app, ["keygen", f"--{kind}", str(path)])
-        assert result.exit_code == ExitCode.USAGE
-        assert result.stderr == (
+        code, _, err = invoke("keygen", f"--{kind}", str(path))
+        assert code == ExitCode.USAGE
+        assert err == (
             f"error: {path} already exists: choose another name; keygen never overwrites\n"
         )
 
@@ -95,9 +93,8 @@ def test_every_kind_of_entry_opens_and_nothing_else_does(
 
 
 def test_a_stranger_identity_is_named(tmp_path: Path) -> None:
-    runner = CliRunner()
-    assert runner.invoke(app, ["keygen", "--x25519", str(tmp_path / "a")]).exit_code == 0
-    assert runner.invoke(app, ["keygen", "--x25519", str(tmp_path / "b")]).exit_code == 0
+    assert invoke("keygen", "--x25519", str(tmp_path / "a"))[0] == 0
+    assert invoke("keygen", "--x25519", str(tmp_path / "b"))[0] == 0
     with envelope.new_image_key() as image_key:
         entries = [envelope.for_recipient(image_key, load_recipient(f"{tmp_path}/a.pub"))]
     stranger = load_identity(str(tmp_path / "b"))
@@ -231,20 +228,19 @@ def test_passphrase_prompt_on_a_terminal_does_not_echo() -> None:
 
 
 def test_exactly_one_way_to_open(tmp_path: Path) -> None:
-    runner = CliRunner()
     for args in ([], ["--key-file", "a", "--identity", "b"], ["--passphrase", "--keyring", "x"]):
-        result = runner.invoke(app, ["start", "--name", "c", str(tmp_path), *args])
-        assert result.exit_code == ExitCode.USAGE, result.stderr
-        assert result.stderr.startswith(
+        code, _, err = invoke("start", "--name", "c", str(tmp_path), *args)
+        assert code == ExitCode.USAGE, err
+        assert err.startswith(
             "error: give exactly one of --key-file, --key-command, --keyring, --passphrase"
             " and --identity: e.g. --key-file image.key"
         )
 
 
 def test_build_needs_someone_who_can_open(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["build", "-o", str(tmp_path / "img"), str(tmp_path)])
-    assert result.exit_code == ExitCode.USAGE
-    assert result.stderr == (
+    code, _, err = invoke("build", "-o", str(tmp_path / "img"), str(tmp_path))
+    assert code == ExitCode.USAGE
+    assert err == (
         "error: nobody could open the image: give --key-file, --key-command, --keyring,"
         " --passphrase or --recipient\n"
     )

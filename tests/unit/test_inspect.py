@@ -17,18 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clirunner import invoke
 from luksfixtures import fake_image
-from registryfixtures import RunningRegistry, registry
-from typer.testing import CliRunner
+from registryfixtures import RunningRegistry
 
 from cryptlayer import artifact, state
-from cryptlayer.cli import app
 from cryptlayer.errors import ExitCode
-
-
-def invoke(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture(autouse=True)
@@ -113,12 +107,6 @@ def test_ps_format() -> None:
 
 
 # -- inspect docker://REF ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
-    with registry(tmp_path_factory.mktemp("plain")) as running:
-        yield running
 
 
 @pytest.fixture

@@ -7,36 +7,17 @@ from __future__ import annotations
 import filecmp
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from clirunner import invoke
 from luksfixtures import fake_image
-from registryfixtures import PASSWORD, USER, RunningRegistry, registry
-from typer.testing import CliRunner
+from registryfixtures import PASSWORD, USER, RunningRegistry
 
-from cryptlayer.cli import app
 from cryptlayer.errors import ExitCode
 
 FILES = ("manifest.json", "keys.json", "layer0.luks", "layer0.verity")
-
-
-def invoke(*args: str, input: str | None = None) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
-    with registry(tmp_path_factory.mktemp("plain")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
-    with registry(tmp_path_factory.mktemp("secure"), secure=True) as running:
-        yield running
 
 
 @pytest.fixture(autouse=True)
@@ -51,11 +32,6 @@ def auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "auth.json"
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(path))
     return path
-
-
-@pytest.fixture
-def image(tmp_path: Path) -> Path:
-    return fake_image(tmp_path / "img")
 
 
 def same_image(a: Path, b: Path) -> None:

@@ -14,37 +14,18 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from clirunner import invoke
 from luksfixtures import fake_image
-from registryfixtures import PASSWORD, USER, RunningRegistry, hostile, registry
-from typer.testing import CliRunner
+from registryfixtures import PASSWORD, USER, RunningRegistry, hostile
 
-from cryptlayer.cli import app
 from cryptlayer.errors import ExitCode
 
 DOCS = Path(__file__).parents[2] / "docs"
 MiB = 1 << 20
-
-
-def invoke(*args: str, input: str | None = None) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
-    with registry(tmp_path_factory.mktemp("plain")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
-    with registry(tmp_path_factory.mktemp("secure"), secure=True) as running:
-        yield running
 
 
 @pytest.fixture(autouse=True)
@@ -53,11 +34,6 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CRYPTLAYER_ROOT", str(tmp_path / "state"))
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "auth.json"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-
-
-@pytest.fixture
-def image(tmp_path: Path) -> Path:
-    return fake_image(tmp_path / "img")
 
 
 def reply(request: Any, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
@@ -382,6 +358,39 @@ def test_a_token_reply_must_hold_a_token(tmp_path: Path, body: bytes) -> None:
                            ' no token (its reply is not a JSON object with a "token")\n')  # fmt: skip
 
 
+# A reference carries no credentials, and no error echoes them.
+
+
+@pytest.mark.parametrize("ref", [
+    "docker://user:s3cret@registry.example.com/repo",
+    "user:s3cret@registry.example.com/repo:v1",
+    "docker://user:s3cret@registry.example.com",
+    "docker://user:s3/cret@registry.example.com/repo",
+    "docker://user:s3cret@sha256:00@registry.example.com/repo",
+    "docker://user:s3cret@localhost:5000/repo@sha256:" + "0" * 64,
+])  # fmt: skip
+def test_a_password_in_a_reference_is_never_echoed(image: Path, tmp_path: Path, ref: str) -> None:
+    """Failed before: "...user:s3cret@registry.example.com/repo: 'registry.example.com/repo' is
+    not a sha256 digest"."""
+    for args in (["pull", ref, str(tmp_path / "x")], ["push", str(image), ref],
+                 ["inspect", ref if ref.startswith("docker://") else f"docker://{ref}"],
+                 ["login", "-u", "u", "--password-stdin", ref],
+                 ["pull", "--creds", "u", ref, str(tmp_path / "x")],
+                 ["push", "--creds", "u", str(image), ref]):  # fmt: skip
+        code, _, err = invoke(*args, input="pw\n")
+        assert code == ExitCode.USAGE, (args, err)
+        assert "s3" not in err and "cret" not in err, (args, err)
+        assert err.startswith("error: a reference carries no credentials"), (args, err)
+        assert err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_bad_digest_is_named_without_the_reference(tmp_path: Path) -> None:
+    code, _, err = invoke("pull", "docker://host.example/repo@sha256:abc", str(tmp_path / "x"))
+    assert code == ExitCode.USAGE
+    assert err.startswith("error: 'sha256:abc' is not a sha256 digest"), err
+
+
 # -- B4: every body capped before it is parsed; a deadline per request
 
 
@@ -552,6 +561,38 @@ def test_login_keeps_a_malformed_auth_file(plain: RunningRegistry) -> None:
                           input="p\n")  # fmt: skip
     assert code == ExitCode.USAGE and err.startswith(f"error: auth file {path}")
     assert path.read_text() == '{"auths": [], "other": "kept"}'
+
+
+def always_401(request: Any) -> None:
+    request.send_response(401)
+    request.send_header("WWW-Authenticate", 'Basic realm="r"')
+    request.send_header("Content-Length", "0")
+    request.end_headers()
+
+
+@pytest.mark.parametrize(("auths", "said"), [
+    ('[]', '"auths" is not an object'),
+    ('{"HOST": {"auth": "/w=="}}', "is not base64 of USER:PASSWORD in UTF-8"),
+    ('{"HOST": {"auth": "!!!"}}', "is not base64 of USER:PASSWORD in UTF-8"),
+    ('{"HOST": {"auth": "' + base64.b64encode(b":pw").decode() + '"}}', "is not base64 of USER"),
+    ('{"HOST": {"auth": 5}}', "is not base64 of USER:PASSWORD in UTF-8"),
+    ('null', '"auths" is not an object'),
+])  # fmt: skip
+@pytest.mark.parametrize("command", ["pull", "push"])
+def test_a_malformed_auth_file_is_one_error_line(
+    tmp_path: Path, image: Path, auths: str, said: str, command: str
+) -> None:
+    """A registry answering every request 401 Basic: the stored credentials are needed, and the
+    file that should hold them is malformed. (Passed on bff4b56 already: a control.)"""
+    path = Path(os.environ["REGISTRY_AUTH_FILE"])
+    with hostile(always_401) as a:
+        path.write_text('{"auths": ' + auths.replace("HOST", a.host) + "}")
+        ref = f"docker://{a.host}/x/y:v1"
+        args = [ref, str(tmp_path / "out")] if command == "pull" else [str(image), ref]
+        code, _, err = invoke(command, "--tls-verify=false", *args)
+    assert code == ExitCode.USAGE, err
+    assert err.startswith(f"error: auth file {path}") and said in err, err
+    assert err.count("\n") == 1 and "unexpected" not in err
 
 
 def test_an_upload_without_location(tmp_path: Path, image: Path) -> None:

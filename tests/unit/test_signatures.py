@@ -7,19 +7,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from clirunner import invoke
 from luksfixtures import fake_image
-from typer.testing import CliRunner
 
 from cryptlayer import signatures
-from cryptlayer.cli import app
 from cryptlayer.errors import ExitCode, TamperedImageError, UsageError
-
-
-def invoke(*args: str, input: str | None = None) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
 
 
 def ssh_keygen(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -557,3 +552,97 @@ def test_pattern_matching_is_openssh_glob(seed: int) -> None:
         regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
         expected = re.fullmatch(regex, string, re.DOTALL) is not None
         assert signatures.match_pattern(string, pattern) == expected, (string, pattern)
+
+
+# ---- `sign` writes by descriptor, in a directory only root may write -------------------------
+
+
+@pytest.fixture
+def key(keys: dict[str, Path]) -> Path:
+    return keys["ed25519"]
+
+
+def test_sign_never_writes_through_a_symlinked_signatures_dir(
+    image: Path, tmp_path: Path, key: Path
+) -> None:
+    """Failed before: `signatures -> elsewhere` was followed by mkdir, then checked by name (a
+    swap between check and write chose where NAME.sig went); now it is refused by descriptor."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (image / "signatures").symlink_to(elsewhere)
+    code, _, err = invoke("sign", str(image), "--sign-key", str(key), "--name", "rel")
+    assert code == ExitCode.USAGE, err
+    assert err.startswith(f"error: {image}/signatures is not a directory"), err
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_sign_never_writes_through_a_signatures_dir_swapped_while_signing(
+    image: Path, tmp_path: Path, key: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """signatures/ swapped for a symlink after sign looked at it (as a neighbour could in a
+    directory they can write). Failed before: rel.sig was created in `elsewhere`."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (image / "signatures").mkdir()
+    real = signatures.sign
+
+    def swap(private: Any, message: bytes) -> str:
+        (image / "signatures").rename(image / "signatures.old")
+        (image / "signatures").symlink_to(elsewhere)
+        return real(private, message)
+
+    monkeypatch.setattr(signatures, "sign", swap)
+    code, _, err = invoke("sign", str(image), "--sign-key", str(key), "--name", "rel")
+    assert list(elsewhere.iterdir()) == []
+    assert code == 0, err
+    assert (image / "signatures.old/rel.sig").read_text().startswith("-----BEGIN SSH SIGNATURE")
+
+
+def test_sign_refuses_a_manifest_swapped_before_it_is_signed(
+    image: Path, key: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The statement signed is the one in the directory written to."""
+    from cryptlayer import manifest
+
+    real = manifest.load
+
+    def swap(path: Path) -> Any:
+        loaded = real(path)
+        (image / "manifest.json").write_bytes(loaded.raw.replace(b"{", b"{ ", 1))
+        return loaded
+
+    monkeypatch.setattr(manifest, "load", swap)
+    code, _, err = invoke("sign", str(image), "--sign-key", str(key), "--name", "rel")
+    assert (code, err) == (ExitCode.USAGE,
+                           f"error: {image}/manifest.json changed while signing: sign again\n")  # fmt: skip
+    assert not (image / "signatures/rel.sig").exists()
+
+
+def test_sign_refuses_a_shared_image_directory(image: Path, key: Path) -> None:
+    """Failed before: a 0777 image directory was signed in by name."""
+    image.chmod(0o777)
+    code, _, err = invoke("sign", str(image), "--sign-key", str(key), "--name", "rel")
+    assert code == ExitCode.USAGE, err
+    assert err.startswith(f"error: image directory {image} is writable by users other than root")
+    assert "--allow-shared-dir" in err and err.count("\n") == 1
+    assert not (image / "signatures").exists()
+    code, _, err = invoke("sign", str(image), "--sign-key", str(key), "--name", "rel",
+                       "--allow-shared-dir")  # fmt: skip
+    assert code == 0, err
+    sig = image / "signatures/rel.sig"
+    assert sig.read_text().startswith("-----BEGIN SSH SIGNATURE-----")
+    assert [p.name for p in sig.parent.iterdir()] == ["rel.sig"]  # no temporary file left
+    assert (sig.stat().st_mode & 0o777, sig.parent.stat().st_mode & 0o777) == (0o644, 0o755)
+    code, _, err = invoke("verify", str(image))
+    assert code == 0, err
+
+
+def test_sign_replaces_a_signature_atomically(image: Path, key: Path) -> None:
+    assert invoke("sign", str(image), "--sign-key", str(key), "--name", "rel")[0] == 0
+    sig = image / "signatures/rel.sig"
+    sig.write_text("old\n")
+    (image / "signatures/elsewhere").write_text("kept\n")
+    code, _, err = invoke("sign", str(image), "--sign-key", str(key), "--name", "rel")
+    assert code == 0, err
+    assert sig.read_text().startswith("-----BEGIN SSH SIGNATURE-----")
+    assert sorted(p.name for p in sig.parent.iterdir()) == ["elsewhere", "rel.sig"]

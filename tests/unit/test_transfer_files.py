@@ -19,20 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from luksfixtures import fake_image
-from registryfixtures import RunningRegistry, registry
-from typer.testing import CliRunner
+from clirunner import invoke
+from registryfixtures import RunningRegistry
 
-from cryptlayer.cli import app
 from cryptlayer.errors import ExitCode
 
 FILES = ("manifest.json", "keys.json", "layer0.luks", "layer0.verity")
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
-    return result.exit_code, result.stderr
 
 
 @pytest.fixture(autouse=True)
@@ -41,14 +34,9 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def image(tmp_path: Path) -> Path:
-    return fake_image(tmp_path / "img")
-
-
-@pytest.fixture
 def layout(image: Path, tmp_path: Path) -> Path:
     """The image pushed to an OCI layout, tag v1."""
-    code, err = invoke("push", str(image), f"oci:{tmp_path}/layout:v1")
+    code, _, err = invoke("push", str(image), f"oci:{tmp_path}/layout:v1")
     assert code == 0, err
     return tmp_path / "layout"
 
@@ -102,12 +90,6 @@ def add_blob(layout: Path, data: bytes) -> str:
 # ---- B1: the work directory beside the target -------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
-    with registry(tmp_path_factory.mktemp("plain")) as running:
-        yield running
-
-
 @pytest.mark.parametrize("source", ["oci", "registry"])
 def test_a_neighbours_work_directory_is_refused(
     source: str, layout: Path, image: Path, shared: Path, tmp_path: Path,
@@ -126,7 +108,7 @@ def test_a_neighbours_work_directory_is_refused(
     work = shared / f".img.pull-{manifest_digest(layout).removeprefix('sha256:')[:12]}"
     as_nobody(f"mkdir {work}; ln -s {victim} {work}/keys.json; ln -s {victim} {work}/job")
     tls = ["--no-tls-verify"] if source == "registry" else []
-    code, err = invoke("pull", *tls, ref, str(shared / "img"))
+    code, _, err = invoke("pull", *tls, ref, str(shared / "img"))
     assert code == ExitCode.USAGE, err
     assert err.startswith(f"error: {work} is not a directory pull made (owned by uid 65534")
     assert err.endswith(f"remove it (rm -r {work}) and pull again: pull resumes only a"
@@ -142,13 +124,13 @@ def test_only_a_private_work_directory_of_ours_is_resumed(
     work = shared / f".img.pull-{manifest_digest(layout).removeprefix('sha256:')[:12]}"
     work.mkdir(mode=0o755)
     work.chmod(0o755)
-    code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
     assert code == ExitCode.USAGE and "(owned by uid 0, mode 0755)" in err, err
     work.rmdir()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir(mode=0o700)
     as_nobody(f"ln -s {elsewhere} {work}")
-    code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
     assert code == ExitCode.USAGE and "a symlink is not followed" in err, err
     assert list(elsewhere.iterdir()) == []
     work.unlink()
@@ -156,11 +138,11 @@ def test_only_a_private_work_directory_of_ours_is_resumed(
     (work / "keys.json").write_bytes(b"half")  # an interrupted pull's
     held = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(held, fcntl.LOCK_EX)  # another pull, still running
-    code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
     os.close(held)
     assert (code, err) == (ExitCode.USAGE, f"error: another pull into {shared}/img is running:"
                            " wait for it to finish\n")  # fmt: skip
-    code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
     assert code == 0, err
     assert not work.exists()
     assert (shared / "img/keys.json").read_bytes() == (tmp_path / "img/keys.json").read_bytes()
@@ -175,7 +157,7 @@ def test_push_refuses_a_symlinked_signature(image: Path, tmp_path: Path) -> None
     secret.write_bytes(b"root's secret\n")
     (image / "signatures").mkdir()
     (image / "signatures/z.sig").symlink_to(secret)
-    code, err = invoke("push", str(image), f"oci:{tmp_path}/out:v1")
+    code, _, err = invoke("push", str(image), f"oci:{tmp_path}/out:v1")
     assert (code, err) == (ExitCode.USAGE, f"error: {image}/signatures/z.sig is a symbolic link;"
                            " refusing to follow it: an image holds regular files only; copy it"
                            " again\n")  # fmt: skip
@@ -189,11 +171,11 @@ def test_push_refuses_symlinked_and_hard_linked_files(
 ) -> None:
     os.rename(image / name, tmp_path / name)
     (image / name).symlink_to(tmp_path / name)
-    code, err = invoke("push", str(image), f"oci:{tmp_path}/out:v1")
+    code, _, err = invoke("push", str(image), f"oci:{tmp_path}/out:v1")
     assert code == ExitCode.USAGE and f"{image}/{name} is a symbolic link" in err, err
     (image / name).unlink()
     os.link(tmp_path / name, image / name)
-    code, err = invoke("push", str(image), f"oci:{tmp_path}/out:v1")
+    code, _, err = invoke("push", str(image), f"oci:{tmp_path}/out:v1")
     assert code == ExitCode.USAGE and f"{image}/{name} has 2 hard links" in err, err
 
 
@@ -226,7 +208,7 @@ def test_push_never_opens_a_fifo(
     fifo, writer = waiting_writer
     (image / "signatures").mkdir()
     os.rename(fifo, image / "signatures/f.sig")
-    code, err = invoke("push", str(image), f"oci:{tmp_path}/out:v1")
+    code, _, err = invoke("push", str(image), f"oci:{tmp_path}/out:v1")
     assert (code, err) == (ExitCode.USAGE, f"error: {image}/signatures/f.sig is not a regular"
                            " file (a FIFO): an image holds regular files only; copy it again\n")  # fmt: skip
     assert still_blocked(writer)
@@ -262,7 +244,7 @@ def test_device_nodes_are_refused(image: Path, tmp_path: Path) -> None:
 
     (image / "layer0.verity").unlink()
     os.mknod(image / "layer0.verity", stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    code, err = invoke("push", str(image), f"oci:{tmp_path}/out:v1")
+    code, _, err = invoke("push", str(image), f"oci:{tmp_path}/out:v1")
     assert code == ExitCode.USAGE, err
     assert f"{image}/layer0.verity is not a regular file (a character device node)" in err
     (image / "keys.json").unlink()
@@ -285,18 +267,64 @@ def test_push_to_a_layout_never_writes_through_a_symlink(image: Path, tmp_path: 
         data = (image / name).read_bytes()
         partial = out / f"blobs/sha256/.{hashlib.sha256(data).hexdigest()}.partial"
         partial.symlink_to(victim)
-    code, err = invoke("push", str(image), f"oci:{out}:v1")
+    code, _, err = invoke("push", str(image), f"oci:{out}:v1")
     assert code == 0, err
     assert victim.read_bytes() == b"untouched\n"
-    code, err = invoke("pull", f"oci:{out}:v1", str(tmp_path / "back"))
+    code, _, err = invoke("pull", f"oci:{out}:v1", str(tmp_path / "back"))
     assert code == 0, err
     shutil.rmtree(out / "blobs")
     (out / "blobs").symlink_to(tmp_path / "elsewhere")
     (tmp_path / "elsewhere/sha256").mkdir(parents=True)
-    code, err = invoke("push", str(image), f"oci:{out}:v1")
+    code, _, err = invoke("push", str(image), f"oci:{out}:v1")
     assert code == ExitCode.USAGE, err
     assert err.startswith(f"error: {out}/blobs is not a directory of an OCI layout")
     assert list((tmp_path / "elsewhere/sha256").iterdir()) == []
+
+
+# An existing blob is hashed, whatever its size.
+
+
+def test_push_replaces_a_wrong_blob_of_the_right_size(image: Path, tmp_path: Path) -> None:
+    """Failed before: a blob of the right size but wrong bytes was kept unhashed; push said it
+    pushed, and every pull then failed (exit 8)."""
+    out = tmp_path / "out"
+    (out / "blobs/sha256").mkdir(parents=True)
+    planted = {}
+    for name in ("manifest.json", "keys.json", "layer0.luks"):
+        data = (image / name).read_bytes()
+        blob = out / "blobs/sha256" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(b"\0" * len(data))
+        planted[name] = blob
+    code, _, err = invoke("push", str(image), f"oci:{out}:v1")
+    assert code == 0, err
+    for name, blob in planted.items():
+        assert blob.read_bytes() == (image / name).read_bytes(), name
+    assert not [p for p in (out / "blobs/sha256").iterdir() if p.name.endswith(".partial")]
+    code, _, err = invoke("pull", f"oci:{out}:v1", str(tmp_path / "back"))
+    assert code == 0, err
+
+
+def test_push_replaces_a_blob_that_is_not_a_regular_file(image: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    data = (image / "keys.json").read_bytes()
+    victim.write_bytes(b"x" * len(data))
+    out = tmp_path / "out"
+    (out / "blobs/sha256").mkdir(parents=True)
+    (out / "blobs/sha256" / hashlib.sha256(data).hexdigest()).symlink_to(victim)
+    code, _, err = invoke("push", str(image), f"oci:{out}:v1")
+    assert code == 0, err
+    assert victim.read_bytes() == b"x" * len(data)
+    assert invoke("pull", f"oci:{out}:v1", str(tmp_path / "back"))[0] == 0
+
+
+def test_push_keeps_a_correct_blob(image: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert invoke("push", str(image), f"oci:{out}:v1")[0] == 0
+    data = (image / "layer0.luks").read_bytes()
+    blob = out / "blobs/sha256" / hashlib.sha256(data).hexdigest()
+    before = blob.stat().st_ino
+    assert invoke("push", str(image), f"oci:{out}:v2")[0] == 0
+    assert blob.stat().st_ino == before
 
 
 # ---- B7, C1, C8: an existing target, trust -----------------------------------------------------
@@ -305,12 +333,12 @@ def test_push_to_a_layout_never_writes_through_a_symlink(image: Path, tmp_path: 
 def test_a_damaged_copy_is_never_up_to_date(layout: Path, image: Path, tmp_path: Path) -> None:
     target = tmp_path / "copy"
     assert invoke("pull", f"oci:{layout}:v1", str(target))[0] == 0
-    code, err = invoke("pull", f"oci:{layout}:v1", str(target))
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(target))
     assert code == 0 and err.startswith("already up to date:"), err
     data = bytearray((target / "layer0.luks").read_bytes())
     data[-1] ^= 1
     (target / "layer0.luks").write_bytes(bytes(data))  # same size: sizes alone miss it
-    code, err = invoke("pull", f"oci:{layout}:v1", str(target))
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(target))
     digest = json.loads(blob_path(layout, manifest_digest(layout)).read_bytes())["config"]
     assert (code, err) == (ExitCode.TAMPERED, f"error: {target} does not match image"
                            f" {digest['digest']} (layer0.luks differs): remove it and pull"
@@ -318,7 +346,7 @@ def test_a_damaged_copy_is_never_up_to_date(layout: Path, image: Path, tmp_path:
     data[-1] ^= 1
     (target / "layer0.luks").write_bytes(bytes(data))
     (target / "keys.json").write_bytes(b"{}")
-    code, err = invoke("pull", f"oci:{layout}:v1", str(target))
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(target))
     assert code == ExitCode.TAMPERED and "(keys.json differs (rekeyed here?" in err, err
 
 
@@ -330,23 +358,55 @@ def test_trust_is_checked_whatever_the_target_holds(
     trust = tmp_path / "allowed"
     trust.write_text("a@b " + " ".join((tmp_path / "k.pub").read_text().split()[:2]) + "\n")
     target = tmp_path / "copy"
-    code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(target))
+    code, _, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(target))
     assert code == ExitCode.TAMPERED, err
     assert err.startswith(f"error: no key of {trust} signed {target} (it has no"), err
     assert not target.exists() and not list(tmp_path.glob(".copy.pull-*"))
     assert invoke("pull", f"oci:{layout}:v1", str(target))[0] == 0  # unsigned, not asked
-    code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(target))
+    code, _, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(target))
     assert code == ExitCode.TAMPERED, err
     assert err.startswith(f"error: no key of {trust} signed {target} (it has no"), err
     assert invoke("sign", str(image), "--sign-key", str(tmp_path / "k"))[0] == 0
     assert invoke("push", str(image), f"oci:{layout}:signed")[0] == 0
     signed = tmp_path / "signed"
-    code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:signed", str(signed))
+    code, _, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:signed", str(signed))
     assert code == 0, err
     assert (signed / "signatures").stat().st_mode & 0o777 == 0o755
     assert len(list((signed / "signatures").iterdir())) == 1
-    code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:signed", str(signed))
+    code, _, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:signed", str(signed))
     assert code == 0 and err.startswith("already up to date:"), err
+
+
+# A target that appeared while pulling: say where the complete copy is.
+
+
+def test_the_complete_copy_is_named_when_the_target_appeared(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failed before: "TARGET appeared while pulling: choose a new directory", and the complete
+    .img.pull-X stayed behind unnamed."""
+    from cryptlayer import transfer
+
+    assert invoke("push", str(image), f"oci:{tmp_path}/layout:v1")[0] == 0
+    target = tmp_path / "back"
+    real = transfer._WorkDir.publish
+
+    def plant(self: Any) -> None:
+        real(self)
+        target.mkdir()
+
+    monkeypatch.setattr(transfer._WorkDir, "publish", plant)
+    code, _, err = invoke("pull", f"oci:{tmp_path}/layout:v1", str(target))
+    assert code == ExitCode.USAGE, err
+    (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(".back.pull-")]
+    assert err.startswith(f"error: {target} appeared while pulling"), err
+    assert f"the complete copy is in {left}" in err and err.count("\n") == 1, err
+    assert json.loads((left / "manifest.json").read_bytes()) == json.loads(
+        (image / "manifest.json").read_bytes()
+    )
+    target.rmdir()
+    left.rename(target)
+    assert invoke("verify", str(target))[0] == 0
 
 
 # ---- B8, B10: a hostile manifest or layout -----------------------------------------------------
@@ -364,7 +424,7 @@ def test_the_statement_is_the_config_blob_and_nothing_else(
                                               "manifest.json"}})  # fmt: skip
 
     rewrite(layout, titled_manifest)
-    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
     assert code == ExitCode.USAGE, err
     assert "a layer is titled manifest.json, the statement's name" in err
     assert not (tmp_path / "x").exists()
@@ -385,7 +445,7 @@ def test_only_files_the_statement_names_are_written(
                               "annotations": {"org.opencontainers.image.title": title}})  # fmt: skip
 
     rewrite(layout, extra)
-    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
     assert code == ExitCode.TAMPERED, err
     assert f"oci:{layout}:v1 carries {title}, a file image sha256:" in err
     assert not (tmp_path / "x").exists()
@@ -396,7 +456,7 @@ def test_only_files_the_statement_names_are_written(
 def test_bad_manifests_and_indexes_are_one_line_errors(layout: Path, tmp_path: Path) -> None:
     original = (layout / "index.json").read_text()
     set_manifest(layout, b"[" * 200_000 + b"]" * 200_000)
-    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
     assert (code, err) == (ExitCode.USAGE, f"error: oci:{layout}:v1 is not a cryptlayer image"
                            " (its manifest is nested too deeply): push one with `cryptlayer"
                            " push`\n")  # fmt: skip
@@ -408,10 +468,10 @@ def test_bad_manifests_and_indexes_are_one_line_errors(layout: Path, tmp_path: P
                        ({"manifests": [{"digest": "sha256:../../x", "annotations": {}}]},
                         "'sha256:../../x' is not a sha256 digest")]:  # fmt: skip
         (layout / "index.json").write_text(json.dumps(index))
-        code, err = invoke("pull", f"oci:{layout}", str(tmp_path / "x"))
+        code, _, err = invoke("pull", f"oci:{layout}", str(tmp_path / "x"))
         assert code == ExitCode.USAGE and why in err and err.count("\n") == 1, err
     (layout / "index.json").write_text("[" * 200_000 + "]" * 200_000)
-    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
     assert (code, err) == (ExitCode.USAGE, f"error: {layout}/index.json is nested too deeply\n")
     (layout / "index.json").write_text(original)
 
@@ -424,32 +484,32 @@ def test_digest_pins_the_image_digest(layout: Path, image: Path, tmp_path: Path)
 
     image_digest = manifest_mod.load(image).digest
     manifest = manifest_digest(layout)
-    code, err = invoke("pull", "--digest", image_digest, f"oci:{layout}:v1", str(tmp_path / "a"))
+    code, _, err = invoke("pull", "--digest", image_digest, f"oci:{layout}:v1", str(tmp_path / "a"))
     assert code == 0, err
     assert err.endswith(f"image digest {image_digest} (manifest digest {manifest})\n")
-    code, err = invoke("pull", "--digest", manifest, f"oci:{layout}:v1", str(tmp_path / "b"))
+    code, _, err = invoke("pull", "--digest", manifest, f"oci:{layout}:v1", str(tmp_path / "b"))
     assert code == ExitCode.TAMPERED
     assert err.startswith(f"error: oci:{layout}:v1 is image digest {image_digest}, not the"
                           f" pinned {manifest}")  # fmt: skip
 
 
 def test_digestfile_and_a_layout_of_one_image(image: Path, tmp_path: Path) -> None:
-    code, err = invoke("push", "--digestfile", str(tmp_path / "d"), str(image),
+    code, _, err = invoke("push", "--digestfile", str(tmp_path / "d"), str(image),
                        f"oci:{tmp_path}/out:v1")  # fmt: skip
     assert code == 0, err
     written = (tmp_path / "d").read_text()
     assert written == manifest_digest(tmp_path / "out") and f"manifest digest {written}" in err
-    code, err = invoke("push", "--digestfile", str(tmp_path / "no/d"), str(image),
+    code, _, err = invoke("push", "--digestfile", str(tmp_path / "no/d"), str(image),
                        f"oci:{tmp_path}/out:v1")  # fmt: skip
     assert (code, err) == (ExitCode.USAGE, f"error: pushed, but cannot write --digestfile"
                            f" {tmp_path}/no/d: No such file or directory: the manifest digest is"
                            f" {written}\n")  # fmt: skip
-    code, err = invoke("pull", f"oci:{tmp_path}/out", str(tmp_path / "x"))
+    code, _, err = invoke("pull", f"oci:{tmp_path}/out", str(tmp_path / "x"))
     assert code == 0, err
     for name in FILES:
         assert (tmp_path / "x" / name).read_bytes() == (image / name).read_bytes()
     assert invoke("push", str(image), f"oci:{tmp_path}/out:v2")[0] == 0
-    code, err = invoke("pull", f"oci:{tmp_path}/out", str(tmp_path / "y"))
+    code, _, err = invoke("pull", f"oci:{tmp_path}/out", str(tmp_path / "y"))
     assert (code, err) == (ExitCode.USAGE, f"error: oci:{tmp_path}/out names no image (it holds"
                            " 2; tags: v1, v2): name one: oci:PATH:TAG\n")  # fmt: skip
 
@@ -484,7 +544,7 @@ def test_a_refused_pull_removes_only_its_own_work_directory(
             as_nobody(f"cd {shared}; mv {work} aside; mv precious {work}")
 
     monkeypatch.setattr(Layout, "pull_blob", swapped)
-    code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(shared / "img"))
+    code, _, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(shared / "img"))
     assert code == ExitCode.TAMPERED, err
     assert (shared / work / "data").read_bytes() == b"root's\n"  # root's, untouched
     assert list((shared / "aside").iterdir()) == []  # what the pull wrote, removed
@@ -509,7 +569,7 @@ def test_a_work_directory_replaced_while_pulling_is_not_renamed_into_place(
             as_nobody(f"cd {shared}; mv {work} aside; mkdir -m 700 {work}")
 
     monkeypatch.setattr(Layout, "pull_blob", swapped)
-    code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
     assert (code, err) == (ExitCode.USAGE, f"error: {shared}/{work} was renamed or replaced"
                            f" while pulling: pull into a directory only you can write (not"
                            f" {shared})\n")  # fmt: skip
@@ -535,7 +595,7 @@ def test_files_beside_the_statement_are_bounded_before_they_are_fetched(
                               "annotations": {"org.opencontainers.image.title": title}})  # fmt: skip
 
     rewrite(layout, oversized)
-    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
     assert code == ExitCode.TAMPERED, err
     assert f"oci:{layout}:v1 lists {title} with {size} bytes, more than {size - 1}" in err
     work = next(tmp_path.glob(".x.pull-*"))
@@ -552,7 +612,7 @@ def test_more_signatures_than_are_ever_read_are_refused(layout: Path, tmp_path: 
                                            f"signatures/{i}.sig"}} for i in range(65)]  # fmt: skip
 
     rewrite(layout, many)
-    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
     assert (code, err) == (ExitCode.TAMPERED, f"error: oci:{layout}:v1 lists 65 signatures, more"
                            " than 64: the manifest was changed; pull from the publisher\n")  # fmt: skip
     assert not (tmp_path / "x").exists()
@@ -569,7 +629,7 @@ def test_a_directory_in_a_layouts_blobs_is_one_error_line(layout: Path, tmp_path
         data = path.read_bytes()
         path.unlink()
         path.mkdir()
-        code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+        code, _, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
         assert code == ExitCode.USAGE, err
         assert err.count(str(layout)) == 1 and "(a directory)" in err, err
         path.rmdir()
@@ -588,7 +648,7 @@ def test_a_resumed_work_directory_keeps_only_what_this_image_names(
     (work / "signatures").mkdir(mode=0o700)
     (work / "job").write_bytes(b"#!/bin/sh\nattacker\n")
     (work / "signatures/old.sig").write_bytes(b"not this image's\n")
-    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
     assert code == 0, err
     assert sorted(os.listdir(tmp_path / "x")) == sorted(FILES)
 
@@ -626,7 +686,7 @@ def test_a_hostile_manifest_is_named_without_python(
     doc = json.loads(blob_path(layout, old).read_bytes())
     replaced = change(doc)
     set_manifest(layout, json.dumps(replaced[0] if isinstance(replaced, list) else doc).encode())
-    code, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
     assert code == ExitCode.USAGE, err
     assert err.startswith(f"error: oci:{layout}:v1 is not a cryptlayer image ({why}"), err
     assert err.count("\n") == 1 and len(err) < 400, err
@@ -655,7 +715,7 @@ def test_a_pull_that_finished_meanwhile_is_left_alone(
     trust = tmp_path / "allowed"
     trust.write_text("a@b ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB3fW6fLQzOuX2JD6n6ZYbSnz3rnFlWTmY6"
                      "DkX1hYq6Y\n")  # fmt: skip
-    code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(tmp_path / "x"))
+    code, _, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(tmp_path / "x"))
     monkeypatch.undo()
     assert (code, err) == (ExitCode.USAGE, f"error: another pull into {tmp_path}/x finished"
                            " meanwhile: pull again\n")  # fmt: skip
@@ -670,7 +730,7 @@ def test_push_refuses_a_signature_name_pull_would_refuse(
     than publish an image that every pull refuses."""
     (image / "signatures").mkdir()
     (image / "signatures" / name).write_bytes(b"-----BEGIN SSH SIGNATURE-----\n")
-    code, err = invoke("push", str(image), f"oci:{tmp_path}/out:v1")
+    code, _, err = invoke("push", str(image), f"oci:{tmp_path}/out:v1")
     shown = name.replace("\n", "\\n")
     assert (code, err) == (ExitCode.USAGE, f"error: {image}/signatures/{shown} is not a plain"
                            " file name: rename it (NAME.sig) or remove it; pull refuses an image"
@@ -685,7 +745,7 @@ def test_a_full_disk_on_a_small_file_says_so_too(layout: Path, tmp_path: Path) -
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(small)], check=True)
     try:
-        code, err = invoke("pull", f"oci:{layout}:v1", str(small / "x"))
+        code, _, err = invoke("pull", f"oci:{layout}:v1", str(small / "x"))
         assert code == ExitCode.USAGE, err
         assert err.startswith(f"error: no space left on the device of {small} for keys.json"), err
         assert "free some space, then pull again: it resumes from .x.pull-" in err
@@ -706,14 +766,14 @@ def test_a_neighbours_copy_is_not_up_to_date(layout: Path, image: Path, shared: 
         as_nobody(f"cp -r {source} {shared}/img")
     finally:
         shutil.rmtree(source)
-    code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
     assert (code, err) == (ExitCode.USAGE, f"error: {shared}/img already exists and is not"
                            " yours to vouch for (owned by uid 65534, mode 0755): choose a new"
                            " directory (pull never overwrites)\n")  # fmt: skip
     mine = shared / "mine"
     assert invoke("pull", f"oci:{layout}:v1", str(mine))[0] == 0
     (mine / "keys.json").chmod(0o666)  # anyone may rewrite it in place
-    code, err = invoke("pull", f"oci:{layout}:v1", str(mine))
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(mine))
     assert (code, err) == (ExitCode.USAGE, f"error: {mine}/keys.json already exists and is not"
                            " yours to vouch for (owned by uid 0, mode 0666): choose a new"
                            " directory (pull never overwrites)\n")  # fmt: skip
@@ -724,7 +784,9 @@ def test_a_bad_trust_file_is_refused_before_anything_is_fetched(
 ) -> None:
     (tmp_path / "bad").write_text("a@b ssh-ed25519 AAAA\n")
     for trust in (tmp_path / "missing", tmp_path / "bad"):
-        code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(tmp_path / "x"))
+        code, _, err = invoke(
+            "pull", "--trust", str(trust), f"oci:{layout}:v1", str(tmp_path / "x")
+        )
         assert code == ExitCode.USAGE and str(trust) in err, err
         assert not list(tmp_path.glob(".x.pull-*"))
 
@@ -742,7 +804,7 @@ def test_a_refused_resumed_pull_removes_a_stale_signatures_directory(
     trust = tmp_path / "allowed"
     trust.write_text("a@b ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB3fW6fLQzOuX2JD6n6ZYbSnz3rnFlWTmY6"
                      "DkX1hYq6Y\n")  # fmt: skip
-    code, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(tmp_path / "x"))
+    code, _, err = invoke("pull", "--trust", str(trust), f"oci:{layout}:v1", str(tmp_path / "x"))
     assert code == ExitCode.TAMPERED, err
     assert not work.exists() and not (tmp_path / "x").exists()
 
@@ -751,14 +813,14 @@ def test_oci_paths_and_tags_that_cannot_be_are_bad_input(image: Path, tmp_path: 
     """A layout path below a file, and tags skopeo refuses (`oci:PATH:TAG` as containers/image
     reads it): one `error:` line, exit 2, nothing written."""
     (tmp_path / "file").write_text("x")
-    code, err = invoke("push", str(image), f"oci:{tmp_path}/file/out:v1")
+    code, _, err = invoke("push", str(image), f"oci:{tmp_path}/file/out:v1")
     assert (code, err) == (ExitCode.USAGE, f"error: cannot create {tmp_path}/file/out: Not a"
                            f" directory ({tmp_path}/file is not one)\n")  # fmt: skip
     for tag in ("bad tag", "../../x", "a\nb", ".x"):
-        code, err = invoke("push", str(image), f"oci:{tmp_path}/out:{tag}")
+        code, _, err = invoke("push", str(image), f"oci:{tmp_path}/out:{tag}")
         assert code == ExitCode.USAGE and err.count("\n") == 1, err
         assert "is not a tag (letters, digits, _ . -; 128 at most)" in err, err
-        code, err = invoke("pull", f"oci:{tmp_path}/out:{tag}", str(tmp_path / "x"))
+        code, _, err = invoke("pull", f"oci:{tmp_path}/out:{tag}", str(tmp_path / "x"))
         assert code == ExitCode.USAGE and "is not a tag" in err, err
     assert not (tmp_path / "out").exists()
 
@@ -779,7 +841,7 @@ def test_a_target_planted_just_before_the_rename(
         as_nobody(make)
 
     monkeypatch.setattr(transfer._WorkDir, "publish", plant)
-    code, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(shared / "img"))
     (work,) = shared.glob(".img.pull-*")
     assert (code, err) == (ExitCode.USAGE, f"error: {shared}/img appeared while pulling; the"
                            f" complete copy is in {work}: rename it yourself (mv {work}"

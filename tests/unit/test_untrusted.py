@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clirunner import invoke
 from ocifixtures import CONFIG, MIDDLE, image_files, write_dir
-from typer.testing import CliRunner
 
 from cryptlayer import envelope, hostcheck, manifest, seccomp
-from cryptlayer.cli import app
 from cryptlayer.errors import ExitCode, UsageError, printable
 from cryptlayer.keys import Credential, Secret
 from cryptlayer.manifest import FORMAT, ImageConfig
@@ -65,11 +64,6 @@ MANIFEST_CASES = [
     (("layers", 0, "tree"), "../t"), (("layers", 0, "root_hash"), "AB" * 32),
     (("layers", 0, "salt"), "cd"), (("layers", 0, "tree_size"), 0),
 ]  # fmt: skip
-
-
-def invoke(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.mark.parametrize(
