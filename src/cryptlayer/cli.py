@@ -1,13 +1,12 @@
 """The command line: parse, call one function of the core, render. Heavy modules load lazily."""
 
-import functools
 import json
 import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import typer.core
@@ -20,8 +19,6 @@ from .errors import CryptlayerError, ExitCode, UsageError, printable
 
 if TYPE_CHECKING:
     from .keys import Credential
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _command_path(ctx: Context | None) -> str:
@@ -43,7 +40,7 @@ def usage_error_line(err: ClickUsageError) -> str:
 
 class _Group(TyperGroup):
     """The command group, with click's usage errors as one `error:` line (not its three-line
-    Usage/Try/Error box) and exit 2."""
+    Usage/Try/Error box) and exit 2, and cryptlayer's own errors mapped by `_handled`."""
 
     def main(  # type: ignore[override]
         self,
@@ -53,6 +50,8 @@ class _Group(TyperGroup):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
+        global _command
+        _command = _subcommand(list(sys.argv[1:] if args is None else args))
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, False, **extra)
         try:
@@ -62,14 +61,18 @@ class _Group(TyperGroup):
             sys.exit(err.exit_code)
         except ClickUsageError as err:
             typer.echo(usage_error_line(err), err=True)
-            sys.exit(ExitCode.USAGE)
+            sys.exit(_own_status(ExitCode.USAGE))
         except ClickException as err:
             typer.echo(f"error: {printable(err.format_message())}", err=True)
-            sys.exit(err.exit_code)
+            sys.exit(_own_status(err.exit_code))
         except typer.Abort:
             typer.echo("error: aborted", err=True)
-            sys.exit(ExitCode.FAILURE)
+            sys.exit(_own_status(ExitCode.FAILURE))
         sys.exit(status if isinstance(status, int) else 0)
+
+    def invoke(self, ctx: Context) -> Any:
+        """The one error handler: every command (and the options before it) runs in it."""
+        return _handled(lambda: super(_Group, self).invoke(ctx))
 
 
 class _Command(TyperCommand):
@@ -211,43 +214,57 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def handled(func: F) -> F:
-    """Map CryptlayerError to one `error:` line and its exit code; tracebacks only with --debug."""
+# The subcommand being run (`run`'s own failures have statuses of their own), set by main.
+_command: str | None = None
 
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            result = func(*args, **kwargs)
-            flush_warnings()
-            return result
-        except CryptlayerError as err:
-            if _debug:
-                traceback.print_exc()
-            raise _fail(str(err), err.exit_code) from err
-        except KeyboardInterrupt:
-            raise _fail("interrupted", ExitCode.INTERRUPTED) from None
-        except BrokenPipeError as err:
-            if not _reader_gone():
-                raise _fail(f"{err.strerror or err}", ExitCode.FAILURE) from err
-            raise typer.Exit(ExitCode.READER_GONE) from None
-        except OSError as err:
-            if _debug:
-                traceback.print_exc()
-            where = f" ({err.filename})" if err.filename else ""
-            raise _fail(f"{err.strerror or err}{where}", ExitCode.FAILURE) from err
-        except (typer.Exit, typer.Abort, typer.BadParameter):
-            flush_warnings()  # before click's own line (run's exit status, a usage error)
-            raise
-        except Exception as err:  # the last line of defence: still one line, no traceback
-            if _debug:
-                traceback.print_exc()
-            raise _fail(
-                f"unexpected {type(err).__name__}: {err}: run again with --debug for the"
-                " traceback, and report it",
-                ExitCode.FAILURE,
-            ) from err
 
-    return wrapper  # type: ignore[return-value]
+def _subcommand(args: list[str]) -> str | None:
+    """The subcommand `args` name: the first word not an option (the group's are all flags)."""
+    return next((a for a in args if not a.startswith("-")), None)
+
+
+def _own_status(code: int) -> int:
+    """The exit status of cryptlayer's own failure `code`: as it is, except in `run`, which exits
+    with its container's status and so, as podman, with 125 for its own failures (126 when the
+    container's command cannot be run, 127 when it is not there): a script tells "the image was
+    tampered with" from "the job exited 8". Ctrl-C and a closed reader keep their signal's."""
+    kept = (ExitCode.CANNOT_INVOKE, ExitCode.NOT_FOUND, ExitCode.INTERRUPTED, ExitCode.READER_GONE)
+    return code if _command != "run" or code in kept else ExitCode.RUN_FAILED
+
+
+def _handled(call: Callable[[], Any]) -> Any:
+    """`call()`, with CryptlayerError as one `error:` line and its exit code (warnings first);
+    tracebacks only with --debug."""
+    try:
+        result = call()
+        flush_warnings()
+        return result
+    except CryptlayerError as err:
+        if _debug:
+            traceback.print_exc()
+        raise _fail(str(err), _own_status(err.exit_code)) from err
+    except KeyboardInterrupt:
+        raise _fail("interrupted", ExitCode.INTERRUPTED) from None
+    except BrokenPipeError as err:
+        if not _reader_gone():
+            raise _fail(f"{err.strerror or err}", _own_status(ExitCode.FAILURE)) from err
+        raise typer.Exit(ExitCode.READER_GONE) from None
+    except OSError as err:
+        if _debug:
+            traceback.print_exc()
+        where = f" ({err.filename})" if err.filename else ""
+        raise _fail(f"{err.strerror or err}{where}", _own_status(ExitCode.FAILURE)) from err
+    except (typer.Exit, typer.Abort, ClickException):
+        flush_warnings()  # before click's own line (run's exit status, a usage error)
+        raise
+    except Exception as err:  # the last line of defence: still one line, no traceback
+        if _debug:
+            traceback.print_exc()
+        raise _fail(
+            f"unexpected {type(err).__name__}: {err}: run again with --debug for the"
+            " traceback, and report it",
+            _own_status(ExitCode.FAILURE),
+        ) from err
 
 
 def _reader_gone() -> bool:
@@ -398,7 +415,6 @@ def _size(text: str) -> int:
 
 
 @app.command()
-@handled
 def keygen(
     keyfile: Annotated[Path, typer.Argument(metavar="KEYFILE", help="Where to write the new key.")],
     x25519: Annotated[
@@ -429,7 +445,6 @@ def keygen(
 
 
 @app.command()
-@handled
 def build(
     sources: Annotated[
         list[str],
@@ -544,7 +559,6 @@ def _json_or_template(doc: Any, fmt: str | None) -> bool:
 
 
 @app.command(cls=_GoFlags)
-@handled
 def inspect(
     image: Annotated[
         str,
@@ -609,7 +623,6 @@ def inspect(
 
 
 @app.command()
-@handled
 def rekey(
     image: ImageArg,
     key_file: KeyFile = None,
@@ -671,7 +684,6 @@ def rekey(
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
-@handled
 def run(
     image: ImageArg,
     key_file: KeyFile = None,
@@ -747,7 +759,6 @@ def run(
 
 
 @app.command()
-@handled
 def start(
     image: ImageArg,
     name: Annotated[str, typer.Option(help="Container name, for `stop`.")],
@@ -785,7 +796,6 @@ def start(
 
 
 @app.command()
-@handled
 def sign(
     image: ImageArg,
     sign_key: Annotated[
@@ -808,7 +818,6 @@ def sign(
 
 
 @app.command()
-@handled
 def verify(image: ImageArg, trust: Trust = None) -> None:
     """Check a copy of IMAGE without its key: signatures, and each layer against the statement."""
     from .verify import verify_image
@@ -893,7 +902,6 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
 @app.command(cls=_GoFlags)
-@handled
 def push(
     image: ImageArg,
     destination: Annotated[
@@ -932,7 +940,6 @@ def push(
 
 
 @app.command(cls=_GoFlags)
-@handled
 def pull(
     source: Annotated[
         str,
@@ -971,7 +978,6 @@ def pull(
 
 
 @app.command(cls=_GoFlags)
-@handled
 def login(
     registry: Annotated[str, typer.Argument(metavar="HOST[:PORT]", help="The registry.")],
     username: Annotated[str, typer.Option("--username", "-u", help="User name.")],
@@ -993,7 +999,6 @@ def login(
 
 
 @app.command()
-@handled
 def logout(
     registry: Annotated[str, typer.Argument(metavar="HOST[:PORT]")], authfile: AuthFile = None
 ) -> None:
@@ -1006,7 +1011,6 @@ def logout(
 
 
 @app.command()
-@handled
 def stop(
     name: Annotated[str, typer.Argument(metavar="NAME", help="Container name.")],
     force: Annotated[
@@ -1024,7 +1028,6 @@ def stop(
 
 
 @app.command()
-@handled
 def ps(as_json: JsonFlag = False, output_format: OutputFormat = None) -> None:
     """List the containers that are running or assembled now."""
     from . import state
@@ -1049,7 +1052,6 @@ def ps(as_json: JsonFlag = False, output_format: OutputFormat = None) -> None:
 
 
 @app.command()
-@handled
 def shred(image: ImageArg, allow_shared_dir: AllowSharedDir = False) -> None:
     """Crypto-erase IMAGE: wipe every keyslot of every layer, then verify none is left."""
     from .shred import shred_image
@@ -1064,7 +1066,6 @@ def shred(image: ImageArg, allow_shared_dir: AllowSharedDir = False) -> None:
 
 
 @app.command()
-@handled
 def gc() -> None:
     """Remove what crashed runs left behind and complete the erases they owed."""
     from .gc import collect

@@ -6,7 +6,8 @@ from enum import IntEnum
 
 
 class ExitCode(IntEnum):
-    """Process exit codes; documented in docs/architecture.md."""
+    """Process exit codes, documented in README.md (Exit codes). `run` exits with its container's
+    status, and with RUN_FAILED, CANNOT_INVOKE or NOT_FOUND for its own failures (as podman)."""
 
     OK = 0
     FAILURE = 1  # a tool or the kernel failed at run time
@@ -17,6 +18,9 @@ class ExitCode(IntEnum):
     ERASED = 6  # the image was crypto-erased
     BUSY = 7  # a name in use, or a device still held open
     TAMPERED = 8  # the image is not what its key holder or signer made (or cannot be checked)
+    RUN_FAILED = 125  # `run` only: cryptlayer failed (any of 1-8 above; the error line says which)
+    CANNOT_INVOKE = 126  # `run` only: the container's command is not executable
+    NOT_FOUND = 127  # `run` only: the container's command is not in the image
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as a shell reports it
     READER_GONE = 141  # our output's reader closed it early (128 + SIGPIPE), as `| head` does
 
@@ -53,6 +57,19 @@ class DamagedImageError(UsageError):
     `verify` and `inspect`, which check a copy, damage to the copy (TamperedImageError, exit 8)."""
 
 
+class UntrustedFileError(UsageError):
+    """A file that is not what it must be: not a regular file, a symlink, too large. Bad input
+    (exit 2); the modules that read an image's files turn it into their own error, naming it."""
+
+
+class NotRegularError(UntrustedFileError):
+    """A name that is a device, FIFO, socket or directory where a regular file must be."""
+
+    def __init__(self, what: str, kind: str) -> None:
+        super().__init__(f"{what} is not a regular file ({kind})")
+        self.kind = kind
+
+
 class NotRootError(CryptlayerError):
     exit_code = ExitCode.NOT_ROOT
 
@@ -79,6 +96,18 @@ class TamperedImageError(CryptlayerError):
 
 class BusyError(CryptlayerError):
     exit_code = ExitCode.BUSY
+
+
+class CannotInvokeError(CryptlayerError):
+    """`run`: the container's command is in the image but cannot be executed."""
+
+    exit_code = ExitCode.CANNOT_INVOKE
+
+
+class CommandNotFoundError(CryptlayerError):
+    """`run`: the container's command is not in the image."""
+
+    exit_code = ExitCode.NOT_FOUND
 
 
 class CommandError(CryptlayerError):

@@ -11,6 +11,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# (their home is the error tree; imported from here too)
+from .errors import NotRegularError as NotRegularError
+from .errors import UntrustedFileError as UntrustedFileError
+
 # How an untrusted file is opened, once open_regular has seen it is a regular file: never
 # through a symlink in its last component, never blocking, never as a controlling terminal,
 # never kept across exec.
@@ -22,18 +26,6 @@ LOOK = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 RESOLVE_IN_ROOT = 0x10 | 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 SYS_OPENAT2 = 437  # the same number on every architecture (syscalls added since 5.1 are)
-
-
-class UntrustedFileError(Exception):
-    """A file that is not what it must be: missing, not a regular file, a symlink, too large."""
-
-
-class NotRegularError(UntrustedFileError):
-    """A name that is a device, FIFO, socket or directory where a regular file must be."""
-
-    def __init__(self, what: str, mode: int) -> None:
-        super().__init__(f"{what} is not a regular file ({kind(mode)})")
-        self.kind = kind(mode)
 
 
 def kind(mode: int) -> str:
@@ -52,7 +44,7 @@ def reopen_regular(path_fd: int, what: str, flags: int = UNTRUSTED) -> int:
     if stat.S_ISLNK(st.st_mode):
         raise OSError(errno.ELOOP, "is a symbolic link", what)
     if not stat.S_ISREG(st.st_mode):
-        raise NotRegularError(what, st.st_mode)
+        raise NotRegularError(what, kind(st.st_mode))
     return os.open(f"/proc/self/fd/{path_fd}", flags & ~os.O_NOFOLLOW | os.O_NOCTTY)
 
 
@@ -140,7 +132,7 @@ def read_regular(fd: int, limit: int, what: str) -> bytes:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise NotRegularError(what, st.st_mode)
+            raise NotRegularError(what, kind(st.st_mode))
         if st.st_size > limit:
             raise UntrustedFileError(f"{what} has {st.st_size} bytes, more than {limit}")
         chunks = []

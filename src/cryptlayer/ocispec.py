@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .fsutil import UntrustedFileError, open_in_root, read_regular
+from .errors import CannotInvokeError, CommandNotFoundError, UsageError, printable
+from .fsutil import UntrustedFileError, kind, open_in_root, read_regular
 from .manifest import ImageConfig
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -74,6 +75,51 @@ def process_args(config: ImageConfig, command: tuple[str, ...] | None) -> list[s
             "give one after the image: IMAGE -- COMMAND [ARG...]",
         )
     return args
+
+
+def check_command(rootfs: Path, program: str, env: list[str], cwd: str) -> None:
+    """Refuse, before the container starts, a command that is not in the image (exit 127) or
+    that cannot be executed there (126), as podman does: `crun run` reports both as its own
+    exit status 1, which `run` could not tell from the container's. Looked up as crun does:
+    a name with a slash from `cwd`, any other in each directory of the container's PATH."""
+    if "/" in program:
+        candidates = [os.path.join(cwd, program)]
+    else:
+        path = next((e[5:] for e in reversed(env) if e.startswith("PATH=")), "")
+        candidates = [os.path.join(d or ".", program) for d in path.split(":") if d]
+        candidates = [c if c.startswith("/") else os.path.join(cwd, c) for c in candidates]
+    root_fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        modes = [mode for c in candidates if (mode := _mode_in_root(root_fd, c)) is not None]
+    finally:
+        os.close(root_fd)
+    if any(stat.S_ISREG(m) and m & 0o111 for m in modes):
+        return
+    shown = printable(program)
+    if not modes:
+        where = "" if "/" in program else " (looked up in its PATH)"
+        raise CommandNotFoundError(
+            f"the container's command {shown!r} is not in the image{where}",
+            "give a command the image holds: IMAGE COMMAND [ARG...]",
+        )
+    what = "not executable" if stat.S_ISREG(modes[0]) else kind(modes[0])
+    raise CannotInvokeError(
+        f"the container's command {shown!r} cannot be run: it is {what}",
+        "give a program the image can run: IMAGE COMMAND [ARG...]",
+    )
+
+
+def _mode_in_root(root_fd: int, path: str) -> int | None:
+    """The mode of what `path` names inside the container (its symlinks followed in there),
+    or None if nothing."""
+    try:
+        fd = open_in_root(root_fd, path)
+    except OSError:
+        return None
+    try:
+        return os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
 
 
 def merge_env(*layers: tuple[str, ...]) -> list[str]:
@@ -184,14 +230,17 @@ def runtime_config(
         if Path(host_file).is_file():
             mounts.append({"destination": host_file, "type": "bind", "source": host_file,
                            "options": ["rbind", "ro", "nosuid", "nodev"]})  # fmt: skip
+    args = process_args(config, overrides.command)
+    cwd = overrides.workdir or config.workdir or "/"
+    check_command(rootfs, args[0], env, cwd)
     return {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,  # our stdio passes through (run -i for stdin)
             "user": {"uid": uid, "gid": gid},
-            "args": process_args(config, overrides.command),
+            "args": args,
             "env": env,
-            "cwd": overrides.workdir or config.workdir or "/",
+            "cwd": cwd,
             "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
             "rlimits": [
                 {"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576},

@@ -251,7 +251,7 @@ def test_not_root_build_and_run(tmp_path: Path, nobody_dir: str) -> None:
     result = _as_nobody(
         "run", "--key-file", str(key), str(tmp_path / "img"), root=tmp_path, where=nobody_dir
     )
-    assert result.returncode == ExitCode.NOT_ROOT
+    assert result.returncode == ExitCode.RUN_FAILED  # run's own failures: podman's 125
     assert (
         one_error_line(result.stderr) == "error: must be root to start containers: run it with sudo"
     )
@@ -276,3 +276,73 @@ def test_kernel_without_dm_crypt(tmp_path: Path) -> None:
         "module, or run cryptlayer in a VM with a stock kernel (see README)"
     )
     assert not (tmp_path / "img").exists()
+
+
+def _run_with(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, outcome: object) -> tuple[int, str]:
+    """`cryptlayer run` up to the container (root, key, host check stubbed; a warning pending),
+    whose run returns `outcome` if an int, raises it otherwise."""
+    import contextlib
+
+    from cryptlayer import cli, container, system
+
+    def fake_run(*_args: object) -> int:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        assert isinstance(outcome, int)
+        return outcome
+
+    monkeypatch.setattr(system, "require_root", lambda _what: None)
+    monkeypatch.setattr(cli, "_credential", lambda *_a: contextlib.nullcontext(None))
+    monkeypatch.setattr(cli, "_check_host", lambda _s: cli.warn("swap", "swap is not encrypted"))
+    monkeypatch.setattr(container, "run", fake_run)
+    monkeypatch.setenv("CRYPTLAYER_CONFIG", str(tmp_path / "none.toml"))
+    code, _out, err = invoke("run", "--keep", "--name", "c", str(tmp_path), "true")
+    return code, err
+
+
+def test_run_passes_the_containers_status_through(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The job's own 8 is the job's: no error line, whatever cryptlayer's codes mean."""
+    code, err = _run_with(monkeypatch, tmp_path, 8)
+    assert code == 8
+    assert err == "warning: swap is not encrypted [swap]\n"
+
+
+def test_run_own_failures_are_125_naming_the_cause(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """run exited 8 for a tampered image and 5 for a wrong key, as a job might: a script could
+    not tell them apart (failed before the fix: exit 8 and 5). Now podman's 125, the cause in
+    the error line, after the warnings."""
+    from cryptlayer.errors import TamperedImageError, WrongKeyError
+
+    for error, line in [
+        (
+            TamperedImageError("layer 0 was changed", "rebuild it"),
+            "layer 0 was changed: rebuild it",
+        ),
+        (WrongKeyError("the key does not open the image"), "the key does not open the image"),
+        (OSError(5, "Input/output error"), "Input/output error"),
+    ]:
+        code, err = _run_with(monkeypatch, tmp_path, error)
+        assert code == ExitCode.RUN_FAILED == 125
+        assert err == f"warning: swap is not encrypted [swap]\nerror: {line}\n"
+
+
+def test_run_command_not_found_or_not_runnable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from cryptlayer.errors import CannotInvokeError, CommandNotFoundError
+
+    code, err = _run_with(monkeypatch, tmp_path, CommandNotFoundError("'x' is not in the image"))
+    assert (code, err.splitlines()[-1]) == (127, "error: 'x' is not in the image")
+    code, err = _run_with(monkeypatch, tmp_path, CannotInvokeError("'x' cannot be run"))
+    assert (code, err.splitlines()[-1]) == (126, "error: 'x' cannot be run")
+
+
+def test_other_commands_keep_their_codes(tmp_path: Path) -> None:
+    """Only run maps its own failures to 125: verify of a missing image is still bad input."""
+    code, _out, err = invoke("verify", str(tmp_path / "none"))
+    assert code == ExitCode.USAGE
+    assert one_error_line(err).startswith("error: ")

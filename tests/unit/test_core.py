@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 from pathlib import Path
 
 import pytest
 
 from cryptlayer import sources
-from cryptlayer.errors import CommandError, UsageError
+from cryptlayer.errors import (
+    CannotInvokeError,
+    CommandError,
+    CommandNotFoundError,
+    ExitCode,
+    UsageError,
+)
 from cryptlayer.keys import Secret, read_key, read_key_command
 from cryptlayer.manifest import ImageConfig
-from cryptlayer.ocispec import Overrides, merge_env, process_args, resolve_user, runtime_config
+from cryptlayer.ocispec import (
+    Overrides,
+    check_command,
+    merge_env,
+    process_args,
+    resolve_user,
+    runtime_config,
+)
 from cryptlayer.sources import DirectorySource, TarSource, parse_path
 
 
@@ -88,6 +102,9 @@ def test_resolve_user_ignores_passwd_symlinked_out(tmp_path: Path) -> None:
 
 def test_runtime_config_overrides(tmp_path: Path) -> None:
     cfg = ImageConfig(cmd=("sh",), env=("A=1",), workdir="/srv")
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    (tmp_path / "usr/bin/id").write_bytes(b"")
+    (tmp_path / "usr/bin/id").chmod(0o755)
     doc = runtime_config(tmp_path, "n", cfg, Overrides(("id",), ("A=2",), "/tmp", "5:6"))
     assert doc["process"]["args"] == ["id"]
     assert "A=2" in doc["process"]["env"]
@@ -327,3 +344,39 @@ def test_build_overrides_replace_only_what_was_given() -> None:
                                   user="app")  # fmt: skip
     shell = ("/bin/sh", "-c")
     assert Overrides(entrypoint=shell).image_config(base).entrypoint == shell
+
+
+def test_check_command_finds_what_crun_would_run(tmp_path: Path) -> None:
+    """crun reports a command missing from the image, or not executable, as its own exit 1,
+    which run passed on as if the job had exited 1: refused before the container starts, 127
+    and 126 as podman's."""
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    (tmp_path / "bin").symlink_to("usr/bin")
+    for name, mode in [("tool", 0o755), ("data", 0o644)]:
+        (tmp_path / "usr/bin" / name).write_bytes(b"")
+        (tmp_path / "usr/bin" / name).chmod(mode)
+    (tmp_path / "srv").mkdir()
+    (tmp_path / "srv/job").write_bytes(b"")
+    (tmp_path / "srv/job").chmod(0o700)
+    env = ["PATH=/nowhere:/bin"]
+    check_command(tmp_path, "tool", env, "/")  # through the image's own /bin symlink
+    check_command(tmp_path, "/usr/bin/tool", env, "/")
+    check_command(tmp_path, "./job", env, "/srv")
+    with pytest.raises(CommandNotFoundError) as missing:
+        check_command(tmp_path, "nosuch", env, "/")
+    assert missing.value.exit_code == ExitCode.NOT_FOUND == 127
+    assert str(missing.value) == (
+        "the container's command 'nosuch' is not in the image (looked up in its PATH):"
+        " give a command the image holds: IMAGE COMMAND [ARG...]"
+    )
+    with pytest.raises(CommandNotFoundError):
+        check_command(tmp_path, "tool", ["PATH=/sbin"], "/")  # the container's PATH, not ours
+    with pytest.raises(
+        CommandNotFoundError, match=re.escape("'/etc/../../x' is not in the image:")
+    ):
+        check_command(tmp_path, "/etc/../../x", env, "/")
+    with pytest.raises(CannotInvokeError, match="'data' cannot be run: it is not executable"):
+        check_command(tmp_path, "data", env, "/")
+    with pytest.raises(CannotInvokeError, match="'/srv' cannot be run: it is a directory") as err:
+        check_command(tmp_path, "/srv", env, "/")
+    assert err.value.exit_code == ExitCode.CANNOT_INVOKE == 126

@@ -249,6 +249,9 @@ def test_passwd_fifo_and_symlink_out(tmp_path: Path) -> None:
 
 
 def test_runtime_config_is_confined(tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin/sh").write_bytes(b"")
+    (tmp_path / "bin/sh").chmod(0o755)
     doc = runtime_config(tmp_path, "n", ImageConfig(cmd=("sh",)), Overrides())
     process, linux = doc["process"], doc["linux"]
     assert process["noNewPrivileges"] is True

@@ -20,7 +20,7 @@ def test_run_reads_lower_writes_upper_then_shreds(cli: Cli, image: Path, key_fil
     assert len(layers) == 2
     assert [keyslots(p) for p in layers] == [0, 0]
     code, _, err = cli("run", "--key-file", str(key_file), str(image), "--", "true")
-    assert code == ExitCode.ERASED
+    assert code == ExitCode.RUN_FAILED  # ERASED for the other commands
     assert err.startswith("error: image") and "was shredded (crypto-erased)" in err
 
 
@@ -29,6 +29,19 @@ def test_exit_status_passes_through(cli: Cli, image: Path, key_file: Path) -> No
                        "sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 7")  # fmt: skip
     assert code == 7
     assert out == "to-stdout\n"
+
+
+def test_command_not_found_or_not_runnable(cli: Cli, image: Path, key_file: Path) -> None:
+    """crun reports a command missing from the image as its own exit 1, which run passed on as
+    if the job had exited 1: now podman's 127 and 126, before the container starts."""
+    code, out, err = cli("run", "--keep", "--key-file", str(key_file), str(image), "--", "nosuch")
+    assert (code, out) == (ExitCode.NOT_FOUND, "")
+    assert err == ("error: the container's command 'nosuch' is not in the image (looked up in its"
+                   " PATH): give a command the image holds: IMAGE COMMAND [ARG...]\n")  # fmt: skip
+    code, out, err = cli("run", "--keep", "--key-file", str(key_file), str(image), "--", "/etc")
+    assert (code, out) == (ExitCode.CANNOT_INVOKE, "")
+    assert err == ("error: the container's command '/etc' cannot be run: it is a directory: give a"
+                   " program the image can run: IMAGE COMMAND [ARG...]\n")  # fmt: skip
 
 
 def test_default_command(cli: Cli, image: Path, key_file: Path) -> None:
