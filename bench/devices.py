@@ -23,12 +23,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MiB, drop_caches, group, machine, make_tree, record, sh, summary, timed
 
-from cryptlayer import container, envelope, luksheader, manifest, state
-from cryptlayer.build import build_image
-from cryptlayer.imagefiles import open_image
-from cryptlayer.keys import Credential, Secret
-from cryptlayer.layers import erase_at_start
-from cryptlayer.sources import DirectorySource
+from cryptlayer.build.builder import build_image
+from cryptlayer.build.sources import DirectorySource
+from cryptlayer.image import envelope, luksheader, manifest
+from cryptlayer.image.files import open_image
+from cryptlayer.keys.sources import Credential, Secret
+from cryptlayer.runtime import container, state
+from cryptlayer.runtime.layers import erase_at_start
 from cryptlayer.tools import cryptsetup, devmapper, losetup
 
 SIZES = [64, 256, 1024]  # MiB
@@ -207,7 +208,7 @@ WARM_PROGRAMS = (("cryptsetup", "--version"), ("veritysetup", "--version"),
                  ("losetup", "--version"), ("mount", "--version"), ("mkfs.ext4", "-V"),
                  ("bash", "-c", "true"))  # fmt: skip
 WARM_PYTHON = (
-    "import cryptlayer.cli, cryptlayer.container, sh, pyudev,"
+    "import cryptlayer.cli, cryptlayer.runtime.container, sh, pyudev,"
     " cryptography.hazmat.primitives.ciphers.aead"
 )
 
@@ -430,7 +431,7 @@ def read_throughput(size_mib: int) -> dict[str, Any]:
             loop,
             "cryptlayer-bench-nowq",
         ]
-        from cryptlayer.runner import run
+        from cryptlayer.tools.runner import run
 
         run(sh_secret, secret=image_key)
         try:
@@ -662,8 +663,7 @@ def _start_by_hand(image: Path, work: Path, warm: bool = False) -> float:
 def _start_split(image: Path) -> dict[str, Any]:
     """An in-process `start --keep`, with the time spent in each program, in udev waits and in
     fsyncs summed (the rest is cryptlayer's own Python: key, statement, headers, journal)."""
-    from cryptlayer import runner
-    from cryptlayer.tools import udev
+    from cryptlayer.tools import runner, udev
 
     programs: dict[str, float] = {}
     waits = [0.0, 0.0]  # udev, fsync

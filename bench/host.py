@@ -16,10 +16,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MiB, machine, record, sh, summary, timed
 
-from cryptlayer import luksheader
-from cryptlayer.imagefiles import open_dir, open_layer
-from cryptlayer.keys import Secret
-from cryptlayer.shred import erase_layer
+from cryptlayer.image import luksheader
+from cryptlayer.image.files import open_dir, open_layer
+from cryptlayer.image.shred import erase_layer
+from cryptlayer.keys.sources import Secret
 from cryptlayer.tools import cryptsetup
 
 CLI = [sys.executable, "-m", "cryptlayer"]
@@ -71,7 +71,7 @@ def registry_on_host(size_mib: int = 256, runs: int = 3) -> dict[str, object]:
     from luksfixtures import fake_image
     from registryfixtures import registry
 
-    from cryptlayer import transfer
+    from cryptlayer.distribution import transfer
 
     out: dict[str, object] = {"size_mib": size_mib}
     copy = ["skopeo", "copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false"]

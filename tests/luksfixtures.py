@@ -74,9 +74,9 @@ def fake_image(
     random bytes up to that many (for moving real amounts of data)."""
     from dataclasses import replace
 
-    from cryptlayer import envelope, statement
-    from cryptlayer import manifest as manifest_mod
-    from cryptlayer.manifest import ImageConfig, Layer, Manifest
+    from cryptlayer.image import envelope, statement
+    from cryptlayer.image import manifest as manifest_mod
+    from cryptlayer.image.manifest import ImageConfig, Layer, Manifest
     from cryptlayer.secret import Secret
     from cryptlayer.tools import veritysetup
 

@@ -1,3 +1,3 @@
-from .cli import main
+from cryptlayer.cli import main
 
 main()

@@ -15,10 +15,10 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperCommand, TyperGroup
 
-from .errors import CryptlayerError, ExitCode, UsageError, printable
+from cryptlayer.errors import CryptlayerError, ExitCode, UsageError, printable
 
 if TYPE_CHECKING:
-    from .keys import Credential
+    from cryptlayer.keys.sources import Credential
 
 
 def _command_path(ctx: Context | None) -> str:
@@ -194,7 +194,7 @@ _pending_warnings: list[str] = []
 
 def warn(kind: str, text: str) -> None:
     """A `warning: TEXT [KIND]` line, unless the host's config.toml silences KIND."""
-    from .config import WARNINGS, quiet_warnings
+    from cryptlayer.config import WARNINGS, quiet_warnings
 
     assert kind in WARNINGS, kind
     if kind not in quiet_warnings():
@@ -326,7 +326,7 @@ def _credential(
     identity: str | None,
 ) -> "Credential":
     """What opens the image (keys.credential checks that exactly one was given)."""
-    from .keys import KeySource, credential
+    from cryptlayer.keys.sources import KeySource, credential
 
     return credential(image, KeySource(key_file, key_command, keyring), passphrase, identity)
 
@@ -371,7 +371,7 @@ Strict = Annotated[
 
 def _check_host(strict: bool) -> None:
     """Warn (or with --strict refuse) where this host may write decrypted memory to disk."""
-    from .hostcheck import problems
+    from cryptlayer.runtime.hostcheck import problems
 
     found = problems()
     if found and strict:
@@ -386,20 +386,20 @@ def _check_host(strict: bool) -> None:
 
 def _warn_if_erase_may_not_hold(image: Path) -> None:
     """A `warning:` line when the image's storage may keep old copies of erased keyslots."""
-    from .hostcheck import erase_caveat
+    from cryptlayer.runtime.hostcheck import erase_caveat
 
     if image.is_dir() and (caveat := erase_caveat(image)):
         warn("erase-storage", caveat)
 
 
 def _digest(digest: str | None) -> str | None:
-    from .statement import check_digest
+    from cryptlayer.image.statement import check_digest
 
     return None if digest is None else check_digest(digest)
 
 
 def _trust(given: Path | None) -> Path | None:
-    from .config import trust
+    from cryptlayer.config import trust
 
     return trust(given)
 
@@ -428,7 +428,7 @@ def keygen(
     if x25519 and rsa:
         raise UsageError("give --x25519 or --rsa, not both")
     if x25519 or rsa:
-        from .recipients import KeyKind, write_key_pair
+        from cryptlayer.keys.recipients import KeyKind, write_key_pair
 
         kind = KeyKind.X25519 if x25519 else KeyKind.RSA
         ident = write_key_pair(keyfile, kind)
@@ -438,7 +438,7 @@ def keygen(
             err=True,
         )
         return
-    from .keys import write_new_key
+    from cryptlayer.keys.sources import write_new_key
 
     write_new_key(keyfile)
     typer.echo(f"wrote a new key to {keyfile} (mode 0600); keep it secret", err=True)
@@ -497,12 +497,12 @@ def build(
     """Build an encrypted image: one LUKS2 layer per layer of each SOURCE."""
     import shlex
 
-    from .build import build_image
-    from .envelope import principals as principals_of
-    from .keys import KeySource, stdin_once
-    from .ocispec import Overrides, merge_env
-    from .progress import for_terminal
-    from .system import require_root
+    from cryptlayer.build.builder import build_image
+    from cryptlayer.image.envelope import principals as principals_of
+    from cryptlayer.image.process import Overrides, merge_env
+    from cryptlayer.keys.sources import KeySource, stdin_once
+    from cryptlayer.progress import for_terminal
+    from cryptlayer.tools.system import require_root
 
     # Only what was given overrides the config an OCI source brings.
     overrides = Overrides(
@@ -517,7 +517,7 @@ def build(
     stdin_once(source, passphrase)
     signer = None
     if sign_key is not None:
-        from .signatures import load_signing_key
+        from cryptlayer.image.signatures import load_signing_key
 
         signer = load_signing_key(sign_key)  # before the build: a wrong passphrase costs nothing
     keys = [source] if source.count() else []
@@ -552,7 +552,7 @@ def _json_or_template(doc: Any, fmt: str | None) -> bool:
             return False
         typer.echo(json.dumps(doc, indent=2))  # JSON escapes control characters
         return True
-    from .template import render
+    from cryptlayer.template import render
 
     typer.echo(render(fmt, doc))
     return True
@@ -576,10 +576,11 @@ def inspect(
     """Show an image's layers, sizes, cipher, keyslot state and config (no key needed)."""
     import shlex
 
-    from .inspect import inspect_image, inspect_remote
+    from cryptlayer.distribution.inspect import inspect_remote
+    from cryptlayer.image.inspect import inspect_image
 
     if image.startswith("docker://"):
-        from .registry import Registry, parse_reference
+        from cryptlayer.distribution.registry import Registry, parse_reference
 
         registry = Registry(parse_reference(image), tls_verify=tls_verify == "true",
                             cert_dir=cert_dir)  # fmt: skip
@@ -653,9 +654,9 @@ def rekey(
     allow_shared_dir: AllowSharedDir = False,
 ) -> None:
     """Change who may open IMAGE (unlock it with any current key); the layers are not touched."""
-    from .envelope import principals as principals_of
-    from .keys import KeySource, stdin_once
-    from .rekey import rekey as change_keys
+    from cryptlayer.image.envelope import principals as principals_of
+    from cryptlayer.image.rekey import rekey as change_keys
+    from cryptlayer.keys.sources import KeySource, stdin_once
 
     if not (add_key or add_passphrase or add_recipient or remove):
         raise UsageError(
@@ -725,14 +726,15 @@ def run(
     trust: Trust = None,
 ) -> None:
     """Run COMMAND (or the image's default) in a container from IMAGE, then tear down and shred."""
-    from . import container, ocispec, state
-    from .system import require_root
+    from cryptlayer.image.process import Network, Overrides
+    from cryptlayer.runtime import container, state
+    from cryptlayer.tools.system import require_root
 
     if interactive and (key_file == "-" or (passphrase and not sys.stdin.isatty())):
         raise UsageError(
             "--interactive and the key both want standard input", "put the key in a file"
         )
-    if network not in {n.value for n in ocispec.Network}:
+    if network not in {n.value for n in Network}:
         raise UsageError(f"unknown --network {network!r}", "use none or host")
     options = container.StartOptions(
         state.check_name(name) if name else container.default_name(image),
@@ -745,9 +747,7 @@ def run(
     )
     # Everything after IMAGE is the command (as in podman); a `--` before it is optional.
     args = command[1:] if command and command[0] == "--" else (command or [])
-    overrides = ocispec.Overrides(
-        tuple(args), tuple(env or ()), workdir, user, ocispec.Network(network)
-    )
+    overrides = Overrides(tuple(args), tuple(env or ()), workdir, user, Network(network))
     require_root("start containers")
     if not keep:
         _warn_if_erase_may_not_hold(image)
@@ -775,8 +775,8 @@ def start(
     trust: Trust = None,
 ) -> None:
     """Assemble the root file system and print its path (for podman --rootfs, nspawn -D, crun)."""
-    from . import container, state
-    from .system import require_root
+    from cryptlayer.runtime import container, state
+    from cryptlayer.tools.system import require_root
 
     options = container.StartOptions(
         state.check_name(name),
@@ -809,7 +809,7 @@ def sign(
     allow_shared_dir: AllowSharedDir = False,
 ) -> None:
     """Sign IMAGE's statement (manifest.json) as `ssh-keygen -Y sign -n cryptlayer-image` does."""
-    from . import manifest, signatures
+    from cryptlayer.image import manifest, signatures
 
     loaded = manifest.load(image)
     key = signatures.load_signing_key(sign_key)
@@ -820,7 +820,7 @@ def sign(
 @app.command()
 def verify(image: ImageArg, trust: Trust = None) -> None:
     """Check a copy of IMAGE without its key: signatures, and each layer against the statement."""
-    from .verify import verify_image
+    from cryptlayer.image.verify import verify_image
 
     report = verify_image(image, _trust(trust))
     for warning in report.warnings:
@@ -862,7 +862,7 @@ PasswordStdin = Annotated[
 
 def _password(username: str, registry: str, password_stdin: bool) -> bytes:
     """The password for USER, typed without echo or (--password-stdin) its first line on stdin."""
-    from .keys import read_passphrase
+    from cryptlayer.keys.sources import read_passphrase
 
     if not password_stdin and not sys.stdin.isatty():
         raise UsageError("no terminal to ask the password on", "pass --password-stdin")
@@ -877,7 +877,7 @@ def _registry_auth(
     """Registry(...)'s auth options from --creds and --authfile."""
     auth: dict[str, Any] = {"authfile": authfile}
     if creds is not None and not where.startswith("oci:"):
-        from .registry import parse_reference
+        from cryptlayer.distribution.registry import parse_reference
 
         parse_reference(where)  # before the prompt shows it: it may hold USER:PASS@
     if creds is not None:
@@ -920,9 +920,9 @@ def push(
     ] = None,
 ) -> None:
     """Push IMAGE (ciphertext, keys.json's wrapped keys, signatures) to a registry or a layout."""
-    from .fsutil import write_atomic
-    from .progress import for_terminal
-    from .transfer import open_store, push
+    from cryptlayer.distribution.transfer import open_store, push
+    from cryptlayer.fsutil import write_atomic
+    from cryptlayer.progress import for_terminal
 
     auth = _registry_auth(creds, password_stdin, authfile, destination)
     store = open_store(destination, tls_verify=tls_verify == "true", cert_dir=cert_dir, **auth)
@@ -965,8 +965,8 @@ def pull(
     quiet: Quiet = False,
 ) -> None:
     """Pull an image into the new directory IMAGE; an interrupted pull resumes."""
-    from .progress import for_terminal
-    from .transfer import open_store, pull
+    from cryptlayer.distribution.transfer import open_store, pull
+    from cryptlayer.progress import for_terminal
 
     auth = _registry_auth(creds, password_stdin, authfile, source)
     store = open_store(source, tls_verify=tls_verify == "true", cert_dir=cert_dir, **auth)
@@ -987,7 +987,12 @@ def login(
     authfile: AuthFile = None,
 ) -> None:
     """Check credentials with the registry and store them as podman does (never on argv)."""
-    from .registry import Reference, Registry, registry_host, save_credentials
+    from cryptlayer.distribution.registry import (
+        Reference,
+        Registry,
+        registry_host,
+        save_credentials,
+    )
 
     host = registry_host(registry)
     password = _password(username, host, password_stdin)
@@ -1003,7 +1008,7 @@ def logout(
     registry: Annotated[str, typer.Argument(metavar="HOST[:PORT]")], authfile: AuthFile = None
 ) -> None:
     """Remove the stored credentials of a registry."""
-    from .registry import registry_host, save_credentials
+    from cryptlayer.distribution.registry import registry_host, save_credentials
 
     host = registry_host(registry)
     path = save_credentials(host, "", None, authfile)
@@ -1018,7 +1023,7 @@ def stop(
     ] = False,
 ) -> None:
     """Tear down a started container (and shred its image unless started with --keep)."""
-    from . import container, state
+    from cryptlayer.runtime import container, state
 
     record = container.stop(name, force=force)
     said = f"; image {record.image} shredded" if record.shred else ""
@@ -1030,7 +1035,7 @@ def stop(
 @app.command()
 def ps(as_json: JsonFlag = False, output_format: OutputFormat = None) -> None:
     """List the containers that are running or assembled now."""
-    from . import state
+    from cryptlayer.runtime import state
 
     rows = [r.describe() for r in state.all_records()]
     fmt = "json" if as_json else output_format
@@ -1040,7 +1045,7 @@ def ps(as_json: JsonFlag = False, output_format: OutputFormat = None) -> None:
     if fmt is not None:
         from dataclasses import fields
 
-        from .template import render
+        from cryptlayer.template import render
 
         render(fmt, {f.name: "" for f in fields(state.Description)})  # wrong even with no rows
         for row in rows:
@@ -1054,8 +1059,8 @@ def ps(as_json: JsonFlag = False, output_format: OutputFormat = None) -> None:
 @app.command()
 def shred(image: ImageArg, allow_shared_dir: AllowSharedDir = False) -> None:
     """Crypto-erase IMAGE: wipe every keyslot of every layer, then verify none is left."""
-    from .shred import shred_image
-    from .system import require_tools
+    from cryptlayer.image.shred import shred_image
+    from cryptlayer.tools.system import require_tools
 
     require_tools("cryptsetup")
     _warn_if_erase_may_not_hold(image)
@@ -1068,8 +1073,8 @@ def shred(image: ImageArg, allow_shared_dir: AllowSharedDir = False) -> None:
 @app.command()
 def gc() -> None:
     """Remove what crashed runs left behind and complete the erases they owed."""
-    from .gc import collect
-    from .system import require_root
+    from cryptlayer.runtime.gc import collect
+    from cryptlayer.tools.system import require_root
 
     require_root("collect garbage")
     report = collect()

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError, printable
+from cryptlayer.errors import UsageError, printable
 
 DEFAULT = Path("/etc/cryptlayer/config.toml")
 KNOWN = ("quiet-warnings", "trust")

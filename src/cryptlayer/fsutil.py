@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 # (their home is the error tree; imported from here too)
-from .errors import NotRegularError as NotRegularError
-from .errors import UntrustedFileError as UntrustedFileError
+from cryptlayer.errors import NotRegularError as NotRegularError
+from cryptlayer.errors import UntrustedFileError as UntrustedFileError
 
 # How an untrusted file is opened, once open_regular has seen it is a regular file: never
 # through a symlink in its last component, never blocking, never as a controlling terminal,
@@ -226,7 +226,7 @@ def read_image_document(
     path: Path, formats: tuple[str, ...], missing_hint: str
 ) -> tuple[dict[str, Any], bytes]:
     """read_image_json of one of `formats`, and the exact bytes it was parsed from."""
-    from .errors import DamagedImageError, UsageError
+    from cryptlayer.errors import DamagedImageError, UsageError
 
     damaged = "the image is damaged; rebuild it"
     try:
@@ -265,7 +265,7 @@ def write_json_atomic(
 
 def write_new_file(path: Path, data: bytes | bytearray | memoryview, mode: int) -> None:
     """Create `path` with `data` and `mode`; never overwrite: UsageError if it exists."""
-    from .errors import UsageError
+    from cryptlayer.errors import UsageError
 
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)

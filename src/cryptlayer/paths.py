@@ -23,7 +23,7 @@ def private_run_root() -> Path:
     """run_root(), created if missing (after a reboot /run is empty), and private: a directory,
     not a symlink, owned by us, mode 0700, so no other user reaches a decrypted mount below it.
     UsageError if it cannot be made so."""
-    from .errors import UsageError
+    from cryptlayer.errors import UsageError
 
     root = run_root()
     with contextlib.suppress(FileExistsError):

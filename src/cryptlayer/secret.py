@@ -1,5 +1,5 @@
-"""`Secret`: key material in a wipeable buffer (its own module: keys.py and runner.py both need
-it, and runner.py must not import keys.py, which runs programs through it)."""
+"""`Secret`: key material in a wipeable buffer (its own module: keys/sources.py and
+tools/runner.py both need it, and tools/ must not import keys/, which runs programs through it)."""
 
 from __future__ import annotations
 

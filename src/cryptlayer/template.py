@@ -8,7 +8,7 @@ import json
 import re
 from typing import Any
 
-from .errors import UsageError, printable
+from cryptlayer.errors import UsageError, printable
 
 _ACTION = re.compile(r"\{\{\s*(.*?)\s*\}\}", re.DOTALL)
 _PATH = re.compile(r"(?:\.[A-Za-z_][A-Za-z0-9_]*)+|\.")

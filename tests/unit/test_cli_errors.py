@@ -18,9 +18,9 @@ from clirunner import invoke
 from packaging.requirements import Requirement
 
 import cryptlayer
-from cryptlayer import runner
 from cryptlayer.errors import ExitCode
-from cryptlayer.manifest import FORMAT
+from cryptlayer.image.manifest import FORMAT
+from cryptlayer.tools import runner
 
 CLI = [sys.executable, "-m", "cryptlayer"]
 
@@ -283,7 +283,9 @@ def _run_with(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, outcome: object) 
     whose run returns `outcome` if an int, raises it otherwise."""
     import contextlib
 
-    from cryptlayer import cli, container, system
+    from cryptlayer import cli
+    from cryptlayer.runtime import container
+    from cryptlayer.tools import system
 
     def fake_run(*_args: object) -> int:
         if isinstance(outcome, BaseException):

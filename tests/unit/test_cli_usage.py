@@ -10,8 +10,9 @@ import pytest
 from clirunner import invoke
 from luksfixtures import fake_image
 
-from cryptlayer import config, hostcheck
+from cryptlayer import config
 from cryptlayer.errors import ExitCode
+from cryptlayer.runtime import hostcheck
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cryptlayer import sources
+from cryptlayer.build import sources
+from cryptlayer.build.sources import DirectorySource, TarSource, parse_path
 from cryptlayer.errors import (
     CannotInvokeError,
     CommandError,
@@ -18,17 +19,10 @@ from cryptlayer.errors import (
     ExitCode,
     UsageError,
 )
-from cryptlayer.keys import Secret, read_key, read_key_command
-from cryptlayer.manifest import ImageConfig
-from cryptlayer.ocispec import (
-    Overrides,
-    check_command,
-    merge_env,
-    process_args,
-    resolve_user,
-    runtime_config,
-)
-from cryptlayer.sources import DirectorySource, TarSource, parse_path
+from cryptlayer.image.manifest import ImageConfig
+from cryptlayer.image.process import Overrides, merge_env, process_args
+from cryptlayer.keys.sources import Secret, read_key, read_key_command
+from cryptlayer.runtime.ocispec import check_command, resolve_user, runtime_config
 
 
 def test_secret_never_shows_itself() -> None:
@@ -289,7 +283,7 @@ def _fake_sysfs(root: Path, device: str, rotational: str) -> Path:
 
 
 def test_erase_caveat_names_flash_storage(tmp_path: Path) -> None:
-    from cryptlayer.hostcheck import erase_caveat
+    from cryptlayer.runtime.hostcheck import erase_caveat
     from cryptlayer.tools import mount
 
     where = mount.containing(tmp_path)
@@ -307,7 +301,7 @@ def test_erase_caveat_names_flash_storage(tmp_path: Path) -> None:
 def test_erase_caveat_names_copy_on_write_file_systems(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cryptlayer import hostcheck
+    from cryptlayer.runtime import hostcheck
     from cryptlayer.tools import mount
 
     # No btrfs on this host: the mount table's answer is the one thing faked.

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from ocifixtures import CONFIG, Entry, image_files, layer_tar, write_dir
 
-from cryptlayer import build
+from cryptlayer.build import builder as build
+from cryptlayer.build.sources import DirectorySource, Measure, OciLayerSource, TarSource
 from cryptlayer.errors import UsageError
-from cryptlayer.sources import DirectorySource, Measure, OciLayerSource, TarSource
 
 # What debootstrap (and so `umoci`, `podman import` and `docker export` of its tree) puts in /dev.
 DEV_NODES = {"console": (5, 1), "full": (1, 7), "null": (1, 3), "ptmx": (5, 2),

@@ -11,10 +11,10 @@ import pytest
 from clirunner import invoke
 from terminal import in_pty
 
-from cryptlayer import envelope
 from cryptlayer.errors import ExitCode, UsageError, WrongKeyError
-from cryptlayer.keys import Credential, Secret, read_passphrase
-from cryptlayer.recipients import load_identity, load_recipient
+from cryptlayer.image import envelope
+from cryptlayer.keys.recipients import load_identity, load_recipient
+from cryptlayer.keys.sources import Credential, Secret, read_passphrase
 
 FAST_MS = 50  # Argon2id calibrated to ~50 ms: real parameters, quick tests
 
@@ -207,7 +207,7 @@ def test_passphrase_from_a_pipe_is_its_first_line(monkeypatch: pytest.MonkeyPatc
 
 PROMPT_CHILD = """
 import sys
-from cryptlayer.keys import read_passphrase
+from cryptlayer.keys.sources import read_passphrase
 from cryptlayer.errors import UsageError
 try:
     with read_passphrase("Passphrase: ", confirm=True) as p, p.view() as d:

@@ -21,8 +21,9 @@ from clirunner import invoke
 from luksfixtures import fake_image
 from registryfixtures import RunningRegistry
 
-from cryptlayer import artifact, state
+from cryptlayer.distribution import artifact
 from cryptlayer.errors import ExitCode
+from cryptlayer.runtime import state
 
 
 @pytest.fixture(autouse=True)

@@ -18,9 +18,9 @@ from ocifixtures import (
     write_tar,
 )
 
+from cryptlayer.build.oci import open_image, split_reference
+from cryptlayer.build.sources import OciLayerSource, SquashSource
 from cryptlayer.errors import UsageError
-from cryptlayer.oci import open_image, split_reference
-from cryptlayer.sources import OciLayerSource, SquashSource
 
 LOWER, UPPER = MIDDLE, TOP  # the image both tiers use
 

@@ -176,7 +176,7 @@ def test_a_manifest_that_is_not_a_cryptlayer_image(plain: RunningRegistry, tmp_p
 def test_interrupted_pull_resumes(plain: RunningRegistry, image: Path, tmp_path: Path,
                                   monkeypatch: pytest.MonkeyPatch,
                                   requests_made: list[tuple[str, str]]) -> None:  # fmt: skip
-    from cryptlayer import registry as registry_mod
+    from cryptlayer.distribution import registry as registry_mod
 
     invoke("push", "--no-tls-verify", str(image), f"{plain.host}/resume/app:v1")
     original = registry_mod.Registry.pull_blob

@@ -13,8 +13,8 @@ import pytest
 from clirunner import invoke
 from luksfixtures import fake_image
 
-from cryptlayer import signatures
 from cryptlayer.errors import ExitCode, TamperedImageError, UsageError
+from cryptlayer.image import signatures
 
 
 def ssh_keygen(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -518,7 +518,7 @@ def test_principal_patterns_cannot_make_trust_checking_hang(
     pub = " ".join(Path(f"{keys['ed25519']}.pub").read_text().split()[:2])
     trust = tmp_path / "allowed_signers"
     trust.write_text("!" + "*a" * 12 + "*c," + "*a" * 300 + "b " + pub + "\n")
-    check = ("import sys; from pathlib import Path; from cryptlayer import signatures as s;"
+    check = ("import sys; from pathlib import Path; from cryptlayer.image import signatures as s;"
              " print(s.require_trusted(Path(sys.argv[1]), Path(sys.argv[1], 'manifest.json')"
              ".read_bytes(), Path(sys.argv[2]))[0][:4])")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", check, str(signed_by_ssh_keygen), str(trust)],
@@ -603,7 +603,7 @@ def test_sign_refuses_a_manifest_swapped_before_it_is_signed(
     image: Path, key: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The statement signed is the one in the directory written to."""
-    from cryptlayer import manifest
+    from cryptlayer.image import manifest
 
     real = manifest.load
 

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from luksfixtures import DATA_OFFSET, HDR, UUID, header_copy, metadata, write_layer
 
-from cryptlayer import envelope, luksheader, statement
-from cryptlayer import manifest as manifest_mod
 from cryptlayer.errors import TamperedImageError, UsageError
-from cryptlayer.keys import Credential, Secret
-from cryptlayer.manifest import ImageConfig, Layer, Manifest
+from cryptlayer.image import envelope, luksheader, statement
+from cryptlayer.image import manifest as manifest_mod
+from cryptlayer.image.manifest import ImageConfig, Layer, Manifest
+from cryptlayer.keys.sources import Credential, Secret
 
 LAYER = Layer("layer0.luks", UUID, DATA_OFFSET + 4096, 1, "rootfs/", DATA_OFFSET,
               "layer0.verity", 4096, "ab" * 32, "cd" * 32)  # fmt: skip

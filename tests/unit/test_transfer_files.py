@@ -219,10 +219,10 @@ def test_untrusted_reads_never_open_a_fifo(
     image: Path, waiting_writer: tuple[Path, subprocess.Popen[bytes]]
 ) -> None:
     """The image path too: keys.json through fsutil.read_untrusted, a layer through imagefiles."""
-    from cryptlayer import manifest as manifest_mod
     from cryptlayer.errors import UsageError
     from cryptlayer.fsutil import UntrustedFileError, read_untrusted
-    from cryptlayer.imagefiles import open_image
+    from cryptlayer.image import manifest as manifest_mod
+    from cryptlayer.image.files import open_image
 
     fifo, writer = waiting_writer
     with pytest.raises(UntrustedFileError, match=r"is not a regular file \(a FIFO\)"):
@@ -385,7 +385,7 @@ def test_the_complete_copy_is_named_when_the_target_appeared(
 ) -> None:
     """Failed before: "TARGET appeared while pulling: choose a new directory", and the complete
     .img.pull-X stayed behind unnamed."""
-    from cryptlayer import transfer
+    from cryptlayer.distribution import transfer
 
     assert invoke("push", str(image), f"oci:{tmp_path}/layout:v1")[0] == 0
     target = tmp_path / "back"
@@ -480,7 +480,7 @@ def test_bad_manifests_and_indexes_are_one_line_errors(layout: Path, tmp_path: P
 
 
 def test_digest_pins_the_image_digest(layout: Path, image: Path, tmp_path: Path) -> None:
-    from cryptlayer import manifest as manifest_mod
+    from cryptlayer.image import manifest as manifest_mod
 
     image_digest = manifest_mod.load(image).digest
     manifest = manifest_digest(layout)
@@ -524,7 +524,7 @@ def test_a_refused_pull_removes_only_its_own_work_directory(
     entries: while `pull --trust` fetches, they move its work directory aside and put root's
     private `precious/` under that name. The refused pull removes what it wrote through its
     own descriptor, never whatever the name leads to now."""
-    from cryptlayer.layout import Layout
+    from cryptlayer.distribution.layout import Layout
 
     shared = Path(tempfile.mkdtemp(prefix="cryptlayer-ww-", dir="/tmp"))
     shared.chmod(0o777)
@@ -555,7 +555,7 @@ def test_a_work_directory_replaced_while_pulling_is_not_renamed_into_place(
 ) -> None:
     """The same neighbour swaps the finished work directory for one of theirs just before the
     rename: the pull says so rather than put their directory at the target as its own."""
-    from cryptlayer.layout import Layout
+    from cryptlayer.distribution.layout import Layout
 
     shared = Path(tempfile.mkdtemp(prefix="cryptlayer-ww-", dir="/tmp"))
     shared.chmod(0o777)
@@ -698,7 +698,7 @@ def test_a_pull_that_finished_meanwhile_is_left_alone(
     """A second pull opens the work directory just as the first renames it into place and lets
     go of its lock: the second must not take the finished target for its work directory (a
     refused `--trust` would then empty it)."""
-    from cryptlayer import transfer
+    from cryptlayer.distribution import transfer
 
     work = tmp_path / f".x.pull-{manifest_digest(layout).removeprefix('sha256:')[:12]}"
     work.mkdir(mode=0o700)
@@ -831,7 +831,7 @@ def test_a_target_planted_just_before_the_rename(
 ) -> None:
     """A neighbour creates the target name in the instant between pull's last look and its
     rename: the rename never replaces it (nor fails on it with a bare 'Not a directory')."""
-    from cryptlayer import transfer
+    from cryptlayer.distribution import transfer
 
     real = transfer._WorkDir.publish
 

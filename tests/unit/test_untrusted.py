@@ -17,13 +17,15 @@ import pytest
 from clirunner import invoke
 from ocifixtures import CONFIG, MIDDLE, image_files, write_dir
 
-from cryptlayer import envelope, hostcheck, manifest, seccomp
+from cryptlayer.build.oci import open_image
+from cryptlayer.build.sources import DirectorySource, TarSource
 from cryptlayer.errors import ExitCode, UsageError, printable
-from cryptlayer.keys import Credential, Secret
-from cryptlayer.manifest import FORMAT, ImageConfig
-from cryptlayer.oci import open_image
-from cryptlayer.ocispec import Network, Overrides, resolve_user, runtime_config
-from cryptlayer.sources import DirectorySource, TarSource
+from cryptlayer.image import envelope, manifest
+from cryptlayer.image.manifest import FORMAT, ImageConfig
+from cryptlayer.image.process import Network, Overrides
+from cryptlayer.keys.sources import Credential, Secret
+from cryptlayer.runtime import hostcheck, seccomp
+from cryptlayer.runtime.ocispec import resolve_user, runtime_config
 
 GOOD_LAYER = {"file": "layer0.luks", "uuid": "u", "size": 4096, "content_bytes": 1,
               "source": "s", "offset": 4096, "tree": "layer0.verity", "tree_size": 4096,
@@ -186,7 +188,7 @@ def test_unexpected_errors_are_one_line(monkeypatch: pytest.MonkeyPatch, tmp_pat
     def boom(_image: Path) -> None:
         raise RuntimeError("something nobody foresaw")
 
-    monkeypatch.setattr("cryptlayer.inspect.inspect_image", boom)
+    monkeypatch.setattr("cryptlayer.image.inspect.inspect_image", boom)
     code, _, err = invoke("inspect", str(tmp_path))
     assert code == ExitCode.FAILURE
     assert err == ("error: unexpected RuntimeError: something nobody foresaw: run again with"

@@ -246,8 +246,8 @@ def keyslots(layer: Path) -> int:
 
 def image_key_of(image: Path, key: bytes) -> bytes:
     """The image key, unwrapped from keys.json with `key` (to look for it where it must not be)."""
-    from cryptlayer import envelope
-    from cryptlayer.keys import Credential, Secret
+    from cryptlayer.image import envelope
+    from cryptlayer.keys.sources import Credential, Secret
 
     credential = Credential(key=Secret(bytearray(key)))
     image_key = envelope.unlock(image, envelope.load(image).entries, credential)

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import Cli, leftovers, loop_device, slots
 
-from cryptlayer import sources
+from cryptlayer.build import sources
 from cryptlayer.errors import ExitCode
-from cryptlayer.ocispec import CAPABILITIES
 from cryptlayer.paths import run_root
+from cryptlayer.runtime.ocispec import CAPABILITIES
 
 SECRET = "cryptlayer-keyring-secret-0b7d"
 # Capability numbers of podman's default set, for CapEff in /proc/PID/status

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import Cli, leftovers, slots
 
-from cryptlayer import journal
+from cryptlayer.runtime import journal
 
 FINISHED = 3  # the child's exit status when it passed its point without dying
 

@@ -17,9 +17,9 @@ import pytest
 from conftest import Cli, keyslots, leftovers, loop_device, own_status, slots
 from test_crash_points import crash_at
 
-from cryptlayer import journal, state
 from cryptlayer.errors import ExitCode
 from cryptlayer.paths import run_root
+from cryptlayer.runtime import journal, state
 
 
 @pytest.fixture

@@ -70,7 +70,7 @@ def test_gc_after_power_loss() -> None:
     """Boot 2: the journal outlived the power cut; gc clears it, the kept image still opens."""
     from conftest import Cli, leftovers, slots
 
-    from cryptlayer import state
+    from cryptlayer.runtime import state
 
     cli = Cli.new()
     assert {r.name for r in state.all_records()} == {"started", "kept", "running"}, (

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from conftest import Cli, image_key_of, keyslots
 
-from cryptlayer.container import StartOptions
 from cryptlayer.paths import run_root, state_root
+from cryptlayer.runtime.container import StartOptions
 
 CLI = [sys.executable, "-m", "cryptlayer"]
 

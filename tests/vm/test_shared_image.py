@@ -10,10 +10,10 @@ from pathlib import Path
 
 from conftest import MARKER_LOWER, Cli, slots
 
-from cryptlayer import state
 from cryptlayer.errors import ExitCode
-from cryptlayer.layers import mapping_prefix
 from cryptlayer.paths import run_root
+from cryptlayer.runtime import state
+from cryptlayer.runtime.layers import mapping_prefix
 from cryptlayer.tools import udev
 
 

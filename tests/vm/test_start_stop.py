@@ -151,7 +151,7 @@ def test_a_mapping_in_use_is_not_removed_and_a_gone_one_is_no_error(
 def test_an_overlay_of_128_layers_fits_by_name(tmp_path: Path) -> None:
     """The kernel takes one page of mount options: 128 layers (manifest.MAX_LAYERS) fit only
     when named from their directory, as assembly names them."""
-    from cryptlayer.manifest import MAX_LAYERS
+    from cryptlayer.image.manifest import MAX_LAYERS
     from cryptlayer.tools import mount
 
     base = tmp_path / ("layers-" + "d" * 40)

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from conftest import MARKER_LOWER, Cli, image_key_of, keyslots, loop_device, own_status, slots
 
-from cryptlayer import paths, state
+from cryptlayer import paths
 from cryptlayer.errors import ExitCode
+from cryptlayer.runtime import state
 
 CHANGED = (
     "was changed by someone without the image key (its MAC does not match): do not run it;"

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import CommandError, UsageError, WrongKeyError
-from ..runner import run
-from . import BLOCK, devmapper, udev
+from cryptlayer.errors import CommandError, UsageError, WrongKeyError
+from cryptlayer.tools import BLOCK, devmapper, udev
+from cryptlayer.tools.runner import run
 
 if TYPE_CHECKING:
-    from ..secret import Secret
+    from cryptlayer.secret import Secret
 
 CIPHER = "aes-xts-plain64"
 KEY_BITS = 512

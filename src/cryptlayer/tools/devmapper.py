@@ -23,7 +23,7 @@ import os
 import struct
 import time
 
-from ..errors import BusyError, CryptlayerError
+from cryptlayer.errors import BusyError, CryptlayerError
 
 CONTROL = "/dev/mapper/control"
 # struct dm_ioctl: version[3], data_size, data_start, target_count, open_count, flags, event_nr,

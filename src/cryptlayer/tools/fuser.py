@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from ..runner import have, run
+from cryptlayer.tools.runner import have, run
 
 
 def holders(target: Path) -> list[str]:

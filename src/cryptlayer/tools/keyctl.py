@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..errors import CommandError
-from ..runner import run, run_for_secret
+from cryptlayer.errors import CommandError
+from cryptlayer.tools.runner import run, run_for_secret
 
 
 def search(ring: str, name: str) -> str | None:

@@ -15,8 +15,8 @@ import os
 import struct
 from pathlib import Path
 
-from ..errors import CryptlayerError
-from . import udev
+from cryptlayer.errors import CryptlayerError
+from cryptlayer.tools import udev
 
 LOOP_CTL_GET_FREE = 0x4C82
 LOOP_CLR_FD = 0x4C01

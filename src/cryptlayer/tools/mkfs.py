@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..runner import run
-from . import BLOCK
+from cryptlayer.tools import BLOCK
+from cryptlayer.tools.runner import run
 
 
 def make_ext4(device: str, *, inodes: int | None, label: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..runner import run
+from cryptlayer.tools.runner import run
 
 
 def available() -> bool:

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BusyError, CryptlayerError
-from ..fsutil import libc
+from cryptlayer.errors import BusyError, CryptlayerError
+from cryptlayer.fsutil import libc
 
 UMOUNT_NOFOLLOW = 8  # a mount point that is (now) a symbolic link is not followed
 # mount(8)'s generic options as mount(2) flags (<sys/mount.h>); any other option is the file

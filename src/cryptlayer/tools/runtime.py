@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import IO
 
-from ..errors import MissingToolError
-from ..paths import runtime_state
-from ..runner import Attached, have, run, run_attached
+from cryptlayer.errors import MissingToolError
+from cryptlayer.paths import runtime_state
+from cryptlayer.tools.runner import Attached, have, run, run_attached
 
 
 def _state_root() -> str:

@@ -90,7 +90,7 @@ def loops_backed_by(paths: set[Path]) -> list[str]:
 
 def settle() -> None:
     """Wait until udev has processed every queued event (no-op where udev is not running)."""
-    from ..runner import run
+    from cryptlayer.tools.runner import run
 
     if Path("/run/udev/control").exists():
         run(["udevadm", "settle", "--timeout", "30"], check=False)
@@ -106,7 +106,7 @@ def wait_for_node(node: str, timeout: float = 30.0) -> None:
 
     import pyudev
 
-    from ..errors import CryptlayerError
+    from cryptlayer.errors import CryptlayerError
 
     context = _context()
     udev_running = Path("/run/udev/control").exists()

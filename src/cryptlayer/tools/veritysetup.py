@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import CommandError
-from ..runner import run
-from . import BLOCK, devmapper, udev
+from cryptlayer.errors import CommandError
+from cryptlayer.tools import BLOCK, devmapper, udev
+from cryptlayer.tools.runner import run
 
 HASH = "sha256"
 

@@ -1,0 +1,298 @@
+"""An OCI image layout on disk (`oci:PATH[:TAG]`, as skopeo writes one), as a place to push an
+image to and pull it from: blobs/sha256/HEX, index.json naming each manifest by the annotation
+org.opencontainers.image.ref.name, oci-layout. For air-gapped transfer.
+
+A layout to pull from is an attacker's: every file is opened below the layout without following
+symlinks (openat2 RESOLVE_NO_SYMLINKS), must be regular, and is size-capped or streamed and
+checked against its digest; index.json's every field is checked. A layout pushed to may be
+someone else's too: its directories are opened without following a symlink and every file is
+created new (O_EXCL, O_NOFOLLOW) under a temporary name, then renamed into place; a blob already
+there is kept only if its bytes are that blob."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import stat
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from cryptlayer.distribution.artifact import require_blob, write_checked
+from cryptlayer.errors import TamperedImageError, UsageError
+from cryptlayer.fsutil import (
+    MAX_IMAGE_JSON,
+    UntrustedFileError,
+    kind,
+    open_in_root,
+    open_regular,
+    read_regular,
+)
+
+REF_NAME = "org.opencontainers.image.ref.name"
+INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+CHUNK = 1 << 20
+DEFAULT_TAG = "latest"
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Layout:
+    """One OCI layout directory, and the tag to push or pull ("": pushed as `latest`; pulled:
+    the layout's one image, or else `latest`)."""
+
+    def __init__(self, path: Path, tag: str) -> None:
+        self.path, self.tag = path, tag
+
+    def __str__(self) -> str:
+        return f"oci:{self.path}:{self.tag}" if self.tag else f"oci:{self.path}"
+
+    # pushing
+    def _open_dir(self, dir_fd: int | None, name: str | Path, create: bool) -> int:
+        """Directory `name` (below `dir_fd`), made if `create` and absent, opened without
+        following a symlink; UsageError if it is not a directory."""
+        shown = self.path / name if dir_fd is not None else self.path
+        if create:
+            try:
+                os.mkdir(name, 0o755, dir_fd=dir_fd)
+            except FileExistsError:
+                pass
+            except OSError as err:
+                raise UsageError(f"cannot create {shown}: {err.strerror}") from None
+        try:
+            return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+        except OSError as err:
+            raise UsageError(
+                f"{shown} is not a directory of an OCI layout ({err.strerror};"
+                " a symlink is not followed)",
+                "give another oci:PATH",
+            ) from None
+
+    def _blob_dir(self) -> tuple[int, int]:
+        """The layout's directory and its blobs/sha256, open (both to be closed by the caller)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            below = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
+            raise UsageError(
+                f"cannot create {self.path}: Not a directory ({below} is not one)"
+            ) from None
+        except OSError as err:
+            raise UsageError(f"cannot create {self.path}: {err.strerror}") from None
+        root = self._open_dir(None, self.path, True)
+        try:
+            blobs = self._open_dir(root, "blobs", True)
+            try:
+                return root, self._open_dir(blobs, "sha256", True)
+            finally:
+                os.close(blobs)
+        except BaseException:
+            os.close(root)
+            raise
+
+    def prepare(self) -> None:
+        root, sha = self._blob_dir()
+        try:
+            if not _exists(root, "oci-layout"):
+                _replace(root, "oci-layout", [b'{"imageLayoutVersion": "1.0.0"}\n'])
+        finally:
+            os.close(sha)
+            os.close(root)
+
+    def push_blob(self, source: BinaryIO, digest: str, size: int,
+                  progress: Callable[[int], None]) -> bool:  # fmt: skip
+        """Copy `source` (read from where it stands) into the layout as blob `digest`, unless
+        that very blob is there (a regular file of that size and digest: the layout may be
+        someone else's); its sha256 checked while it is copied."""
+        root, sha = self._blob_dir()
+        try:
+            name = _hex(digest)
+            if _holds(sha, name, digest, size):
+                return False
+            h = hashlib.sha256()
+            chunks = iter(lambda: source.read(CHUNK), b"")
+            done = _replace(sha, name, chunks, h, size, progress)
+            if f"sha256:{h.hexdigest()}" != digest or done != size:
+                os.unlink(name, dir_fd=sha)
+                raise UsageError(f"{digest} changed while it was pushed", "push it again")
+            return True
+        finally:
+            os.close(sha)
+            os.close(root)
+
+    def put_manifest(self, data: bytes, digest: str) -> None:
+        root, sha = self._blob_dir()
+        try:
+            if not _holds(sha, _hex(digest), digest, len(data)):
+                _replace(sha, _hex(digest), [data])
+            index: dict[str, Any] = {"schemaVersion": 2, "mediaType": INDEX_TYPE}
+            listed: list[dict[str, Any]] = []
+            if _exists(root, "index.json"):
+                index = self._index()
+                listed = [entry for entry, _, _ in _entries(index, self.path)]
+            tag = self.tag or DEFAULT_TAG
+            kept = [m for m in listed if m.get("annotations", {}).get(REF_NAME) != tag]
+            kept.append({"mediaType": MANIFEST_TYPE, "digest": digest, "size": len(data),
+                         "annotations": {REF_NAME: tag}})  # fmt: skip
+            index["manifests"] = kept
+            _replace(root, "index.json", [json.dumps(index, indent=2).encode() + b"\n"])
+        finally:
+            os.close(sha)
+            os.close(root)
+
+    # pulling
+    def _read(self, relative: str, limit: int) -> bytes:
+        try:
+            root = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            raise UsageError(f"{self.path} is not an OCI layout ({err.strerror})") from None
+        try:
+            fd = open_in_root(root, relative, symlinks=False)
+            return read_regular(fd, limit, f"{self.path}/{relative}")
+        except FileNotFoundError:
+            raise UsageError(f"{self.path}/{relative} is missing", "is it an OCI layout?") from None
+        except UntrustedFileError as err:  # (it names the file)
+            raise UsageError(str(err), "is it an OCI layout, as skopeo writes one?") from None
+        except OSError as err:
+            raise UsageError(f"{self.path}/{relative}: {err.strerror}") from None
+        finally:
+            os.close(root)
+
+    def _index(self) -> dict[str, Any]:
+        try:
+            index = json.loads(self._read("index.json", MAX_IMAGE_JSON))
+            if not isinstance(index, dict):
+                raise ValueError("not an object")
+            return index
+        except RecursionError:
+            raise UsageError(f"{self.path}/index.json is nested too deeply") from None
+        except ValueError as err:
+            raise UsageError(f"{self.path}/index.json is not valid ({err})") from None
+
+    def get_manifest(self) -> tuple[bytes, str]:
+        entries = _entries(self._index(), self.path)
+        chosen = [digest for _, tag, digest in entries if tag == (self.tag or DEFAULT_TAG)]
+        if not self.tag and len(entries) == 1:
+            chosen = [entries[0][2]]  # as skopeo: a layout of one image needs no tag
+        if not chosen:
+            tags = ", ".join(sorted({t for _, t, _ in entries if t})) or "none"
+            hint = "name one: oci:PATH:TAG" if self.tag or entries else "push one there first"
+            raise UsageError(f"{self} names no image (it holds {len(entries)}; tags: {tags})",
+                             hint)  # fmt: skip
+        digest = chosen[-1]
+        data = self._read(f"blobs/sha256/{_hex(digest)}", MAX_IMAGE_JSON)
+        if f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
+            raise TamperedImageError(
+                f"manifest digest {digest} in {self.path} does not match the manifest",
+                "the layout was changed; copy it again",
+            )
+        return data, digest
+
+    def pull_blob(self, digest: str, size: int, out: BinaryIO,
+                  progress: Callable[[int], None]) -> None:  # fmt: skip
+        """Copy blob `digest` into `out` (an open file, written from its start); its sha256
+        checked (TamperedImageError: the caller removes the file)."""
+        root = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = open_in_root(root, f"blobs/sha256/{_hex(digest)}", symlinks=False)
+        except OSError as err:
+            raise UsageError(f"blob {digest} of {self.path}: {err.strerror}") from None
+        finally:
+            os.close(root)
+        h = hashlib.sha256()
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # (an O_PATH descriptor, which open() would not take)
+            os.close(fd)
+            raise UsageError(
+                f"blob {digest} of {self.path} is not a regular file ({kind(mode)})",
+                "an OCI layout holds regular files only; copy it again",
+            )
+        with os.fdopen(fd, "rb") as src:
+            out.seek(0)
+            out.truncate()
+            done = write_checked(iter(lambda: src.read(CHUNK), b""), out, h, 0, size, progress)
+        require_blob(h, done, digest, size, f"of {self.path}",
+                     "the layout was changed; copy it again")  # fmt: skip
+
+
+def _hex(digest: str) -> str:
+    """The file name of blob `digest`; UsageError unless it is a sha256 digest."""
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        raise UsageError(f"{digest!r} is not a sha256 digest", "the layout is damaged")
+    return digest.removeprefix("sha256:")
+
+
+def _entries(index: dict[str, Any], where: Path) -> list[tuple[dict[str, Any], str, str]]:
+    """index.json's manifests: (entry, tag or "", digest), every field checked."""
+    listed = index.get("manifests", [])
+    bad = f"{where}/index.json is not valid"
+    if not isinstance(listed, list):
+        raise UsageError(f"{bad} (manifests is not a list)", "the layout is damaged")
+    found = []
+    for i, entry in enumerate(listed):
+        annotations = entry.get("annotations", {}) if isinstance(entry, dict) else None
+        digest = entry.get("digest") if isinstance(entry, dict) else None
+        if not isinstance(annotations, dict) or not isinstance(digest, str):
+            raise UsageError(f"{bad} (manifests[{i}] has no digest or annotations object)",
+                             "the layout is damaged")  # fmt: skip
+        tag = annotations.get(REF_NAME, "")
+        if not isinstance(tag, str):
+            raise UsageError(f"{bad} (manifests[{i}]'s {REF_NAME} is not a string)",
+                             "the layout is damaged")  # fmt: skip
+        _hex(digest)
+        found.append((entry, tag, digest))
+    return found
+
+
+def _exists(dir_fd: int, name: str, size: int | None = None) -> bool:
+    """Whether `name` in `dir_fd` is a regular file (not a symlink), of `size` bytes if given."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and (size is None or st.st_size == size)
+
+
+def _holds(dir_fd: int, name: str, digest: str, size: int) -> bool:
+    """Whether `name` in `dir_fd` is blob `digest`: a regular file (opened without following a
+    symlink, never a device or FIFO) of `size` bytes whose sha256 is that digest. A wrong one is
+    then replaced through a fresh .partial, never written in place."""
+    try:
+        fd = open_regular(name, dir_fd=dir_fd)
+    except (OSError, UntrustedFileError):  # absent, a symlink, not a regular file
+        return False
+    with os.fdopen(fd, "rb") as f:
+        if os.fstat(fd).st_size != size:
+            return False
+        h = hashlib.sha256()
+        done = 0
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            done += len(chunk)
+    return done == size and f"sha256:{h.hexdigest()}" == digest
+
+
+def _replace(dir_fd: int, name: str, chunks: Iterable[bytes], h: Any = None, size: int = -1,
+             progress: Callable[[int], None] | None = None) -> int:  # fmt: skip
+    """Write `chunks` to a new file `.NAME.RANDOM.partial` of `dir_fd` (created, never opened
+    through a symlink), then rename it to `name`; the bytes written."""
+    partial = f".{name}.{secrets.token_hex(4)}.partial"
+    fd = os.open(partial, NEW_FILE, 0o644, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if h is not None:
+                done = write_checked(chunks, out, h, 0, size, progress or (lambda _: None))
+            else:
+                done = 0
+                for chunk in chunks:
+                    out.write(chunk)
+                    done += len(chunk)
+        os.rename(partial, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        os.unlink(partial, dir_fd=dir_fd)
+        raise
+    return done

@@ -1,0 +1,150 @@
+"""Garbage collection: tear down what crashed processes left, and apply the shreds they owed."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptlayer.errors import CryptlayerError
+from cryptlayer.fsutil import wipe_file
+from cryptlayer.image.manifest import LAYER_SUFFIX, MANIFEST, TREE_SUFFIX
+from cryptlayer.paths import images_run_dir, run_root, scratch_dir
+from cryptlayer.runtime import journal, state
+from cryptlayer.runtime.container import teardown
+from cryptlayer.runtime.journal import Kind
+from cryptlayer.runtime.state import Mode, Record
+from cryptlayer.tools import devmapper, losetup, mount, udev
+
+
+@dataclass
+class Report:
+    """What gc did."""
+
+    containers: list[str] = field(default_factory=list)  # records torn down
+    shredded: list[str] = field(default_factory=list)  # images erased
+    orphans: list[str] = field(default_factory=list)  # resources no record knew
+    errors: list[str] = field(default_factory=list)
+
+
+def _abandoned(record: Record) -> bool:
+    """A record nobody will finish: its owner died, or the machine restarted since it was made
+    (an idle started container is not abandoned)."""
+    if record.from_earlier_boot():
+        return True
+    if record.mode is Mode.START and record.pid == 0:
+        return False
+    return not record.owner_alive()
+
+
+def collect() -> Report:
+    """Tear down abandoned containers (completing the erases they owed), close image layers
+    nobody uses, then anything of cryptlayer's that no journal claims."""
+    report = Report()
+    with state.locked():
+        for record in state.all_records():
+            if not _abandoned(record):
+                continue
+            done_before = record.shredded
+            try:
+                teardown(record)
+            except CryptlayerError as err:
+                report.errors.append(f"{record.name}: {err}")
+                continue
+            report.containers.append(record.name)
+            if record.shred and record.shredded and not done_before:
+                report.shredded.append(record.image)
+        for opening in state.all_openings():
+            if state.users_of(opening.image):
+                continue
+            _try(report, f"layers of {opening.image}", lambda o=opening: journal.close_opening(o))
+        _collect_orphans(report)
+    return report
+
+
+def _collect_orphans(report: Report) -> None:
+    live = state.all_journals()
+    claimed = {s.ref for j in live for s in j.steps} | {s.device for j in live for s in j.steps}
+    root = run_root()
+    # Mounts first, deepest first: the overlay sits on the layer and scratch mounts.
+    ours = [p for p in mount.mounted_paths() if root in p.parents and str(p) not in claimed]
+    for target in sorted(ours, key=lambda p: len(p.parts), reverse=True):
+        _try(report, f"mount {target}", lambda t=target: mount.umount(t))
+    # By dm UUID: found even if renamed. A mapping another sits on (a layer's dm-verity mapping
+    # under its LUKS mapping) is busy until that one is closed: close in passes, top first.
+    pending = [name for name in udev.cryptlayer_mappings() if name not in claimed]
+    while pending:
+        failed: list[tuple[str, CryptlayerError]] = []
+        for name in pending:
+            try:
+                devmapper.remove(name)
+                report.orphans.append(f"mapping {name}")
+            except CryptlayerError as err:
+                failed.append((name, err))
+        if len(failed) == len(pending):
+            report.errors += [f"mapping {name}: {err}" for name, err in failed]
+            break
+        pending = [name for name, _ in failed]
+    files = {Path(s.ref) for j in live for s in j.steps if s.kind is Kind.LOOP}
+    for device in udev.block_devices():
+        if device.backing_file is None or device.node in claimed:
+            continue
+        backing = Path(device.backing_file.removesuffix(" (deleted)"))
+        if backing in files:
+            continue
+        if scratch_dir() in backing.parents or _is_layer_file(backing):
+            _try(report, f"loop {device.node}", lambda d=device.node: losetup.detach(d))
+    if scratch_dir().is_dir():
+        for leftover in scratch_dir().iterdir():
+            if str(leftover) not in claimed:
+                _try(report, f"scratch file {leftover}", leftover.unlink)
+    _collect_header_copies(report, images_run_dir(), claimed)
+    # Empty directories of containers that no longer exist (never descending into a mount).
+    mounted = mount.mounted_paths()
+    if root.is_dir():
+        for top in root.iterdir():
+            if (
+                not top.is_dir()
+                or top.name.startswith(".")
+                or str(top) in claimed
+                or top in mounted
+            ):
+                continue
+            for sub in top.iterdir():
+                if sub.is_dir() and sub not in mounted:
+                    with contextlib.suppress(OSError):
+                        sub.rmdir()
+            with contextlib.suppress(OSError):
+                top.rmdir()
+
+
+def _collect_header_copies(report: Report, images: Path, claimed: set[str]) -> None:
+    """Header copies and mount points of image openings that no journal knows."""
+    if not images.is_dir():
+        return
+    mounted = mount.mounted_paths()
+    for top in images.iterdir():
+        if str(top) in claimed or not top.is_dir():
+            continue
+        for item in top.iterdir():
+            if item.suffix == ".hdr":
+                _try(report, f"header copy {item}", lambda p=item: wipe_file(p))
+            elif item.is_dir() and item not in mounted:
+                with contextlib.suppress(OSError):
+                    item.rmdir()
+        with contextlib.suppress(OSError):
+            top.rmdir()
+
+
+def _is_layer_file(path: Path) -> bool:
+    """A layer of a cryptlayer image, or its dm-verity hash tree: a .luks or .verity file beside
+    a manifest.json."""
+    return path.suffix in (LAYER_SUFFIX, TREE_SUFFIX) and (path.parent / MANIFEST).is_file()
+
+
+def _try(report: Report, what: str, action: object) -> None:
+    try:
+        action()  # type: ignore[operator]
+        report.orphans.append(what)
+    except CryptlayerError as err:
+        report.errors.append(f"{what}: {err}")

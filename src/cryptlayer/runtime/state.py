@@ -1,0 +1,289 @@
+"""Container records: a journal of every resource a container holds, and the host-wide lock.
+
+Each step is written down (atomically) before it is taken, so after a crash `gc` knows what may
+exist; releasing a step is idempotent, so a step that never happened costs nothing to release.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cryptlayer.errors import BusyError, UsageError
+from cryptlayer.fsutil import write_json_atomic
+from cryptlayer.paths import openings_dir, private_run_root, records_dir, state_root
+from cryptlayer.runtime.journal import Kind, Step, uses_image
+
+T = TypeVar("T")
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+
+
+class Mode(StrEnum):
+    RUN = "run"  # owned by a `cryptlayer run` process for its whole life
+    START = "start"  # assembled by `start`, lives until `stop`
+
+
+@dataclass
+class Record:
+    """One container: what it was made from and every resource it holds, in order."""
+
+    name: str
+    image: str
+    shred: bool  # crypto-erase the image when the container goes away
+    mode: Mode
+    pid: int  # process working on it now (0: nobody; a started container at rest)
+    rootfs: str = ""
+    created: str = ""
+    shredded: bool = False
+    steps: list[Step] = field(default_factory=list)
+    layers: int = 0
+    boot: str = ""  # the kernel's boot id when it was made: after a reboot nothing of it is left
+    layer_ids: list[list[int]] = field(default_factory=list)  # (device, inode) of each layer file
+
+    @property
+    def path(self) -> Path:
+        return records_dir() / f"{self.name}.json"
+
+    def save(self, *, durable: bool = True) -> None:
+        write_json_atomic(self.path, _document(self), mode=0o600, durable=durable, compact=True)
+
+    def others(self) -> list[Record | Opening]:
+        return _others(self.path)
+
+    def opening_of(self, image: str) -> Opening | None:
+        return load_opening(image)
+
+    def from_earlier_boot(self) -> bool:
+        """Whether the machine restarted since (power loss): its devices and mounts are gone."""
+        return bool(self.boot) and self.boot != boot_id()
+
+    def owner_alive(self) -> bool:
+        """Whether the process working on this record still exists (a pid from an earlier boot
+        may belong to another process now)."""
+        if self.pid <= 0 or self.from_earlier_boot():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def describe(self) -> Description:
+        """What `ps` shows of this container (without importing the heavy modules)."""
+        if self.mode is Mode.RUN and self.owner_alive():
+            status = "running"
+        elif self.mode is Mode.START and self.pid == 0 and not self.from_earlier_boot():
+            status = "assembled"
+        else:
+            status = "stale"  # its owner died, or the machine restarted: `cryptlayer gc`
+        return Description(self.name, self.image, str(self.mode), status, self.rootfs,
+                           self.layers, self.shred, self.created)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Description:
+    """One row of `ps`: a container's name, image, mode, status and what stopping it does."""
+
+    name: str
+    image: str
+    mode: str
+    status: str  # running, assembled (started, at rest) or stale (for `cryptlayer gc`)
+    rootfs: str
+    layers: int
+    shred_on_stop: bool
+    created: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def boot_id() -> str:
+    """This boot's random id (it changes at every boot)."""
+    with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+        return f.read().strip()
+
+
+def check_name(name: str) -> str:
+    """UsageError unless `name` is a valid container name."""
+    if not NAME_RE.match(name):
+        raise UsageError(
+            f"invalid name {name!r}",
+            "use letters, digits, '_', '.' and '-' (at most 63), starting with a letter or digit",
+        )
+    return name
+
+
+def _document(journal: Record | Opening) -> dict[str, Any]:
+    """A record or opening as JSON: its fields, its steps as objects (dataclasses.asdict, but
+    without its deep copies: two writes per step make this a hot path under emulation)."""
+    document = {f.name: getattr(journal, f.name) for f in fields(journal)}
+    document["steps"] = [vars(step) for step in journal.steps]
+    return document
+
+
+def _steps(raw: dict[str, Any]) -> list[Step]:
+    return [Step(Kind(s["kind"]), str(s["ref"]), str(s.get("device", "")),
+                 str(s.get("backing", "")))
+            for s in raw.pop("steps", [])]  # fmt: skip
+
+
+def _from_json(raw: dict[str, Any]) -> Record:
+    steps = _steps(raw)
+    raw["mode"] = Mode(raw["mode"])
+    known = {f.name for f in fields(Record)}  # a newer cryptlayer may have added fields
+    return Record(**{k: v for k, v in raw.items() if k in known}, steps=steps)
+
+
+def _damaged(path: Path, err: Exception) -> UsageError:
+    return UsageError(
+        f"the record {path} is damaged ({err})",
+        "check what it holds (losetup -a, dmsetup ls), then remove it",
+    )
+
+
+def load(name: str) -> Record:
+    """The record of container NAME; UsageError if there is none or it cannot be read."""
+    path = records_dir() / f"{check_name(name)}.json"
+    try:
+        return _from_json(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise UsageError(
+            f"no container named {name!r}", "see `cryptlayer ps` for the names"
+        ) from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise _damaged(path, err) from err
+
+
+def _read_all(directory: Path, parse: Callable[[dict[str, Any]], T]) -> list[T]:
+    """Every readable JSON journal in `directory`, by file name."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            found.append(parse(json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being replaced; the next look will see it
+    return found
+
+
+def all_records() -> list[Record]:
+    """Every container record, by name."""
+    return _read_all(records_dir(), _from_json)
+
+
+def users_of(image: str, besides: Path | None = None) -> list[str]:
+    """Names of the containers that use (or may have begun to use) the shared layers of `image`."""
+    return [r.name for r in all_records() if r.path != besides and uses_image(r, image)]
+
+
+def create(record: Record) -> Record:
+    """Write a new record; BusyError if the name is taken. Call with the lock held."""
+    records_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+    if record.path.exists():
+        raise BusyError(
+            f"a container named {record.name!r} already exists",
+            f"choose another --name, or `cryptlayer stop {record.name}` first",
+        )
+    record.boot = boot_id()
+    record.save()
+    return record
+
+
+def remove(record: Record) -> None:
+    """Forget the record (its resources are gone)."""
+    record.path.unlink(missing_ok=True)
+
+
+@contextmanager
+def locked() -> Iterator[None]:
+    """Hold the host-wide cryptlayer lock (flock) so processes do not race over devices."""
+    root = state_root()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_run_root()  # everything that takes the lock works below it
+    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+# The shared read-only layers of an image: opened by its first container, closed by its last.
+def image_id(image: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(image.encode()).hexdigest()[:24]
+
+
+@dataclass
+class Opening:
+    """The journal of an image's shared layers: loops, mappings, mounts, runtime headers.
+
+    Its users are the container records holding an IMAGE step for it (counted, never stored, so
+    the count cannot drift from the records). `erased`: the on-disk keyslots were wiped at
+    start; the layers were opened from header copies in /run.
+    """
+
+    image: str
+    erased: bool = False
+    steps: list[Step] = field(default_factory=list)
+    layers: list[list[int]] = field(default_factory=list)  # (device, inode) of each layer file
+
+    @property
+    def id(self) -> str:
+        return image_id(self.image)
+
+    @property
+    def path(self) -> Path:
+        return openings_dir() / f"{self.id}.json"
+
+    def save(self, *, durable: bool = True) -> None:
+        write_json_atomic(self.path, _document(self), mode=0o600, durable=durable, compact=True)
+
+    def others(self) -> list[Record | Opening]:
+        return _others(self.path)
+
+    def opening_of(self, image: str) -> Opening | None:
+        return load_opening(image)
+
+
+def _opening_from_json(raw: dict[str, Any]) -> Opening:
+    steps = _steps(raw)
+    layers = [[int(n) for n in ident] for ident in raw.get("layers", [])]
+    return Opening(str(raw["image"]), bool(raw.get("erased", False)), steps, layers)
+
+
+def load_opening(image: str) -> Opening | None:
+    """The opening of `image`, if its layers are (or may be) open; None if not."""
+    path = openings_dir() / f"{image_id(image)}.json"
+    try:
+        return _opening_from_json(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as err:
+        raise _damaged(path, err) from err
+
+
+def all_openings() -> list[Opening]:
+    """Every image opening."""
+    return _read_all(openings_dir(), _opening_from_json)
+
+
+def all_journals() -> list[Record | Opening]:
+    """Every record and opening: everything cryptlayer holds on this host."""
+    return [*all_records(), *all_openings()]
+
+
+def _others(path: Path) -> list[Record | Opening]:
+    return [j for j in all_journals() if j.path != path]
