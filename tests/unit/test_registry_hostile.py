@@ -487,9 +487,9 @@ def test_a_registry_that_drips_its_answer_meets_a_deadline(
     """A byte a tenth of a second keeps every read within its timeout; the request's deadline
     (here 2 s) ends it: in the headers, and in the body. Failed before: waited until the server
     finished (here 8 s; a hostile one never does)."""
-    from cryptlayer.distribution import registry as registry_mod
+    from cryptlayer.distribution import wire
 
-    monkeypatch.setattr(registry_mod, "DEADLINE", 2.0)
+    monkeypatch.setattr(wire, "DEADLINE", 2.0)
 
     def drip(request: Any, data: bytes) -> None:
         end = time.monotonic() + 8
