@@ -421,9 +421,6 @@ def stream(response: Any, expected: int, what: str, host: str) -> Iterator[bytes
             response.close()
 
 
-# -- manifests
-
-
 class Counted:
     """A file to upload that reports how much was read (requests streams it, Content-Length
     from len())."""
