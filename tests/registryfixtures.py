@@ -1,6 +1,7 @@
 """A real registry for the tests: Debian's docker-registry (CNCF distribution 2.8), started on
 127.0.0.1 on a free port, plain HTTP or with htpasswd auth and TLS (a CA and a certificate made
-here); and hostile(), a registry that is one function, for what a real one never sends."""
+here); and hostile(), a registry that is one function, for what a real one never sends (reply()
+answers a request there; token_server() is one that records who sent it credentials)."""
 
 from __future__ import annotations
 
@@ -187,3 +188,31 @@ def hostile(handle: Callable[[Any], None], tls: Path | None = None) -> Iterator[
     finally:
         server.shutdown()
         server.server_close()
+
+
+def reply(request: Any, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
+          length: int | None = None) -> None:  # fmt: skip
+    """Answer a hostile() server's `request`: `status`, `headers`, `body` (Content-Length:
+    `length` if given, whatever the body's)."""
+    request.send_response(status)
+    for name, value in (headers or {}).items():
+        request.send_header(name, value)
+    request.send_header("Content-Length", str(len(body) if length is None else length))
+    request.end_headers()
+    if request.command != "HEAD":
+        request.wfile.write(body)
+
+
+@contextmanager
+def token_server() -> Iterator[tuple[Hostile, list[str | None]]]:
+    """A token server (plain HTTP) that gives anyone the token "t", and the Authorization header
+    of each request it got (None where there was none): the tests that no credentials may reach
+    it expect the list empty."""
+    sent: list[str | None] = []
+
+    def handle(request: Any) -> None:
+        sent.append(request.headers.get("Authorization"))
+        reply(request, 200, b'{"token": "t"}')
+
+    with hostile(handle) as server:
+        yield server, sent

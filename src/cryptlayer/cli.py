@@ -987,12 +987,8 @@ def login(
     authfile: AuthFile = None,
 ) -> None:
     """Check credentials with the registry and store them as podman does (never on argv)."""
-    from cryptlayer.distribution.registry import (
-        Reference,
-        Registry,
-        registry_host,
-        save_credentials,
-    )
+    from cryptlayer.distribution.auth import save_credentials
+    from cryptlayer.distribution.registry import Reference, Registry, registry_host
 
     host = registry_host(registry)
     password = _password(username, host, password_stdin)
@@ -1008,7 +1004,8 @@ def logout(
     registry: Annotated[str, typer.Argument(metavar="HOST[:PORT]")], authfile: AuthFile = None
 ) -> None:
     """Remove the stored credentials of a registry."""
-    from cryptlayer.distribution.registry import registry_host, save_credentials
+    from cryptlayer.distribution.auth import save_credentials
+    from cryptlayer.distribution.registry import registry_host
 
     host = registry_host(registry)
     path = save_credentials(host, "", None, authfile)

@@ -80,7 +80,7 @@ def test_missing_manifest(tmp_path: Path) -> None:
 def test_malformed_manifest(tmp_path: Path, content: str, detail: str) -> None:
     (tmp_path / "manifest.json").write_text(content)
     code, _, err = invoke("inspect", str(tmp_path))
-    assert code == ExitCode.TAMPERED  # a damaged copy (test_copies.py)
+    assert code == ExitCode.TAMPERED  # a damaged copy (test_verify.py)
     assert detail in one_error_line(err)
 
 
@@ -348,3 +348,14 @@ def test_other_commands_keep_their_codes(tmp_path: Path) -> None:
     code, _out, err = invoke("verify", str(tmp_path / "none"))
     assert code == ExitCode.USAGE
     assert one_error_line(err).startswith("error: ")
+
+
+def test_unexpected_errors_are_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def boom(_image: Path) -> None:
+        raise RuntimeError("something nobody foresaw")
+
+    monkeypatch.setattr("cryptlayer.image.inspect.inspect_image", boom)
+    code, _, err = invoke("inspect", str(tmp_path))
+    assert code == ExitCode.FAILURE
+    assert err == ("error: unexpected RuntimeError: something nobody foresaw: run again with"
+                   " --debug for the traceback, and report it\n")  # fmt: skip

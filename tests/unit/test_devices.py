@@ -183,3 +183,20 @@ def test_tar_device_not_below_dev_is_refused(tmp_path: Path, name: str) -> None:
         tar.addfile(info)
     with pytest.raises(UsageError, match=f"layer.tar:{name} is a character device node"):
         TarSource(path).measure()
+
+
+def test_device_nodes_are_refused_but_whiteouts_kept(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    os.mknod(tree / "whiteout", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    DirectorySource(tree).measure()  # an overlay whiteout is fine
+    os.mknod(tree / "mem", stat.S_IFCHR | 0o600, os.makedev(1, 1))
+    with pytest.raises(UsageError, match=r"tree/mem is a character device node \(1:1\)"):
+        DirectorySource(tree).measure()
+    tar_path = tmp_path / "layer.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        info = tarfile.TarInfo("srv/sda")  # (under /dev it would be left out: test_devices.py)
+        info.type, info.devmajor, info.devminor = tarfile.BLKTYPE, 8, 0
+        tar.addfile(info)
+    with pytest.raises(UsageError, match=r"layer.tar:srv/sda is a block device node \(8:0\)"):
+        TarSource(tar_path).measure()

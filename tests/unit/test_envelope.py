@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from clirunner import invoke
@@ -341,3 +344,60 @@ def test_an_entry_of_another_kind_under_the_identitys_id(
                            base64.b64encode(b"x" * 40).decode(), params)  # fmt: skip
     with pytest.raises(WrongKeyError):
         envelope.unlock(tmp_path, [entry], Credential(identity=identity))
+
+
+def _keys(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"format": envelope.FORMAT, "entries": entries}
+
+
+KEY_ENTRY = {"type": "key", "id": "key:1", "wrapped": base64.b64encode(bytes(40)).decode(),
+             "salt": base64.b64encode(bytes(16)).decode()}  # fmt: skip
+
+
+PASS_ENTRY = {"type": "passphrase", "id": "passphrase:1", "kdf": "argon2id", "lanes": 4,
+              "iterations": 4, "memory_kib": 8192, "salt": base64.b64encode(bytes(16)).decode(),
+              "wrapped": base64.b64encode(bytes(40)).decode()}  # fmt: skip
+
+
+KEYS_CASES = [
+    [], "x", [1], [{**KEY_ENTRY, "type": "evil"}], [{**KEY_ENTRY, "wrapped": "%%%"}],
+    [{**KEY_ENTRY, "salt": "not base64!"}], [{**KEY_ENTRY, "salt": 5}], [{**KEY_ENTRY, "id": 1}],
+    [{k: v for k, v in KEY_ENTRY.items() if k != "salt"}], [{**PASS_ENTRY, "iterations": "4"}],
+    [{**PASS_ENTRY, "memory_kib": None}], [{**PASS_ENTRY, "kdf": "pbkdf2"}],
+    [{**PASS_ENTRY, "lanes": True}], [KEY_ENTRY] * 300,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("entries", KEYS_CASES, ids=[f"keys-{i}" for i in range(len(KEYS_CASES))])
+def test_every_keys_field_malformed_is_a_usage_error(tmp_path: Path, entries: Any) -> None:
+    (tmp_path / "keys.json").write_text(json.dumps(_keys(entries)))
+    with pytest.raises(UsageError, match=r"keys\.json is malformed"):
+        envelope.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "cost",
+    [{"memory_kib": 4 << 20}, {"iterations": 1000, "memory_kib": 1 << 20},
+     {"iterations": 0}, {"lanes": 64}, {"memory_kib": 1}],
+)  # fmt: skip
+def test_argon2id_cost_is_bounded_before_any_work(tmp_path: Path, cost: dict[str, int]) -> None:
+    """keys.json may not demand 4 GiB x 1000 iterations (measured: it would run for hours)."""
+    (tmp_path / "keys.json").write_text(json.dumps(_keys([{**PASS_ENTRY, **cost}])))
+    entries = envelope.load(tmp_path).entries
+    credential = Credential(passphrase=Secret(bytearray(b"guess")))
+    with pytest.raises(UsageError, match="asks for an Argon2id cost out of bounds"):
+        envelope.unlock(tmp_path, entries, credential)
+
+
+def test_number_of_passphrase_entries_tried_is_bounded(tmp_path: Path) -> None:
+    many = [{**PASS_ENTRY, "id": f"passphrase:{i}"} for i in range(20)]
+    (tmp_path / "keys.json").write_text(json.dumps(_keys(many)))
+    credential = Credential(passphrase=Secret(bytearray(b"guess")))
+    with pytest.raises(UsageError, match="has 20 passphrase entries, more than 8"):
+        envelope.unlock(tmp_path, envelope.load(tmp_path).entries, credential)
+
+
+def test_calibration_stays_within_the_bounds_it_enforces() -> None:
+    iterations, memory = envelope.calibrate(50)
+    assert iterations * memory <= envelope.MAX_WORK_KIB
+    assert iterations <= envelope.MAX_ITERATIONS

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from clirunner import invoke
 from luksfixtures import fake_image
-from registryfixtures import PASSWORD, USER, RunningRegistry, hostile
+from registryfixtures import PASSWORD, USER, RunningRegistry, hostile, reply, token_server
 
 from cryptlayer.errors import ExitCode
 
@@ -34,17 +34,6 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CRYPTLAYER_ROOT", str(tmp_path / "state"))
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "auth.json"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-
-
-def reply(request: Any, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-          length: int | None = None) -> None:  # fmt: skip
-    request.send_response(status)
-    for name, value in (headers or {}).items():
-        request.send_header(name, value)
-    request.send_header("Content-Length", str(len(body) if length is None else length))
-    request.end_headers()
-    if request.command != "HEAD":
-        request.wfile.write(body)
 
 
 def store_credentials(path: Path, host: str, user: str = "bob", password: str = "hunter2") -> None:
@@ -253,13 +242,7 @@ def test_a_redirected_hosts_401_gets_no_credentials(tmp_path: Path) -> None:
     """Registry A redirects to B (a CDN); B answers 401 naming a token realm: A's stored
     credentials go nowhere, and the error says who refused. Failed before: they were sent to the
     realm B named."""
-    realm: list[str] = []
-
-    def token_server(request: Any) -> None:
-        realm.append(request.headers.get("Authorization", ""))
-        reply(request, 200, b'{"token": "t"}')
-
-    with hostile(token_server) as token:
+    with token_server() as (token, realm):
 
         def cdn(request: Any) -> None:
             reply(request, 401, headers={"WWW-Authenticate":
@@ -286,13 +269,7 @@ def test_a_redirected_hosts_401_gets_no_credentials(tmp_path: Path) -> None:
 def test_a_plain_http_realm_gets_no_credentials_when_tls_is_verified(tmp_path: Path) -> None:
     """Verified HTTPS registry, `Bearer realm="http://..."`: refused, nothing sent there. Failed
     before: the password was sent in clear."""
-    realm: list[str] = []
-
-    def token_server(request: Any) -> None:
-        realm.append(request.headers.get("Authorization", ""))
-        reply(request, 200, b'{"token": "t"}')
-
-    with hostile(token_server) as token:
+    with token_server() as (token, realm):
 
         def registry_a(request: Any) -> None:
             reply(request, 401, headers={"WWW-Authenticate":
@@ -312,13 +289,7 @@ def test_a_plain_http_realm_gets_no_credentials_when_tls_is_verified(tmp_path: P
 def test_unverified_tls_sends_credentials_only_to_the_registrys_own_host(tmp_path: Path) -> None:
     """--tls-verify=false: nothing proves who named the realm, so a realm on another host name
     (localhost is not 127.0.0.1) gets no credentials."""
-    realm: list[str] = []
-
-    def token_server(request: Any) -> None:
-        realm.append(request.headers.get("Authorization", ""))
-        reply(request, 200, b'{"token": "t"}')
-
-    with hostile(token_server) as token:
+    with token_server() as (token, realm):
         elsewhere = token.host.replace("127.0.0.1", "localhost")
 
         def registry_a(request: Any) -> None:
@@ -487,9 +458,9 @@ def test_a_registry_that_drips_its_answer_meets_a_deadline(
     """A byte a tenth of a second keeps every read within its timeout; the request's deadline
     (here 2 s) ends it: in the headers, and in the body. Failed before: waited until the server
     finished (here 8 s; a hostile one never does)."""
-    from cryptlayer.distribution import registry as registry_mod
+    from cryptlayer.distribution import wire
 
-    monkeypatch.setattr(registry_mod, "DEADLINE", 2.0)
+    monkeypatch.setattr(wire, "DEADLINE", 2.0)
 
     def drip(request: Any, data: bytes) -> None:
         end = time.monotonic() + 8
@@ -816,13 +787,7 @@ def test_a_realm_that_urllib_and_urllib3_read_differently_gets_no_credentials(
     """`Bearer realm="http://HOST:B\\@HOST:A/token"` under --tls-verify=false, where only the
     registry's own host may receive credentials: refused, nothing sent to B. Failed before: the
     password went to B (urllib.parse took the realm for the registry's own host)."""
-    got: list[str | None] = []
-
-    def b_server(request: Any) -> None:
-        got.append(request.headers.get("Authorization"))
-        reply(request, 200, b'{"token": "t"}')
-
-    with hostile(b_server) as b:
+    with token_server() as (b, got):
 
         def registry_a(request: Any) -> None:
             realm = f"http://{b.host}\\@{a.host}/token"

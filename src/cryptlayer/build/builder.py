@@ -93,6 +93,34 @@ def build_image(
     Device nodes under /dev are left out, and with `drop_devices` those elsewhere too
     (sources.device_node); `notice` is given a line saying so for each layer.
     """
+    _check_build(principals, output)
+    with ExitStack() as stack:
+        parsed, oci_config = _expand(stack, sources, drop_devices)
+        final_config = (overrides or Overrides()).image_config(oci_config or ImageConfig())
+        if squash and len(parsed) > 1:
+            parsed = [SquashSource(tuple(parsed))]
+        require_kernel()
+        partial = output.parent / f".{output.name}.partial-{secrets.token_hex(4)}"
+        partial.mkdir(mode=0o755)
+        try:
+            key = stack.enter_context(envelope.new_image_key())
+            entries = principals.wrap(key)  # before the layers: a failure here costs nothing
+            show = progress or (lambda _label, _total: Silent())
+            tell = notice or (lambda _line: None)
+            layers = tuple(
+                _build_layer(src, partial, f"layer{i}{LAYER_SUFFIX}", key, show, tell)
+                for i, src in enumerate(parsed)
+            )
+            built = _write_metadata(partial, layers, final_config, key, entries, signer)
+            os.rename(partial, output)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)  # only our own, encrypted, files
+            raise
+    return built
+
+
+def _check_build(principals: envelope.Principals, output: Path) -> None:
+    """Refuse a build that could not succeed, before anything is made."""
     if not principals:
         raise UsageError(
             "nobody could open the image",
@@ -108,41 +136,32 @@ def build_image(
         raise UsageError(
             f"{output.parent} does not exist", "create the directory that will hold the image"
         )
-    with ExitStack() as stack:
-        parsed, oci_config = _expand(stack, sources, drop_devices)
-        final_config = (overrides or Overrides()).image_config(oci_config or ImageConfig())
-        if squash and len(parsed) > 1:
-            parsed = [SquashSource(tuple(parsed))]
-        require_kernel()
-        partial = output.parent / f".{output.name}.partial-{secrets.token_hex(4)}"
-        partial.mkdir(mode=0o755)
-        try:
-            key = stack.enter_context(envelope.new_image_key())
-            entries = principals.wrap(key)
-            show = progress or (lambda _label, _total: Silent())
-            tell = notice or (lambda _line: None)
-            layers = tuple(
-                _build_layer(src, partial, f"layer{i}{LAYER_SUFFIX}", key, show, tell)
-                for i, src in enumerate(parsed)
-            )
-            created = datetime.now(UTC).isoformat(timespec="seconds")
-            built = Manifest(
-                layers,
-                final_config,
-                cipher=cryptsetup.CIPHER,
-                key_bits=cryptsetup.KEY_BITS,
-                sector_size=BLOCK,
-                created=created,
-            )
-            built = replace(built, raw=built.encode())
-            manifest_mod.save(partial, built)
-            envelope.save(partial, entries, statement.mac(key, built.raw))
-            if signer is not None:
-                signatures.add(partial, built.raw, signer)
-            os.rename(partial, output)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)  # only our own, encrypted, files
-            raise
+
+
+def _write_metadata(
+    image_dir: Path,
+    layers: tuple[Layer, ...],
+    config: ImageConfig,
+    key: Secret,
+    entries: list[envelope.Entry],
+    signer: Any,
+) -> Manifest:
+    """manifest.json, keys.json (`entries`: the image key wrapped for each principal, and the
+    statement's MAC) and, with a signer, the statement's signature."""
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    built = Manifest(
+        layers,
+        config,
+        cipher=cryptsetup.CIPHER,
+        key_bits=cryptsetup.KEY_BITS,
+        sector_size=BLOCK,
+        created=created,
+    )
+    built = replace(built, raw=built.encode())
+    manifest_mod.save(image_dir, built)
+    envelope.save(image_dir, entries, statement.mac(key, built.raw))
+    if signer is not None:
+        signatures.add(image_dir, built.raw, signer)
     return built
 
 
@@ -173,15 +192,54 @@ def _fill_layer(
     measure: Measure,
     progress: Progress,
 ) -> Layer:
+    """One layer: a LUKS2 file, its ext4 filled from `source` and shrunk, then its dm-verity
+    hash tree."""
     progress.update("format", 0)
     path = image_dir / filename
     fs_bytes = _fs_bytes(measure.blocks, measure.inodes)
+    header = _format_file(path, fs_bytes, key, filename)
+    offset = int(header.metadata["segments"]["0"]["offset"])
+    fs_size = _make_fs(path, fs_bytes, key, filename, source, measure, progress)
+    size = offset + fs_size
+    os.truncate(path, size)
+    progress.update("hash", size)
+    tree = image_dir / tree_name(filename)
+    salt = secrets.token_hex(32)
+    root_hash = veritysetup.format_tree(path, tree, salt)
+    return Layer(
+        filename,
+        header.uuid,
+        size,
+        measure.content_bytes,
+        source.label,
+        offset,
+        tree=tree.name,
+        tree_size=tree.stat().st_size,
+        root_hash=root_hash,
+        salt=salt,
+        digest=source.digest,
+    )
+
+
+def _format_file(path: Path, fs_bytes: int, key: Secret, filename: str) -> luksheader.Header:
+    """A new LUKS2 file at `path` with room for `fs_bytes` of file system; its header."""
     with open(path, "xb") as f:
         f.truncate(cryptsetup.HEADER_BYTES + fs_bytes)
     cryptsetup.format_luks(path, key, label=f"cryptlayer {filename}")
     with open(path, "rb") as f:
-        header = luksheader.read(f.fileno(), path)
-    offset = int(header.metadata["segments"]["0"]["offset"])
+        return luksheader.read(f.fileno(), path)
+
+
+def _make_fs(
+    path: Path,
+    fs_bytes: int,
+    key: Secret,
+    filename: str,
+    source: Source,
+    measure: Measure,
+    progress: Progress,
+) -> int:
+    """Open the LUKS2 file, make its ext4, copy `source` in, shrink it; its size in bytes."""
     name = build_mapping()
     with ExitStack() as stack:
         loop = losetup.attach(path, readonly=False)
@@ -204,26 +262,7 @@ def _fill_layer(
             lost_found = mnt / "lost+found"
             if lost_found.is_dir() and not any(lost_found.iterdir()):
                 lost_found.rmdir()  # mkfs made it; the source did not have it
-        fs_size = mkfs.shrink(mapped)
-    size = offset + fs_size
-    os.truncate(path, size)
-    progress.update("hash", size)
-    tree = image_dir / tree_name(filename)
-    salt = secrets.token_hex(32)
-    root_hash = veritysetup.format_tree(path, tree, salt)
-    return Layer(
-        filename,
-        header.uuid,
-        size,
-        measure.content_bytes,
-        source.label,
-        offset,
-        tree=tree.name,
-        tree_size=tree.stat().st_size,
-        root_hash=root_hash,
-        salt=salt,
-        digest=source.digest,
-    )
+        return mkfs.shrink(mapped)
 
 
 def tree_name(filename: str) -> str:

@@ -63,15 +63,32 @@ def collect() -> Report:
 
 
 def _collect_orphans(report: Report) -> None:
+    """Remove what no journal claims, top of the stack first: mounts, mappings, loop devices,
+    scratch files, header copies, then the directories they leave empty."""
     live = state.all_journals()
     claimed = {s.ref for j in live for s in j.steps} | {s.device for j in live for s in j.steps}
+    _collect_mounts(report, claimed)
+    _collect_mappings(report, claimed)
+    looped = {Path(s.ref) for j in live for s in j.steps if s.kind is Kind.LOOP}
+    _collect_loops(report, claimed, looped)
+    _collect_scratch_files(report, claimed)
+    _collect_header_copies(report, images_run_dir(), claimed)
+    _collect_empty_dirs(claimed)
+
+
+def _collect_mounts(report: Report, claimed: set[str]) -> None:
+    """Mounts under the run root, deepest first: the overlay sits on the layer and scratch
+    mounts."""
     root = run_root()
-    # Mounts first, deepest first: the overlay sits on the layer and scratch mounts.
     ours = [p for p in mount.mounted_paths() if root in p.parents and str(p) not in claimed]
     for target in sorted(ours, key=lambda p: len(p.parts), reverse=True):
         _try(report, f"mount {target}", lambda t=target: mount.umount(t))
-    # By dm UUID: found even if renamed. A mapping another sits on (a layer's dm-verity mapping
-    # under its LUKS mapping) is busy until that one is closed: close in passes, top first.
+
+
+def _collect_mappings(report: Report, claimed: set[str]) -> None:
+    """cryptlayer's mappings, by dm UUID: found even if renamed. A mapping another sits on (a
+    layer's dm-verity mapping under its LUKS mapping) is busy until that one is closed: close in
+    passes, top first."""
     pending = [name for name in udev.cryptlayer_mappings() if name not in claimed]
     while pending:
         failed: list[tuple[str, CryptlayerError]] = []
@@ -85,7 +102,10 @@ def _collect_orphans(report: Report) -> None:
             report.errors += [f"mapping {name}: {err}" for name, err in failed]
             break
         pending = [name for name, _ in failed]
-    files = {Path(s.ref) for j in live for s in j.steps if s.kind is Kind.LOOP}
+
+
+def _collect_loops(report: Report, claimed: set[str], files: set[Path]) -> None:
+    """Loop devices backed by a scratch file or an image layer that no journal's loop step holds."""
     for device in udev.block_devices():
         if device.backing_file is None or device.node in claimed:
             continue
@@ -94,28 +114,14 @@ def _collect_orphans(report: Report) -> None:
             continue
         if scratch_dir() in backing.parents or _is_layer_file(backing):
             _try(report, f"loop {device.node}", lambda d=device.node: losetup.detach(d))
+
+
+def _collect_scratch_files(report: Report, claimed: set[str]) -> None:
+    """Scratch files no journal claims."""
     if scratch_dir().is_dir():
         for leftover in scratch_dir().iterdir():
             if str(leftover) not in claimed:
                 _try(report, f"scratch file {leftover}", leftover.unlink)
-    _collect_header_copies(report, images_run_dir(), claimed)
-    # Empty directories of containers that no longer exist (never descending into a mount).
-    mounted = mount.mounted_paths()
-    if root.is_dir():
-        for top in root.iterdir():
-            if (
-                not top.is_dir()
-                or top.name.startswith(".")
-                or str(top) in claimed
-                or top in mounted
-            ):
-                continue
-            for sub in top.iterdir():
-                if sub.is_dir() and sub not in mounted:
-                    with contextlib.suppress(OSError):
-                        sub.rmdir()
-            with contextlib.suppress(OSError):
-                top.rmdir()
 
 
 def _collect_header_copies(report: Report, images: Path, claimed: set[str]) -> None:
@@ -134,6 +140,27 @@ def _collect_header_copies(report: Report, images: Path, claimed: set[str]) -> N
                     item.rmdir()
         with contextlib.suppress(OSError):
             top.rmdir()
+
+
+def _collect_empty_dirs(claimed: set[str]) -> None:
+    """Empty directories of containers that no longer exist (never descending into a mount)."""
+    root = run_root()
+    mounted = mount.mounted_paths()
+    if root.is_dir():
+        for top in root.iterdir():
+            if (
+                not top.is_dir()
+                or top.name.startswith(".")
+                or str(top) in claimed
+                or top in mounted
+            ):
+                continue
+            for sub in top.iterdir():
+                if sub.is_dir() and sub not in mounted:
+                    with contextlib.suppress(OSError):
+                        sub.rmdir()
+            with contextlib.suppress(OSError):
+                top.rmdir()
 
 
 def _is_layer_file(path: Path) -> bool:

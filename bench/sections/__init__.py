@@ -1,0 +1,1 @@
+"""The sections of bench/devices.py, one module per thing measured (base: what they share)."""
