@@ -22,6 +22,9 @@ UNTRUSTED = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLO
 # How a name is looked at first: O_PATH opens no device, FIFO or socket (no driver's open runs,
 # nothing blocks), and with O_NOFOLLOW it gives a symlink itself rather than its target.
 LOOK = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+# How a directory is opened wherever a symlink could have been planted in its place: as the
+# directory itself, never through a symlink (the open fails: ENOTDIR), never kept across exec.
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # openat2(2)'s RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS: ".." and absolute symlinks stay inside
 RESOLVE_IN_ROOT = 0x10 | 0x02
 RESOLVE_NO_SYMLINKS = 0x04
@@ -124,6 +127,31 @@ def _look_in_root(root_fd: int, relative: str, symlinks: bool) -> int:
         if current != root_fd:
             os.close(current)
         raise
+
+
+def make_dir(name: str | Path, mode: int, *, dir_fd: int | None = None,
+             shown: str | Path | None = None) -> None:  # fmt: skip
+    """Directory `name` (below `dir_fd`) made with `mode` unless something has that name already
+    (what it is, the caller checks when it opens it: open_dir); UsageError("cannot create SHOWN:
+    why") if it cannot be made."""
+    from cryptlayer.errors import UsageError
+
+    try:
+        os.mkdir(name, mode, dir_fd=dir_fd)
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise UsageError(f"cannot create {shown or name}: {err.strerror}") from None
+
+
+def open_dir(name: str | Path, *, dir_fd: int | None = None, mode: int | None = None,
+             shown: str | Path | None = None) -> int:  # fmt: skip
+    """Directory `name` (below `dir_fd`), made first with `mode` if given and absent
+    (make_dir), opened with DIR_FLAGS: OSError (ENOTDIR, for a symlink too) unless it is a
+    directory itself."""
+    if mode is not None:
+        make_dir(name, mode, dir_fd=dir_fd, shown=shown)
+    return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
 
 
 def read_regular(fd: int, limit: int, what: str) -> bytes:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptlayer.errors import DamagedImageError, UsageError
-from cryptlayer.fsutil import NotRegularError, open_regular
+from cryptlayer.fsutil import DIR_FLAGS, NotRegularError, open_regular
 from cryptlayer.image.manifest import Manifest
 
 SHARED_DIR_HINT = (
@@ -82,7 +82,7 @@ def check_private(image: Path, st: os.stat_result) -> None:
 def open_dir(image: Path) -> ImageFiles:
     """Open the image directory itself (not through a symlink); no layer yet."""
     try:
-        dir_fd = os.open(image, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        dir_fd = os.open(image, DIR_FLAGS)
     except OSError as err:
         raise UsageError(
             f"{image} is not an image directory ({err.strerror})",
