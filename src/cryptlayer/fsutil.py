@@ -9,7 +9,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 # (their home is the error tree; imported from here too)
 from cryptlayer.errors import NotRegularError as NotRegularError
@@ -29,6 +29,35 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 RESOLVE_IN_ROOT = 0x10 | 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 SYS_OPENAT2 = 437  # the same number on every architecture (syscalls added since 5.1 are)
+
+
+class FileId(NamedTuple):
+    """Which file an open descriptor or a name is, on this host: (device, inode) as fstat(2) gives
+    them; the same file whatever it is called meanwhile. In JSON (records, openings, loop steps):
+    [DEV, INO]."""
+
+    dev: int
+    ino: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileId:
+        return cls(st.st_dev, st.st_ino)
+
+    def to_json(self) -> list[int]:
+        return [self.dev, self.ino]
+
+    @classmethod
+    def from_json(cls, value: Any) -> FileId:
+        """From [DEV, INO] (or "DEV:INO", as a loop step recorded it before); ValueError or
+        TypeError if it is neither."""
+        if isinstance(value, str):
+            value = value.split(":")
+        if not isinstance(value, list | tuple) or len(value) != 2:
+            raise ValueError(f"{value!r} is not a file's [device, inode]")
+        dev, ino = value
+        if isinstance(dev, bool) or isinstance(ino, bool):
+            raise TypeError(f"{value!r} is not a file's [device, inode]")
+        return cls(int(dev), int(ino))
 
 
 def kind(mode: int) -> str:

@@ -31,6 +31,7 @@ from cryptlayer.errors import CryptlayerError, TamperedImageError, UsageError, p
 from cryptlayer.fsutil import (
     DIR_FLAGS,
     MAX_IMAGE_JSON,
+    FileId,
     UntrustedFileError,
     make_dir,
     read_untrusted,
@@ -377,8 +378,7 @@ class _WorkDir:
             st = os.stat(self.name, dir_fd=self.parent, follow_symlinks=False)
         except FileNotFoundError:
             return False
-        ours = os.fstat(self.fd)
-        return (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino)
+        return FileId.of(st) == FileId.of(os.fstat(self.fd))
 
 
 def _private_dir(dir_fd: int, name: str, shown: Path) -> int:
