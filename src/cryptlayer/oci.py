@@ -30,6 +30,7 @@ LAYOUT_FILE = "oci-layout"
 INDEX = "index.json"
 BLOBS = "blobs"
 REF_NAME = "org.opencontainers.image.ref.name"
+DEFAULT_TAG = "latest"  # what a reference without a tag means (docker's, skopeo's)
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 # What an index entry may point at that is itself an index (docker's manifest list too).

@@ -29,10 +29,16 @@ from cryptlayer.fsutil import (
     open_dir,
     open_regular,
 )
-from cryptlayer.oci import INDEX_TYPE, MANIFEST_TYPE, REF_NAME, LayoutReader, NotALayoutError
+from cryptlayer.oci import (
+    DEFAULT_TAG,
+    INDEX_TYPE,
+    MANIFEST_TYPE,
+    REF_NAME,
+    LayoutReader,
+    NotALayoutError,
+)
 
 CHUNK = 1 << 20
-DEFAULT_TAG = "latest"
 NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
