@@ -254,3 +254,25 @@ def test_the_layout_reader_opens_only_regular_files_below_it(tmp_path: Path) -> 
         reader.index()
     with pytest.raises(oci.NotALayoutError):
         oci.LayoutReader(tmp_path / "absent").open("index.json")
+
+
+def test_a_layer_digest_in_a_statement_is_none_or_a_digest(tmp_path: Path) -> None:
+    """manifest.json's layer `digest` (the source's diff_id, shown by inspect) is "" or a digest,
+    as build writes it. Failed before: any string was taken, and shown."""
+    from luksfixtures import fake_image
+
+    from cryptlayer.errors import DamagedImageError
+    from cryptlayer.image import manifest as manifest_mod
+
+    image = fake_image(tmp_path / "image")
+    doc = json.loads((image / "manifest.json").read_text())
+    for good in ["", "sha256:" + "0" * 64]:
+        doc["layers"][0]["digest"] = good
+        (image / "manifest.json").write_text(json.dumps(doc))
+        assert manifest_mod.load(image).layers[0].digest == good
+    for bad in ["sha256:" + "A" * 64, "sha256:\x1b[2J", "x"]:
+        doc["layers"][0]["digest"] = bad
+        (image / "manifest.json").write_text(json.dumps(doc))
+        with pytest.raises(DamagedImageError) as err:
+            manifest_mod.load(image)
+        assert err.value.message.endswith("layer 0's digest is not a sha256 digest"), err.value

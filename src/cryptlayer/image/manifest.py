@@ -220,7 +220,7 @@ def _layer(item: Any, index: int) -> Layer:
         tree_size=number(item["tree_size"], f"{where}'s tree_size", MAX_SIZE // 64, BLOCK),
         root_hash=_hex(item["root_hash"], f"{where}'s root_hash"),
         salt=_hex(item["salt"], f"{where}'s salt"),
-        digest=text(item.get("digest", ""), f"{where}'s digest"),
+        digest=_digest(item.get("digest", ""), f"{where}'s digest"),
     )
 
 
@@ -228,6 +228,14 @@ def _plain(name: str) -> str:
     if not name or "/" in name or name.startswith(".") or not name.isprintable():
         raise ValueError(f"layer file name {name!r} is not a plain name")
     return name
+
+
+def _digest(value: Any, what: str) -> str:
+    """A layer's OCI diff_id: none ("") or a digest, as build takes one from its source."""
+    checked = text(value, what)
+    if checked and not oci.is_digest(checked):
+        raise ValueError(f"{what} is not a sha256 digest")
+    return checked
 
 
 def _hex(value: Any, what: str) -> str:
