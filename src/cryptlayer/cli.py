@@ -16,6 +16,8 @@ from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperCommand, TyperGroup
 
 from cryptlayer.errors import CryptlayerError, ExitCode, UsageError, printable
+from cryptlayer.image import DEFAULT_ITER_TIME_MS
+from cryptlayer.runtime import DEFAULT_SCRATCH, DEFAULT_STOP_TIMEOUT
 
 if TYPE_CHECKING:
     from cryptlayer.keys.sources import Credential
@@ -139,7 +141,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     help="Run containers straight from LUKS2-encrypted layer images; no plaintext lands on disk.",
 )
-SCRATCH = "1G"  # run and start; the core's own default is container.DEFAULT_SCRATCH
 _debug = False
 
 KeyFile = Annotated[
@@ -404,14 +405,25 @@ def _trust(given: Path | None) -> Path | None:
     return trust(given)
 
 
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size_text(size: int) -> str:
+    """`size` bytes as _size reads it back, in the largest unit that divides it (1 << 30: 1G)."""
+    unit = next(u for u in reversed(SIZE_UNITS) if size % SIZE_UNITS[u] == 0)
+    return f"{size // SIZE_UNITS[unit]}{unit}"
+
+
 def _size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     number, unit = text.rstrip("iBb"), ""
-    if number and number[-1].upper() in units:
+    if number and number[-1].upper() in SIZE_UNITS:
         number, unit = number[:-1], number[-1].upper()
     if not number.isdigit() or int(number) == 0:
         raise typer.BadParameter(f"{text!r} is not a size like 512M or 2G")
-    return int(number) * units[unit]
+    return int(number) * SIZE_UNITS[unit]
+
+
+SCRATCH = _size_text(DEFAULT_SCRATCH)  # run and start: the runtime's default, as --help shows it
 
 
 @app.command()
@@ -465,7 +477,7 @@ def build(
             help="Public key (PEM, or ssh-rsa) that may open the image; repeatable.",
         ),
     ] = None,
-    iter_time: IterTime = 2000,
+    iter_time: IterTime = DEFAULT_ITER_TIME_MS,
     squash: Annotated[
         bool, typer.Option(help="Merge all layers into one (fewer devices).")
     ] = False,
@@ -650,7 +662,7 @@ def rekey(
             " or identity file; repeatable.",
         ),
     ] = None,
-    iter_time: IterTime = 2000,
+    iter_time: IterTime = DEFAULT_ITER_TIME_MS,
     allow_shared_dir: AllowSharedDir = False,
 ) -> None:
     """Change who may open IMAGE (unlock it with any current key); the layers are not touched."""
@@ -711,7 +723,7 @@ def run(
     scratch_size: ScratchSize = SCRATCH,
     stop_timeout: Annotated[
         float, typer.Option(help="Seconds after SIGINT/SIGTERM before the container is killed.")
-    ] = 10.0,
+    ] = DEFAULT_STOP_TIMEOUT,
     network: Annotated[
         str,
         typer.Option(

@@ -9,7 +9,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 # (their home is the error tree; imported from here too)
 from cryptlayer.errors import NotRegularError as NotRegularError
@@ -22,10 +22,42 @@ UNTRUSTED = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLO
 # How a name is looked at first: O_PATH opens no device, FIFO or socket (no driver's open runs,
 # nothing blocks), and with O_NOFOLLOW it gives a symlink itself rather than its target.
 LOOK = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+# How a directory is opened wherever a symlink could have been planted in its place: as the
+# directory itself, never through a symlink (the open fails: ENOTDIR), never kept across exec.
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # openat2(2)'s RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS: ".." and absolute symlinks stay inside
 RESOLVE_IN_ROOT = 0x10 | 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 SYS_OPENAT2 = 437  # the same number on every architecture (syscalls added since 5.1 are)
+
+
+class FileId(NamedTuple):
+    """Which file an open descriptor or a name is, on this host: (device, inode) as fstat(2) gives
+    them; the same file whatever it is called meanwhile. In JSON (records, openings, loop steps):
+    [DEV, INO]."""
+
+    dev: int
+    ino: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileId:
+        return cls(st.st_dev, st.st_ino)
+
+    def to_json(self) -> list[int]:
+        return [self.dev, self.ino]
+
+    @classmethod
+    def from_json(cls, value: Any) -> FileId:
+        """From [DEV, INO] (or "DEV:INO", as a loop step recorded it before); ValueError or
+        TypeError if it is neither."""
+        if isinstance(value, str):
+            value = value.split(":")
+        if not isinstance(value, list | tuple) or len(value) != 2:
+            raise ValueError(f"{value!r} is not a file's [device, inode]")
+        dev, ino = value
+        if isinstance(dev, bool) or isinstance(ino, bool):
+            raise TypeError(f"{value!r} is not a file's [device, inode]")
+        return cls(int(dev), int(ino))
 
 
 def kind(mode: int) -> str:
@@ -124,6 +156,31 @@ def _look_in_root(root_fd: int, relative: str, symlinks: bool) -> int:
         if current != root_fd:
             os.close(current)
         raise
+
+
+def make_dir(name: str | Path, mode: int, *, dir_fd: int | None = None,
+             shown: str | Path | None = None) -> None:  # fmt: skip
+    """Directory `name` (below `dir_fd`) made with `mode` unless something has that name already
+    (what it is, the caller checks when it opens it: open_dir); UsageError("cannot create SHOWN:
+    why") if it cannot be made."""
+    from cryptlayer.errors import UsageError
+
+    try:
+        os.mkdir(name, mode, dir_fd=dir_fd)
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise UsageError(f"cannot create {shown or name}: {err.strerror}") from None
+
+
+def open_dir(name: str | Path, *, dir_fd: int | None = None, mode: int | None = None,
+             shown: str | Path | None = None) -> int:  # fmt: skip
+    """Directory `name` (below `dir_fd`), made first with `mode` if given and absent
+    (make_dir), opened with DIR_FLAGS: OSError (ENOTDIR, for a symlink too) unless it is a
+    directory itself."""
+    if mode is not None:
+        make_dir(name, mode, dir_fd=dir_fd, shown=shown)
+    return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
 
 
 def read_regular(fd: int, limit: int, what: str) -> bytes:

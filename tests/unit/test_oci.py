@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -135,3 +136,143 @@ def test_squash_applies_whiteouts(tmp_path: Path) -> None:
     assert sorted(os.listdir(target / "etc")) == ["keep"]
     assert sorted(os.listdir(target / "opt")) == ["new"]
     assert os.getxattr(target / "usr/bin/ping", "security.capability") == CAP
+
+
+# ---- issue 22 item 3: the OCI formats in one home (cryptlayer/oci.py) --------------------------
+
+
+def test_one_digest_form_everywhere() -> None:
+    """One check of a digest's form: sha256 and 64 lowercase hex digits, nothing else."""
+    from cryptlayer import oci
+
+    good = "sha256:" + "0123456789abcdef" * 4
+    assert oci.is_digest(good) and oci.check_digest(good, lambda: AssertionError()) == good
+    bad: list[object] = [good.upper(), "SHA256:" + good[7:], good[:-1], good + "0", good + "\n",
+                         "sha512:" + "0" * 128, "sha256:" + "g" * 64, "sha256:../../etc/passwd",
+                         "sha256:" + "\u0661" * 64, None, 5, [good]]  # fmt: skip
+    for value in bad:
+        assert not oci.is_digest(value), value
+        with pytest.raises(UsageError, match="said by the caller"):
+            oci.check_digest(value, lambda: UsageError("said by the caller"))
+    with pytest.raises(ValueError, match="is not a sha256 digest"):
+        oci.blob_path("sha256:../../../etc/passwd")
+    assert oci.blob_path(good) == f"blobs/sha256/{good[7:]}"
+    assert (
+        oci.digest_of(b"")
+        == oci.digest_of(oci.hasher())
+        == ("sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+    )
+    assert oci.is_sha256_hex(good[7:]) and not oci.is_sha256_hex(good[7:].upper())
+
+
+def test_every_digest_check_refuses_the_same_forms(tmp_path: Path) -> None:
+    """--digest, a docker:// reference, a pulled manifest's descriptors, a layout's index and a
+    build source's descriptors all take and refuse the same strings (each in its own words)."""
+    from cryptlayer.distribution import artifact, layout, registry
+    from cryptlayer.image import statement
+
+    good = "sha256:" + "ab" * 32
+    for value in ["sha256:" + "AB" * 32, good[:-1], "sha256:" + "\u0661" * 64]:
+        with pytest.raises(UsageError, match="is not sha256:<64 lowercase hex digits>"):
+            statement.check_digest(value)
+        with pytest.raises(UsageError, match="is not a sha256 digest"):
+            registry.parse_reference(f"docker://example.com/a/b@{value}")
+        with pytest.raises(ValueError, match="is not a sha256 digest"):
+            artifact._digest(value, "config")
+        with pytest.raises(UsageError, match="is not a sha256 digest"):
+            layout._hex(value)
+        files = image_files([(LOWER, "none")], CONFIG)
+        index = json.loads(files["index.json"])
+        index["manifests"][0]["digest"] = value
+        files["index.json"] = json.dumps(index).encode()
+        write_dir(tmp_path / "lay", files)
+        with (
+            pytest.raises(UsageError, match="is not a sha256 digest"),
+            open_image(f"oci:{tmp_path / 'lay'}"),
+        ):
+            pass
+    assert statement.check_digest(good) == good
+    assert registry.parse_reference(f"docker://example.com/a/b@{good}").digest == good
+
+
+def test_a_build_source_index_is_checked_as_a_pulled_one(tmp_path: Path) -> None:
+    """An `oci:` build source's index.json is read as `pull` reads a layout's: at most 4 MiB
+    (fsutil.MAX_IMAGE_JSON) and every field checked. Failed before: build read it with a 16 MiB
+    limit and took a tag that is not a string, or a platform that is not an object."""
+    files = image_files([(LOWER, "none")], CONFIG)
+    index = json.loads(files["index.json"])
+    for entry, why in [
+        ({"org.opencontainers.image.ref.name": 5}, "manifests[0]'s org.opencontainers.image"
+                                                   ".ref.name is not a string"),
+        ("platform", "manifests[0]'s mediaType or platform is malformed"),
+    ]:  # fmt: skip
+        changed = json.loads(json.dumps(index))
+        if entry == "platform":
+            changed["manifests"][0]["platform"] = "linux/amd64"
+        else:
+            changed["manifests"][0]["annotations"] = entry
+        files["index.json"] = json.dumps(changed).encode()
+        write_dir(tmp_path / "lay", files)
+        with pytest.raises(UsageError) as err, open_image(f"oci:{tmp_path / 'lay'}"):
+            pass
+        assert err.value.message == f"{tmp_path}/lay/index.json is not valid ({why})"
+    files["index.json"] = json.dumps(index).encode() + b" " * (5 << 20)
+    write_dir(tmp_path / "lay", files)
+    with pytest.raises(UsageError) as err, open_image(f"oci:{tmp_path / 'lay'}"):
+        pass
+    assert err.value.message == f"{tmp_path}/lay/index.json is too large for image metadata"
+
+
+def test_the_layout_reader_opens_only_regular_files_below_it(tmp_path: Path) -> None:
+    """One reader for build's `oci:` sources and distribution's layouts: no symlink anywhere
+    below the layout, nothing but a regular file opened, index.json capped."""
+    import errno
+
+    from cryptlayer import oci
+    from cryptlayer.fsutil import MAX_IMAGE_JSON, NotRegularError, UntrustedFileError
+
+    root = write_dir(tmp_path / "lay", image_files([(LOWER, "none")], CONFIG))
+    reader = oci.LayoutReader(root)
+    entries = oci.index_entries(reader.index(), "index.json")
+    assert len(entries) == 1 and entries[0].tag == "latest"
+    os.close(reader.open_blob(entries[0].digest))
+    (root / "blobs/link").symlink_to(root / "index.json")
+    with pytest.raises(OSError) as err:
+        reader.open("blobs/link")
+    assert err.value.errno == errno.ELOOP
+    (tmp_path / "outside").mkdir()
+    (root / "dir").symlink_to(tmp_path / "outside")
+    (tmp_path / "outside/x").write_text("x")
+    with pytest.raises(OSError) as err:
+        reader.open("dir/x")
+    assert err.value.errno == errno.ELOOP
+    os.mkfifo(root / "fifo")
+    with pytest.raises(NotRegularError, match="fifo is not a regular file \\(a FIFO\\)"):
+        reader.open("fifo")
+    (root / "index.json").write_bytes(b" " * (MAX_IMAGE_JSON + 1))
+    with pytest.raises(UntrustedFileError, match="more than"):
+        reader.index()
+    with pytest.raises(oci.NotALayoutError):
+        oci.LayoutReader(tmp_path / "absent").open("index.json")
+
+
+def test_a_layer_digest_in_a_statement_is_none_or_a_digest(tmp_path: Path) -> None:
+    """manifest.json's layer `digest` (the source's diff_id, shown by inspect) is "" or a digest,
+    as build writes it. Failed before: any string was taken, and shown."""
+    from luksfixtures import fake_image
+
+    from cryptlayer.errors import DamagedImageError
+    from cryptlayer.image import manifest as manifest_mod
+
+    image = fake_image(tmp_path / "image")
+    doc = json.loads((image / "manifest.json").read_text())
+    for good in ["", "sha256:" + "0" * 64]:
+        doc["layers"][0]["digest"] = good
+        (image / "manifest.json").write_text(json.dumps(doc))
+        assert manifest_mod.load(image).layers[0].digest == good
+    for bad in ["sha256:" + "A" * 64, "sha256:\x1b[2J", "x"]:
+        doc["layers"][0]["digest"] = bad
+        (image / "manifest.json").write_text(json.dumps(doc))
+        with pytest.raises(DamagedImageError) as err:
+            manifest_mod.load(image)
+        assert err.value.message.endswith("layer 0's digest is not a sha256 digest"), err.value

@@ -847,3 +847,34 @@ def test_a_target_planted_just_before_the_rename(
                            f" complete copy is in {work}: rename it yourself (mv {work}"
                            f" NEW-DIRECTORY), or remove it (rm -r {work})\n")  # fmt: skip
     assert os.stat(shared / "img", follow_symlinks=False).st_uid == 65534  # theirs, untouched
+
+
+# ---- issue 22 item 3: one "make if absent, open without following" (fsutil.open_dir) -----------
+
+
+def test_the_directories_made_and_opened_by_descriptor(image: Path, tmp_path: Path) -> None:
+    """signatures/ (sign), a layout's directories (push) and the work directory (pull) are made
+    and opened by fsutil.make_dir/open_dir: a symlink in their place is refused, never followed;
+    each caller says so in its own words, as before."""
+    import errno
+
+    from cryptlayer.fsutil import DIR_FLAGS, open_dir
+
+    assert DIR_FLAGS & os.O_NOFOLLOW and DIR_FLAGS & os.O_DIRECTORY and DIR_FLAGS & os.O_CLOEXEC
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError) as err:
+        open_dir(tmp_path / "link", mode=0o700)
+    assert err.value.errno in (errno.ENOTDIR, errno.ELOOP)  # (Linux: ENOTDIR, O_DIRECTORY first)
+    os.close(open_dir(tmp_path / "made", mode=0o700))
+    assert (tmp_path / "made").stat().st_mode & 0o777 == 0o700
+    key = tmp_path / "k"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    (image / "signatures").symlink_to(tmp_path / "elsewhere")
+    code, _, text = invoke("sign", str(image), "--sign-key", str(key))
+    assert (code, text) == (ExitCode.USAGE, f"error: {image}/signatures is not a directory:"
+                            " remove it, then sign again\n")  # fmt: skip
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+    (image / "signatures").unlink()
+    assert invoke("sign", str(image), "--sign-key", str(key))[0] == 0
+    assert (image / "signatures").is_dir() and not (image / "signatures").is_symlink()

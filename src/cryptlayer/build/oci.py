@@ -8,12 +8,10 @@ place (tar members), never unpacked to disk.
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import os
 import posixpath
-import stat
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,17 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from cryptlayer import oci
 from cryptlayer.errors import UsageError
-from cryptlayer.fsutil import open_in_root
+from cryptlayer.fsutil import MAX_IMAGE_JSON, NotRegularError
 from cryptlayer.image.manifest import ImageConfig, image_config
 
 TRANSPORTS = ("oci", "oci-archive", "docker-archive")
-INDEX_TYPES = {
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-}
-REF_NAME = "org.opencontainers.image.ref.name"
-MAX_JSON = 16 << 20
+MAX_JSON = 16 << 20  # an image's config and manifest (an index: fsutil.MAX_IMAGE_JSON)
 
 
 class Blobs(Protocol):
@@ -56,12 +50,15 @@ class DirBlobs:
     def open(self, name: str) -> IO[bytes]:
         """A regular file inside the layout, reached through no symlink at all: a layout's
         blobs are files, and a link could lead anywhere on the host."""
-        root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fd = open_in_root(root, _clean(name), symlinks=False)
+            fd = oci.LayoutReader(self.root).open(_clean(name))
         except FileNotFoundError:
             raise UsageError(
                 f"{self.describe(name)} is missing", "the image is incomplete"
+            ) from None
+        except NotRegularError:
+            raise UsageError(
+                f"{self.describe(name)} is not a regular file", "the image is damaged"
             ) from None
         except OSError as err:
             why = "a symbolic link" if err.errno == errno.ELOOP else err.strerror
@@ -69,11 +66,6 @@ class DirBlobs:
                 f"{self.describe(name)} is {why}; refusing to read it",
                 "an OCI layout holds regular files only; copy the image again",
             ) from None
-        finally:
-            os.close(root)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise UsageError(f"{self.describe(name)} is not a regular file", "the image is damaged")
         return os.fdopen(fd, "rb")
 
     def describe(self, name: str) -> str:
@@ -129,13 +121,19 @@ def split_reference(text: str) -> tuple[str, str, str] | None:
     return transport, path, tag
 
 
-def _json(blobs: Blobs, name: str, digest: str | None = None) -> Any:
+def _read(blobs: Blobs, name: str, digest: str | None, limit: int) -> bytes:
+    """At most `limit` bytes of `name`, checked against `digest` if given."""
     with blobs.open(name) as f:
-        data = f.read(MAX_JSON + 1)
-    if len(data) > MAX_JSON:
+        data = f.read(limit + 1)
+    if len(data) > limit:
         raise UsageError(f"{blobs.describe(name)} is too large for image metadata")
     if digest is not None:
-        _check_digest(blobs, name, digest, hashlib.sha256(data).hexdigest())
+        _check_digest(blobs, name, digest, oci.digest_of(data))
+    return data
+
+
+def _json(blobs: Blobs, name: str, digest: str | None = None) -> Any:
+    data = _read(blobs, name, digest, MAX_JSON)
     try:
         return json.loads(data)
     except ValueError as err:
@@ -144,37 +142,38 @@ def _json(blobs: Blobs, name: str, digest: str | None = None) -> Any:
         ) from err
 
 
-def _check_digest(blobs: Blobs, name: str, expected: str, actual_hex: str) -> None:
-    if expected != f"sha256:{actual_hex}":
+def _index(blobs: Blobs, name: str, digest: str | None = None) -> list[oci.IndexEntry]:
+    """An index (index.json, or an image index blob): its manifests, every field checked."""
+    shown = blobs.describe(name)
+    data = _read(blobs, name, digest, MAX_IMAGE_JSON)
+    return oci.index_entries(oci.parse_index(data, shown, "the image is damaged"), shown)
+
+
+def _check_digest(blobs: Blobs, name: str, expected: str, actual: str) -> None:
+    if expected != actual:
         raise UsageError(
-            f"{blobs.describe(name)} does not match its digest {expected}"
-            f" (it is sha256:{actual_hex})",
+            f"{blobs.describe(name)} does not match its digest {expected} (it is {actual})",
             "the image is corrupted; fetch it again",
         )
 
 
-def _blob_path(digest: str) -> str:
-    algorithm, _, hexdigest = digest.partition(":")
-    if (
-        algorithm != "sha256"
-        or len(hexdigest) != 64
-        or not all(c in "0123456789abcdef" for c in hexdigest)
-    ):
-        raise UsageError(f"unsupported or malformed digest {digest!r}", "only sha256 is supported")
-    return f"blobs/sha256/{hexdigest}"
+def _blob_path(digest: Any) -> str:
+    oci.check_digest(digest, lambda: UsageError(f"unsupported or malformed digest {digest!r}",
+                                                "only sha256 is supported"))  # fmt: skip
+    return oci.blob_path(digest)
 
 
 def verify_blob(layer: OciLayer) -> None:
     """Check the stored blob against its digest (and size), reading it once."""
     if layer.digest is None:
         return
-    h = hashlib.sha256()
+    h = oci.hasher()
     n = 0
     with layer.blobs.open(layer.path) as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
             n += len(chunk)
-    _check_digest(layer.blobs, layer.path, layer.digest, h.hexdigest())
+    _check_digest(layer.blobs, layer.path, layer.digest, oci.digest_of(h))
     if layer.size is not None and n != layer.size:
         raise UsageError(f"{layer.blobs.describe(layer.path)} has {n} bytes, expected {layer.size}")
 
@@ -208,30 +207,28 @@ def _diff_ids(raw: dict[str, Any], count: int, where: str) -> list[str]:
     return diff_ids
 
 
-def _select(blobs: Blobs, index: dict[str, Any], tag: str, where: str) -> dict[str, Any]:
+def _select(blobs: Blobs, tag: str, where: str) -> oci.IndexEntry:
     """The manifest descriptor for `tag` (or the only one), descending into image indexes."""
-    manifests = index.get("manifests") or []
+    listed = _index(blobs, oci.INDEX)
+    manifests = listed
     if tag:
-        manifests = [m for m in manifests if (m.get("annotations") or {}).get(REF_NAME) == tag]
+        manifests = [m for m in listed if m.tag == tag]
         if not manifests:
             raise UsageError(
                 f"{where} has no image tagged {tag!r}", "see its index.json for the tags"
             )
     if len(manifests) != 1:
-        tags = sorted(
-            {(m.get("annotations") or {}).get(REF_NAME, "?") for m in index.get("manifests") or []}
-        )
+        tags = sorted({m.tag or "?" for m in listed})
         raise UsageError(
             f"{where} holds {len(manifests)} images",
             f"name one with :TAG (tags: {', '.join(tags)})",
         )
-    chosen: dict[str, Any] = manifests[0]
-    while chosen.get("mediaType") in INDEX_TYPES:
-        nested = _json(blobs, _blob_path(chosen["digest"]), chosen["digest"])
+    chosen = manifests[0]
+    while chosen.media_type in oci.INDEX_TYPES:
         candidates = [
-            m for m in nested.get("manifests") or []
-            if (m.get("platform") or {}).get("os", "linux") == "linux"
-            and (m.get("platform") or {}).get("architecture", "amd64") == "amd64"
+            m for m in _index(blobs, _blob_path(chosen.digest), chosen.digest)
+            if m.platform.get("os", "linux") == "linux"
+            and m.platform.get("architecture", "amd64") == "amd64"
         ]  # fmt: skip
         if not candidates:
             raise UsageError(f"{where} has no linux/amd64 image")
@@ -240,11 +237,11 @@ def _select(blobs: Blobs, index: dict[str, Any], tag: str, where: str) -> dict[s
 
 
 def _read_oci(reference: str, blobs: Blobs, tag: str, where: str) -> OciImage:
-    layout = _json(blobs, "oci-layout")
+    layout = _json(blobs, oci.LAYOUT_FILE)
     if not isinstance(layout, dict) or "imageLayoutVersion" not in layout:
         raise UsageError(f"{where} is not an OCI image layout (no imageLayoutVersion)")
-    descriptor = _select(blobs, _json(blobs, "index.json"), tag, where)
-    manifest = _json(blobs, _blob_path(descriptor["digest"]), descriptor["digest"])
+    descriptor = _select(blobs, tag, where)
+    manifest = _json(blobs, _blob_path(descriptor.digest), descriptor.digest)
     config_desc = manifest["config"]
     config = _json(blobs, _blob_path(config_desc["digest"]), config_desc["digest"])
     layer_descs = manifest.get("layers") or []
@@ -266,12 +263,8 @@ def _read_docker(reference: str, blobs: Blobs, where: str) -> OciImage:
     config_name = posixpath.basename(entry["Config"]).removesuffix(".json")
     if len(config_name) == 64:  # named by its digest: check it
         with blobs.open(entry["Config"]) as f:
-            _check_digest(
-                blobs,
-                entry["Config"],
-                f"sha256:{config_name}",
-                hashlib.sha256(f.read()).hexdigest(),
-            )
+            actual = oci.digest_of(f.read())
+        _check_digest(blobs, entry["Config"], f"sha256:{config_name}", actual)
     paths = list(entry.get("Layers") or [])
     diff_ids = _diff_ids(config, len(paths), where)
     layers = []
@@ -326,7 +319,7 @@ class HashingReader(io.RawIOBase):
 
     def __init__(self, inner: IO[bytes]) -> None:
         self.inner = inner
-        self.sha256 = hashlib.sha256()
+        self.sha256 = oci.hasher()
 
     def readable(self) -> bool:
         return True
@@ -342,4 +335,4 @@ class HashingReader(io.RawIOBase):
         """Read to the end; return 'sha256:<hex>' of everything read."""
         while self.read(1 << 20):
             pass
-        return f"sha256:{self.sha256.hexdigest()}"
+        return oci.digest_of(self.sha256)

@@ -30,6 +30,7 @@ from typing import IO
 
 from cryptlayer.build.oci import HashingReader, OciLayer, verify_blob
 from cryptlayer.errors import UsageError, printable
+from cryptlayer.fsutil import FileId
 from cryptlayer.tools import BLOCK  # what one ext4 block holds
 from cryptlayer.tools.runner import filtered, run
 
@@ -174,7 +175,7 @@ class DirectorySource(Source):
         dropped: list[str] = []
         linked = False
         sizes: dict[str, int] = {}
-        seen: set[tuple[int, int]] = set()
+        seen: set[FileId] = set()
         for root, dirs, files in os.walk(self.path):
             inodes += 1
             blocks += 1
@@ -195,10 +196,10 @@ class DirectorySource(Source):
                 if stat.S_ISDIR(st.st_mode):
                     continue  # counted when walked
                 if st.st_nlink > 1:
-                    if (st.st_dev, st.st_ino) in seen:
+                    if FileId.of(st) in seen:
                         linked = True
                         continue
-                    seen.add((st.st_dev, st.st_ino))
+                    seen.add(FileId.of(st))
                 inodes += 1
                 if stat.S_ISREG(st.st_mode):
                     content += st.st_size

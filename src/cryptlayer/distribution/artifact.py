@@ -9,23 +9,28 @@ it registry to registry, to an `oci:` layout and back, keeping the manifest dige
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import os
-import re
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from cryptlayer import oci
 from cryptlayer.errors import TamperedImageError, UsageError, printable
-from cryptlayer.fsutil import MAX_IMAGE_JSON, NotRegularError, open_regular, read_untrusted
+from cryptlayer.fsutil import (
+    DIR_FLAGS,
+    MAX_IMAGE_JSON,
+    NotRegularError,
+    open_regular,
+    read_untrusted,
+)
 from cryptlayer.image import envelope, signatures
 from cryptlayer.image.manifest import MANIFEST, Manifest
 
-MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+MANIFEST_TYPE = oci.MANIFEST_TYPE
 ARTIFACT_TYPE = "application/vnd.cryptlayer.image.v2"
 STATEMENT_TYPE = "application/vnd.cryptlayer.statement.v2+json"
 LAYER_TYPE = "application/vnd.cryptlayer.layer.v2.luks2"
@@ -68,21 +73,18 @@ def write_checked(
 
 def require_blob(h: Any, done: int, digest: str, size: int, where: str, hint: str) -> None:
     """TamperedImageError unless what was written is blob `digest` (the caller removes it)."""
-    if f"sha256:{h.hexdigest()}" != digest or done != size:
+    if oci.digest_of(h) != digest or done != size:
         raise TamperedImageError(f"blob {digest} {where} does not match its digest", hint)
 
 
 def fd_digest(fd: int) -> tuple[str, int]:
     """The sha256 digest and the size of what the open file `fd` holds, read from its start."""
-    h = hashlib.sha256()
+    h = oci.hasher()
     done = 0
     while chunk := os.pread(fd, CHUNK, done):
         h.update(chunk)
         done += len(chunk)
-    return f"sha256:{h.hexdigest()}", done
-
-
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    return oci.digest_of(h), done
 
 
 def open_file(dir_fd: int, name: str, shown: Path, *, size: int | None = None,
@@ -286,9 +288,9 @@ def _shown(value: Any) -> str:
 
 
 def _digest(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
-        raise ValueError(f"{where}'s digest {_shown(value)} is not a sha256 digest")
-    return value
+    return oci.check_digest(
+        value, lambda: ValueError(f"{where}'s digest {_shown(value)} is not a sha256 digest")
+    )
 
 
 def _size(value: Any, where: str) -> int:

@@ -11,33 +11,34 @@ there is kept only if its bytes are that blob."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import secrets
 import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from cryptlayer import oci
 from cryptlayer.distribution.artifact import require_blob, write_checked
 from cryptlayer.errors import TamperedImageError, UsageError
 from cryptlayer.fsutil import (
     MAX_IMAGE_JSON,
+    NotRegularError,
     UntrustedFileError,
-    kind,
-    open_in_root,
+    open_dir,
     open_regular,
-    read_regular,
+)
+from cryptlayer.oci import (
+    DEFAULT_TAG,
+    INDEX_TYPE,
+    MANIFEST_TYPE,
+    REF_NAME,
+    LayoutReader,
+    NotALayoutError,
 )
 
-REF_NAME = "org.opencontainers.image.ref.name"
-INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
-MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 CHUNK = 1 << 20
-DEFAULT_TAG = "latest"
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -56,15 +57,8 @@ class Layout:
         """Directory `name` (below `dir_fd`), made if `create` and absent, opened without
         following a symlink; UsageError if it is not a directory."""
         shown = self.path / name if dir_fd is not None else self.path
-        if create:
-            try:
-                os.mkdir(name, 0o755, dir_fd=dir_fd)
-            except FileExistsError:
-                pass
-            except OSError as err:
-                raise UsageError(f"cannot create {shown}: {err.strerror}") from None
         try:
-            return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+            return open_dir(name, dir_fd=dir_fd, mode=0o755 if create else None, shown=shown)
         except OSError as err:
             raise UsageError(
                 f"{shown} is not a directory of an OCI layout ({err.strerror};"
@@ -113,10 +107,10 @@ class Layout:
             name = _hex(digest)
             if _holds(sha, name, digest, size):
                 return False
-            h = hashlib.sha256()
+            h = oci.hasher()
             chunks = iter(lambda: source.read(CHUNK), b"")
             done = _replace(sha, name, chunks, h, size, progress)
-            if f"sha256:{h.hexdigest()}" != digest or done != size:
+            if oci.digest_of(h) != digest or done != size:
                 os.unlink(name, dir_fd=sha)
                 raise UsageError(f"{digest} changed while it was pushed", "push it again")
             return True
@@ -131,61 +125,52 @@ class Layout:
                 _replace(sha, _hex(digest), [data])
             index: dict[str, Any] = {"schemaVersion": 2, "mediaType": INDEX_TYPE}
             listed: list[dict[str, Any]] = []
-            if _exists(root, "index.json"):
-                index = self._index()
-                listed = [entry for entry, _, _ in _entries(index, self.path)]
+            if _exists(root, oci.INDEX):
+                index = self._reader.index(self._read)
+                listed = [entry.raw for entry in self._entries(index)]
             tag = self.tag or DEFAULT_TAG
             kept = [m for m in listed if m.get("annotations", {}).get(REF_NAME) != tag]
             kept.append({"mediaType": MANIFEST_TYPE, "digest": digest, "size": len(data),
                          "annotations": {REF_NAME: tag}})  # fmt: skip
             index["manifests"] = kept
-            _replace(root, "index.json", [json.dumps(index, indent=2).encode() + b"\n"])
+            _replace(root, oci.INDEX, [json.dumps(index, indent=2).encode() + b"\n"])
         finally:
             os.close(sha)
             os.close(root)
 
     # pulling
+    @property
+    def _reader(self) -> LayoutReader:
+        return LayoutReader(self.path)
+
     def _read(self, relative: str, limit: int) -> bytes:
         try:
-            root = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as err:
+            return self._reader.read(relative, limit)
+        except NotALayoutError as err:
             raise UsageError(f"{self.path} is not an OCI layout ({err.strerror})") from None
-        try:
-            fd = open_in_root(root, relative, symlinks=False)
-            return read_regular(fd, limit, f"{self.path}/{relative}")
         except FileNotFoundError:
             raise UsageError(f"{self.path}/{relative} is missing", "is it an OCI layout?") from None
         except UntrustedFileError as err:  # (it names the file)
             raise UsageError(str(err), "is it an OCI layout, as skopeo writes one?") from None
         except OSError as err:
             raise UsageError(f"{self.path}/{relative}: {err.strerror}") from None
-        finally:
-            os.close(root)
 
-    def _index(self) -> dict[str, Any]:
-        try:
-            index = json.loads(self._read("index.json", MAX_IMAGE_JSON))
-            if not isinstance(index, dict):
-                raise ValueError("not an object")
-            return index
-        except RecursionError:
-            raise UsageError(f"{self.path}/index.json is nested too deeply") from None
-        except ValueError as err:
-            raise UsageError(f"{self.path}/index.json is not valid ({err})") from None
+    def _entries(self, index: dict[str, Any]) -> list[oci.IndexEntry]:
+        return oci.index_entries(index, f"{self.path}/{oci.INDEX}")
 
     def get_manifest(self) -> tuple[bytes, str]:
-        entries = _entries(self._index(), self.path)
-        chosen = [digest for _, tag, digest in entries if tag == (self.tag or DEFAULT_TAG)]
+        entries = self._entries(self._reader.index(self._read))
+        chosen = [e.digest for e in entries if e.tag == (self.tag or DEFAULT_TAG)]
         if not self.tag and len(entries) == 1:
-            chosen = [entries[0][2]]  # as skopeo: a layout of one image needs no tag
+            chosen = [entries[0].digest]  # as skopeo: a layout of one image needs no tag
         if not chosen:
-            tags = ", ".join(sorted({t for _, t, _ in entries if t})) or "none"
+            tags = ", ".join(sorted({e.tag for e in entries if e.tag})) or "none"
             hint = "name one: oci:PATH:TAG" if self.tag or entries else "push one there first"
             raise UsageError(f"{self} names no image (it holds {len(entries)}; tags: {tags})",
                              hint)  # fmt: skip
         digest = chosen[-1]
-        data = self._read(f"blobs/sha256/{_hex(digest)}", MAX_IMAGE_JSON)
-        if f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
+        data = self._read(oci.blob_path(digest), MAX_IMAGE_JSON)
+        if oci.digest_of(data) != digest:
             raise TamperedImageError(
                 f"manifest digest {digest} in {self.path} does not match the manifest",
                 "the layout was changed; copy it again",
@@ -196,21 +181,17 @@ class Layout:
                   progress: Callable[[int], None]) -> None:  # fmt: skip
         """Copy blob `digest` into `out` (an open file, written from its start); its sha256
         checked (TamperedImageError: the caller removes the file)."""
-        root = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        _hex(digest)
         try:
-            fd = open_in_root(root, f"blobs/sha256/{_hex(digest)}", symlinks=False)
+            fd = self._reader.open_blob(digest)
+        except NotRegularError as err:
+            raise UsageError(
+                f"blob {digest} of {self.path} is not a regular file ({err.kind})",
+                "an OCI layout holds regular files only; copy it again",
+            ) from None
         except OSError as err:
             raise UsageError(f"blob {digest} of {self.path}: {err.strerror}") from None
-        finally:
-            os.close(root)
-        h = hashlib.sha256()
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):  # (an O_PATH descriptor, which open() would not take)
-            os.close(fd)
-            raise UsageError(
-                f"blob {digest} of {self.path} is not a regular file ({kind(mode)})",
-                "an OCI layout holds regular files only; copy it again",
-            )
+        h = oci.hasher()
         with os.fdopen(fd, "rb") as src:
             out.seek(0)
             out.truncate()
@@ -221,31 +202,9 @@ class Layout:
 
 def _hex(digest: str) -> str:
     """The file name of blob `digest`; UsageError unless it is a sha256 digest."""
-    if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
-        raise UsageError(f"{digest!r} is not a sha256 digest", "the layout is damaged")
+    oci.check_digest(digest, lambda: UsageError(f"{digest!r} is not a sha256 digest",
+                                                "the layout is damaged"))  # fmt: skip
     return digest.removeprefix("sha256:")
-
-
-def _entries(index: dict[str, Any], where: Path) -> list[tuple[dict[str, Any], str, str]]:
-    """index.json's manifests: (entry, tag or "", digest), every field checked."""
-    listed = index.get("manifests", [])
-    bad = f"{where}/index.json is not valid"
-    if not isinstance(listed, list):
-        raise UsageError(f"{bad} (manifests is not a list)", "the layout is damaged")
-    found = []
-    for i, entry in enumerate(listed):
-        annotations = entry.get("annotations", {}) if isinstance(entry, dict) else None
-        digest = entry.get("digest") if isinstance(entry, dict) else None
-        if not isinstance(annotations, dict) or not isinstance(digest, str):
-            raise UsageError(f"{bad} (manifests[{i}] has no digest or annotations object)",
-                             "the layout is damaged")  # fmt: skip
-        tag = annotations.get(REF_NAME, "")
-        if not isinstance(tag, str):
-            raise UsageError(f"{bad} (manifests[{i}]'s {REF_NAME} is not a string)",
-                             "the layout is damaged")  # fmt: skip
-        _hex(digest)
-        found.append((entry, tag, digest))
-    return found
 
 
 def _exists(dir_fd: int, name: str, size: int | None = None) -> bool:
@@ -268,12 +227,12 @@ def _holds(dir_fd: int, name: str, digest: str, size: int) -> bool:
     with os.fdopen(fd, "rb") as f:
         if os.fstat(fd).st_size != size:
             return False
-        h = hashlib.sha256()
+        h = oci.hasher()
         done = 0
         while chunk := f.read(CHUNK):
             h.update(chunk)
             done += len(chunk)
-    return done == size and f"sha256:{h.hexdigest()}" == digest
+    return done == size and oci.digest_of(h) == digest
 
 
 def _replace(dir_fd: int, name: str, chunks: Iterable[bytes], h: Any = None, size: int = -1,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urljoin
 
+from cryptlayer import oci
 from cryptlayer.distribution import wire
 from cryptlayer.distribution.artifact import require_blob, write_checked
 from cryptlayer.distribution.auth import Auth
@@ -77,7 +78,7 @@ def parse_reference(text: str) -> Reference:
         rest, _, digest = rest.partition("@")
         if not digest.startswith("sha256:") or "/" in digest:
             raise no_userinfo()  # USER[:PASS]@HOST/...: the text is never echoed
-        if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        if not oci.is_digest(digest):
             raise UsageError(f"{printable(digest)!r} is not a sha256 digest",
                              "pin a manifest digest as REF@sha256:HEX (64 hex digits)")  # fmt: skip
     host, sep, path = rest.partition("/")
@@ -271,7 +272,7 @@ class Registry:
             f"manifest {ref}",
         )
         data = wire.read_capped(response, MAX_IMAGE_JSON, f"manifest {ref}", self.ref.host)
-        digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+        digest = oci.digest_of(data)
         if ref.startswith("sha256:") and digest != ref:
             raise TamperedImageError(f"manifest {ref} from {self.ref.host} has digest {digest}")
         return data, digest
@@ -297,7 +298,7 @@ class Registry:
         if not complete and len(data) <= size:
             raise RegistryError(f"registry {self.ref.host} did not send blob {digest} within"
                                 f" {wire.DEADLINE:.0f} s", "try again later")  # fmt: skip
-        if len(data) != size or f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
+        if len(data) != size or oci.digest_of(data) != digest:
             raise TamperedImageError(
                 f"blob {digest} from {self.ref.host} does not match its digest",
                 "the registry or the network changed it",

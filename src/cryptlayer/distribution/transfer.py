@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import re
 import stat
@@ -24,11 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+from cryptlayer import oci
 from cryptlayer.distribution import artifact
 from cryptlayer.distribution.layout import Layout
 from cryptlayer.distribution.registry import Registry, parse_reference
 from cryptlayer.errors import CryptlayerError, TamperedImageError, UsageError, printable
-from cryptlayer.fsutil import MAX_IMAGE_JSON, UntrustedFileError, read_untrusted
+from cryptlayer.fsutil import (
+    DIR_FLAGS,
+    MAX_IMAGE_JSON,
+    FileId,
+    UntrustedFileError,
+    make_dir,
+    read_untrusted,
+)
 from cryptlayer.image import envelope, signatures
 from cryptlayer.image import manifest as manifest_mod
 from cryptlayer.progress import Progress, Silent
@@ -88,7 +95,7 @@ def push(image: Path, store: Store, show: Show = _quiet) -> tuple[str, int]:
                 source = outgoing.source(blob)
                 sent += store.push_blob(source, blob.digest, blob.size, report)
         data = artifact.oci_manifest(outgoing.statement, outgoing.others, loaded.created)
-    digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    digest = oci.digest_of(data)
     store.put_manifest(data, digest)
     return digest, sent
 
@@ -272,12 +279,7 @@ class _WorkDir:
 
     @classmethod
     def open(cls, parent: int, name: str, target: Path) -> _WorkDir:
-        try:
-            os.mkdir(name, 0o700, dir_fd=parent)
-        except FileExistsError:
-            pass  # an interrupted pull's, if it passes the checks below
-        except OSError as err:
-            raise UsageError(f"cannot create {target.parent / name}: {err.strerror}") from None
+        make_dir(name, 0o700, dir_fd=parent, shown=target.parent / name)  # or an interrupted pull's
         fd = _private_dir(parent, name, target.parent / name)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -376,16 +378,14 @@ class _WorkDir:
             st = os.stat(self.name, dir_fd=self.parent, follow_symlinks=False)
         except FileNotFoundError:
             return False
-        ours = os.fstat(self.fd)
-        return (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino)
+        return FileId.of(st) == FileId.of(os.fstat(self.fd))
 
 
 def _private_dir(dir_fd: int, name: str, shown: Path) -> int:
     """Directory `name` of `dir_fd`, opened without following a symlink; UsageError unless it
     is ours (the effective uid) and neither group nor others may use it."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=dir_fd)  # fmt: skip
+        fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
     except OSError as err:
         raise UsageError(f"{shown} is not a directory pull made ({err.strerror}; a symlink is"
                          " not followed)", PRIVATE_HINT.format(shown)) from None  # fmt: skip
@@ -406,7 +406,7 @@ def _check_existing(target: Path, statement: artifact.Blob, others: list[artifac
     (keys.json too: a rekeyed copy is another image now), and, with `trust`, is trusted."""
     exists = "choose a new directory (pull never overwrites)"
     try:
-        dir_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        dir_fd = os.open(target, DIR_FLAGS)
     except OSError as err:
         raise UsageError(f"{target} already exists and is not an image directory"
                          f" ({err.strerror})", exists) from None  # fmt: skip
@@ -417,7 +417,7 @@ def _check_existing(target: Path, statement: artifact.Blob, others: list[artifac
         except (OSError, UntrustedFileError):
             raise UsageError(f"{target} already exists and is not a cryptlayer image",
                              exists) from None  # fmt: skip
-        if f"sha256:{hashlib.sha256(raw).hexdigest()}" != statement.digest:
+        if oci.digest_of(raw) != statement.digest:
             raise UsageError(f"{target} already exists and holds another image", exists)
         for blob in others:
             try:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptlayer.errors import UsageError, WrongKeyError, printable
 from cryptlayer.fsutil import read_image_json, write_json_atomic
+from cryptlayer.image import DEFAULT_ITER_TIME_MS
 from cryptlayer.image.manifest import number, text
 from cryptlayer.keys.sources import KEY_SOURCES, Credential, KeySource
 from cryptlayer.secret import KEY_BYTES, Secret
@@ -52,7 +53,6 @@ MAX_WORK_KIB = 64 * MAX_MEMORY_KIB
 GIB_KIB = 1024 * 1024
 MAX_PASSPHRASE_ENTRIES = 8  # each costs one Argon2id run when a passphrase is tried
 MAX_ENTRIES = 256
-DEFAULT_ITER_TIME_MS = 2000
 
 
 class EntryKind(StrEnum):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptlayer.errors import DamagedImageError, UsageError
-from cryptlayer.fsutil import NotRegularError, open_regular
+from cryptlayer.fsutil import DIR_FLAGS, FileId, NotRegularError, open_regular
 from cryptlayer.image.manifest import Manifest
 
 SHARED_DIR_HINT = (
@@ -34,18 +34,13 @@ class LayerFile:
 
     shown: Path  # IMAGE/layerN.luks, for messages
     fd: int
-    dev: int
-    ino: int
+    identity: FileId
     size: int
 
     @property
     def path(self) -> Path:
         """The open file, for another program: opening it reaches this file, whatever its name."""
         return Path(f"/proc/{os.getpid()}/fd/{self.fd}")
-
-    @property
-    def identity(self) -> list[int]:
-        return [self.dev, self.ino]
 
 
 @dataclass
@@ -64,7 +59,7 @@ class ImageFiles:
     def __exit__(self, *_: object) -> None:
         self._stack.close()
 
-    def identities(self) -> list[list[int]]:
+    def identities(self) -> list[FileId]:
         return [layer.identity for layer in self.layers]
 
 
@@ -82,7 +77,7 @@ def check_private(image: Path, st: os.stat_result) -> None:
 def open_dir(image: Path) -> ImageFiles:
     """Open the image directory itself (not through a symlink); no layer yet."""
     try:
-        dir_fd = os.open(image, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        dir_fd = os.open(image, DIR_FLAGS)
     except OSError as err:
         raise UsageError(
             f"{image} is not an image directory ({err.strerror})",
@@ -149,15 +144,15 @@ def open_layer(files: ImageFiles, name: str, size: int | None) -> LayerFile:
             f"layer file {shown} has {st.st_size} bytes, the manifest says {size}",
             "the image is damaged (truncated?); copy it again",
         )
-    return LayerFile(shown, fd, st.st_dev, st.st_ino, st.st_size)
+    return LayerFile(shown, fd, FileId.of(st), st.st_size)
 
 
-def require_same(files: ImageFiles, expected: list[list[int]], what: str) -> None:
+def require_same(files: ImageFiles, expected: list[FileId], what: str) -> None:
     """UsageError unless the open layers are the files recorded in `expected` (device, inode)."""
     if not expected:
         return  # recorded by a cryptlayer that did not record them
     for layer, ident in zip(files.layers, expected, strict=False):
-        if layer.identity != list(ident):
+        if layer.identity != ident:
             raise UsageError(
                 f"layer file {layer.shown} is not the file {what} (it was replaced)",
                 "someone changed the image directory meanwhile; check who can write it",

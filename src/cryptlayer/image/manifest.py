@@ -7,11 +7,11 @@ everything `run` uses from an image comes from them.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from cryptlayer import oci
 from cryptlayer.errors import DamagedImageError, TamperedImageError, UsageError
 from cryptlayer.fsutil import json_bytes, read_image_document, write_atomic
 from cryptlayer.tools import BLOCK
@@ -144,7 +144,7 @@ class Manifest:
     @property
     def digest(self) -> str:
         """The image digest: sha256 of manifest.json's exact bytes, as OCI writes digests."""
-        return "sha256:" + hashlib.sha256(self.raw).hexdigest()
+        return oci.digest_of(self.raw)
 
 
 def load(image: Path) -> Manifest:
@@ -220,7 +220,7 @@ def _layer(item: Any, index: int) -> Layer:
         tree_size=number(item["tree_size"], f"{where}'s tree_size", MAX_SIZE // 64, BLOCK),
         root_hash=_hex(item["root_hash"], f"{where}'s root_hash"),
         salt=_hex(item["salt"], f"{where}'s salt"),
-        digest=text(item.get("digest", ""), f"{where}'s digest"),
+        digest=_digest(item.get("digest", ""), f"{where}'s digest"),
     )
 
 
@@ -230,9 +230,17 @@ def _plain(name: str) -> str:
     return name
 
 
+def _digest(value: Any, what: str) -> str:
+    """A layer's OCI diff_id: none ("") or a digest, as build takes one from its source."""
+    checked = text(value, what)
+    if checked and not oci.is_digest(checked):
+        raise ValueError(f"{what} is not a sha256 digest")
+    return checked
+
+
 def _hex(value: Any, what: str) -> str:
     checked = text(value, what)
-    if len(checked) != 64 or any(c not in "0123456789abcdef" for c in checked):
+    if not oci.is_sha256_hex(checked):
         raise ValueError(f"{what} is not 64 lowercase hex digits")
     return checked
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cryptlayer.errors import CryptlayerError, ErasedImageError
+from cryptlayer.fsutil import FileId
 from cryptlayer.image import manifest as manifest_mod
 from cryptlayer.image.files import ImageFiles, LayerFile, open_image, require_same
 from cryptlayer.image.luksheader import read
@@ -17,7 +18,7 @@ def keyslot_count(layer: LayerFile) -> int:
 
 
 def shred_image(
-    image: Path, *, expected: list[list[int]] | None = None, allow_shared: bool = False
+    image: Path, *, expected: list[FileId] | None = None, allow_shared: bool = False
 ) -> int:
     """Erase every layer's keyslots; returns how many layers were erased. Verifies the result.
 

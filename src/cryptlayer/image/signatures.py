@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from cryptlayer.errors import TamperedImageError, UsageError, printable
-from cryptlayer.fsutil import UntrustedFileError, read_untrusted, write_atomic_at
+from cryptlayer.fsutil import (
+    DIR_FLAGS,
+    UntrustedFileError,
+    open_dir,
+    read_untrusted,
+    write_atomic_at,
+)
 
 NAMESPACE = "cryptlayer-image"
 DIR = "signatures"
@@ -222,7 +228,7 @@ def read_all(image: Path, message: bytes) -> tuple[list[Signature], list[Rejecte
     not (each file an attacker's: regular, small, not followed through a symlink)."""
     folder = image / DIR
     try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(folder, DIR_FLAGS)
     except FileNotFoundError:
         return [], []
     except OSError as err:
@@ -668,9 +674,8 @@ def add(image: Path, message: bytes, private: Any, name: str | None = None, *,
     name = name or signature_name(public)
     if not name or "/" in name or name.startswith(".") or not name.isprintable():
         raise UsageError(f"signature name {name!r} is not a plain name", "e.g. --name release")
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        image_fd = os.open(image, flags)
+        image_fd = os.open(image, DIR_FLAGS)
     except OSError as err:
         raise UsageError(f"{image} is not an image directory ({err.strerror})",
                          "give the --output of `cryptlayer build`") from None  # fmt: skip
@@ -685,13 +690,7 @@ def add(image: Path, message: bytes, private: Any, name: str | None = None, *,
         if held != message:
             raise UsageError(f"{image / MANIFEST} changed while signing", "sign again")
         try:
-            os.mkdir(DIR, 0o755, dir_fd=image_fd)
-        except FileExistsError:
-            pass
-        except OSError as err:
-            raise UsageError(f"cannot create {folder}: {err.strerror}") from None
-        try:
-            dir_fd = os.open(DIR, flags, dir_fd=image_fd)
+            dir_fd = open_dir(DIR, dir_fd=image_fd, mode=0o755, shown=folder)
         except OSError:  # ELOOP (a symlink), ENOTDIR
             raise UsageError(f"{folder} is not a directory", "remove it, then sign again") from None
         try:

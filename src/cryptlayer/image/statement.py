@@ -18,6 +18,7 @@ import base64
 import binascii
 from pathlib import Path
 
+from cryptlayer import oci
 from cryptlayer.errors import TamperedImageError, UsageError
 from cryptlayer.image import envelope
 from cryptlayer.image.manifest import MANIFEST, Manifest
@@ -78,13 +79,10 @@ def unlock(image: Path, manifest: Manifest, credential: Credential) -> Secret:
 
 def check_digest(digest: str) -> str:
     """`digest` if it reads sha256:<64 hex digits>; UsageError otherwise."""
-    algorithm, _, hexa = digest.partition(":")
-    if algorithm != "sha256" or len(hexa) != 64 or not all(c in "0123456789abcdef" for c in hexa):
-        raise UsageError(
-            f"--digest {digest!r} is not sha256:<64 lowercase hex digits>",
-            "copy it from `cryptlayer inspect`",
-        )
-    return digest
+    return oci.check_digest(digest, lambda: UsageError(
+        f"--digest {digest!r} is not sha256:<64 lowercase hex digits>",
+        "copy it from `cryptlayer inspect`",
+    ))  # fmt: skip
 
 
 def require_digest(image: Path, manifest: Manifest, digest: str | None) -> None:

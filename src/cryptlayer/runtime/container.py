@@ -30,7 +30,7 @@ from cryptlayer.image.process import Overrides
 from cryptlayer.image.shred import shred_image
 from cryptlayer.keys.sources import Credential
 from cryptlayer.paths import scratch_dir
-from cryptlayer.runtime import journal, layers, state
+from cryptlayer.runtime import DEFAULT_SCRATCH, DEFAULT_STOP_TIMEOUT, journal, layers, state
 from cryptlayer.runtime.journal import Kind, acquire, crash_point, mkdir
 from cryptlayer.runtime.ocispec import runtime_config
 from cryptlayer.runtime.seccomp import load_profile
@@ -39,7 +39,6 @@ from cryptlayer.secret import Secret
 from cryptlayer.tools import BLOCK, cryptsetup, losetup, mkfs, mount, runtime, udev
 from cryptlayer.tools.system import require_kernel, require_root, require_tools
 
-DEFAULT_SCRATCH = 1 << 30  # sparse: costs only what the container writes
 TOOLS = ("cryptsetup", "mkfs.ext4")  # the programs a start runs (loops, mounts: system calls)
 
 
@@ -50,7 +49,7 @@ class StartOptions:
     name: str
     shred: bool = True
     scratch_bytes: int = DEFAULT_SCRATCH
-    stop_timeout: float = 10.0  # seconds from a forwarded signal to SIGKILL, as podman's
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
     allow_shared_dir: bool = False  # an image directory others may write (see image/files.py)
     digest: str | None = None  # the image must be this one (statement.require_digest)
     trust: Path | None = None  # an allowed_signers file: a key of it must have signed the image
@@ -198,7 +197,9 @@ def _assemble_files(
                 config_path = paths.oci_config(record.name)
                 acquire(stack, record, Kind.FILE, str(config_path),
                         lambda: write_json_atomic(config_path, config, mode=0o600))  # fmt: skip
-                acquire(stack, record, Kind.CONTAINER, container_id(record), lambda: None)
+                acquire(
+                    stack, record, Kind.CONTAINER, paths.container_id(record.name), lambda: None
+                )
             if options.shred:
                 erasing = True
                 layers.erase_at_start(record, files)
@@ -207,11 +208,6 @@ def _assemble_files(
             record.save()
             stack.pop_all()  # success: the journal now owns every resource
     return record
-
-
-def container_id(record: Record) -> str:
-    """The OCI runtime's id for the container."""
-    return paths.container_id(record.name)
 
 
 def start(image: Path, credential: Credential, options: StartOptions) -> Record:
@@ -320,7 +316,7 @@ def run(
     try:
         status = _run_foreground(
             paths.container_dir(record.name),
-            container_id(record),
+            paths.container_id(record.name),
             interactive,
             options.stop_timeout,
         )

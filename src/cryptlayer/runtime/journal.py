@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from cryptlayer.errors import BusyError
-from cryptlayer.fsutil import wipe_file
+from cryptlayer.fsutil import FileId, wipe_file
 
 # The tools are imported where a step is taken or released: state.py imports this module for
 # Kind and Step, and `ps`, which only reads records, should not load them (imports are a large
@@ -49,7 +49,7 @@ class Step:
     kind: Kind
     ref: str
     device: str = ""
-    backing: str = ""  # LOOP: "DEV:INO" of the file behind the device (found even if renamed)
+    backing: FileId | None = None  # LOOP: the file behind the device (found even if renamed)
 
 
 class Journal(Protocol):
@@ -112,8 +112,7 @@ def acquire(stack: ExitStack, journal: Journal, kind: Kind, ref: str, action: Ca
             step.device = str(result)
             from cryptlayer.tools import losetup
 
-            ident = losetup.backing_identity(step.device)
-            step.backing = f"{ident[0]}:{ident[1]}" if ident else ""
+            step.backing = losetup.backing_identity(step.device)
         journal.save(durable=False)
     return result
 
@@ -152,8 +151,7 @@ def _release_loop(step: Step, journal: Journal) -> None:
 
     backing = Path(step.ref)
     if step.device:
-        ident = losetup.backing_identity(step.device)
-        ours = bool(step.backing) and ident is not None and step.backing == f"{ident[0]}:{ident[1]}"
+        ours = step.backing is not None and losetup.backing_identity(step.device) == step.backing
         if ours or step.device in udev.loops_backed_by({backing}):  # even if the file was renamed
             losetup.detach(step.device)
         return

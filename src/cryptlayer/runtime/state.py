@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cryptlayer.errors import BusyError, UsageError
-from cryptlayer.fsutil import write_json_atomic
+from cryptlayer.fsutil import FileId, write_json_atomic
 from cryptlayer.paths import openings_dir, private_run_root, records_dir, state_root
 from cryptlayer.runtime.journal import Kind, Step, uses_image
 
@@ -46,7 +46,7 @@ class Record:
     steps: list[Step] = field(default_factory=list)
     layers: int = 0
     boot: str = ""  # the kernel's boot id when it was made: after a reboot nothing of it is left
-    layer_ids: list[list[int]] = field(default_factory=list)  # (device, inode) of each layer file
+    layer_ids: list[FileId] = field(default_factory=list)  # each layer file's
 
     @property
     def path(self) -> Path:
@@ -133,13 +133,14 @@ def _document(journal: Record | Opening) -> dict[str, Any]:
 
 def _steps(raw: dict[str, Any]) -> list[Step]:
     return [Step(Kind(s["kind"]), str(s["ref"]), str(s.get("device", "")),
-                 str(s.get("backing", "")))
+                 FileId.from_json(s["backing"]) if s.get("backing") else None)
             for s in raw.pop("steps", [])]  # fmt: skip
 
 
 def _from_json(raw: dict[str, Any]) -> Record:
     steps = _steps(raw)
     raw["mode"] = Mode(raw["mode"])
+    raw["layer_ids"] = [FileId.from_json(ident) for ident in raw.get("layer_ids", [])]
     known = {f.name for f in fields(Record)}  # a newer cryptlayer may have added fields
     return Record(**{k: v for k, v in raw.items() if k in known}, steps=steps)
 
@@ -238,7 +239,7 @@ class Opening:
     image: str
     erased: bool = False
     steps: list[Step] = field(default_factory=list)
-    layers: list[list[int]] = field(default_factory=list)  # (device, inode) of each layer file
+    layers: list[FileId] = field(default_factory=list)  # each layer file's
 
     @property
     def id(self) -> str:
@@ -260,7 +261,7 @@ class Opening:
 
 def _opening_from_json(raw: dict[str, Any]) -> Opening:
     steps = _steps(raw)
-    layers = [[int(n) for n in ident] for ident in raw.get("layers", [])]
+    layers = [FileId.from_json(ident) for ident in raw.get("layers", [])]
     return Opening(str(raw["image"]), bool(raw.get("erased", False)), steps, layers)
 
 

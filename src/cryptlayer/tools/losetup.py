@@ -16,6 +16,7 @@ import struct
 from pathlib import Path
 
 from cryptlayer.errors import CryptlayerError
+from cryptlayer.fsutil import FileId
 from cryptlayer.tools import udev
 
 LOOP_CTL_GET_FREE = 0x4C82
@@ -69,8 +70,8 @@ def attach(path: Path, *, readonly: bool) -> str:
         os.close(fd)
 
 
-def backing_identity(device: str) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the file behind loop `device`; None if it has none (or is gone)."""
+def backing_identity(device: str) -> FileId | None:
+    """The file behind loop `device`; None if it has none (or is gone)."""
     try:
         loop = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -82,7 +83,7 @@ def backing_identity(device: str) -> tuple[int, int] | None:
     finally:
         os.close(loop)
     fields = LOOP_INFO64.unpack(raw)
-    return fields[0], fields[1]
+    return FileId(fields[0], fields[1])
 
 
 def detach(device: str) -> None:
