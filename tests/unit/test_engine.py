@@ -194,7 +194,6 @@ def test_hostile_config_files(tmp_path: Path) -> None:
         "nan": lambda p: p.write_text('{"x": NaN}'),
         "deep": lambda p: p.write_text("[" * 100_000 + "]" * 100_000),
         "wrong types": lambda p: p.write_text('{"process": {"env": [1]}}'),
-        "missing": lambda p: None,
     }
     expected = {
         "symlink": "config.json is a symbolic link: cryptlayer-runtime reads the bundle's own",
@@ -208,7 +207,6 @@ def test_hostile_config_files(tmp_path: Path) -> None:
         "nan": "config.json is not valid JSON: NaN is not JSON",
         "deep": "config.json nests too deeply",
         "wrong types": "config.json: process.env must be a list of strings",
-        "missing": "cannot read .*config.json: No such file or directory",
     }
     for name, make in cases.items():
         bundle = tmp_path / name.replace(" ", "-")
@@ -218,6 +216,19 @@ def test_hostile_config_files(tmp_path: Path) -> None:
             encrypted_image(str(bundle), "config.json")
         assert re.search(expected[name], str(caught.value)), name
         assert f"{bundle}/config.json" in str(caught.value), name
+
+
+def test_no_config_file_names_nothing(tmp_path: Path) -> None:
+    """The runtime reports a missing bundle or config.json itself, as engines expect."""
+    assert encrypted_image(str(tmp_path), "config.json") is None
+    assert encrypted_image(str(tmp_path / "absent"), "config.json") is None
+    assert encrypted_image(str(tmp_path), str(tmp_path / "other.json")) is None
+
+
+def test_an_unreadable_bundle_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(Refused, match=r"cannot open the bundle .*/file: Not a directory"):
+        encrypted_image(str(tmp_path / "file"), "config.json")
 
 
 # -- the hand-over, through the installed entry point
@@ -289,6 +300,11 @@ def test_create_and_run_without_an_image_pass_through(fake: dict[str, str], tmp_
     for argv in (["create", "--bundle", bundle, "--pid-file", f"{bundle}/pid", "c1"],
                  ["--root", "/r", "run", "-d", "c1"]):  # fmt: skip
         result, _ = run_runtime(argv, fake, cwd=Path(bundle))
+        assert result.returncode == 42, result.stderr
+        assert recorded(fake, "argv").split("\0")[1:-1] == argv
+    # no config.json: the real runtime says so (or shows its help)
+    for argv in (["create", "--bundle", "/nonexistent", "c1"], ["run", "--help"]):
+        result, _ = run_runtime(argv, fake, cwd=Path(fake["RECORD"]).parent / "bin")
         assert result.returncode == 42, result.stderr
         assert recorded(fake, "argv").split("\0")[1:-1] == argv
 

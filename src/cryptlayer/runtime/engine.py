@@ -314,9 +314,9 @@ def execute(runtime: str, argv: Sequence[str]) -> NoReturn:
 
 
 def encrypted_image(bundle: str, config_name: str) -> str | None:
-    """The encrypted image the bundle's config.json names, or None (also for a pod's sandbox);
-    Refused when the file is not a regular JSON file of at most MAX_CONFIG bytes, or names keys
-    or two images."""
+    """The encrypted image the bundle's config.json names, or None (also for a pod's sandbox, or
+    when there is no such file: the runtime then reports it); Refused when the file is not a
+    regular JSON file of at most MAX_CONFIG bytes, or names keys or two images."""
     spec = _read_config(bundle, config_name)
     annotations = spec.get("annotations") or {}
     process = spec.get("process") or {}
@@ -377,11 +377,15 @@ def _read_config(bundle: str, config_name: str) -> dict[str, Any]:
     shown = _shown(bundle, config_name)
     try:
         dir_fd = os.open(bundle, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return {}  # names nothing: the runtime says what is missing (and `create --help` works)
     except OSError as err:
         raise Refused(f"cannot open the bundle {_printable(bundle)}: {err.strerror}") from None
     try:
         fd = open_regular(config_name, dir_fd=dir_fd)
         data = read_regular(fd, MAX_CONFIG, shown)
+    except FileNotFoundError:
+        return {}
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise Refused(f"{shown} is a symbolic link: cryptlayer-runtime reads the bundle's own"
