@@ -106,6 +106,9 @@ def test_global_options(
 def test_bundle_options(args: list[str], bundle: str, config_file: str) -> None:
     assert Invocation(["create", *args]).bundle_config() == (bundle, config_file)
     assert Invocation(["--root", "/r", "run", *args]).bundle_config() == (bundle, config_file)
+    restore = ["--detach", "--image-path", "/ckpt", "--work-path", "/w", "--manage-cgroups-mode",
+               "soft", "--tcp-established", *args]  # fmt: skip
+    assert Invocation(["restore", *restore]).bundle_config() == (bundle, config_file)
 
 
 # -- the decision
@@ -398,8 +401,9 @@ def test_where_the_runtime_is_found(
 
 @pytest.mark.parametrize("how", ["annotation", "env"])
 @pytest.mark.parametrize("log_format", ["json", "text"])
+@pytest.mark.parametrize("command", ["create", "run", "restore"])
 def test_an_encrypted_image_is_refused_for_now(
-    fake: dict[str, str], tmp_path: Path, how: str, log_format: str
+    fake: dict[str, str], tmp_path: Path, how: str, log_format: str, command: str
 ) -> None:
     """Until the assembly lands: one error line on stderr and in the log (runc's and crun's
     JSON, which podman and containerd read), exit 125, and the real runtime never runs."""
@@ -408,8 +412,9 @@ def test_an_encrypted_image_is_refused_for_now(
     bundle = bundle_with(tmp_path, spec(*given))
     log = tmp_path / "log.json"
     log.write_text('{"level":"info","msg":"an earlier line","time":"2026-01-01T00:00:00Z"}\n')
-    argv = ["--root", "/r", "--log", str(log), f"--log-format={log_format}", "create",
-            "--bundle", bundle, "--pid-file", f"{bundle}/pid", "c1"]  # fmt: skip
+    extra = ["--detach", "--image-path", f"{bundle}/checkpoint"] if command == "restore" else []
+    argv = ["--root", "/r", "--log", str(log), f"--log-format={log_format}", command,
+            "--bundle", bundle, "--pid-file", f"{bundle}/pid", *extra, "c1"]  # fmt: skip
     result, _ = run_runtime(argv, fake)
     assert result.returncode == engine.FAILED == 125
     message = ("cryptlayer-runtime: the container names the encrypted image docker://reg/app:v1,"

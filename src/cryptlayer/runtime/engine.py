@@ -3,15 +3,16 @@ containerd (docs/engines.md).
 
 Every call is handed to the real runtime (crun, or what config.toml's `[runtime]` names) by
 exec: its argv, environment, descriptors, console socket, pid file, exit status and signals are
-the real runtime's, with no Python left in between. The one decision is made at `create` and
-`run`: a bundle whose config.json names an encrypted image (the annotation `org.cryptlayer.image`
-or `CRYPTLAYER_IMAGE` in the process's environment) is cryptlayer's to assemble. Until that
-lands, such a container is refused with one `error:` line, on stderr and in the runtime's log.
+the real runtime's, with no Python left in between. The one decision is made at `create`,
+`run` and `restore`: a bundle whose config.json names an encrypted image (the annotation
+`org.cryptlayer.image` or `CRYPTLAYER_IMAGE` in the process's environment) is cryptlayer's to
+assemble. Until that lands, such a container is refused with one `error:` line, on stderr and in
+the runtime's log.
 
 A pass-through imports nothing but what the interpreter has loaded already (os, sys, _signal):
 engines call `state` often, and it must cost at most 20 ms more than crun's own
 (docs/benchmarks/NOTES.md). The config file is parsed (tomllib) only when it exists; the bundle
-(json, fsutil) only at create and run.
+(json, fsutil) only at create, run and restore.
 """
 
 from __future__ import annotations
@@ -56,10 +57,15 @@ SEARCH = ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin", "/sbin",
 # (argp: the same, and unambiguous abbreviations), by whether they take a value.
 GLOBAL_VALUE = ("root", "log", "log-format", "log-level", "criu", "rootless", "cgroup-manager")
 GLOBAL_FLAG = ("debug", "systemd-cgroup", "help", "version", "usage")
-# create's and run's (both runtimes'; -f/--config is crun's): only --bundle and --config matter
-# here, the rest are known so that their values are never taken for them.
+# The commands that make a container from a bundle: `restore` too (conmon's and go-runc's
+# checkpoint/restore: `restore --bundle B --pid-file P --detach --image-path DIR ...`).
+FROM_BUNDLE = ("create", "run", "restore")
+# Their options (both runtimes'; -f/--config is crun's): only --bundle and --config matter here,
+# the rest are known so that their values are never taken for them.
 BUNDLE_VALUE = {"bundle": "b", "config": "f", "console-socket": "", "pid-file": "",
-                "preserve-fds": "", "pidfd-socket": ""}  # fmt: skip
+                "preserve-fds": "", "pidfd-socket": "", "image-path": "", "work-path": "",
+                "parent-path": "", "manage-cgroups-mode": "", "empty-ns": "", "page-server": "",
+                "lsm-profile": "", "lsm-mount-context": "", "status-fd": ""}  # fmt: skip
 BUNDLE_FLAG = {"detach": "d", "keep": "", "no-pivot": "", "no-new-keyring": "",
                "no-subreaper": ""}  # fmt: skip
 COMMANDS = ("checkpoint", "create", "delete", "events", "exec", "features", "help", "kill",
@@ -473,7 +479,7 @@ def main() -> None:
     invocation = Invocation(argv)
     try:
         runtime = resolve(configured())
-        if invocation.command in ("create", "run"):
+        if invocation.command in FROM_BUNDLE:
             bundle, config_name = invocation.bundle_config()
             image = encrypted_image(bundle, config_name)
             if image is not None:
