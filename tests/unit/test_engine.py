@@ -529,3 +529,13 @@ def test_a_real_container_through_runc(tmp_path: Path) -> None:
     finally:
         subprocess.run(["runc", "--root", str(state), "delete", "--force", name],
                        capture_output=True, check=False)  # fmt: skip
+
+
+def test_a_log_nobody_reads_is_not_waited_on(fake: dict[str, str], tmp_path: Path) -> None:
+    """A FIFO as --log with no reader: opening it for writing would block for ever."""
+    bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": "/srv/img"}))
+    os.mkfifo(tmp_path / "log.fifo")
+    argv = ["--log", str(tmp_path / "log.fifo"), "create", "--bundle", bundle, "c1"]
+    result = subprocess.run([RUNTIME, *argv], env=fake, capture_output=True, timeout=20)
+    assert result.returncode == engine.FAILED
+    assert result.stderr.startswith(b"error: cryptlayer-runtime: the container names")

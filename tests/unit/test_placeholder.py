@@ -114,7 +114,7 @@ def test_loaded_into_the_engine(
     assert given[:-1] == argv
     assert Path(given[-1]).name == "placeholder.tar"
     assert not Path(given[-1]).parent.exists()  # the private directory is gone
-    assert (engines / "dir").read_text().startswith("drwxr-xr-x")
+    assert (engines / "dir").read_text().startswith("drwx------")  # private while it lived
     config = skopeo_config(f"{transport}:{engines / 'archive.tar'}")
     assert config["config"]["Entrypoint"] == ["/.cryptlayer/entrypoint"]  # type: ignore[index]
 

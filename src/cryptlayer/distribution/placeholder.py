@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import platform
 import shutil
 import tarfile
@@ -159,8 +158,7 @@ def load(engine: str) -> str:
     try:
         archive = work / "placeholder.tar"
         (docker_archive if engine == "docker" else oci_archive)(archive)
-        os.chmod(work, 0o755)  # a daemon (dockerd, containerd) reads it by name, as root
-        engines.load(engine, archive)
+        engines.load(engine, archive)  # each client reads the file and streams it to its daemon
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return REFERENCE

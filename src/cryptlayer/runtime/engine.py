@@ -462,7 +462,9 @@ def _log(message: str, invocation: Invocation) -> None:
     else:  # runc's text format (logrus)
         record = f'time="{stamp}" level=error msg={json.dumps(message)}'
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # (non-blocking: a FIFO nobody reads is skipped, never waited on)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+        fd = os.open(path, flags, 0o644)
     except OSError:
         return
     try:
