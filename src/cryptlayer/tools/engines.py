@@ -10,6 +10,7 @@ from cryptlayer.tools.runner import run, which
 # The engine's own client settings, kept from our environment (the runner's is clean otherwise):
 # which daemon or socket, which user's store (rootless podman), where a client's config lives.
 CLIENT_ENV = ("HOME", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "CONTAINER_HOST", "CONTAINERS_CONF",
+              "CONTAINERS_STORAGE_CONF",
               "DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_CONFIG", "CONTAINERD_ADDRESS")  # fmt: skip
 
 
