@@ -122,9 +122,66 @@ def registry_on_host(size_mib: int = 256, runs: int = 3) -> dict[str, object]:
     return out
 
 
+def runtime_passthrough(runs: int = 50) -> dict[str, object]:
+    """A passed-through `state` (issue 23's target: at most the runtime's own + 20 ms): the
+    same call to crun and runc directly and through cryptlayer-runtime, interleaved, without and
+    with a config file (which costs parsing it). crun against an id it does not know (crun
+    cannot run a container on a host whose cgroup v2 hierarchy has controllers while v1 is
+    mounted: "hybrid mode"); runc against a real container (busybox, created, not started)."""
+    import json
+    import os
+    import shutil
+
+    import cryptlayer
+
+    engine = str(Path(sys.executable).with_name("cryptlayer-runtime"))
+    # Byte-compiled, as an installed package is (pip compiles at install; an editable
+    # install with PYTHONDONTWRITEBYTECODE set would compile engine.py on every call).
+    package = str(Path(cryptlayer.__file__).parent)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", package], check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "rootfs" / "bin").mkdir(parents=True)
+        shutil.copy("/bin/busybox", work / "rootfs/bin/busybox")
+        subprocess.run(["runc", "spec"], cwd=work, check=True)
+        spec = json.loads((work / "config.json").read_text())
+        spec["process"].update(terminal=False, args=["/bin/busybox", "sleep", "600"])
+        (work / "config.json").write_text(json.dumps(spec))
+        state = str(work / "state")
+        subprocess.run(["runc", "--root", state, "create", "--bundle", str(work), "bench"],
+                       check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)  # fmt: skip
+        crun_conf, runc_conf = work / "crun.toml", work / "runc.toml"
+        crun_conf.write_text('[runtime]\nruntime = "crun"\n')
+        runc_conf.write_text('[runtime]\nruntime = "runc"\n')
+        calls = {
+            "crun": (["crun", "state", "no-such-container"], None),
+            "engine_crun_no_config": ([engine, "state", "no-such-container"], work / "absent"),
+            "engine_crun_config": ([engine, "state", "no-such-container"], crun_conf),
+            "runc": (["runc", "--root", state, "state", "bench"], None),
+            "engine_runc_config": ([engine, "--root", state, "state", "bench"], runc_conf),
+        }
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        try:
+            for _ in range(runs):
+                for name, (argv, conf) in calls.items():
+                    env = dict(os.environ, CRYPTLAYER_CONFIG=str(conf or work / "absent"))
+                    start = time.perf_counter()
+                    subprocess.run(argv, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)  # fmt: skip
+                    times[name].append(time.perf_counter() - start)
+        finally:
+            subprocess.run(["runc", "--root", state, "delete", "--force", "bench"], check=False)
+    out: dict[str, object] = {name: summary(t) for name, t in times.items()}
+    return out
+
+
 def main() -> None:
     if sys.argv[1:] == ["registry"]:
         record("registry_on_host", registry_on_host())
+        return
+    if sys.argv[1:] == ["runtime"]:
+        record("runtime_passthrough_host", runtime_passthrough())
         return
     record("machine_host", machine())
     figures = {
@@ -135,6 +192,7 @@ def main() -> None:
     record("cli_startup_host", {name: summary(times) for name, times in figures.items()})
     record("layer_on_host", layer_without_mapping())
     record("registry_on_host", registry_on_host())
+    record("runtime_passthrough_host", runtime_passthrough())
 
 
 if __name__ == "__main__":

@@ -1100,6 +1100,48 @@ def gc() -> None:
         typer.echo("nothing to clean up")
 
 
+@app.command(cls=_GoFlags)
+def placeholder(
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            metavar="podman|docker|containerd",
+            help="Load it into this engine's image store (containerd: k8s.io).",
+        ),
+    ] = None,
+    push: Annotated[
+        str | None,
+        typer.Option(
+            "--push",
+            metavar="REF",
+            help="Push it to a registry (docker://HOST/REPO[:TAG]) or oci:PATH[:TAG].",
+        ),
+    ] = None,
+    tls_verify: TlsVerify = "true",
+    cert_dir: CertDir = None,
+    authfile: AuthFile = None,
+    creds: Creds = None,
+    password_stdin: PasswordStdin = False,
+) -> None:
+    """Make the small image engines create encrypted-image containers from (docs/engines.md);
+    print the reference to give the engine."""
+    from cryptlayer.distribution import placeholder as made
+
+    if engine is None and push is None:
+        raise UsageError("say where the placeholder goes",
+                         "give --engine podman|docker|containerd, --push REF, or both")  # fmt: skip
+    if engine is not None:
+        typer.echo(made.load(engine))
+    if push is not None:
+        from cryptlayer.distribution.transfer import open_store
+
+        auth = _registry_auth(creds, password_stdin, authfile, push)
+        store = open_store(push, tls_verify=tls_verify == "true", cert_dir=cert_dir, **auth)
+        digest = made.push(store)
+        typer.echo(push.removeprefix("docker://"))
+        typer.echo(f"pushed the placeholder to {push}: manifest digest {digest}", err=True)
+
+
 # Every command (those added later too) gets the usage line without braces.
 for _info in app.registered_commands:
     if _info.cls in (None, TyperCommand):

@@ -2,6 +2,8 @@
 
 trust = "/etc/cryptlayer/allowed_signers"   # run/start/verify --trust when not given
 quiet-warnings = ["core-pattern"]            # warnings this host's operator has accepted
+[runtime]                                    # cryptlayer-runtime's (docs/engines.md):
+runtime = "crun"                             # the OCI runtime it hands over to (runc, a path)
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 from cryptlayer.errors import UsageError, printable
 
 DEFAULT = Path("/etc/cryptlayer/config.toml")
-KNOWN = ("quiet-warnings", "trust")
+KNOWN = ("quiet-warnings", "runtime", "trust")
+RUNTIME_KNOWN = ("runtime",)  # the [runtime] table's
 
 # Every warning cryptlayer prints, by the name it carries (`warning: ... [NAME]`) and that
 # quiet-warnings takes. --strict still refuses on the host's, silenced or not.
@@ -50,6 +53,7 @@ def _settings() -> tuple[Path, dict[str, Any]]:
             f" (known: {', '.join(sorted(KNOWN))})",
             "fix or remove it" if len(unknown) == 1 else "fix or remove them",
         )
+    _runtime(path, settings)  # every command holds the whole file to its rules
     return path, settings
 
 
@@ -80,3 +84,31 @@ def quiet_warnings() -> frozenset[str]:
             f"the warnings are {', '.join(WARNINGS)}",
         )
     return frozenset(value)
+
+
+def oci_runtime() -> str:
+    """The OCI runtime cryptlayer-runtime hands over to: "crun" (the default), "runc", or an
+    absolute path (`[runtime] runtime`)."""
+    return _runtime(*_settings())
+
+
+def _runtime(path: Path, settings: dict[str, Any]) -> str:
+    table = settings.get("runtime", {})
+    example = '[runtime] runtime = "runc" (or "crun", or the runtime\'s absolute path)'
+    if not isinstance(table, dict):
+        raise UsageError(f"{path}: runtime is not a table", f"write it as {example}")
+    unknown = sorted(set(table) - set(RUNTIME_KNOWN))
+    if unknown:
+        raise UsageError(
+            f"{path}: unknown setting {printable(unknown[0])} in [runtime]"
+            f" (known: {', '.join(RUNTIME_KNOWN)})",
+            "fix or remove it",
+        )
+    value = table.get("runtime", "crun")
+    if not isinstance(value, str) or not (value in ("crun", "runc") or value.startswith("/")):
+        shown = printable(value) if isinstance(value, str) else type(value).__name__
+        raise UsageError(f"{path}: [runtime] runtime {shown} is not crun, runc or an absolute path",
+                         f"e.g. {example}")  # fmt: skip
+    if "\0" in value:
+        raise UsageError(f"{path}: [runtime] runtime holds a NUL byte", f"e.g. {example}")
+    return value

@@ -133,7 +133,10 @@ def test_every_warning_can_be_named_in_the_config() -> None:
         ('quiet-warnings = "core-pattern"\n', "error: {config}: quiet-warnings is not a list of"
          ' names: e.g. quiet-warnings = ["core-pattern"]'),
         ('trst = "/x"\n', "error: {config}: unknown setting trst (known: quiet-warnings,"
-         " trust): fix or remove it"),
+         " runtime, trust): fix or remove it"),
+        # cryptlayer's own commands hold the [runtime] table to the same rules as the runtime
+        ('[runtime]\nruntim = "runc"\n', "error: {config}: unknown setting runtim in [runtime]"
+         " (known: runtime): fix or remove it"),
     ],
 )  # fmt: skip
 def test_a_wrong_setting_says_what_is_known(

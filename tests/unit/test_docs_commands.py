@@ -36,11 +36,15 @@ def _spans(line: str) -> list[str]:
 
 def _code_lines(text: str) -> Iterator[tuple[int, str]]:
     """Lines inside ``` fences (continuations joined), and `inline code` spans elsewhere."""
-    fenced = False
+    fenced = shell = False
     pending = ""
     for number, line in enumerate(text.splitlines(), 1):
         if line.lstrip().startswith("```"):
             fenced = not fenced
+            # a config file's fence (toml, json, yaml) holds no command lines
+            shell = line.strip().removeprefix("```") in ("", "sh", "bash", "console")
+            continue
+        if fenced and not shell:
             continue
         if fenced:
             if line.rstrip().endswith("\\"):
@@ -65,6 +69,7 @@ def _commands(line: str) -> Iterator[str]:
     except ValueError:  # prose in backticks with an apostrophe
         return
     words: list[str] | None = None
+    at_start = True  # where a program is named: not `podman run --runtime cryptlayer`
     for token in tokens:
         if token.startswith("#"):
             break
@@ -72,10 +77,13 @@ def _commands(line: str) -> Iterator[str]:
             if words:
                 yield shlex.join(words)
             words = None
+            at_start = True
         elif words is not None:
             words.append(token)
-        elif token == "cryptlayer" or token.endswith("/cryptlayer"):
+        elif at_start and (token == "cryptlayer" or token.endswith("/cryptlayer")):
             words = []
+        else:
+            at_start = token in ("sudo", "$") or re.fullmatch(r"[A-Z_]+=\S*", token) is not None
     if words:
         yield shlex.join(words)
     if "#" in line:
@@ -144,11 +152,16 @@ def parse(command: str) -> str | None:
         return err.format_message()
 
 
+# Docs about other programs, whose prose options are theirs unless a cryptlayer command is named
+# before them (`placeholder --push`): the runtime's (runc's command line) and the engines'.
+OTHER_PROGRAMS = {"docs/engines.md": "cryptlayer-runtime's, podman's, docker's, containerd's"}
+
 # Options of other programs that the docs show in prose, beside cryptlayer's.
 OTHER_TOOLS = {
     "--offset": "cryptsetup's (docs/benchmarks: where a layer's data starts)",
     "shred -n 3": "GNU shred's, the baseline of the erase benchmark",
     "--security-opt no-new-privileges": "podman's",
+    "--annotation org.cryptlayer.image=...": "podman's (README.md, Engines)",
 }
 
 
@@ -209,6 +222,8 @@ def fragments() -> list[tuple[str, str]]:
     for path in DOCS:
         for number, span in _option_spans(path.read_text()):
             if span in OTHER_TOOLS:
+                continue
+            if str(path.relative_to(ROOT)) in OTHER_PROGRAMS and span.startswith("-"):
                 continue
             head, _, rest = span.partition(" ") if not span.startswith("-") else ("", "", span)
             first, _, tail = rest.partition(" ")

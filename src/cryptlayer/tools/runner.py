@@ -40,6 +40,9 @@ PACKAGES = {
     "fuser": "psmisc",
     "keyctl": "keyutils",
     "udevadm": "udev",
+    "podman": "podman",
+    "docker": "docker.io",
+    "ctr": "containerd",
 }
 
 # Children see only this: no inherited variables, so nothing of ours (or the user's shell)

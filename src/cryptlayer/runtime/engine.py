@@ -1,0 +1,505 @@
+"""`cryptlayer-runtime`: an OCI runtime with runc's and crun's command line, for podman, Docker and
+containerd (docs/engines.md).
+
+Every call is handed to the real runtime (crun, or what config.toml's `[runtime]` names) by
+exec: its argv, environment, descriptors, console socket, pid file, exit status and signals are
+the real runtime's, with no Python left in between. The one decision is made at `create`,
+`run` and `restore`: a bundle whose config.json names an encrypted image (the annotation
+`org.cryptlayer.image` or `CRYPTLAYER_IMAGE` in the process's environment) is cryptlayer's to
+assemble. Until that lands, such a container is refused with one `error:` line, on stderr and in
+the runtime's log.
+
+A pass-through imports nothing but what the interpreter has loaded already (os, sys, _signal):
+engines call `state` often, and it must cost at most 20 ms more than crun's own
+(docs/benchmarks/NOTES.md). The config file is parsed (tomllib) only when it exists; the bundle
+(json, fsutil) only at create, run and restore.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TYPE_CHECKING = False  # typing itself costs a pass-through ~8 ms of imports (re, enum...)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any, NoReturn
+
+# config.py's own file ($CRYPTLAYER_CONFIG, else DEFAULT), looked at without importing config.py
+# and tomllib: a host without the file runs crun, and pays nothing to learn that.
+CONFIG_ENV = "CRYPTLAYER_CONFIG"
+CONFIG_DEFAULT = "/etc/cryptlayer/config.toml"
+
+ANNOTATION = "org.cryptlayer.image"
+ENV = "CRYPTLAYER_IMAGE"
+# Keys come from the node's config, never from a pod spec or a command line.
+KEY_ANNOTATION = "org.cryptlayer.key"
+KEY_ENV = "CRYPTLAYER_KEY"
+
+# What containerd's CRI and CRI-O call a pod's sandbox (its pause container), which receives
+# the pod's annotations too and is never the encrypted image's.
+SANDBOX = ("io.kubernetes.cri.container-type", "io.kubernetes.cri-o.ContainerType")
+
+# The runtime's own failures (never a container's status: `run` passes that through): podman's
+# and `cryptlayer run`'s code for "the runtime failed". Engines show the log's message, not this.
+FAILED = 125
+
+# A bundle's config.json is the engine's, but its annotations and environment come from whoever
+# wrote the pod spec or the command line. Kubernetes keeps a whole object under ~1.5 MiB; an
+# environment file may be larger. Beyond this the container is refused, not passed through.
+MAX_CONFIG = 16 << 20
+
+# Where engines look for a runtime when PATH does not have it (containers.conf's defaults).
+SEARCH = ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin", "/sbin", "/bin",
+          "/usr/lib/cri-o-runc/sbin", "/run/current-system/sw/bin")  # fmt: skip
+
+# The global options of runc (urfave/cli: --flag VALUE, --flag=VALUE, -flag VALUE) and crun
+# (argp: the same, and unambiguous abbreviations), by whether they take a value.
+GLOBAL_VALUE = ("root", "log", "log-format", "log-level", "criu", "rootless", "cgroup-manager")
+GLOBAL_FLAG = ("debug", "systemd-cgroup", "help", "version", "usage")
+# The commands that make a container from a bundle: `restore` too (conmon's and go-runc's
+# checkpoint/restore: `restore --bundle B --pid-file P --detach --image-path DIR ...`).
+FROM_BUNDLE = ("create", "run", "restore")
+# Their options (both runtimes'; -f/--config is crun's): only --bundle and --config matter here,
+# the rest are known so that their values are never taken for them.
+BUNDLE_VALUE = {"bundle": "b", "config": "f", "console-socket": "", "pid-file": "",
+                "preserve-fds": "", "pidfd-socket": "", "image-path": "", "work-path": "",
+                "parent-path": "", "manage-cgroups-mode": "", "empty-ns": "", "page-server": "",
+                "lsm-profile": "", "lsm-mount-context": "", "status-fd": ""}  # fmt: skip
+BUNDLE_FLAG = {"detach": "d", "keep": "", "no-pivot": "", "no-new-keyring": "",
+               "no-subreaper": ""}  # fmt: skip
+COMMANDS = ("checkpoint", "create", "delete", "events", "exec", "features", "help", "kill",
+            "list", "pause", "ps", "restore", "resume", "run", "spec", "start", "state",
+            "update")  # fmt: skip
+
+
+class Refused(Exception):
+    """A container this runtime will not pass through, and why (one line)."""
+
+
+class Invocation:
+    """What the engine asked for: the global options that matter here and the command."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.log: str | None = None
+        self.log_format = "text"
+        self.command: str | None = None
+        self.args: list[str] = []  # the command's own arguments
+        i = 0
+        while i < len(argv):
+            token = argv[i]
+            if token == "--" or not token.startswith("-") or token == "-":
+                if token == "--":
+                    i += 1
+                break
+            name, has_value, value = token.lstrip("-").partition("=")
+            name = _expand(name, GLOBAL_VALUE + GLOBAL_FLAG)
+            if name in GLOBAL_VALUE:
+                takes_value = True
+            else:  # an unknown long option (a newer runtime's) takes a value unless a command
+                # follows it: never mistake its value for the command, nor `create` for a value
+                known = name in GLOBAL_FLAG or len(token) <= 2
+                follows = argv[i + 1] if i + 1 < len(argv) else ""
+                takes_value = not known and follows not in COMMANDS
+            if takes_value and not has_value:
+                value = argv[i + 1] if i + 1 < len(argv) else ""
+                i += 1
+            if name == "log":
+                self.log = value
+            elif name == "log-format":
+                self.log_format = value
+            i += 1
+        if i < len(argv):
+            self.command = argv[i]
+            self.args = list(argv[i + 1 :])
+
+    def bundle_config(self) -> tuple[str, str]:
+        """The bundle directory and the config file that `create`/`run` would read, as crun
+        resolves them: config.json inside the bundle (default: the working directory); a
+        --config other than config.json relative to the working directory."""
+        bundle, config = ".", "config.json"
+        i = 0
+        args = self.args
+        while i < len(args):
+            token = args[i]
+            i += 1
+            if token == "--":
+                break
+            if not token.startswith("-") or token == "-":
+                continue  # the container's id; runc and crun refuse options after it anyway
+            if token.startswith("--") or token.lstrip("-").partition("=")[0] in _long_names():
+                name, has_value, value = token.lstrip("-").partition("=")
+                name = _expand(name, tuple(BUNDLE_VALUE) + tuple(BUNDLE_FLAG))
+                if name not in BUNDLE_VALUE:
+                    continue
+                if not has_value:
+                    value = args[i] if i < len(args) else ""
+                    i += 1
+            else:  # argp's short options, grouped: -db DIR, -bDIR, -f FILE
+                name, value = "", ""
+                letters = token[1:]
+                for j, letter in enumerate(letters):
+                    long = _short(letter)
+                    if long in BUNDLE_VALUE:
+                        name, value = long, letters[j + 1 :].removeprefix("=")
+                        if not value:
+                            value = args[i] if i < len(args) else ""
+                            i += 1
+                        break
+            if name == "bundle":
+                bundle = value
+            elif name == "config":
+                config = value
+        if config == "config.json" or config.startswith("/"):
+            return bundle, config
+        return bundle, os.path.abspath(config)
+
+
+def _long_names() -> set[str]:
+    return set(BUNDLE_VALUE) | set(BUNDLE_FLAG)
+
+
+def _short(letter: str) -> str:
+    for table in (BUNDLE_VALUE, BUNDLE_FLAG):
+        for long, short in table.items():
+            if short == letter:
+                return long
+    return ""
+
+
+def _expand(name: str, known: Sequence[str]) -> str:
+    """`name`, or the one known option it abbreviates (argp accepts unambiguous prefixes)."""
+    if name in known or not name:
+        return name
+    matches = [k for k in known if k.startswith(name)]
+    return matches[0] if len(matches) == 1 else name
+
+
+# -- the runtime to hand over to
+
+
+def configured() -> str:
+    """The runtime config.toml names (`[runtime] runtime`), or crun.
+
+    Parsing the file costs more than the whole of a pass-through otherwise (tomllib brings re,
+    typing, string: ~15 ms), so the answer is kept in RUNDIR/CACHE.DEV.INODE, under the file's
+    identity (path, device, inode, size, mtime and ctime: any write changes the ctime) and read
+    only from a file and directory of this user's that nobody else may write."""
+    path = os.environ.get(CONFIG_ENV, CONFIG_DEFAULT)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:  # (config.py reads a dangling symlink as no file too)
+        return "crun"
+    except OSError:
+        st = None  # config.py reports it
+    key = ""
+    if st is not None:
+        key = f"{path}\n{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    name = f"{CACHE}.{st.st_dev}.{st.st_ino}" if st is not None else ""  # one per config file
+    if key and (value := _cached(name, key)) is not None:
+        return value
+    from cryptlayer import config
+
+    value = config.oci_runtime()
+    if key:
+        _remember(name, key, value)
+    return value
+
+
+# paths.run_root()'s, without importing paths (pathlib) on the way to a pass-through
+RUNDIR_ENV = "CRYPTLAYER_RUNDIR"
+RUNDIR_DEFAULT = "/run/cryptlayer"
+CACHE = "engine-runtime"
+
+
+def _ours(st: os.stat_result, kind: int) -> bool:
+    import stat
+
+    return stat.S_IFMT(st.st_mode) == kind and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _cached(name: str, key: str) -> str | None:
+    import stat
+
+    rundir = os.environ.get(RUNDIR_ENV, RUNDIR_DEFAULT)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        if not _ours(os.lstat(rundir), stat.S_IFDIR):
+            return None
+        fd = os.open(os.path.join(rundir, name), flags)
+    except OSError:
+        return None
+    try:
+        if not _ours(os.fstat(fd), stat.S_IFREG):
+            return None
+        data = os.read(fd, 1 << 16)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    stored, sep, value = data.decode(errors="replace").partition("\0")
+    return value if sep and stored == key else None
+
+
+def _remember(name: str, key: str, value: str) -> None:
+    """Keep the answer for the next calls; nothing is lost if it cannot be kept."""
+    from cryptlayer.errors import CryptlayerError
+    from cryptlayer.paths import private_run_root
+
+    try:
+        root = private_run_root()
+    except (OSError, CryptlayerError):
+        return
+    import contextlib
+
+    tmp = str(root / f".{name}.{os.getpid()}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o600)
+        try:
+            os.write(fd, f"{key}\0{value}".encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, root / name)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def resolve(program: str) -> str:
+    """The runtime's path: an absolute path as it is; a name on PATH, else where engines look."""
+    if program.startswith("/"):
+        candidates = [program]
+    else:
+        dirs = os.environ.get("PATH", os.defpath).split(os.pathsep) + list(SEARCH)
+        candidates = [os.path.join(d, program) for d in dirs if d.startswith("/")]
+    for candidate in candidates:
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            if os.path.realpath(candidate) == os.path.realpath(sys.argv[0]):
+                raise Refused(f"the runtime {candidate} is cryptlayer-runtime itself: set"
+                              f' [runtime] runtime = "crun" (or "runc", or the real runtime\'s'
+                              " path) in the config file")  # fmt: skip
+            return candidate
+    where = program if program.startswith("/") else f"{program} (on PATH or in {', '.join(SEARCH)})"
+    raise Refused(f"no OCI runtime {where}: install it (apt-get install {_package(program)}), or"
+                  " name another in the config file's [runtime] runtime")  # fmt: skip
+
+
+def _package(program: str) -> str:
+    return "runc" if os.path.basename(program) == "runc" else "crun"
+
+
+def original_environ() -> dict[bytes, bytes]:
+    """The environment this process was started with, exactly: Python's start-up may add to
+    os.environ (LC_CTYPE=C.UTF-8 where the locale is C), and the runtime must see the engine's."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items()}
+    env: dict[bytes, bytes] = {}
+    for entry in raw.split(b"\0"):
+        key, sep, value = entry.partition(b"=")
+        if sep and key and key not in env:  # execve keeps the first of a name, as getenv reads
+            env[key] = value
+    return env
+
+
+def execute(runtime: str, argv: Sequence[str]) -> NoReturn:
+    """Become `runtime` with the same arguments: nothing of this process is left after it."""
+    import _signal  # type: ignore[import-not-found]  # loaded at start-up; `signal` costs ms
+
+    # Python ignores SIGPIPE and SIGXFSZ at start-up; the runtime gets them back as exec'd
+    # programs do (as subprocess restores them for its children).
+    for name in ("SIGPIPE", "SIGXFSZ"):
+        _signal.signal(getattr(_signal, name), _signal.SIG_DFL)
+    os.execve(runtime, [runtime, *argv], original_environ())
+
+
+# -- the decision
+
+
+def encrypted_image(bundle: str, config_name: str) -> str | None:
+    """The encrypted image the bundle's config.json names, or None (also for a pod's sandbox, or
+    when there is no such file: the runtime then reports it); Refused when the file is not a
+    regular JSON file of at most MAX_CONFIG bytes, or names keys or two images."""
+    spec = _read_config(bundle, config_name)
+    annotations = spec.get("annotations") or {}
+    process = spec.get("process") or {}
+    if not isinstance(annotations, dict) or not isinstance(process, dict):
+        raise Refused(f"{_shown(bundle, config_name)}: annotations and process must be objects")
+    env = process.get("env") or []
+    if not isinstance(env, list) or not all(isinstance(e, str) for e in env):
+        raise Refused(f"{_shown(bundle, config_name)}: process.env must be a list of strings")
+    for name in annotations:
+        if name.startswith(KEY_ANNOTATION):
+            raise Refused(f"the container's annotation {_printable(name)} would carry key"
+                          " material: keys come from the node's config file, never from the"
+                          " container's spec (docs/engines.md)")  # fmt: skip
+    named: dict[str, str] = {}
+    for entry in env:
+        key, _, value = entry.partition("=")
+        if key.startswith(KEY_ENV):
+            raise Refused(f"the container's environment variable {_printable(key)} would carry"
+                          " key material: keys come from the node's config file, never from the"
+                          " container's spec (docs/engines.md)")  # fmt: skip
+        if key == ENV and named.setdefault(f"environment variable {ENV}", value) != value:
+            raise Refused(f"the container's environment sets {ENV} twice, to two images")
+    if any(annotations.get(name) == "sandbox" for name in SANDBOX):
+        return None  # the pod's own (pause) container: the pod's annotations reach it too
+    if ANNOTATION in annotations:
+        value = annotations[ANNOTATION]
+        if not isinstance(value, str):
+            raise Refused(f"the annotation {ANNOTATION} is not a string")
+        named[f"annotation {ANNOTATION}"] = value
+    if len(set(named.values())) > 1:
+        raise Refused(f"the annotation {ANNOTATION} and the environment variable {ENV} name two"
+                      " different images: give one")  # fmt: skip
+    if not named:
+        return None
+    (source, image), *_ = named.items()
+    if not image:
+        raise Refused(f"the container's {source} is empty: name an image directory or docker://REF")
+    return image
+
+
+def _shown(bundle: str, config_name: str) -> str:
+    return _printable(os.path.join(bundle, config_name))
+
+
+def _printable(text: str) -> str:
+    from cryptlayer.errors import printable
+
+    return printable(text)
+
+
+def _read_config(bundle: str, config_name: str) -> dict[str, Any]:
+    import errno
+    import json
+
+    from cryptlayer.errors import NotRegularError, UntrustedFileError
+    from cryptlayer.fsutil import open_regular, read_regular
+
+    shown = _shown(bundle, config_name)
+    try:
+        dir_fd = os.open(bundle, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return {}  # names nothing: the runtime says what is missing (and `create --help` works)
+    except OSError as err:
+        raise Refused(f"cannot open the bundle {_printable(bundle)}: {err.strerror}") from None
+    try:
+        fd = open_regular(config_name, dir_fd=dir_fd)
+        data = read_regular(fd, MAX_CONFIG, shown)
+    except FileNotFoundError:
+        return {}
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise Refused(f"{shown} is a symbolic link: cryptlayer-runtime reads the bundle's own"
+                          " file only") from None  # fmt: skip
+        raise Refused(f"cannot read {shown}: {err.strerror}") from None
+    except NotRegularError as err:  # (named as opened: config.json)
+        raise Refused(f"{shown} is not a regular file ({err.kind})") from None
+    except UntrustedFileError as err:
+        raise Refused(err.message) from None
+    finally:
+        os.close(dir_fd)
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in found:  # which one counts differs between parsers: refuse both
+                raise ValueError(f"the key {_printable(key)!r} appears twice in one object")
+            found[key] = value
+        return found
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        spec = json.loads(data.decode(), object_pairs_hook=no_duplicates,
+                          parse_constant=no_constant)  # fmt: skip
+    except UnicodeDecodeError:
+        raise Refused(f"{shown} is not UTF-8 text") from None
+    except RecursionError:
+        raise Refused(f"{shown} nests too deeply to be an OCI configuration") from None
+    except ValueError as err:
+        raise Refused(f"{shown} is not valid JSON: {_printable(str(err))}") from None
+    if not isinstance(spec, dict):
+        raise Refused(f"{shown} is not a JSON object")
+    return spec
+
+
+# -- errors, where the engine reads them
+
+
+def fail(message: str, invocation: Invocation) -> NoReturn:
+    """One `error:` line on stderr and, with --log, in the runtime's log in its --log-format
+    (json: {"level":"error","msg":...,"time":...}, as runc and crun write it, whose last
+    error line podman and containerd show); exit FAILED."""
+    line = f"cryptlayer-runtime: {message}"
+    try:
+        sys.stderr.write(f"error: {line}\n")
+        sys.stderr.flush()
+    except OSError:
+        pass
+    if invocation.log:
+        _log(line, invocation)
+    sys.exit(FAILED)
+
+
+def _log(message: str, invocation: Invocation) -> None:
+    import json
+    import time
+
+    log = invocation.log or ""
+    if log.startswith(("journald:", "syslog:")):
+        return  # crun's other destinations: stderr carries the line
+    path = log.removeprefix("file:")
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+    if invocation.log_format == "json":
+        record = json.dumps({"level": "error", "msg": message, "time": stamp})
+    else:  # runc's text format (logrus)
+        record = f'time="{stamp}" level=error msg={json.dumps(message)}'
+    try:
+        # (non-blocking: a FIFO nobody reads is skipped, never waited on)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+        fd = os.open(path, flags, 0o644)
+    except OSError:
+        return
+    try:
+        os.write(fd, (record + "\n").encode())
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def main() -> None:
+    """Console entry point: `cryptlayer-runtime [GLOBAL OPTIONS] COMMAND [ARGS]`."""
+    argv = sys.argv[1:]
+    invocation = Invocation(argv)
+    try:
+        runtime = resolve(configured())
+        if invocation.command in FROM_BUNDLE:
+            bundle, config_name = invocation.bundle_config()
+            image = encrypted_image(bundle, config_name)
+            if image is not None:
+                raise Refused(
+                    f"the container names the encrypted image {_printable(image)}, and"
+                    " running encrypted images through an engine is not available"
+                    " yet (a later part of cryptlayer): use `cryptlayer run`"
+                )
+    except Refused as err:
+        fail(str(err), invocation)
+    except Exception as err:  # config.py's UsageError, and anything unforeseen: one line
+        from cryptlayer.errors import CryptlayerError
+
+        if isinstance(err, CryptlayerError):
+            fail(str(err), invocation)
+        fail(f"unexpected {type(err).__name__}: {_printable(str(err))} (a bug: please report it)",
+             invocation)  # fmt: skip
+    try:
+        execute(runtime, argv)
+    except OSError as err:
+        fail(f"cannot run {runtime}: {err.strerror}", invocation)
