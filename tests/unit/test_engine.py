@@ -101,10 +101,13 @@ def test_global_options(
         (["--bundle", "/b", "--config=x.json", "cid"], "/b", os.path.abspath("x.json")),
         (["--pid-file", "--bundle", "cid"], ".", "config.json"),  # a value, not an option
         (["--", "--bundle", "/b"], ".", "config.json"),
+        (["--bundle", "", "cid"], ".", "config.json"),  # runc: its working directory
     ],
 )  # fmt: skip
 def test_bundle_options(args: list[str], bundle: str, config_file: str) -> None:
     assert Invocation(["create", *args]).bundle_config() == (bundle, config_file)
+    operands = Invocation(["create", *args]).operands()
+    assert operands == (["--bundle", "/b"] if args[0] == "--" else ["cid"])
     assert Invocation(["--root", "/r", "run", *args]).bundle_config() == (bundle, config_file)
     restore = ["--detach", "--image-path", "/ckpt", "--work-path", "/w", "--manage-cgroups-mode",
                "soft", "--tcp-established", *args]  # fmt: skip
@@ -133,28 +136,39 @@ def spec(annotations: dict[str, object] | None = None, env: list[str] | None = N
         ({}, ["PATH=/bin", "CRYPTLAYER_IMAGE=docker://reg/app:v1"], "docker://reg/app:v1"),
         ({"org.cryptlayer.image": "/srv/img"}, ["CRYPTLAYER_IMAGE=/srv/img"], "/srv/img"),
         ({}, ["CRYPTLAYER_IMAGE_X=1", "XCRYPTLAYER_IMAGE=1"], None),
-        # a pod's sandbox gets the pod's annotations (containerd's pod_annotations), never its image
+        # a pod's sandbox gets the pod's annotations (containerd's pod_annotations), never its
+        # image: created under its own sandbox id (the container id here is "c1")
         (
-            {"org.cryptlayer.image": "/srv/img", "io.kubernetes.cri.container-type": "sandbox"},
+            {"org.cryptlayer.image": "/srv/img", "io.kubernetes.cri.container-type": "sandbox",
+             "io.kubernetes.cri.sandbox-id": "c1"},
             None,
             None,
         ),
         (
-            {"org.cryptlayer.image": "/srv/img", "io.kubernetes.cri-o.ContainerType": "sandbox"},
+            {"org.cryptlayer.image": "/srv/img", "io.kubernetes.cri-o.ContainerType": "sandbox",
+             "io.kubernetes.cri-o.SandboxID": "c1"},
             None,
             None,
         ),
         (
-            {"org.cryptlayer.image": "/srv/img", "io.kubernetes.cri.container-type": "container"},
+            {"org.cryptlayer.image": "/srv/img", "io.kubernetes.cri.container-type": "container",
+             "io.kubernetes.cri.sandbox-id": "c1"},
+            None,
+            "/srv/img",
+        ),
+        (
+            {"org.cryptlayer.image": "/srv/img", "io.kubernetes.cri.container-type": "sandbox",
+             "io.kubernetes.cri.sandbox-id": ["c1"]},
             None,
             "/srv/img",
         ),
     ],
-)
+)  # fmt: skip
 def test_which_image(
     tmp_path: Path, annotations: dict[str, object], env: list[str] | None, image: str | None
 ) -> None:
-    assert encrypted_image(bundle_with(tmp_path, spec(annotations, env)), "config.json") == image
+    bundle = bundle_with(tmp_path, spec(annotations, env))
+    assert encrypted_image(bundle, "config.json", ["c1"]) == image
 
 
 @pytest.mark.parametrize(
@@ -433,6 +447,71 @@ def test_an_encrypted_image_is_refused_for_now(
     assert not Path(fake["RECORD"], "argv").exists()
 
 
+@pytest.mark.parametrize(
+    "marks",
+    [
+        {"io.kubernetes.cri.container-type": "sandbox"},
+        {"io.kubernetes.cri-o.ContainerType": "sandbox"},
+        # the sandbox id of another container (the pod's real sandbox), or of the other engine's
+        {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "sb1"},
+        {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri-o.SandboxID": "c1"},
+        {"io.kubernetes.cri-o.ContainerType": "sandbox", "io.kubernetes.cri.sandbox-id": "c1"},
+        {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": ""},
+    ],
+)
+@pytest.mark.parametrize("how", ["annotation", "env"])
+def test_a_container_cannot_pass_as_a_pods_sandbox(
+    fake: dict[str, str], tmp_path: Path, marks: dict[str, str], how: str
+) -> None:
+    """A pod's sandbox passes through with the pod's annotations, but its marker alone is an
+    annotation anyone can write (`podman run --annotation io.kubernetes.cri-o.ContainerType=
+    sandbox`): only the engine's own sandbox, whose sandbox-id annotation is its own container
+    id, passes; a container that merely says it is one names its image like any other."""
+    given = {"org.cryptlayer.image": "/srv/img"} if how == "annotation" else {}
+    env = ["CRYPTLAYER_IMAGE=/srv/img"] if how == "env" else None
+    bundle = bundle_with(tmp_path, spec({**given, **marks}, env))
+    result, _ = run_runtime(["create", "--bundle", bundle, "--pid-file", f"{bundle}/pid", "c1"],
+                            fake)  # fmt: skip
+    assert result.returncode == engine.FAILED, result.stdout
+    assert b"names the encrypted image /srv/img" in result.stderr
+    assert not Path(fake["RECORD"], "argv").exists()
+
+
+@pytest.mark.parametrize(
+    ("type_key", "id_key"),
+    [
+        ("io.kubernetes.cri.container-type", "io.kubernetes.cri.sandbox-id"),  # containerd
+        ("io.kubernetes.cri-o.ContainerType", "io.kubernetes.cri-o.SandboxID"),  # CRI-O
+    ],
+)
+def test_the_engines_own_sandbox_passes_through(
+    fake: dict[str, str], tmp_path: Path, type_key: str, id_key: str
+) -> None:
+    """The pause container, created under the sandbox's id, with the pod's annotations."""
+    sandbox = "0f3c" * 16
+    bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": "/srv/img", type_key: "sandbox",
+                                         id_key: sandbox}))  # fmt: skip
+    argv = ["--root", "/r", "create", "--bundle", bundle, "--pid-file", f"{bundle}/pid", sandbox]
+    result, _ = run_runtime(argv, fake)
+    assert result.returncode == 42, result.stderr
+    assert recorded(fake, "argv").split("\0")[1:-1] == argv
+
+
+def test_an_empty_bundle_is_the_working_directory(fake: dict[str, str], tmp_path: Path) -> None:
+    """runc reads config.json from its working directory when --bundle is empty (it changes
+    directory only to a bundle it is given): so is it read here, not passed through unread."""
+    bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": "/srv/img"}))
+    for argv in (
+        ["create", "--bundle", "", "c1"],
+        ["run", "--bundle=", "c1"],
+        ["run", "-b", "", "c1"],
+    ):
+        assert Invocation(argv).bundle_config() == (".", "config.json")
+        result, _ = run_runtime(argv, fake, cwd=Path(bundle))
+        assert result.returncode == engine.FAILED, result.stdout
+        assert b"names the encrypted image /srv/img" in result.stderr
+
+
 def test_crun_log_destinations(fake: dict[str, str], tmp_path: Path) -> None:
     bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": "/srv/img"}))
     log = tmp_path / "crun.log"
@@ -564,6 +643,10 @@ $run -d --name detached --runtime cryptlayer localhost/busybox:1 /bin/busybox sl
 podman exec detached /bin/busybox echo "exec $?"
 podman rm -f -t 0 detached > /dev/null
 echo "rm $?"
+# a container that calls itself a pod's sandbox is still refused (a marker anyone can write)
+$run --rm --runtime cryptlayer --annotation io.kubernetes.cri-o.ContainerType=sandbox \\
+    --annotation org.cryptlayer.image=docker://reg/app:v1 localhost/busybox:1 /bin/busybox echo ran
+echo "status $?"
 $run --rm --runtime cryptlayer --annotation org.cryptlayer.image=docker://reg/app:v1 \\
     localhost/cryptlayer/placeholder:v1
 echo "status $?"
@@ -601,6 +684,7 @@ runroot = "{tmp_path}/storage-run"
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.stdout.splitlines() == [
         "localhost/cryptlayer/placeholder:v1", "hello", "status 3", "exec 0", "rm 0", "status 126",
+        "status 126",
     ], result.stderr  # fmt: skip
     assert result.stderr.splitlines()[-1] == (
         "Error: OCI runtime error: cryptlayer: cryptlayer-runtime: the container names the"

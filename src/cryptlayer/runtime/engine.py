@@ -37,8 +37,12 @@ KEY_ANNOTATION = "org.cryptlayer.key"
 KEY_ENV = "CRYPTLAYER_KEY"
 
 # What containerd's CRI and CRI-O call a pod's sandbox (its pause container), which receives
-# the pod's annotations too and is never the encrypted image's.
-SANDBOX = ("io.kubernetes.cri.container-type", "io.kubernetes.cri-o.ContainerType")
+# the pod's annotations too and is never the encrypted image's: the type annotation, and the one
+# naming the sandbox's id. The type alone is an annotation anyone can write (podman --annotation);
+# the engine's own sandbox is created under its sandbox's id, which the engine chose (at random)
+# after the annotations were written, so a sandbox is one whose sandbox id is its container id.
+SANDBOX = (("io.kubernetes.cri.container-type", "io.kubernetes.cri.sandbox-id"),  # containerd
+           ("io.kubernetes.cri-o.ContainerType", "io.kubernetes.cri-o.SandboxID"))  # fmt: skip
 
 # The runtime's own failures (never a container's status: `run` passes that through): podman's
 # and `cryptlayer run`'s code for "the runtime failed". Engines show the log's message, not this.
@@ -115,18 +119,31 @@ class Invocation:
 
     def bundle_config(self) -> tuple[str, str]:
         """The bundle directory and the config file that `create`/`run` would read, as crun
-        resolves them: config.json inside the bundle (default: the working directory); a
-        --config other than config.json relative to the working directory."""
+        resolves them: config.json inside the bundle (default, and for an empty --bundle as
+        runc reads it: the working directory); a --config other than config.json relative to
+        the working directory."""
+        bundle, config, _ = self._bundle_args()
+        return bundle, config
+
+    def operands(self) -> list[str]:
+        """The command's arguments that are not options: the container's id (runc and crun take
+        one; the unknown option of a newer runtime may add its value)."""
+        return self._bundle_args()[2]
+
+    def _bundle_args(self) -> tuple[str, str, list[str]]:
         bundle, config = ".", "config.json"
+        operands: list[str] = []
         i = 0
         args = self.args
         while i < len(args):
             token = args[i]
             i += 1
             if token == "--":
+                operands += args[i:]
                 break
             if not token.startswith("-") or token == "-":
-                continue  # the container's id; runc and crun refuse options after it anyway
+                operands.append(token)  # the container's id
+                continue
             if token.startswith("--") or token.lstrip("-").partition("=")[0] in _long_names():
                 name, has_value, value = token.lstrip("-").partition("=")
                 name = _expand(name, tuple(BUNDLE_VALUE) + tuple(BUNDLE_FLAG))
@@ -147,12 +164,12 @@ class Invocation:
                             i += 1
                         break
             if name == "bundle":
-                bundle = value
+                bundle = value or "."  # runc changes directory only to a bundle it is given
             elif name == "config":
                 config = value
         if config == "config.json" or config.startswith("/"):
-            return bundle, config
-        return bundle, os.path.abspath(config)
+            return bundle, config, operands
+        return bundle, os.path.abspath(config), operands
 
 
 def _long_names() -> set[str]:
@@ -319,10 +336,11 @@ def execute(runtime: str, argv: Sequence[str]) -> NoReturn:
 # -- the decision
 
 
-def encrypted_image(bundle: str, config_name: str) -> str | None:
-    """The encrypted image the bundle's config.json names, or None (also for a pod's sandbox, or
-    when there is no such file: the runtime then reports it); Refused when the file is not a
-    regular JSON file of at most MAX_CONFIG bytes, or names keys or two images."""
+def encrypted_image(bundle: str, config_name: str, ids: Sequence[str] = ()) -> str | None:
+    """The encrypted image the bundle's config.json names, or None (also for a pod's sandbox,
+    the container created under one of `ids` whose annotations say it is that sandbox; or when
+    there is no such file: the runtime then reports it); Refused when the file is not a regular
+    JSON file of at most MAX_CONFIG bytes, or names keys or two images."""
     spec = _read_config(bundle, config_name)
     annotations = spec.get("annotations") or {}
     process = spec.get("process") or {}
@@ -345,7 +363,8 @@ def encrypted_image(bundle: str, config_name: str) -> str | None:
                           " container's spec (docs/engines.md)")  # fmt: skip
         if key == ENV and named.setdefault(f"environment variable {ENV}", value) != value:
             raise Refused(f"the container's environment sets {ENV} twice, to two images")
-    if any(annotations.get(name) == "sandbox" for name in SANDBOX):
+    if any(annotations.get(kind) == "sandbox" and _is_one_of(annotations.get(own), ids)
+           for kind, own in SANDBOX):  # fmt: skip
         return None  # the pod's own (pause) container: the pod's annotations reach it too
     if ANNOTATION in annotations:
         value = annotations[ANNOTATION]
@@ -361,6 +380,10 @@ def encrypted_image(bundle: str, config_name: str) -> str | None:
     if not image:
         raise Refused(f"the container's {source} is empty: name an image directory or docker://REF")
     return image
+
+
+def _is_one_of(value: object, ids: Sequence[str]) -> bool:
+    return isinstance(value, str) and bool(value) and value in ids
 
 
 def _shown(bundle: str, config_name: str) -> str:
@@ -483,7 +506,7 @@ def main() -> None:
         runtime = resolve(configured())
         if invocation.command in FROM_BUNDLE:
             bundle, config_name = invocation.bundle_config()
-            image = encrypted_image(bundle, config_name)
+            image = encrypted_image(bundle, config_name, invocation.operands())
             if image is not None:
                 raise Refused(
                     f"the container names the encrypted image {_printable(image)}, and"
