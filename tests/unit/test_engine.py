@@ -512,6 +512,21 @@ def test_an_empty_bundle_is_the_working_directory(fake: dict[str, str], tmp_path
         assert b"names the encrypted image /srv/img" in result.stderr
 
 
+def test_a_refusal_with_stderr_closed_still_reaches_the_log(
+    fake: dict[str, str], tmp_path: Path
+) -> None:
+    """An engine that gives the runtime no stderr (descriptor 2 closed) reads the log: the
+    message is there and the exit status is still the runtime's failure, not a traceback's 1."""
+    bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": "/srv/img"}))
+    log = tmp_path / "log.json"
+    argv = ["--log", str(log), "--log-format", "json", "create", "--bundle", bundle, "c1"]
+    result = subprocess.run(["sh", "-c", 'exec "$0" "$@" 2>&-', RUNTIME, *argv], env=fake,
+                            capture_output=True, timeout=60)  # fmt: skip
+    assert result.returncode == engine.FAILED
+    assert json.loads(log.read_text())["msg"].startswith("cryptlayer-runtime: the container names")
+    assert not Path(fake["RECORD"], "argv").exists()
+
+
 def test_crun_log_destinations(fake: dict[str, str], tmp_path: Path) -> None:
     bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": "/srv/img"}))
     log = tmp_path / "crun.log"

@@ -460,11 +460,10 @@ def fail(message: str, invocation: Invocation) -> NoReturn:
     (json: {"level":"error","msg":...,"time":...}, as runc and crun write it, whose last
     error line podman and containerd show); exit FAILED."""
     line = f"cryptlayer-runtime: {message}"
-    try:
-        sys.stderr.write(f"error: {line}\n")
-        sys.stderr.flush()
-    except OSError:
-        pass
+    import contextlib
+
+    with contextlib.suppress(OSError):  # descriptor 2 itself: closed at start, sys.stderr is None
+        os.write(2, f"error: {line}\n".encode(errors="backslashreplace"))
     if invocation.log:
         _log(line, invocation)
     sys.exit(FAILED)
