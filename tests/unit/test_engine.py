@@ -386,6 +386,65 @@ def test_config_errors(fake: dict[str, str], content: str, message: str) -> None
     assert not Path(fake["RECORD"], "argv").exists()
 
 
+@pytest.mark.parametrize(
+    ("what", "change", "shown"),
+    [
+        ("config", lambda conf, prog: conf.chmod(0o666), "{conf} is writable by group or others"),
+        ("config", lambda conf, prog: conf.parent.chmod(0o777), "{confdir} is writable by group"),
+        ("config", lambda conf, prog: os.chown(conf, 65534, 65534), "{conf} is owned by uid 65534"),
+        ("runtime", lambda conf, prog: prog.chmod(0o777), "{prog} is writable by group or others"),
+        ("runtime", lambda conf, prog: prog.parent.chmod(0o775), "{progdir} is writable by group"),
+        ("runtime", lambda conf, prog: os.chown(prog.parent, 65534, 0), "{progdir} is owned by"),
+        # a symbolic link to it from a directory anyone may write: whoever can replace the link
+        # chooses the program as well
+        ("runtime", lambda conf, prog: (prog.parent.parent / "open").chmod(0o777),
+         "{root}/open is writable by group or others"),
+    ],
+)  # fmt: skip
+def test_what_others_can_write_never_picks_the_program(
+    fake: dict[str, str], tmp_path: Path, what: str, change: object, shown: str
+) -> None:
+    """cryptlayer-runtime runs as root and execs what the config file names: a config file, or a
+    program, that another user could change or replace (writable by group or others, owned by
+    another user, in such a directory, as named or as the symbolic links resolve) would let
+    that user choose what root runs. Refused, as a kept answer from such a file is."""
+    confdir = tmp_path / "etc"
+    confdir.mkdir()
+    conf = confdir / "config.toml"
+    prog = tmp_path / "opt" / "bin" / "my-runtime"
+    prog.parent.mkdir(parents=True)
+    shutil.copy(Path(fake["PATH"].split(":")[0]) / "crun", prog)
+    (tmp_path / "opt" / "open").mkdir()
+    (tmp_path / "opt" / "open" / "link").symlink_to(prog)
+    named = tmp_path / "opt" / "open" / "link" if "open" in shown else prog
+    conf.write_text(f'[runtime]\nruntime = "{named}"\n')
+    env = {**fake, "CRYPTLAYER_CONFIG": str(conf)}
+    assert run_runtime(["state", "c1"], env)[0].returncode == 42  # (and the answer is kept)
+    assert callable(change)
+    change(conf, prog)
+    result, _ = run_runtime(["state", "c1"], env)
+    assert result.returncode == engine.FAILED, result.stdout
+    (line,) = result.stderr.decode().splitlines()
+    expected = shown.format(conf=conf, confdir=confdir, prog=prog, progdir=prog.parent,
+                            root=tmp_path / "opt")  # fmt: skip
+    assert line.startswith("error: cryptlayer-runtime: "), line
+    assert expected in line, line
+    assert "chmod go-w" in line or "chown" in line, line
+
+
+def test_a_sticky_directory_is_not_others_to_replace(fake: dict[str, str], tmp_path: Path) -> None:
+    """/tmp-like (mode 1777): others may write into it but not replace what is root's."""
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    prog = sticky / "my-runtime"
+    shutil.copy(Path(fake["PATH"].split(":")[0]) / "crun", prog)
+    Path(fake["CRYPTLAYER_CONFIG"]).write_text(f'[runtime]\nruntime = "{prog}"\n')
+    result, _ = run_runtime(["state", "c1"], fake)
+    assert result.returncode == 42, result.stderr
+    assert recorded(fake, "argv").split("\0")[0] == str(prog)
+
+
 def test_never_runs_itself(fake: dict[str, str]) -> None:
     Path(fake["CRYPTLAYER_CONFIG"]).write_text(f'[runtime]\nruntime = "{RUNTIME}"\n')
     result, _ = run_runtime(["state", "c1"], fake)

@@ -209,6 +209,8 @@ def configured() -> str:
         return "crun"
     except OSError:
         st = None  # config.py reports it
+    else:
+        _refuse_replaceable(path, "the config file")
     key = ""
     if st is not None:
         key = f"{path}\n{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
@@ -296,10 +298,50 @@ def resolve(program: str) -> str:
                 raise Refused(f"the runtime {candidate} is cryptlayer-runtime itself: set"
                               f' [runtime] runtime = "crun" (or "runc", or the real runtime\'s'
                               " path) in the config file")  # fmt: skip
+            _refuse_replaceable(candidate, "the runtime")
             return candidate
     where = program if program.startswith("/") else f"{program} (on PATH or in {', '.join(SEARCH)})"
     raise Refused(f"no OCI runtime {where}: install it (apt-get install {_package(program)}), or"
                   " name another in the config file's [runtime] runtime")  # fmt: skip
+
+
+def _refuse_replaceable(path: str, what: str) -> None:
+    """Refused when a user other than root and us could change `path` (the config file, or the
+    program named in it) or replace it through a directory above it, as named or as symbolic
+    links resolve: cryptlayer-runtime runs as root for the engines, and would run their choice.
+    A few lstat calls: a pass-through can afford them."""
+    why = _replaceable(path)
+    if why is not None:
+        raise Refused(f"{why}: another user could change {what} {_printable(path)} and choose"
+                      " the program cryptlayer-runtime runs for the engine; make it, and the"
+                      " directories above it, root's and writable by their owner only (chown"
+                      " root, chmod go-w)")  # fmt: skip
+
+
+def _replaceable(path: str) -> str | None:
+    """Why another user could change or replace `path`: the first entry, from `path` up to /,
+    owned by another user or writable by group or others (a sticky directory such as /tmp lets
+    others replace only their own entries); None when none is."""
+    import stat
+
+    mine = (0, os.geteuid())
+    seen: set[str] = set()
+    for name in (os.path.abspath(path), os.path.realpath(path)):
+        while name not in seen:
+            seen.add(name)
+            try:
+                st = os.lstat(name)
+            except OSError as err:
+                return f"{_printable(name)} cannot be examined ({err.strerror})"
+            mode = st.st_mode
+            if st.st_uid not in mine:
+                return f"{_printable(name)} is owned by uid {st.st_uid}"
+            sticky = stat.S_ISDIR(mode) and mode & stat.S_ISVTX
+            if not stat.S_ISLNK(mode) and mode & 0o022 and not sticky:
+                return (f"{_printable(name)} is writable by group or others"
+                        f" (mode {stat.S_IMODE(mode):04o})")  # fmt: skip
+            name = os.path.dirname(name)
+    return None
 
 
 def _package(program: str) -> str:
