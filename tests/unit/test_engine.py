@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cryptlayer import config, paths
-from cryptlayer.runtime import engine
+from cryptlayer.runtime import engine, state
 from cryptlayer.runtime.engine import Invocation, Refused, encrypted_image
 
 RUNTIME = str(Path(sys.executable).with_name("cryptlayer-runtime"))
@@ -343,7 +343,21 @@ def test_the_configured_runtime(fake: dict[str, str], tmp_path: Path) -> None:
             assert result.returncode == 42, result.stderr
             assert recorded(fake, "argv").split("\0")[0] == str(expected)
     kept = list((tmp_path / "run").iterdir())
-    assert [p.name.split(".")[0] for p in kept] == ["engine-runtime"]
+    assert [p.name.split(".")[1] for p in kept] == ["engine-runtime"]
+
+
+def test_the_kept_answer_never_takes_a_containers_name(
+    fake: dict[str, str], tmp_path: Path
+) -> None:
+    """The run directory holds each container's directory under its name: what the runtime keeps
+    there is named as cryptlayer's own entries are (.images, .oci), never as a container may be,
+    so `cryptlayer run --name` cannot meet it (and fail on a file where its directory goes)."""
+    Path(fake["CRYPTLAYER_CONFIG"]).write_text('[runtime]\nruntime = "runc"\n')
+    assert run_runtime(["state", "c1"], fake)[0].returncode == 42
+    kept = list((tmp_path / "run").iterdir())
+    assert kept
+    for entry in kept:
+        assert not state.NAME_RE.match(entry.name), entry.name
 
 
 def test_a_cache_others_may_write_is_not_read(fake: dict[str, str], tmp_path: Path) -> None:

@@ -228,7 +228,8 @@ def configured() -> str:
 # paths.run_root()'s, without importing paths (pathlib) on the way to a pass-through
 RUNDIR_ENV = "CRYPTLAYER_RUNDIR"
 RUNDIR_DEFAULT = "/run/cryptlayer"
-CACHE = "engine-runtime"
+# (a dot first, as .images and .oci: container directories are named there, and never so)
+CACHE = ".engine-runtime"
 
 
 def _ours(st: os.stat_result, kind: int) -> bool:
@@ -271,7 +272,7 @@ def _remember(name: str, key: str, value: str) -> None:
         return
     import contextlib
 
-    tmp = str(root / f".{name}.{os.getpid()}")
+    tmp = str(root / f"{name}.{os.getpid()}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(tmp, flags, 0o600)
