@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from cryptlayer import config, paths
+from cryptlayer.distribution import placeholder
 from cryptlayer.runtime import engine, state
 from cryptlayer.runtime.engine import Invocation, Refused, encrypted_image
 
@@ -600,6 +601,44 @@ def test_a_refusal_with_stderr_closed_still_reaches_the_log(
     assert not Path(fake["RECORD"], "argv").exists()
 
 
+@pytest.mark.parametrize(
+    ("process", "annotations", "shown"),
+    [
+        # the placeholder as podman and Docker make it from its config: no image named at all
+        ({"args": ["/.cryptlayer/entrypoint"], "cwd": "/.cryptlayer/workdir",
+          "env": ["PATH=/.cryptlayer/path", "HOSTNAME=x"]}, {}, ""),
+        # one marker is enough (the user gave the others: --entrypoint, -e PATH=...)
+        ({"args": ["/bin/sh"], "cwd": "/.cryptlayer/workdir", "env": ["PATH=/bin"]}, {}, ""),
+        ({"args": ["/bin/sh"], "cwd": "/", "env": ["PATH=/.cryptlayer/path"]}, {}, ""),
+        # the image named under a name that is not the one: said so
+        ({"args": ["/.cryptlayer/entrypoint"], "cwd": "/", "env": []},
+         {"org.cryptlayer.Image": "/srv/img"}, "(not annotation org.cryptlayer.Image: "),
+        ({"args": ["/.cryptlayer/entrypoint"], "cwd": "/", "env": ["CRYPTLAYER_IMAGE =/srv/img"]},
+         {}, "(not environment variable CRYPTLAYER_IMAGE : "),
+        ({"args": ["/.cryptlayer/entrypoint"], "cwd": "/", "env": []},
+         {"org.cryptlayer.image\u200b": "/srv/img"}, "(not annotation org.cryptlayer.image\\u200b"),
+    ],
+)  # fmt: skip
+def test_the_placeholder_without_an_image_is_refused(
+    fake: dict[str, str], tmp_path: Path, process: dict[str, object],
+    annotations: dict[str, str], shown: str,
+) -> None:  # fmt: skip
+    """A container made from the placeholder that names no encrypted image (forgotten, or
+    misspelled: another case, a space, an invisible character) would have the real runtime fail
+    on a missing /.cryptlayer/entrypoint; it is refused with what to give instead."""
+    spec = {"ociVersion": "1.0.2", "process": process, "root": {"path": "rootfs"},
+            "annotations": annotations}  # fmt: skip
+    bundle = bundle_with(tmp_path, spec)
+    result, _ = run_runtime(["create", "--bundle", bundle, "c1"], fake)
+    assert result.returncode == engine.FAILED, result.stdout
+    (line,) = result.stderr.decode().splitlines()
+    assert line.startswith("error: cryptlayer-runtime: the container is made from cryptlayer's"
+                           " placeholder image but names no encrypted image"), line  # fmt: skip
+    assert "org.cryptlayer.image=IMAGE" in line and "CRYPTLAYER_IMAGE=IMAGE" in line
+    assert shown in line
+    assert not Path(fake["RECORD"], "argv").exists()
+
+
 def test_crun_log_destinations(fake: dict[str, str], tmp_path: Path) -> None:
     bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": "/srv/img"}))
     log = tmp_path / "crun.log"
@@ -654,6 +693,13 @@ def test_defaults_match_config_and_paths(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.delenv("CRYPTLAYER_RUNDIR", raising=False)
     assert str(config.DEFAULT) == engine.CONFIG_DEFAULT
     assert str(paths.run_root()) == engine.RUNDIR_DEFAULT
+
+
+def test_the_placeholders_markers_match() -> None:
+    """engine.py knows the placeholder's markers without importing distribution/ (a layer it
+    never imports)."""
+    markers = (placeholder.ENTRYPOINT, placeholder.WORKDIR, f"PATH={placeholder.PATH}")
+    assert markers == engine.MARKERS
 
 
 # -- a real container, through the real runtime
@@ -731,6 +777,9 @@ $run -d --name detached --runtime cryptlayer localhost/busybox:1 /bin/busybox sl
 podman exec detached /bin/busybox echo "exec $?"
 podman rm -f -t 0 detached > /dev/null
 echo "rm $?"
+# the placeholder with no image named (forgotten): refused, not runc's missing entrypoint
+$run --rm --runtime cryptlayer localhost/cryptlayer/placeholder:v1
+echo "status $?"
 # a container that calls itself a pod's sandbox is still refused (a marker anyone can write)
 $run --rm --runtime cryptlayer --annotation io.kubernetes.cri-o.ContainerType=sandbox \\
     --annotation org.cryptlayer.image=docker://reg/app:v1 localhost/busybox:1 /bin/busybox echo ran
@@ -772,10 +821,15 @@ runroot = "{tmp_path}/storage-run"
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.stdout.splitlines() == [
         "localhost/cryptlayer/placeholder:v1", "hello", "status 3", "exec 0", "rm 0", "status 126",
-        "status 126",
+        "status 126", "status 126",
     ], result.stderr  # fmt: skip
     assert result.stderr.splitlines()[-1] == (
         "Error: OCI runtime error: cryptlayer: cryptlayer-runtime: the container names the"
         " encrypted image docker://reg/app:v1, and running encrypted images through an engine"
         " is not available yet (a later part of cryptlayer): use `cryptlayer run`")  # fmt: skip
+    assert (
+        "Error: OCI runtime error: cryptlayer: cryptlayer-runtime: the container is made from"
+        " cryptlayer's placeholder image but names no encrypted image: give the annotation"
+        " org.cryptlayer.image=IMAGE"
+    ) in result.stderr
     assert (tmp_path / "etc/upper/cryptlayer/config.toml").exists()  # not the host's /etc

@@ -44,6 +44,10 @@ KEY_ENV = "CRYPTLAYER_KEY"
 SANDBOX = (("io.kubernetes.cri.container-type", "io.kubernetes.cri.sandbox-id"),  # containerd
            ("io.kubernetes.cri-o.ContainerType", "io.kubernetes.cri-o.SandboxID"))  # fmt: skip
 
+# The placeholder's markers (distribution/placeholder.py, docs/engines.md "The default process")
+# as engines copy them into config.json: process.args[0], process.cwd, an entry of process.env.
+MARKERS = ("/.cryptlayer/entrypoint", "/.cryptlayer/workdir", "PATH=/.cryptlayer/path")
+
 # The runtime's own failures (never a container's status: `run` passes that through): podman's
 # and `cryptlayer run`'s code for "the runtime failed". Engines show the log's message, not this.
 FAILED = 125
@@ -418,11 +422,37 @@ def encrypted_image(bundle: str, config_name: str, ids: Sequence[str] = ()) -> s
         raise Refused(f"the annotation {ANNOTATION} and the environment variable {ENV} name two"
                       " different images: give one")  # fmt: skip
     if not named:
+        if _placeholder(process, env):  # the real runtime would fail on a missing entrypoint
+            raise Refused(_names_no_image(annotations, env))
         return None
     (source, image), *_ = named.items()
     if not image:
         raise Refused(f"the container's {source} is empty: name an image directory or docker://REF")
     return image
+
+
+def _placeholder(process: dict[str, Any], env: list[str]) -> bool:
+    """Whether the container is made from the placeholder: one of its markers is left (the user
+    may have given the others)."""
+    args = process.get("args")
+    first = args[0] if isinstance(args, list) and args else None
+    return first == MARKERS[0] or process.get("cwd") == MARKERS[1] or MARKERS[2] in env
+
+
+def _names_no_image(annotations: dict[str, Any], env: list[str]) -> str:
+    """The refusal of a placeholder that names no image, with the name that looks like the one
+    (another case, a space or an invisible character in it) if there is one."""
+
+    def squashed(name: str) -> str:
+        return "".join(c for c in name.casefold() if c.isascii() and c.isalnum())
+
+    near = [f"annotation {name}" for name in annotations if "cryptlayerimage" in squashed(name)]
+    near += [f"environment variable {entry.partition('=')[0]}" for entry in env
+             if "cryptlayerimage" in squashed(entry.partition("=")[0])]  # fmt: skip
+    hint = f" (not {_printable(near[0])}: names are exact)" if near else ""
+    return (f"the container is made from cryptlayer's placeholder image but names no encrypted"
+            f" image{hint}: give the annotation {ANNOTATION}=IMAGE (podman --annotation, a pod's"
+            f" annotations) or the environment variable {ENV}=IMAGE (docker run -e)")  # fmt: skip
 
 
 def _is_one_of(value: object, ids: Sequence[str]) -> bool:
