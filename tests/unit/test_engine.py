@@ -616,6 +616,11 @@ def test_a_refusal_with_stderr_closed_still_reaches_the_log(
         ({"args": ["/.cryptlayer/entrypoint"], "cwd": "/", "env": ["CRYPTLAYER_IMAGE =/srv/img"]},
          {}, "(not environment variable CRYPTLAYER_IMAGE : "),
         ({"args": ["/.cryptlayer/entrypoint"], "cwd": "/", "env": []},
+         {"org.cryptlayer.digest": "sha256:x", "org.cryptlayer.imgae": "/srv/img"},
+         "(not annotation org.cryptlayer.imgae: names are exact)"),
+        ({"args": ["/.cryptlayer/entrypoint"], "cwd": "/", "env": ["CRYPTLAYER_KEEP=1"]}, {},
+         "names no encrypted image: give"),
+        ({"args": ["/.cryptlayer/entrypoint"], "cwd": "/", "env": []},
          {"org.cryptlayer.image\u200b": "/srv/img"}, "(not annotation org.cryptlayer.image\\u200b"),
     ],
 )  # fmt: skip

@@ -32,6 +32,9 @@ CONFIG_DEFAULT = "/etc/cryptlayer/config.toml"
 
 ANNOTATION = "org.cryptlayer.image"
 ENV = "CRYPTLAYER_IMAGE"
+# The image's other settings (issue 23: a pinned digest, keep the node's copy), not typos of it.
+OTHER_ANNOTATIONS = ("org.cryptlayer.digest", "org.cryptlayer.keep")
+OTHER_ENV = ("CRYPTLAYER_DIGEST", "CRYPTLAYER_KEEP")
 # Keys come from the node's config, never from a pod spec or a command line.
 KEY_ANNOTATION = "org.cryptlayer.key"
 KEY_ENV = "CRYPTLAYER_KEY"
@@ -440,16 +443,17 @@ def _placeholder(process: dict[str, Any], env: list[str]) -> bool:
 
 
 def _names_no_image(annotations: dict[str, Any], env: list[str]) -> str:
-    """The refusal of a placeholder that names no image, with the name that looks like the one
-    (another case, a space or an invisible character in it) if there is one."""
+    """The refusal of a placeholder that names no image, with a name that looks like the one
+    (another case, a typo, a space or an invisible character in it) if there is one."""
 
-    def squashed(name: str) -> str:
-        return "".join(c for c in name.casefold() if c.isascii() and c.isalnum())
+    def near(name: str, exact: tuple[str, ...]) -> bool:
+        squashed = "".join(c for c in name.casefold() if c.isascii() and c.isalnum())
+        return "cryptlayer" in squashed and name not in exact
 
-    near = [f"annotation {name}" for name in annotations if "cryptlayerimage" in squashed(name)]
-    near += [f"environment variable {entry.partition('=')[0]}" for entry in env
-             if "cryptlayerimage" in squashed(entry.partition("=")[0])]  # fmt: skip
-    hint = f" (not {_printable(near[0])}: names are exact)" if near else ""
+    names = [f"annotation {name}" for name in annotations if near(name, OTHER_ANNOTATIONS)]
+    names += [f"environment variable {key}" for key in (e.partition("=")[0] for e in env)
+              if near(key, OTHER_ENV)]  # fmt: skip
+    hint = f" (not {_printable(names[0])}: names are exact)" if names else ""
     return (f"the container is made from cryptlayer's placeholder image but names no encrypted"
             f" image{hint}: give the annotation {ANNOTATION}=IMAGE (podman --annotation, a pod's"
             f" annotations) or the environment variable {ENV}=IMAGE (docker run -e)")  # fmt: skip
