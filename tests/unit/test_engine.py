@@ -414,6 +414,9 @@ def test_config_errors(fake: dict[str, str], content: str, message: str) -> None
         # chooses the program as well
         ("runtime", lambda conf, prog: (prog.parent.parent / "open").chmod(0o777),
          "{root}/open is writable by group or others"),
+        # ... and a link on the way from one link to the next (safe/hop -> open/link -> prog)
+        ("hop", lambda conf, prog: (prog.parent.parent / "open").chmod(0o777),
+         "{root}/open is writable by group or others"),
     ],
 )  # fmt: skip
 def test_what_others_can_write_never_picks_the_program(
@@ -431,7 +434,11 @@ def test_what_others_can_write_never_picks_the_program(
     shutil.copy(Path(fake["PATH"].split(":")[0]) / "crun", prog)
     (tmp_path / "opt" / "open").mkdir()
     (tmp_path / "opt" / "open" / "link").symlink_to(prog)
+    (tmp_path / "opt" / "safe").mkdir()
+    (tmp_path / "opt" / "safe" / "hop").symlink_to("../open/link")
     named = tmp_path / "opt" / "open" / "link" if "open" in shown else prog
+    if what == "hop":
+        named = tmp_path / "opt" / "safe" / "hop"
     conf.write_text(f'[runtime]\nruntime = "{named}"\n')
     env = {**fake, "CRYPTLAYER_CONFIG": str(conf)}
     assert run_runtime(["state", "c1"], env)[0].returncode == 42  # (and the answer is kept)

@@ -327,18 +327,27 @@ def _refuse_replaceable(path: str, what: str) -> None:
 
 
 def _replaceable(path: str) -> str | None:
-    """Why another user could change or replace `path`: the first entry, from `path` up to /,
+    """Why another user could change or replace `path`: the first entry that decides what it
+    opens (from `path` up to /, and so from each symbolic link met on the way to its target)
     owned by another user or writable by group or others (a sticky directory such as /tmp lets
     others replace only their own entries); None when none is."""
     import stat
 
     mine = (0, os.geteuid())
     seen: set[str] = set()
-    for name in (os.path.abspath(path), os.path.realpath(path)):
+    pending = [os.path.realpath(path), os.path.abspath(path)]
+    while pending:
+        name = pending.pop()
         while name not in seen:
+            if len(seen) > 1000:  # a maze of links: no program is found through one anyway
+                return f"{_printable(path)} leads through too many symbolic links"
             seen.add(name)
             try:
                 st = os.lstat(name)
+                if stat.S_ISLNK(st.st_mode):  # where it leads is checked as well
+                    target = os.readlink(name)
+                    here = os.path.realpath(os.path.dirname(name))
+                    pending.append(os.path.normpath(os.path.join(here, target)))
             except OSError as err:
                 return f"{_printable(name)} cannot be examined ({err.strerror})"
             mode = st.st_mode
