@@ -165,7 +165,10 @@ def runtime_passthrough(runs: int = 50) -> dict[str, object]:
         try:
             for _ in range(runs):
                 for name, (argv, conf) in calls.items():
-                    env = dict(os.environ, CRYPTLAYER_CONFIG=str(conf or work / "absent"))
+                    # (the kept answer in the temporary directory: not the host's /run/cryptlayer,
+                    # where answers for config files that are gone would stay until a reboot)
+                    env = dict(os.environ, CRYPTLAYER_CONFIG=str(conf or work / "absent"),
+                               CRYPTLAYER_RUNDIR=str(work / "run"))  # fmt: skip
                     start = time.perf_counter()
                     subprocess.run(argv, env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)  # fmt: skip

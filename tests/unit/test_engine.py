@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from cryptlayer import config, paths
-from cryptlayer.runtime import engine
+from cryptlayer.distribution import placeholder
+from cryptlayer.runtime import engine, state
 from cryptlayer.runtime.engine import Invocation, Refused, encrypted_image
 
 RUNTIME = str(Path(sys.executable).with_name("cryptlayer-runtime"))
@@ -101,10 +102,13 @@ def test_global_options(
         (["--bundle", "/b", "--config=x.json", "cid"], "/b", os.path.abspath("x.json")),
         (["--pid-file", "--bundle", "cid"], ".", "config.json"),  # a value, not an option
         (["--", "--bundle", "/b"], ".", "config.json"),
+        (["--bundle", "", "cid"], ".", "config.json"),  # runc: its working directory
     ],
 )  # fmt: skip
 def test_bundle_options(args: list[str], bundle: str, config_file: str) -> None:
     assert Invocation(["create", *args]).bundle_config() == (bundle, config_file)
+    operands = Invocation(["create", *args]).operands()
+    assert operands == (["--bundle", "/b"] if args[0] == "--" else ["cid"])
     assert Invocation(["--root", "/r", "run", *args]).bundle_config() == (bundle, config_file)
     restore = ["--detach", "--image-path", "/ckpt", "--work-path", "/w", "--manage-cgroups-mode",
                "soft", "--tcp-established", *args]  # fmt: skip
@@ -133,28 +137,39 @@ def spec(annotations: dict[str, object] | None = None, env: list[str] | None = N
         ({}, ["PATH=/bin", "CRYPTLAYER_IMAGE=docker://reg/app:v1"], "docker://reg/app:v1"),
         ({"org.cryptlayer.image": "/srv/img"}, ["CRYPTLAYER_IMAGE=/srv/img"], "/srv/img"),
         ({}, ["CRYPTLAYER_IMAGE_X=1", "XCRYPTLAYER_IMAGE=1"], None),
-        # a pod's sandbox gets the pod's annotations (containerd's pod_annotations), never its image
+        # a pod's sandbox gets the pod's annotations (containerd's pod_annotations), never its
+        # image: created under its own sandbox id (the container id here is "c1")
         (
-            {"org.cryptlayer.image": "/srv/img", "io.kubernetes.cri.container-type": "sandbox"},
+            {"org.cryptlayer.image": "/srv/img", "io.kubernetes.cri.container-type": "sandbox",
+             "io.kubernetes.cri.sandbox-id": "c1"},
             None,
             None,
         ),
         (
-            {"org.cryptlayer.image": "/srv/img", "io.kubernetes.cri-o.ContainerType": "sandbox"},
+            {"org.cryptlayer.image": "/srv/img", "io.kubernetes.cri-o.ContainerType": "sandbox",
+             "io.kubernetes.cri-o.SandboxID": "c1"},
             None,
             None,
         ),
         (
-            {"org.cryptlayer.image": "/srv/img", "io.kubernetes.cri.container-type": "container"},
+            {"org.cryptlayer.image": "/srv/img", "io.kubernetes.cri.container-type": "container",
+             "io.kubernetes.cri.sandbox-id": "c1"},
+            None,
+            "/srv/img",
+        ),
+        (
+            {"org.cryptlayer.image": "/srv/img", "io.kubernetes.cri.container-type": "sandbox",
+             "io.kubernetes.cri.sandbox-id": ["c1"]},
             None,
             "/srv/img",
         ),
     ],
-)
+)  # fmt: skip
 def test_which_image(
     tmp_path: Path, annotations: dict[str, object], env: list[str] | None, image: str | None
 ) -> None:
-    assert encrypted_image(bundle_with(tmp_path, spec(annotations, env)), "config.json") == image
+    bundle = bundle_with(tmp_path, spec(annotations, env))
+    assert encrypted_image(bundle, "config.json", ["c1"]) == image
 
 
 @pytest.mark.parametrize(
@@ -329,7 +344,21 @@ def test_the_configured_runtime(fake: dict[str, str], tmp_path: Path) -> None:
             assert result.returncode == 42, result.stderr
             assert recorded(fake, "argv").split("\0")[0] == str(expected)
     kept = list((tmp_path / "run").iterdir())
-    assert [p.name.split(".")[0] for p in kept] == ["engine-runtime"]
+    assert [p.name.split(".")[1] for p in kept] == ["engine-runtime"]
+
+
+def test_the_kept_answer_never_takes_a_containers_name(
+    fake: dict[str, str], tmp_path: Path
+) -> None:
+    """The run directory holds each container's directory under its name: what the runtime keeps
+    there is named as cryptlayer's own entries are (.images, .oci), never as a container may be,
+    so `cryptlayer run --name` cannot meet it (and fail on a file where its directory goes)."""
+    Path(fake["CRYPTLAYER_CONFIG"]).write_text('[runtime]\nruntime = "runc"\n')
+    assert run_runtime(["state", "c1"], fake)[0].returncode == 42
+    kept = list((tmp_path / "run").iterdir())
+    assert kept
+    for entry in kept:
+        assert not state.NAME_RE.match(entry.name), entry.name
 
 
 def test_a_cache_others_may_write_is_not_read(fake: dict[str, str], tmp_path: Path) -> None:
@@ -370,6 +399,72 @@ def test_config_errors(fake: dict[str, str], content: str, message: str) -> None
     assert line.startswith("error: cryptlayer-runtime: ")
     assert message in line
     assert not Path(fake["RECORD"], "argv").exists()
+
+
+@pytest.mark.parametrize(
+    ("what", "change", "shown"),
+    [
+        ("config", lambda conf, prog: conf.chmod(0o666), "{conf} is writable by group or others"),
+        ("config", lambda conf, prog: conf.parent.chmod(0o777), "{confdir} is writable by group"),
+        ("config", lambda conf, prog: os.chown(conf, 65534, 65534), "{conf} is owned by uid 65534"),
+        ("runtime", lambda conf, prog: prog.chmod(0o777), "{prog} is writable by group or others"),
+        ("runtime", lambda conf, prog: prog.parent.chmod(0o775), "{progdir} is writable by group"),
+        ("runtime", lambda conf, prog: os.chown(prog.parent, 65534, 0), "{progdir} is owned by"),
+        # a symbolic link to it from a directory anyone may write: whoever can replace the link
+        # chooses the program as well
+        ("runtime", lambda conf, prog: (prog.parent.parent / "open").chmod(0o777),
+         "{root}/open is writable by group or others"),
+        # ... and a link on the way from one link to the next (safe/hop -> open/link -> prog)
+        ("hop", lambda conf, prog: (prog.parent.parent / "open").chmod(0o777),
+         "{root}/open is writable by group or others"),
+    ],
+)  # fmt: skip
+def test_what_others_can_write_never_picks_the_program(
+    fake: dict[str, str], tmp_path: Path, what: str, change: object, shown: str
+) -> None:
+    """cryptlayer-runtime runs as root and execs what the config file names: a config file, or a
+    program, that another user could change or replace (writable by group or others, owned by
+    another user, in such a directory, as named or as the symbolic links resolve) would let
+    that user choose what root runs. Refused, as a kept answer from such a file is."""
+    confdir = tmp_path / "etc"
+    confdir.mkdir()
+    conf = confdir / "config.toml"
+    prog = tmp_path / "opt" / "bin" / "my-runtime"
+    prog.parent.mkdir(parents=True)
+    shutil.copy(Path(fake["PATH"].split(":")[0]) / "crun", prog)
+    (tmp_path / "opt" / "open").mkdir()
+    (tmp_path / "opt" / "open" / "link").symlink_to(prog)
+    (tmp_path / "opt" / "safe").mkdir()
+    (tmp_path / "opt" / "safe" / "hop").symlink_to("../open/link")
+    named = tmp_path / "opt" / "open" / "link" if "open" in shown else prog
+    if what == "hop":
+        named = tmp_path / "opt" / "safe" / "hop"
+    conf.write_text(f'[runtime]\nruntime = "{named}"\n')
+    env = {**fake, "CRYPTLAYER_CONFIG": str(conf)}
+    assert run_runtime(["state", "c1"], env)[0].returncode == 42  # (and the answer is kept)
+    assert callable(change)
+    change(conf, prog)
+    result, _ = run_runtime(["state", "c1"], env)
+    assert result.returncode == engine.FAILED, result.stdout
+    (line,) = result.stderr.decode().splitlines()
+    expected = shown.format(conf=conf, confdir=confdir, prog=prog, progdir=prog.parent,
+                            root=tmp_path / "opt")  # fmt: skip
+    assert line.startswith("error: cryptlayer-runtime: "), line
+    assert expected in line, line
+    assert "chmod go-w" in line or "chown" in line, line
+
+
+def test_a_sticky_directory_is_not_others_to_replace(fake: dict[str, str], tmp_path: Path) -> None:
+    """/tmp-like (mode 1777): others may write into it but not replace what is root's."""
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    prog = sticky / "my-runtime"
+    shutil.copy(Path(fake["PATH"].split(":")[0]) / "crun", prog)
+    Path(fake["CRYPTLAYER_CONFIG"]).write_text(f'[runtime]\nruntime = "{prog}"\n')
+    result, _ = run_runtime(["state", "c1"], fake)
+    assert result.returncode == 42, result.stderr
+    assert recorded(fake, "argv").split("\0")[0] == str(prog)
 
 
 def test_never_runs_itself(fake: dict[str, str]) -> None:
@@ -433,6 +528,129 @@ def test_an_encrypted_image_is_refused_for_now(
     assert not Path(fake["RECORD"], "argv").exists()
 
 
+@pytest.mark.parametrize(
+    "marks",
+    [
+        {"io.kubernetes.cri.container-type": "sandbox"},
+        {"io.kubernetes.cri-o.ContainerType": "sandbox"},
+        # the sandbox id of another container (the pod's real sandbox), or of the other engine's
+        {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "sb1"},
+        {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri-o.SandboxID": "c1"},
+        {"io.kubernetes.cri-o.ContainerType": "sandbox", "io.kubernetes.cri.sandbox-id": "c1"},
+        {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": ""},
+    ],
+)
+@pytest.mark.parametrize("how", ["annotation", "env"])
+def test_a_container_cannot_pass_as_a_pods_sandbox(
+    fake: dict[str, str], tmp_path: Path, marks: dict[str, str], how: str
+) -> None:
+    """A pod's sandbox passes through with the pod's annotations, but its marker alone is an
+    annotation anyone can write (`podman run --annotation io.kubernetes.cri-o.ContainerType=
+    sandbox`): only the engine's own sandbox, whose sandbox-id annotation is its own container
+    id, passes; a container that merely says it is one names its image like any other."""
+    given = {"org.cryptlayer.image": "/srv/img"} if how == "annotation" else {}
+    env = ["CRYPTLAYER_IMAGE=/srv/img"] if how == "env" else None
+    bundle = bundle_with(tmp_path, spec({**given, **marks}, env))
+    result, _ = run_runtime(["create", "--bundle", bundle, "--pid-file", f"{bundle}/pid", "c1"],
+                            fake)  # fmt: skip
+    assert result.returncode == engine.FAILED, result.stdout
+    assert b"names the encrypted image /srv/img" in result.stderr
+    assert not Path(fake["RECORD"], "argv").exists()
+
+
+@pytest.mark.parametrize(
+    ("type_key", "id_key"),
+    [
+        ("io.kubernetes.cri.container-type", "io.kubernetes.cri.sandbox-id"),  # containerd
+        ("io.kubernetes.cri-o.ContainerType", "io.kubernetes.cri-o.SandboxID"),  # CRI-O
+    ],
+)
+def test_the_engines_own_sandbox_passes_through(
+    fake: dict[str, str], tmp_path: Path, type_key: str, id_key: str
+) -> None:
+    """The pause container, created under the sandbox's id, with the pod's annotations."""
+    sandbox = "0f3c" * 16
+    bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": "/srv/img", type_key: "sandbox",
+                                         id_key: sandbox}))  # fmt: skip
+    argv = ["--root", "/r", "create", "--bundle", bundle, "--pid-file", f"{bundle}/pid", sandbox]
+    result, _ = run_runtime(argv, fake)
+    assert result.returncode == 42, result.stderr
+    assert recorded(fake, "argv").split("\0")[1:-1] == argv
+
+
+def test_an_empty_bundle_is_the_working_directory(fake: dict[str, str], tmp_path: Path) -> None:
+    """runc reads config.json from its working directory when --bundle is empty (it changes
+    directory only to a bundle it is given): so is it read here, not passed through unread."""
+    bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": "/srv/img"}))
+    for argv in (
+        ["create", "--bundle", "", "c1"],
+        ["run", "--bundle=", "c1"],
+        ["run", "-b", "", "c1"],
+    ):
+        assert Invocation(argv).bundle_config() == (".", "config.json")
+        result, _ = run_runtime(argv, fake, cwd=Path(bundle))
+        assert result.returncode == engine.FAILED, result.stdout
+        assert b"names the encrypted image /srv/img" in result.stderr
+
+
+def test_a_refusal_with_stderr_closed_still_reaches_the_log(
+    fake: dict[str, str], tmp_path: Path
+) -> None:
+    """An engine that gives the runtime no stderr (descriptor 2 closed) reads the log: the
+    message is there and the exit status is still the runtime's failure, not a traceback's 1."""
+    bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": "/srv/img"}))
+    log = tmp_path / "log.json"
+    argv = ["--log", str(log), "--log-format", "json", "create", "--bundle", bundle, "c1"]
+    result = subprocess.run(["sh", "-c", 'exec "$0" "$@" 2>&-', RUNTIME, *argv], env=fake,
+                            capture_output=True, timeout=60)  # fmt: skip
+    assert result.returncode == engine.FAILED
+    assert json.loads(log.read_text())["msg"].startswith("cryptlayer-runtime: the container names")
+    assert not Path(fake["RECORD"], "argv").exists()
+
+
+@pytest.mark.parametrize(
+    ("process", "annotations", "shown"),
+    [
+        # the placeholder as podman and Docker make it from its config: no image named at all
+        ({"args": ["/.cryptlayer/entrypoint"], "cwd": "/.cryptlayer/workdir",
+          "env": ["PATH=/.cryptlayer/path", "HOSTNAME=x"]}, {}, ""),
+        # one marker is enough (the user gave the others: --entrypoint, -e PATH=...)
+        ({"args": ["/bin/sh"], "cwd": "/.cryptlayer/workdir", "env": ["PATH=/bin"]}, {}, ""),
+        ({"args": ["/bin/sh"], "cwd": "/", "env": ["PATH=/.cryptlayer/path"]}, {}, ""),
+        # the image named under a name that is not the one: said so
+        ({"args": ["/.cryptlayer/entrypoint"], "cwd": "/", "env": []},
+         {"org.cryptlayer.Image": "/srv/img"}, "(not annotation org.cryptlayer.Image: "),
+        ({"args": ["/.cryptlayer/entrypoint"], "cwd": "/", "env": ["CRYPTLAYER_IMAGE =/srv/img"]},
+         {}, "(not environment variable CRYPTLAYER_IMAGE : "),
+        ({"args": ["/.cryptlayer/entrypoint"], "cwd": "/", "env": []},
+         {"org.cryptlayer.digest": "sha256:x", "org.cryptlayer.imgae": "/srv/img"},
+         "(not annotation org.cryptlayer.imgae: names are exact)"),
+        ({"args": ["/.cryptlayer/entrypoint"], "cwd": "/", "env": ["CRYPTLAYER_KEEP=1"]}, {},
+         "names no encrypted image: give"),
+        ({"args": ["/.cryptlayer/entrypoint"], "cwd": "/", "env": []},
+         {"org.cryptlayer.image\u200b": "/srv/img"}, "(not annotation org.cryptlayer.image\\u200b"),
+    ],
+)  # fmt: skip
+def test_the_placeholder_without_an_image_is_refused(
+    fake: dict[str, str], tmp_path: Path, process: dict[str, object],
+    annotations: dict[str, str], shown: str,
+) -> None:  # fmt: skip
+    """A container made from the placeholder that names no encrypted image (forgotten, or
+    misspelled: another case, a space, an invisible character) would have the real runtime fail
+    on a missing /.cryptlayer/entrypoint; it is refused with what to give instead."""
+    spec = {"ociVersion": "1.0.2", "process": process, "root": {"path": "rootfs"},
+            "annotations": annotations}  # fmt: skip
+    bundle = bundle_with(tmp_path, spec)
+    result, _ = run_runtime(["create", "--bundle", bundle, "c1"], fake)
+    assert result.returncode == engine.FAILED, result.stdout
+    (line,) = result.stderr.decode().splitlines()
+    assert line.startswith("error: cryptlayer-runtime: the container is made from cryptlayer's"
+                           " placeholder image but names no encrypted image"), line  # fmt: skip
+    assert "org.cryptlayer.image=IMAGE" in line and "CRYPTLAYER_IMAGE=IMAGE" in line
+    assert shown in line
+    assert not Path(fake["RECORD"], "argv").exists()
+
+
 def test_crun_log_destinations(fake: dict[str, str], tmp_path: Path) -> None:
     bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": "/srv/img"}))
     log = tmp_path / "crun.log"
@@ -487,6 +705,13 @@ def test_defaults_match_config_and_paths(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.delenv("CRYPTLAYER_RUNDIR", raising=False)
     assert str(config.DEFAULT) == engine.CONFIG_DEFAULT
     assert str(paths.run_root()) == engine.RUNDIR_DEFAULT
+
+
+def test_the_placeholders_markers_match() -> None:
+    """engine.py knows the placeholder's markers without importing distribution/ (a layer it
+    never imports)."""
+    markers = (placeholder.ENTRYPOINT, placeholder.WORKDIR, f"PATH={placeholder.PATH}")
+    assert markers == engine.MARKERS
 
 
 # -- a real container, through the real runtime
@@ -564,6 +789,13 @@ $run -d --name detached --runtime cryptlayer localhost/busybox:1 /bin/busybox sl
 podman exec detached /bin/busybox echo "exec $?"
 podman rm -f -t 0 detached > /dev/null
 echo "rm $?"
+# the placeholder with no image named (forgotten): refused, not runc's missing entrypoint
+$run --rm --runtime cryptlayer localhost/cryptlayer/placeholder:v1
+echo "status $?"
+# a container that calls itself a pod's sandbox is still refused (a marker anyone can write)
+$run --rm --runtime cryptlayer --annotation io.kubernetes.cri-o.ContainerType=sandbox \\
+    --annotation org.cryptlayer.image=docker://reg/app:v1 localhost/busybox:1 /bin/busybox echo ran
+echo "status $?"
 $run --rm --runtime cryptlayer --annotation org.cryptlayer.image=docker://reg/app:v1 \\
     localhost/cryptlayer/placeholder:v1
 echo "status $?"
@@ -601,9 +833,15 @@ runroot = "{tmp_path}/storage-run"
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.stdout.splitlines() == [
         "localhost/cryptlayer/placeholder:v1", "hello", "status 3", "exec 0", "rm 0", "status 126",
+        "status 126", "status 126",
     ], result.stderr  # fmt: skip
     assert result.stderr.splitlines()[-1] == (
         "Error: OCI runtime error: cryptlayer: cryptlayer-runtime: the container names the"
         " encrypted image docker://reg/app:v1, and running encrypted images through an engine"
         " is not available yet (a later part of cryptlayer): use `cryptlayer run`")  # fmt: skip
+    assert (
+        "Error: OCI runtime error: cryptlayer: cryptlayer-runtime: the container is made from"
+        " cryptlayer's placeholder image but names no encrypted image: give the annotation"
+        " org.cryptlayer.image=IMAGE"
+    ) in result.stderr
     assert (tmp_path / "etc/upper/cryptlayer/config.toml").exists()  # not the host's /etc

@@ -32,13 +32,24 @@ CONFIG_DEFAULT = "/etc/cryptlayer/config.toml"
 
 ANNOTATION = "org.cryptlayer.image"
 ENV = "CRYPTLAYER_IMAGE"
+# The image's other settings (issue 23: a pinned digest, keep the node's copy), not typos of it.
+OTHER_ANNOTATIONS = ("org.cryptlayer.digest", "org.cryptlayer.keep")
+OTHER_ENV = ("CRYPTLAYER_DIGEST", "CRYPTLAYER_KEEP")
 # Keys come from the node's config, never from a pod spec or a command line.
 KEY_ANNOTATION = "org.cryptlayer.key"
 KEY_ENV = "CRYPTLAYER_KEY"
 
 # What containerd's CRI and CRI-O call a pod's sandbox (its pause container), which receives
-# the pod's annotations too and is never the encrypted image's.
-SANDBOX = ("io.kubernetes.cri.container-type", "io.kubernetes.cri-o.ContainerType")
+# the pod's annotations too and is never the encrypted image's: the type annotation, and the one
+# naming the sandbox's id. The type alone is an annotation anyone can write (podman --annotation);
+# the engine's own sandbox is created under its sandbox's id, which the engine chose (at random)
+# after the annotations were written, so a sandbox is one whose sandbox id is its container id.
+SANDBOX = (("io.kubernetes.cri.container-type", "io.kubernetes.cri.sandbox-id"),  # containerd
+           ("io.kubernetes.cri-o.ContainerType", "io.kubernetes.cri-o.SandboxID"))  # fmt: skip
+
+# The placeholder's markers (distribution/placeholder.py, docs/engines.md "The default process")
+# as engines copy them into config.json: process.args[0], process.cwd, an entry of process.env.
+MARKERS = ("/.cryptlayer/entrypoint", "/.cryptlayer/workdir", "PATH=/.cryptlayer/path")
 
 # The runtime's own failures (never a container's status: `run` passes that through): podman's
 # and `cryptlayer run`'s code for "the runtime failed". Engines show the log's message, not this.
@@ -115,18 +126,31 @@ class Invocation:
 
     def bundle_config(self) -> tuple[str, str]:
         """The bundle directory and the config file that `create`/`run` would read, as crun
-        resolves them: config.json inside the bundle (default: the working directory); a
-        --config other than config.json relative to the working directory."""
+        resolves them: config.json inside the bundle (default, and for an empty --bundle as
+        runc reads it: the working directory); a --config other than config.json relative to
+        the working directory."""
+        bundle, config, _ = self._bundle_args()
+        return bundle, config
+
+    def operands(self) -> list[str]:
+        """The command's arguments that are not options: the container's id (runc and crun take
+        one; the unknown option of a newer runtime may add its value)."""
+        return self._bundle_args()[2]
+
+    def _bundle_args(self) -> tuple[str, str, list[str]]:
         bundle, config = ".", "config.json"
+        operands: list[str] = []
         i = 0
         args = self.args
         while i < len(args):
             token = args[i]
             i += 1
             if token == "--":
+                operands += args[i:]
                 break
             if not token.startswith("-") or token == "-":
-                continue  # the container's id; runc and crun refuse options after it anyway
+                operands.append(token)  # the container's id
+                continue
             if token.startswith("--") or token.lstrip("-").partition("=")[0] in _long_names():
                 name, has_value, value = token.lstrip("-").partition("=")
                 name = _expand(name, tuple(BUNDLE_VALUE) + tuple(BUNDLE_FLAG))
@@ -147,12 +171,12 @@ class Invocation:
                             i += 1
                         break
             if name == "bundle":
-                bundle = value
+                bundle = value or "."  # runc changes directory only to a bundle it is given
             elif name == "config":
                 config = value
         if config == "config.json" or config.startswith("/"):
-            return bundle, config
-        return bundle, os.path.abspath(config)
+            return bundle, config, operands
+        return bundle, os.path.abspath(config), operands
 
 
 def _long_names() -> set[str]:
@@ -192,6 +216,8 @@ def configured() -> str:
         return "crun"
     except OSError:
         st = None  # config.py reports it
+    else:
+        _refuse_replaceable(path, "the config file")
     key = ""
     if st is not None:
         key = f"{path}\n{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
@@ -209,7 +235,8 @@ def configured() -> str:
 # paths.run_root()'s, without importing paths (pathlib) on the way to a pass-through
 RUNDIR_ENV = "CRYPTLAYER_RUNDIR"
 RUNDIR_DEFAULT = "/run/cryptlayer"
-CACHE = "engine-runtime"
+# (a dot first, as .images and .oci: container directories are named there, and never so)
+CACHE = ".engine-runtime"
 
 
 def _ours(st: os.stat_result, kind: int) -> bool:
@@ -252,7 +279,7 @@ def _remember(name: str, key: str, value: str) -> None:
         return
     import contextlib
 
-    tmp = str(root / f".{name}.{os.getpid()}")
+    tmp = str(root / f"{name}.{os.getpid()}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(tmp, flags, 0o600)
@@ -279,10 +306,59 @@ def resolve(program: str) -> str:
                 raise Refused(f"the runtime {candidate} is cryptlayer-runtime itself: set"
                               f' [runtime] runtime = "crun" (or "runc", or the real runtime\'s'
                               " path) in the config file")  # fmt: skip
+            _refuse_replaceable(candidate, "the runtime")
             return candidate
     where = program if program.startswith("/") else f"{program} (on PATH or in {', '.join(SEARCH)})"
     raise Refused(f"no OCI runtime {where}: install it (apt-get install {_package(program)}), or"
                   " name another in the config file's [runtime] runtime")  # fmt: skip
+
+
+def _refuse_replaceable(path: str, what: str) -> None:
+    """Refused when a user other than root and us could change `path` (the config file, or the
+    program named in it) or replace it through a directory above it, as named or as symbolic
+    links resolve: cryptlayer-runtime runs as root for the engines, and would run their choice.
+    A few lstat calls: a pass-through can afford them."""
+    why = _replaceable(path)
+    if why is not None:
+        raise Refused(f"{why}: another user could change {what} {_printable(path)} and choose"
+                      " the program cryptlayer-runtime runs for the engine; make it, and the"
+                      " directories above it, root's and writable by their owner only (chown"
+                      " root, chmod go-w)")  # fmt: skip
+
+
+def _replaceable(path: str) -> str | None:
+    """Why another user could change or replace `path`: the first entry that decides what it
+    opens (from `path` up to /, and so from each symbolic link met on the way to its target)
+    owned by another user or writable by group or others (a sticky directory such as /tmp lets
+    others replace only their own entries); None when none is."""
+    import stat
+
+    mine = (0, os.geteuid())
+    seen: set[str] = set()
+    pending = [os.path.realpath(path), os.path.abspath(path)]
+    while pending:
+        name = pending.pop()
+        while name not in seen:
+            if len(seen) > 1000:  # a maze of links: no program is found through one anyway
+                return f"{_printable(path)} leads through too many symbolic links"
+            seen.add(name)
+            try:
+                st = os.lstat(name)
+                if stat.S_ISLNK(st.st_mode):  # where it leads is checked as well
+                    target = os.readlink(name)
+                    here = os.path.realpath(os.path.dirname(name))
+                    pending.append(os.path.normpath(os.path.join(here, target)))
+            except OSError as err:
+                return f"{_printable(name)} cannot be examined ({err.strerror})"
+            mode = st.st_mode
+            if st.st_uid not in mine:
+                return f"{_printable(name)} is owned by uid {st.st_uid}"
+            sticky = stat.S_ISDIR(mode) and mode & stat.S_ISVTX
+            if not stat.S_ISLNK(mode) and mode & 0o022 and not sticky:
+                return (f"{_printable(name)} is writable by group or others"
+                        f" (mode {stat.S_IMODE(mode):04o})")  # fmt: skip
+            name = os.path.dirname(name)
+    return None
 
 
 def _package(program: str) -> str:
@@ -319,10 +395,11 @@ def execute(runtime: str, argv: Sequence[str]) -> NoReturn:
 # -- the decision
 
 
-def encrypted_image(bundle: str, config_name: str) -> str | None:
-    """The encrypted image the bundle's config.json names, or None (also for a pod's sandbox, or
-    when there is no such file: the runtime then reports it); Refused when the file is not a
-    regular JSON file of at most MAX_CONFIG bytes, or names keys or two images."""
+def encrypted_image(bundle: str, config_name: str, ids: Sequence[str] = ()) -> str | None:
+    """The encrypted image the bundle's config.json names, or None (also for a pod's sandbox,
+    the container created under one of `ids` whose annotations say it is that sandbox; or when
+    there is no such file: the runtime then reports it); Refused when the file is not a regular
+    JSON file of at most MAX_CONFIG bytes, or names keys or two images."""
     spec = _read_config(bundle, config_name)
     annotations = spec.get("annotations") or {}
     process = spec.get("process") or {}
@@ -345,7 +422,8 @@ def encrypted_image(bundle: str, config_name: str) -> str | None:
                           " container's spec (docs/engines.md)")  # fmt: skip
         if key == ENV and named.setdefault(f"environment variable {ENV}", value) != value:
             raise Refused(f"the container's environment sets {ENV} twice, to two images")
-    if any(annotations.get(name) == "sandbox" for name in SANDBOX):
+    if any(annotations.get(kind) == "sandbox" and _is_one_of(annotations.get(own), ids)
+           for kind, own in SANDBOX):  # fmt: skip
         return None  # the pod's own (pause) container: the pod's annotations reach it too
     if ANNOTATION in annotations:
         value = annotations[ANNOTATION]
@@ -356,11 +434,42 @@ def encrypted_image(bundle: str, config_name: str) -> str | None:
         raise Refused(f"the annotation {ANNOTATION} and the environment variable {ENV} name two"
                       " different images: give one")  # fmt: skip
     if not named:
+        if _placeholder(process, env):  # the real runtime would fail on a missing entrypoint
+            raise Refused(_names_no_image(annotations, env))
         return None
     (source, image), *_ = named.items()
     if not image:
         raise Refused(f"the container's {source} is empty: name an image directory or docker://REF")
     return image
+
+
+def _placeholder(process: dict[str, Any], env: list[str]) -> bool:
+    """Whether the container is made from the placeholder: one of its markers is left (the user
+    may have given the others)."""
+    args = process.get("args")
+    first = args[0] if isinstance(args, list) and args else None
+    return first == MARKERS[0] or process.get("cwd") == MARKERS[1] or MARKERS[2] in env
+
+
+def _names_no_image(annotations: dict[str, Any], env: list[str]) -> str:
+    """The refusal of a placeholder that names no image, with a name that looks like the one
+    (another case, a typo, a space or an invisible character in it) if there is one."""
+
+    def near(name: str, exact: tuple[str, ...]) -> bool:
+        squashed = "".join(c for c in name.casefold() if c.isascii() and c.isalnum())
+        return "cryptlayer" in squashed and name not in exact
+
+    names = [f"annotation {name}" for name in annotations if near(name, OTHER_ANNOTATIONS)]
+    names += [f"environment variable {key}" for key in (e.partition("=")[0] for e in env)
+              if near(key, OTHER_ENV)]  # fmt: skip
+    hint = f" (not {_printable(names[0])}: names are exact)" if names else ""
+    return (f"the container is made from cryptlayer's placeholder image but names no encrypted"
+            f" image{hint}: give the annotation {ANNOTATION}=IMAGE (podman --annotation, a pod's"
+            f" annotations) or the environment variable {ENV}=IMAGE (docker run -e)")  # fmt: skip
+
+
+def _is_one_of(value: object, ids: Sequence[str]) -> bool:
+    return isinstance(value, str) and bool(value) and value in ids
 
 
 def _shown(bundle: str, config_name: str) -> str:
@@ -437,11 +546,10 @@ def fail(message: str, invocation: Invocation) -> NoReturn:
     (json: {"level":"error","msg":...,"time":...}, as runc and crun write it, whose last
     error line podman and containerd show); exit FAILED."""
     line = f"cryptlayer-runtime: {message}"
-    try:
-        sys.stderr.write(f"error: {line}\n")
-        sys.stderr.flush()
-    except OSError:
-        pass
+    import contextlib
+
+    with contextlib.suppress(OSError):  # descriptor 2 itself: closed at start, sys.stderr is None
+        os.write(2, f"error: {line}\n".encode(errors="backslashreplace"))
     if invocation.log:
         _log(line, invocation)
     sys.exit(FAILED)
@@ -483,7 +591,7 @@ def main() -> None:
         runtime = resolve(configured())
         if invocation.command in FROM_BUNDLE:
             bundle, config_name = invocation.bundle_config()
-            image = encrypted_image(bundle, config_name)
+            image = encrypted_image(bundle, config_name, invocation.operands())
             if image is not None:
                 raise Refused(
                     f"the container names the encrypted image {_printable(image)}, and"
