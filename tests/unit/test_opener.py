@@ -15,11 +15,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from clirunner import invoke
 from luksfixtures import fake_image, metadata, write_layer
 
 from cryptlayer.errors import (
     DamagedImageError,
     ErasedImageError,
+    ExitCode,
     TamperedImageError,
     UsageError,
     WrongKeyError,
@@ -95,6 +97,36 @@ def test_a_wrong_digest_is_reported_before_keys_json_is_read(image: Path) -> Non
     with (
         open_image(image, Policy(digest=digest)) as opened,
         pytest.raises(UsageError, match=r"keys\.json is not valid JSON"),
+        credential() as c,
+    ):
+        opened.unlock(c)
+
+
+@pytest.mark.parametrize("command", ["start", "run"])
+def test_start_and_run_report_the_digest_not_keys_json(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """The whole command: a wrong --digest is the error, exit 8 (125 in run), nothing made."""
+    monkeypatch.setenv("CRYPTLAYER_ROOT", str(tmp_path / "root"))
+    monkeypatch.setenv("CRYPTLAYER_CONFIG", str(tmp_path / "none.toml"))
+    damage_keys_json(image)
+    key = tmp_path / "key"
+    key.write_bytes(KEY)
+    key.chmod(0o600)
+    wrong = "sha256:" + "0" * 64
+    args = ["--name", "c"] if command == "start" else ["--keep"]
+    code, out, err = invoke(command, *args, "-k", str(key), "--digest", wrong, str(image))
+    assert (code, out) == (ExitCode.TAMPERED if command == "start" else 125, "")
+    line = err.splitlines()[-1]  # (after the host's warnings, if any)
+    assert line.startswith(f"error: {image} is image sha256:")
+    assert f"not the {wrong} that was asked for" in line and "keys.json" not in err
+    assert not (tmp_path / "root" / "containers").exists()
+
+
+def test_an_image_opened_without_its_layers_gives_no_key(image: Path) -> None:
+    with (
+        open_image(image, Policy(layers=False)) as opened,
+        pytest.raises(RuntimeError, match="opened without its layers"),
         credential() as c,
     ):
         opened.unlock(c)

@@ -46,6 +46,7 @@ from cryptlayer.image.luksheader import Header
 from cryptlayer.image.manifest import Manifest
 from cryptlayer.keys.sources import Credential
 from cryptlayer.secret import Secret
+from cryptlayer.tools import cryptsetup
 
 COPY_AGAIN = "do not use this copy; copy the image again from a source you trust"
 
@@ -101,6 +102,8 @@ class OpenedImage:
     def headers(self) -> list[Header]:
         """Every layer's LUKS2 header, read from its descriptor and checked against the
         statement (TamperedImageError naming the first that differs); checked once."""
+        if len(self.files.layers) != len(self.manifest.layers):  # (Policy(layers=False))
+            raise RuntimeError(f"{self.image} was opened without its layers: no header to check")
         if self._headers is None:
             self._headers = [
                 luksheader.require(file.fd, self.manifest, layer, file.shown)
@@ -129,8 +132,6 @@ class OpenedImage:
 
     def test_key(self, key: Secret) -> None:
         """UsageError unless `key` (from unlock: the headers are checked) opens every layer."""
-        from cryptlayer.tools import cryptsetup
-
         for file in self.files.layers:
             cryptsetup.test_key(file.path, key, file.shown)
 
