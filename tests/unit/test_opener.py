@@ -246,6 +246,32 @@ def test_verify_reads_the_statement_and_the_layers_of_one_directory(
     assert report.digest == "sha256:" + hashlib.sha256(statement_read).hexdigest()
 
 
+def test_rekey_writes_keys_json_into_the_directory_it_opened(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The directory swapped for a symlink to another image while rekey checks the key: the new
+    keys.json goes to the image that was opened and checked, never to the other one. (Before the
+    opener, rekey wrote it by path, into the other image; this test failed.)"""
+    from cryptlayer.image.rekey import rekey
+
+    other = fake_image(tmp_path / "other", key=b"o" * 32)
+    before = (other / "keys.json").read_bytes()
+    swapped: list[bool] = []
+
+    def swap(*_: object) -> None:  # (cryptsetup's key test: the fake layer has no real keyslot)
+        if not swapped:
+            os.rename(image, tmp_path / "moved")
+            os.symlink(other, image)
+            swapped.append(True)
+
+    monkeypatch.setattr("cryptlayer.tools.cryptsetup.test_key", swap)
+    with credential() as cred, envelope.Principals(keys=[Secret(bytearray(b"n" * 32))]) as add:
+        change = rekey(image, cred, add, [])
+    assert swapped and len(change.added) == 1
+    assert (other / "keys.json").read_bytes() == before
+    assert len(envelope.load(tmp_path / "moved").entries) == 2
+
+
 def test_an_erase_completed_later_takes_only_the_recorded_files(image: Path) -> None:
     with open_image(image, Policy(sizes=False)) as opened:
         recorded = opened.files.identities()
