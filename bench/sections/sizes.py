@@ -13,7 +13,7 @@ from common import MiB, drop_caches, group, make_tree, sh, summary, timed
 
 from cryptlayer.build.sources import DirectorySource
 from cryptlayer.image import luksheader, manifest
-from cryptlayer.image.files import open_image
+from cryptlayer.image.opener import Policy, open_image
 from cryptlayer.keys.sources import Credential
 from cryptlayer.runtime import container, state
 from cryptlayer.runtime.layers import erase_at_start
@@ -168,9 +168,9 @@ def _stop_and_shred(image: Path, saved: Path) -> float:
         container.start(image, credential, container.StartOptions("bench-shred", shred=False))
     drop_caches()
     begin = time.perf_counter()
-    with state.locked(), open_image(image, manifest.load(image)) as files:
+    with state.locked(), open_image(image, Policy()) as opened:
         record = state.load("bench-shred")
-        erase_at_start(record, files)
+        erase_at_start(record, opened.files)
     erase = time.perf_counter() - begin
     drop_caches()
     begin = time.perf_counter()

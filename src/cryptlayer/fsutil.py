@@ -272,22 +272,28 @@ def write_atomic_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> N
 MAX_IMAGE_JSON = 4 << 20
 
 
-def read_image_json(path: Path, fmt: str, missing_hint: str) -> dict[str, Any]:
+def read_image_json(
+    path: Path, fmt: str, missing_hint: str, *, dir_fd: int | None = None
+) -> dict[str, Any]:
     """A JSON document of an image, of format `fmt`; UsageError saying what is wrong.
 
-    The file is an attacker's: a regular file (no symlink, FIFO or device), size-capped."""
-    return read_image_document(path, (fmt,), missing_hint)[0]
+    The file is an attacker's: a regular file (no symlink, FIFO or device), size-capped. With
+    `dir_fd`, it is `path.name` in that open directory (`path` is what messages show)."""
+    return read_image_document(path, (fmt,), missing_hint, dir_fd=dir_fd)[0]
 
 
 def read_image_document(
-    path: Path, formats: tuple[str, ...], missing_hint: str
+    path: Path, formats: tuple[str, ...], missing_hint: str, *, dir_fd: int | None = None
 ) -> tuple[dict[str, Any], bytes]:
     """read_image_json of one of `formats`, and the exact bytes it was parsed from."""
     from cryptlayer.errors import DamagedImageError, UsageError
 
     damaged = "the image is damaged; rebuild it"
     try:
-        data = read_untrusted(str(path), MAX_IMAGE_JSON)
+        if dir_fd is None:
+            data = read_untrusted(str(path), MAX_IMAGE_JSON)
+        else:
+            data = read_untrusted(path.name, MAX_IMAGE_JSON, dir_fd=dir_fd)
         raw = json.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise UsageError(f"{path} is missing", missing_hint) from None

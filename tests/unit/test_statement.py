@@ -41,12 +41,14 @@ def made(tmp_path: Path, image_key: bytes = b"i" * 32, user_key: bytes = b"k" * 
 
 
 def unlock(tmp_path: Path, user_key: bytes = b"k" * 32) -> bytes:
-    loaded = manifest_mod.load(tmp_path)
+    """The image key, as OpenedImage.unlock gets it before its header checks (no layer here)."""
+    loaded, keys = manifest_mod.load(tmp_path), envelope.load(tmp_path)
     with (
         Credential(key=secret(user_key)) as cred,
-        statement.unlock(tmp_path, loaded, cred) as k,
+        envelope.unlock(tmp_path, keys.entries, cred) as k,
         k.view() as data,
     ):
+        statement.authenticate(tmp_path, loaded, keys.statement_mac, k)
         return bytes(data)
 
 

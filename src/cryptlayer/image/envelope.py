@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptlayer.errors import UsageError, WrongKeyError, printable
-from cryptlayer.fsutil import read_image_json, write_json_atomic
+from cryptlayer.fsutil import json_bytes, read_image_json, write_atomic_at, write_json_atomic
 from cryptlayer.image import DEFAULT_ITER_TIME_MS
 from cryptlayer.image.manifest import number, text
 from cryptlayer.keys.sources import KEY_SOURCES, Credential, KeySource
@@ -401,11 +401,14 @@ class Keys:
     statement_mac: str = ""
 
 
-def load(image: Path) -> Keys:
-    """IMAGE/keys.json; UsageError saying what is wrong."""
+def load(image: Path, *, dir_fd: int | None = None) -> Keys:
+    """IMAGE/keys.json (with `dir_fd`: in that open directory); UsageError saying what is wrong."""
     path = image / FILE
     raw = read_image_json(
-        path, FORMAT, "the image is incomplete (or older than cryptlayer keys v1); rebuild it"
+        path,
+        FORMAT,
+        "the image is incomplete (or older than cryptlayer keys v1); rebuild it",
+        dir_fd=dir_fd,
     )
     try:
         items = raw["entries"]
@@ -458,8 +461,12 @@ def _b64_field(value: Any, what: str) -> bytes:
         raise ValueError(f"{what} is not base64 ({err})") from None
 
 
-def save(image: Path, entries: list[Entry], statement_mac: str) -> None:
-    """Write IMAGE/keys.json atomically: a crash leaves the old set of entries or the new one."""
+def save(
+    image: Path, entries: list[Entry], statement_mac: str, *, dir_fd: int | None = None
+) -> None:
+    """Write IMAGE/keys.json atomically: a crash leaves the old set of entries or the new one.
+
+    With `dir_fd` (IMAGE, open), it is written in that directory, whatever IMAGE names now."""
     if not entries:
         raise UsageError("nobody could open the image", "keep at least one key or recipient")
     # what would be refused when a passphrase is tried is not written: an image nobody opens
@@ -477,11 +484,12 @@ def save(image: Path, entries: list[Entry], statement_mac: str) -> None:
             " spends on trying a passphrase",
             "remove a passphrase first (rekey --remove), or add it with a smaller --iter-time",
         )
-    write_json_atomic(
-        image / FILE,
-        {
-            "format": FORMAT,
-            "entries": [e.to_json() for e in entries],
-            "statement_mac": statement_mac,
-        },
-    )
+    doc = {
+        "format": FORMAT,
+        "entries": [e.to_json() for e in entries],
+        "statement_mac": statement_mac,
+    }
+    if dir_fd is None:
+        write_json_atomic(image / FILE, doc)
+    else:
+        write_atomic_at(dir_fd, FILE, json_bytes(doc))

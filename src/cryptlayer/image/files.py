@@ -7,6 +7,7 @@ program is handed the open file, never the name: cryptsetup gets `/proc/PID/fd/N
 the very file we hold), the loop device is attached from the descriptor. What was checked is
 what is opened, mapped and erased. Identities (device, inode) are recorded in the journals, so a
 later process (a joining container, `stop`, `gc`) erases only the file that was opened.
+Commands open images through opener.py, which calls these in its one order.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptlayer.errors import DamagedImageError, UsageError
 from cryptlayer.fsutil import DIR_FLAGS, FileId, NotRegularError, open_regular
-from cryptlayer.image.manifest import Manifest
 
 SHARED_DIR_HINT = (
     "whoever can write it can swap its files while root uses them; make it root's and not"
@@ -75,38 +76,18 @@ def check_private(image: Path, st: os.stat_result) -> None:
 
 
 def open_dir(image: Path) -> ImageFiles:
-    """Open the image directory itself (not through a symlink); no layer yet."""
+    """Open the image directory itself (not through a symlink); no layer yet (opener.py opens
+    them, in its order)."""
     try:
         dir_fd = os.open(image, DIR_FLAGS)
     except OSError as err:
+        known = err.errno in (errno.ENOENT, errno.ENOTDIR)  # (as an absent manifest.json's)
         raise UsageError(
-            f"{image} is not an image directory ({err.strerror})",
+            f"{image} is not an image directory" + ("" if known else f" ({err.strerror})"),
             "give the --output of `cryptlayer build`",
         ) from None
     files = ImageFiles(image, dir_fd)
     files._stack.callback(os.close, dir_fd)
-    return files
-
-
-def open_image(
-    image: Path, manifest: Manifest, *, allow_shared: bool = False, sizes: bool = True
-) -> ImageFiles:
-    """Open `image` and every layer file of `manifest`, checked; UsageError saying what is wrong.
-
-    `sizes`: each file must have the size the manifest records (not for an erase, which must
-    work on a damaged image too).
-    """
-    files = open_dir(image)
-    try:
-        if not allow_shared:
-            check_private(image, os.fstat(files.dir_fd))
-        for layer in manifest.layers:
-            files.layers.append(open_layer(files, layer.file, layer.size if sizes else None))
-            if sizes:  # (an erase needs no tree)
-                files.trees.append(open_layer(files, layer.tree, layer.tree_size))
-    except BaseException:
-        files.__exit__()
-        raise
     return files
 
 
@@ -147,7 +128,7 @@ def open_layer(files: ImageFiles, name: str, size: int | None) -> LayerFile:
     return LayerFile(shown, fd, FileId.of(st), st.st_size)
 
 
-def require_same(files: ImageFiles, expected: list[FileId], what: str) -> None:
+def require_same(files: ImageFiles, expected: Sequence[FileId], what: str) -> None:
     """UsageError unless the open layers are the files recorded in `expected` (device, inode)."""
     if not expected:
         return  # recorded by a cryptlayer that did not record them

@@ -9,9 +9,9 @@ from typing import Any
 from cryptlayer.errors import CryptlayerError, DamagedImageError, TamperedImageError, UsageError
 from cryptlayer.image import envelope, signatures
 from cryptlayer.image import manifest as manifest_mod
-from cryptlayer.image.files import open_dir, open_layer
+from cryptlayer.image.files import open_layer
 from cryptlayer.image.manifest import ImageConfig, Layer
-from cryptlayer.image.shred import keyslot_count
+from cryptlayer.image.opener import Policy, keyslot_count, open_image
 
 
 @dataclass(frozen=True)
@@ -73,13 +73,13 @@ class ImageReport:
 
 def inspect_image(image: Path) -> ImageReport:
     """Layers with sizes and keyslot state, who can open it, cipher, and the image config."""
-    image = image.resolve()  # the path the user gave; below it, nothing is followed
-    try:
-        manifest = manifest_mod.load(image)
+    try:  # the statement only: each layer is opened below, tolerantly
+        opened = open_image(image, Policy(allow_shared=True, layers=False))
     except DamagedImageError as err:  # nothing to show: a damaged copy, as `verify` says
         raise TamperedImageError(err.message, err.hint) from err
     layers = []
-    with open_dir(image) as files:
+    with opened:
+        manifest, files = opened.manifest, opened.files
         for layer in manifest.layers:
             try:
                 # Both files, each of the size the statement records (a layer cut short still
@@ -90,26 +90,30 @@ def inspect_image(image: Path) -> ImageReport:
             except CryptlayerError as err:
                 slots, state = 0, "missing" if "missing" in err.message else "damaged"
             layers.append(LayerReport(layer, slots, state))
-    states = {layer.state for layer in layers}
-    overall = (
-        "intact" if states == {"intact"} else ("erased" if states == {"erased"} else "damaged")
-    )
-    return report(image, str(image), manifest, tuple(layers), overall)
+        states = {layer.state for layer in layers}
+        overall = (
+            "intact" if states == {"intact"} else ("erased" if states == {"erased"} else "damaged")
+        )
+        return report(
+            opened.image, str(opened.image), manifest, tuple(layers), overall,
+            dir_fd=files.dir_fd,
+        )  # fmt: skip
 
 
 def report(
     folder: Path, name: str, manifest: manifest_mod.Manifest, layers: tuple[LayerReport, ...],
-    state: str, manifest_digest: str = "",
+    state: str, manifest_digest: str = "", *, dir_fd: int | None = None,
 ) -> ImageReport:  # fmt: skip
-    """The report of the image whose statement, keys.json and signatures are in `folder`."""
+    """The report of the image whose statement, keys.json and signatures are in `folder` (with
+    `dir_fd`: the folder, open)."""
     try:
-        access = [entry.to_json() for entry in envelope.load(folder).entries]
+        access = [entry.to_json() for entry in envelope.load(folder, dir_fd=dir_fd).entries]
     except UsageError as err:
         access = [{"type": "unknown", "id": f"(none: {err})"}]
     for entry in access:
         entry.pop("wrapped", None)
         entry.pop("salt", None)
-    good, bad = signatures.read_all(folder, manifest.raw)
+    good, bad = signatures.read_all(folder, manifest.raw, dir_fd=dir_fd)
     signed = [SignatureReport(s.file, s.key.fingerprint, "valid") for s in good]
     signed += [SignatureReport(b.file, "?", b.reason) for b in bad]
     return ImageReport(

@@ -147,15 +147,21 @@ class Manifest:
         return oci.digest_of(self.raw)
 
 
-def load(image: Path) -> Manifest:
-    """Read IMAGE/manifest.json; UsageError saying what is wrong if it is missing or malformed."""
+def load(image: Path, *, dir_fd: int | None = None) -> Manifest:
+    """Read IMAGE/manifest.json; UsageError saying what is wrong if it is missing or malformed.
+
+    With `dir_fd` (IMAGE, open: image/opener.py), the file is read in that directory, whatever
+    the name IMAGE means by now."""
     path = image / MANIFEST
-    if not image.is_dir():
+    if dir_fd is None and not image.is_dir():
         raise UsageError(
             f"{image} is not an image directory", "give the --output of `cryptlayer build`"
         )
     raw, data = read_image_document(
-        path, (FORMAT, *OLD_FORMATS), "this is not a cryptlayer image, or it is incomplete"
+        path,
+        (FORMAT, *OLD_FORMATS),
+        "this is not a cryptlayer image, or it is incomplete",
+        dir_fd=dir_fd,
     )
     if raw["format"] in OLD_FORMATS:
         raise TamperedImageError(

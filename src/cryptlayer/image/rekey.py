@@ -10,12 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptlayer.errors import UsageError
-from cryptlayer.image import envelope, luksheader, statement
-from cryptlayer.image import manifest as manifest_mod
-from cryptlayer.image.files import ImageFiles, open_image
-from cryptlayer.image.shred import require_intact
+from cryptlayer.image import envelope
+from cryptlayer.image.opener import OpenedImage, Policy, open_image
 from cryptlayer.keys.sources import Credential
-from cryptlayer.tools import cryptsetup
 from cryptlayer.tools.system import require_tools
 
 
@@ -60,24 +57,20 @@ def rekey(
     """Add `add` and remove `remove` (ids or files) from who may open IMAGE.
 
     A directory that users other than root may write is refused unless `allow_shared`, as for
-    every command that changes an image (imagefiles.check_private)."""
+    every command that changes an image (files.check_private)."""
     require_tools("cryptsetup")
-    image = image.resolve()  # the path the user gave; below it, nothing is followed
-    manifest = manifest_mod.load(image)
-    with open_image(image, manifest, allow_shared=allow_shared) as files:
-        require_intact(files)
-        return _rekey(files, manifest, credential, add, remove)
+    with open_image(image, Policy(allow_shared=allow_shared)) as opened:
+        opened.require_intact()
+        return _rekey(opened, credential, add, remove)
 
 
 def _rekey(
-    files: ImageFiles,
-    manifest: manifest_mod.Manifest,
+    opened: OpenedImage,
     credential: Credential,
     add: envelope.Principals,
     remove: list[str],
 ) -> Change:
-    image = files.image
-    keys = envelope.load(image)
+    image, keys = opened.image, opened.keys
     entries = keys.entries
     doomed = {_resolve(entries, who, image) for who in remove}
     missing = doomed - {e.id for e in entries}
@@ -86,11 +79,8 @@ def _rekey(
             f"{', '.join(sorted(missing))} cannot open {image} anyway",
             f"`cryptlayer inspect {image}` lists who can",
         )
-    with envelope.unlock(image, entries, credential) as image_key:
-        statement.authenticate(image, manifest, keys.statement_mac, image_key)
-        for layer, file in zip(manifest.layers, files.layers, strict=True):
-            luksheader.require(file.fd, manifest, layer, file.shown)
-            cryptsetup.test_key(file.path, image_key, file.shown)
+    with opened.unlock(credential) as image_key:
+        opened.test_key(image_key)
         new = add.wrap(image_key)
     known = {e.id for e in entries if e.id not in doomed}
     again = [e.id for e in new if e.id in known and e.kind != "passphrase"]
@@ -105,5 +95,5 @@ def _rekey(
             "this would leave nobody able to open the image",
             "add a key, passphrase or recipient in the same rekey",
         )
-    envelope.save(image, kept + new, keys.statement_mac)
+    envelope.save(image, kept + new, keys.statement_mac, dir_fd=opened.files.dir_fd)
     return Change(tuple(e.id for e in new), tuple(sorted(doomed)))

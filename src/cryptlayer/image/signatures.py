@@ -223,12 +223,15 @@ class Rejected:
         return f"{DIR}/{self.file}: {self.reason}"
 
 
-def read_all(image: Path, message: bytes) -> tuple[list[Signature], list[Rejected]]:
+def read_all(
+    image: Path, message: bytes, *, dir_fd: int | None = None
+) -> tuple[list[Signature], list[Rejected]]:
     """The signatures under IMAGE/signatures/ that verify over `message`, and why the others do
-    not (each file an attacker's: regular, small, not followed through a symlink)."""
-    folder = image / DIR
+    not (each file an attacker's: regular, small, not followed through a symlink). With
+    `dir_fd` (IMAGE, open), signatures/ is the one in that directory."""
+    folder = image / DIR if dir_fd is None else DIR
     try:
-        fd = os.open(folder, DIR_FLAGS)
+        fd = os.open(folder, DIR_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
         return [], []
     except OSError as err:
@@ -541,11 +544,13 @@ def _untrusted(signers: list[Signer], sig: Signature, trust: Path, now: int) -> 
     return f"{DIR}/{sig.file}: " + "; ".join(why)
 
 
-def require_trusted(image: Path, message: bytes, trust: Path) -> list[str]:
+def require_trusted(
+    image: Path, message: bytes, trust: Path, *, dir_fd: int | None = None
+) -> list[str]:
     """The principals of the trusted signers whose signatures verify; TamperedImageError when
-    there are none (the reasons of the others in the message)."""
+    there are none (the reasons of the others in the message). `dir_fd`: as read_all's."""
     signers = load_trust(trust)
-    good, bad = read_all(image, message)
+    good, bad = read_all(image, message, dir_fd=dir_fd)
     now = int(time.time())
     names = [p for sig in good for p in trusted(signers, sig.key, now)]
     if names:

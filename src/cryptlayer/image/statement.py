@@ -3,7 +3,8 @@
 Three parties can vouch for it:
 - the image key: an HMAC-SHA256 of the bytes (its key derived from the image key with HKDF under
   a label of its own) kept in keys.json, checked right after the image key is unwrapped and before
-  any layer is opened or anything erased (`unlock`);
+  any layer is opened or anything erased (opener.OpenedImage.unlock, the only place an image
+  key is unwrapped);
 - the user: the image digest, sha256 of the bytes (`require_digest`, `run --digest`);
 - publishers: signatures over the bytes (signatures.py), checkable without any key.
 
@@ -22,7 +23,6 @@ from cryptlayer import oci
 from cryptlayer.errors import TamperedImageError, UsageError
 from cryptlayer.image import envelope
 from cryptlayer.image.manifest import MANIFEST, Manifest
-from cryptlayer.keys.sources import Credential
 from cryptlayer.secret import Secret
 
 LABEL = b"cryptlayer.statement.v1"
@@ -62,19 +62,6 @@ def authenticate(image: Path, manifest: Manifest, recorded: str, image_key: Secr
             " (its MAC does not match)",
             REFUSED,
         )
-
-
-def unlock(image: Path, manifest: Manifest, credential: Credential) -> Secret:
-    """The image key, unwrapped from keys.json with `credential`, once the statement it opens
-    is proven authentic (TamperedImageError otherwise)."""
-    keys = envelope.load(image)
-    key = envelope.unlock(image, keys.entries, credential)
-    try:
-        authenticate(image, manifest, keys.statement_mac, key)
-    except BaseException:
-        key.wipe()
-        raise
-    return key
 
 
 def check_digest(digest: str) -> str:

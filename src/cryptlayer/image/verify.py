@@ -9,10 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptlayer.errors import DamagedImageError, ErasedImageError, TamperedImageError
-from cryptlayer.image import luksheader, signatures
-from cryptlayer.image import manifest as manifest_mod
-from cryptlayer.image.files import open_image
+from cryptlayer.errors import DamagedImageError, TamperedImageError
+from cryptlayer.image.opener import Policy, changed_layer, open_image
 from cryptlayer.tools import veritysetup
 from cryptlayer.tools.system import require_tools
 
@@ -27,47 +25,28 @@ class Report:
     warnings: tuple[str, ...]  # signatures that did not verify, beside a trusted one
 
 
-COPY_AGAIN = "do not use this copy; copy the image again from a source you trust"
-
-
 def verify_image(image: Path, trust: Path | None) -> Report:
     """TamperedImageError naming the first check that failed: any damage to the copy (a
     statement that does not parse, a layer cut short or missing...) as much as a changed byte,
     so that a mirror or CI job has one exit status (8) to check for."""
     try:
-        return _verify(image.resolve(), trust)
+        return _verify(image, trust)
     except DamagedImageError as err:
         raise TamperedImageError(err.message, err.hint) from err
 
 
 def _verify(image: Path, trust: Path | None) -> Report:
-    manifest = manifest_mod.load(image)
-    if trust is not None:
-        names = signatures.require_trusted(image, manifest.raw, trust)
-        bad = signatures.read_all(image, manifest.raw)[1]
-    else:
-        good, bad = signatures.read_all(image, manifest.raw)
-        if bad:
-            raise TamperedImageError(
-                f"a signature of {image} does not verify ({'; '.join(map(str, bad))})",
-                "the image changed since it was signed, or the signature is damaged",
-            )
-        names = [f"{s.key.fingerprint} ({s.file})" for s in good]
-        bad = []
-    require_tools("veritysetup")
-    with open_image(image, manifest, allow_shared=True) as files:
+    # Without a trust file every signature present must still verify (all_signatures).
+    policy = Policy(trust=trust, all_signatures=True, allow_shared=True)  # (it changes nothing)
+    with open_image(image, policy) as opened:
+        require_tools("veritysetup")
+        opened.headers()
+        opened.require_intact()
+        manifest, files = opened.manifest, opened.files
         for layer, file, tree in zip(manifest.layers, files.layers, files.trees, strict=True):
-            if luksheader.require(file.fd, manifest, layer, file.shown).keyslots == 0:
-                raise ErasedImageError(
-                    f"image {image} was shredded (crypto-erased): no key can open it any more",
-                    "build or copy a fresh image",
-                )
             if not veritysetup.verify(file.path, tree.path, layer.root_hash, layer.salt,
                                       layer.blocks):  # fmt: skip
-                raise TamperedImageError(
-                    f"layer file {file.shown} does not match its dm-verity hash tree"
-                    f" ({tree.shown}) and the statement's root hash: it was changed after the"
-                    " build",
-                    COPY_AGAIN,
+                raise changed_layer(
+                    file.shown, against=f" ({tree.shown}) and the statement's root hash"
                 )
-    return Report(manifest.digest, tuple(names), len(manifest.layers), tuple(map(str, bad)))
+        return Report(manifest.digest, opened.signers, len(manifest.layers), opened.rejected)

@@ -24,8 +24,7 @@ from cryptlayer import paths
 from cryptlayer.errors import CryptlayerError, TamperedImageError, UsageError
 from cryptlayer.fsutil import write_json_atomic
 from cryptlayer.image import manifest as manifest_mod
-from cryptlayer.image import statement
-from cryptlayer.image.files import ImageFiles, open_image
+from cryptlayer.image.opener import OpenedImage, Policy, open_image
 from cryptlayer.image.process import Overrides
 from cryptlayer.image.shred import shred_image
 from cryptlayer.keys.sources import Credential
@@ -51,7 +50,7 @@ class StartOptions:
     scratch_bytes: int = DEFAULT_SCRATCH
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
     allow_shared_dir: bool = False  # an image directory others may write (see image/files.py)
-    digest: str | None = None  # the image must be this one (statement.require_digest)
+    digest: str | None = None  # the image must be this one (image/opener.py checks all three)
     trust: Path | None = None  # an allowed_signers file: a key of it must have signed the image
 
 
@@ -91,17 +90,12 @@ def _open_scratch(stack: ExitStack, record: Record, size: int) -> Path:
 
 
 def assemble(
-    stack: ExitStack,
-    record: Record,
-    files: ImageFiles,
-    manifest: manifest_mod.Manifest,
-    key: Secret,
-    options: StartOptions,
+    stack: ExitStack, record: Record, opened: OpenedImage, key: Secret, options: StartOptions
 ) -> Path:
     """Open (or join) the layers and stack them under the scratch layer; returns the rootfs."""
     mkdir(stack, record, paths.container_dir(record.name))
-    lowers = acquire(stack, record, Kind.IMAGE, str(files.image),
-                     lambda: layers.join(record, files, manifest, key))  # fmt: skip
+    lowers = acquire(stack, record, Kind.IMAGE, str(opened.image),
+                     lambda: layers.join(record, opened, key))  # fmt: skip
     scratch = _open_scratch(stack, record, options.scratch_bytes)
     rootfs = mkdir(stack, record, paths.rootfs_mount(record.name))
     # overlayfs lists the top layer first; by name, in the directory every layer is mounted in
@@ -136,78 +130,82 @@ def _assemble_locked(
     """
     require_root("start containers")
     require_tools(*TOOLS)
-    image = image.resolve()
-    manifest = manifest_mod.load(image)
-    statement.require_digest(image, manifest, options.digest)
-    if options.trust is not None:
-        from cryptlayer.image import (
-            signatures,  # only here: its import is a cost every start would pay
-        )
-
-        signatures.require_trusted(image, manifest.raw, options.trust)
-    # Every layer file is opened here, checked, and used by descriptor from now on.
-    with open_image(image, manifest, allow_shared=options.allow_shared_dir) as files:
-        return _assemble_files(files, manifest, credential, options, mode, overrides)
-
-
-def _assemble_files(
-    files: ImageFiles,
-    manifest: manifest_mod.Manifest,
-    credential: Credential,
-    options: StartOptions,
-    mode: Mode,
-    overrides: Overrides | None,
-) -> Record:
-    image = files.image
-    require_kernel()
-    if overrides is not None:
-        runtime.runtime()  # fail on a missing runtime before touching any device
-        load_profile()  # and on a missing seccomp profile
-    created = datetime.now(UTC).isoformat(timespec="seconds")
-    # Unwrapped before the host lock is taken: a passphrase's Argon2id takes seconds. The
-    # manifest is authenticated with it before anything else is done.
-    key = statement.unlock(image, manifest, credential)
-    with key, state.locked():
-        layers.require_openable(files)
-        record = state.create(
-            Record(
-                options.name,
-                str(image),
-                options.shred,
-                mode,
-                os.getpid(),
-                created=created,
-                layers=len(manifest.layers),
-                layer_ids=files.identities(),
-            )
-        )
-        erasing = False
-
-        def spare_unless_erasing() -> None:  # unwinding a failed assembly
-            if not erasing:
-                record.shred = False
-                record.save()
-
-        with ExitStack() as stack:
-            stack.callback(_finish_if_empty, record)
-            stack.callback(spare_unless_erasing)
-            rootfs = assemble(stack, record, files, manifest, key, options)
-            if overrides is not None:
-                config = runtime_config(rootfs, record.name, manifest.config, overrides)
-                config_path = paths.oci_config(record.name)
-                acquire(stack, record, Kind.FILE, str(config_path),
-                        lambda: write_json_atomic(config_path, config, mode=0o600))  # fmt: skip
-                acquire(
-                    stack, record, Kind.CONTAINER, paths.container_id(record.name), lambda: None
+    policy = Policy(
+        digest=options.digest, trust=options.trust, allow_shared=options.allow_shared_dir
+    )
+    # Every check of the image, in its one order; its files are used by descriptor from now on.
+    with open_image(image, policy) as opened:
+        require_kernel()
+        if overrides is not None:
+            runtime.runtime()  # fail on a missing runtime before touching any device
+            load_profile()  # and on a missing seccomp profile
+        created = datetime.now(UTC).isoformat(timespec="seconds")
+        # Unwrapped before the host lock is taken: a passphrase's Argon2id takes seconds. The
+        # statement and every layer's header are checked with it before anything else is done.
+        with opened.unlock(credential) as key, state.locked():
+            layers.require_openable(opened)
+            record = state.create(
+                Record(
+                    options.name,
+                    str(opened.image),
+                    options.shred,
+                    mode,
+                    os.getpid(),
+                    created=created,
+                    layers=len(opened.manifest.layers),
+                    layer_ids=opened.files.identities(),
                 )
-            if options.shred:
-                erasing = True
-                layers.erase_at_start(record, files)
-            record.rootfs = str(rootfs)
-            record.pid = os.getpid() if mode is Mode.RUN else 0
-            record.save()
-            stack.pop_all()  # success: the journal now owns every resource
+            )
+            _assemble_record(record, opened, key, options, overrides)
     return record
+
+
+def _assemble_record(
+    record: Record,
+    opened: OpenedImage,
+    key: Secret,
+    options: StartOptions,
+    overrides: Overrides | None,
+) -> None:
+    """Acquire everything `record` journals, then erase at start if it shreds. On a failure
+    everything is released; before the erase began, the image is spared (`record.shred` off);
+    from then on, the erase is completed (_finish_if_empty)."""
+    with ExitStack() as stack:
+        stack.callback(_finish_if_empty, record)
+        spare = ExitStack()  # (unwound after all that is acquired below)
+        spare.callback(_spare, record)
+        stack.enter_context(spare)
+        rootfs = assemble(stack, record, opened, key, options)
+        if overrides is not None:
+            _write_config(stack, record, rootfs, opened.manifest, overrides)
+        if options.shred:
+            spare.pop_all()  # the erase begins: a failure from here on leaves it to complete
+            layers.erase_at_start(record, opened.files)
+        record.rootfs = str(rootfs)
+        record.pid = os.getpid() if record.mode is Mode.RUN else 0
+        record.save()
+        stack.pop_all()  # success: the journal now owns every resource
+
+
+def _spare(record: Record) -> None:
+    """Unwinding an assembly that failed before its erase began: the image stays as it was."""
+    record.shred = False
+    record.save()
+
+
+def _write_config(
+    stack: ExitStack,
+    record: Record,
+    rootfs: Path,
+    manifest: manifest_mod.Manifest,
+    overrides: Overrides,
+) -> None:
+    """For `run`: the OCI runtime's config.json, and the container as the runtime will know it."""
+    config = runtime_config(rootfs, record.name, manifest.config, overrides)
+    config_path = paths.oci_config(record.name)
+    acquire(stack, record, Kind.FILE, str(config_path),
+            lambda: write_json_atomic(config_path, config, mode=0o600))  # fmt: skip
+    acquire(stack, record, Kind.CONTAINER, paths.container_id(record.name), lambda: None)
 
 
 def start(image: Path, credential: Credential, options: StartOptions) -> Record:

@@ -31,7 +31,8 @@ from cryptlayer.errors import (
 from cryptlayer.image import luksheader
 from cryptlayer.image.files import ImageFiles, require_same
 from cryptlayer.image.manifest import Layer, Manifest
-from cryptlayer.image.shred import erase_layer, require_intact
+from cryptlayer.image.opener import OpenedImage, changed_layer
+from cryptlayer.image.shred import erase_layer
 from cryptlayer.runtime import journal, state
 from cryptlayer.runtime.journal import Kind, acquire, crash_point, mkdir
 from cryptlayer.runtime.state import Opening, Record
@@ -59,13 +60,14 @@ def mount_points(opening: Opening, manifest: Manifest) -> list[Path]:
     return [paths.layer_mount(opening.id, i) for i in range(len(manifest.layers))]
 
 
-def require_openable(files: ImageFiles) -> None:
+def require_openable(opened: OpenedImage) -> None:
     """ErasedImageError unless the image can be opened: from its disk, or by joining its opening.
 
     A container joining an open image needs the bottom layer's keyslot only (or its header copy,
     once erased at start): its key is checked against that one (`join`), the other layers are
     open already, and an erase (`shred`, or at start) always wipes the bottom layer first.
     """
+    files = opened.files
     image = str(files.image)
     opening = state.load_opening(image)
     joining = opening is not None and bool(state.users_of(image))
@@ -73,12 +75,19 @@ def require_openable(files: ImageFiles) -> None:
         require_same(files, opening.layers, "whose layers are open")
         if opening.erased:
             return
-    require_intact(files, first_only=joining)
+    opened.require_intact(first_only=joining)
 
 
-def join(record: Record, files: ImageFiles, manifest: Manifest, key: Secret) -> list[Path]:
+def join(record: Record, opened: OpenedImage, key: Secret) -> list[Path]:
     """Open the image's layers, or join the opening another container made; returns the mount
-    points, bottom first. Called under the host lock, as the action of the record's IMAGE step."""
+    points, bottom first. Called under the host lock, as the action of the record's IMAGE step.
+
+    `key` comes from `opened.unlock`, which checked every layer's header against the statement;
+    the first opener's cryptsetup reads each header again through its dm-verity mapping
+    (blocks the statement's root hash vouches for), so only a joiner checks one here: the
+    bottom layer's, or its copy in /run, right before its key is tested against it.
+    """
+    files, manifest = opened.files, opened.manifest
     image = str(files.image)
     opening = state.load_opening(image)
     if opening is not None and not state.users_of(image, besides=record.path):
@@ -92,13 +101,10 @@ def join(record: Record, files: ImageFiles, manifest: Manifest, key: Secret) -> 
             with open(copy, "rb") as f:
                 luksheader.require(f.fileno(), manifest, manifest.layers[0], copy)
             cryptsetup.test_key(copy, key)
-        else:  # the layers are open already: prove the key first
+        else:  # the layers are open already: prove the key first (read from the file itself)
             luksheader.require(bottom.fd, manifest, manifest.layers[0], bottom.shown)
             cryptsetup.test_key(bottom.path, key, bottom.shown)
         return mount_points(opening, manifest)
-    # Every header is what the authenticated statement says before the key reaches cryptsetup.
-    for layer, file in zip(manifest.layers, files.layers, strict=True):
-        luksheader.require(file.fd, manifest, layer, file.shown)
     opening = Opening(image, layers=files.identities())
     paths.openings_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
     opening.save()
@@ -109,12 +115,12 @@ def join(record: Record, files: ImageFiles, manifest: Manifest, key: Secret) -> 
         # of its own (the programs run in parallel; the journal takes one update at a time).
         workers = min(PARALLEL, len(manifest.layers))
         with ThreadPoolExecutor(workers, thread_name_prefix="layer") as pool:
-            opened = [
+            opened_layers = [
                 pool.submit(_open_layer, stack, opening, manifest.layers[i], files, i, key)
                 for i in range(len(manifest.layers))
             ]
-            wait(opened)  # all of them, even when one fails: then every step is journaled
-        for future in opened:
+            wait(opened_layers)  # all of them, even when one fails: then every step is journaled
+        for future in opened_layers:
             future.result()  # the first failure, raised once nothing runs any more
         stack.pop_all()  # the opening's journal owns them; its last user closes them
     return mount_points(opening, manifest)
@@ -160,11 +166,7 @@ def _open_layer(
 
 
 def _corrupted(path: Path) -> TamperedImageError:
-    return TamperedImageError(
-        f"layer file {path} does not match its dm-verity hash tree: it was changed after the"
-        " build (the kernel refused the changed blocks)",
-        "do not use this copy; copy the image again from a source you trust",
-    )
+    return changed_layer(path, found=" (the kernel refused the changed blocks)")
 
 
 def corrupted_layers(opening: Opening, manifest_layers: int) -> list[int]:
