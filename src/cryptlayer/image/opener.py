@@ -11,7 +11,7 @@ proven before it is used, and each proof comes before anything that relies on it
 4. the pinned digest (`--digest`);
 5. the publishers' signatures against the trust file, before any key is read;
 6. each layer file and hash tree, by descriptor (files.open_layer), and, for an erase that a
-   container owed, each the very file the container opened (its recorded identity);
+   container owed, each the very file the container opened (its recorded identity, as many);
 then, only through `OpenedImage.unlock`: keys.json, the image key unwrapped, the statement's
 MAC under it, and every layer's LUKS2 header against the statement (luksheader.py). No caller
 gets a key without the MAC and the header checks, and none reaches a key before the digest and
