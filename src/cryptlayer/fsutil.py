@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -283,9 +284,15 @@ def read_image_json(
 
 
 def read_image_document(
-    path: Path, formats: tuple[str, ...], missing_hint: str, *, dir_fd: int | None = None
+    path: Path,
+    formats: tuple[str, ...],
+    missing_hint: str,
+    *,
+    dir_fd: int | None = None,
+    check: Callable[[bytes], None] | None = None,
 ) -> tuple[dict[str, Any], bytes]:
-    """read_image_json of one of `formats`, and the exact bytes it was parsed from."""
+    """read_image_json of one of `formats`, and the exact bytes it was parsed from; `check`
+    (raising what it finds) is given those bytes before anything is parsed."""
     from cryptlayer.errors import DamagedImageError, UsageError
 
     damaged = "the image is damaged; rebuild it"
@@ -294,14 +301,19 @@ def read_image_document(
             data = read_untrusted(str(path), MAX_IMAGE_JSON)
         else:
             data = read_untrusted(path.name, MAX_IMAGE_JSON, dir_fd=dir_fd)
-        raw = json.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise UsageError(f"{path} is missing", missing_hint) from None
     except UntrustedFileError as err:
         raise DamagedImageError(f"{path}: {err}", damaged) from err
+    except OSError as err:
+        raise DamagedImageError(f"{path} is not valid JSON ({err})", damaged) from err
+    if check is not None:
+        check(bytes(data))
+    try:
+        raw = json.loads(data.decode("utf-8"))
     except RecursionError as err:
         raise DamagedImageError(f"{path} is nested too deeply", damaged) from err
-    except (OSError, ValueError) as err:
+    except ValueError as err:
         raise DamagedImageError(f"{path} is not valid JSON ({err})", damaged) from err
     if not isinstance(raw, dict) or raw.get("format") not in formats:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__

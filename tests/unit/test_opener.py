@@ -19,6 +19,7 @@ from clirunner import invoke
 from luksfixtures import fake_image, metadata, write_layer
 
 from cryptlayer.errors import (
+    CryptlayerError,
     DamagedImageError,
     ErasedImageError,
     ExitCode,
@@ -385,7 +386,27 @@ def test_only_the_opener_unwraps_an_image_key() -> None:
         assert found == allowed, call
 
 
-# ---- review: the recorded identities, all of them and no more ---------------------------------
+# ---- review: the digest before the statement is parsed; recorded identities, all of them ------
+
+
+@pytest.mark.parametrize(
+    "statement", [b"{not json", b'{"format": "cryptlayer-image/v0"}', b"[]"], ids=str
+)
+def test_a_pinned_digest_is_checked_before_the_statement_is_parsed(
+    image: Path, statement: bytes
+) -> None:
+    """Another manifest.json than the pinned one is that (exit 8), whatever it holds: not a
+    damaged statement (exit 2) nor another complaint about bytes nobody asked for."""
+    pinned = "sha256:" + hashlib.sha256((image / "manifest.json").read_bytes()).hexdigest()
+    (image / "manifest.json").write_bytes(statement)
+    found = "sha256:" + hashlib.sha256(statement).hexdigest()
+    with pytest.raises(TamperedImageError) as err:
+        open_image(image, Policy(digest=pinned))
+    assert err.value.message == f"{image} is image {found}, not the {pinned} that was asked for"
+    # unpinned, what is wrong with it is said as before
+    with pytest.raises(CryptlayerError) as other:
+        open_image(image, Policy())
+    assert "asked for" not in other.value.message
 
 
 def _with_layers(image: Path, count: int) -> None:
