@@ -217,6 +217,14 @@ def read_untrusted(name: str, limit: int, *, dir_fd: int | None = None) -> bytes
     return read_regular(fd, limit, name)
 
 
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """All of `data` to `fd`: write(2) may write less than asked (a full disk, a signal), and a
+    file renamed over another must be whole."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
     """Replace `path` with `data` so a crash leaves the old or the new file, never half of one.
 
@@ -226,7 +234,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, mode)
-        os.write(fd, data)
+        write_all(fd, data)
         if durable:
             os.fsync(fd)
         os.close(fd)
@@ -256,7 +264,7 @@ def write_atomic_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> N
     try:
         try:
             os.fchmod(fd, mode)
-            os.write(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -351,7 +359,7 @@ def write_new_file(path: Path, data: bytes | bytearray | memoryview, mode: int) 
     except OSError as err:
         raise UsageError(f"cannot create {path}: {err.strerror}") from err
     try:
-        os.write(fd, data)
+        write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
