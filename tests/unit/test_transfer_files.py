@@ -218,7 +218,7 @@ def test_push_never_opens_a_fifo(
 def test_untrusted_reads_never_open_a_fifo(
     image: Path, waiting_writer: tuple[Path, subprocess.Popen[bytes]]
 ) -> None:
-    """The image path too: keys.json through fsutil.read_untrusted, a layer through imagefiles."""
+    """The image path too: keys.json through fsutil.read_untrusted, a layer through image/files.py."""
     from cryptlayer.errors import UsageError
     from cryptlayer.fsutil import UntrustedFileError, read_untrusted
     from cryptlayer.image.opener import Policy, open_image
