@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -216,6 +217,14 @@ def read_untrusted(name: str, limit: int, *, dir_fd: int | None = None) -> bytes
     return read_regular(fd, limit, name)
 
 
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """All of `data` to `fd`: write(2) may write less than asked (a full disk, a signal), and a
+    file renamed over another must be whole."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
     """Replace `path` with `data` so a crash leaves the old or the new file, never half of one.
 
@@ -225,7 +234,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, mode)
-        os.write(fd, data)
+        write_all(fd, data)
         if durable:
             os.fsync(fd)
         os.close(fd)
@@ -255,7 +264,7 @@ def write_atomic_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> N
     try:
         try:
             os.fchmod(fd, mode)
-            os.write(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -283,9 +292,15 @@ def read_image_json(
 
 
 def read_image_document(
-    path: Path, formats: tuple[str, ...], missing_hint: str, *, dir_fd: int | None = None
+    path: Path,
+    formats: tuple[str, ...],
+    missing_hint: str,
+    *,
+    dir_fd: int | None = None,
+    check: Callable[[bytes], None] | None = None,
 ) -> tuple[dict[str, Any], bytes]:
-    """read_image_json of one of `formats`, and the exact bytes it was parsed from."""
+    """read_image_json of one of `formats`, and the exact bytes it was parsed from; `check`
+    (raising what it finds) is given those bytes before anything is parsed."""
     from cryptlayer.errors import DamagedImageError, UsageError
 
     damaged = "the image is damaged; rebuild it"
@@ -294,14 +309,19 @@ def read_image_document(
             data = read_untrusted(str(path), MAX_IMAGE_JSON)
         else:
             data = read_untrusted(path.name, MAX_IMAGE_JSON, dir_fd=dir_fd)
-        raw = json.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise UsageError(f"{path} is missing", missing_hint) from None
     except UntrustedFileError as err:
         raise DamagedImageError(f"{path}: {err}", damaged) from err
+    except OSError as err:
+        raise DamagedImageError(f"{path} is not valid JSON ({err})", damaged) from err
+    if check is not None:
+        check(bytes(data))
+    try:
+        raw = json.loads(data.decode("utf-8"))
     except RecursionError as err:
         raise DamagedImageError(f"{path} is nested too deeply", damaged) from err
-    except (OSError, ValueError) as err:
+    except ValueError as err:
         raise DamagedImageError(f"{path} is not valid JSON ({err})", damaged) from err
     if not isinstance(raw, dict) or raw.get("format") not in formats:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
@@ -339,7 +359,7 @@ def write_new_file(path: Path, data: bytes | bytearray | memoryview, mode: int) 
     except OSError as err:
         raise UsageError(f"cannot create {path}: {err.strerror}") from err
     try:
-        os.write(fd, data)
+        write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)

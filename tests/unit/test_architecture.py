@@ -12,7 +12,8 @@ PACKAGE = SRC / "cryptlayer"
 # Lowest first. A module may import from its own package or a lower layer, never sideways
 # (build, runtime and distribution do not know one another).
 LAYERS: list[set[str]] = [
-    {"errors", "fsutil", "paths", "secret", "progress", "config", "template", "oci", "tools"},
+    {"errors", "fsutil", "paths", "secret", "progress", "config", "template", "oci"},
+    {"tools"},  # above the ground floor (the map): fsutil or oci never run a program
     {"keys"},
     {"image"},
     {"build", "runtime", "distribution"},

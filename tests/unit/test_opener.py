@@ -19,6 +19,7 @@ from clirunner import invoke
 from luksfixtures import fake_image, metadata, write_layer
 
 from cryptlayer.errors import (
+    CryptlayerError,
     DamagedImageError,
     ErasedImageError,
     ExitCode,
@@ -383,3 +384,63 @@ def test_only_the_opener_unwraps_an_image_key() -> None:
             if re.search(re.escape(call), path.read_text())
         }
         assert found == allowed, call
+
+
+# ---- review: the digest before the statement is parsed; recorded identities, all of them ------
+
+
+@pytest.mark.parametrize(
+    "statement", [b"{not json", b'{"format": "cryptlayer-image/v0"}', b"[]"], ids=str
+)
+def test_a_pinned_digest_is_checked_before_the_statement_is_parsed(
+    image: Path, statement: bytes
+) -> None:
+    """Another manifest.json than the pinned one is that (exit 8), whatever it holds: not a
+    damaged statement (exit 2) nor another complaint about bytes nobody asked for."""
+    pinned = "sha256:" + hashlib.sha256((image / "manifest.json").read_bytes()).hexdigest()
+    (image / "manifest.json").write_bytes(statement)
+    found = "sha256:" + hashlib.sha256(statement).hexdigest()
+    with pytest.raises(TamperedImageError) as err:
+        open_image(image, Policy(digest=pinned))
+    assert err.value.message == f"{image} is image {found}, not the {pinned} that was asked for"
+    # unpinned, what is wrong with it is said as before
+    with pytest.raises(CryptlayerError) as other:
+        open_image(image, Policy())
+    assert "asked for" not in other.value.message
+
+
+def _with_layers(image: Path, count: int) -> None:
+    """The image's statement listing `count` layers: layer0.luks, then copies of it."""
+    from dataclasses import replace
+
+    from cryptlayer.image import manifest as manifest_mod
+
+    loaded = manifest_mod.load(image)
+    first = loaded.layers[0]
+    listed = [first]
+    for i in range(1, count):
+        name = f"layer{i}.luks"
+        if not (image / name).exists():
+            (image / name).write_bytes((image / "layer0.luks").read_bytes())
+        listed.append(replace(first, file=name, tree=f"layer{i}.verity", uuid=first.uuid))
+    built = replace(loaded, layers=tuple(listed))
+    manifest_mod.save(image, replace(built, raw=built.encode()))
+
+
+@pytest.mark.parametrize(("recorded", "now"), [(2, 1), (1, 2)], ids=["fewer", "more"])
+def test_an_erase_refuses_a_statement_of_another_layer_count(
+    image: Path, recorded: int, now: int
+) -> None:
+    """The erase `stop` or `gc` completes takes the files the container opened, all of them and
+    only them: a statement rewritten meanwhile to list fewer (an erase that leaves layers
+    unerased yet says done) or more (a file nobody opened) is refused."""
+    _with_layers(image, recorded)
+    with open_image(image, Policy(sizes=False)) as opened:
+        ids = opened.files.identities()
+    assert len(ids) == recorded
+    _with_layers(image, now)
+    with pytest.raises(UsageError) as err:
+        open_image(image, Policy(sizes=False, expected=ids))
+    assert err.value.message == (
+        f"{image} lists {now} layer files, not the {recorded} that the container opened"
+    )

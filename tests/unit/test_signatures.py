@@ -647,3 +647,18 @@ def test_sign_replaces_a_signature_atomically(image: Path, key: Path) -> None:
     assert code == 0, err
     assert sig.read_text().startswith("-----BEGIN SSH SIGNATURE-----")
     assert sorted(p.name for p in sig.parent.iterdir()) == ["elsewhere", "rel.sig"]
+
+
+def test_sign_takes_an_image_path_through_a_symlink_as_every_command(
+    image: Path, tmp_path: Path, key: Path
+) -> None:
+    """The path the user gave is resolved, then nothing below it followed (as opener.py does
+    for run, verify, inspect...). Failed before: sign read manifest.json through the link, then
+    refused the same path as "not an image directory (Too many levels of symbolic links)"."""
+    link = tmp_path / "current"
+    link.symlink_to(image)
+    code, _, err = invoke("sign", str(link), "--sign-key", str(key), "--name", "rel")
+    assert code == 0, err
+    assert (image / "signatures/rel.sig").read_text().startswith("-----BEGIN SSH SIGNATURE")
+    code, _, err = invoke("verify", str(link))
+    assert code == 0, err

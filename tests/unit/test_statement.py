@@ -144,11 +144,11 @@ def test_digest_option_must_be_a_sha256_digest(digest: str) -> None:
 
 def test_pinned_digest(tmp_path: Path) -> None:
     loaded = made(tmp_path)
-    statement.require_digest(tmp_path, loaded, loaded.digest)
-    statement.require_digest(tmp_path, loaded, None)
+    statement.require_digest(tmp_path, loaded.raw, loaded.digest)
+    statement.require_digest(tmp_path, loaded.raw, None)
     other = "sha256:" + "0" * 64
     with pytest.raises(TamperedImageError, match=f"is image {loaded.digest}, not the {other}"):
-        statement.require_digest(tmp_path, loaded, other)
+        statement.require_digest(tmp_path, loaded.raw, other)
 
 
 # ---- LUKS2 headers ---------------------------------------------------------------------------

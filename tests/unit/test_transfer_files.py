@@ -218,7 +218,7 @@ def test_push_never_opens_a_fifo(
 def test_untrusted_reads_never_open_a_fifo(
     image: Path, waiting_writer: tuple[Path, subprocess.Popen[bytes]]
 ) -> None:
-    """The image path too: keys.json through fsutil.read_untrusted, a layer through imagefiles."""
+    """The image path too: keys.json through fsutil.read_untrusted, a layer through image/files.py."""
     from cryptlayer.errors import UsageError
     from cryptlayer.fsutil import UntrustedFileError, read_untrusted
     from cryptlayer.image.opener import Policy, open_image
@@ -472,6 +472,29 @@ def test_bad_manifests_and_indexes_are_one_line_errors(layout: Path, tmp_path: P
     code, _, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
     assert (code, err) == (ExitCode.USAGE, f"error: {layout}/index.json is nested too deeply\n")
     (layout / "index.json").write_text(original)
+
+
+def test_a_symlinked_index_or_blob_of_a_layout_is_said_so(layout: Path, tmp_path: Path) -> None:
+    """pull reads a layout with build's reader (oci.LayoutReader) and says what build says of a
+    symlink in it. Failed before: `error: LAYOUT/index.json: Too many levels of symbolic links`,
+    with no hint."""
+    (layout / "index.json").rename(tmp_path / "index.json")
+    (layout / "index.json").symlink_to(tmp_path / "index.json")
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    assert (code, err) == (ExitCode.USAGE, f"error: {layout}/index.json is a symbolic link;"
+                           " refusing to read it: an OCI layout holds regular files only; copy"
+                           " the image again\n")  # fmt: skip
+    assert not (tmp_path / "x").exists()
+    (layout / "index.json").unlink()
+    (tmp_path / "index.json").rename(layout / "index.json")
+    blobs = layout / "blobs/sha256"
+    biggest = max(blobs.iterdir(), key=lambda p: p.stat().st_size)  # (a layer: fetched last)
+    biggest.rename(tmp_path / "blob")
+    biggest.symlink_to(tmp_path / "blob")
+    code, _, err = invoke("pull", f"oci:{layout}:v1", str(tmp_path / "x"))
+    assert (code, err) == (ExitCode.USAGE, f"error: {biggest} is a symbolic link; refusing to read"
+                           " it: an OCI layout holds regular files only; copy the image"
+                           " again\n")  # fmt: skip
 
 
 # ---- C2, C9: digests by name, --digestfile, a layout without a tag ------------------------------

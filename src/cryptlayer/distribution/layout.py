@@ -11,6 +11,7 @@ there is kept only if its bytes are that blob."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -153,6 +154,8 @@ class Layout:
         except UntrustedFileError as err:  # (it names the file)
             raise UsageError(str(err), "is it an OCI layout, as skopeo writes one?") from None
         except OSError as err:
+            if err.errno == errno.ELOOP:  # (as build says it of the same reader's refusal)
+                raise _symlink(f"{self.path}/{relative}") from None
             raise UsageError(f"{self.path}/{relative}: {err.strerror}") from None
 
     def _entries(self, index: dict[str, Any]) -> list[oci.IndexEntry]:
@@ -190,6 +193,8 @@ class Layout:
                 "an OCI layout holds regular files only; copy it again",
             ) from None
         except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise _symlink(f"{self.path}/{oci.blob_path(digest)}") from None
             raise UsageError(f"blob {digest} of {self.path}: {err.strerror}") from None
         h = oci.hasher()
         with os.fdopen(fd, "rb") as src:
@@ -198,6 +203,14 @@ class Layout:
             done = write_checked(iter(lambda: src.read(CHUNK), b""), out, h, 0, size, progress)
         require_blob(h, done, digest, size, f"of {self.path}",
                      "the layout was changed; copy it again")  # fmt: skip
+
+
+def _symlink(shown: str) -> UsageError:
+    """The error for a symlink in a layout, where no symlink is followed."""
+    return UsageError(
+        f"{shown} is a symbolic link; refusing to read it",
+        "an OCI layout holds regular files only; copy the image again",
+    )
 
 
 def _hex(digest: str) -> str:

@@ -129,10 +129,16 @@ def open_layer(files: ImageFiles, name: str, size: int | None) -> LayerFile:
 
 
 def require_same(files: ImageFiles, expected: Sequence[FileId], what: str) -> None:
-    """UsageError unless the open layers are the files recorded in `expected` (device, inode)."""
+    """UsageError unless the open layers are the files recorded in `expected` (device, inode):
+    as many, each the one recorded (a statement rewritten to list fewer would leave some out)."""
     if not expected:
         return  # recorded by a cryptlayer that did not record them
-    for layer, ident in zip(files.layers, expected, strict=False):
+    if len(files.layers) != len(expected):
+        raise UsageError(
+            f"{files.image} lists {len(files.layers)} layer files, not the {len(expected)} {what}",
+            "someone changed the image directory meanwhile; check who can write it",
+        )
+    for layer, ident in zip(files.layers, expected, strict=True):
         if layer.identity != ident:
             raise UsageError(
                 f"layer file {layer.shown} is not the file {what} (it was replaced)",

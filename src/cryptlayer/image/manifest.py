@@ -7,6 +7,7 @@ everything `run` uses from an image comes from them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -147,11 +148,14 @@ class Manifest:
         return oci.digest_of(self.raw)
 
 
-def load(image: Path, *, dir_fd: int | None = None) -> Manifest:
+def load(
+    image: Path, *, dir_fd: int | None = None, check: Callable[[bytes], None] | None = None
+) -> Manifest:
     """Read IMAGE/manifest.json; UsageError saying what is wrong if it is missing or malformed.
 
     With `dir_fd` (IMAGE, open: image/opener.py), the file is read in that directory, whatever
-    the name IMAGE means by now."""
+    the name IMAGE means by now; `check` is given its bytes before they are parsed (a pinned
+    digest: another statement is that, whatever it holds)."""
     path = image / MANIFEST
     if dir_fd is None and not image.is_dir():
         raise UsageError(
@@ -162,6 +166,7 @@ def load(image: Path, *, dir_fd: int | None = None) -> Manifest:
         (FORMAT, *OLD_FORMATS),
         "this is not a cryptlayer image, or it is incomplete",
         dir_fd=dir_fd,
+        check=check,
     )
     if raw["format"] in OLD_FORMATS:
         raise TamperedImageError(

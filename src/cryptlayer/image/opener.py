@@ -7,11 +7,12 @@ proven before it is used, and each proof comes before anything that relies on it
 2. the directory is opened (O_DIRECTORY|O_NOFOLLOW) and, unless the policy allows a shared one,
    must not be writable by others (files.check_private); everything below is read relative to
    that descriptor, so a directory renamed or swapped for a symlink meanwhile changes nothing;
-3. manifest.json, the statement, parsed once (its exact bytes kept);
-4. the pinned digest (`--digest`);
-5. the publishers' signatures against the trust file, before any key is read;
-6. each layer file and hash tree, by descriptor (files.open_layer), and, for an erase that a
-   container owed, each the very file the container opened (its recorded identity);
+3. manifest.json, the statement: the pinned digest (`--digest`) checked over its bytes before
+   anything is parsed (another statement is that, whatever it holds), then parsed once (its
+   exact bytes kept);
+4. the publishers' signatures against the trust file, before any key is read;
+5. each layer file and hash tree, by descriptor (files.open_layer), and, for an erase that a
+   container owed, each the very file the container opened (its recorded identity, as many);
 then, only through `OpenedImage.unlock`: keys.json, the image key unwrapped, the statement's
 MAC under it, and every layer's LUKS2 header against the statement (luksheader.py). No caller
 gets a key without the MAC and the header checks, and none reaches a key before the digest and
@@ -169,8 +170,12 @@ def open_image(image: Path, policy: Policy) -> OpenedImage:
         files = stack.enter_context(open_dir(image))
         if not policy.allow_shared:
             check_private(image, os.fstat(files.dir_fd))
-        manifest = manifest_mod.load(image, dir_fd=files.dir_fd)
-        statement.require_digest(image, manifest, policy.digest)
+        # the pinned digest over the statement's bytes, before they are parsed
+        manifest = manifest_mod.load(
+            image,
+            dir_fd=files.dir_fd,
+            check=lambda data: statement.require_digest(image, data, policy.digest),
+        )
         signers, rejected = _signatures(files, manifest, policy)
         if policy.layers:
             for layer in manifest.layers:

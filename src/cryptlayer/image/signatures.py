@@ -669,9 +669,10 @@ def add(image: Path, message: bytes, private: Any, name: str | None = None, *,
         allow_shared: bool = False) -> Path:  # fmt: skip
     """Write IMAGE/signatures/NAME.sig (atomically; replaces that signer's earlier one).
 
-    By descriptor, as the image path is: the image directory opened once (no symlink) and, unless
-    `allow_shared`, refused if others may write it; its manifest.json must still be `message`;
-    signatures/ made and opened below it (no symlink); the file written there by descriptor."""
+    By descriptor, as opener.py opens an image: the path given resolved, the image directory
+    opened once (nothing below it followed) and, unless `allow_shared`, refused if others may
+    write it; its manifest.json must still be `message`; signatures/ made and opened below it
+    (no symlink); the file written there by descriptor."""
     from cryptlayer.image.files import check_private
     from cryptlayer.image.manifest import MANIFEST
 
@@ -680,7 +681,7 @@ def add(image: Path, message: bytes, private: Any, name: str | None = None, *,
     if not name or "/" in name or name.startswith(".") or not name.isprintable():
         raise UsageError(f"signature name {name!r} is not a plain name", "e.g. --name release")
     try:
-        image_fd = os.open(image, DIR_FLAGS)
+        image_fd = os.open(image.resolve(), DIR_FLAGS)  # (the user's path; nothing below it)
     except OSError as err:
         raise UsageError(f"{image} is not an image directory ({err.strerror})",
                          "give the --output of `cryptlayer build`") from None  # fmt: skip

@@ -72,10 +72,14 @@ def check_digest(digest: str) -> str:
     ))  # fmt: skip
 
 
-def require_digest(image: Path, manifest: Manifest, digest: str | None) -> None:
-    """TamperedImageError when a digest was pinned and the image is another one."""
-    if digest is not None and manifest.digest != check_digest(digest):
+def require_digest(image: Path, data: bytes, digest: str | None) -> None:
+    """TamperedImageError when a digest was pinned and the statement's bytes `data` (before
+    they are parsed: manifest.load's `check`) are another image's."""
+    if digest is None:
+        return
+    found = oci.digest_of(data)
+    if found != check_digest(digest):
         raise TamperedImageError(
-            f"{image} is image {manifest.digest}, not the {digest} that was asked for",
+            f"{image} is image {found}, not the {digest} that was asked for",
             "it may be an older or another image; copy the one you pinned",
         )
