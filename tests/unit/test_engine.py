@@ -402,11 +402,12 @@ def test_where_the_runtime_is_found(
 @pytest.mark.parametrize("how", ["annotation", "env"])
 @pytest.mark.parametrize("log_format", ["json", "text"])
 @pytest.mark.parametrize("command", ["create", "run", "restore"])
-def test_an_encrypted_image_is_refused_for_now(
+def test_a_registry_image_is_refused_for_now(
     fake: dict[str, str], tmp_path: Path, how: str, log_format: str, command: str
 ) -> None:
-    """Until the assembly lands: one error line on stderr and in the log (runc's and crun's
-    JSON, which podman and containerd read), exit 125, and the real runtime never runs."""
+    """Until pulling at create lands (and for restore, always): one error line on stderr and in
+    the log (runc's and crun's JSON, which podman and containerd read), exit 125, and the real
+    runtime never runs."""
     given = ({"org.cryptlayer.image": "docker://reg/app:v1"}, None) if how == "annotation" else (
         None, ["CRYPTLAYER_IMAGE=docker://reg/app:v1"])  # fmt: skip
     bundle = bundle_with(tmp_path, spec(*given))
@@ -417,9 +418,13 @@ def test_an_encrypted_image_is_refused_for_now(
             "--bundle", bundle, "--pid-file", f"{bundle}/pid", *extra, "c1"]  # fmt: skip
     result, _ = run_runtime(argv, fake)
     assert result.returncode == engine.FAILED == 125
-    message = ("cryptlayer-runtime: the container names the encrypted image docker://reg/app:v1,"
-               " and running encrypted images through an engine is not available yet (a later"
-               " part of cryptlayer): use `cryptlayer run`")  # fmt: skip
+    message = ("cryptlayer-runtime: the image docker://reg/app:v1 is a registry reference, and"
+               " pulling one at `create` is not available yet: pull it on the node first"
+               " (cryptlayer pull) and name its directory")  # fmt: skip
+    if command == "restore":
+        message = ("cryptlayer-runtime: the container names the encrypted image"
+                   " docker://reg/app:v1: restoring a checkpoint of one is not available (its"
+                   " memory would have been written to disk)")  # fmt: skip
     assert result.stderr.decode() == f"error: {message}\n"
     assert result.stdout == b""
     _earlier, last = log.read_text().splitlines()
@@ -538,7 +543,10 @@ def test_a_log_nobody_reads_is_not_waited_on(fake: dict[str, str], tmp_path: Pat
     argv = ["--log", str(tmp_path / "log.fifo"), "create", "--bundle", bundle, "c1"]
     result = subprocess.run([RUNTIME, *argv], env=fake, capture_output=True, timeout=20)
     assert result.returncode == engine.FAILED
-    assert result.stderr.startswith(b"error: cryptlayer-runtime: the container names")
+    # (the node's config names no trust: refused before anything is opened)
+    assert result.stderr.startswith(
+        f"error: cryptlayer-runtime: {fake['CRYPTLAYER_CONFIG']} names no trust".encode()
+    )
 
 
 # -- a real engine: podman 4.3 and its conmon
@@ -575,7 +583,8 @@ def test_podman_through_the_runtime(tmp_path: Path) -> None:
     """podman (conmon, its --log-format=json --log, its own direct calls) with
     cryptlayer-runtime registered: a container passed through to runc runs and its exit status
     comes back; a detached one takes `exec` and `rm -f`; the placeholder loads under its name;
-    an encrypted image is refused and podman shows our message, from the runtime's log."""
+    a registry image (not pulled at create yet) is refused and podman shows our message, from
+    the runtime's log."""
     (tmp_path / "etc" / "upper").mkdir(parents=True)
     (tmp_path / "etc" / "work").mkdir()
     (tmp_path / "rootfs" / "bin").mkdir(parents=True)
@@ -603,7 +612,7 @@ runroot = "{tmp_path}/storage-run"
         "localhost/cryptlayer/placeholder:v1", "hello", "status 3", "exec 0", "rm 0", "status 126",
     ], result.stderr  # fmt: skip
     assert result.stderr.splitlines()[-1] == (
-        "Error: OCI runtime error: cryptlayer: cryptlayer-runtime: the container names the"
-        " encrypted image docker://reg/app:v1, and running encrypted images through an engine"
-        " is not available yet (a later part of cryptlayer): use `cryptlayer run`")  # fmt: skip
+        "Error: OCI runtime error: cryptlayer: cryptlayer-runtime: the image docker://reg/app:v1"
+        " is a registry reference, and pulling one at `create` is not available yet: pull it on"
+        " the node first (cryptlayer pull) and name its directory")  # fmt: skip
     assert (tmp_path / "etc/upper/cryptlayer/config.toml").exists()  # not the host's /etc
