@@ -201,12 +201,21 @@ def test_names_from_container_ids() -> None:
         (["delete", "c1"], "c1"),
         (["delete", "--", "c1"], "c1"),
         (["delete"], None),
+        (["exec", "--process", "/p.json", "--detach", "--pid-file", "/x", "c1"], "c1"),
+        (["exec", "-p", "/p.json", "c1"], "c1"),
+        (["exec", "-dp", "/p.json", "c1"], "c1"),
+        (["exec", "-p/p.json", "c1"], "c1"),
+        (["exec", "--process=/p.json", "--tty", "c1"], "c1"),
+        (["exec", "-process", "/p.json", "c1"], "c1"),  # Go's flag package
+        (["exec", "--cwd", "/w", "-e", "A=1", "-u", "0", "c1", "sh"], "c1"),
     ],
 )  # fmt: skip
 def test_the_container_id(argv: list[str], cid: str | None) -> None:
     invocation = Invocation(argv)
     assert invocation.container_id() == cid
     assert invocation.globals() == argv[: argv.index(invocation.command or "")]
+    expected = "/p.json" if any("p.json" in a for a in argv) else None
+    assert invocation.process_file() == expected
 
 
 # -- the config.json rewrite
@@ -453,6 +462,16 @@ $run --annotation org.cryptlayer.image=/srv/app localhost/cryptlayer/placeholder
 echo "status $?"
 $run --annotation org.cryptlayer.image=/srv/other localhost/cryptlayer/placeholder:v1
 echo "status $?"
+podman run -d --name detached ${{run#podman run --rm}} \
+    --annotation org.cryptlayer.image=/srv/app localhost/cryptlayer/placeholder:v1 \
+    /bin/busybox sleep 600 > /dev/null
+echo "run -d $?"
+podman exec detached /bin/busybox sh -c 'cat hello.txt; echo "$IMG $(pwd)"'
+echo "records $(ls {base}/state/containers | wc -l)"
+podman stop --time 2 detached > /dev/null
+echo "stop $?"
+podman rm detached > /dev/null
+echo "rm $?"
 podman ps -a --format '{{{{.Names}}}}'
 """
 
@@ -461,7 +480,9 @@ def test_podman_runs_an_image_through_the_runtime(tmp_path: Path) -> None:
     """podman (conmon, its create/start/delete) with the assembly stood in: the image's default
     process runs when podman was given none, a command given to podman wins, the variables
     that named the image are gone, the container's status comes back, and `--rm`'s delete
-    tears the container down (kept or shredded as asked); a create the real runtime fails (no
+    tears the container down (kept or shredded as asked); `podman exec` into a detached one runs
+    in the image's workdir with its environment, `stop` and `rm` end it; a create the real
+    runtime fails (no
     such command: podman's 127) is torn down at once; an image without a key in the node's
     config fails, with our message shown by podman, and leaves nothing."""
     base = tmp_path
@@ -498,14 +519,14 @@ runroot = "{base}/storage-run"
     result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=600)
     assert result.stdout.splitlines() == [
         "hello from the image", "status 0", "1 unset /data", "status 5", "status 127",
-        "status 126",
+        "status 126", "run -d 0", "hello from the image", "1 /data", "records 1", "stop 0", "rm 0",
     ], result.stderr  # fmt: skip
-    assert result.stderr.splitlines()[-1].endswith(
-        "cryptlayer-runtime: no key for the image /srv/other in"
-        f" {base}/config.toml: add an entry for it, e.g. {config.KEYS_EXAMPLE}"
-    ), result.stderr
+    refusal = (f"cryptlayer-runtime: no key for the image /srv/other in {base}/config.toml: add"
+               f" an entry for it, e.g. {config.KEYS_EXAMPLE}")  # fmt: skip
+    assert any(line.startswith("Error: OCI runtime error: ") and line.endswith(refusal)
+               for line in result.stderr.splitlines()), result.stderr  # fmt: skip
     log = (base / "log").read_text().splitlines()
-    assert [line.split()[0] for line in log] == ["start", "stop"] * 3
+    assert [line.split()[0] for line in log] == ["start", "stop"] * 4
     first, _, second, *_ = (line.split() for line in log)
     assert first[2:] == ["/srv/app", "the-key", "True", "None", "None"]  # shredded
     assert second[2:] == ["/srv/app", "the-key", "False", "None", "None"]  # kept

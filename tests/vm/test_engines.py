@@ -43,6 +43,7 @@ class Node:
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         """`podman run --rm --runtime cryptlayer-runtime ... ARGS`."""
         return self.podman("run", "--rm", "--runtime", str(self.runtime), "--network", "none",
+                           "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
                            *args)  # fmt: skip
 
 
@@ -150,3 +151,27 @@ def test_a_wrong_key_fails_in_podman_with_our_error(
     assert "cryptlayer-runtime: the key does not open this image: `cryptlayer inspect" in last
     assert settled() == []
     assert slots(image) == [1, 1]
+
+
+def test_a_detached_container_takes_exec_stop_and_rm(
+    cli: Cli, node: Node, image: Path, key_file: Path, tmp_path: Path
+) -> None:
+    """`podman run -d`, then `podman exec` (passed through) reads the image's files; `podman
+    stop` and `podman rm` (the runtime's delete) leave nothing, the image shredded."""
+    configure(node, image, key_file, signed(cli, image, tmp_path))
+    started = node.podman("run", "-d", "--name", "detached", "--runtime", str(node.runtime),
+                          "--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit",
+                          "nproc=1024:1024", "--annotation", f"org.cryptlayer.image={image}",
+                          PLACEHOLDER, "sleep", "600")  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stderr
+        assert [line.split()[0] for line in leftovers() if line.startswith("record")] == ["record"]
+        read = node.podman("exec", "detached", "cat", "/data/hello.txt")
+        assert (read.returncode, read.stdout) == (0, f"{MARKER_LOWER}\n"), read.stderr
+        stopped = node.podman("stop", "--time", "2", "detached")
+        assert stopped.returncode == 0, stopped.stderr
+    finally:
+        removed = node.podman("rm", "--force", "detached")
+    assert removed.returncode == 0, removed.stderr
+    assert settled() == []
+    assert slots(image) == [0, 0]

@@ -132,7 +132,20 @@ def rewrite(
     new = copy.deepcopy(spec)
     root = new.get("root")
     new["root"] = {**(root if isinstance(root, dict) else {}), "path": rootfs}
-    process = new.setdefault("process", {})
+    process = new.get("process") or {}
+    if not isinstance(process, dict):
+        raise UsageError("the container's process is not an object")
+    new["process"] = rewrite_process(process, config, resolve_user)
+    return new
+
+
+def rewrite_process(
+    process: dict[str, Any],
+    config: ImageConfig,
+    resolve_user: Callable[[str], tuple[int, int]],
+) -> dict[str, Any]:
+    """rewrite's of the process (changed in place and returned): also what an engine's `exec`
+    gives (podman's exec takes the container's cwd, environment and user: the markers)."""
     args = process.get("args") or []
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise UsageError("the container's process.args is not a list of strings")
@@ -164,7 +177,7 @@ def rewrite(
                         capabilities[name] = []
     rlimits = [r for r in process.get("rlimits") or [] if (r or {}).get("type") != "RLIMIT_CORE"]
     process["rlimits"] = [*rlimits, {"type": "RLIMIT_CORE", "hard": 0, "soft": 0}]
-    return new
+    return process
 
 
 def write_config(path: str, spec: dict[str, Any]) -> None:
@@ -248,6 +261,24 @@ def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str) -> st
         _stop_quietly(name)
         raise
     return name
+
+
+def exec_process(name: str, path: str) -> None:
+    """Rewrite the process file of an engine's `exec` into the container `name` as its
+    config.json was rewritten: the image's workdir, environment and user where the markers are
+    (podman's exec copies them from the placeholder's config)."""
+    from cryptlayer.image import manifest as manifest_mod
+    from cryptlayer.runtime import engine, ocispec, state
+
+    record = state.load(name)
+    image_config = manifest_mod.load(Path(record.image)).config
+    directory, file_name = os.path.split(path)
+    process = engine._read_config(directory or ".", file_name)
+    if not process:
+        return  # no such file: the runtime says so
+    rootfs = Path(record.rootfs)
+    new = rewrite_process(process, image_config, lambda user: ocispec.resolve_user(rootfs, user))
+    write_config(path, new)
 
 
 def _stop_quietly(name: str) -> None:

@@ -66,6 +66,10 @@ BUNDLE_VALUE = {"bundle": "b", "config": "f", "console-socket": "", "pid-file": 
                 "preserve-fds": "", "pidfd-socket": "", "image-path": "", "work-path": "",
                 "parent-path": "", "manage-cgroups-mode": "", "empty-ns": "", "page-server": "",
                 "lsm-profile": "", "lsm-mount-context": "", "status-fd": ""}  # fmt: skip
+# exec's options that take a value (runc's and crun's), for its container id and --process
+EXEC_VALUE = {"process": "p", "console-socket": "", "pid-file": "", "cwd": "", "env": "e",
+              "user": "u", "additional-gids": "g", "cap": "c", "process-label": "",
+              "apparmor": "", "preserve-fds": "", "cgroup": "", "pidfd-socket": ""}  # fmt: skip
 BUNDLE_FLAG = {"detach": "d", "keep": "", "no-pivot": "", "no-new-keyring": "",
                "no-subreaper": ""}  # fmt: skip
 COMMANDS = ("checkpoint", "create", "delete", "events", "exec", "features", "help", "kill",
@@ -120,29 +124,47 @@ class Invocation:
 
     def container_id(self) -> str | None:
         """The container's id: the command's first argument that is no option nor an option's
-        value (create, run: after --bundle DIR and the like; delete: after --force)."""
+        value (create, run: after --bundle DIR and the like; exec: after --process FILE;
+        delete: after --force)."""
+        return self._scan()[0]
+
+    def process_file(self) -> str | None:
+        """exec's --process FILE (-p), the process's JSON the engine wrote, if given."""
+        return self._scan()[1]
+
+    def _scan(self) -> tuple[str | None, str | None]:
+        """The container's id and exec's --process value, as runc and crun read the command's
+        options (--opt VALUE, --opt=VALUE, -opt VALUE, argp's -xVALUE and grouped letters)."""
         args = self.args
-        values = set() if self.command == "delete" else set(BUNDLE_VALUE)
-        shorts = {s for long, s in BUNDLE_VALUE.items() if long in values and s}
+        table = {"delete": {}, "exec": EXEC_VALUE}.get(self.command or "", BUNDLE_VALUE)
+        values = tuple(table)
+        shorts = {s: long for long, s in table.items() if s}
+        process: str | None = None
         i = 0
         while i < len(args):
             token = args[i]
             i += 1
             if token == "--":
-                return args[i] if i < len(args) else None
+                return (args[i] if i < len(args) else None), process
             if not token.startswith("-") or token == "-":
-                return token
-            name, has_value, _ = token.lstrip("-").partition("=")
-            if has_value:
-                continue
-            if token.startswith("--") or (len(name) > 1 and name in _long_names()):
-                i += _expand(name, tuple(values)) in values
-            else:  # argp's grouped short options: -db DIR skips DIR; -bDIR holds its value
-                for j, letter in enumerate(name):
+                return token, process
+            name, has_value, value = token.lstrip("-").partition("=")
+            if token.startswith("--") or (len(name) > 1 and name in values):
+                name = _expand(name, values)
+                if name in values and not has_value:
+                    value = args[i] if i < len(args) else ""
+                    i += 1
+            else:  # argp's grouped short options: -dp FILE; -pFILE holds its value
+                for j, letter in enumerate(token[1:]):
                     if letter in shorts:
-                        i += j == len(name) - 1
+                        name, value = shorts[letter], token[j + 2 :].removeprefix("=")
+                        if not value:
+                            value = args[i] if i < len(args) else ""
+                            i += 1
                         break
-        return None
+            if name == "process":
+                process = value
+        return None, process
 
     def bundle_config(self) -> tuple[str, str]:
         """The bundle directory and the config file that `create`/`run` would read, as crun
@@ -601,15 +623,22 @@ def main() -> None:
             if image is not None:
                 create(runtime, argv, invocation, spec, image,
                        os.path.join(bundle, config_name))  # fmt: skip
-        elif invocation.command in ("delete", "checkpoint"):
+        elif invocation.command in ("delete", "checkpoint", "exec"):
             cid = invocation.container_id()
             name = container_name(cid) if cid else ""
             if name and has_record(name):
-                if invocation.command == "checkpoint":
+                if invocation.command == "exec":
+                    process = invocation.process_file()
+                    if process:  # then handed over by exec, below
+                        from cryptlayer.runtime import encrypted
+
+                        encrypted.exec_process(name, process)
+                elif invocation.command == "checkpoint":
                     raise Refused(f"the container {_printable(cid or '')} runs an encrypted"
                                   " image: a checkpoint would write its decrypted memory to"
                                   " disk")  # fmt: skip
-                delete(runtime, argv, invocation, name)
+                else:
+                    delete(runtime, argv, invocation, name)
     except Refused as err:
         fail(str(err), invocation)
     except Exception as err:  # config.py's UsageError, and anything unforeseen: one line
