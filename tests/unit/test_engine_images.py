@@ -476,16 +476,9 @@ podman ps -a --format '{{{{.Names}}}}'
 """
 
 
-def test_podman_runs_an_image_through_the_runtime(tmp_path: Path) -> None:
-    """podman (conmon, its create/start/delete) with the assembly stood in: the image's default
-    process runs when podman was given none, a command given to podman wins, the variables
-    that named the image are gone, the container's status comes back, and `--rm`'s delete
-    tears the container down (kept or shredded as asked); `podman exec` into a detached one runs
-    in the image's workdir with its environment, `stop` and `rm` end it; a create the real
-    runtime fails (no
-    such command: podman's 127) is torn down at once; an image without a key in the node's
-    config fails, with our message shown by podman, and leaves nothing."""
-    base = tmp_path
+def stand_in(base: Path) -> Path:
+    """The stand-in assembly, the wrapper that runs cryptlayer-runtime with it, a busybox tree
+    as the image's files, and the node's config (runc; the key of /srv/app); the wrapper."""
     shutil.copytree("/bin", base / "tree/bin", symlinks=False, ignore=lambda d, names: [
         n for n in names if n != "busybox"])  # fmt: skip
     (base / "tree/data").mkdir()
@@ -503,6 +496,19 @@ runtime = "runc"
 image = "/srv/app"
 key-file = "{base}/app.key"
 """)
+    return wrapper
+
+
+def test_podman_runs_an_image_through_the_runtime(tmp_path: Path) -> None:
+    """podman (conmon, its create/start/delete) with the assembly stood in: the image's default
+    process runs when podman was given none, a command given to podman wins, the variables
+    that named the image are gone, the container's status comes back, and `--rm`'s delete
+    tears the container down (kept or shredded as asked); `podman exec` into a detached one runs
+    in the image's workdir with its environment, `stop` and `rm` end it; a create the real
+    runtime fails (no such command: podman's 127) is torn down at once; an image without a key
+    in the node's config fails, with our message shown by podman, and leaves nothing."""
+    base = tmp_path
+    stand_in(base)
     (base / "containers.conf").write_text(f"""[engine]
 cgroup_manager = "cgroupfs"
 events_logger = "file"
@@ -533,3 +539,31 @@ runroot = "{base}/storage-run"
     assert first[1].startswith("engine-") and len(first[1]) == 63
     assert not list((base / "state/containers").iterdir())
     assert not list((base / "rootfs").iterdir())
+
+
+def test_run_by_hand_is_torn_down_when_it_ends(tmp_path: Path) -> None:
+    """`cryptlayer-runtime run` in the foreground (not --detach): the container's output and
+    status, then the teardown; with --detach it stays assembled until delete."""
+    wrapper = stand_in(tmp_path)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    subprocess.run(["runc", "spec"], cwd=bundle, check=True)
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["process"].update(terminal=False, args=[placeholder.ENTRYPOINT],
+                           cwd=placeholder.WORKDIR)  # fmt: skip
+    spec["annotations"] = {"org.cryptlayer.image": "/srv/app", "org.cryptlayer.keep": "true"}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    state_dir = tmp_path / "runc-state"
+    argv = [str(wrapper), "--root", str(state_dir), "run", "--bundle", str(bundle), "c1"]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert (result.returncode, result.stdout) == (0, "hello from the image\n"), result.stderr
+        log = (tmp_path / "log").read_text().splitlines()
+        assert [line.split()[:2] for line in log] == [["start", "engine-c1"], ["stop", "engine-c1"]]
+        assert not list((tmp_path / "state/containers").iterdir())
+        rewritten = json.loads((bundle / "config.json").read_text())
+        assert rewritten["root"]["path"] == f"{tmp_path}/rootfs/engine-c1"
+        assert rewritten["process"]["args"] == ["/bin/busybox", "cat", "hello.txt"]
+    finally:
+        subprocess.run(["runc", "--root", str(state_dir), "delete", "--force", "c1"],
+                       capture_output=True, check=False)  # fmt: skip
