@@ -497,11 +497,12 @@ def test_where_the_runtime_is_found(
 @pytest.mark.parametrize("how", ["annotation", "env"])
 @pytest.mark.parametrize("log_format", ["json", "text"])
 @pytest.mark.parametrize("command", ["create", "run", "restore"])
-def test_an_encrypted_image_is_refused_for_now(
+def test_a_registry_image_is_refused_for_now(
     fake: dict[str, str], tmp_path: Path, how: str, log_format: str, command: str
 ) -> None:
-    """Until the assembly lands: one error line on stderr and in the log (runc's and crun's
-    JSON, which podman and containerd read), exit 125, and the real runtime never runs."""
+    """Until pulling at create lands (and for restore, always): one error line on stderr and in
+    the log (runc's and crun's JSON, which podman and containerd read), exit 125, and the real
+    runtime never runs."""
     given = ({"org.cryptlayer.image": "docker://reg/app:v1"}, None) if how == "annotation" else (
         None, ["CRYPTLAYER_IMAGE=docker://reg/app:v1"])  # fmt: skip
     bundle = bundle_with(tmp_path, spec(*given))
@@ -512,9 +513,13 @@ def test_an_encrypted_image_is_refused_for_now(
             "--bundle", bundle, "--pid-file", f"{bundle}/pid", *extra, "c1"]  # fmt: skip
     result, _ = run_runtime(argv, fake)
     assert result.returncode == engine.FAILED == 125
-    message = ("cryptlayer-runtime: the container names the encrypted image docker://reg/app:v1,"
-               " and running encrypted images through an engine is not available yet (a later"
-               " part of cryptlayer): use `cryptlayer run`")  # fmt: skip
+    message = ("cryptlayer-runtime: the image docker://reg/app:v1 is a registry reference, and"
+               " pulling one at `create` is not available yet: pull it on the node first"
+               " (cryptlayer pull) and name its directory")  # fmt: skip
+    if command == "restore":
+        message = ("cryptlayer-runtime: the container names the encrypted image"
+                   " docker://reg/app:v1: restoring a checkpoint of one is not available (its"
+                   " memory would have been written to disk)")  # fmt: skip
     assert result.stderr.decode() == f"error: {message}\n"
     assert result.stdout == b""
     _earlier, last = log.read_text().splitlines()
@@ -548,13 +553,13 @@ def test_a_container_cannot_pass_as_a_pods_sandbox(
     annotation anyone can write (`podman run --annotation io.kubernetes.cri-o.ContainerType=
     sandbox`): only the engine's own sandbox, whose sandbox-id annotation is its own container
     id, passes; a container that merely says it is one names its image like any other."""
-    given = {"org.cryptlayer.image": "/srv/img"} if how == "annotation" else {}
-    env = ["CRYPTLAYER_IMAGE=/srv/img"] if how == "env" else None
+    given = {"org.cryptlayer.image": "docker://reg/app:v1"} if how == "annotation" else {}
+    env = ["CRYPTLAYER_IMAGE=docker://reg/app:v1"] if how == "env" else None
     bundle = bundle_with(tmp_path, spec({**given, **marks}, env))
     result, _ = run_runtime(["create", "--bundle", bundle, "--pid-file", f"{bundle}/pid", "c1"],
                             fake)  # fmt: skip
     assert result.returncode == engine.FAILED, result.stdout
-    assert b"names the encrypted image /srv/img" in result.stderr
+    assert b"the image docker://reg/app:v1 is a registry reference" in result.stderr
     assert not Path(fake["RECORD"], "argv").exists()
 
 
@@ -581,7 +586,7 @@ def test_the_engines_own_sandbox_passes_through(
 def test_an_empty_bundle_is_the_working_directory(fake: dict[str, str], tmp_path: Path) -> None:
     """runc reads config.json from its working directory when --bundle is empty (it changes
     directory only to a bundle it is given): so is it read here, not passed through unread."""
-    bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": "/srv/img"}))
+    bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": "docker://reg/app:v1"}))
     for argv in (
         ["create", "--bundle", "", "c1"],
         ["run", "--bundle=", "c1"],
@@ -590,7 +595,7 @@ def test_an_empty_bundle_is_the_working_directory(fake: dict[str, str], tmp_path
         assert Invocation(argv).bundle_config() == (".", "config.json")
         result, _ = run_runtime(argv, fake, cwd=Path(bundle))
         assert result.returncode == engine.FAILED, result.stdout
-        assert b"names the encrypted image /srv/img" in result.stderr
+        assert b"the image docker://reg/app:v1 is a registry reference" in result.stderr
 
 
 def test_a_refusal_with_stderr_closed_still_reaches_the_log(
@@ -598,13 +603,15 @@ def test_a_refusal_with_stderr_closed_still_reaches_the_log(
 ) -> None:
     """An engine that gives the runtime no stderr (descriptor 2 closed) reads the log: the
     message is there and the exit status is still the runtime's failure, not a traceback's 1."""
-    bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": "/srv/img"}))
+    bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": "docker://reg/app:v1"}))
     log = tmp_path / "log.json"
     argv = ["--log", str(log), "--log-format", "json", "create", "--bundle", bundle, "c1"]
     result = subprocess.run(["sh", "-c", 'exec "$0" "$@" 2>&-', RUNTIME, *argv], env=fake,
                             capture_output=True, timeout=60)  # fmt: skip
     assert result.returncode == engine.FAILED
-    assert json.loads(log.read_text())["msg"].startswith("cryptlayer-runtime: the container names")
+    assert json.loads(log.read_text())["msg"].startswith(
+        "cryptlayer-runtime: the image docker://reg/app:v1 is a registry reference"
+    )
     assert not Path(fake["RECORD"], "argv").exists()
 
 
@@ -763,7 +770,10 @@ def test_a_log_nobody_reads_is_not_waited_on(fake: dict[str, str], tmp_path: Pat
     argv = ["--log", str(tmp_path / "log.fifo"), "create", "--bundle", bundle, "c1"]
     result = subprocess.run([RUNTIME, *argv], env=fake, capture_output=True, timeout=20)
     assert result.returncode == engine.FAILED
-    assert result.stderr.startswith(b"error: cryptlayer-runtime: the container names")
+    # (the node's config names no trust: refused before anything is opened)
+    assert result.stderr.startswith(
+        f"error: cryptlayer-runtime: {fake['CRYPTLAYER_CONFIG']} names no trust".encode()
+    )
 
 
 # -- a real engine: podman 4.3 and its conmon
@@ -807,7 +817,8 @@ def test_podman_through_the_runtime(tmp_path: Path) -> None:
     """podman (conmon, its --log-format=json --log, its own direct calls) with
     cryptlayer-runtime registered: a container passed through to runc runs and its exit status
     comes back; a detached one takes `exec` and `rm -f`; the placeholder loads under its name;
-    an encrypted image is refused and podman shows our message, from the runtime's log."""
+    a registry image (not pulled at create yet) is refused and podman shows our message, from
+    the runtime's log."""
     (tmp_path / "etc" / "upper").mkdir(parents=True)
     (tmp_path / "etc" / "work").mkdir()
     (tmp_path / "rootfs" / "bin").mkdir(parents=True)
@@ -836,9 +847,9 @@ runroot = "{tmp_path}/storage-run"
         "status 126", "status 126",
     ], result.stderr  # fmt: skip
     assert result.stderr.splitlines()[-1] == (
-        "Error: OCI runtime error: cryptlayer: cryptlayer-runtime: the container names the"
-        " encrypted image docker://reg/app:v1, and running encrypted images through an engine"
-        " is not available yet (a later part of cryptlayer): use `cryptlayer run`")  # fmt: skip
+        "Error: OCI runtime error: cryptlayer: cryptlayer-runtime: the image docker://reg/app:v1"
+        " is a registry reference, and pulling one at `create` is not available yet: pull it on"
+        " the node first (cryptlayer pull) and name its directory")  # fmt: skip
     assert (
         "Error: OCI runtime error: cryptlayer: cryptlayer-runtime: the container is made from"
         " cryptlayer's placeholder image but names no encrypted image: give the annotation"

@@ -6,8 +6,8 @@ exec: its argv, environment, descriptors, console socket, pid file, exit status 
 the real runtime's, with no Python left in between. The one decision is made at `create`,
 `run` and `restore`: a bundle whose config.json names an encrypted image (the annotation
 `org.cryptlayer.image` or `CRYPTLAYER_IMAGE` in the process's environment) is cryptlayer's to
-assemble. Until that lands, such a container is refused with one `error:` line, on stderr and in
-the runtime's log.
+assemble (encrypted.py), and its `delete` tears it down; a failure is one `error:` line, on
+stderr and in the runtime's log.
 
 A pass-through imports nothing but what the interpreter has loaded already (os, sys, _signal):
 engines call `state` often, and it must cost at most 20 ms more than crun's own
@@ -77,6 +77,10 @@ BUNDLE_VALUE = {"bundle": "b", "config": "f", "console-socket": "", "pid-file": 
                 "preserve-fds": "", "pidfd-socket": "", "image-path": "", "work-path": "",
                 "parent-path": "", "manage-cgroups-mode": "", "empty-ns": "", "page-server": "",
                 "lsm-profile": "", "lsm-mount-context": "", "status-fd": ""}  # fmt: skip
+# exec's options that take a value (runc's and crun's), for its container id and --process
+EXEC_VALUE = {"process": "p", "console-socket": "", "pid-file": "", "cwd": "", "env": "e",
+              "user": "u", "additional-gids": "g", "cap": "c", "process-label": "",
+              "apparmor": "", "preserve-fds": "", "cgroup": "", "pidfd-socket": ""}  # fmt: skip
 BUNDLE_FLAG = {"detach": "d", "keep": "", "no-pivot": "", "no-new-keyring": "",
                "no-subreaper": ""}  # fmt: skip
 COMMANDS = ("checkpoint", "create", "delete", "events", "exec", "features", "help", "kill",
@@ -92,6 +96,7 @@ class Invocation:
     """What the engine asked for: the global options that matter here and the command."""
 
     def __init__(self, argv: Sequence[str]) -> None:
+        self._argv = list(argv)
         self.log: str | None = None
         self.log_format = "text"
         self.command: str | None = None
@@ -123,6 +128,54 @@ class Invocation:
         if i < len(argv):
             self.command = argv[i]
             self.args = list(argv[i + 1 :])
+
+    def globals(self) -> list[str]:
+        """The global options, as given (everything before the command)."""
+        return self._argv[: len(self._argv) - len(self.args) - 1]
+
+    def container_id(self) -> str | None:
+        """The container's id: the command's first argument that is no option nor an option's
+        value (create, run: after --bundle DIR and the like; exec: after --process FILE;
+        delete: after --force)."""
+        return self._scan()[0]
+
+    def process_file(self) -> str | None:
+        """exec's --process FILE (-p), the process's JSON the engine wrote, if given."""
+        return self._scan()[1]
+
+    def _scan(self) -> tuple[str | None, str | None]:
+        """The container's id and exec's --process value, as runc and crun read the command's
+        options (--opt VALUE, --opt=VALUE, -opt VALUE, argp's -xVALUE and grouped letters)."""
+        args = self.args
+        table = {"delete": {}, "exec": EXEC_VALUE}.get(self.command or "", BUNDLE_VALUE)
+        values = tuple(table)
+        shorts = {s: long for long, s in table.items() if s}
+        process: str | None = None
+        i = 0
+        while i < len(args):
+            token = args[i]
+            i += 1
+            if token == "--":
+                return (args[i] if i < len(args) else None), process
+            if not token.startswith("-") or token == "-":
+                return token, process
+            name, has_value, value = token.lstrip("-").partition("=")
+            if token.startswith("--") or (len(name) > 1 and name in values):
+                name = _expand(name, values)
+                if name in values and not has_value:
+                    value = args[i] if i < len(args) else ""
+                    i += 1
+            else:  # argp's grouped short options: -dp FILE; -pFILE holds its value
+                for j, letter in enumerate(token[1:]):
+                    if letter in shorts:
+                        name, value = shorts[letter], token[j + 2 :].removeprefix("=")
+                        if not value:
+                            value = args[i] if i < len(args) else ""
+                            i += 1
+                        break
+            if name == "process":
+                process = value
+        return None, process
 
     def bundle_config(self) -> tuple[str, str]:
         """The bundle directory and the config file that `create`/`run` would read, as crun
@@ -400,7 +453,13 @@ def encrypted_image(bundle: str, config_name: str, ids: Sequence[str] = ()) -> s
     the container created under one of `ids` whose annotations say it is that sandbox; or when
     there is no such file: the runtime then reports it); Refused when the file is not a regular
     JSON file of at most MAX_CONFIG bytes, or names keys or two images."""
-    spec = _read_config(bundle, config_name)
+    return named_image(_read_config(bundle, config_name), bundle, config_name, ids)
+
+
+def named_image(
+    spec: dict[str, Any], bundle: str, config_name: str, ids: Sequence[str] = ()
+) -> str | None:
+    """encrypted_image, of the bundle's config `spec` (as _read_config read it)."""
     annotations = spec.get("annotations") or {}
     process = spec.get("process") or {}
     if not isinstance(annotations, dict) or not isinstance(process, dict):
@@ -538,6 +597,80 @@ def _read_config(bundle: str, config_name: str) -> dict[str, Any]:
     return spec
 
 
+# -- the engine's containers that are cryptlayer's
+
+# paths.state_root()'s and records_dir()'s, without importing paths on the way to a pass-through
+ROOT_ENV = "CRYPTLAYER_ROOT"
+ROOT_DEFAULT = "/var/lib/cryptlayer"
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+NAME_PREFIX = "engine-"
+SHORT_ID = 55  # ids up to this long are named as they are: at most 62 characters
+HASHED = 20  # hex digits of the id's SHA-256 in a long id's name
+
+
+def container_name(cid: str) -> str:
+    """The cryptlayer name (state.check_name) of the engine's container `cid`: `engine-ID` for
+    an id of at most SHORT_ID name characters; else `engine-PREFIX-HASH`, 63 characters (the
+    id's first characters, then its SHA-256's first HASHED hex digits), a length no short id's
+    name has. podman's, Docker's and the CRI's ids are 64 hex digits: the long form."""
+    if len(cid) <= SHORT_ID and cid and set(cid) <= NAME_CHARS:
+        return NAME_PREFIX + cid
+    import hashlib
+
+    digest = hashlib.sha256(cid.encode(errors="surrogateescape")).hexdigest()[:HASHED]
+    prefix = "".join(c if c in NAME_CHARS else "-" for c in cid)
+    room = 63 - len(NAME_PREFIX) - 1 - HASHED
+    return f"{NAME_PREFIX}{prefix[:room].ljust(room, '-')}-{digest}"
+
+
+def has_record(name: str) -> bool:
+    """Whether cryptlayer holds a container named `name` (one stat: delete stays cheap)."""
+    root = os.environ.get(ROOT_ENV, ROOT_DEFAULT)
+    return os.path.exists(os.path.join(root, "containers", f"{name}.json"))
+
+
+def create(runtime: str, argv: Sequence[str], invocation: Invocation, spec: dict[str, Any],
+           image: str, config_path: str) -> NoReturn:  # fmt: skip
+    """Assemble the image, point the bundle at it, then run the real runtime's `create` (or
+    `run`) as a child: when it fails, or `run` ends (not detached, not --keep), the container is
+    torn down again, as `delete` does. Exits with the runtime's status."""
+    from cryptlayer.runtime import encrypted
+
+    cid = invocation.container_id()
+    if not cid:
+        raise Refused(f"`{invocation.command}` names no container id")
+    if any(a.lstrip("-") == "no-new-keyring" for a in invocation.args):
+        raise Refused("--no-new-keyring would give the container the runtime's keyring:"
+                      " refused for an encrypted image")  # fmt: skip
+    name = encrypted.assemble(spec, image, cid, config_path)
+    status = encrypted.spawn(runtime, argv, original_environ())
+    foreground = invocation.command == "run" and not any(
+        a.lstrip("-") in ("d", "detach", "keep") for a in invocation.args)  # fmt: skip
+    if status != 0 or foreground:
+        encrypted.stop(name)
+    sys.exit(status)
+
+
+def delete(runtime: str, argv: Sequence[str], invocation: Invocation, name: str) -> NoReturn:
+    """The real runtime's `delete` as a child, then the container torn down (its image shredded
+    unless kept). Also when the runtime no longer knows the container (`state` fails): an engine
+    deletes what a failed create left. Exits with the runtime's status."""
+    from cryptlayer.runtime import encrypted
+
+    env = original_environ()
+    status = encrypted.spawn(runtime, argv, env)
+    if status != 0:
+        cid = invocation.container_id() or ""
+        import subprocess
+
+        probe = subprocess.run([runtime, *invocation.globals(), "state", cid], env=env,
+                               stdin=subprocess.DEVNULL, capture_output=True)  # fmt: skip
+        if probe.returncode == 0:
+            sys.exit(status)  # still there (running, without --force): nothing to tear down yet
+    encrypted.stop(name)
+    sys.exit(status)
+
+
 # -- errors, where the engine reads them
 
 
@@ -591,13 +724,31 @@ def main() -> None:
         runtime = resolve(configured())
         if invocation.command in FROM_BUNDLE:
             bundle, config_name = invocation.bundle_config()
-            image = encrypted_image(bundle, config_name, invocation.operands())
+            spec = _read_config(bundle, config_name)
+            image = named_image(spec, bundle, config_name, invocation.operands())
+            if image is not None and invocation.command == "restore":
+                raise Refused(f"the container names the encrypted image {_printable(image)}:"
+                              " restoring a checkpoint of one is not available (its memory"
+                              " would have been written to disk)")  # fmt: skip
             if image is not None:
-                raise Refused(
-                    f"the container names the encrypted image {_printable(image)}, and"
-                    " running encrypted images through an engine is not available"
-                    " yet (a later part of cryptlayer): use `cryptlayer run`"
-                )
+                create(runtime, argv, invocation, spec, image,
+                       os.path.join(bundle, config_name))  # fmt: skip
+        elif invocation.command in ("delete", "checkpoint", "exec"):
+            cid = invocation.container_id()
+            name = container_name(cid) if cid else ""
+            if name and has_record(name):
+                if invocation.command == "exec":
+                    process = invocation.process_file()
+                    if process:  # then handed over by exec, below
+                        from cryptlayer.runtime import encrypted
+
+                        encrypted.exec_process(name, process)
+                elif invocation.command == "checkpoint":
+                    raise Refused(f"the container {_printable(cid or '')} runs an encrypted"
+                                  " image: a checkpoint would write its decrypted memory to"
+                                  " disk")  # fmt: skip
+                else:
+                    delete(runtime, argv, invocation, name)
     except Refused as err:
         fail(str(err), invocation)
     except Exception as err:  # config.py's UsageError, and anything unforeseen: one line
