@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from cryptlayer import config, paths
-from cryptlayer.distribution import placeholder
 from cryptlayer.runtime import engine, state
 from cryptlayer.runtime.engine import Invocation, Refused, encrypted_image
 
@@ -698,7 +697,10 @@ def test_a_pass_through_imports_nothing_heavy(fake: dict[str, str]) -> None:
              "main()\n")  # fmt: skip
     first = subprocess.run([sys.executable, "-c", probe], env=fake, capture_output=True,
                            text=True, check=True)  # fmt: skip
-    assert first.stdout == "['cryptlayer', 'cryptlayer.runtime', 'cryptlayer.runtime.engine']\n"
+    assert first.stdout == (
+        "['cryptlayer', 'cryptlayer.image', 'cryptlayer.image.markers', 'cryptlayer.runtime',"
+        " 'cryptlayer.runtime.engine']\n"
+    )
     Path(fake["CRYPTLAYER_CONFIG"]).write_text('[runtime]\nruntime = "runc"\n')
     subprocess.run([sys.executable, "-c", probe], env=fake, check=True, capture_output=True)
     kept = subprocess.run([sys.executable, "-c", probe], env=fake, capture_output=True,
@@ -712,13 +714,6 @@ def test_defaults_match_config_and_paths(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.delenv("CRYPTLAYER_RUNDIR", raising=False)
     assert str(config.DEFAULT) == engine.CONFIG_DEFAULT
     assert str(paths.run_root()) == engine.RUNDIR_DEFAULT
-
-
-def test_the_placeholders_markers_match() -> None:
-    """engine.py knows the placeholder's markers without importing distribution/ (a layer it
-    never imports)."""
-    markers = (placeholder.ENTRYPOINT, placeholder.WORKDIR, f"PATH={placeholder.PATH}")
-    assert markers == engine.MARKERS
 
 
 # -- a real container, through the real runtime

@@ -25,15 +25,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cryptlayer.errors import UsageError
+from cryptlayer.image.markers import ENTRYPOINT, PATH, WORKDIR
 from cryptlayer.tools import engines
 
 REFERENCE = "localhost/cryptlayer/placeholder:v1"  # localhost/: never pulled from a registry
 TAG = REFERENCE.rpartition(":")[2]  # not "latest": Kubernetes would try to pull that every time
 # The markers (docs/engines.md, "The default process"). An engine runs Entrypoint + Cmd; a command
 # given to it replaces Cmd (empty here), --entrypoint (Kubernetes' `command`) replaces both.
-ENTRYPOINT = "/.cryptlayer/entrypoint"
-WORKDIR = "/.cryptlayer/workdir"
-PATH = "/.cryptlayer/path"
 LABEL = "org.cryptlayer.placeholder"
 CREATED = "2026-01-01T00:00:00Z"
 DESCRIPTION = ("cryptlayer placeholder: a container created from it through cryptlayer-runtime"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptlayer.errors import UsageError, printable
+from cryptlayer.image import markers
 from cryptlayer.image.manifest import ImageConfig
 from cryptlayer.image.process import DEFAULT_PATH, merge_env
 
@@ -27,9 +28,6 @@ if TYPE_CHECKING:
 
 # The placeholder's markers (distribution/placeholder.py writes them; the runtime layer does
 # not import distribution: tests/unit/test_engine.py checks that both say the same).
-MARK_ENTRYPOINT = "/.cryptlayer/entrypoint"
-MARK_WORKDIR = "/.cryptlayer/workdir"
-MARK_PATH = "PATH=/.cryptlayer/path"
 
 # What names the image, besides engine.ANNOTATION / engine.ENV: pinned digest, keep the copy.
 DIGEST_ANNOTATION = "org.cryptlayer.digest"
@@ -116,7 +114,7 @@ def is_placeholder_process(process: dict[str, Any]) -> bool:
     """Whether the engine left the placeholder's entrypoint: the user gave no command of their
     own (arguments after the image may follow it, as Docker's and Kubernetes' `args`)."""
     args = process.get("args") or []
-    return bool(args) and args[0] == MARK_ENTRYPOINT
+    return bool(args) and args[0] == markers.ENTRYPOINT
 
 
 def rewrite(
@@ -154,9 +152,9 @@ def rewrite_process(
         if not args:
             raise UsageError("the image has no default command", "give the engine a command to run")
         process["args"] = args
-    if process.get("cwd") == MARK_WORKDIR:
+    if process.get("cwd") == markers.WORKDIR:
         process["cwd"] = config.workdir or "/"
-    env = [e for e in strip_env(process.get("env") or []) if e != MARK_PATH]
+    env = [e for e in strip_env(process.get("env") or []) if e != markers.PATH_ENV]
     merged = merge_env(config.env, tuple(env))
     if not any(e.startswith("PATH=") for e in merged):
         merged.insert(0, DEFAULT_PATH)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 import sys
 
+from cryptlayer.image import markers  # (imports nothing: the pass-through stays cheap)
+
 TYPE_CHECKING = False  # typing itself costs a pass-through ~8 ms of imports (re, enum...)
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -47,9 +49,9 @@ KEY_ENV = "CRYPTLAYER_KEY"
 SANDBOX = (("io.kubernetes.cri.container-type", "io.kubernetes.cri.sandbox-id"),  # containerd
            ("io.kubernetes.cri-o.ContainerType", "io.kubernetes.cri-o.SandboxID"))  # fmt: skip
 
-# The placeholder's markers (distribution/placeholder.py, docs/engines.md "The default process")
-# as engines copy them into config.json: process.args[0], process.cwd, an entry of process.env.
-MARKERS = ("/.cryptlayer/entrypoint", "/.cryptlayer/workdir", "PATH=/.cryptlayer/path")
+# The placeholder's markers as engines copy them into config.json: process.args[0], process.cwd,
+# an entry of process.env (image/markers.py, which imports nothing).
+MARKERS = (markers.ENTRYPOINT, markers.WORKDIR, markers.PATH_ENV)
 
 # The runtime's own failures (never a container's status: `run` passes that through): podman's
 # and `cryptlayer run`'s code for "the runtime failed". Engines show the log's message, not this.
