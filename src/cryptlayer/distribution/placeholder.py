@@ -12,7 +12,6 @@ Its bytes are always the same (fixed times, sorted JSON): one image ID wherever 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import platform
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from cryptlayer import oci
 from cryptlayer.errors import UsageError
 from cryptlayer.image.markers import ENTRYPOINT, PATH, WORKDIR
 from cryptlayer.tools import engines
@@ -55,12 +55,12 @@ class Blob:
     data: bytes
 
     @property
-    def hex(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
+    def digest(self) -> str:
+        return oci.digest_of(self.data)
 
     @property
-    def digest(self) -> str:
-        return f"sha256:{self.hex}"
+    def hex(self) -> str:  # the digest's hex, as docker-archive names files
+        return self.digest.removeprefix("sha256:")
 
     def descriptor(self, **extra: Any) -> dict[str, Any]:
         return {"mediaType": self.media_type, "digest": self.digest, "size": len(self.data),
@@ -131,7 +131,7 @@ def oci_archive(path: Path) -> None:
              "manifests": [made.manifest.descriptor(annotations={
                  "io.containerd.image.name": REFERENCE,
                  "org.opencontainers.image.ref.name": TAG})]}  # fmt: skip
-    blobs = [(f"blobs/sha256/{b.hex}", b.data) for b in (made.config, made.layer, made.manifest)]
+    blobs = [(oci.blob_path(b.digest), b.data) for b in (made.config, made.layer, made.manifest)]
     _tar(path, [("oci-layout", _json({"imageLayoutVersion": "1.0.0"})),
                 ("index.json", _json(index)), ("blobs", None), ("blobs/sha256", None),
                 *blobs])  # fmt: skip
