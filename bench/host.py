@@ -136,7 +136,7 @@ def runtime_passthrough(runs: int = 50) -> dict[str, object]:
 
     engine = str(Path(sys.executable).with_name("cryptlayer-runtime"))
     # Byte-compiled, as an installed package is (pip compiles at install; an editable
-    # install with PYTHONDONTWRITEBYTECODE set would compile engine.py on every call).
+    # install with PYTHONDONTWRITEBYTECODE set would compile engine/cli.py on every call).
     package = str(Path(cryptlayer.__file__).parent)
     subprocess.run([sys.executable, "-m", "compileall", "-q", package], check=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""cryptlayer-runtime (runtime/engine.py): runc's and crun's command line as engines write it, the
+"""cryptlayer-runtime (engine/cli.py): runc's and crun's command line as engines write it, the
 decision at create and run, hostile bundles, the error in the runtime's log, and the hand-over
 to the real runtime by exec (a stand-in runtime that records what it was given proves it)."""
 
@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from cryptlayer import config, paths
-from cryptlayer.runtime import engine, state
-from cryptlayer.runtime.engine import Invocation, Refused, encrypted_image
+from cryptlayer.engine import cli as engine
+from cryptlayer.engine.cli import Invocation, Refused, encrypted_image
+from cryptlayer.runtime import state
 
 RUNTIME = str(Path(sys.executable).with_name("cryptlayer-runtime"))
 
@@ -693,13 +694,13 @@ def test_a_pass_through_imports_nothing_heavy(fake: dict[str, str]) -> None:
              "    sys.exit(0)\n"
              "os.execve = execve\n"
              "sys.argv = ['cryptlayer-runtime', 'state', 'c1']\n"
-             "from cryptlayer.runtime.engine import main\n"
+             "from cryptlayer.engine.cli import main\n"
              "main()\n")  # fmt: skip
     first = subprocess.run([sys.executable, "-c", probe], env=fake, capture_output=True,
                            text=True, check=True)  # fmt: skip
     assert first.stdout == (
-        "['cryptlayer', 'cryptlayer.image', 'cryptlayer.image.markers', 'cryptlayer.runtime',"
-        " 'cryptlayer.runtime.engine']\n"
+        "['cryptlayer', 'cryptlayer.engine', 'cryptlayer.engine.cli', 'cryptlayer.image',"
+        " 'cryptlayer.image.markers']\n"
     )
     Path(fake["CRYPTLAYER_CONFIG"]).write_text('[runtime]\nruntime = "runc"\n')
     subprocess.run([sys.executable, "-c", probe], env=fake, check=True, capture_output=True)
@@ -709,7 +710,7 @@ def test_a_pass_through_imports_nothing_heavy(fake: dict[str, str]) -> None:
 
 
 def test_defaults_match_config_and_paths(monkeypatch: pytest.MonkeyPatch) -> None:
-    """engine.py names config.py's file and paths.py's run directory without importing them."""
+    """engine/cli.py names config.py's file and paths.py's run directory without importing them."""
     monkeypatch.delenv("CRYPTLAYER_CONFIG", raising=False)
     monkeypatch.delenv("CRYPTLAYER_RUNDIR", raising=False)
     assert str(config.DEFAULT) == engine.CONFIG_DEFAULT

@@ -1,4 +1,4 @@
-"""cryptlayer-runtime for a container that names an encrypted image (runtime/encrypted.py,
+"""cryptlayer-runtime for a container that names an encrypted image (engine/encrypted.py,
 docs/engines.md): the node's `[[keys]]`, the name derived from the engine's id, the config.json
 rewrite (the image's default process where the placeholder's markers are), the variables that
 named the image removed, and `delete` of such a container (a stand-in runtime; the assembly
@@ -18,11 +18,12 @@ import pytest
 
 from cryptlayer import config
 from cryptlayer.distribution import placeholder
+from cryptlayer.engine import encrypted
+from cryptlayer.engine.cli import Invocation, container_name
 from cryptlayer.errors import UsageError
 from cryptlayer.image.manifest import ImageConfig
 from cryptlayer.image.process import DEFAULT_PATH
-from cryptlayer.runtime import encrypted, state
-from cryptlayer.runtime.engine import Invocation, container_name
+from cryptlayer.runtime import state
 from cryptlayer.runtime.state import Mode, Record
 
 RUNTIME = str(Path(sys.executable).with_name("cryptlayer-runtime"))
@@ -441,7 +442,7 @@ manifest.load = lambda image: Manifest((), ImageConfig(cmd=("/bin/busybox", "cat
 WRAPPER = """#!/bin/sh
 export CRYPTLAYER_CONFIG={base}/config.toml CRYPTLAYER_ROOT={base}/state \\
     CRYPTLAYER_RUNDIR={base}/run PYTHONPATH={base}
-exec {python} -c 'import sys, standin; from cryptlayer.runtime.engine import main
+exec {python} -c 'import sys, standin; from cryptlayer.engine.cli import main
 sys.argv[0] = "cryptlayer-runtime"; main()' "$@"
 """
 

@@ -636,7 +636,7 @@ def create(runtime: str, argv: Sequence[str], invocation: Invocation, spec: dict
     """Assemble the image, point the bundle at it, then run the real runtime's `create` (or
     `run`) as a child: when it fails, or `run` ends (not detached, not --keep), the container is
     torn down again, as `delete` does. Exits with the runtime's status."""
-    from cryptlayer.runtime import encrypted
+    from cryptlayer.engine import encrypted
 
     cid = invocation.container_id()
     if not cid:
@@ -657,7 +657,7 @@ def delete(runtime: str, argv: Sequence[str], invocation: Invocation, name: str)
     """The real runtime's `delete` as a child, then the container torn down (its image shredded
     unless kept). Also when the runtime no longer knows the container (`state` fails): an engine
     deletes what a failed create left. Exits with the runtime's status."""
-    from cryptlayer.runtime import encrypted
+    from cryptlayer.engine import encrypted
 
     env = original_environ()
     status = encrypted.spawn(runtime, argv, env)
@@ -742,7 +742,7 @@ def main() -> None:
                 if invocation.command == "exec":
                     process = invocation.process_file()
                     if process:  # then handed over by exec, below
-                        from cryptlayer.runtime import encrypted
+                        from cryptlayer.engine import encrypted
 
                         encrypted.exec_process(name, process)
                 elif invocation.command == "checkpoint":

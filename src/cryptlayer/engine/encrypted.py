@@ -4,7 +4,7 @@ a name derived from the engine's container id, with the key the node's config gi
 bundle's config.json pointed at them, the image's default process where the engine has the
 placeholder's; then the real runtime. At `delete`, the real runtime's delete, then `stop`.
 
-engine.py imports this only for such a container: a pass-through never pays for it.
+engine/cli.py imports this only for such a container: a pass-through never pays for it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 # The placeholder's markers (distribution/placeholder.py writes them; the runtime layer does
 # not import distribution: tests/unit/test_engine.py checks that both say the same).
 
-# What names the image, besides engine.ANNOTATION / engine.ENV: pinned digest, keep the copy.
+# What names the image, besides cli.ANNOTATION / cli.ENV: pinned digest, keep the copy.
 DIGEST_ANNOTATION = "org.cryptlayer.digest"
 DIGEST_ENV = "CRYPTLAYER_DIGEST"
 KEEP_ANNOTATION = "org.cryptlayer.keep"
@@ -75,7 +75,7 @@ def _given(spec: dict[str, Any], annotation: str, env_name: str) -> str | None:
 
 
 def request(spec: dict[str, Any], image: str) -> Request:
-    """The request in `spec` (already checked by engine.encrypted_image) for `image`."""
+    """The request in `spec` (already checked by cli.encrypted_image) for `image`."""
     from cryptlayer.image.statement import check_digest
 
     if "://" in image or image.startswith("docker:"):
@@ -100,9 +100,9 @@ def container_name(cid: str) -> str:
     """The cryptlayer name (state.check_name) of the engine's container `cid`: `engine-ID` for a
     short id of name characters; else `engine-PREFIX-HASH`, 63 characters, which no short form
     has (podman's, Docker's and the CRI's ids are 64 hex digits)."""
-    from cryptlayer.runtime import engine
+    from cryptlayer.engine import cli
 
-    return engine.container_name(cid)
+    return cli.container_name(cid)
 
 
 def strip_env(env: Sequence[str]) -> list[str]:
@@ -265,13 +265,14 @@ def exec_process(name: str, path: str) -> None:
     """Rewrite the process file of an engine's `exec` into the container `name` as its
     config.json was rewritten: the image's workdir, environment and user where the markers are
     (podman's exec copies them from the placeholder's config)."""
+    from cryptlayer.engine import cli
     from cryptlayer.image import manifest as manifest_mod
-    from cryptlayer.runtime import engine, ocispec, state
+    from cryptlayer.runtime import ocispec, state
 
     record = state.load(name)
     image_config = manifest_mod.load(Path(record.image)).config
     directory, file_name = os.path.split(path)
-    process = engine._read_config(directory or ".", file_name)
+    process = cli._read_config(directory or ".", file_name)
     if not process:
         return  # no such file: the runtime says so
     rootfs = Path(record.rootfs)
