@@ -167,7 +167,8 @@ IdentityOpt = Annotated[
     typer.Option(
         "--identity",
         metavar="PRIVATE_KEY",
-        help="Private key of a recipient (keygen --x25519/--rsa).",
+        help="Private key of a recipient (keygen --x25519/--rsa), or provider:NAME[:PARAMS]"
+        " (an ocicrypt key provider; docs/keys.md).",
     ),
 ]
 IterTime = Annotated[
@@ -474,7 +475,8 @@ def build(
         list[str] | None,
         typer.Option(
             metavar="PUBLIC_KEY",
-            help="Public key (PEM, or ssh-rsa) that may open the image; repeatable.",
+            help="Public key (PEM, or ssh-rsa) that may open the image, or"
+            " provider:NAME[:PARAMS] (an ocicrypt key provider); repeatable.",
         ),
     ] = None,
     iter_time: IterTime = DEFAULT_ITER_TIME_MS,
@@ -652,7 +654,10 @@ def rekey(
     ] = False,
     add_recipient: Annotated[
         list[str] | None,
-        typer.Option(metavar="PUBLIC_KEY", help="Public key that may open the image; repeatable."),
+        typer.Option(
+            metavar="PUBLIC_KEY",
+            help="Public key, or provider:NAME[:PARAMS], that may open the image; repeatable.",
+        ),
     ] = None,
     remove: Annotated[
         list[str] | None,

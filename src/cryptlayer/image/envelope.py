@@ -9,6 +9,9 @@ holds the image key wrapped with a standard construction from the `cryptography`
 - passphrase: Argon2id (RFC 9106), cost calibrated as cryptsetup does -> AES-256 key wrap
 - x25519:     HPKE base mode (RFC 9180): DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM
 - rsa:        RSA-OAEP with SHA-256
+- provider:   an ocicrypt key provider's own wrapping (keys/providers.py): its opaque answer,
+              and a 64-bit HKDF check of the image key, so that a provider answering a wrong key
+              is told apart from a damaged image
 
 Changing who may open an image (`rekey`) rewrites this one file, atomically; layer data and the
 LUKS headers do not change.
@@ -34,6 +37,7 @@ from cryptlayer.keys.sources import KEY_SOURCES, Credential, KeySource
 from cryptlayer.secret import KEY_BYTES, Secret
 
 if TYPE_CHECKING:
+    from cryptlayer.keys.providers import ProviderIdentity, ProviderRecipient
     from cryptlayer.keys.recipients import Recipient
 
 FILE = "keys.json"
@@ -62,6 +66,7 @@ class EntryKind(StrEnum):
     PASSPHRASE = "passphrase"
     X25519 = "x25519"
     RSA = "rsa"
+    PROVIDER = "provider"
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ class Principals:
 
     keys: list[Secret] = field(default_factory=list)
     passphrases: list[Secret] = field(default_factory=list)
-    recipients: list[Recipient] = field(default_factory=list)
+    recipients: list[Recipient | ProviderRecipient] = field(default_factory=list)
     iter_time_ms: int = DEFAULT_ITER_TIME_MS
 
     def __bool__(self) -> bool:
@@ -261,7 +266,24 @@ def for_passphrase(image_key: Secret, passphrase: Secret, iter_time_ms: int) -> 
     return Entry(EntryKind.PASSPHRASE, ident, wrapped, tuple(sorted(params)))
 
 
-def for_recipient(image_key: Secret, recipient: Recipient) -> Entry:
+def _provider_check(image_key: Secret) -> str:
+    """64 bits of HKDF of the image key: tells a provider's wrong answer from the right one."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    with image_key.view() as data:
+        return (
+            HKDF(hashes.SHA256(), 8, salt=None, info=INFO + b" provider check").derive(data).hex()
+        )
+
+
+def for_recipient(image_key: Secret, recipient: Recipient | ProviderRecipient) -> Entry:
+    from cryptlayer.keys import providers
+
+    if isinstance(recipient, providers.ProviderRecipient):
+        annotation = providers.wrap(recipient, image_key)
+        params = (("check", _provider_check(image_key)),)
+        return Entry(EntryKind.PROVIDER, recipient.id, _b64(annotation), params)
     with image_key.view() as data:
         if recipient.kind == "x25519":
             wrapped = _hpke().encrypt(data, recipient.key, info=INFO)
@@ -297,6 +319,10 @@ def _unwrap(entry: Entry, credential: Credential) -> Secret | None:
     identity = credential.identity
     if identity is None or identity.id != entry.id or entry.kind != str(identity.kind):
         return None  # (an entry of another kind under its id: a hostile keys.json's)
+    from cryptlayer.keys import providers
+
+    if isinstance(identity, providers.ProviderIdentity):
+        return _unwrap_provider(entry, identity, wrapped)
     try:
         if entry.kind == "x25519":
             raw = _hpke().decrypt(wrapped, identity.key, info=INFO)
@@ -305,6 +331,20 @@ def _unwrap(entry: Entry, credential: Credential) -> Secret | None:
     except (InvalidTag, ValueError):
         return None
     return Secret(bytearray(raw))
+
+
+def _unwrap_provider(entry: Entry, identity: ProviderIdentity, annotation: bytes) -> Secret:
+    """The image key from the provider; ProviderError (naming it) when its answer is not."""
+    from cryptlayer.keys import providers
+
+    image_key = providers.unwrap(identity, annotation)
+    if len(image_key) != IMAGE_KEY_BYTES or _provider_check(image_key) != entry.param("check"):
+        image_key.wipe()
+        raise providers.ProviderError(
+            f"key provider {printable(identity.name)} answered a key that does not open this image",
+            "is it the provider (and are they the parameters) the image was built for?",
+        )
+    return image_key
 
 
 def argon2_cost(entry: Entry) -> tuple[int, int]:
@@ -443,10 +483,18 @@ def _entry(item: Any, index: int) -> Entry:
             _b64_field(value, f"{where}'s salt")
         elif name in ("iterations", "memory_kib", "lanes"):
             number(value, f"{where}'s {name}", 1 << 32)
+        elif name == "check" and not (
+            isinstance(value, str) and len(value) == 16 and set(value) <= set("0123456789abcdef")
+        ):
+            raise ValueError(f"{where}'s check is not 16 hex digits")
         elif name == "kdf" and value != "argon2id":
             raise ValueError(f"{where}'s kdf {printable(json.dumps(value))} is not argon2id")
         params.append((text(name, "a field name"), value))
-    needed = {"key": {"salt"}, "passphrase": {"salt", "iterations", "memory_kib", "lanes"}}
+    needed = {
+        "key": {"salt"},
+        "passphrase": {"salt", "iterations", "memory_kib", "lanes"},
+        "provider": {"check"},
+    }
     missing = needed.get(kind, set()) - {name for name, _ in params}
     if missing:
         raise ValueError(f"{where} ({kind}) lacks {', '.join(sorted(missing))}")

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
         X25519PublicKey,
     )
 
+    from cryptlayer.keys.providers import ProviderIdentity, ProviderRecipient
+
     PublicKey = X25519PublicKey | RSAPublicKey
     PrivateKey = X25519PrivateKey | RSAPrivateKey
 
@@ -115,11 +117,16 @@ def _read(path: str, what: str) -> bytes:
     return data
 
 
-def load_recipient(path: str) -> Recipient:
-    """A public key from a PEM file or an `ssh-rsa` line."""
+def load_recipient(path: str) -> Recipient | ProviderRecipient:
+    """A public key from a PEM file or an `ssh-rsa` line; `provider:NAME[:PARAMS]` is an ocicrypt
+    key provider (keys/providers.py)."""
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
+    from cryptlayer.keys import providers
+
+    if providers.is_provider(path):
+        return providers.recipient(path)
     data = _read(path, "recipient")
     try:
         if data.lstrip().startswith(b"ssh-"):
@@ -134,12 +141,17 @@ def load_recipient(path: str) -> Recipient:
     return Recipient(_kind(key, path, "recipient"), key)  # type: ignore[arg-type]
 
 
-def load_identity(path: str) -> Identity:
+def load_identity(path: str) -> Identity | ProviderIdentity:
     """A private key from a PEM (PKCS#8 or traditional) or OpenSSH file; refused if others can
-    read it, as ssh refuses an unprotected private key."""
+    read it, as ssh refuses an unprotected private key. `provider:NAME[:PARAMS]` is an ocicrypt
+    key provider that unwraps (keys/providers.py)."""
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
+    from cryptlayer.keys import providers
+
+    if providers.is_provider(path):
+        return providers.identity(path)
     try:
         st = os.stat(path)
     except OSError:

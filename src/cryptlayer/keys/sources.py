@@ -17,6 +17,7 @@ from cryptlayer.errors import UsageError
 from cryptlayer.secret import Secret
 
 if TYPE_CHECKING:
+    from cryptlayer.keys.providers import ProviderIdentity
     from cryptlayer.keys.recipients import Identity
 
 # cryptsetup's own limit for a key file is 8 MiB; a key for us is small, so refuse anything large
@@ -258,7 +259,7 @@ class Credential:
 
     key: Secret | None = None
     passphrase: Secret | None = None
-    identity: Identity | None = None
+    identity: Identity | ProviderIdentity | None = None
 
     def wipe(self) -> None:
         for secret in (self.key, self.passphrase):
