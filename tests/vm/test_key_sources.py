@@ -4,6 +4,7 @@ pseudo-terminal, X25519 and RSA recipients, and rekey without re-encryption."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -152,3 +153,60 @@ def test_rekey_changes_who_opens_without_touching_the_layers(
     )
     code, _, err = cli("rekey", str(image), "--key-file", str(key_file), "--add-key", str(key_file))
     assert code == ExitCode.KEY  # a removed key cannot let itself back in
+
+
+def test_an_ocicrypt_key_provider_builds_and_runs_the_image(
+    cli: Cli,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    busybox_tree: Path,
+    data_tree: Path,
+) -> None:
+    """build --recipient provider:NAME, then run --identity provider:NAME, through the test
+    providers written from ocicrypt's definition (tests/providers/provider.py): one `cmd`, one
+    `grpc`; a provider that fails is named in one error."""
+    provider = Path(__file__).resolve().parents[1] / "providers" / "provider.py"
+    kek = tmp_path / "kek"
+    kek.write_bytes(os.urandom(32))
+    server = subprocess.Popen(
+        [sys.executable, str(provider), "grpc", "--name", "grpcp", "--kek", str(kek)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+
+        def configure(mode: str) -> None:
+            args = [str(provider), "cmd", "--name", "cmdp", "--kek", str(kek), "--mode", mode]
+            config = tmp_path / f"keyprovider-{mode}.conf"
+            config.write_text(json.dumps({"key-providers": {
+                "cmdp": {"cmd": {"path": sys.executable, "args": args}},
+                "grpcp": {"grpc": f"127.0.0.1:{port}"},
+            }}))  # fmt: skip
+            config.chmod(0o600)
+            monkeypatch.setenv("OCICRYPT_KEYPROVIDER_CONFIG", str(config))
+
+        configure("normal")
+        base = Path(os.environ.get("CRYPTLAYER_SCRATCH", tmp_path))
+        image = base / "by-provider"
+        cli.ok("build", "--recipient", "provider:cmdp:tenant=a", "--recipient", "provider:grpcp",
+               "--output", str(image), "--cmd", "cat /data/hello.txt", str(busybox_tree),
+               str(data_tree))  # fmt: skip
+        try:
+            shown = cli.ok("inspect", str(image))
+            assert "opens:   provider:cmdp" in shown and "opens:   provider:grpcp" in shown
+            for name in ("cmdp", "grpcp"):
+                out = cli.ok("run", "--keep", "--identity", f"provider:{name}", str(image))
+                assert out == f"{MARKER_LOWER}\n", name
+            configure("fail")
+            code, _, err = cli("run", "--identity", "provider:cmdp", str(image))
+            assert code == ExitCode.RUN_FAILED
+            assert err.startswith(
+                f"error: key provider cmdp (cmd {sys.executable}) failed (exit status 1):"
+                " test provider: the KBS refused to release the key (test)"
+            )
+        finally:
+            shutil.rmtree(image)
+    finally:
+        server.kill()
+        server.wait()
