@@ -3,6 +3,7 @@ utils/keyprovider/keyprovider.proto), for the tests: not cryptlayer's code.
 
     provider.py cmd  --name NAME --kek FILE [--mode MODE] [--log FILE]   (request on stdin)
     provider.py grpc --name NAME --kek FILE [--mode MODE] [--log FILE]   (prints its port)
+                     [--tls-cert PEM --tls-key PEM [--client-ca PEM]]
 
 It wraps optsdata with AES-256-GCM under the 32-byte key in FILE, its annotation a JSON object
 as Confidential Containers' provider writes one ({"kid", "wrapped_data", "iv", "wrap_type"}).
@@ -159,7 +160,16 @@ def serve_grpc(args: argparse.Namespace) -> int:
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("keyprovider.KeyProviderService", handlers),)
     )
-    port = server.add_insecure_port("127.0.0.1:0")
+    if args.tls_cert:  # TLS, and with --client-ca a client certificate required
+        client_ca = Path(args.client_ca).read_bytes() if args.client_ca else None
+        credentials = grpc.ssl_server_credentials(
+            [(Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(port, flush=True)
     server.wait_for_termination()
@@ -173,6 +183,9 @@ def main() -> int:
     parser.add_argument("--kek", required=True)
     parser.add_argument("--mode", default="normal")
     parser.add_argument("--log")
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
+    parser.add_argument("--client-ca")
     args = parser.parse_args()
     return serve_cmd(args) if args.how == "cmd" else serve_grpc(args)
 

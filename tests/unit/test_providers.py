@@ -369,8 +369,13 @@ def test_a_grpc_provider_nobody_listens_for_is_named(
     [
         ({"p": {"cmd": {"path": "provider"}}}, 0o600, "provider p's cmd path is not an absolute"
                                                       " path"),
-        ({"p": {"grpc": "h:1", "grpc-tls": {}}}, 0o600, "provider p asks for grpc-tls, which"
-                                                        " cryptlayer does not support yet"),
+        ({"p": {"grpc": "h:1", "grpc-tls": {"insecure-skip-verify": True}}}, 0o600,
+         "provider p's grpc-tls asks for insecure-skip-verify, which cryptlayer refuses: the"
+         " image key would go to whoever answers"),
+        ({"p": {"grpc": "h:1", "grpc-tls": {"cert-file": "/c"}}}, 0o600,
+         "provider p's grpc-tls gives one of cert-file and key-file, not both"),
+        ({"p": {"grpc": "h:1", "grpc-tls": {"root-ca-file": "ca.pem"}}}, 0o600,
+         "provider p's grpc-tls root-ca-file is not an absolute path"),
         ({"p": {}}, 0o600, "provider p has neither cmd nor grpc"),
         ({"p": {"grpc": "h:1", "cryptlayer-timeout": "1"}}, 0o600, "provider p's"
                                                                    " cryptlayer-timeout is not a"
@@ -489,3 +494,106 @@ def test_an_ocicrypt_layer_annotation_unwraps_through_the_provider(
         providers.unwrap_layer_annotation(who, value)  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="annotation is not base64"):
         providers.unwrap_layer_annotation(who, "***")  # type: ignore[arg-type]
+
+
+def make_pki(base: Path) -> dict[str, Path]:
+    """A CA, a server certificate for provider.test and 127.0.0.1, a client certificate, and
+    another CA that signed none of them (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    files: dict[str, Path] = {}
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write(label: str, data: bytes) -> Path:
+        files[label] = base / f"{label}.pem"
+        files[label].write_bytes(data)
+        return files[label]
+
+    def cert(
+        subject: str, key: Any, issuer: str, issuer_key: Any, ca: bool, sans: list[Any]
+    ) -> bytes:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(name(issuer))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    def private(key: Any) -> bytes:
+        return key.private_bytes(  # type: ignore[no-any-return]
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    ca_key, other_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    write("ca", cert("test CA", ca_key, "test CA", ca_key, True, []))
+    write("other-ca", cert("other CA", other_key, "other CA", other_key, True, []))
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    sans = [x509.DNSName("provider.test"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    write("server", cert("provider.test", server_key, "test CA", ca_key, False, sans))
+    write("server-key", private(server_key))
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    write("client", cert("cryptlayer", client_key, "test CA", ca_key, False, []))
+    write("client-key", private(client_key))
+    return files
+
+
+def test_grpc_tls_as_ocicrypt_configures_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kek: Path
+) -> None:
+    """grpc-tls: the service verified against root-ca-file under server-name, with a client
+    certificate the service requires; a service the CA did not certify is not sent the key."""
+    pki = make_pki(tmp_path)
+    server = subprocess.Popen(
+        [sys.executable, str(PROVIDER), "grpc", "--name", "tlsp", "--kek", str(kek),
+         "--tls-cert", str(pki["server"]), "--tls-key", str(pki["server-key"]),
+         "--client-ca", str(pki["ca"]), "--log", str(tmp_path / "log")],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        tls = {"root-ca-file": str(pki["ca"]), "cert-file": str(pki["client"]),
+               "key-file": str(pki["client-key"]), "server-name": "provider.test"}  # fmt: skip
+        entry = {"grpc": f"localhost:{port}", "grpc-tls": tls, "cryptlayer-timeout": 10}
+        configure(tmp_path, monkeypatch, {"tlsp": entry})
+        raw, _, opened = round_trip("provider:tlsp", "provider:tlsp")
+        assert key_bytes(opened) == raw
+        ops = [json.loads(line)["op"] for line in (tmp_path / "log").read_text().splitlines()]
+        assert ops == ["keywrap", "keyunwrap"]
+        configure(tmp_path, monkeypatch, {"tlsp": {**entry,
+                  "grpc-tls": {**tls, "root-ca-file": str(pki["other-ca"])}}})  # fmt: skip
+        image_key = envelope.new_image_key()
+        with pytest.raises(ProviderError) as caught:
+            envelope.for_recipient(image_key, load_recipient("provider:tlsp"))
+        assert caught.value.message.startswith(
+            f"key provider tlsp (grpc localhost:{port}) failed: UNAVAILABLE"
+        )
+        assert len((tmp_path / "log").read_text().splitlines()) == 2  # nothing reached it
+        configure(tmp_path, monkeypatch, {"tlsp": {**entry,
+                  "grpc-tls": {**tls, "root-ca-file": str(tmp_path / "absent.pem")}}})  # fmt: skip
+        with pytest.raises(UsageError, match="cannot read its grpc-tls root-ca-file"):
+            envelope.for_recipient(image_key, load_recipient("provider:tlsp"))
+    finally:
+        server.kill()
+        server.wait()

@@ -28,9 +28,10 @@ user running cryptlayer and be writable by no one else (as config.py holds /etc/
 config.toml), since cryptlayer runs them as root with the image key; a program's path must be
 absolute (no $PATH search). A provider gets DEFAULT_TIMEOUT seconds to answer; the operator may
 set another per provider with `"cryptlayer-timeout": SECONDS` in the same file (ocicrypt ignores
-fields it does not know). `grpc-tls` (ocicrypt's TLS settings for gRPC) is refused for now, and
-plain gRPC should be reached over loopback or a unix socket (`unix:/path`) only: the image key
-crosses that connection.
+fields it does not know). ocicrypt's `grpc-tls` is followed (root-ca-file, else the system's
+CAs; cert-file and key-file; server-name) except `insecure-skip-verify`, which is refused; plain
+gRPC should be reached over loopback or a unix socket (`unix:/path`) only: the image key crosses
+that connection.
 """
 
 from __future__ import annotations
@@ -68,6 +69,17 @@ class ProviderError(CryptlayerError):
 
 
 @dataclass(frozen=True)
+class GrpcTls:
+    """ocicrypt's `grpc-tls`: the CAs to verify the service with (None: the system's), a client
+    certificate and key, the name to verify instead of the address's."""
+
+    root_ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
 class Provider:
     """One entry of the key provider config: a program (`cmd`) or a gRPC address."""
 
@@ -76,6 +88,7 @@ class Provider:
     args: tuple[str, ...] = ()
     grpc: str | None = None
     timeout: float = DEFAULT_TIMEOUT
+    tls: GrpcTls | None = None
 
     @property
     def shown(self) -> str:
@@ -203,8 +216,6 @@ def _provider(name: str, attrs: Any) -> Provider:
     shown = f"provider {printable(name)}"
     if not isinstance(attrs, dict):
         raise ValueError(f"{shown} is not an object")
-    if attrs.get("grpc-tls") is not None:
-        raise ValueError(f"{shown} asks for grpc-tls, which cryptlayer does not support yet")
     timeout = attrs.get("cryptlayer-timeout", DEFAULT_TIMEOUT)
     if not isinstance(timeout, int | float) or isinstance(timeout, bool):
         raise ValueError(f"{shown}'s cryptlayer-timeout is not a number of seconds")
@@ -223,8 +234,40 @@ def _provider(name: str, attrs: Any) -> Provider:
             raise ValueError(f"{shown}'s cmd args is not a list of strings")
         return Provider(name, path=path, args=tuple(args), timeout=float(timeout))
     if isinstance(grpc, str) and grpc and "\0" not in grpc:
-        return Provider(name, grpc=grpc, timeout=float(timeout))
+        tls = _grpc_tls(shown, attrs.get("grpc-tls"))
+        return Provider(name, grpc=grpc, timeout=float(timeout), tls=tls)
     raise ValueError(f"{shown} has neither cmd nor grpc")
+
+
+TLS_FIELDS = ("root-ca-file", "cert-file", "key-file", "server-name", "insecure-skip-verify")
+
+
+def _grpc_tls(shown: str, value: Any) -> GrpcTls | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"{shown}'s grpc-tls is not an object")
+    unknown = sorted(set(value) - set(TLS_FIELDS))
+    if unknown:
+        raise ValueError(f"{shown}'s grpc-tls has unknown fields {printable(', '.join(unknown))}")
+    if value.get("insecure-skip-verify"):
+        raise ValueError(
+            f"{shown}'s grpc-tls asks for insecure-skip-verify, which cryptlayer refuses: the"
+            " image key would go to whoever answers"
+        )
+    fields: dict[str, str | None] = {}
+    for name in TLS_FIELDS[:4]:
+        item = value.get(name) or None
+        if item is not None and (not isinstance(item, str) or "\0" in item):
+            raise ValueError(f"{shown}'s grpc-tls {name} is not a string")
+        if item is not None and name != "server-name" and not item.startswith("/"):
+            raise ValueError(f"{shown}'s grpc-tls {name} is not an absolute path")
+        fields[name] = item
+    if (fields["cert-file"] is None) != (fields["key-file"] is None):
+        raise ValueError(f"{shown}'s grpc-tls gives one of cert-file and key-file, not both")
+    return GrpcTls(
+        fields["root-ca-file"], fields["cert-file"], fields["key-file"], fields["server-name"]
+    )
 
 
 def find(name: str) -> Provider:
@@ -486,12 +529,24 @@ def _call_grpc(provider: Provider, request: bytearray, operation: str) -> bytear
     import grpc
 
     method = "WrapKey" if operation == "keywrap" else "UnWrapKey"
-    options = [
+    options: list[tuple[str, str | int]] = [
         ("grpc.enable_http_proxy", 0),  # the key goes to the provider, not through a proxy
         ("grpc.max_receive_message_length", MAX_ANSWER + 64),
     ]
     assert provider.grpc is not None
-    with grpc.insecure_channel(provider.grpc, options=options) as channel:
+    if provider.tls is None:
+        channel = grpc.insecure_channel(provider.grpc, options=options)
+    else:
+        tls = provider.tls
+        if tls.server_name is not None:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
+        credentials = grpc.ssl_channel_credentials(
+            _tls_file(provider, "root-ca-file", tls.root_ca_file),
+            _tls_file(provider, "key-file", tls.key_file),
+            _tls_file(provider, "cert-file", tls.cert_file),
+        )
+        channel = grpc.secure_channel(provider.grpc, credentials, options=options)
+    with channel:
         stub = channel.unary_unary(
             f"/{SERVICE}/{method}",
             request_serializer=encode_message,
@@ -513,6 +568,19 @@ def _call_grpc(provider: Provider, request: bytearray, operation: str) -> bytear
                 "is the provider's service up and listening there?",
             ) from None
     return answer
+
+
+def _tls_file(provider: Provider, what: str, path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_CONFIG)
+    except OSError as err:
+        raise UsageError(
+            f"{provider.shown}: cannot read its grpc-tls {what} {printable(path)}: {err.strerror}",
+            f"fix ${ENV}'s file",
+        ) from None
 
 
 def _decode_response(data: bytes) -> bytearray:
