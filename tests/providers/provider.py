@@ -10,7 +10,7 @@ as Confidential Containers' provider writes one ({"kid", "wrapped_data", "iv", "
 It refuses a request that ocicrypt would not send: an op other than keywrap or keyunwrap, or
 (as ocicrypt's WrapKeys checks) Parameters without its NAME. MODE makes it misbehave: fail (exit
 1 with a message), hang, garbage (not JSON), badb64 (a result that is not base64), empty (no
-result), wrongkey (unwraps to another key), huge (a very long answer).
+result), echo (fails repeating its request), wrongkey (unwraps to another key), huge (a very long answer).
 With --log, it appends one JSON line per request: its argv, its environment, the op and the
 Parameters it got, and what it was sent, base64 fields decoded to hex (the tests look for the
 key there, where it belongs, and not in argv or the environment).
@@ -66,6 +66,8 @@ def handle(args: argparse.Namespace, request: bytes) -> bytes:
     mode = args.mode
     if mode == "fail":
         raise Refused("the KBS refused to release the key (test)")
+    if mode == "echo":  # a careless provider: its input in its message
+        raise Refused(f"cannot handle {request.decode()}")
     if mode == "hang":
         time.sleep(3600)
     if mode == "garbage":

@@ -54,10 +54,10 @@ def configure(
 
 
 class GrpcProvider:
-    def __init__(self, tmp: Path, kek: Path, mode: str) -> None:
+    def __init__(self, tmp: Path, kek: Path, mode: str, name: str = "grpcp") -> None:
         self.log = tmp / f"grpc-{mode}.log"
         self.proc = subprocess.Popen(
-            [sys.executable, str(PROVIDER), "grpc", "--name", "grpcp", "--kek", str(kek),
+            [sys.executable, str(PROVIDER), "grpc", "--name", name, "--kek", str(kek),
              "--mode", mode, "--log", str(self.log)],
             stdout=subprocess.PIPE,
         )  # fmt: skip
@@ -288,6 +288,30 @@ def test_a_provider_that_fails_to_wrap_stops_the_rekey_naming_it(
         f"error: key provider cmdp (cmd {sys.executable}) answered something that is not JSON"
     )
     assert (image / "keys.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("how", ["cmd", "grpc"])
+def test_a_provider_repeating_the_key_in_its_message_is_redacted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kek: Path, how: str
+) -> None:
+    server = None
+    if how == "cmd":
+        entry = cmd("p", kek, mode="echo")
+    else:
+        server = GrpcProvider(tmp_path, kek, "echo", name="p")
+        entry = {"grpc": f"127.0.0.1:{server.port}"}
+    try:
+        configure(tmp_path, monkeypatch, {"p": entry})
+        image_key = envelope.new_image_key()
+        with pytest.raises(ProviderError) as caught:
+            envelope.for_recipient(image_key, load_recipient("provider:p"))
+    finally:
+        if server is not None:
+            server.stop()
+    message = caught.value.message
+    assert "test provider: cannot handle" in message
+    assert '"optsdata":"<redacted>"' in message
+    assert base64.b64encode(key_bytes(image_key)).decode() not in message
 
 
 def test_a_hung_cmd_provider_is_killed_at_its_deadline(

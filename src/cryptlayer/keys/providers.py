@@ -398,16 +398,37 @@ def _run_cmd(provider: Provider, request: bytearray) -> bytearray:
             f"{provider.shown} did not answer within {provider.timeout:g} s",
             'is its service up? the operator may raise "cryptlayer-timeout" in $' + ENV,
         )
-    code = proc.wait()
+    try:  # it closed its output; it may not linger past its deadline either
+        code = proc.wait(timeout=provider.timeout)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        answer[:] = bytes(len(answer))
+        raise ProviderError(
+            f"{provider.shown} did not exit within {provider.timeout:g} s",
+            'is its service up? the operator may raise "cryptlayer-timeout" in $' + ENV,
+        ) from None
     if code != 0:
         answer[:] = bytes(len(answer))
-        last = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        said = _redacted(bytes(stderr), request).decode(errors="replace")
+        last = said.strip().splitlines()[-1:] or ["no message"]
         status = f"signal {-code}" if code < 0 else f"status {code}"
         raise ProviderError(
             f"{provider.shown} failed (exit {status}): {printable(last[0][:300])}",
             "see the provider's own logs; is this key its to unwrap?",
         )
     return answer
+
+
+def _redacted(text: bytes, request: bytearray) -> bytes:
+    """`text` (what a provider said) without the base64 key that `request` carries, should the
+    provider repeat its input in a message."""
+    marker = b'"optsdata":"'
+    start = request.find(marker) + len(marker)
+    end = request.find(b'"', start)
+    if start < len(marker) or end <= start:
+        return text
+    key = bytes(request[start:end])
+    return text.replace(key, b"<redacted>")
 
 
 def _exchange(
@@ -563,8 +584,9 @@ def _call_grpc(provider: Provider, request: bytearray, operation: str) -> bytear
                     'is its service up? the operator may raise "cryptlayer-timeout" in $' + ENV,
                 ) from None
             name = code.name if code is not None else "error"
+            said = _redacted(str(detail).encode(), request).decode(errors="replace")
             raise ProviderError(
-                f"{provider.shown} failed: {name}: {printable(str(detail)[:300])}",
+                f"{provider.shown} failed: {name}: {printable(said[:300])}",
                 "is the provider's service up and listening there?",
             ) from None
     return answer
