@@ -10,7 +10,7 @@ signer = "publisher@example"                 # without a key option, cryptlayer-
                                              # image = "/srv/images/app*" (a path or a glob),
                                              # digest = "sha256:...", repository = "reg/team/app"
 key-file = "/etc/cryptlayer/keys/app.key"    # or identity = "/etc/cryptlayer/keys/id.pem"
-                                             # (or "provider:NAME", "tpm2:FILE", "pkcs11:URI"),
+                                             # (or "provider:NAME", "tpm2:/FILE", "pkcs11:URI"),
                                              # key-command = "...", keyring = "NAME"
 """
 
@@ -159,7 +159,8 @@ class ImageKey:
     identity: str | None = None  # a private key's path, or provider:NAME, tpm2:FILE, pkcs11:URI
     signer: str | None = None  # a principal of the trust file whose key signed the image
     digest: str | None = None  # the image digest (sha256 of its statement, as --digest)
-    repository: str | None = None  # the repository it was pulled from at create
+    repository: str | None = None  # the repository it was pulled from at create (the pull
+    # names it, never the container spec alone: an image on the node has none)
     key_command: str | None = None
     keyring: str | None = None
 
@@ -283,7 +284,7 @@ def _key_setting(where: str, name: str, text: object) -> None:
     shown = printable(text)
     if name in paths or (name == "identity" and not text.startswith(IDENTITY_KINDS)):
         if not text.startswith("/"):
-            kinds = " (or provider:NAME, tpm2:FILE, pkcs11:URI)" if name == "identity" else ""
+            kinds = " (or provider:NAME, tpm2:/FILE, pkcs11:URI)" if name == "identity" else ""
             raise UsageError(f"{where}: {name} is not an absolute path{kinds}",
                              f"e.g. {KEYS_EXAMPLE}")  # fmt: skip
     elif name == "identity" and text.startswith("tpm2:") and not text[5:].startswith("/"):

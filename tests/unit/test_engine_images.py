@@ -91,7 +91,7 @@ identity = "/k/id.pem"
         ('[[keys]]\nimage = "/a"\nkey-file = "k"', "[[keys]] entry 1: key-file is not an absolute path"),
         ('[[keys]]\nimage = "/a"\nkey-file = 3', "[[keys]] entry 1: key-file is not an absolute path"),
         ('[[keys]]\nimage = "/a"\nidentity = "id.pem"',
-         "[[keys]] entry 1: identity is not an absolute path (or provider:NAME, tpm2:FILE,"
+         "[[keys]] entry 1: identity is not an absolute path (or provider:NAME, tpm2:/FILE,"
          " pkcs11:URI)"),
         ('[[keys]]\nimage = "/a"\nidentity = "tpm2:node.ctx"',
          "[[keys]] entry 1: identity tpm2:node.ctx names no absolute path"),

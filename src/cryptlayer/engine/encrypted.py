@@ -193,9 +193,10 @@ def write_config(path: str, spec: dict[str, Any]) -> None:
 
 
 def credential_for(image: Path, repository: str | None = None) -> NodeKeys:
-    """What opens `image` (pulled from `repository`, if it was): the first `[[keys]]` entry that
-    matches it, chosen by container.start once the image is open and its digest and signatures
-    are checked (keys/node.py), never from the pod spec."""
+    """What opens `image`: the first `[[keys]]` entry that matches it, chosen by container.start
+    once the image is open and its digest and signatures are checked (keys/node.py), never from
+    the pod spec. `repository`: the one this create pulled the image from, only then (a
+    `repository` entry must not match a node's image whose spec merely names one)."""
     from cryptlayer.keys.node import NodeKeys
 
     return NodeKeys(repository)
