@@ -20,6 +20,7 @@ from cryptlayer.image import DEFAULT_ITER_TIME_MS
 from cryptlayer.runtime import DEFAULT_SCRATCH, DEFAULT_STOP_TIMEOUT
 
 if TYPE_CHECKING:
+    from cryptlayer.keys.node import NodeKeys
     from cryptlayer.keys.sources import Credential
 
 
@@ -331,6 +332,26 @@ def _credential(
     from cryptlayer.keys.sources import KeySource, credential
 
     return credential(image, KeySource(key_file, key_command, keyring), passphrase, identity)
+
+
+def _key_or_node(
+    image: Path,
+    key_file: str | None,
+    key_command: str | None,
+    keyring: str | None,
+    passphrase: bool,
+    identity: str | None,
+) -> "Credential | NodeKeys":
+    """run/start: the key given, else the node's `[[keys]]` for the image (chosen once it is
+    open and checked); neither: the options' error, as before the config had keys."""
+    from cryptlayer.config import image_keys
+    from cryptlayer.keys.node import NodeKeys
+
+    given = (key_file, key_command, keyring, identity)
+    if passphrase or any(g is not None for g in given) or not image_keys():
+        return _credential(image, key_file, key_command, keyring, passphrase, identity)
+    return NodeKeys(otherwise=", or give --key-file (or --key-command, --keyring, --passphrase,"
+                    " --identity)")  # fmt: skip
 
 
 AllowSharedDir = Annotated[
@@ -768,7 +789,7 @@ def run(
     require_root("start containers")
     if not keep:
         _warn_if_erase_may_not_hold(image)
-    with _credential(image, key_file, key_command, keyring, passphrase, identity) as credential:
+    with _key_or_node(image, key_file, key_command, keyring, passphrase, identity) as credential:
         _check_host(strict)
         flush_warnings()  # before the container's own output
         status = container.run(image, credential, options, overrides, interactive)
@@ -806,7 +827,7 @@ def start(
     require_root("start containers")
     if not keep:
         _warn_if_erase_may_not_hold(image)
-    with _credential(image, key_file, key_command, keyring, passphrase, identity) as credential:
+    with _key_or_node(image, key_file, key_command, keyring, passphrase, identity) as credential:
         _check_host(strict)
         record = container.start(image, credential, options)
     typer.echo(record.rootfs)

@@ -5,9 +5,13 @@ allow-unsigned = false                       # cryptlayer-runtime: run images no
 quiet-warnings = ["core-pattern"]            # warnings this host's operator has accepted
 [runtime]                                    # cryptlayer-runtime's (docs/engines.md):
 runtime = "crun"                             # the OCI runtime it hands over to (runc, a path)
-[[keys]]                                     # cryptlayer-runtime's keys, first match wins:
-image = "/srv/images/app*"                   # an image directory, or a glob of them
+[[keys]]                                     # the node's keys, first match wins (run/start
+signer = "publisher@example"                 # without a key option, cryptlayer-runtime); one of
+                                             # image = "/srv/images/app*" (a path or a glob),
+                                             # digest = "sha256:...", repository = "reg/team/app"
 key-file = "/etc/cryptlayer/keys/app.key"    # or identity = "/etc/cryptlayer/keys/id.pem"
+                                             # (or "provider:NAME", "tpm2:/FILE", "pkcs11:URI"),
+                                             # key-command = "...", keyring = "NAME"
 """
 
 from __future__ import annotations
@@ -17,16 +21,21 @@ import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptlayer.errors import UsageError, printable
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 DEFAULT = Path("/etc/cryptlayer/config.toml")
 KNOWN = ("allow-unsigned", "keys", "quiet-warnings", "runtime", "trust")
 RUNTIME_KNOWN = ("runtime",)  # the [runtime] table's
-KEY_MATCH = ("image",)  # what a [[keys]] entry matches
-KEY_SOURCES = ("identity", "key-file")  # and where its key is: exactly one of these
+# What a [[keys]] entry matches, and where its key is: exactly one of each.
+KEY_MATCH = ("digest", "image", "repository", "signer")
+KEY_SOURCES = ("identity", "key-command", "key-file", "keyring")
 KEYS_EXAMPLE = '[[keys]] image = "/srv/images/app" key-file = "/etc/cryptlayer/keys/app.key"'
+IDENTITY_KINDS = ("provider:", "pkcs11:", "tpm2:")  # identities that are not a plain path
 
 # Every warning cryptlayer prints, by the name it carries (`warning: ... [NAME]`) and that
 # quiet-warnings takes. --strict still refuses on the host's, silenced or not.
@@ -142,18 +151,48 @@ def _allow_unsigned(path: Path, settings: dict[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class ImageKey:
-    """A `[[keys]]` entry: the images it is for (a path or a glob) and where their key is."""
+    """A `[[keys]]` entry: the images it is for (one matcher) and where their key is (one
+    source; the others None)."""
 
-    image: str
+    image: str | None = None  # an image directory, or a glob of them
     key_file: str | None = None
-    identity: str | None = None
+    identity: str | None = None  # a private key's path, or provider:NAME, tpm2:FILE, pkcs11:URI
+    signer: str | None = None  # a principal of the trust file whose key signed the image
+    digest: str | None = None  # the image digest (sha256 of its statement, as --digest)
+    repository: str | None = None  # the repository it was pulled from at create (the pull
+    # names it, never the container spec alone: an image on the node has none)
+    key_command: str | None = None
+    keyring: str | None = None
 
-    def matches(self, image: Path) -> bool:
-        """Whether `image` (an absolute, resolved path) is one of this entry's: the path itself,
-        or the glob's (fnmatch: `*` also matches `/`)."""
+    def matches(
+        self,
+        image: Path,
+        *,
+        signers: Sequence[str] = (),
+        digest: str | None = None,
+        repository: str | None = None,
+    ) -> bool:
+        """Whether this entry is for `image` (an absolute, resolved path; the path itself, or
+        the glob's: fnmatch, `*` also matches `/`), whose trusted signers (OpenedImage.signers:
+        each the principals of a trust file line, comma-separated) and digest were checked, and
+        which was pulled from `repository` (None: not pulled). A signer is matched as the trust
+        file writes it, exactly: its patterns (`*@example`) choose no key."""
         import fnmatch
 
-        return fnmatch.fnmatchcase(str(image), self.image)
+        if self.image is not None:
+            return fnmatch.fnmatchcase(str(image), self.image)
+        if self.signer is not None:
+            return any(self.signer in line.split(",") and f"!{self.signer}" not in line.split(",")
+                       for line in signers)  # fmt: skip
+        if self.digest is not None:
+            return digest == self.digest
+        return repository is not None and repository == self.repository
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The files its key is read from, which must be root's and writable by no one else."""
+        plain = self.identity is not None and self.identity.startswith("/")
+        return tuple(p for p in (self.key_file, self.identity if plain else None) if p)
 
 
 def image_keys() -> list[ImageKey]:
@@ -172,15 +211,23 @@ def image_keys() -> list[ImageKey]:
     return entries
 
 
-def key_for(image: Path) -> ImageKey:
-    """The first `[[keys]]` entry for `image` (resolved); UsageError when none is."""
+def key_for(
+    image: Path,
+    *,
+    signers: Sequence[str] = (),
+    digest: str | None = None,
+    repository: str | None = None,
+    otherwise: str = "",
+) -> ImageKey:
+    """The first `[[keys]]` entry for `image` (resolved; see ImageKey.matches); UsageError when
+    none is, whose hint ends with `otherwise` (what else the user could do)."""
     resolved = image.resolve()
     for entry in image_keys():
-        if entry.matches(resolved):
+        if entry.matches(resolved, signers=signers, digest=digest, repository=repository):
             return entry
     raise UsageError(
         f"no key for the image {printable(str(resolved))} in {_path()}",
-        f"add an entry for it, e.g. {KEYS_EXAMPLE}",
+        f"add an entry for it, e.g. {KEYS_EXAMPLE}{otherwise}",
     )
 
 
@@ -202,20 +249,66 @@ def _keys(path: Path, settings: dict[str, Any]) -> list[ImageKey]:
                 f" (known: {', '.join(KEY_MATCH + KEY_SOURCES)})",
                 "fix or remove it",
             )
+        for kinds, what in ((KEY_MATCH, "the images it is for"), (KEY_SOURCES, "its key")):
+            named = [name for name in kinds if name in table]
+            if len(named) != 1:
+                raise UsageError(
+                    f"{where} must name exactly one of {', '.join(kinds[:-1])} and {kinds[-1]}"
+                    f" ({what}){f'; it names {len(named)}' if named else ''}",
+                    f"e.g. {KEYS_EXAMPLE}",
+                )
         for name, text in table.items():
-            if not isinstance(text, str) or not text.startswith("/") or "\0" in text:
-                raise UsageError(f"{where}: {name} is not an absolute path", f"e.g. {KEYS_EXAMPLE}")
-        if "image" not in table:
-            raise UsageError(f"{where} names no image", f"e.g. {KEYS_EXAMPLE}")
-        sources = [name for name in KEY_SOURCES if name in table]
-        if len(sources) != 1:
-            raise UsageError(
-                f"{where} must name exactly one of {' and '.join(KEY_SOURCES)}"
-                f"{f' (it names {len(sources)})' if sources else ''}",
-                f"e.g. {KEYS_EXAMPLE}",
-            )
-        pattern = table["image"]
-        if len(pattern) > 1:
-            pattern = pattern.rstrip("/")
-        entries.append(ImageKey(pattern, table.get("key-file"), table.get("identity")))
+            _key_setting(where, name, text)
+        fields = {name.replace("-", "_"): text for name, text in table.items()}
+        if fields.get("image", "").endswith("/") and len(fields["image"]) > 1:
+            fields["image"] = fields["image"].rstrip("/")
+        entries.append(ImageKey(**fields))
     return entries
+
+
+# A principal as a trust file names one (no pattern: `*@example` chooses no key), and a
+# repository as host[:port]/path, without a scheme, tag or digest.
+SIGNER = r"[^\s,*?!\"'\\]+"
+REPOSITORY = r"[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)+"
+DIGEST = r"sha256:[0-9a-f]{64}"  # as oci.is_digest (whose module a pass-through does not load)
+
+
+def _key_setting(where: str, name: str, text: object) -> None:
+    """UsageError unless `text` is what the [[keys]] setting `name` takes."""
+    import re
+
+    paths = ("image", "key-file")
+    if not isinstance(text, str) or not text or "\0" in text:
+        what = "an absolute path" if name in paths else "a non-empty string"
+        raise UsageError(f"{where}: {name} is not {what}", f"e.g. {KEYS_EXAMPLE}")
+    shown = printable(text)
+    if name in paths or (name == "identity" and not text.startswith(IDENTITY_KINDS)):
+        if not text.startswith("/"):
+            kinds = " (or provider:NAME, tpm2:/FILE, pkcs11:URI)" if name == "identity" else ""
+            raise UsageError(f"{where}: {name} is not an absolute path{kinds}",
+                             f"e.g. {KEYS_EXAMPLE}")  # fmt: skip
+    elif name == "identity" and text.startswith("tpm2:") and not text[5:].startswith("/"):
+        raise UsageError(f"{where}: identity {shown} names no absolute path",
+                         'e.g. identity = "tpm2:/etc/cryptlayer/keys/node.tpm2"')  # fmt: skip
+    elif name == "digest" and not re.fullmatch(DIGEST, text):
+        raise UsageError(f"{where}: digest {shown} is not sha256:<64 lowercase hex digits>",
+                         "copy it from `cryptlayer inspect`")  # fmt: skip
+    elif name == "signer" and not re.fullmatch(SIGNER, text):
+        raise UsageError(
+            f"{where}: signer {shown} is not one principal",
+            'name it as the trust file does, e.g. signer = "publisher@example"',
+        )
+    elif name == "repository" and not re.fullmatch(REPOSITORY, text):
+        raise UsageError(f"{where}: repository {shown} is not a repository",
+                         'name it without a scheme, tag or digest, e.g. repository ='
+                         ' "registry.example/team/app"')  # fmt: skip
+    elif name == "key-command":
+        import shlex
+
+        try:
+            argv = shlex.split(text)
+        except ValueError as err:
+            raise UsageError(f"{where}: key-command {shown} does not parse: {err}",
+                             "quote it as a shell would") from None  # fmt: skip
+        if not argv:
+            raise UsageError(f"{where}: key-command is empty", "give a program that prints the key")

@@ -23,11 +23,14 @@ from cryptlayer.engine.cli import Invocation, container_name
 from cryptlayer.errors import UsageError
 from cryptlayer.image.manifest import ImageConfig
 from cryptlayer.image.process import DEFAULT_PATH
+from cryptlayer.keys.sources import Credential
 from cryptlayer.runtime import state
 from cryptlayer.runtime.state import Mode, Record
 
 RUNTIME = str(Path(sys.executable).with_name("cryptlayer-runtime"))
 DIGEST = "sha256:" + "ab" * 32
+MATCHERS = "digest, image, repository and signer"
+SOURCES = "identity, key-command, key-file and keyring"
 
 # -- the node's keys
 
@@ -72,15 +75,41 @@ identity = "/k/id.pem"
     ("text", "message"),
     [
         ("keys = 1", "keys is not a list of tables"),
-        ('[[keys]]\nimage = "/a"\nkey-file = "/k"\nsigner = "x"',
-         "[[keys]] entry 1: unknown setting signer (known: image, identity, key-file)"),
-        ('[[keys]]\nkey-file = "/k"', "[[keys]] entry 1 names no image"),
-        ('[[keys]]\nimage = "/a"', "[[keys]] entry 1 must name exactly one of identity and key-file"),
+        ('[[keys]]\nimage = "/a"\nkey-file = "/k"\nsigners = "x"',
+         "[[keys]] entry 1: unknown setting signers (known: digest, image, repository, signer,"
+         " identity, key-command, key-file, keyring)"),
+        ('[[keys]]\nkey-file = "/k"', f"[[keys]] entry 1 must name exactly one of {MATCHERS}"
+         " (the images it is for): e.g."),
+        ('[[keys]]\nimage = "/a"\nsigner = "p@x"\nkey-file = "/k"',
+         f"[[keys]] entry 1 must name exactly one of {MATCHERS} (the images it is for); it names 2"),
+        ('[[keys]]\nimage = "/a"', f"[[keys]] entry 1 must name exactly one of {SOURCES} (its key):"),
         ('[[keys]]\nimage = "/a"\nkey-file = "/k"\nidentity = "/i"',
-         "[[keys]] entry 1 must name exactly one of identity and key-file (it names 2)"),
+         f"[[keys]] entry 1 must name exactly one of {SOURCES} (its key); it names 2"),
+        ('[[keys]]\nimage = "/a"\nkey-command = "cat /k"\nkeyring = "app"',
+         f"[[keys]] entry 1 must name exactly one of {SOURCES} (its key); it names 2"),
         ('[[keys]]\nimage = "a/b"\nkey-file = "/k"', "[[keys]] entry 1: image is not an absolute path"),
         ('[[keys]]\nimage = "/a"\nkey-file = "k"', "[[keys]] entry 1: key-file is not an absolute path"),
         ('[[keys]]\nimage = "/a"\nkey-file = 3', "[[keys]] entry 1: key-file is not an absolute path"),
+        ('[[keys]]\nimage = "/a"\nidentity = "id.pem"',
+         "[[keys]] entry 1: identity is not an absolute path (or provider:NAME, tpm2:/FILE,"
+         " pkcs11:URI)"),
+        ('[[keys]]\nimage = "/a"\nidentity = "tpm2:node.ctx"',
+         "[[keys]] entry 1: identity tpm2:node.ctx names no absolute path"),
+        ('[[keys]]\nimage = "/a"\nkey-command = "vault \'unclosed"',
+         "[[keys]] entry 1: key-command vault 'unclosed does not parse: No closing quotation"),
+        ('[[keys]]\nimage = "/a"\nkey-command = "  "', "[[keys]] entry 1: key-command is empty"),
+        ('[[keys]]\nimage = "/a"\nkeyring = ""', "[[keys]] entry 1: keyring is not a non-empty"),
+        (f'[[keys]]\ndigest = "{DIGEST.upper()}"\nkey-file = "/k"',
+         f"[[keys]] entry 1: digest {DIGEST.upper()} is not sha256:<64 lowercase hex digits>"),
+        ('[[keys]]\ndigest = "sha256:abc"\nkey-file = "/k"', "[[keys]] entry 1: digest sha256:abc"),
+        ('[[keys]]\nsigner = "*@example"\nkey-file = "/k"',
+         "[[keys]] entry 1: signer *@example is not one principal"),
+        ('[[keys]]\nsigner = "a@x,b@x"\nkey-file = "/k"', "[[keys]] entry 1: signer a@x,b@x is not"),
+        ('[[keys]]\nrepository = "docker://reg.example/app"\nkey-file = "/k"',
+         "[[keys]] entry 1: repository docker://reg.example/app is not a repository"),
+        ('[[keys]]\nrepository = "reg.example/app:v1"\nkey-file = "/k"',
+         "[[keys]] entry 1: repository reg.example/app:v1 is not a repository"),
+        ('[[keys]]\nrepository = "app"\nkey-file = "/k"', "[[keys]] entry 1: repository app is not"),
         ('[[keys]]\nimage = "/a"\nkey-file = "/k"\n[[keys]]\nimage = "/b"',
          "[[keys]] entry 2 must name exactly one"),
         ('allow-unsigned = "yes"', "allow-unsigned is not true or false"),
@@ -112,16 +141,21 @@ def test_a_key_file_others_may_write_is_refused(conf: Path, tmp_path: Path) -> N
     key.write_bytes(b"k" * 32)
     key.chmod(0o622)
     conf.write_text(f'[[keys]]\nimage = "/a"\nkey-file = "{key}"\n')
+    node = encrypted.credential_for(Path("/a"))  # chosen once the image is open and checked
+
+    def choose() -> Credential:
+        return node.choose(Path("/a"), signers=(), digest=DIGEST)
+
     with pytest.raises(UsageError, match="is not root's own file, writable by no one else"):
-        encrypted.credential_for(Path("/a"))
+        choose()
     key.chmod(0o600)
-    with encrypted.credential_for(Path("/a")) as credential:
+    with choose() as credential:
         assert credential.key is not None
         with credential.key.view() as data:
             assert bytes(data) == b"k" * 32
     conf.write_text(f'[[keys]]\nimage = "/a"\nkey-file = "{tmp_path}/none"\n')
     with pytest.raises(UsageError, match=f"cannot read the key {tmp_path}/none that {conf}"):
-        encrypted.credential_for(Path("/a"))
+        choose()
 
 
 def test_signed_images_only_unless_the_node_says_otherwise(conf: Path) -> None:
@@ -414,6 +448,8 @@ BASE = Path({base!r})
 
 
 def start(image, credential, options):
+    # the node's key, chosen as container.start chooses it once the image is open and checked
+    credential = credential.choose(image, signers=(), digest="sha256:" + "0" * 64)
     with credential.key.view() as data:
         key = bytes(data).decode()
     with open(BASE / "log", "a") as log:

@@ -210,3 +210,40 @@ def test_an_ocicrypt_key_provider_builds_and_runs_the_image(
     finally:
         server.kill()
         server.wait()
+
+
+def test_run_takes_the_nodes_key_for_its_signer(
+    cli: Cli, image: Path, key_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cryptlayer run` given no key option: the node's `[[keys]]` entry for the principal whose
+    trusted signature the image carries opens it (its key command's output). Signed only by a
+    key the trust file does not name, it is refused at the signature check, before any key
+    source is read: the key command never runs."""
+    publisher, stranger = tmp_path / "publisher", tmp_path / "stranger"
+    for path in (publisher, stranger):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    trust = tmp_path / "allowed_signers"
+    trust.write_text(
+        "release@example " + " ".join(Path(f"{publisher}.pub").read_text().split()[:2]) + "\n"
+    )
+    ran = tmp_path / "key-command-ran"
+    config = tmp_path / "config.toml"
+    config.write_text(f"""trust = "{trust}"
+[[keys]]
+image = "/nowhere/*"
+key-file = "/nowhere/app.key"
+[[keys]]
+signer = "release@example"
+key-command = "sh -c 'touch {ran}; cat {key_file}'"
+""")
+    monkeypatch.setenv("CRYPTLAYER_CONFIG", str(config))
+    cli.ok("sign", str(image), "--sign-key", str(publisher), "--name", "release")
+    assert cli.ok("run", "--keep", str(image)) == f"{MARKER_LOWER}\n"
+    assert ran.exists()
+    ran.unlink()
+    (image / "signatures/release.sig").unlink()
+    cli.ok("sign", str(image), "--sign-key", str(stranger), "--name", "other")
+    code, out, err = cli("run", "--keep", str(image))
+    assert (code, out) == (ExitCode.RUN_FAILED, "")
+    assert err.startswith(f"error: no key of {trust} signed {image} (signatures/other.sig:"), err
+    assert not ran.exists()

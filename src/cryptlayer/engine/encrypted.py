@@ -24,7 +24,7 @@ from cryptlayer.image.manifest import ImageConfig
 from cryptlayer.image.process import DEFAULT_PATH, merge_env
 
 if TYPE_CHECKING:
-    from cryptlayer.keys.sources import Credential
+    from cryptlayer.keys.node import NodeKeys
 
 # The placeholder's markers (distribution/placeholder.py writes them; the runtime layer does
 # not import distribution: tests/unit/test_engine.py checks that both say the same).
@@ -192,30 +192,14 @@ def write_config(path: str, spec: dict[str, Any]) -> None:
 # -- the key, from the node
 
 
-def credential_for(image: Path) -> Credential:
-    """The Credential that opens `image`: the first `[[keys]]` entry's key file or identity, a
-    file of root's (the runtime's user) that no one else may write."""
-    from cryptlayer import config
-    from cryptlayer.keys.sources import Credential, read_key
+def credential_for(image: Path, repository: str | None = None) -> NodeKeys:
+    """What opens `image`: the first `[[keys]]` entry that matches it, chosen by container.start
+    once the image is open and its digest and signatures are checked (keys/node.py), never from
+    the pod spec. `repository`: the one this create pulled the image from, only then (a
+    `repository` entry must not match a node's image whose spec merely names one)."""
+    from cryptlayer.keys.node import NodeKeys
 
-    entry = config.key_for(image)
-    source = entry.key_file or entry.identity or ""
-    try:
-        st = os.lstat(source)
-    except OSError as err:
-        raise UsageError(
-            f"cannot read the key {source} that {config._path()} names: {err.strerror}"
-        ) from None
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise UsageError(
-            f"the key {source} is not root's own file, writable by no one else",
-            f"chown root {source}; chmod 600 {source}",
-        )
-    if entry.key_file is not None:
-        return Credential(key=read_key(entry.key_file))
-    from cryptlayer.keys.recipients import load_identity
-
-    return Credential(identity=load_identity(source))
+    return NodeKeys(repository)
 
 
 def trust() -> Path | None:

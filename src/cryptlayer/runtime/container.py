@@ -13,7 +13,7 @@ import secrets
 import signal
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +27,7 @@ from cryptlayer.image import manifest as manifest_mod
 from cryptlayer.image.opener import OpenedImage, Policy, open_image
 from cryptlayer.image.process import Overrides
 from cryptlayer.image.shred import shred_image
+from cryptlayer.keys.node import NodeKeys
 from cryptlayer.keys.sources import Credential
 from cryptlayer.paths import scratch_dir
 from cryptlayer.runtime import DEFAULT_SCRATCH, DEFAULT_STOP_TIMEOUT, journal, layers, state
@@ -116,7 +117,7 @@ def assemble(
 
 def _assemble_locked(
     image: Path,
-    credential: Credential,
+    credential: Credential | NodeKeys,
     options: StartOptions,
     mode: Mode,
     overrides: Overrides | None = None,
@@ -142,7 +143,11 @@ def _assemble_locked(
         created = datetime.now(UTC).isoformat(timespec="seconds")
         # Unwrapped before the host lock is taken: a passphrase's Argon2id takes seconds. The
         # statement and every layer's header are checked with it before anything else is done.
-        with opened.unlock(credential) as key, state.locked():
+        with (
+            _chosen(credential, opened) as chosen,
+            opened.unlock(chosen) as key,
+            state.locked(),
+        ):
             layers.require_openable(opened)
             record = state.create(
                 Record(
@@ -158,6 +163,18 @@ def _assemble_locked(
             )
             _assemble_record(record, opened, key, options, overrides)
     return record
+
+
+def _chosen(
+    credential: Credential | NodeKeys, opened: OpenedImage
+) -> AbstractContextManager[Credential]:
+    """The Credential to unlock `opened` with: the one given (its caller wipes it), or the
+    node's for it (`[[keys]]`: by its path, or its signers and digest, checked by now), wiped
+    when done."""
+    if isinstance(credential, NodeKeys):
+        digest = opened.manifest.digest
+        return credential.choose(opened.image, signers=opened.signers, digest=digest)
+    return nullcontext(credential)
 
 
 def _assemble_record(
@@ -208,8 +225,9 @@ def _write_config(
     acquire(stack, record, Kind.CONTAINER, paths.container_id(record.name), lambda: None)
 
 
-def start(image: Path, credential: Credential, options: StartOptions) -> Record:
-    """Assemble a container and leave it assembled until `stop`; returns its record."""
+def start(image: Path, credential: Credential | NodeKeys, options: StartOptions) -> Record:
+    """Assemble a container and leave it assembled until `stop`; returns its record. The key is
+    `credential`, or the node's (NodeKeys), chosen once the image is open and checked."""
     return _assemble_locked(image, credential, options, Mode.START)
 
 
@@ -302,7 +320,7 @@ def stop(name: str, *, force: bool = False) -> Record:
 
 def run(
     image: Path,
-    credential: Credential,
+    credential: Credential | NodeKeys,
     options: StartOptions,
     overrides: Overrides,
     interactive: bool,
