@@ -412,3 +412,23 @@ def test_the_engine_sees_one_line_and_nothing_is_left(node: Node, tmp_path: Path
     (line,) = log.read_text().splitlines()
     assert json.loads(line)["msg"] == result.stderr.removeprefix("error: ").rstrip("\n")
     assert node.left() == []
+
+
+def test_an_engine_giving_up_mid_pull_leaves_nothing(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while pulling (an engine's create timing out): the error, the part fetched gone,
+    and SIGTERM's own handling back as it was."""
+    import signal
+
+    original = Registry.pull_blob
+
+    def term(self: Registry, digest: str, size: int, out: Any, progress: Any) -> None:
+        original(self, digest, size, out, progress)
+        if size > 100_000:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Registry, "pull_blob", term)
+    before = signal.getsignal(signal.SIGTERM)
+    assert str(fails(node, "c1", node.ref)) == "interrupted by SIGTERM while pulling"
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -298,7 +298,7 @@ def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str) -> st
         if started:
             _stop_quietly(name)
         if pulled is not None and pulled.new and not cli.has_record(name):
-            _discard_quietly(name)
+            store.discard_quietly(name)
         raise
     return name
 
@@ -318,18 +318,6 @@ def _interruptible() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def _discard_quietly(name: str) -> None:
-    """Remove the store's copy for `name` after a failure, whose error is the one to show."""
-    from cryptlayer.engine import store
-    from cryptlayer.errors import CryptlayerError
-
-    try:
-        store.discard(name)
-    except (CryptlayerError, OSError) as err:
-        print(f"warning: cryptlayer-runtime: removing the pulled copy of {name}: {err}",
-              file=sys.stderr)  # fmt: skip
 
 
 def exec_process(name: str, path: str) -> None:

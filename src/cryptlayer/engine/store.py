@@ -105,7 +105,7 @@ def pull(reference: str, name: str, digest: str | None, trust: Path | None) -> P
                 pulled = transfer.pull(store, target, digest=digest, trust=trust)
         except BaseException:
             if not existed:
-                discard(name)
+                discard_quietly(name)
             raise
         return Pulled(target, pulled.fetched or not existed)
     finally:
@@ -135,6 +135,17 @@ def discard(name: str, *, wipe: bool = True) -> None:
                 _remove(fd, entry, wipe)
     finally:
         os.close(fd)
+
+
+def discard_quietly(name: str) -> None:
+    """discard after a failure, whose error is the one to show: its own only as a warning."""
+    import sys
+
+    try:
+        discard(name)
+    except (CryptlayerError, OSError) as err:
+        print(f"warning: cryptlayer-runtime: removing the pulled copy of {name}: {err}",
+              file=sys.stderr)  # fmt: skip
 
 
 def _remove(dir_fd: int, entry: str, wipe: bool) -> None:
