@@ -12,6 +12,13 @@ signer = "publisher@example"                 # without a key option, cryptlayer-
 key-file = "/etc/cryptlayer/keys/app.key"    # or identity = "/etc/cryptlayer/keys/id.pem"
                                              # (or "provider:NAME", "tpm2:/FILE", "pkcs11:URI"),
                                              # key-command = "...", keyring = "NAME"
+[pull]                                       # cryptlayer-runtime's pulls at create:
+store = "/var/lib/cryptlayer/engine/images"  # where the copies go (root's, 0700)
+keep = false                                 # keep them after delete (not shredded)
+auth-file = "/etc/cryptlayer/auth.json"      # credentials (default: where `pull` looks)
+[registries."registry.example:5000"]         # one registry's TLS, the node's word only:
+tls-verify = false                           # plain HTTP or unverified TLS
+cert-dir = "/etc/cryptlayer/certs.d/registry.example"  # or: its CA (*.crt)
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 DEFAULT = Path("/etc/cryptlayer/config.toml")
-KNOWN = ("allow-unsigned", "keys", "quiet-warnings", "runtime", "trust")
+KNOWN = ("allow-unsigned", "keys", "pull", "quiet-warnings", "registries", "runtime", "trust")
 RUNTIME_KNOWN = ("runtime",)  # the [runtime] table's
 # What a [[keys]] entry matches, and where its key is: exactly one of each.
 KEY_MATCH = ("digest", "image", "repository", "signer")
@@ -74,6 +81,8 @@ def _settings() -> tuple[Path, dict[str, Any]]:
     _runtime(path, settings)  # every command holds the whole file to its rules
     _keys(path, settings)
     _allow_unsigned(path, settings)
+    _pull(path, settings)
+    _registries(path, settings)
     return path, settings
 
 
@@ -312,3 +321,96 @@ def _key_setting(where: str, name: str, text: object) -> None:
                              "quote it as a shell would") from None  # fmt: skip
         if not argv:
             raise UsageError(f"{where}: key-command is empty", "give a program that prints the key")
+
+
+# -- cryptlayer-runtime's pulls at create (docs/engines.md, "Registry images")
+
+PULL_KNOWN = ("auth-file", "keep", "store")  # the [pull] table's
+REGISTRY_KNOWN = ("cert-dir", "tls-verify")  # a [registries."HOST[:PORT]"] table's
+PULL_EXAMPLE = '[pull] store = "/var/lib/cryptlayer/engine/images"'
+REGISTRY_EXAMPLE = '[registries."registry.example:5000"] tls-verify = false'
+
+
+@dataclass(frozen=True)
+class PullSettings:
+    """The [pull] table: the store (None: the default under the state root), whether pulled
+    copies are kept after delete, and the auth file (None: where `pull` looks)."""
+
+    store: Path | None = None
+    keep: bool = False
+    auth_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """How the node speaks to one registry: TLS verified (the default), or not (plain HTTP or
+    unverified TLS), or verified with its own CA (`cert-dir`)."""
+
+    tls_verify: bool = True
+    cert_dir: Path | None = None
+
+
+def pull_settings() -> PullSettings:
+    return _pull(*_settings())
+
+
+def registry_settings(host: str) -> RegistrySettings:
+    """The node's settings for registry `host` (HOST[:PORT] as the reference has it)."""
+    return _registries(*_settings()).get(host, RegistrySettings())
+
+
+def _table(path: Path, settings: dict[str, Any], name: str, known: tuple[str, ...],
+           example: str) -> dict[str, Any]:  # fmt: skip
+    table = settings.get(name, {})
+    if not isinstance(table, dict):
+        raise UsageError(f"{path}: {name} is not a table", f"write it as {example}")
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise UsageError(f"{path}: unknown setting {printable(unknown[0])} in [{name}]"
+                         f" (known: {', '.join(known)})", "fix or remove it")  # fmt: skip
+    return table
+
+
+def _absolute(path: Path, where: str, value: Any, example: str) -> Path:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise UsageError(f"{path}: {where} is not an absolute path", f"e.g. {example}")
+    return Path(value)
+
+
+def _pull(path: Path, settings: dict[str, Any]) -> PullSettings:
+    table = _table(path, settings, "pull", PULL_KNOWN, PULL_EXAMPLE)
+    keep = table.get("keep", False)
+    if not isinstance(keep, bool):
+        raise UsageError(f"{path}: [pull] keep is not true or false", "e.g. keep = true")
+    store, auth = table.get("store"), table.get("auth-file")
+    return PullSettings(
+        None if store is None else _absolute(path, "[pull] store", store, PULL_EXAMPLE),
+        keep,
+        None if auth is None else _absolute(path, "[pull] auth-file", auth, PULL_EXAMPLE),
+    )
+
+
+def _registries(path: Path, settings: dict[str, Any]) -> dict[str, RegistrySettings]:
+    tables = settings.get("registries", {})
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise UsageError(f"{path}: registries is not a table of tables",
+                         f"write each as {REGISTRY_EXAMPLE}")  # fmt: skip
+    found = {}
+    for host, table in tables.items():
+        where = f'[registries."{printable(host)}"]'
+        unknown = sorted(set(table) - set(REGISTRY_KNOWN))
+        if unknown:
+            raise UsageError(
+                f"{path}: unknown setting {printable(unknown[0])} in {where}"
+                f" (known: {', '.join(REGISTRY_KNOWN)})",
+                "fix or remove it",
+            )
+        verify = table.get("tls-verify", True)
+        if not isinstance(verify, bool):
+            raise UsageError(f"{path}: {where} tls-verify is not true or false",
+                             f"e.g. {REGISTRY_EXAMPLE}")  # fmt: skip
+        cert_dir = table.get("cert-dir")
+        if cert_dir is not None:
+            cert_dir = _absolute(path, f"{where} cert-dir", cert_dir, REGISTRY_EXAMPLE)
+        found[host] = RegistrySettings(verify, cert_dir)
+    return found

@@ -497,14 +497,14 @@ def test_where_the_runtime_is_found(
 @pytest.mark.parametrize("how", ["annotation", "env"])
 @pytest.mark.parametrize("log_format", ["json", "text"])
 @pytest.mark.parametrize("command", ["create", "run", "restore"])
-def test_a_registry_image_is_refused_for_now(
+def test_a_bad_image_name_fails_in_the_runtimes_log(
     fake: dict[str, str], tmp_path: Path, how: str, log_format: str, command: str
 ) -> None:
-    """Until pulling at create lands (and for restore, always): one error line on stderr and in
-    the log (runc's and crun's JSON, which podman and containerd read), exit 125, and the real
+    """An image that is neither a path nor a docker:// reference (and restore, always): one
+    error line on stderr and in the log (runc's and crun's JSON, which podman and containerd read), exit 125, and the real
     runtime never runs."""
-    given = ({"org.cryptlayer.image": "docker://reg/app:v1"}, None) if how == "annotation" else (
-        None, ["CRYPTLAYER_IMAGE=docker://reg/app:v1"])  # fmt: skip
+    given = ({"org.cryptlayer.image": "srv/app"}, None) if how == "annotation" else (
+        None, ["CRYPTLAYER_IMAGE=srv/app"])  # fmt: skip
     bundle = bundle_with(tmp_path, spec(*given))
     log = tmp_path / "log.json"
     log.write_text('{"level":"info","msg":"an earlier line","time":"2026-01-01T00:00:00Z"}\n')
@@ -513,12 +513,12 @@ def test_a_registry_image_is_refused_for_now(
             "--bundle", bundle, "--pid-file", f"{bundle}/pid", *extra, "c1"]  # fmt: skip
     result, _ = run_runtime(argv, fake)
     assert result.returncode == engine.FAILED == 125
-    message = ("cryptlayer-runtime: the image docker://reg/app:v1 is a registry reference, and"
-               " pulling one at `create` is not available yet: pull it on the node first"
-               " (cryptlayer pull) and name its directory")  # fmt: skip
+    message = ("cryptlayer-runtime: the image srv/app is neither an absolute path nor a docker://"
+               " reference: name the image directory on the node by its absolute path, or a"
+               " registry image as docker://REGISTRY/REPO:TAG")  # fmt: skip
     if command == "restore":
         message = ("cryptlayer-runtime: the container names the encrypted image"
-                   " docker://reg/app:v1: restoring a checkpoint of one is not available (its"
+                   " srv/app: restoring a checkpoint of one is not available (its"
                    " memory would have been written to disk)")  # fmt: skip
     assert result.stderr.decode() == f"error: {message}\n"
     assert result.stdout == b""
@@ -553,13 +553,13 @@ def test_a_container_cannot_pass_as_a_pods_sandbox(
     annotation anyone can write (`podman run --annotation io.kubernetes.cri-o.ContainerType=
     sandbox`): only the engine's own sandbox, whose sandbox-id annotation is its own container
     id, passes; a container that merely says it is one names its image like any other."""
-    given = {"org.cryptlayer.image": "docker://reg/app:v1"} if how == "annotation" else {}
-    env = ["CRYPTLAYER_IMAGE=docker://reg/app:v1"] if how == "env" else None
+    given = {"org.cryptlayer.image": "srv/app"} if how == "annotation" else {}
+    env = ["CRYPTLAYER_IMAGE=srv/app"] if how == "env" else None
     bundle = bundle_with(tmp_path, spec({**given, **marks}, env))
     result, _ = run_runtime(["create", "--bundle", bundle, "--pid-file", f"{bundle}/pid", "c1"],
                             fake)  # fmt: skip
     assert result.returncode == engine.FAILED, result.stdout
-    assert b"the image docker://reg/app:v1 is a registry reference" in result.stderr
+    assert b"the image srv/app is neither an absolute path" in result.stderr
     assert not Path(fake["RECORD"], "argv").exists()
 
 
@@ -586,7 +586,7 @@ def test_the_engines_own_sandbox_passes_through(
 def test_an_empty_bundle_is_the_working_directory(fake: dict[str, str], tmp_path: Path) -> None:
     """runc reads config.json from its working directory when --bundle is empty (it changes
     directory only to a bundle it is given): so is it read here, not passed through unread."""
-    bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": "docker://reg/app:v1"}))
+    bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": "srv/app"}))
     for argv in (
         ["create", "--bundle", "", "c1"],
         ["run", "--bundle=", "c1"],
@@ -595,7 +595,7 @@ def test_an_empty_bundle_is_the_working_directory(fake: dict[str, str], tmp_path
         assert Invocation(argv).bundle_config() == (".", "config.json")
         result, _ = run_runtime(argv, fake, cwd=Path(bundle))
         assert result.returncode == engine.FAILED, result.stdout
-        assert b"the image docker://reg/app:v1 is a registry reference" in result.stderr
+        assert b"the image srv/app is neither an absolute path" in result.stderr
 
 
 def test_a_refusal_with_stderr_closed_still_reaches_the_log(
@@ -603,14 +603,14 @@ def test_a_refusal_with_stderr_closed_still_reaches_the_log(
 ) -> None:
     """An engine that gives the runtime no stderr (descriptor 2 closed) reads the log: the
     message is there and the exit status is still the runtime's failure, not a traceback's 1."""
-    bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": "docker://reg/app:v1"}))
+    bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": "srv/app"}))
     log = tmp_path / "log.json"
     argv = ["--log", str(log), "--log-format", "json", "create", "--bundle", bundle, "c1"]
     result = subprocess.run(["sh", "-c", 'exec "$0" "$@" 2>&-', RUNTIME, *argv], env=fake,
                             capture_output=True, timeout=60)  # fmt: skip
     assert result.returncode == engine.FAILED
     assert json.loads(log.read_text())["msg"].startswith(
-        "cryptlayer-runtime: the image docker://reg/app:v1 is a registry reference"
+        "cryptlayer-runtime: the image srv/app is neither an absolute path"
     )
     assert not Path(fake["RECORD"], "argv").exists()
 
@@ -800,9 +800,9 @@ $run --rm --runtime cryptlayer localhost/cryptlayer/placeholder:v1
 echo "status $?"
 # a container that calls itself a pod's sandbox is still refused (a marker anyone can write)
 $run --rm --runtime cryptlayer --annotation io.kubernetes.cri-o.ContainerType=sandbox \\
-    --annotation org.cryptlayer.image=docker://reg/app:v1 localhost/busybox:1 /bin/busybox echo ran
+    --annotation org.cryptlayer.image=srv/app localhost/busybox:1 /bin/busybox echo ran
 echo "status $?"
-$run --rm --runtime cryptlayer --annotation org.cryptlayer.image=docker://reg/app:v1 \\
+$run --rm --runtime cryptlayer --annotation org.cryptlayer.image=srv/app \\
     localhost/cryptlayer/placeholder:v1
 echo "status $?"
 podman ps -a --format '{{{{.Names}}}}'
@@ -843,9 +843,9 @@ runroot = "{tmp_path}/storage-run"
         "status 126", "status 126",
     ], result.stderr  # fmt: skip
     assert result.stderr.splitlines()[-1] == (
-        "Error: OCI runtime error: cryptlayer: cryptlayer-runtime: the image docker://reg/app:v1"
-        " is a registry reference, and pulling one at `create` is not available yet: pull it on"
-        " the node first (cryptlayer pull) and name its directory")  # fmt: skip
+        "Error: OCI runtime error: cryptlayer: cryptlayer-runtime: the image srv/app is neither"
+        " an absolute path nor a docker:// reference: name the image directory on the node by"
+        " its absolute path, or a registry image as docker://REGISTRY/REPO:TAG")  # fmt: skip
     assert (
         "Error: OCI runtime error: cryptlayer: cryptlayer-runtime: the container is made from"
         " cryptlayer's placeholder image but names no encrypted image: give the annotation"

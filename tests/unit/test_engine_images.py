@@ -191,8 +191,9 @@ def test_the_request() -> None:
 @pytest.mark.parametrize(
     ("spec", "image", "message"),
     [
-        (oci(), "docker://reg/app:v1", "the image docker://reg/app:v1 is a registry reference"),
-        (oci(), "srv/img", "the image srv/img is not an absolute path"),
+        (oci(), "oci:/srv/img", "the image oci:/srv/img is neither an absolute path nor a docker"),
+        (oci(), "srv/img", "the image srv/img is neither an absolute path nor a docker://"),
+        (oci(), "docker://reg.example/App:v1", "docker://reg.example/App:v1: 'App' is not a"),
         (oci({"org.cryptlayer.keep": "yes"}), "/i", "org.cryptlayer.keep is 'yes': write true"),
         (oci({"org.cryptlayer.digest": "sha256:1"}), "/i", "--digest 'sha256:1' is not sha256:"),
         (oci({"org.cryptlayer.keep": "true"}, ["CRYPTLAYER_KEEP=false"]), "/i",

@@ -12,6 +12,7 @@ would on a node (tests/unit/test_engine.py proves that path, without dm-crypt).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -175,3 +176,40 @@ def test_a_detached_container_takes_exec_stop_and_rm(
     assert removed.returncode == 0, removed.stderr
     assert settled() == []
     assert slots(image) == [0, 0]
+
+
+def test_podman_runs_a_registry_image_pulled_at_create(
+    cli: Cli, node: Node, image: Path, key_file: Path, tmp_path: Path
+) -> None:
+    """`org.cryptlayer.image=docker://...` of Debian's docker-registry (plain HTTP, which only
+    the node's config allows): pulled at create into the node's store, run from its encrypted
+    layers, and at `--rm`'s delete shredded and removed; `CRYPTLAYER_KEEP=true` keeps the copy,
+    unshredded. The node's own copy (the one pushed) is never touched."""
+    from registryfixtures import registry
+
+    from cryptlayer.paths import state_root
+
+    trust = signed(cli, image, tmp_path)
+    store = state_root() / "engine/images"  # the default: on the scratch disk, as the state
+    with registry(tmp_path / "registry") as reg:
+        cli.ok("push", "--no-tls-verify", "-q", str(image), f"{reg.host}/team/app:v1")
+        ref = f"docker://{reg.host}/team/app:v1"
+        node.config.write_text(f"""trust = "{trust}"
+[[keys]]
+image = "{store}/*"
+key-file = "{key_file}"
+[registries."{reg.host}"]
+tls-verify = false
+""")
+        result = node.run("--annotation", f"org.cryptlayer.image={ref}", PLACEHOLDER)
+        assert (result.returncode, result.stdout) == (0, f"{MARKER_LOWER}\n"), result.stderr
+        assert settled() == []
+        assert (store.stat().st_mode & 0o777, list(store.iterdir())) == (0o700, [])
+        kept = node.run("-e", f"CRYPTLAYER_IMAGE={ref}", "-e", "CRYPTLAYER_KEEP=true", PLACEHOLDER)
+        assert (kept.returncode, kept.stdout) == (0, f"{MARKER_LOWER}\n"), kept.stderr
+        assert settled() == []
+        (copy,) = store.iterdir()
+        assert copy.name.startswith("engine-") and slots(copy) == [1, 1]
+    assert slots(image) == [1, 1]
+    cli.ok("shred", str(copy))
+    shutil.rmtree(copy)

@@ -13,7 +13,8 @@ import copy
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,11 +49,13 @@ CAPABILITY_SETS = (
 
 @dataclass(frozen=True)
 class Request:
-    """What the container's spec asks of cryptlayer: which image, pinned how, kept or not."""
+    """What the container's spec asks of cryptlayer: which image (a directory on the node, or a
+    registry reference to pull into the node's store), pinned how, kept or not."""
 
-    image: Path
+    image: Path | None
     digest: str | None = None
     keep: bool = False
+    reference: str | None = None  # docker://REGISTRY/REPO[:TAG|@sha256:...]
 
 
 def _given(spec: dict[str, Any], annotation: str, env_name: str) -> str | None:
@@ -78,22 +81,26 @@ def request(spec: dict[str, Any], image: str) -> Request:
     """The request in `spec` (already checked by cli.encrypted_image) for `image`."""
     from cryptlayer.image.statement import check_digest
 
-    if "://" in image or image.startswith("docker:"):
+    reference = None
+    if image.startswith("docker://"):
+        from cryptlayer.distribution.registry import parse_reference
+
+        parse_reference(image)  # UsageError for what is not a repository's reference
+        reference = image
+    elif not image.startswith("/"):
         raise UsageError(
-            f"the image {printable(image)} is a registry reference, and pulling one at `create`"
-            " is not available yet",
-            "pull it on the node first (cryptlayer pull) and name its directory",
-        )
-    if not image.startswith("/"):
-        raise UsageError(
-            f"the image {printable(image)} is not an absolute path",
-            "name the image directory on the node by its absolute path",
+            f"the image {printable(image)} is neither an absolute path nor a docker:// reference",
+            "name the image directory on the node by its absolute path, or a registry image as"
+            " docker://REGISTRY/REPO:TAG",
         )
     digest = _given(spec, DIGEST_ANNOTATION, DIGEST_ENV)
     keep = _given(spec, KEEP_ANNOTATION, KEEP_ENV)
     if keep not in (None, "true", "false"):
         raise UsageError(f"{KEEP_ANNOTATION} is {printable(keep)!r}", "write true or false")
-    return Request(Path(image), None if digest is None else check_digest(digest), keep == "true")
+    pinned = None if digest is None else check_digest(digest)
+    if reference is not None:
+        return Request(None, pinned, keep == "true", reference)
+    return Request(Path(image), pinned, keep == "true")
 
 
 def container_name(cid: str) -> str:
@@ -221,28 +228,66 @@ def trust() -> Path | None:
 
 
 def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str) -> str:
-    """Assemble the image of `spec` for the engine's container `cid` and rewrite the bundle's
-    config.json; the record's name. On any failure, what was assembled is torn down again."""
+    """Assemble the image of `spec` for the engine's container `cid` (a registry image pulled
+    into the node's store first: engine/store.py) and rewrite the bundle's config.json; the
+    record's name. On any failure, what was assembled is torn down and what was pulled removed."""
+    from cryptlayer import config
+    from cryptlayer.engine import cli, store
     from cryptlayer.image import manifest as manifest_mod
     from cryptlayer.runtime import container, ocispec
 
     wanted = request(spec, image)
     name = container_name(cid)
     trusted = trust()
-    with credential_for(wanted.image) as credential:
-        options = container.StartOptions(name, shred=not wanted.keep, digest=wanted.digest,
-                                         trust=trusted)  # fmt: skip
-        record = container.start(wanted.image, credential, options)
+    path, repository, keep = wanted.image, None, wanted.keep
+    if wanted.reference is not None:
+        from cryptlayer.distribution.registry import parse_reference
+
+        ref = parse_reference(wanted.reference)
+        repository = f"{ref.host}/{ref.repository}"
+        path = store.target(name)  # (the store checked before its path chooses a key)
+        keep = keep or config.pull_settings().keep
+    assert path is not None
+    pulled: store.Pulled | None = None
+    started = False
     try:
+        with credential_for(path, repository=repository) as credential:
+            if wanted.reference is not None:
+                with _interruptible():
+                    pulled = store.pull(wanted.reference, name, wanted.digest, trusted)
+            options = container.StartOptions(name, shred=not keep, digest=wanted.digest,
+                                             trust=trusted)  # fmt: skip
+            record = container.start(path, credential, options)
+            started = True
         rootfs = Path(record.rootfs)
         image_config = manifest_mod.load(Path(record.image)).config
         new = rewrite(spec, str(rootfs), image_config,
                       lambda user: ocispec.resolve_user(rootfs, user))  # fmt: skip
         write_config(config_path, new)
     except BaseException:
-        _stop_quietly(name)
+        if started:
+            _stop_quietly(name)
+        if pulled is not None and pulled.new and not cli.has_record(name):
+            store.discard_quietly(name)
         raise
     return name
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGTERM and SIGHUP (an engine giving up on a slow create) raise an error inside, as
+    SIGINT raises KeyboardInterrupt, so that a pull cut short leaves nothing behind."""
+    from cryptlayer.errors import CryptlayerError
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise CryptlayerError(f"interrupted by {signal.Signals(signum).name} while pulling")
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def exec_process(name: str, path: str) -> None:
@@ -298,7 +343,11 @@ def spawn(runtime: str, argv: Sequence[str], env: dict[bytes, bytes]) -> int:
 
 def stop(name: str) -> None:
     """Tear down the engine's container `name` now that the runtime has deleted it (and shred
-    its image unless it was kept)."""
+    its image unless it was kept); a copy pulled for it is then removed, unless kept."""
+    from cryptlayer.engine import store
     from cryptlayer.runtime import container
 
-    container.stop(name)
+    record = container.stop(name)
+    image = getattr(record, "image", None)  # (tests' stand-ins return nothing)
+    if image is not None and store.holds(image) == name and record.shred:
+        store.discard(name, wipe=not record.shredded)
