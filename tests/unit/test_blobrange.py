@@ -95,6 +95,29 @@ def test_ranged_reads_return_exact_bytes_and_ranges_are_closed() -> None:
     assert f"bytes={len(DATA) - 1}-{len(DATA) - 1}" in sent  # the last byte: closed too
 
 
+def test_over_tls_with_a_dripping_registry_too(tmp_path: Path) -> None:
+    """HTTPS (the sockets the deadline shuts down are TLS ones there), reads that work, and a
+    body dripped a byte at a time cut at the deadline. Failed before: an SSLSocket cannot be
+    dup()ed, so every HTTPS read raised NotImplementedError."""
+    drip = [False]
+
+    def handle(request: Any) -> None:
+        if drip[0]:
+            dripping_body(request)
+        else:
+            send_range(request)
+
+    with hostile(handle, tls=tmp_path / "tls") as server:
+        registry = Registry(parse_reference(f"docker://{server.host}/lazy/app:v1"),
+                            cert_dir=server.cert_dir)  # fmt: skip
+        ranges = BlobRanges(registry, DIGEST, len(DATA), attempt_deadline=1.0, attempts=1)
+        assert ranges.read(10, 20) == DATA[10:30]
+        assert ranges.read(1 << 20, 1 << 20) == DATA[1 << 20 : 2 << 20]
+        drip[0] = True
+        with pytest.raises(RegistryError, match="no complete answer within 1 s"):
+            ranges.read(0, 100)
+
+
 def test_a_read_past_the_blob_is_refused_unsent() -> None:
     log = Log()
     with hostile(simple_registry(log)) as server:

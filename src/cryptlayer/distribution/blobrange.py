@@ -14,6 +14,7 @@ error after seconds, never a hang."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -51,8 +52,8 @@ class _Watch:
         self.expired = False
 
     def attach(self, sock: socket.socket) -> None:
-        try:
-            dup = sock.dup()
+        try:  # not sock.dup(): an SSLSocket refuses to be duplicated, its descriptor does not
+            dup = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
         except OSError:
             return
         with self.lock:
@@ -167,8 +168,10 @@ class BlobRanges:
         # Every request of this registry's session (token requests too) through connections the
         # deadline can cut; wire's retries (502/503/504) kept, inside that deadline.
         session = self.conn.session
-        for prefix in ("https://", "http://"):
-            session.mount(prefix, _watched_adapter(session.get_adapter(prefix).max_retries))
+        if not getattr(session, "watched", False):  # once per session: one pool per host
+            for prefix in ("https://", "http://"):
+                session.mount(prefix, _watched_adapter(session.get_adapter(prefix).max_retries))
+            session.watched = True
 
     @property
     def url(self) -> str:
