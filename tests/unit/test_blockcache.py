@@ -107,6 +107,18 @@ def test_a_half_written_chunk_is_never_served(tmp_path: Path) -> None:
     assert (where / "00000001").stat().st_size == CHUNK
 
 
+def test_a_dead_writers_temporary_file_is_removed_a_live_ones_kept(tmp_path: Path) -> None:
+    where = tmp_path / "c/sha256" / DIGEST.removeprefix("sha256:")
+    where.mkdir(parents=True)
+    os.chmod(tmp_path / "c", 0o700)
+    old, fresh = where / ".tmp-00000000-1-1", where / ".tmp-00000001-2-2"
+    old.write_bytes(b"x" * 100)
+    fresh.write_bytes(b"y" * 100)
+    os.utime(old, (1, 1))
+    BlockCache(tmp_path / "c", 64 * CHUNK)  # opening scans
+    assert not old.exists() and fresh.exists()
+
+
 def test_a_failed_write_leaves_no_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = BlockCache(tmp_path / "c", 64 * CHUNK)
 

@@ -141,8 +141,15 @@ class BlockCache:
             now = time.time()
             top = self.root / "sha256"
             for blob in top.iterdir() if top.is_dir() else ():
-                for entry in os.scandir(blob):
-                    st = entry.stat(follow_symlinks=False)
+                try:
+                    entries = list(os.scandir(blob))
+                except NotADirectoryError:
+                    continue
+                for entry in entries:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:  # evicted or renamed by another process meanwhile
+                        continue
                     if entry.name.startswith(TEMP_PREFIX):
                         if now - st.st_mtime > STALE_TEMP:
                             Path(entry.path).unlink(missing_ok=True)
