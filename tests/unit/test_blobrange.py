@@ -162,6 +162,25 @@ def test_a_redirect_to_another_host_never_carries_the_registrys_authorization() 
     assert cdn_log.paths("/bucket/blob") == 2
 
 
+def test_object_storage_that_challenges_gets_no_credentials() -> None:
+    """A 401 from the host the registry redirected to is not the registry's: its challenge is
+    not answered (the registry is asked again, once, then the read fails naming that host)."""
+    log, cdn_log, cdn = Log(), Log(), [""]
+    expect = "Basic " + base64.b64encode(b"bob:hunter2").decode()
+
+    def storage(request: Any) -> None:
+        cdn_log.add(request)
+        reply(request, 401, b"", {"WWW-Authenticate": 'Basic realm="give me yours"'})
+
+    with hostile(basic_registry(log, cdn, expect)) as server, hostile(storage) as other:
+        cdn[0] = f"http://{other.host}/bucket/blob"
+        ranges = BlobRanges(registry_for(server.host, ("bob", "hunter2")), DIGEST, len(DATA))
+        with pytest.raises(RegistryError, match=f"{other.host}, where registry .* refused"):
+            ranges.read(0, 10)
+    assert len(cdn_log.entries) == 2
+    assert all(auth is None for _, _, auth in cdn_log.entries)
+
+
 def test_an_expired_presigned_url_is_resolved_again() -> None:
     """Object storage refuses a URL once it expired (403, as S3 and CloudFront): the registry is
     asked again and the new URL used; failed before the re-resolution (HTTP 403)."""
