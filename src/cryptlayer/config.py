@@ -3,6 +3,7 @@
 trust = "/etc/cryptlayer/allowed_signers"   # run/start/verify --trust when not given
 allow-unsigned = false                       # cryptlayer-runtime: run images no one signed
 quiet-warnings = ["core-pattern"]            # warnings this host's operator has accepted
+block-cache-size = "4G"                      # lazy start's ciphertext cache: bytes, or K/M/G/T
 [runtime]                                    # cryptlayer-runtime's (docs/engines.md):
 runtime = "crun"                             # the OCI runtime it hands over to (runc, a path)
 [[keys]]                                     # the node's keys, first match wins (run/start
@@ -36,7 +37,16 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 DEFAULT = Path("/etc/cryptlayer/config.toml")
-KNOWN = ("allow-unsigned", "keys", "pull", "quiet-warnings", "registries", "runtime", "trust")
+KNOWN = (
+    "allow-unsigned",
+    "block-cache-size",
+    "keys",
+    "pull",
+    "quiet-warnings",
+    "registries",
+    "runtime",
+    "trust",
+)
 RUNTIME_KNOWN = ("runtime",)  # the [runtime] table's
 # What a [[keys]] entry matches, and where its key is: exactly one of each.
 KEY_MATCH = ("digest", "image", "repository", "signer")
@@ -83,6 +93,7 @@ def _settings() -> tuple[Path, dict[str, Any]]:
     _allow_unsigned(path, settings)
     _pull(path, settings)
     _registries(path, settings)
+    _block_cache_size(path, settings)
     return path, settings
 
 
@@ -155,6 +166,31 @@ def _allow_unsigned(path: Path, settings: dict[str, Any]) -> bool:
         raise UsageError(
             f"{path}: allow-unsigned is not true or false", "e.g. allow-unsigned = true"
         )
+    return value
+
+
+BLOCK_CACHE_SIZE = 4 << 30  # the default: a few images' worth of what their jobs read
+MIN_BLOCK_CACHE_SIZE = 64 << 20  # a few read-ahead windows of 1 MiB chunks, for each blob
+
+
+def block_cache_size() -> int:
+    """The bound of lazy start's block cache in bytes (`block-cache-size`: bytes, or a number
+    with K, M, G or T, powers of 1024; docs/lazy.md)."""
+    return _block_cache_size(*_settings())
+
+
+def _block_cache_size(path: Path, settings: dict[str, Any]) -> int:
+    import re
+
+    value = settings.get("block-cache-size", BLOCK_CACHE_SIZE)
+    example = 'e.g. block-cache-size = "8G"'
+    if isinstance(value, str) and (m := re.fullmatch(r"([0-9]{1,15})(?:([KMGT])i?B?)?", value)):
+        value = int(m[1]) << (10 * " KMGT".index(m[2] or " "))
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UsageError(f"{path}: block-cache-size is not a size", example)
+    if value < MIN_BLOCK_CACHE_SIZE:
+        raise UsageError(f"{path}: block-cache-size is below"
+                         f" {MIN_BLOCK_CACHE_SIZE >> 20} MiB", example)  # fmt: skip
     return value
 
 

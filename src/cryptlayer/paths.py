@@ -48,6 +48,11 @@ def scratch_dir() -> Path:
     return state_root() / "scratch"
 
 
+def block_cache_dir() -> Path:
+    """Lazy start's cache of layer ciphertext, by blob digest (distribution/blockcache.py)."""
+    return state_root() / "blockcache"
+
+
 def openings_dir() -> Path:
     """The journals of images' shared layers (state.Opening)."""
     return state_root() / "images"

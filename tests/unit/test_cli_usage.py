@@ -132,8 +132,8 @@ def test_every_warning_can_be_named_in_the_config() -> None:
          " erase-storage, signature"),
         ('quiet-warnings = "core-pattern"\n', "error: {config}: quiet-warnings is not a list of"
          ' names: e.g. quiet-warnings = ["core-pattern"]'),
-        ('trst = "/x"\n', "error: {config}: unknown setting trst (known: allow-unsigned, keys,"
-         " pull, quiet-warnings, registries, runtime, trust): fix or remove it"),
+        ('trst = "/x"\n', "error: {config}: unknown setting trst (known: allow-unsigned, block-cache-size,"
+         " keys, pull, quiet-warnings, registries, runtime, trust): fix or remove it"),
         # cryptlayer's own commands hold the [runtime] table to the same rules as the runtime
         ('[runtime]\nruntim = "runc"\n', "error: {config}: unknown setting runtim in [runtime]"
          " (known: runtime): fix or remove it"),

@@ -198,7 +198,7 @@ def test_default_trust_from_the_config(
     config.write_text(f'trst = "{signers}"\n')
     code, _, err = invoke("verify", str(image))
     assert (code, err) == (ExitCode.USAGE, f"error: {config}: unknown setting trst (known:"
-                                           " allow-unsigned, keys, pull, quiet-warnings, registries, runtime, trust): fix or remove it\n")  # fmt: skip
+                                           " allow-unsigned, block-cache-size, keys, pull, quiet-warnings, registries, runtime, trust): fix or remove it\n")  # fmt: skip
     config.write_text("trust = 5\n")
     code, _, err = invoke("verify", str(image))
     assert (code, err) == (ExitCode.USAGE, f"error: {config}: trust is not a path: e.g. trust ="
