@@ -4,7 +4,8 @@ Each cryptlayer figure is measured next to its baseline in the same run, on the 
 caches dropped before every timed run. cryptlayer is called in-process (its own start-up taken
 out); a few runs as a real process measure that start-up too, which the report shows separately.
 Usage: devices.py [--sizes 64,256,1024] [--runs 3] [--layers 1,5,20] [--concurrent 20]
-[SECTION...] (default: all of startup unlock limit sizes read concurrent verity process).
+[SECTION...] (default: all of startup unlock limit sizes read concurrent verity process
+engine).
 Arguments, not environment variables: the VM does not inherit the host's environment.
 Each section is a module of bench/sections/ (what they share: sections/base.py).
 """
@@ -17,10 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, record, sh
-from sections import concurrent, limit, process, read, sizes, startup, unlock, verity
+from sections import concurrent, engine, limit, process, read, sizes, startup, unlock, verity
 from sections.base import CLI, KEY, WORK, settings
 
-SECTIONS = ("startup", "unlock", "limit", "sizes", "read", "concurrent", "verity", "process")
+SECTIONS = ("startup", "unlock", "limit", "sizes", "read", "concurrent", "verity", "process",
+            "engine")  # fmt: skip
 
 
 def main() -> None:
@@ -66,6 +68,8 @@ def main() -> None:
             record("verity", verity.verity_cost(min(256, max(settings.sizes))))
         if "process" in chosen:
             record("process", process.start_as_process())
+        if "engine" in chosen:
+            record("engine_podman", engine.podman_against_run())
     finally:
         KEY.unlink()
         shutil.rmtree(WORK, ignore_errors=True)

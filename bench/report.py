@@ -46,6 +46,7 @@ def rows(data: dict[str, Any]) -> list[Row]:
         out += process_rows(data["process"])
     out += _registry_rows(data)
     out += _startup_rows(data)
+    out += _engine_rows(data)
     return out
 
 
@@ -440,6 +441,37 @@ def _startup_rows(data: dict[str, Any]) -> list[Row]:
                     verdict(t < 0.15),
                 )
             )
+    return out
+
+
+def _engine_rows(data: dict[str, Any]) -> list[Row]:
+    """Figure 12: cryptlayer-runtime under an engine: a passed-through `state` on the host, and
+    `podman run` through it against `cryptlayer run` of the same image in the VM."""
+    out: list[Row] = []
+    passthrough = data.get("runtime_passthrough_host", {})
+    for own, through in (("crun", "engine_crun_config"), ("runc", "engine_runc_config")):
+        if own in passthrough and through in passthrough:
+            direct, engine = passthrough[own]["median_s"], passthrough[through]["median_s"]
+            out.append((f"12. on the host's real CPU: a passed-through `{own} state`",
+                        ms(engine), f"`{own} state` itself {ms(direct)}",
+                        f"+{(engine - direct) * 1000:.1f} ms", "<= +20 ms",
+                        verdict(engine - direct <= 0.02)))  # fmt: skip
+    if "engine_podman" in data:
+        e = data["engine_podman"]
+        podman, run = e["podman_run"]["median_s"], e["cryptlayer_run"]["median_s"]
+        out.append(("12. `podman run --rm --runtime cryptlayer-runtime` of an image, start to"
+                    " exit of `true`", ms(podman), f"`cryptlayer run` of the same image {ms(run)}",
+                    f"{podman / run:.2f}x", "<= 1.2x", verdict(podman / run <= 1.2)))  # fmt: skip
+        traced = e["traced"]
+        calls = ", ".join(f"{name} {c['calls']:.0f}x {ms(c['s'])}"
+                          for name, c in sorted(traced["runtime_calls"].items()))  # fmt: skip
+        shared = e["in_process"]
+        out.append(("12. where that podman run's time goes (one traced run)",
+                    f"{ms(traced['total_s'])}: the runtime's calls {ms(traced['runtime_s'])}"
+                    f" ({calls}), podman and conmon {ms(traced['podman_own_s'])}",
+                    f"in-process start {ms(shared['start']['median_s'])}, stop"
+                    f" {ms(shared['stop']['median_s'])}; bare python"
+                    f" {ms(e['bare_python']['median_s'])}", "", "", ""))  # fmt: skip
     return out
 
 

@@ -23,6 +23,9 @@ from pathlib import Path
 import pytest
 from conftest import MARKER_LOWER, Cli, leftovers, slots
 
+from cryptlayer.runtime.layers import mapping_prefix
+from cryptlayer.tools import udev
+
 RUNTIME = str(Path(sys.executable).with_name("cryptlayer-runtime"))
 PLACEHOLDER = "localhost/cryptlayer/placeholder:v1"
 PODMAN_TIMEOUT = 1800  # every runtime call starts Python, slowly under emulation
@@ -46,6 +49,12 @@ class Node:
         return self.podman("run", "--rm", "--runtime", str(self.runtime), "--network", "none",
                            "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
                            *args)  # fmt: skip
+
+    def detached(self, name: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """`podman run -d --name NAME --runtime cryptlayer-runtime ... ARGS`."""
+        return self.podman("run", "-d", "--name", name, "--runtime", str(self.runtime),
+                           "--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit",
+                           "nproc=1024:1024", *args)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +161,65 @@ def test_a_wrong_key_fails_in_podman_with_our_error(
     assert "cryptlayer-runtime: the key does not open this image: `cryptlayer inspect" in last
     assert settled() == []
     assert slots(image) == [1, 1]
+
+
+def test_a_volume_env_and_the_exit_status_pass_through(
+    cli: Cli, node: Node, image: Path, key_file: Path, tmp_path: Path
+) -> None:
+    """One `podman run --rm`: a host directory (`-v`) written by the container is read on the
+    host; `-e` reaches the process and the variables that named the image (and pinned its digest)
+    do not; the container's exit status (7) is podman's; `--rm` leaves nothing of podman's nor of
+    cryptlayer's, and the image shredded."""
+    configure(node, image, key_file, signed(cli, image, tmp_path))
+    digest = cli.ok("inspect", "--format", "{{.Digest}}", str(image)).strip()
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    script = "cat /data/hello.txt > /vol/read; env > /vol/env; exit 7"
+    result = node.run("-v", f"{volume}:/vol", "-e", "GREETING=hello", "-e",
+                      f"CRYPTLAYER_DIGEST={digest}", "--annotation",
+                      f"org.cryptlayer.image={image}", PLACEHOLDER, "sh", "-c",
+                      script)  # fmt: skip
+    assert (result.returncode, result.stdout) == (7, ""), result.stderr
+    assert (volume / "read").read_text() == f"{MARKER_LOWER}\n"
+    env = (volume / "env").read_text().splitlines()
+    assert "GREETING=hello" in env
+    assert [e for e in env if e.startswith("CRYPTLAYER_")] == []
+    listed = node.podman("ps", "--all", "--quiet")
+    assert (listed.returncode, listed.stdout) == (0, ""), listed.stderr
+    assert settled() == []
+    assert slots(image) == [0, 0]
+
+
+def test_two_containers_of_one_image_share_its_layers(
+    cli: Cli, node: Node, image: Path, key_file: Path, tmp_path: Path
+) -> None:
+    """Two detached containers of one image at once: one set of layer mappings; the first
+    one's create erases the disk's keyslots, the second joins (its key checked against the
+    header copy); `podman logs` shows the image's file the first one printed; removing the first
+    leaves the second reading its files; removing the second leaves nothing."""
+    configure(node, image, key_file, signed(cli, image, tmp_path))
+    named = ("--annotation", f"org.cryptlayer.image={image}", PLACEHOLDER)
+    serve = ("sh", "-c", "cat /data/hello.txt; exec sleep 600")
+    try:
+        for name in ("first", "second"):
+            started = node.detached(name, *named, *serve)
+            assert started.returncode == 0, started.stderr
+        records = [line for line in leftovers() if line.startswith("record")]
+        assert len(records) == 2, records
+        assert len(udev.mappings(mapping_prefix(str(image)))) == 2 * 2  # two layers, once
+        assert slots(image) == [0, 0]  # erased at the first create: the copy opens no more
+        logs = node.podman("logs", "first")
+        assert (logs.returncode, logs.stdout) == (0, f"{MARKER_LOWER}\n"), logs.stderr
+        first_gone = node.podman("rm", "--force", "--time", "0", "first")
+        assert first_gone.returncode == 0, first_gone.stderr
+        assert len(udev.mappings(mapping_prefix(str(image)))) == 2 * 2  # still the second's
+        read = node.podman("exec", "second", "cat", "/data/hello.txt")
+        assert (read.returncode, read.stdout) == (0, f"{MARKER_LOWER}\n"), read.stderr
+    finally:
+        removed = node.podman("rm", "--force", "--ignore", "--time", "0", "first", "second")
+    assert removed.returncode == 0, removed.stderr
+    assert settled() == []
+    assert slots(image) == [0, 0]
 
 
 def test_a_detached_container_takes_exec_stop_and_rm(
