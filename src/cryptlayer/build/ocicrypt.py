@@ -34,7 +34,7 @@ import stat
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 from cryptography.hazmat.primitives import hashes
@@ -73,7 +73,7 @@ class DecryptionKey:
     """A private key given with --decryption-key, as a JWK for jwcrypto."""
 
     path: str
-    jwk: Any  # jwcrypto.jwk.JWK
+    jwk: Any = field(repr=False)  # jwcrypto.jwk.JWK: its private part never in a repr
 
 
 def _read_key_file(path: str) -> bytearray:
@@ -167,7 +167,7 @@ def load_keys(texts: list[str]) -> tuple[DecryptionKey, ...]:
 class LayerCipher:
     """What decrypts and checks one layer: from its JWE (private) and pubopts (public)."""
 
-    symkey: bytes
+    symkey: bytes = field(repr=False)  # the layer key: never in a repr, a log, a traceback
     nonce: bytes
     hmac: bytes
 
