@@ -44,17 +44,19 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for pem in root.glob("*.pem"):
         pem.chmod(0o600)
     write_dir(root / "plain", image_files([(MIDDLE, "gzip"), (TOP, "none")], CONFIG))
+    write_dir(root / "zplain", image_files([(MIDDLE, "zstd"), (TOP, "zstd")], CONFIG))
 
-    def skopeo(dest: str, *pubs: str) -> None:
+    def skopeo(dest: str, *pubs: str, src: str = "plain") -> None:
         keys = [arg for pub in pubs for arg in ("--encryption-key", f"jwe:{root / pub}")]
         subprocess.run(
-            ["skopeo", "copy", "-q", *keys, f"oci:{root / 'plain'}:latest", dest],
+            ["skopeo", "copy", "-q", *keys, f"oci:{root / src}:latest", dest],
             check=True, capture_output=True,
         )  # fmt: skip
 
     skopeo(f"oci:{root / 'rsa'}:latest", "rsa.pub")
     skopeo(f"oci:{root / 'both'}:latest", "rsa.pub", "ec.pub")
     skopeo(f"oci-archive:{root / 'rsa.tar'}:latest", "rsa.pub")
+    skopeo(f"oci:{root / 'zstd'}:latest", "rsa.pub", src="zplain")
     return root
 
 
@@ -93,6 +95,7 @@ def _plain_members(tar: bytes) -> list[tuple[str, bytes]]:
         ("oci:{}/both", ("ec.pem",)),  # the second recipient of a multi-recipient JWE
         ("oci:{}/both", ("other.pem", "rsa.pem")),  # each key tried, as ocicrypt does
         ("oci-archive:{}/rsa.tar", ("rsa.pem",)),
+        ("oci:{}/zstd", ("rsa.pem",)),  # through `zstd -dc`
     ],
 )
 def test_skopeo_image_decrypts_to_the_plain_layers(
@@ -165,6 +168,20 @@ def test_tampered_ciphertext_fails_its_hmac(made: Path, copy: Path) -> None:
         # The decrypting stream on its own refuses it too, at its end, whoever reads it.
         with pytest.raises(TamperedImageError, match="HMAC"):
             _members(image.layers[1])
+
+
+def test_tampered_zstd_layer_fails_and_does_not_hang(made: Path, tmp_path: Path) -> None:
+    # A zstd layer is fed to `zstd -dc` from a thread: a stream that raised there left zstd
+    # waiting for more input, and the build hung (before the stream kept its verdict for its
+    # owner).
+    copy = Path(shutil.copytree(made / "zstd", tmp_path / "zcopy"))
+    assert _manifest(copy)["layers"][0]["mediaType"].endswith("+zstd+encrypted")
+    _flip_layer(copy, 0, fix_digest=True)
+    with oci.open_image(f"oci:{copy}", _keys(made, "rsa.pem")) as image:
+        with pytest.raises(TamperedImageError, match="HMAC"):
+            _members(image.layers[0])
+        with pytest.raises(TamperedImageError, match="HMAC"):
+            OciLayerSource(image.layers[0]).measure()
 
 
 def test_tampered_ciphertext_fails_its_digest(made: Path, copy: Path) -> None:

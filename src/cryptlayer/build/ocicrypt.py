@@ -277,8 +277,10 @@ def layer_cipher(annotations: object, keys: tuple[DecryptionKey, ...], where: st
 
 class DecryptingReader(io.RawIOBase):
     """The plaintext of an encrypted blob, decrypted as it is read. When the ciphertext ends it
-    checks the blob's digest and size and the HMAC, and raises
-    TamperedImageError (on this read and every later one) if any differs. seek(0) starts over
+    checks the blob's digest and size and the HMAC; if any differs, the stream ends there and
+    `finish` raises TamperedImageError. Reads never raise it: a reader may be a thread feeding
+    `zstd -dc` (tools.runner.filtered), where an exception would leave zstd waiting for ever;
+    whoever opened the stream calls `finish` (`decrypting` does). seek(0) starts over
     (compression sniffing rewinds)."""
 
     def __init__(
@@ -319,9 +321,7 @@ class DecryptingReader(io.RawIOBase):
         return 0
 
     def readinto(self, buffer: Any) -> int:
-        if self.failure is not None:
-            raise self.failure
-        if self.verified:
+        if self.failure is not None or self.verified:
             return 0
         data = self.raw.read(len(buffer))
         if not data:
@@ -335,28 +335,31 @@ class DecryptingReader(io.RawIOBase):
         buffer[:n] = plain
         return n
 
-    def _fail(self, message: str) -> None:
-        self.failure = TamperedImageError(
-            f"{self.where}: {message}", "the image was changed after ocicrypt encrypted it"
-        )
-        raise self.failure
-
     def _finish(self) -> None:
-        if self._decryptor.finalize():  # CTR: nothing held back
-            self._fail("the cipher returned data after the end")
+        problem = None
         actual = oci.digest_of(self._blob)
-        if actual != self.digest:
-            self._fail(f"does not match its digest {self.digest} (it is {actual})")
-        if self.size is not None and self._count != self.size:
-            self._fail(f"has {self._count} bytes, its descriptor says {self.size}")
-        if not hmac.compare_digest(self._mac.finalize(), self.cipher.hmac):
-            self._fail("its HMAC does not match: the ciphertext was changed")
-        self.verified = True
+        if self._decryptor.finalize():  # CTR: nothing held back
+            problem = "the cipher returned data after the end"
+        elif actual != self.digest:
+            problem = f"does not match its digest {self.digest} (it is {actual})"
+        elif self.size is not None and self._count != self.size:
+            problem = f"has {self._count} bytes, its descriptor says {self.size}"
+        elif not hmac.compare_digest(self._mac.finalize(), self.cipher.hmac):
+            problem = "its HMAC does not match: the ciphertext was changed"
+        if problem is None:
+            self.verified = True
+        else:
+            self.failure = TamperedImageError(
+                f"{self.where}: {problem}", "the image was changed after ocicrypt encrypted it"
+            )
 
     def finish(self) -> None:
-        """Read what is left of the ciphertext (unused) and check it all."""
+        """Read what is left of the ciphertext (unused) and check it all: TamperedImageError
+        if it is not what ocicrypt wrote."""
         while self.read(1 << 20):
             pass
+        if self.failure is not None:
+            raise self.failure
 
 
 @contextmanager
