@@ -528,6 +528,14 @@ def build(
             help="Leave out device nodes outside /dev too (those in /dev always are), each named.",
         ),
     ] = False,
+    decryption_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="PRIVATE_KEY",
+            help="Private key (PEM, DER or JWK) of an ocicrypt jwe: key, for the source's"
+            " encrypted layers, as skopeo's option; repeatable (each tried).",
+        ),
+    ] = None,
 ) -> None:
     """Build an encrypted image: one LUKS2 layer per layer of each SOURCE."""
     import shlex
@@ -548,6 +556,9 @@ def build(
         entrypoint=None if entrypoint is None else tuple(shlex.split(entrypoint)),
     )
     require_root("build an image")
+    from cryptlayer.build.ocicrypt import load_keys
+
+    decryption = load_keys(decryption_key or [])
     source = KeySource(key_file, key_command, keyring)
     stdin_once(source, passphrase)
     signer = None
@@ -560,7 +571,7 @@ def build(
         built = build_image(
             sources, output, principals, squash=squash, overrides=overrides,
             progress=for_terminal(quiet), signer=signer, drop_devices=drop_devices,
-            notice=lambda line: typer.echo(printable(line), err=True),
+            notice=lambda line: typer.echo(printable(line), err=True), decryption=decryption,
         )  # fmt: skip
     for layer in built.layers:
         typer.echo(

@@ -18,8 +18,10 @@ from ocifixtures import (
     CONFIG,
     MIDDLE,
     TOP,
+    Entry,
     docker_archive_files,
     image_files,
+    layer_tar,
     write_dir,
     write_tar,
 )
@@ -238,3 +240,70 @@ def test_device_node_elsewhere_is_refused_unless_dropped(
     out = cli.ok("run", "-k", str(key_file), str(images / "evil"), "--", "sh", "-c",
                  "test -e /etc/evil || echo absent")  # fmt: skip
     assert out == "absent\n"
+
+
+def _flip_encrypted_layer(layout: Path) -> None:
+    """One byte of the last layer's ciphertext changed, and the manifest and index made to name
+    the changed blob (an OCI layout carries no signature): only ocicrypt's HMAC can tell."""
+    import hashlib
+
+    def put(data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        (layout / "blobs/sha256" / digest).write_bytes(data)
+        return f"sha256:{digest}"
+
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads(
+        (layout / "blobs/sha256" / index["manifests"][0]["digest"][7:]).read_text()
+    )
+    desc = manifest["layers"][-1]
+    blob = bytearray((layout / "blobs/sha256" / desc["digest"][7:]).read_bytes())
+    blob[len(blob) // 2] ^= 1
+    desc["digest"] = put(bytes(blob))
+    data = json.dumps(manifest).encode()
+    index["manifests"][0].update(digest=put(data), size=len(data))
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def test_ocicrypt_image_from_skopeo(
+    cli: Cli, images: Path, key_file: Path, tmp_path: Path, base_tar: bytes
+) -> None:
+    """An image Debian's skopeo encrypted (ocicrypt, jwe:) built with --decryption-key and run
+    with the config it came with; a wrong key and a changed ciphertext refused, nothing left."""
+    marker = b"ocicrypt-plaintext-marker-5c1f\n"
+    secret = layer_tar([Entry("file", "etc/secret", marker)])
+    plain = write_dir(tmp_path / "plain", image_files(
+        [(base_tar, "gzip"), (MIDDLE, "gzip"), (TOP, "none"), (secret, "gzip")], CONFIG))  # fmt: skip
+    for name in ("priv", "other"):
+        subprocess.run(["openssl", "genrsa", "-out", str(tmp_path / f"{name}.pem"), "2048"],
+                       check=True, capture_output=True)  # fmt: skip
+        (tmp_path / f"{name}.pem").chmod(0o600)
+    subprocess.run(["openssl", "rsa", "-in", str(tmp_path / "priv.pem"), "-pubout",
+                    "-out", str(tmp_path / "pub.pem")], check=True, capture_output=True)  # fmt: skip
+    enc = tmp_path / "enc"
+    subprocess.run(["skopeo", "copy", "-q", "--encryption-key", f"jwe:{tmp_path / 'pub.pem'}",
+                    f"oci:{plain}:latest", f"oci:{enc}:latest"], check=True)  # fmt: skip
+
+    code, _, err = cli("build", "-k", str(key_file), "--decryption-key", str(tmp_path / "other.pem"),
+                       "-o", str(images / "wrong"), f"oci:{enc}")  # fmt: skip
+    assert code == ExitCode.KEY
+    assert "no --decryption-key unwraps its layer key" in err
+    assert list(images.iterdir()) == []
+
+    image = images / "dec"
+    cli.ok("build", "-k", str(key_file), "--decryption-key", str(tmp_path / "priv.pem"),
+           "-o", str(image), f"oci:{enc}")  # fmt: skip
+    for path in image.rglob("*"):  # what build wrote holds no plaintext of the layers
+        assert not path.is_file() or marker not in path.read_bytes(), path
+    out = cli.ok("run", "--keep", "-k", str(key_file), "-u", "0", str(image), "--",
+                 "cat /etc/keep /etc/secret")  # fmt: skip
+    assert out.encode() == b"keep\n" + marker
+    assert cli.ok("run", "-k", str(key_file), str(image)) == "from-config\n/srv\n1000\n"
+
+    tampered = Path(shutil.copytree(enc, tmp_path / "tampered"))
+    _flip_encrypted_layer(tampered)
+    code, _, err = cli("build", "-k", str(key_file), "--decryption-key", str(tmp_path / "priv.pem"),
+                       "-o", str(images / "bad"), f"oci:{tampered}")  # fmt: skip
+    assert code == ExitCode.TAMPERED, err
+    assert "its HMAC does not match" in err and err.count("\n") == 1
+    assert sorted(p.name for p in images.iterdir()) == ["dec"]

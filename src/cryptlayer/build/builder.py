@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptlayer.build import oci
+from cryptlayer.build.ocicrypt import DecryptionKey
 from cryptlayer.build.sources import Measure, OciLayerSource, Source, SquashSource, parse_path
 from cryptlayer.errors import UsageError
 from cryptlayer.image import envelope, luksheader, signatures, statement
@@ -57,7 +58,10 @@ def _inodes(needed: int, fs_bytes: int, blocks: int) -> int:
 
 
 def _expand(
-    stack: ExitStack, sources: list[str], drop_devices: bool
+    stack: ExitStack,
+    sources: list[str],
+    drop_devices: bool,
+    decryption: tuple[DecryptionKey, ...] = (),
 ) -> tuple[list[Source], ImageConfig | None]:
     """Each SOURCE as its layers, bottom first, and the image config an OCI source brings."""
     layers: list[Source] = []
@@ -66,7 +70,7 @@ def _expand(
         if oci.split_reference(text) is None:
             layers.append(parse_path(text, drop_devices=drop_devices))
             continue
-        image = stack.enter_context(oci.open_image(text))
+        image = stack.enter_context(oci.open_image(text, decryption))
         layers += [OciLayerSource(layer, drop_devices) for layer in image.layers]
         config = image.config  # the topmost image's config wins, as with FROM in a Containerfile
     return layers, config
@@ -83,6 +87,7 @@ def build_image(
     signer: Any = None,
     drop_devices: bool = False,
     notice: Callable[[str], None] | None = None,
+    decryption: tuple[DecryptionKey, ...] = (),
 ) -> Manifest:
     """Build an encrypted image at `output` from `sources` (bottom layer first).
 
@@ -92,10 +97,11 @@ def build_image(
     `signer`: a private key (signatures.load_signing_key) that signs the statement.
     Device nodes under /dev are left out, and with `drop_devices` those elsewhere too
     (sources.device_node); `notice` is given a line saying so for each layer.
+    `decryption`: keys for the layers ocicrypt encrypted (build/ocicrypt.py).
     """
     _check_build(principals, output)
     with ExitStack() as stack:
-        parsed, oci_config = _expand(stack, sources, drop_devices)
+        parsed, oci_config = _expand(stack, sources, drop_devices, decryption)
         final_config = (overrides or Overrides()).image_config(oci_config or ImageConfig())
         if squash and len(parsed) > 1:
             parsed = [SquashSource(tuple(parsed))]

@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, cast
 
 from cryptlayer import oci
+from cryptlayer.build import ocicrypt
 from cryptlayer.errors import UsageError
 from cryptlayer.fsutil import MAX_IMAGE_JSON, NotRegularError
 from cryptlayer.image.manifest import ImageConfig, image_config
@@ -99,6 +100,19 @@ class OciLayer:
     digest: str | None  # sha256:... of the blob as stored; None where the format has none
     diff_id: str  # sha256:... of the uncompressed tar, from the image config
     size: int | None
+    cipher: ocicrypt.LayerCipher | None = None  # an ocicrypt-encrypted blob's, unwrapped
+
+    @contextmanager
+    def open(self) -> Iterator[IO[bytes]]:
+        """The layer's blob as its tar (compressed or not): an encrypted blob decrypted while
+        it is read, and checked to its end (ocicrypt.decrypting)."""
+        with self.blobs.open(self.path) as raw:
+            if self.cipher is None or self.digest is None:
+                yield raw
+                return
+            where = f"layer {self.blobs.describe(self.path)}"
+            with ocicrypt.decrypting(raw, self.cipher, self.digest, self.size, where) as plain:
+                yield cast(IO[bytes], plain)  # a RawIOBase, read as one
 
 
 @dataclass(frozen=True)
@@ -166,6 +180,11 @@ def _blob_path(digest: Any) -> str:
 def verify_blob(layer: OciLayer) -> None:
     """Check the stored blob against its digest (and size), reading it once."""
     if layer.digest is None:
+        return
+    if layer.cipher is not None:  # the ciphertext's digest, size and HMAC
+        with layer.blobs.open(layer.path) as raw:
+            where = f"layer {layer.blobs.describe(layer.path)}"
+            ocicrypt.verify(raw, layer.cipher, layer.digest, layer.size, where)
         return
     h = oci.hasher()
     n = 0
@@ -236,7 +255,24 @@ def _select(blobs: Blobs, tag: str, where: str) -> oci.IndexEntry:
     return chosen
 
 
-def _read_oci(reference: str, blobs: Blobs, tag: str, where: str) -> OciImage:
+def _layer(
+    blobs: Blobs, desc: dict[str, Any], diff_id: str, keys: tuple[ocicrypt.DecryptionKey, ...]
+) -> OciLayer:
+    path = _blob_path(desc["digest"])
+    cipher = None
+    if ocicrypt.is_encrypted(desc.get("mediaType")):
+        where = f"layer {blobs.describe(path)}"
+        cipher = ocicrypt.layer_cipher(desc.get("annotations"), keys, where)
+    return OciLayer(blobs, path, desc["digest"], diff_id, desc.get("size"), cipher)
+
+
+def _read_oci(
+    reference: str,
+    blobs: Blobs,
+    tag: str,
+    where: str,
+    keys: tuple[ocicrypt.DecryptionKey, ...] = (),
+) -> OciImage:
     layout = _json(blobs, oci.LAYOUT_FILE)
     if not isinstance(layout, dict) or "imageLayoutVersion" not in layout:
         raise UsageError(f"{where} is not an OCI image layout (no imageLayoutVersion)")
@@ -247,8 +283,7 @@ def _read_oci(reference: str, blobs: Blobs, tag: str, where: str) -> OciImage:
     layer_descs = manifest.get("layers") or []
     diff_ids = _diff_ids(config, len(layer_descs), where)
     layers = tuple(
-        OciLayer(blobs, _blob_path(d["digest"]), d["digest"], diff_id, d.get("size"))
-        for d, diff_id in zip(layer_descs, diff_ids, strict=True)
+        _layer(blobs, d, diff_id, keys) for d, diff_id in zip(layer_descs, diff_ids, strict=True)
     )
     return OciImage(reference, layers, _image_config(config))
 
@@ -279,8 +314,9 @@ def _read_docker(reference: str, blobs: Blobs, where: str) -> OciImage:
 
 
 @contextmanager
-def open_image(reference: str) -> Iterator[OciImage]:
-    """Read an image named by a transport reference; archives stay open while in use."""
+def open_image(reference: str, keys: tuple[ocicrypt.DecryptionKey, ...] = ()) -> Iterator[OciImage]:
+    """Read an image named by a transport reference; archives stay open while in use. `keys`
+    unwrap the layers ocicrypt encrypted (--decryption-key)."""
     parsed = split_reference(reference)
     if parsed is None:
         raise UsageError(
@@ -294,7 +330,7 @@ def open_image(reference: str) -> Iterator[OciImage]:
         if transport == "oci":
             if not path.is_dir():
                 raise UsageError(f"{path} is not a directory", "oci: takes an OCI layout directory")
-            yield _read_oci(reference, DirBlobs(path), tag, str(path))
+            yield _read_oci(reference, DirBlobs(path), tag, str(path), keys)
             return
         try:
             tar = tarfile.open(path, "r:*")  # noqa: SIM115 (closed by `with tar` below)
@@ -305,7 +341,7 @@ def open_image(reference: str) -> Iterator[OciImage]:
         with tar:
             blobs = TarBlobs(path, tar)
             if transport == "oci-archive":
-                yield _read_oci(reference, blobs, tag, str(path))
+                yield _read_oci(reference, blobs, tag, str(path), keys)
             else:
                 yield _read_docker(reference, blobs, str(path))
     except (KeyError, TypeError, AttributeError) as err:

@@ -411,7 +411,7 @@ class OciLayerSource(_TarSource):
 
     @contextmanager
     def _raw(self) -> Iterator[IO[bytes]]:
-        with self.layer.blobs.open(self.layer.path) as f:
+        with self.layer.open() as f:  # an ocicrypt layer decrypted on the way
             yield f
 
 

@@ -1,0 +1,393 @@
+"""Layers that ocicrypt encrypted (`skopeo copy --encryption-key jwe:PUB.pem`), decrypted while
+they stream: never written out in the clear.
+
+ocicrypt's format, as its source has it (containers/ocicrypt: encryption.go,
+blockcipher/blockcipher.go, blockcipher/blockcipher_aes_ctr.go, keywrap/jwe/keywrapper_jwe.go):
+a layer whose media type ends in `+encrypted` carries two annotations,
+- `org.opencontainers.image.enc.keys.jwe`: comma-separated base64 of JWE JSON serializations
+  (one per `--encryption-key jwe:` run; each may have several recipients) whose payload is the
+  private options, JSON `{"symkey": b64, "digest": "sha256:...", "cipheroptions": {"nonce": b64}}`
+  (digest: of the blob skopeo read, which is not always the one it encrypted: skopeo 1.9
+  compresses an uncompressed layer before encrypting it, and this stays the uncompressed one's;
+  so it is not checked here, the diff_id is);
+- `org.opencontainers.image.enc.pubopts`: base64 of JSON `{"cipher": "AES_256_CTR_HMAC_SHA256",
+  "hmac": b64, "cipheroptions": {}}`.
+The blob is AES-256-CTR of the plaintext blob under `symkey` and `nonce`; `hmac` is HMAC-SHA256
+under `symkey` of the ciphertext, checked when the stream ends (as ocicrypt does: nothing read
+from a stream counts before its end). The descriptor's digest is of the ciphertext.
+
+Here a layer is accepted only if, at the end of its stream, the ciphertext matches the
+descriptor's digest and size and the HMAC matches (and, as for any layer, the tar its diff_id);
+the build that read it fails otherwise (TamperedImageError), and its cleanup removes what the
+layer's volume got.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import io
+import json
+import os
+import stat
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from cryptlayer import oci
+from cryptlayer.errors import TamperedImageError, UsageError, WrongKeyError
+
+ENCRYPTED_SUFFIX = "+encrypted"
+KEYS_PREFIX = "org.opencontainers.image.enc.keys."
+KEYS_JWE = KEYS_PREFIX + "jwe"
+PUBOPTS = "org.opencontainers.image.enc.pubopts"
+CIPHER = "AES_256_CTR_HMAC_SHA256"  # the only cipher ocicrypt has
+KEY_BYTES = 32
+NONCE_BYTES = 16
+PROVIDER = "provider:"
+MAX_KEY_FILE = 64 * 1024
+# What go-jose writes for ocicrypt (RSA-OAEP or ECDH-ES+A256KW, A256GCM) and its near kin;
+# never RSA1_5 (padding oracles).
+JWE_ALGS = ["RSA-OAEP", "RSA-OAEP-256", "ECDH-ES", "ECDH-ES+A128KW", "ECDH-ES+A192KW",
+            "ECDH-ES+A256KW", "A128GCM", "A192GCM", "A256GCM", "A128CBC-HS256",
+            "A192CBC-HS384", "A256CBC-HS512"]  # fmt: skip
+
+
+def is_encrypted(media_type: object) -> bool:
+    """Whether a layer's media type says ocicrypt encrypted it."""
+    return isinstance(media_type, str) and media_type.endswith(ENCRYPTED_SUFFIX)
+
+
+# ---- keys -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecryptionKey:
+    """A private key given with --decryption-key, as a JWK for jwcrypto."""
+
+    path: str
+    jwk: Any = field(repr=False)  # jwcrypto.jwk.JWK: its private part never in a repr
+
+
+def _read_key_file(path: str) -> bytearray:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        if ":" in path and os.path.exists(path.partition(":")[0]):
+            raise UsageError(
+                f"--decryption-key {path}: a password after ':' is not taken (the command line"
+                " is visible to every user)",
+                "decrypt the key into a file only you read: openssl pkey -in KEY -out PLAIN",
+            ) from None
+        raise UsageError(
+            f"--decryption-key {path} does not exist", "give the private key (PEM) of a jwe: key"
+        ) from None
+    except OSError as err:
+        raise UsageError(f"cannot read --decryption-key {path}: {err.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"--decryption-key {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise UsageError(
+                f"--decryption-key {path} is accessible by others"
+                f" (mode {stat.S_IMODE(st.st_mode):04o})",
+                f"chmod 600 {path}",
+            )
+        data = bytearray(f.read(MAX_KEY_FILE + 1))
+    if len(data) > MAX_KEY_FILE:
+        raise UsageError(f"--decryption-key {path} is larger than {MAX_KEY_FILE} bytes")
+    return data
+
+
+def _parse_key(path: str, data: bytearray) -> Any:
+    """A JWK from PEM, DER or JWK JSON, as ocicrypt's utils.ParsePrivateKey takes them."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from jwcrypto import jwk  # type: ignore[import-untyped]
+
+    if data.lstrip().startswith(b"{"):
+        try:
+            key = jwk.JWK.from_json(bytes(data))
+        except (ValueError, jwk.InvalidJWKValue, jwk.InvalidJWKType) as err:
+            raise UsageError(f"--decryption-key {path} is not a valid JWK ({err})") from None
+        if not key.has_private:
+            raise UsageError(f"--decryption-key {path} is a public key", "give the private one")
+        return key
+    try:
+        if b"-----BEGIN" in data:
+            pyca: Any = serialization.load_pem_private_key(bytes(data), password=None)
+        else:
+            pyca = serialization.load_der_private_key(bytes(data), password=None)
+    except TypeError:
+        raise UsageError(
+            f"--decryption-key {path} is protected by a password",
+            "decrypt it into a file only you read: openssl pkey -in KEY -out PLAIN",
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        hint = "that is a public key; give the private one" if b"PUBLIC" in data else None
+        raise UsageError(f"--decryption-key {path} is not a PEM or DER private key", hint) from None
+    try:
+        return jwk.JWK.from_pyca(pyca)
+    except (ValueError, TypeError, jwk.InvalidJWKValue) as err:
+        raise UsageError(
+            f"--decryption-key {path} is a {type(pyca).__name__.lstrip('_')}, not an RSA or EC key",
+            "ocicrypt's jwe: keys are RSA or EC",
+        ) from err
+
+
+def load_keys(texts: list[str]) -> tuple[DecryptionKey, ...]:
+    """The keys given with --decryption-key (PEM, DER or JWK private keys), each checked."""
+    keys = []
+    for text in texts:
+        if text.startswith(PROVIDER):
+            raise UsageError(
+                f"--decryption-key {text}: ocicrypt key providers are not supported yet",
+                "give the private key file of a jwe: key",
+            )
+        data = _read_key_file(text)
+        try:
+            keys.append(DecryptionKey(text, _parse_key(text, data)))
+        finally:
+            data[:] = bytes(len(data))
+    return tuple(keys)
+
+
+# ---- a layer's options ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerCipher:
+    """What decrypts and checks one layer: from its JWE (private) and pubopts (public)."""
+
+    symkey: bytes = field(repr=False)  # the layer key: never in a repr, a log, a traceback
+    nonce: bytes
+    hmac: bytes
+
+
+def _b64(value: object, what: str, where: str) -> bytes:
+    if not isinstance(value, str):
+        raise UsageError(f"{where}: {what} is not a base64 string", "the image is damaged")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise UsageError(f"{where}: {what} is not valid base64", "the image is damaged") from None
+
+
+def _json_object(data: bytes, what: str, where: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise UsageError(f"{where}: {what} is not a JSON object", "the image is damaged")
+    return doc
+
+
+def _options(doc: dict[str, Any], what: str, where: str) -> dict[str, Any]:
+    opts = doc.get("cipheroptions") or {}
+    if not isinstance(opts, dict):
+        raise UsageError(f"{where}: {what} cipheroptions is not an object", "the image is damaged")
+    return opts
+
+
+def _unwrap(annotation: str, keys: tuple[DecryptionKey, ...], where: str) -> bytes | None:
+    """The private options from the first JWE any key opens (ocicrypt's order: each JWE of
+    the annotation in turn, each key for it); None if no key opens any."""
+    from jwcrypto import jwe
+    from jwcrypto.common import JWException  # type: ignore[import-untyped]
+
+    for part in annotation.split(","):
+        token = _b64(part, f"annotation {KEYS_JWE}", where)
+        for key in keys:
+            message = jwe.JWE(algs=JWE_ALGS)
+            try:
+                message.deserialize(token.decode("utf-8", "replace"))
+            except (JWException, ValueError) as err:
+                raise UsageError(
+                    f"{where}: annotation {KEYS_JWE} holds no JWE ({err})", "the image is damaged"
+                ) from None
+            try:
+                message.decrypt(key.jwk)
+            except (JWException, ValueError, TypeError):
+                continue
+            payload: bytes = message.payload
+            return payload
+    return None
+
+
+def layer_cipher(annotations: object, keys: tuple[DecryptionKey, ...], where: str) -> LayerCipher:
+    """Unwrap an encrypted layer's key with one of `keys`; every field checked."""
+    if not isinstance(annotations, dict):
+        annotations = {}
+    if not keys:
+        raise UsageError(
+            f"{where} is encrypted with ocicrypt",
+            "give its private key with --decryption-key PRIVATE.pem",
+        )
+    wrapped = annotations.get(KEYS_JWE)
+    if not isinstance(wrapped, str) or not wrapped:
+        schemes = sorted(
+            str(k).removeprefix(KEYS_PREFIX) for k in annotations if str(k).startswith(KEYS_PREFIX)
+        )
+        raise UsageError(
+            f"{where} is encrypted with ocicrypt for "
+            + (", ".join(schemes) + " keys only" if schemes else "no recipient (no wrapped key)"),
+            "cryptlayer unwraps jwe: keys; encrypt it again with skopeo --encryption-key jwe:PUB",
+        )
+    private = _unwrap(wrapped, keys, where)
+    if private is None:
+        raise WrongKeyError(
+            f"{where}: no --decryption-key unwraps its layer key",
+            f"tried {', '.join(k.path for k in keys)}; give the private key it was encrypted for",
+        )
+    priv = _json_object(private, "the private layer options", where)
+    pub_text = annotations.get(PUBOPTS)
+    if pub_text is None:
+        raise UsageError(f"{where}: no {PUBOPTS} annotation", "the image is damaged")
+    pub = _json_object(_b64(pub_text, f"annotation {PUBOPTS}", where), PUBOPTS, where)
+    cipher = pub.get("cipher")
+    if cipher != CIPHER:
+        raise UsageError(
+            f"{where}: unsupported ocicrypt cipher {str(cipher)!r}",
+            f"cryptlayer decrypts {CIPHER}, the only cipher ocicrypt writes",
+        )
+    symkey = _b64(priv.get("symkey"), "symkey", where)
+    priv_opts, pub_opts = _options(priv, "private", where), _options(pub, "public", where)
+    nonce = _b64(priv_opts.get("nonce", pub_opts.get("nonce")), "nonce", where)
+    mac = _b64(pub.get("hmac"), "hmac", where)
+    if len(symkey) != KEY_BYTES or len(nonce) != NONCE_BYTES or len(mac) != 32:
+        raise UsageError(
+            f"{where}: ocicrypt options of the wrong size (key {len(symkey)}, nonce {len(nonce)},"
+            f" hmac {len(mac)} bytes)",
+            "the image is damaged",
+        )
+    return LayerCipher(symkey, nonce, mac)
+
+
+# ---- the stream -----------------------------------------------------------------------------
+
+
+class DecryptingReader(io.RawIOBase):
+    """The plaintext of an encrypted blob, decrypted as it is read. When the ciphertext ends it
+    checks the blob's digest and size and the HMAC; if any differs, the stream ends there and
+    `finish` raises TamperedImageError. Reads never raise it: a reader may be a thread feeding
+    `zstd -dc` (tools.runner.filtered), where an exception would leave zstd waiting for ever;
+    whoever opened the stream calls `finish` (`decrypting` does). seek(0) starts over
+    (compression sniffing rewinds)."""
+
+    def __init__(
+        self, raw: IO[bytes], cipher: LayerCipher, digest: str, size: int | None, where: str
+    ) -> None:
+        self.raw = raw
+        self.cipher = cipher
+        self.digest = digest
+        self.size = size
+        self.where = where
+        self.failure: TamperedImageError | None = None
+        self._start()
+
+    def _start(self) -> None:
+        ctr = Cipher(algorithms.AES(self.cipher.symkey), modes.CTR(self.cipher.nonce))
+        self._decryptor = ctr.decryptor()
+        self._mac = crypto_hmac.HMAC(self.cipher.symkey, hashes.SHA256())
+        self._blob = oci.hasher()
+        self._count = 0
+        self.verified = False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._count
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if (offset, whence) == (self._count, os.SEEK_SET) or (offset, whence) == (0, os.SEEK_CUR):
+            return self._count
+        if (offset, whence) != (0, os.SEEK_SET):
+            raise io.UnsupportedOperation("a decrypting stream only rewinds to its start")
+        self.raw.seek(0)
+        self._start()
+        return 0
+
+    def readinto(self, buffer: Any) -> int:
+        if self.failure is not None or self.verified:
+            return 0
+        data = self.raw.read(len(buffer))
+        if not data:
+            self._finish()
+            return 0
+        self._count += len(data)
+        self._blob.update(data)
+        self._mac.update(data)
+        plain = self._decryptor.update(data)
+        n = len(plain)
+        buffer[:n] = plain
+        return n
+
+    def _finish(self) -> None:
+        problem = None
+        actual = oci.digest_of(self._blob)
+        if self._decryptor.finalize():  # CTR: nothing held back
+            problem = "the cipher returned data after the end"
+        elif actual != self.digest:
+            problem = f"does not match its digest {self.digest} (it is {actual})"
+        elif self.size is not None and self._count != self.size:
+            problem = f"has {self._count} bytes, its descriptor says {self.size}"
+        elif not hmac.compare_digest(self._mac.finalize(), self.cipher.hmac):
+            problem = "its HMAC does not match: the ciphertext was changed"
+        if problem is None:
+            self.verified = True
+        else:
+            self.failure = TamperedImageError(
+                f"{self.where}: {problem}", "the image was changed after ocicrypt encrypted it"
+            )
+
+    def finish(self) -> None:
+        """Read what is left of the ciphertext (unused) and check it all: TamperedImageError
+        if it is not what ocicrypt wrote."""
+        while self.read(1 << 20):
+            pass
+        if self.failure is not None:
+            raise self.failure
+
+
+@contextmanager
+def decrypting(
+    raw: IO[bytes], cipher: LayerCipher, digest: str, size: int | None, where: str
+) -> Iterator[DecryptingReader]:
+    """A DecryptingReader over `raw`, read to its end on leaving so that every use of a layer
+    checks all of it. What failed on the way (a gzip stream that does not decompress, a tar
+    that does not parse) is reported as the tampering it is when the HMAC says so."""
+    reader = DecryptingReader(raw, cipher, digest, size, where)
+    try:
+        yield reader
+    except TamperedImageError:
+        raise
+    except Exception as err:
+        try:
+            reader.finish()
+        except TamperedImageError as tampered:
+            raise tampered from err
+        if isinstance(err, zlib.error):  # authentic, yet not gzip: encrypted so by its maker
+            raise UsageError(
+                f"{where} does not decompress ({err})", "the image is damaged"
+            ) from err
+        raise
+    reader.finish()
+
+
+def verify(raw: IO[bytes], cipher: LayerCipher, digest: str, size: int | None, where: str) -> None:
+    """Check a blob's digest, size and HMAC without decrypting it to anyone."""
+    with decrypting(raw, cipher, digest, size, where):
+        pass

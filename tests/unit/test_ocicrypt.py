@@ -1,0 +1,333 @@
+"""build/ocicrypt.py: layers that Debian's skopeo (ocicrypt 1.0.3) encrypted with
+`--encryption-key jwe:PUB.pem`, decrypted as they stream; wrong keys and tampered blobs refused."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cryptlayer import oci as oci_spec
+from cryptlayer.build import oci, ocicrypt
+from cryptlayer.build.sources import OciLayerSource
+from cryptlayer.errors import ExitCode, TamperedImageError, UsageError, WrongKeyError
+from tests.clirunner import invoke
+from tests.ocifixtures import CONFIG, MIDDLE, TOP, image_files, write_dir
+
+ENCRYPTED_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip+encrypted"
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Key pairs, a plain image (one gzip layer, one uncompressed), and skopeo's encryptions
+    of it: `rsa` for the RSA key, `both` for the RSA and the EC key, an oci-archive too."""
+    root = tmp_path_factory.mktemp("ocicrypt")
+    _openssl("genrsa", "-out", str(root / "rsa.pem"), "2048")
+    _openssl("rsa", "-in", str(root / "rsa.pem"), "-pubout", "-out", str(root / "rsa.pub"))
+    _openssl("genrsa", "-out", str(root / "other.pem"), "2048")
+    _openssl("ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", str(root / "ec0.pem"))
+    _openssl("pkcs8", "-topk8", "-nocrypt", "-in", str(root / "ec0.pem"),
+             "-out", str(root / "ec.pem"))  # fmt: skip
+    _openssl("ec", "-in", str(root / "ec.pem"), "-pubout", "-out", str(root / "ec.pub"))
+    for pem in root.glob("*.pem"):
+        pem.chmod(0o600)
+    write_dir(root / "plain", image_files([(MIDDLE, "gzip"), (TOP, "none")], CONFIG))
+    write_dir(root / "zplain", image_files([(MIDDLE, "zstd"), (TOP, "zstd")], CONFIG))
+
+    def skopeo(dest: str, *pubs: str, src: str = "plain") -> None:
+        keys = [arg for pub in pubs for arg in ("--encryption-key", f"jwe:{root / pub}")]
+        subprocess.run(
+            ["skopeo", "copy", "-q", *keys, f"oci:{root / src}:latest", dest],
+            check=True, capture_output=True,
+        )  # fmt: skip
+
+    skopeo(f"oci:{root / 'rsa'}:latest", "rsa.pub")
+    skopeo(f"oci:{root / 'both'}:latest", "rsa.pub", "ec.pub")
+    skopeo(f"oci-archive:{root / 'rsa.tar'}:latest", "rsa.pub")
+    skopeo(f"oci:{root / 'zstd'}:latest", "rsa.pub", src="zplain")
+    return root
+
+
+def _open(reference: str, keys: tuple[ocicrypt.DecryptionKey, ...] = ()) -> None:
+    with oci.open_image(reference, keys):
+        pass
+
+
+def _keys(made: Path, *names: str) -> tuple[ocicrypt.DecryptionKey, ...]:
+    return ocicrypt.load_keys([str(made / name) for name in names])
+
+
+def _members(layer: oci.OciLayer) -> list[tuple[str, bytes]]:
+    """The layer's tar as (name, data) pairs, read through the build's own stream."""
+    out = []
+    with OciLayerSource(layer)._stream() as stream:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                f = tar.extractfile(member) if member.isfile() else None
+                out.append((member.name, f.read() if f else b""))
+        assert stream.drain() == layer.diff_id
+    return out
+
+
+def _plain_members(tar: bytes) -> list[tuple[str, bytes]]:
+    import io
+
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        return [(m.name, t.extractfile(m).read() if m.isfile() else b"") for m in t]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("reference", "keys"),
+    [
+        ("oci:{}/rsa:latest", ("rsa.pem",)),
+        ("oci:{}/both", ("ec.pem",)),  # the second recipient of a multi-recipient JWE
+        ("oci:{}/both", ("other.pem", "rsa.pem")),  # each key tried, as ocicrypt does
+        ("oci-archive:{}/rsa.tar", ("rsa.pem",)),
+        ("oci:{}/zstd", ("rsa.pem",)),  # through `zstd -dc`
+    ],
+)
+def test_skopeo_image_decrypts_to_the_plain_layers(
+    made: Path, reference: str, keys: tuple[str, ...]
+) -> None:
+    with oci.open_image(reference.format(made), _keys(made, *keys)) as image:
+        assert [layer.cipher is not None for layer in image.layers] == [True, True]
+        for layer in image.layers:
+            OciLayerSource(layer).measure()  # digest and HMAC of the ciphertext, then the tar
+        assert _members(image.layers[0]) == _plain_members(MIDDLE)
+        assert _members(image.layers[1]) == _plain_members(TOP)
+        # The config is the original's (entrypoint, env...): ocicrypt leaves it alone.
+        assert image.config.entrypoint == tuple(CONFIG["Entrypoint"])
+        assert image.config.env == tuple(CONFIG["Env"])
+        assert image.config.workdir == CONFIG["WorkingDir"]
+
+
+def test_layers_really_are_encrypted(made: Path) -> None:
+    manifest = _manifest(made / "rsa")
+    assert [d["mediaType"] for d in manifest["layers"]] == [ENCRYPTED_GZIP, ENCRYPTED_GZIP]
+    for desc in manifest["layers"]:
+        blob = (made / "rsa" / oci_spec.blob_path(desc["digest"])).read_bytes()
+        assert not blob.startswith(b"\x1f\x8b") and b"etc/keep" not in blob
+
+
+def _manifest(layout: Path) -> dict[str, Any]:
+    index = json.loads((layout / "index.json").read_text())
+    digest = index["manifests"][0]["digest"]
+    doc: dict[str, Any] = json.loads((layout / "blobs/sha256" / digest[7:]).read_bytes())
+    return doc
+
+
+def _rewrite(layout: Path, manifest: dict[str, Any]) -> None:
+    """Store `manifest` as the image's (index.json pointing at it), as an attacker can."""
+    data = json.dumps(manifest).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs/sha256" / digest).write_bytes(data)
+    index = json.loads((layout / "index.json").read_text())
+    index["manifests"][0].update(digest=f"sha256:{digest}", size=len(data))
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+@pytest.fixture
+def copy(made: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(made / "rsa", tmp_path / "copy"))
+
+
+def _flip_layer(layout: Path, index: int, fix_digest: bool) -> None:
+    """Change one byte of a layer's ciphertext; with fix_digest, make the manifest name the
+    changed blob (so only the HMAC can tell)."""
+    manifest = _manifest(layout)
+    desc = manifest["layers"][index]
+    path = layout / "blobs/sha256" / desc["digest"][7:]
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    path.write_bytes(bytes(blob))
+    if fix_digest:
+        new = hashlib.sha256(blob).hexdigest()
+        path.rename(layout / "blobs/sha256" / new)
+        desc["digest"] = f"sha256:{new}"
+        _rewrite(layout, manifest)
+
+
+def test_tampered_ciphertext_fails_its_hmac(made: Path, copy: Path) -> None:
+    _flip_layer(copy, 1, fix_digest=True)
+    with oci.open_image(f"oci:{copy}", _keys(made, "rsa.pem")) as image:
+        source = OciLayerSource(image.layers[1])
+        with pytest.raises(TamperedImageError, match="its HMAC does not match"):
+            source.measure()
+        # The decrypting stream on its own refuses it too, at its end, whoever reads it.
+        with pytest.raises(TamperedImageError, match="HMAC"):
+            _members(image.layers[1])
+
+
+def test_tampered_zstd_layer_fails_and_does_not_hang(made: Path, tmp_path: Path) -> None:
+    # A zstd layer is fed to `zstd -dc` from a thread: a stream that raised there left zstd
+    # waiting for more input, and the build hung (before the stream kept its verdict for its
+    # owner).
+    copy = Path(shutil.copytree(made / "zstd", tmp_path / "zcopy"))
+    assert _manifest(copy)["layers"][0]["mediaType"].endswith("+zstd+encrypted")
+    _flip_layer(copy, 0, fix_digest=True)
+    with oci.open_image(f"oci:{copy}", _keys(made, "rsa.pem")) as image:
+        with pytest.raises(TamperedImageError, match="HMAC"):
+            _members(image.layers[0])
+        with pytest.raises(TamperedImageError, match="HMAC"):
+            OciLayerSource(image.layers[0]).measure()
+
+
+def test_tampered_ciphertext_fails_its_digest(made: Path, copy: Path) -> None:
+    _flip_layer(copy, 0, fix_digest=False)
+    with (
+        oci.open_image(f"oci:{copy}", _keys(made, "rsa.pem")) as image,
+        pytest.raises(TamperedImageError, match="does not match its digest"),
+    ):
+        OciLayerSource(image.layers[0]).measure()
+        assert TamperedImageError.exit_code == ExitCode.TAMPERED
+
+
+def test_truncated_ciphertext_fails(made: Path, copy: Path) -> None:
+    manifest = _manifest(copy)
+    desc = manifest["layers"][0]
+    path = copy / "blobs/sha256" / desc["digest"][7:]
+    blob = path.read_bytes()[:-7]
+    new = hashlib.sha256(blob).hexdigest()
+    (copy / "blobs/sha256" / new).write_bytes(blob)
+    desc.update(digest=f"sha256:{new}", size=len(blob))
+    _rewrite(copy, manifest)
+    with (
+        oci.open_image(f"oci:{copy}", _keys(made, "rsa.pem")) as image,
+        pytest.raises(TamperedImageError, match="HMAC"),
+    ):
+        OciLayerSource(image.layers[0]).measure()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
+def test_populate_refuses_a_stream_whose_hmac_fails(made: Path, copy: Path, tmp_path: Path) -> None:
+    # What a blob swapped between measuring and filling meets: the fill itself fails.
+    _flip_layer(copy, 0, fix_digest=True)
+    target = tmp_path / "target"
+    target.mkdir()
+    with (
+        oci.open_image(f"oci:{copy}", _keys(made, "rsa.pem")) as image,
+        pytest.raises(TamperedImageError, match="HMAC"),
+    ):
+        OciLayerSource(image.layers[0]).populate(target)
+
+
+def test_wrong_key_and_no_key(made: Path) -> None:
+    with pytest.raises(WrongKeyError, match="no --decryption-key unwraps its layer key"):
+        _open(f"oci:{made}/rsa", _keys(made, "other.pem", "ec.pem"))
+    with pytest.raises(UsageError, match="is encrypted with ocicrypt") as err:
+        _open(f"oci:{made}/rsa")
+    assert "--decryption-key PRIVATE.pem" in str(err.value)
+
+
+def _edit_annotation(layout: Path, key: str, edit: Any) -> None:
+    manifest = _manifest(layout)
+    for desc in manifest["layers"]:
+        desc["annotations"][key] = edit(desc["annotations"][key])
+    _rewrite(layout, manifest)
+
+
+def test_unknown_cipher(made: Path, copy: Path) -> None:
+    def other_cipher(value: str) -> str:
+        doc = json.loads(base64.b64decode(value))
+        doc["cipher"] = "AES_256_GCM"
+        return base64.b64encode(json.dumps(doc).encode()).decode()
+
+    _edit_annotation(copy, ocicrypt.PUBOPTS, other_cipher)
+    with pytest.raises(UsageError, match="unsupported ocicrypt cipher 'AES_256_GCM'"):
+        _open(f"oci:{copy}", _keys(made, "rsa.pem"))
+
+
+def test_malformed_annotations(made: Path, copy: Path) -> None:
+    _edit_annotation(copy, ocicrypt.KEYS_JWE, lambda _v: "not base64!")
+    with pytest.raises(UsageError, match="is not valid base64"):
+        _open(f"oci:{copy}", _keys(made, "rsa.pem"))
+    _edit_annotation(copy, ocicrypt.KEYS_JWE, lambda _v: base64.b64encode(b"{}").decode())
+    with pytest.raises(UsageError, match="holds no JWE"):
+        _open(f"oci:{copy}", _keys(made, "rsa.pem"))
+
+
+def test_pgp_only_layer_names_its_scheme(made: Path, copy: Path) -> None:
+    manifest = _manifest(copy)
+    for desc in manifest["layers"]:
+        desc["annotations"]["org.opencontainers.image.enc.keys.pgp"] = "eA=="
+        del desc["annotations"][ocicrypt.KEYS_JWE]
+    _rewrite(copy, manifest)
+    with pytest.raises(UsageError, match="for pgp keys only"):
+        _open(f"oci:{copy}", _keys(made, "rsa.pem"))
+
+
+def test_key_files(made: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="providers are not supported yet"):
+        ocicrypt.load_keys(["provider:attestation-agent"])
+    with pytest.raises(UsageError, match="does not exist"):
+        ocicrypt.load_keys([str(tmp_path / "none.pem")])
+    with pytest.raises(UsageError, match="a password after ':' is not taken"):
+        ocicrypt.load_keys([f"{made / 'rsa.pem'}:secret"])
+    with pytest.raises(UsageError, match=r"is a public key|not a PEM or DER private key"):
+        shutil.copy(made / "rsa.pub", tmp_path / "pub.pem")
+        (tmp_path / "pub.pem").chmod(0o600)
+        ocicrypt.load_keys([str(tmp_path / "pub.pem")])
+    open_key = tmp_path / "open.pem"
+    shutil.copy(made / "rsa.pem", open_key)
+    open_key.chmod(0o644)
+    with pytest.raises(UsageError, match="accessible by others"):
+        ocicrypt.load_keys([str(open_key)])
+    locked = tmp_path / "locked.pem"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(made / "rsa.pem"), "-aes256", "-passout", "pass:pw",
+         "-out", str(locked)], check=True, capture_output=True,
+    )  # fmt: skip
+    locked.chmod(0o600)
+    with pytest.raises(UsageError, match="protected by a password"):
+        ocicrypt.load_keys([str(locked)])
+    # A JWK, as ocicrypt also takes one, opens the same image.
+    jwk_file = tmp_path / "key.jwk"
+    jwk_file.write_text(_keys(made, "rsa.pem")[0].jwk.export_private())
+    jwk_file.chmod(0o600)
+    with oci.open_image(f"oci:{made}/rsa", ocicrypt.load_keys([str(jwk_file)])) as image:
+        assert _members(image.layers[0]) == _plain_members(MIDDLE)
+
+
+def test_cli_build_errors(made: Path, tmp_path: Path) -> None:
+    """The build's own error lines and exit codes, before anything is formatted."""
+    key = tmp_path / "image.key"
+    invoke("keygen", str(key))
+
+    def build(*args: str) -> tuple[int, str]:
+        code, _, err = invoke("build", "--key-file", str(key), "-o", str(tmp_path / "img"), *args)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        assert not (tmp_path / "img").exists()
+        assert not list(tmp_path.glob(".img.partial-*"))
+        return code, lines[0]
+
+    code, line = build("--decryption-key", str(made / "other.pem"), f"oci:{made}/rsa")
+    assert code == ExitCode.KEY and "no --decryption-key unwraps its layer key" in line
+    code, line = build(f"oci:{made}/rsa")
+    assert code == ExitCode.USAGE and "give its private key with --decryption-key" in line
+    code, line = build("--decryption-key", "provider:kbs", f"oci:{made}/rsa")
+    assert code == ExitCode.USAGE and "not supported yet" in line
+
+
+def test_decrypting_reader_rewinds(made: Path) -> None:
+    """decompressed() sniffs the first bytes and rewinds: the stream starts over, clean."""
+    with oci.open_image(f"oci:{made}/rsa", _keys(made, "rsa.pem")) as image:
+        layer = image.layers[0]
+        with layer.open() as stream:
+            head = stream.read(6)
+            assert head.startswith(b"\x1f\x8b")
+            stream.seek(0)
+            whole = stream.read()
+        assert whole.startswith(head)
