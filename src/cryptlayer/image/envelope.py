@@ -297,6 +297,10 @@ def _unwrap(entry: Entry, credential: Credential) -> Secret | None:
     identity = credential.identity
     if identity is None or identity.id != entry.id or entry.kind != str(identity.kind):
         return None  # (an entry of another kind under its id: a hostile keys.json's)
+    from cryptlayer.keys.heldkey import HeldKey
+
+    if isinstance(identity.key, HeldKey):  # in a TPM or token, whose raw RSA does the unwrap
+        return identity.key.decrypt_oaep(wrapped, INFO) if entry.kind == "rsa" else None
     try:
         if entry.kind == "x25519":
             raw = _hpke().decrypt(wrapped, identity.key, info=INFO)
