@@ -11,7 +11,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,12 +57,13 @@ def swtpm(state: Path) -> Iterator[str]:
             "--server", f"type=tcp,port={server},bindaddr=127.0.0.1",
             "--ctrl", f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
             "--flags", "not-need-init,startup-clear"]  # fmt: skip
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = open(state / "swtpm.log", "wb")  # noqa: SIM115  (closed below, after swtpm ends)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
         for _ in range(100):
             if _listening(server):
                 break
-            assert proc.poll() is None, proc.communicate()[1]
+            assert proc.poll() is None, (state / "swtpm.log").read_text()
             time.sleep(0.05)
         else:
             raise AssertionError("swtpm did not start listening")
@@ -74,8 +75,7 @@ def swtpm(state: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        with suppress(ValueError):
-            proc.stderr.close()  # type: ignore[union-attr]
+        log.close()
 
 
 def tpm2(tcti: str, *argv: str) -> str:
