@@ -86,7 +86,7 @@ def test_the_image_key_is_never_in_argv_or_the_log(
     caplog.set_level(logging.DEBUG, logger="cryptlayer.run")
     key = _wrap_and_unwrap(f"tpm2:{out}", Path(f"{out}.pub"), tmp_path)
     logged = caplog.text
-    assert "tpm2_rsadecrypt" in logged and "-o /dev/stdout" in logged
+    assert "tpm2_rsadecrypt" in logged and "-o /proc/self/fd/1" in logged
     assert "(output is a secret)" in logged
     for form in (key.hex(), repr(key)):
         assert form not in logged

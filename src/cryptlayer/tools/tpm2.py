@@ -20,6 +20,10 @@ PRIMARY = "ecc256:aes128cfb"
 CHILD = "rsa2048:null:null"  # decrypt with the null scheme: raw RSA (keys/heldkey.py)
 CHILD_ATTRIBUTES = "fixedtpm|fixedparent|sensitivedataorigin|decrypt"
 MAX_OUTPUT = 4096
+# Where a tool that insists on an output file writes to its standard output (our pipe). Not
+# /dev/stdout: a minimal /dev (a VM's devtmpfs) may lack that symlink, and the tool would create
+# a regular file of that name with the key in it; /proc/self/fd/1 cannot be created.
+STDOUT = "/proc/self/fd/1"
 
 
 def tcti() -> str:
@@ -75,9 +79,7 @@ def load(parent: Path, public: Path, private: Path, context: Path) -> None:
 
 def public_pem(context: Path) -> str:
     """The loaded key's public key, PEM."""
-    return _run(
-        ["tpm2_readpublic", "-Q", "-c", str(context), "-f", "pem", "-o", "/dev/stdout"]
-    ).stdout
+    return _run(["tpm2_readpublic", "-Q", "-c", str(context), "-f", "pem", "-o", STDOUT]).stdout
 
 
 def start_pcr_session(session: Path, pcrs: str) -> None:
@@ -95,7 +97,7 @@ def flush(context: Path) -> None:
 def rsa_decrypt_raw(key: Path, ciphertext: Path, session: Path | None) -> bytearray:
     """Raw RSA decryption by the loaded key; the result comes back on a pipe, never a file."""
     auth = ["-p", f"session:{session}"] if session else []
-    argv = ["tpm2_rsadecrypt", "-c", str(key), *auth, "-s", "null", "-o", "/dev/stdout"]
+    argv = ["tpm2_rsadecrypt", "-c", str(key), *auth, "-s", "null", "-o", STDOUT]
     try:
         return run_for_secret([*argv, str(ciphertext)], MAX_OUTPUT, env=_env())
     finally:
