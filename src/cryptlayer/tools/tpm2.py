@@ -21,8 +21,8 @@ CHILD = "rsa2048:null:null"  # decrypt with the null scheme: raw RSA (keys/heldk
 CHILD_ATTRIBUTES = "fixedtpm|fixedparent|sensitivedataorigin|decrypt"
 MAX_OUTPUT = 4096
 # Where a tool that insists on an output file writes to its standard output (our pipe). Not
-# /dev/stdout: a minimal /dev (a VM's devtmpfs) may lack that symlink, and the tool would create
-# a regular file of that name with the key in it; /proc/self/fd/1 cannot be created.
+# /dev/stdout, which is whatever the machine's /dev makes of it (in the test VM: the console; a
+# missing link would become a regular file); /proc/self/fd/1 is always the process's own.
 STDOUT = "/proc/self/fd/1"
 
 
