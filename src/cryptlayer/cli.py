@@ -168,8 +168,8 @@ IdentityOpt = Annotated[
     typer.Option(
         "--identity",
         metavar="PRIVATE_KEY",
-        help="Private key of a recipient (keygen --x25519/--rsa), or provider:NAME[:PARAMS]"
-        " (an ocicrypt key provider; docs/keys.md).",
+        help="Private key of a recipient (keygen --x25519/--rsa), tpm2:FILE, a pkcs11: URI, or"
+        " provider:NAME[:PARAMS] (an ocicrypt key provider; docs/keys.md).",
     ),
 ]
 IterTime = Annotated[
@@ -457,10 +457,30 @@ def keygen(
     rsa: Annotated[
         bool, typer.Option("--rsa", help="An RSA-3072 key pair: KEYFILE and KEYFILE.pub.")
     ] = False,
+    tpm2: Annotated[
+        bool,
+        typer.Option("--tpm2", help="An RSA key made in the TPM: KEYFILE (its blobs) and .pub."),
+    ] = False,
+    pcrs: Annotated[
+        str | None,
+        typer.Option(metavar="BANK:N,...", help="With --tpm2: usable only while these PCRs hold."),
+    ] = None,
 ) -> None:
     """Write a new random 32-byte key, or a recipient key pair (mode 0600); never overwrites."""
-    if x25519 and rsa:
-        raise UsageError("give --x25519 or --rsa, not both")
+    if x25519 + rsa + tpm2 > 1:
+        raise UsageError("give one of --x25519, --rsa and --tpm2")
+    if pcrs is not None and not tpm2:
+        raise UsageError("--pcrs binds a TPM key: give it with --tpm2")
+    if tpm2:
+        from cryptlayer.keys import tpm2 as tpm
+
+        ident = tpm.create(keyfile, tpm.parse_pcrs(pcrs) if pcrs is not None else None)
+        typer.echo(
+            f"wrote {keyfile} (the TPM's key blobs; use it as --identity tpm2:{keyfile}) and"
+            f" {keyfile}.pub (for build --recipient): {ident}",
+            err=True,
+        )
+        return
     if x25519 or rsa:
         from cryptlayer.keys.recipients import KeyKind, write_key_pair
 

@@ -247,3 +247,37 @@ key-command = "sh -c 'touch {ran}; cat {key_file}'"
     assert (code, out) == (ExitCode.RUN_FAILED, "")
     assert err.startswith(f"error: no key of {trust} signed {image} (signatures/other.sig:"), err
     assert not ran.exists()
+
+
+def test_keys_kept_in_a_tpm_and_a_token_build_and_run(
+    cli: Cli, tmp_path: Path, busybox_tree: Path, data_tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """keygen --tpm2 (swtpm) and a SoftHSM token's key as recipients of one image; run opens it
+    with each (the PIN on standard input), and not after the TPM's PCR changed."""
+    from hwfixtures import USER_PIN, softhsm_conf, softhsm_import, softhsm_token, swtpm, tpm2
+
+    monkeypatch.setenv("SOFTHSM2_CONF", str(softhsm_conf(tmp_path / "softhsm")))
+    token = softhsm_token(Path(os.environ["SOFTHSM2_CONF"]), "ops")
+    cli.ok("keygen", "--rsa", str(tmp_path / "token-key"))
+    softhsm_import(token, tmp_path / "token-key", "img-key", "01")
+    (tmp_path / "token-key").unlink()
+    base = Path(os.environ.get("CRYPTLAYER_SCRATCH", tmp_path))
+    image = base / "hardware-keys"
+    with swtpm(tmp_path / "tpm") as tcti:
+        monkeypatch.setenv("TPM2TOOLS_TCTI", tcti)
+        cli.ok("keygen", "--tpm2", "--pcrs", "sha256:7", str(tmp_path / "tpm-key"))
+        cli.ok("build", "--recipient", f"{tmp_path}/tpm-key.pub",
+               "--recipient", f"{tmp_path}/token-key.pub", "--output", str(image),
+               "--cmd", "cat /data/hello.txt", str(busybox_tree), str(data_tree))  # fmt: skip
+        try:
+            out = cli.ok("run", "--keep", "--identity", f"tpm2:{tmp_path}/tpm-key", str(image))
+            assert out == f"{MARKER_LOWER}\n"
+            out = cli.ok("run", "--keep", "--identity", token.uri("img-key"), str(image),
+                         input=f"{USER_PIN}\n")  # fmt: skip
+            assert out == f"{MARKER_LOWER}\n"
+            tpm2(tcti, "tpm2_pcrextend", "7:sha256=" + "03" * 32)
+            code, _, err = cli("run", "--identity", f"tpm2:{tmp_path}/tpm-key", str(image))
+            assert code == ExitCode.RUN_FAILED  # KEY for the other commands
+            assert err.startswith("error: the TPM's PCRs (sha256:7) no longer match")
+        finally:
+            shutil.rmtree(image)

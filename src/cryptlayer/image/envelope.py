@@ -323,6 +323,10 @@ def _unwrap(entry: Entry, credential: Credential) -> Secret | None:
 
     if isinstance(identity, providers.ProviderIdentity):
         return _unwrap_provider(entry, identity, wrapped)
+    from cryptlayer.keys.heldkey import HeldKey
+
+    if isinstance(identity.key, HeldKey):  # in a TPM or token, whose raw RSA does the unwrap
+        return identity.key.decrypt_oaep(wrapped, INFO) if entry.kind == "rsa" else None
     try:
         if entry.kind == "x25519":
             raw = _hpke().decrypt(wrapped, identity.key, info=INFO)

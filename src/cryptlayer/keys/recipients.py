@@ -16,7 +16,7 @@ import stat
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from cryptlayer.errors import UsageError
 
@@ -27,10 +27,11 @@ if TYPE_CHECKING:
         X25519PublicKey,
     )
 
+    from cryptlayer.keys.heldkey import HeldKey
     from cryptlayer.keys.providers import ProviderIdentity, ProviderRecipient
 
-    PublicKey = X25519PublicKey | RSAPublicKey
-    PrivateKey = X25519PrivateKey | RSAPrivateKey
+    PublicKey: TypeAlias = X25519PublicKey | RSAPublicKey
+    PrivateKey: TypeAlias = X25519PrivateKey | RSAPrivateKey | HeldKey
 
 RSA_BITS = 3072
 MIN_RSA_BITS = 2048
@@ -84,9 +85,11 @@ def fingerprint(key: PublicKey) -> str:
 def _kind(key: object, path: str, what: str) -> KeyKind:
     from cryptography.hazmat.primitives.asymmetric import rsa, x25519
 
+    from cryptlayer.keys.heldkey import HeldKey
+
     if isinstance(key, x25519.X25519PublicKey | x25519.X25519PrivateKey):
         return KeyKind.X25519
-    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
+    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey | HeldKey):
         if key.key_size < MIN_RSA_BITS:
             raise UsageError(
                 f"{what} {path} is RSA-{key.key_size}",
@@ -141,10 +144,26 @@ def load_recipient(path: str) -> Recipient | ProviderRecipient:
     return Recipient(_kind(key, path, "recipient"), key)  # type: ignore[arg-type]
 
 
+def load_public_pem(data: bytes, path: str) -> RSAPublicKey:
+    """An RSA public key (PEM) that a TPM or token gave; UsageError if it is not one."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError):
+        key = None
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise UsageError(f"the public key of {path} is not an RSA public key (PEM)")
+    _kind(key, path, "the key of")
+    return key
+
+
 def load_identity(path: str) -> Identity | ProviderIdentity:
     """A private key from a PEM (PKCS#8 or traditional) or OpenSSH file; refused if others can
     read it, as ssh refuses an unprotected private key. `provider:NAME[:PARAMS]` is an ocicrypt
-    key provider that unwraps (keys/providers.py)."""
+    key provider that unwraps (keys/providers.py); `tpm2:FILE` and `pkcs11:URI` name keys that
+    stay in a TPM or a PKCS#11 token (keys/tpm2.py, keys/pkcs11.py)."""
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
@@ -152,6 +171,11 @@ def load_identity(path: str) -> Identity | ProviderIdentity:
 
     if providers.is_provider(path):
         return providers.identity(path)
+    if path.startswith(("tpm2:", "pkcs11:")):
+        from cryptlayer.keys import heldkey
+
+        held = heldkey.load(path)
+        return Identity(_kind(held, path, "identity"), held, held.path)
     try:
         st = os.stat(path)
     except OSError:
@@ -192,7 +216,7 @@ def write_key_pair(path: Path, kind: KeyKind) -> str:
     for p in (path, public_path):
         if p.exists() or p.is_symlink():
             raise UsageError(f"{p} already exists", "choose another name; keygen never overwrites")
-    key: PrivateKey = (
+    key: x25519.X25519PrivateKey | rsa.RSAPrivateKey = (
         x25519.X25519PrivateKey.generate()
         if kind is KeyKind.X25519
         else rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cryptlayer.run")
 
+TPM2_TOOLS: tuple[str, ...] = ("createprimary", "create", "load", "readpublic")
+TPM2_TOOLS += ("startauthsession", "policypcr", "rsadecrypt", "flushcontext")
+
 # Which Debian package brings each program, for the "not found: install X" message.
 PACKAGES = {
     "cryptsetup": "cryptsetup-bin",
@@ -43,6 +46,7 @@ PACKAGES = {
     "podman": "podman",
     "docker": "docker.io",
     "ctr": "containerd",
+    **{f"tpm2_{tool}": "tpm2-tools" for tool in TPM2_TOOLS},
 }
 
 # Children see only this: no inherited variables, so nothing of ours (or the user's shell)
@@ -213,7 +217,9 @@ def filtered(argv: Sequence[str], source: IO[bytes]) -> Iterator[IO[bytes]]:
         raise CommandError(argv, proc.exit_code, proc.stderr.decode(errors="replace"))
 
 
-def run_for_secret(argv: Sequence[str], limit: int) -> bytearray:
+def run_for_secret(
+    argv: Sequence[str], limit: int, *, env: Mapping[str, str] | None = None
+) -> bytearray:
     """Run argv and take (at most `limit` bytes of) its stdout into a bytearray, never str/bytes.
 
     Its stdout is a pipe read straight into a bytearray; nothing of it is logged.
@@ -222,7 +228,7 @@ def run_for_secret(argv: Sequence[str], limit: int) -> bytearray:
     read_fd, write_fd = os.pipe()
     try:
         proc: Any = _spawn(argv, note="  (output is a secret)", _in=b"", _out=write_fd, _bg=True,
-                           _bg_exc=False)  # fmt: skip
+                           _bg_exc=False, _env={**BASE_ENV, **(env or {})})  # fmt: skip
     finally:
         os.close(write_fd)
     buf = bytearray(limit)
