@@ -655,8 +655,12 @@ def create(runtime: str, argv: Sequence[str], invocation: Invocation, spec: dict
 
 def delete(runtime: str, argv: Sequence[str], invocation: Invocation, name: str) -> NoReturn:
     """The real runtime's `delete` as a child, then the container torn down (its image shredded
-    unless kept). Also when the runtime no longer knows the container (`state` fails): an engine
-    deletes what a failed create left. Exits with the runtime's status."""
+    unless kept), in a process that outlives this one if the engine kills it at a deadline
+    (encrypted.stop_shielded). Also when the runtime no longer knows the container (`state`
+    fails): an engine deletes what a failed create left, or asks again for a delete it killed.
+    Exits with the runtime's status; 0 once a container the runtime no longer knew is torn down
+    (crun's failure for an unknown container is not runc's `container does not exist`, the one
+    containerd's shim takes for done: the CRI would ask again for ever)."""
     from cryptlayer.engine import encrypted
 
     env = original_environ()
@@ -669,7 +673,8 @@ def delete(runtime: str, argv: Sequence[str], invocation: Invocation, name: str)
                                stdin=subprocess.DEVNULL, capture_output=True)  # fmt: skip
         if probe.returncode == 0:
             sys.exit(status)  # still there (running, without --force): nothing to tear down yet
-    encrypted.stop(name)
+        status = 0  # gone from the runtime: deleted, once torn down below
+    encrypted.stop_shielded(name)
     sys.exit(status)
 
 
