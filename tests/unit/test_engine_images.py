@@ -566,3 +566,67 @@ def test_run_by_hand_is_torn_down_when_it_ends(tmp_path: Path) -> None:
     finally:
         subprocess.run(["runc", "--root", str(state_dir), "delete", "--force", "c1"],
                        capture_output=True, check=False)  # fmt: skip
+
+
+# -- containerd 1.6's CRI drives it, as the kubelet does (the assembly stood in)
+
+
+def test_a_pod_through_containerds_cri(tmp_path: Path) -> None:
+    """containerd with a `cryptlayer` handler (the runc shim running the runtime), driven over
+    its CRI socket: the pod's sandbox, which gets the pod's annotation naming the image, passes
+    through; a container from the placeholder with no command runs the image's default process;
+    one with a command (Kubernetes' `command:`) runs it in the image's workdir and environment,
+    its exit code comes back; each is assembled at create and torn down at its delete, which
+    containerd calls when its process ends; the log file is the process's output."""
+    import enginefixtures as ef
+
+    base = tmp_path
+    wrapper = stand_in(base)
+    logs = base / "logs"
+    logs.mkdir()
+    with ef.containerd(base, base / "data", wrapper) as cri:
+        ef.placeholder("containerd", cri.env | {"CRYPTLAYER_CONFIG": str(base / "config.toml")})
+        api = cri.api
+        pod = ef.pod_config(api, "job", logs, {"org.cryptlayer.image": "/srv/app"})
+        sandbox = cri.runtime.RunPodSandbox(api.RunPodSandboxRequest(
+            config=pod, runtime_handler=ef.HANDLER), timeout=ef.TIMEOUT).pod_sandbox_id  # fmt: skip
+        try:
+            assert not (base / "log").exists()  # the sandbox: passed through
+            default = ef.container_config(api, "app", ef.PLACEHOLDER, [])
+            assert ef.run_to_exit(cri, sandbox, pod, default) == (0, "hello from the image\n")
+            script = 'echo "$IMG ${CRYPTLAYER_IMAGE:-unset} $(pwd)"; exit 5'
+            given = ef.container_config(api, "job", ef.PLACEHOLDER,
+                                        ["/bin/busybox", "sh", "-c", script])  # fmt: skip
+            assert ef.run_to_exit(cri, sandbox, pod, given) == (5, "1 unset /data\n")
+        finally:
+            ef.remove_pod(cri, sandbox)
+    log = [line.split()[:2] for line in (base / "log").read_text().splitlines()]
+    assert [step for step, _ in log] == ["start", "stop", "start", "stop"]
+    assert log[0][1].startswith("engine-") and len(log[0][1]) == 63  # the CRI's 64-digit id
+    assert not list((base / "state/containers").iterdir())
+    assert not list((base / "rootfs").iterdir())
+
+
+def test_docker_through_the_runtime(tmp_path: Path) -> None:
+    """Docker 20.10 (its own dockerd, the runtime in daemon.json), the image named by `-e
+    CRYPTLAYER_IMAGE` (Docker sets no annotations): the image's default process, or the command
+    given, without the variables that named the image; `docker run`'s status is the
+    container's; `--rm` ends in the runtime's delete, which tears each down."""
+    import enginefixtures as ef
+
+    base = tmp_path
+    wrapper = stand_in(base)
+    with ef.dockerd(base, base / "data", base / "exec", wrapper) as docker:
+        ef.placeholder("docker", docker.env | {"CRYPTLAYER_CONFIG": str(base / "config.toml")})
+        run = ["run", "--rm", "--runtime", ef.HANDLER, "--network", "host", "--security-opt",
+               "apparmor=unconfined", "-e", "CRYPTLAYER_IMAGE=/srv/app", ef.PLACEHOLDER]  # fmt: skip
+        default = docker(*run)
+        assert (default.returncode, default.stdout) == (0, "hello from the image\n"), (
+            default.stderr)  # fmt: skip
+        script = 'echo "$IMG ${CRYPTLAYER_IMAGE:-unset} $(pwd)"; exit 5'
+        given = docker(*run, "/bin/busybox", "sh", "-c", script)
+        assert (given.returncode, given.stdout) == (5, "1 unset /data\n"), given.stderr
+    log = [line.split()[:2] for line in (base / "log").read_text().splitlines()]
+    assert [step for step, _ in log] == ["start", "stop", "start", "stop"]
+    assert not list((base / "state/containers").iterdir())
+    assert not list((base / "rootfs").iterdir())
