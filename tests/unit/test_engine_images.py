@@ -577,7 +577,8 @@ def test_a_pod_through_containerds_cri(tmp_path: Path) -> None:
     through; a container from the placeholder with no command runs the image's default process;
     one with a command (Kubernetes' `command:`) runs it in the image's workdir and environment,
     its exit code comes back; each is assembled at create and torn down at its delete, which
-    containerd calls when its process ends; the log file is the process's output."""
+    containerd calls when its process ends; the log file is the process's output; ExecSync
+    (kubectl exec) into a running one runs in the image's workdir and environment."""
     import enginefixtures as ef
 
     base = tmp_path
@@ -598,10 +599,27 @@ def test_a_pod_through_containerds_cri(tmp_path: Path) -> None:
             given = ef.container_config(api, "job", ef.PLACEHOLDER,
                                         ["/bin/busybox", "sh", "-c", script])  # fmt: skip
             assert ef.run_to_exit(cri, sandbox, pod, given) == (5, "1 unset /data\n")
+            # kubectl exec: the CRI's ExecSync into a running one, in the image's workdir
+            sleeper = ef.container_config(api, "sleeper", ef.PLACEHOLDER,
+                                          ["/bin/busybox", "sleep", "600"])  # fmt: skip
+            cid = cri.runtime.CreateContainer(api.CreateContainerRequest(
+                pod_sandbox_id=sandbox, config=sleeper, sandbox_config=pod),
+                timeout=ef.TIMEOUT).container_id  # fmt: skip
+            cri.runtime.StartContainer(api.StartContainerRequest(container_id=cid),
+                                       timeout=ef.TIMEOUT)  # fmt: skip
+            read = cri.runtime.ExecSync(api.ExecSyncRequest(
+                container_id=cid, cmd=["/bin/busybox", "sh", "-c", "cat hello.txt; echo $IMG"],
+                timeout=60), timeout=ef.TIMEOUT)  # fmt: skip
+            assert (read.exit_code, read.stdout, read.stderr) == (
+                0, b"hello from the image\n1\n", b"")  # fmt: skip
+            cri.runtime.StopContainer(api.StopContainerRequest(container_id=cid, timeout=1),
+                                      timeout=ef.TIMEOUT)  # fmt: skip
+            cri.runtime.RemoveContainer(api.RemoveContainerRequest(container_id=cid),
+                                        timeout=ef.TIMEOUT)  # fmt: skip
         finally:
             ef.remove_pod(cri, sandbox)
     log = [line.split()[:2] for line in (base / "log").read_text().splitlines()]
-    assert [step for step, _ in log] == ["start", "stop", "start", "stop"]
+    assert [step for step, _ in log] == ["start", "stop"] * 3
     assert log[0][1].startswith("engine-") and len(log[0][1]) == 63  # the CRI's 64-digit id
     assert not list((base / "state/containers").iterdir())
     assert not list((base / "rootfs").iterdir())
