@@ -326,14 +326,14 @@ def run_to_exit(cri: Cri, sandbox: str, pod: Any, container: Any) -> tuple[int, 
         timeout=TIMEOUT).container_id  # fmt: skip
     try:
         runtime.StartContainer(api.StartContainerRequest(container_id=cid), timeout=TIMEOUT)
-        deadline = time.monotonic() + TIMEOUT
+        deadline = time.monotonic() + READY  # (then the failure shows where it stopped)
         while True:
             status = runtime.ContainerStatus(api.ContainerStatusRequest(container_id=cid),
                                              timeout=TIMEOUT).status  # fmt: skip
             if status.state == api.CONTAINER_EXITED or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        assert status.state == api.CONTAINER_EXITED, status
+        assert status.state == api.CONTAINER_EXITED, f"{status}\n{log_of(cri.log)}"
         return status.exit_code, cri_log(Path(pod.log_directory) / container.log_path)
     finally:
         runtime.StopContainer(api.StopContainerRequest(container_id=cid, timeout=10),

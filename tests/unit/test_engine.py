@@ -907,15 +907,18 @@ def wait_for(condition: object, what: str) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("asked_again_while_tearing_down", [True, False])
 def test_a_delete_killed_at_the_engines_deadline_still_tears_down(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, asked_again_while_tearing_down: bool
 ) -> None:
     """containerd's shim runs the runtime's delete under the CRI's 10 s deadline and SIGKILLs it
     then: the teardown goes on in a process of its own. The engine asks again (the real runtime
-    no longer knows the container): that delete waits for the teardown and succeeds (crun's
-    failure is not runc's `container does not exist`, which the shim would take for done), and
-    the container is torn down once. Before: the kill stopped the teardown halfway, and the
-    second delete failed with crun's status, for the CRI to retry for ever."""
+    no longer knows the container), while that teardown runs (the delete waits for it), or, as
+    containerd's shim does (it reads the killed delete's output to its end), once it has ended
+    (its tombstone says the container was ours): either way that delete succeeds (crun's failure
+    is not runc's `container does not exist`, which the shim would take for done), and the
+    container is torn down once. Before: the kill stopped the teardown halfway, and the delete
+    asked again failed with crun's status, for the CRI to ask again for ever."""
     record_dir, bin_dir = tmp_path / "record", tmp_path / "bin"
     record_dir.mkdir()
     bin_dir.mkdir()
@@ -940,16 +943,25 @@ def test_a_delete_killed_at_the_engines_deadline_still_tears_down(
     first.kill()  # the shim's exec.CommandContext at the deadline
     assert first.wait(timeout=60) == -9
     try:
+        if not asked_again_while_tearing_down:
+            (record_dir / "go").touch()
+            wait_for(lambda: not record.path.exists(), "the teardown to end")
         again = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        wait_for(lambda: (record_dir / "calls").read_text().count("state") == 1, "the 2nd delete")
+        if asked_again_while_tearing_down:
+            calls = record_dir / "calls"
+            wait_for(lambda: calls.read_text().count("state") == 1, "the second delete")
     finally:
         (record_dir / "go").touch()  # (never a teardown left waiting)
     _, err = again.communicate(timeout=60)
     assert (again.returncode, err) == (0, b"")
     wait_for(lambda: not record.path.exists(), "the teardown to end")
     done = [line.split()[0] for line in teardown.read_text().splitlines()]
-    assert done == ["begun", "done"]  # the first delete's, once; the second found it gone
+    assert done == ["begun", "done"]  # the first delete's, once
     assert (record_dir / "calls").read_text().splitlines() == [
         f"--root /run/containerd/runc/k8s.io --log {tmp_path}/log.json --log-format json"
         f" {command} {cid}" for command in ("delete", "delete", "state")]  # fmt: skip
     assert not (tmp_path / "log.json").exists()
+    assert list((tmp_path / "run").iterdir()) == []  # (no tombstone left)
+    # a container neither the runtime nor cryptlayer knows: the runtime's failure, as it was
+    unknown = subprocess.run(argv, env=env, capture_output=True)
+    assert unknown.returncode == 1

@@ -321,11 +321,13 @@ def stop(name: str) -> None:
     container.stop(name)
 
 
-def stop_shielded(name: str) -> None:
+def stop_shielded(name: str, tombstone: str) -> None:
     """`stop(name)` in a child process of its own session, waited for. An engine may kill the
     runtime's `delete` when a deadline of its own passes (containerd's CRI gives its handling of
     a container's exit 10 s, kills the runtime then with SIGKILL, and asks again later): that
-    kills this process, never a teardown half done. Asked again while that teardown runs, the
+    kills this process, never a teardown half done. Once torn down, the child leaves the file
+    `tombstone` for the delete the engine asks again, which finds neither the container in the
+    real runtime nor its record (cli.deleted_again); asked again while that teardown runs, the
     second waits for it (the state lock) and finds the container gone: deleted, no error. A
     failure of the teardown is raised here, with its message."""
     from cryptlayer.errors import CryptlayerError
@@ -340,6 +342,9 @@ def stop_shielded(name: str) -> None:
             os.close(read_end)
             os.setsid()  # (out of the engine's process group and session)
             _stop_unless_gone(name)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            with contextlib.suppress(OSError):
+                os.close(os.open(tombstone, flags, 0o600))
         except BaseException as err:  # (reported to the parent, which raises it)
             code = 1
             with contextlib.suppress(OSError):
