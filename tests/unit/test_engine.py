@@ -852,3 +852,116 @@ runroot = "{tmp_path}/storage-run"
         " org.cryptlayer.image=IMAGE"
     ) in result.stderr
     assert (tmp_path / "etc/upper/cryptlayer/config.toml").exists()  # not the host's /etc
+
+
+# -- a delete the engine kills at its deadline (containerd's CRI: 10 s for a container's exit)
+
+# The real runtime as containerd's shim finds it after the first delete: crun's delete of that
+# container once, then no such container (delete and state fail, as crun's do).
+GONE_AFTER_DELETE = """#!/bin/sh
+echo "$*" >> "$RECORD/calls"
+case " $* " in
+  *" delete "*) [ -e "$RECORD/deleted" ] && exit 1; touch "$RECORD/deleted"; exit 0 ;;
+  *" state "*) [ -e "$RECORD/deleted" ] && exit 1; exit 0 ;;
+esac
+exit 0
+"""
+
+# container.stop stood in: a teardown that holds the state lock until the test says go (as the
+# real one holds it for the whole teardown), and says when it has begun.
+SLOW_TEARDOWN = """
+import os, sys, time
+from pathlib import Path
+
+from cryptlayer.runtime import container, state
+
+RECORD = Path(os.environ["RECORD"])
+
+
+def stop(name, force=False):
+    with state.locked():
+        record = state.load(name)
+        with open(RECORD / "teardown", "a") as log:
+            print("begun", os.getpid(), file=log)
+        while not (RECORD / "go").exists():
+            time.sleep(0.05)
+        state.remove(record)
+        with open(RECORD / "teardown", "a") as log:
+            print("done", os.getpid(), file=log)
+
+
+container.stop = stop
+sys.argv[0] = "cryptlayer-runtime"
+from cryptlayer.engine.cli import main
+
+main()
+"""
+
+
+def wait_for(condition: object, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + 60
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"waited a minute for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("asked_again_while_tearing_down", [True, False])
+def test_a_delete_killed_at_the_engines_deadline_still_tears_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, asked_again_while_tearing_down: bool
+) -> None:
+    """containerd's shim runs the runtime's delete under the CRI's 10 s deadline and SIGKILLs it
+    then: the teardown goes on in a process of its own. The engine asks again (the real runtime
+    no longer knows the container), while that teardown runs (the delete waits for it), or, as
+    containerd's shim does (it reads the killed delete's output to its end), once it has ended
+    (its tombstone says the container was ours): either way that delete succeeds (crun's failure
+    is not runc's `container does not exist`, which the shim would take for done), and the
+    container is torn down once. Before: the kill stopped the teardown halfway, and the delete
+    asked again failed with crun's status, for the CRI to ask again for ever."""
+    record_dir, bin_dir = tmp_path / "record", tmp_path / "bin"
+    record_dir.mkdir()
+    bin_dir.mkdir()
+    (bin_dir / "crun").write_text(GONE_AFTER_DELETE)
+    (bin_dir / "crun").chmod(0o755)
+    (tmp_path / "runtime.py").write_text(SLOW_TEARDOWN)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RECORD": str(record_dir),
+           "CRYPTLAYER_CONFIG": str(tmp_path / "config.toml"),
+           "CRYPTLAYER_ROOT": str(tmp_path / "state"),
+           "CRYPTLAYER_RUNDIR": str(tmp_path / "run")}  # fmt: skip
+    monkeypatch.setenv("CRYPTLAYER_ROOT", env["CRYPTLAYER_ROOT"])
+    monkeypatch.setenv("CRYPTLAYER_RUNDIR", env["CRYPTLAYER_RUNDIR"])
+    cid = "5e" * 32
+    name = engine.container_name(cid)
+    with state.locked():
+        record = state.create(state.Record(name, str(tmp_path / "img"), True, state.Mode.START, 0))
+    argv = [sys.executable, str(tmp_path / "runtime.py"), "--root", "/run/containerd/runc/k8s.io",
+            "--log", str(tmp_path / "log.json"), "--log-format", "json", "delete", cid]  # fmt: skip
+    teardown = record_dir / "teardown"
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(teardown.exists, "the first teardown to begin")
+    first.kill()  # the shim's exec.CommandContext at the deadline
+    assert first.wait(timeout=60) == -9
+    try:
+        if not asked_again_while_tearing_down:
+            (record_dir / "go").touch()
+            wait_for(lambda: not record.path.exists(), "the teardown to end")
+        again = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if asked_again_while_tearing_down:
+            calls = record_dir / "calls"
+            wait_for(lambda: calls.read_text().count("state") == 1, "the second delete")
+    finally:
+        (record_dir / "go").touch()  # (never a teardown left waiting)
+    _, err = again.communicate(timeout=60)
+    assert (again.returncode, err) == (0, b"")
+    wait_for(lambda: not record.path.exists(), "the teardown to end")
+    done = [line.split()[0] for line in teardown.read_text().splitlines()]
+    assert done == ["begun", "done"]  # the first delete's, once
+    assert (record_dir / "calls").read_text().splitlines() == [
+        f"--root /run/containerd/runc/k8s.io --log {tmp_path}/log.json --log-format json"
+        f" {command} {cid}" for command in ("delete", "delete", "state")]  # fmt: skip
+    assert not (tmp_path / "log.json").exists()
+    assert list((tmp_path / "run").iterdir()) == []  # (no tombstone left)
+    # a container neither the runtime nor cryptlayer knows: the runtime's failure, as it was
+    unknown = subprocess.run(argv, env=env, capture_output=True)
+    assert unknown.returncode == 1

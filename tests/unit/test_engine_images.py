@@ -385,7 +385,8 @@ def test_delete_tears_down_after_the_runtime(
     torn_down: bool,
 ) -> None:
     """The real runtime's delete first, its status passed on; then the record stopped. When
-    the delete fails, only if the runtime no longer knows the container (a failed create)."""
+    the delete fails, only if the runtime no longer knows the container (a failed create), and
+    then the container is deleted: status 0."""
     (tmp_path / "bin").mkdir()
     runc = tmp_path / "bin/runc"
     runc.write_text(STAND_IN)
@@ -403,7 +404,7 @@ def test_delete_tears_down_after_the_runtime(
                                      Mode.START, 0))  # fmt: skip
     result = subprocess.run([RUNTIME, "--root", "/r", "delete", "--force", cid], env=env,
                             capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert result.returncode == delete, result.stderr
+    assert result.returncode == (0 if torn_down else delete), result.stderr
     assert record.path.exists() is not torn_down
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls == [f"--root /r delete --force {cid}"] + (
@@ -602,3 +603,119 @@ def test_run_by_hand_is_torn_down_when_it_ends(tmp_path: Path) -> None:
     finally:
         subprocess.run(["runc", "--root", str(state_dir), "delete", "--force", "c1"],
                        capture_output=True, check=False)  # fmt: skip
+
+
+# -- containerd 1.6's CRI drives it, as the kubelet does (the assembly stood in)
+
+
+def test_a_pod_through_containerds_cri(tmp_path: Path) -> None:
+    """containerd with a `cryptlayer` handler (the runc shim running the runtime), driven over
+    its CRI socket: the pod's sandbox, which gets the pod's annotation naming the image, passes
+    through; a container from the placeholder with no command runs the image's default process;
+    one with a command (Kubernetes' `command:`) runs it in the image's workdir and environment,
+    its exit code comes back; each is assembled at create and torn down at its delete, which
+    containerd calls when its process ends; the log file is the process's output; ExecSync
+    (kubectl exec) into a running one runs in the image's workdir and environment."""
+    import enginefixtures as ef
+
+    base = tmp_path
+    wrapper = stand_in(base)
+    logs = base / "logs"
+    logs.mkdir()
+    with ef.containerd(base, base / "data", wrapper) as cri:
+        ef.placeholder("containerd", cri.env | {"CRYPTLAYER_CONFIG": str(base / "config.toml")})
+        api = cri.api
+        pod = ef.pod_config(api, "job", logs, {"org.cryptlayer.image": "/srv/app"})
+        sandbox = cri.runtime.RunPodSandbox(api.RunPodSandboxRequest(
+            config=pod, runtime_handler=ef.HANDLER), timeout=ef.TIMEOUT).pod_sandbox_id  # fmt: skip
+        try:
+            assert not (base / "log").exists()  # the sandbox: passed through
+            default = ef.container_config(api, "app", ef.PLACEHOLDER, [])
+            assert ef.run_to_exit(cri, sandbox, pod, default) == (0, "hello from the image\n")
+            script = 'echo "$IMG ${CRYPTLAYER_IMAGE:-unset} $(pwd)"; exit 5'
+            given = ef.container_config(api, "job", ef.PLACEHOLDER,
+                                        ["/bin/busybox", "sh", "-c", script])  # fmt: skip
+            assert ef.run_to_exit(cri, sandbox, pod, given) == (5, "1 unset /data\n")
+            # kubectl exec: the CRI's ExecSync into a running one, in the image's workdir
+            sleeper = ef.container_config(api, "sleeper", ef.PLACEHOLDER,
+                                          ["/bin/busybox", "sleep", "600"])  # fmt: skip
+            cid = cri.runtime.CreateContainer(api.CreateContainerRequest(
+                pod_sandbox_id=sandbox, config=sleeper, sandbox_config=pod),
+                timeout=ef.TIMEOUT).container_id  # fmt: skip
+            cri.runtime.StartContainer(api.StartContainerRequest(container_id=cid),
+                                       timeout=ef.TIMEOUT)  # fmt: skip
+            read = cri.runtime.ExecSync(api.ExecSyncRequest(
+                container_id=cid, cmd=["/bin/busybox", "sh", "-c", "cat hello.txt; echo $IMG"],
+                timeout=60), timeout=ef.TIMEOUT)  # fmt: skip
+            assert (read.exit_code, read.stdout, read.stderr) == (
+                0, b"hello from the image\n1\n", b"")  # fmt: skip
+            cri.runtime.StopContainer(api.StopContainerRequest(container_id=cid, timeout=1),
+                                      timeout=ef.TIMEOUT)  # fmt: skip
+            cri.runtime.RemoveContainer(api.RemoveContainerRequest(container_id=cid),
+                                        timeout=ef.TIMEOUT)  # fmt: skip
+        finally:
+            ef.remove_pod(cri, sandbox)
+    log = [line.split()[:2] for line in (base / "log").read_text().splitlines()]
+    assert [step for step, _ in log] == ["start", "stop"] * 3
+    assert log[0][1].startswith("engine-") and len(log[0][1]) == 63  # the CRI's 64-digit id
+    assert not list((base / "state/containers").iterdir())
+    assert not list((base / "rootfs").iterdir())
+
+
+def test_docker_through_the_runtime(tmp_path: Path) -> None:
+    """Docker 20.10 (its own dockerd, the runtime in daemon.json), the image named by `-e
+    CRYPTLAYER_IMAGE` (Docker sets no annotations): the image's default process, or the command
+    given, without the variables that named the image; `docker run`'s status is the
+    container's; `--rm` ends in the runtime's delete, which tears each down."""
+    import enginefixtures as ef
+
+    base = tmp_path
+    wrapper = stand_in(base)
+    with ef.dockerd(base, base / "data", base / "exec", wrapper) as docker:
+        ef.placeholder("docker", docker.env | {"CRYPTLAYER_CONFIG": str(base / "config.toml")})
+        run = ["run", "--rm", "--runtime", ef.HANDLER, "--network", "host", "--security-opt",
+               "apparmor=unconfined", "-e", "CRYPTLAYER_IMAGE=/srv/app", ef.PLACEHOLDER]  # fmt: skip
+        default = docker(*run)
+        assert (default.returncode, default.stdout) == (0, "hello from the image\n"), (
+            default.stderr)  # fmt: skip
+        script = 'echo "$IMG ${CRYPTLAYER_IMAGE:-unset} $(pwd)"; exit 5'
+        given = docker(*run, "/bin/busybox", "sh", "-c", script)
+        assert (given.returncode, given.stdout) == (5, "1 unset /data\n"), given.stderr
+    log = [line.split()[:2] for line in (base / "log").read_text().splitlines()]
+    assert [step for step, _ in log] == ["start", "stop", "start", "stop"]
+    assert not list((base / "state/containers").iterdir())
+    assert not list((base / "rootfs").iterdir())
+
+
+def test_a_teardown_longer_than_the_cris_deadline(tmp_path: Path) -> None:
+    """containerd's CRI handles a container's exit under a 10 s deadline, and its shim then
+    kills the runtime's `delete` (SIGKILL) and asks again later: a teardown that takes 15 s
+    (an emulated VM's, a slow disk's shred) still ends, once, and the container is reported
+    exited. Before, the kill ended the teardown halfway each time it was asked again: the record
+    was left, and the image never shredded."""
+    import enginefixtures as ef
+
+    base = tmp_path
+    wrapper = stand_in(base)
+    standin = base / "standin.py"
+    slow = "def stop(name, force=False):\n    import time\n    time.sleep(15)\n"
+    standin.write_text(standin.read_text().replace("def stop(name, force=False):\n", slow))
+    logs = base / "logs"
+    logs.mkdir()
+    with ef.containerd(base, base / "data", wrapper) as cri:
+        ef.placeholder("containerd", cri.env | {"CRYPTLAYER_CONFIG": str(base / "config.toml")})
+        api = cri.api
+        pod = ef.pod_config(api, "job", logs, {"org.cryptlayer.image": "/srv/app"})
+        sandbox = cri.runtime.RunPodSandbox(api.RunPodSandboxRequest(
+            config=pod, runtime_handler=ef.HANDLER), timeout=ef.TIMEOUT).pod_sandbox_id  # fmt: skip
+        try:
+            default = ef.container_config(api, "app", ef.PLACEHOLDER, [])
+            assert ef.run_to_exit(cri, sandbox, pod, default) == (0, "hello from the image\n")
+        finally:
+            ef.remove_pod(cri, sandbox)
+        retried = [line for line in cri.log.read_text().splitlines()
+                   if "failed to handle container TaskExit event" in line]  # fmt: skip
+        assert retried  # (the deadline was met: else this proves nothing)
+    log = [line.split()[0] for line in (base / "log").read_text().splitlines()]
+    assert log == ["start", "stop"]
+    assert not list((base / "state/containers").iterdir())

@@ -655,22 +655,68 @@ def create(runtime: str, argv: Sequence[str], invocation: Invocation, spec: dict
 
 def delete(runtime: str, argv: Sequence[str], invocation: Invocation, name: str) -> NoReturn:
     """The real runtime's `delete` as a child, then the container torn down (its image shredded
-    unless kept). Also when the runtime no longer knows the container (`state` fails): an engine
-    deletes what a failed create left. Exits with the runtime's status."""
+    unless kept), in a process that outlives this one if the engine kills it at a deadline
+    (encrypted.stop_shielded; that teardown leaves a tombstone for the engine's next delete of
+    the container, which this process removes when it answers itself). Also when the runtime no
+    longer knows the container (`state` fails): an engine deletes what a failed create left, or
+    asks again for a delete it killed. Exits with the runtime's status; 0 once a container the
+    runtime no longer knew is torn down (crun's failure for an unknown container is not runc's
+    `container does not exist`, the one containerd's shim takes for done: the CRI would ask
+    again for ever)."""
     from cryptlayer.engine import encrypted
 
     env = original_environ()
     status = encrypted.spawn(runtime, argv, env)
     if status != 0:
-        cid = invocation.container_id() or ""
-        import subprocess
-
-        probe = subprocess.run([runtime, *invocation.globals(), "state", cid], env=env,
-                               stdin=subprocess.DEVNULL, capture_output=True)  # fmt: skip
-        if probe.returncode == 0:
+        if _runtime_knows(runtime, invocation, env):
             sys.exit(status)  # still there (running, without --force): nothing to tear down yet
-    encrypted.stop(name)
+        status = 0  # gone from the runtime: deleted, once torn down below
+    mark = tombstone(name)
+    encrypted.stop_shielded(name, mark)
+    _unlink(mark)  # answered here: the engine will not ask again
     sys.exit(status)
+
+
+def deleted_again(runtime: str, argv: Sequence[str], invocation: Invocation, name: str) -> NoReturn:
+    """The engine's delete of a container whose teardown ended after the engine had killed the
+    delete that began it (its tombstone says so; containerd's shim asks again only once that
+    teardown has ended, as it reads the runtime's output to its end): the real runtime's delete,
+    whose failure for a container it no longer knows is done; the tombstone removed."""
+    from cryptlayer.engine import encrypted
+
+    env = original_environ()
+    status = encrypted.spawn(runtime, argv, env)
+    if status != 0 and not _runtime_knows(runtime, invocation, env):
+        status = 0
+    _unlink(tombstone(name))
+    sys.exit(status)
+
+
+def _runtime_knows(runtime: str, invocation: Invocation, env: dict[bytes, bytes]) -> bool:
+    """Whether the real runtime still has the container (its `state` succeeds)."""
+    import subprocess
+
+    cid = invocation.container_id() or ""
+    probe = subprocess.run([runtime, *invocation.globals(), "state", cid], env=env,
+                           stdin=subprocess.DEVNULL, capture_output=True)  # fmt: skip
+    return probe.returncode == 0
+
+
+# An engine container's tombstone in RUNDIR (memory: a reboot ends the engine's retries too),
+# named as no container directory is (a dot first): left by a teardown that outlived the delete
+# the engine killed, for the delete it asks again (deleted_again), which removes it.
+TOMBSTONE = ".engine-deleted."
+
+
+def tombstone(name: str) -> str:
+    return os.path.join(os.environ.get(RUNDIR_ENV, RUNDIR_DEFAULT), TOMBSTONE + name)
+
+
+def _unlink(path: str) -> None:
+    import contextlib
+
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 # -- errors, where the engine reads them
@@ -738,7 +784,10 @@ def main() -> None:
         elif invocation.command in ("delete", "checkpoint", "exec"):
             cid = invocation.container_id()
             name = container_name(cid) if cid else ""
-            if name and has_record(name):
+            if name and invocation.command == "delete" and not has_record(name):
+                if os.path.lexists(tombstone(name)):  # (one more lstat for a pass-through)
+                    deleted_again(runtime, argv, invocation, name)
+            elif name and has_record(name):
                 if invocation.command == "exec":
                     process = invocation.process_file()
                     if process:  # then handed over by exec, below

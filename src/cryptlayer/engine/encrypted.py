@@ -9,6 +9,7 @@ engine/cli.py imports this only for such a container: a pass-through never pays 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import signal
@@ -351,3 +352,56 @@ def stop(name: str) -> None:
     image = getattr(record, "image", None)  # (tests' stand-ins return nothing)
     if image is not None and store.holds(image) == name and record.shred:
         store.discard(name, wipe=not record.shredded)
+
+
+def stop_shielded(name: str, tombstone: str) -> None:
+    """`stop(name)` in a child process of its own session, waited for. An engine may kill the
+    runtime's `delete` when a deadline of its own passes (containerd's CRI gives its handling of
+    a container's exit 10 s, kills the runtime then with SIGKILL, and asks again later): that
+    kills this process, never a teardown half done. Once torn down, the child leaves the file
+    `tombstone` for the delete the engine asks again, which finds neither the container in the
+    real runtime nor its record (cli.deleted_again); asked again while that teardown runs, the
+    second waits for it (the state lock) and finds the container gone: deleted, no error. A
+    failure of the teardown is raised here, with its message."""
+    from cryptlayer.errors import CryptlayerError
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: it ends here, never returning into the caller's code
+        code = 0
+        try:
+            os.close(read_end)
+            os.setsid()  # (out of the engine's process group and session)
+            _stop_unless_gone(name)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            with contextlib.suppress(OSError):
+                os.close(os.open(tombstone, flags, 0o600))
+        except BaseException as err:  # (reported to the parent, which raises it)
+            code = 1
+            with contextlib.suppress(OSError):
+                os.write(write_end, str(err).encode(errors="backslashreplace"))
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode(errors="backslashreplace")
+    _, status = os.waitpid(pid, 0)
+    if message or status != 0:
+        raise CryptlayerError(message or f"tearing down {name}: the teardown failed ({status})")
+
+
+def _stop_unless_gone(name: str) -> None:
+    """stop(name); a container whose record is gone by then was torn down by another `delete`
+    (the one an engine killed at its deadline, whose teardown went on): deleted."""
+    from cryptlayer.engine import cli
+
+    try:
+        stop(name)
+    except UsageError:
+        if cli.has_record(name):
+            raise
