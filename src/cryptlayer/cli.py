@@ -552,8 +552,9 @@ def build(
         list[str] | None,
         typer.Option(
             metavar="PRIVATE_KEY",
-            help="Private key (PEM, DER or JWK) of an ocicrypt jwe: key, for the source's"
-            " encrypted layers, as skopeo's option; repeatable (each tried).",
+            help="Private key (PEM, DER or JWK) of an ocicrypt jwe: key, or"
+            " provider:NAME[:PARAMS] (an ocicrypt key provider), for the source's encrypted"
+            " layers, as skopeo's option; repeatable (each tried, in order).",
         ),
     ] = None,
 ) -> None:

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from cryptlayer import oci as oci_spec
 from cryptlayer.build import oci, ocicrypt
 from cryptlayer.build.sources import OciLayerSource
 from cryptlayer.errors import ExitCode, TamperedImageError, UsageError, WrongKeyError
+from cryptlayer.keys import providers
+from cryptlayer.keys.providers import ProviderError
 from tests.clirunner import invoke
 from tests.ocifixtures import CONFIG, MIDDLE, TOP, image_files, write_dir
 
@@ -269,7 +272,7 @@ def test_pgp_only_layer_names_its_scheme(made: Path, copy: Path) -> None:
 
 
 def test_key_files(made: Path, tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="providers are not supported yet"):
+    with pytest.raises(UsageError, match=r"no key providers: \$OCICRYPT_KEYPROVIDER_CONFIG"):
         ocicrypt.load_keys(["provider:attestation-agent"])
     with pytest.raises(UsageError, match="does not exist"):
         ocicrypt.load_keys([str(tmp_path / "none.pem")])
@@ -300,7 +303,7 @@ def test_key_files(made: Path, tmp_path: Path) -> None:
         assert _members(image.layers[0]) == _plain_members(MIDDLE)
 
 
-def test_cli_build_errors(made: Path, tmp_path: Path) -> None:
+def test_cli_build_errors(made: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The build's own error lines and exit codes, before anything is formatted."""
     key = tmp_path / "image.key"
     invoke("keygen", str(key))
@@ -317,8 +320,9 @@ def test_cli_build_errors(made: Path, tmp_path: Path) -> None:
     assert code == ExitCode.KEY and "no --decryption-key unwraps its layer key" in line
     code, line = build(f"oci:{made}/rsa")
     assert code == ExitCode.USAGE and "give its private key with --decryption-key" in line
+    monkeypatch.delenv(providers.ENV, raising=False)
     code, line = build("--decryption-key", "provider:kbs", f"oci:{made}/rsa")
-    assert code == ExitCode.USAGE and "not supported yet" in line
+    assert code == ExitCode.USAGE and "no key providers: $OCICRYPT_KEYPROVIDER_CONFIG" in line
 
 
 def test_decrypting_reader_rewinds(made: Path) -> None:
@@ -331,3 +335,234 @@ def test_decrypting_reader_rewinds(made: Path) -> None:
             stream.seek(0)
             whole = stream.read()
         assert whole.startswith(head)
+
+
+# ---- layers wrapped by an ocicrypt key provider ---------------------------------------------
+
+PROVIDER = Path(__file__).resolve().parents[1] / "providers" / "provider.py"
+KMS = providers.ANNOTATION + "kms"
+
+
+def _cmd(name: str, kek: Path, mode: str = "normal") -> dict[str, Any]:
+    args = [str(PROVIDER), "cmd", "--name", name, "--kek", str(kek), "--mode", mode]
+    return {"cmd": {"path": sys.executable, "args": args}}
+
+
+def _configure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entries: dict[str, Any]) -> None:
+    path = tmp_path / "ocicrypt_keyprovider.conf"
+    path.write_text(json.dumps({"key-providers": entries}))
+    path.chmod(0o600)
+    monkeypatch.setenv(providers.ENV, str(path))
+
+
+def _provider_wrap(kek: Path, optsdata: bytes) -> str:
+    """What an ocicrypt with key providers stores for one provider (encryption.go, preWrapKeys):
+    WrapKeys' request as it marshals it, sent to the test provider, and the answer's annotation
+    bytes base64'd."""
+    b64 = base64.b64encode
+    request = {
+        "op": "keywrap",
+        "keywrapparams": {
+            "ec": {"Parameters": {"kms": [b64(b"Enabled").decode()]},
+                   "DecryptConfig": {"Parameters": None}},
+            "optsdata": b64(optsdata).decode(),
+        },
+        "keyunwrapparams": {"dc": None, "annotation": None},
+    }  # fmt: skip
+    answer = subprocess.run(
+        [sys.executable, str(PROVIDER), "cmd", "--name", "kms", "--kek", str(kek)],
+        input=json.dumps(request).encode(), capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    annotation = base64.b64decode(json.loads(answer)["keywrapresults"]["annotation"])
+    return b64(annotation).decode()
+
+
+def _provider_image(
+    made: Path, dest: Path, kek: Path, keep_jwe: bool = False, edit: Any = None
+) -> Path:
+    """skopeo's JWE image re-wrapped for the key provider `kms`, as an ocicrypt with providers
+    writes one: each layer's private options unwrapped from its JWE with the private key, wrapped
+    again through the provider under org.opencontainers.image.enc.keys.provider.kms, the JWE
+    annotation dropped (unless keep_jwe); the ciphertext unchanged. `edit` changes the options
+    before they are wrapped."""
+    from jwcrypto import jwe, jwk  # type: ignore[import-untyped]
+
+    layout = Path(shutil.copytree(made / "rsa", dest))
+    manifest = _manifest(layout)
+    key = jwk.JWK.from_pem((made / "rsa.pem").read_bytes())
+    for desc in manifest["layers"]:
+        annotations = desc["annotations"]
+        message = jwe.JWE()
+        message.deserialize(base64.b64decode(annotations[ocicrypt.KEYS_JWE]).decode())
+        message.decrypt(key)
+        optsdata = message.payload
+        if edit is not None:
+            optsdata = json.dumps(edit(json.loads(optsdata))).encode()
+        annotations[KMS] = _provider_wrap(kek, optsdata)
+        if not keep_jwe:
+            del annotations[ocicrypt.KEYS_JWE]
+    _rewrite(layout, manifest)
+    return layout
+
+
+@pytest.fixture(scope="module")
+def kms_kek(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("kms") / "kek"
+    path.write_bytes(os.urandom(32))
+    return path
+
+
+@pytest.fixture(scope="module")
+def kms_image(made: Path, kms_kek: Path) -> Path:
+    return _provider_image(made, made / "kms", kms_kek)
+
+
+def test_provider_image_is_what_ocicrypt_would_write(made: Path, kms_image: Path) -> None:
+    """The same ciphertext as skopeo's, its layer keys now for the provider only."""
+    ours, skopeos = _manifest(kms_image), _manifest(made / "rsa")
+    assert [d["digest"] for d in ours["layers"]] == [d["digest"] for d in skopeos["layers"]]
+    for desc in ours["layers"]:
+        assert desc["mediaType"] == ENCRYPTED_GZIP
+        assert sorted(desc["annotations"]) == [KMS, ocicrypt.PUBOPTS]
+        wrapped = json.loads(base64.b64decode(desc["annotations"][KMS]))
+        assert wrapped["kid"] == "test/kms" and "symkey" not in json.dumps(wrapped)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        ("provider:kms",),
+        ("provider:kms:Enabled",),  # PARAMS as ocicrypt passes them
+        ("other.pem", "provider:kms"),  # mixed with key files, each tried in turn
+    ],
+)
+def test_provider_image_decrypts_to_the_plain_layers(
+    made: Path,
+    kms_image: Path,
+    kms_kek: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    given: tuple[str, ...],
+) -> None:
+    _configure(tmp_path, monkeypatch, {"kms": _cmd("kms", kms_kek)})
+    keys = ocicrypt.load_keys([g if g.startswith("provider:") else str(made / g) for g in given])
+    with oci.open_image(f"oci:{kms_image}", keys) as image:
+        assert [layer.cipher is not None for layer in image.layers] == [True, True]
+        for layer in image.layers:
+            OciLayerSource(layer).measure()  # digest and HMAC of the ciphertext, then the tar
+        assert _members(image.layers[0]) == _plain_members(MIDDLE)
+        assert _members(image.layers[1]) == _plain_members(TOP)
+        assert image.config.entrypoint == tuple(CONFIG["Entrypoint"])
+
+
+def test_a_failing_provider_is_passed_over_for_a_key_that_opens_the_layer(
+    made: Path, kms_kek: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both annotations, as ocicrypt writes for a jwe and a provider recipient: the refusing
+    # provider is tried first, as given, then the private key opens the layer.
+    both = _provider_image(made, tmp_path / "both", kms_kek, keep_jwe=True)
+    _configure(tmp_path, monkeypatch, {"kms": _cmd("kms", kms_kek, mode="fail")})
+    keys = ocicrypt.load_keys(["provider:kms", str(made / "rsa.pem")])
+    with oci.open_image(f"oci:{both}", keys) as image:
+        assert _members(image.layers[0]) == _plain_members(MIDDLE)
+    with pytest.raises(ProviderError, match="the KBS refused"):
+        _open(f"oci:{both}", ocicrypt.load_keys(["provider:kms", str(made / "other.pem")]))
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [
+        ("fail", "failed (exit status 1): test provider: the KBS refused to release the key"),
+        ("garbage", "answered something that is not JSON"),
+        ("empty", "answered no keyunwrapresults.optsdata"),
+        ("wrongkey", "to something that is not ocicrypt's layer options (JSON)"),
+    ],
+)
+def test_a_provider_that_fails_is_its_own_error(
+    kms_image: Path,
+    kms_kek: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    message: str,
+) -> None:
+    _configure(tmp_path, monkeypatch, {"kms": _cmd("kms", kms_kek, mode=mode)})
+    with pytest.raises(ProviderError) as caught:
+        _open(f"oci:{kms_image}", ocicrypt.load_keys(["provider:kms"]))
+    assert message in caught.value.message and "kms" in caught.value.message
+    assert "\n" not in str(caught.value) and caught.value.exit_code == ExitCode.FAILURE
+
+
+def test_a_provider_without_the_layers_annotation_is_a_wrong_key(
+    made: Path, kms_image: Path, kms_kek: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _configure(tmp_path, monkeypatch, {"kms": _cmd("kms", kms_kek), "kbs": _cmd("kbs", kms_kek)})
+    with pytest.raises(WrongKeyError, match="no --decryption-key unwraps its layer key") as err:
+        _open(f"oci:{kms_image}", ocicrypt.load_keys(["provider:kbs", str(made / "rsa.pem")]))
+    assert err.value.hint == (
+        f"tried provider:kbs, {made / 'rsa.pem'}; it is wrapped for provider:kms: give the"
+        " private key or provider it was encrypted for"
+    )
+    # And a JWE layer named only a provider: the same, naming jwe.
+    with pytest.raises(WrongKeyError, match="it is wrapped for jwe"):
+        _open(f"oci:{made}/rsa", ocicrypt.load_keys(["provider:kms"]))
+    # A provider that is not configured: refused before any image is read.
+    with pytest.raises(UsageError, match="unknown key provider nope"):
+        ocicrypt.load_keys(["provider:nope"])
+
+
+def test_provider_options_get_the_same_checks(
+    made: Path, kms_kek: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def short_key(opts: dict[str, Any]) -> dict[str, Any]:
+        return {**opts, "symkey": base64.b64encode(os.urandom(16)).decode()}
+
+    def bad_nonce(opts: dict[str, Any]) -> dict[str, Any]:
+        return {**opts, "cipheroptions": {"nonce": "***"}}
+
+    _configure(tmp_path, monkeypatch, {"kms": _cmd("kms", kms_kek)})
+    keys = ocicrypt.load_keys(["provider:kms"])
+    short = _provider_image(made, tmp_path / "short", kms_kek, edit=short_key)
+    with pytest.raises(UsageError, match=r"options of the wrong size \(key 16, nonce 16"):
+        _open(f"oci:{short}", keys)
+    nonce = _provider_image(made, tmp_path / "nonce", kms_kek, edit=bad_nonce)
+    with pytest.raises(UsageError, match="nonce is not valid base64"):
+        _open(f"oci:{nonce}", keys)
+
+
+def test_a_tampered_provider_layer_fails_its_hmac(
+    kms_image: Path, kms_kek: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copy = Path(shutil.copytree(kms_image, tmp_path / "kcopy"))
+    _flip_layer(copy, 1, fix_digest=True)
+    _configure(tmp_path, monkeypatch, {"kms": _cmd("kms", kms_kek)})
+    with (
+        oci.open_image(f"oci:{copy}", ocicrypt.load_keys(["provider:kms"])) as image,
+        pytest.raises(TamperedImageError, match="its HMAC does not match"),
+    ):
+        OciLayerSource(image.layers[1]).measure()
+
+
+def test_cli_build_with_a_provider(
+    made: Path, kms_image: Path, kms_kek: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build's error lines for a provider: one line each, nothing left."""
+    key = tmp_path / "image.key"
+    invoke("keygen", str(key))
+
+    def build(*args: str) -> tuple[int, str]:
+        code, _, err = invoke("build", "--key-file", str(key), "-o", str(tmp_path / "img"), *args)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        assert not (tmp_path / "img").exists()
+        assert not list(tmp_path.glob(".img.partial-*"))
+        return code, lines[0]
+
+    _configure(tmp_path, monkeypatch, {"kms": _cmd("kms", kms_kek, mode="fail"),
+                                       "kbs": _cmd("kbs", kms_kek)})  # fmt: skip
+    code, line = build("--decryption-key", "provider:kms", f"oci:{kms_image}")
+    assert code == ExitCode.FAILURE and "key provider kms" in line and "the KBS refused" in line
+    code, line = build("--decryption-key", "provider:kbs", f"oci:{kms_image}")
+    assert code == ExitCode.KEY and "tried provider:kbs; it is wrapped for provider:kms" in line
+    code, line = build("--decryption-key", "provider:nope", f"oci:{kms_image}")
+    assert code == ExitCode.USAGE and "unknown key provider nope" in line

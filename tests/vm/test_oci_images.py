@@ -307,3 +307,106 @@ def test_ocicrypt_image_from_skopeo(
     assert code == ExitCode.TAMPERED, err
     assert "its HMAC does not match" in err and err.count("\n") == 1
     assert sorted(p.name for p in images.iterdir()) == ["dec"]
+
+
+def _rewrap_for_provider(layout: Path, private: Path, provider: Path, kek: Path) -> None:
+    """Make skopeo's JWE image the one an ocicrypt with key providers writes for provider `kms`:
+    each layer's private options unwrapped from its JWE, wrapped again through the test provider
+    (ocicrypt's keywrap request) under org.opencontainers.image.enc.keys.provider.kms, the JWE
+    annotation dropped; the ciphertext unchanged."""
+    import base64
+    import hashlib
+    import sys
+
+    from jwcrypto import jwe, jwk  # type: ignore[import-untyped]
+
+    def put(data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        (layout / "blobs/sha256" / digest).write_bytes(data)
+        return f"sha256:{digest}"
+
+    b64 = base64.b64encode
+    key = jwk.JWK.from_pem(private.read_bytes())
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads(
+        (layout / "blobs/sha256" / index["manifests"][0]["digest"][7:]).read_text()
+    )
+    for desc in manifest["layers"]:
+        annotations = desc["annotations"]
+        message = jwe.JWE()
+        message.deserialize(
+            base64.b64decode(annotations.pop("org.opencontainers.image.enc.keys.jwe")).decode()
+        )
+        message.decrypt(key)
+        request = {
+            "op": "keywrap",
+            "keywrapparams": {"ec": {"Parameters": {"kms": [b64(b"Enabled").decode()]},
+                                     "DecryptConfig": {"Parameters": None}},
+                              "optsdata": b64(message.payload).decode()},
+            "keyunwrapparams": {"dc": None, "annotation": None},
+        }  # fmt: skip
+        answer = subprocess.run(
+            [sys.executable, str(provider), "cmd", "--name", "kms", "--kek", str(kek)],
+            input=json.dumps(request).encode(), capture_output=True, check=True,
+        ).stdout  # fmt: skip
+        wrapped = base64.b64decode(json.loads(answer)["keywrapresults"]["annotation"])
+        annotations["org.opencontainers.image.enc.keys.provider.kms"] = b64(wrapped).decode()
+    data = json.dumps(manifest).encode()
+    index["manifests"][0].update(digest=put(data), size=len(data))
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def test_ocicrypt_image_from_a_key_provider(
+    cli: Cli,
+    images: Path,
+    key_file: Path,
+    tmp_path: Path,
+    base_tar: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An ocicrypt image whose layer keys a key provider wrapped (made from skopeo's JWE image,
+    the ciphertext unchanged) built with --decryption-key provider:kms and run; a provider that
+    refuses is named in one error, nothing left."""
+    import sys
+
+    provider = Path(__file__).resolve().parents[1] / "providers" / "provider.py"
+    kek = tmp_path / "kek"
+    kek.write_bytes(os.urandom(32))
+    marker = b"ocicrypt-provider-marker-7a2e\n"
+    secret = layer_tar([Entry("file", "etc/secret", marker)])
+    plain = write_dir(tmp_path / "plain", image_files(
+        [(base_tar, "gzip"), (MIDDLE, "gzip"), (TOP, "none"), (secret, "gzip")], CONFIG))  # fmt: skip
+    subprocess.run(["openssl", "genrsa", "-out", str(tmp_path / "priv.pem"), "2048"],
+                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(["openssl", "rsa", "-in", str(tmp_path / "priv.pem"), "-pubout",
+                    "-out", str(tmp_path / "pub.pem")], check=True, capture_output=True)  # fmt: skip
+    enc = tmp_path / "enc"
+    subprocess.run(["skopeo", "copy", "-q", "--encryption-key", f"jwe:{tmp_path / 'pub.pem'}",
+                    f"oci:{plain}:latest", f"oci:{enc}:latest"], check=True)  # fmt: skip
+    _rewrap_for_provider(enc, tmp_path / "priv.pem", provider, kek)
+
+    def configure(mode: str) -> None:
+        args = [str(provider), "cmd", "--name", "kms", "--kek", str(kek), "--mode", mode]
+        config = tmp_path / f"keyprovider-{mode}.conf"
+        config.write_text(json.dumps(
+            {"key-providers": {"kms": {"cmd": {"path": sys.executable, "args": args}}}}))  # fmt: skip
+        config.chmod(0o600)
+        monkeypatch.setenv("OCICRYPT_KEYPROVIDER_CONFIG", str(config))
+
+    configure("fail")
+    code, _, err = cli("build", "-k", str(key_file), "--decryption-key", "provider:kms",
+                       "-o", str(images / "refused"), f"oci:{enc}")  # fmt: skip
+    assert code == ExitCode.FAILURE, err
+    assert "key provider kms" in err and "the KBS refused" in err and err.count("\n") == 1
+    assert list(images.iterdir()) == []
+
+    configure("normal")
+    image = images / "byprovider"
+    cli.ok("build", "-k", str(key_file), "--decryption-key", "provider:kms",
+           "-o", str(image), f"oci:{enc}")  # fmt: skip
+    for path in image.rglob("*"):  # what build wrote holds no plaintext of the layers
+        assert not path.is_file() or marker not in path.read_bytes(), path
+    out = cli.ok("run", "--keep", "-k", str(key_file), "-u", "0", str(image), "--",
+                 "cat /etc/keep /etc/secret")  # fmt: skip
+    assert out.encode() == b"keep\n" + marker
+    assert cli.ok("run", "-k", str(key_file), str(image)) == "from-config\n/srv\n1000\n"

@@ -12,6 +12,11 @@ a layer whose media type ends in `+encrypted` carries two annotations,
   so it is not checked here, the diff_id is);
 - `org.opencontainers.image.enc.pubopts`: base64 of JSON `{"cipher": "AES_256_CTR_HMAC_SHA256",
   "hmac": b64, "cipheroptions": {}}`.
+An ocicrypt with key providers (1.1 and later) wraps the same private options through a
+provider instead: `org.opencontainers.image.enc.keys.provider.NAME`, comma-separated base64 of
+the provider's keywrap answers, unwrapped here by `--decryption-key provider:NAME[:PARAMS]`
+through keys/providers.py (unwrap_layer_annotation, as ocicrypt's preUnwrapKey). The keys given
+are tried in their order, each on the annotation of its kind, as ocicrypt tries its keywrappers.
 The blob is AES-256-CTR of the plaintext blob under `symkey` and `nonce`; `hmac` is HMAC-SHA256
 under `symkey` of the ciphertext, checked when the stream ends (as ocicrypt does: nothing read
 from a stream counts before its end). The descriptor's digest is of the ciphertext.
@@ -42,7 +47,15 @@ from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from cryptlayer import oci
-from cryptlayer.errors import TamperedImageError, UsageError, WrongKeyError
+from cryptlayer.errors import TamperedImageError, UsageError, WrongKeyError, printable
+from cryptlayer.keys.providers import (
+    ANNOTATION,
+    ProviderError,
+    ProviderIdentity,
+    identity,
+    is_provider,
+    unwrap_layer_annotation,
+)
 
 ENCRYPTED_SUFFIX = "+encrypted"
 KEYS_PREFIX = "org.opencontainers.image.enc.keys."
@@ -51,7 +64,6 @@ PUBOPTS = "org.opencontainers.image.enc.pubopts"
 CIPHER = "AES_256_CTR_HMAC_SHA256"  # the only cipher ocicrypt has
 KEY_BYTES = 32
 NONCE_BYTES = 16
-PROVIDER = "provider:"
 MAX_KEY_FILE = 64 * 1024
 # What go-jose writes for ocicrypt (RSA-OAEP or ECDH-ES+A256KW, A256GCM) and its near kin;
 # never RSA1_5 (padding oracles).
@@ -70,10 +82,18 @@ def is_encrypted(media_type: object) -> bool:
 
 @dataclass(frozen=True)
 class DecryptionKey:
-    """A private key given with --decryption-key, as a JWK for jwcrypto."""
+    """What --decryption-key gave: a private key, as a JWK for jwcrypto, for the layers'
+    `jwe` annotations; or (`provider:NAME[:PARAMS]`) an ocicrypt key provider, for their
+    `provider.NAME` annotations."""
 
     path: str
-    jwk: Any = field(repr=False)  # jwcrypto.jwk.JWK: its private part never in a repr
+    jwk: Any = field(repr=False, default=None)  # jwcrypto.jwk.JWK: never in a repr
+    provider: ProviderIdentity | None = None
+
+    @property
+    def annotation(self) -> str:
+        """The layer annotation this key unwraps."""
+        return KEYS_JWE if self.provider is None else ANNOTATION + self.provider.name
 
 
 def _read_key_file(path: str) -> bytearray:
@@ -144,14 +164,14 @@ def _parse_key(path: str, data: bytearray) -> Any:
 
 
 def load_keys(texts: list[str]) -> tuple[DecryptionKey, ...]:
-    """The keys given with --decryption-key (PEM, DER or JWK private keys), each checked."""
+    """The keys given with --decryption-key (PEM, DER or JWK private keys, or configured
+    `provider:NAME[:PARAMS]`), each checked, in the order given."""
     keys = []
     for text in texts:
-        if text.startswith(PROVIDER):
-            raise UsageError(
-                f"--decryption-key {text}: ocicrypt key providers are not supported yet",
-                "give the private key file of a jwe: key",
-            )
+        if is_provider(text):  # UsageError unless $OCICRYPT_KEYPROVIDER_CONFIG has it
+            who = identity(text)
+            keys.append(DecryptionKey(who.path, provider=who))
+            continue
         data = _read_key_file(text)
         try:
             keys.append(DecryptionKey(text, _parse_key(text, data)))
@@ -198,57 +218,103 @@ def _options(doc: dict[str, Any], what: str, where: str) -> dict[str, Any]:
     return opts
 
 
-def _unwrap(annotation: str, keys: tuple[DecryptionKey, ...], where: str) -> bytes | None:
-    """The private options from the first JWE any key opens (ocicrypt's order: each JWE of
-    the annotation in turn, each key for it); None if no key opens any."""
+def _unwrap_jwe(annotation: str, key: DecryptionKey, where: str) -> bytes | None:
+    """The private options from the first JWE of the annotation that `key` opens (each JWE in
+    turn, as ocicrypt's jwe keywrapper tries them); None if it opens none."""
     from jwcrypto import jwe
     from jwcrypto.common import JWException  # type: ignore[import-untyped]
 
     for part in annotation.split(","):
         token = _b64(part, f"annotation {KEYS_JWE}", where)
-        for key in keys:
-            message = jwe.JWE(algs=JWE_ALGS)
-            try:
-                message.deserialize(token.decode("utf-8", "replace"))
-            except (JWException, ValueError) as err:
-                raise UsageError(
-                    f"{where}: annotation {KEYS_JWE} holds no JWE ({err})", "the image is damaged"
-                ) from None
-            try:
-                message.decrypt(key.jwk)
-            except (JWException, ValueError, TypeError):
-                continue
-            payload: bytes = message.payload
-            return payload
+        message = jwe.JWE(algs=JWE_ALGS)
+        try:
+            message.deserialize(token.decode("utf-8", "replace"))
+        except (JWException, ValueError) as err:
+            raise UsageError(
+                f"{where}: annotation {KEYS_JWE} holds no JWE ({err})", "the image is damaged"
+            ) from None
+        try:
+            message.decrypt(key.jwk)
+        except (JWException, ValueError, TypeError):
+            continue
+        payload: bytes = message.payload
+        return payload
     return None
 
 
+def _unwrap_provider(annotation: str, who: ProviderIdentity, where: str) -> dict[str, Any]:
+    """The private options the provider unwraps from the layer's provider.NAME annotation;
+    ProviderError when it fails or answers something that is not ocicrypt's options."""
+    with unwrap_layer_annotation(who, annotation) as optsdata, optsdata.view() as data:
+        try:
+            doc = json.loads(bytes(data))
+        except (ValueError, UnicodeDecodeError):
+            doc = None
+    if not isinstance(doc, dict):
+        raise ProviderError(
+            f"key provider {printable(who.name)} unwrapped the key of {where} to something that"
+            " is not ocicrypt's layer options (JSON)",
+            "is this the provider and PARAMS the image was encrypted with?",
+        )
+    return doc
+
+
+def _wrapped_for(annotations: dict[Any, Any]) -> list[str]:
+    """What a layer's key is wrapped for, as --decryption-key and skopeo name them."""
+    found = []
+    for name in sorted(str(k) for k in annotations if str(k).startswith(KEYS_PREFIX)):
+        scheme = name.removeprefix(KEYS_PREFIX)
+        if name.startswith(ANNOTATION):
+            found.append("provider:" + printable(name.removeprefix(ANNOTATION)))
+        else:
+            found.append(printable(scheme))
+    return found
+
+
 def layer_cipher(annotations: object, keys: tuple[DecryptionKey, ...], where: str) -> LayerCipher:
-    """Unwrap an encrypted layer's key with one of `keys`; every field checked."""
+    """Unwrap an encrypted layer's key with the first of `keys`, in the order given, that
+    opens it (a private key its `jwe` annotation, a provider its `provider.NAME` one, as
+    ocicrypt tries its keywrappers); every field checked."""
     if not isinstance(annotations, dict):
         annotations = {}
     if not keys:
         raise UsageError(
             f"{where} is encrypted with ocicrypt",
-            "give its private key with --decryption-key PRIVATE.pem",
+            "give its private key with --decryption-key PRIVATE.pem (or provider:NAME)",
         )
-    wrapped = annotations.get(KEYS_JWE)
-    if not isinstance(wrapped, str) or not wrapped:
-        schemes = sorted(
-            str(k).removeprefix(KEYS_PREFIX) for k in annotations if str(k).startswith(KEYS_PREFIX)
-        )
+    schemes = _wrapped_for(annotations)
+    if not any(s == "jwe" or s.startswith("provider:") for s in schemes):
         raise UsageError(
             f"{where} is encrypted with ocicrypt for "
             + (", ".join(schemes) + " keys only" if schemes else "no recipient (no wrapped key)"),
-            "cryptlayer unwraps jwe: keys; encrypt it again with skopeo --encryption-key jwe:PUB",
+            "cryptlayer unwraps jwe: keys and key providers' keys; encrypt it again with skopeo"
+            " --encryption-key jwe:PUB",
         )
-    private = _unwrap(wrapped, keys, where)
-    if private is None:
+    priv: dict[str, Any] | None = None
+    failure: ProviderError | None = None
+    for key in keys:
+        wrapped = annotations.get(key.annotation)
+        if not isinstance(wrapped, str) or not wrapped:
+            continue
+        if key.provider is not None:
+            try:
+                priv = _unwrap_provider(wrapped, key.provider, where)
+            except ProviderError as err:  # another key may yet open it, as in ocicrypt
+                failure = err
+                continue
+            break
+        private = _unwrap_jwe(wrapped, key, where)
+        if private is not None:
+            priv = _json_object(private, "the private layer options", where)
+            break
+    if priv is None:
+        if failure is not None:
+            raise failure
         raise WrongKeyError(
             f"{where}: no --decryption-key unwraps its layer key",
-            f"tried {', '.join(k.path for k in keys)}; give the private key it was encrypted for",
+            f"tried {', '.join(printable(k.path) for k in keys)}; it is wrapped for"
+            f" {', '.join(schemes)}: give the private key or provider it was encrypted for",
         )
-    priv = _json_object(private, "the private layer options", where)
     pub_text = annotations.get(PUBOPTS)
     if pub_text is None:
         raise UsageError(f"{where}: no {PUBOPTS} annotation", "the image is damaged")
