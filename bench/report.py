@@ -499,8 +499,8 @@ def _ocicrypt_rows(data: dict[str, Any]) -> list[Row]:
                     "", "", ""))  # fmt: skip
     if "ocicrypt_host" in data:
         h = data["ocicrypt_host"]
-        out.append(("13. on the host's real CPU: a build's reading side (measure and populate"
-                    " into a directory, no device-mapper)",
+        out.append(("13. on the host's real CPU, CPU seconds: a build's reading side (measure"
+                    " and populate into a directory, no device-mapper)",
                     f"{h['encrypted_build_reads_mib_s']:.0f} MiB/s decrypting",
                     f"the same layers unencrypted {h['plain_build_reads_mib_s']:.0f} MiB/s",
                     f"{h['ratio']:.2f}", ">= 0.80 (whole build)",
