@@ -5,7 +5,7 @@ caches dropped before every timed run. cryptlayer is called in-process (its own 
 out); a few runs as a real process measure that start-up too, which the report shows separately.
 Usage: devices.py [--sizes 64,256,1024] [--runs 3] [--layers 1,5,20] [--concurrent 20]
 [SECTION...] (default: all of startup unlock limit sizes read concurrent verity process
-engine).
+engine ocicrypt).
 Arguments, not environment variables: the VM does not inherit the host's environment.
 Each section is a module of bench/sections/ (what they share: sections/base.py).
 """
@@ -18,11 +18,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, record, sh
-from sections import concurrent, engine, limit, process, read, sizes, startup, unlock, verity
+from sections import (
+    concurrent,
+    engine,
+    limit,
+    ocicrypt,
+    process,
+    read,
+    sizes,
+    startup,
+    unlock,
+    verity,
+)
 from sections.base import CLI, KEY, WORK, settings
 
 SECTIONS = ("startup", "unlock", "limit", "sizes", "read", "concurrent", "verity", "process",
-            "engine")  # fmt: skip
+            "engine", "ocicrypt")  # fmt: skip
 
 
 def main() -> None:
@@ -70,6 +81,8 @@ def main() -> None:
             record("process", process.start_as_process())
         if "engine" in chosen:
             record("engine_podman", engine.podman_against_run())
+        if "ocicrypt" in chosen:
+            record("ocicrypt", ocicrypt.convert_throughput(min(256, max(settings.sizes))))
     finally:
         KEY.unlink()
         shutil.rmtree(WORK, ignore_errors=True)
