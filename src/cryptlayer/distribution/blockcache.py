@@ -118,6 +118,11 @@ class BlockCache:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
+        # Its use time from the clock time.time() reads, as get() sets it: the file system's own
+        # stamp comes from a coarser clock, so two chunks written within one tick would tie
+        # (and the least recently used could not be told), or sort before a touched one.
+        now = time.time()
+        os.utime(fd, (now, now))
         os.close(fd)
         os.rename(tmp, path)
         with self.lock:
