@@ -25,6 +25,7 @@ from cryptlayer.image.process import DEFAULT_PATH, merge_env
 
 if TYPE_CHECKING:
     from cryptlayer.keys.sources import Credential
+    from cryptlayer.runtime.state import Holder
 
 # The placeholder's markers (distribution/placeholder.py writes them; the runtime layer does
 # not import distribution: tests/unit/test_engine.py checks that both say the same).
@@ -236,19 +237,32 @@ def trust() -> Path | None:
 # -- create and delete
 
 
-def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str) -> str:
+def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str, holder: Holder,
+             warn: Callable[[str], None]) -> str:  # fmt: skip
     """Assemble the image of `spec` for the engine's container `cid` and rewrite the bundle's
-    config.json; the record's name. On any failure, what was assembled is torn down again."""
+    config.json; the record's name. `holder` (the real runtime, its root) is written beside the
+    record first and stays locked by this process until it exits, so that `gc` tears the
+    container down once this process died and the runtime does not hold it (docs/engines.md,
+    "Faults"). What `cryptlayer run` warns about this host goes to `warn` first. On any failure,
+    what was assembled is torn down again."""
     from cryptlayer.image import manifest as manifest_mod
-    from cryptlayer.runtime import container, ocispec
+    from cryptlayer.runtime import container, journal, ocispec, state
 
     wanted = request(spec, image)
     name = container_name(cid)
     trusted = trust()
-    with credential_for(wanted.image) as credential:
-        options = container.StartOptions(name, shred=not wanted.keep, digest=wanted.digest,
-                                         trust=trusted)  # fmt: skip
-        record = container.start(wanted.image, credential, options)
+    for line in host_warnings(wanted):
+        warn(line)
+    state.hold(name, holder)  # (released when this process ends, however it ends)
+    try:
+        with credential_for(wanted.image) as credential:
+            options = container.StartOptions(name, shred=not wanted.keep, digest=wanted.digest,
+                                             trust=trusted)  # fmt: skip
+            record = container.start(wanted.image, credential, options)
+    except BaseException:
+        if not state.exists(name):  # no record (the name's other container's): nothing made
+            state.forget_holder(name)
+        raise
     try:
         rootfs = Path(record.rootfs)
         image_config = manifest_mod.load(Path(record.image)).config
@@ -258,7 +272,22 @@ def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str) -> st
     except BaseException:
         _stop_quietly(name)
         raise
+    journal.crash_point()  # assembled, the runtime's create not begun (tests/vm)
     return name
+
+
+def host_warnings(wanted: Request) -> list[str]:
+    """What `cryptlayer run` would warn about for this image on this host (runtime/hostcheck.py:
+    swap, zram writeback, core dumps to files, hibernation; an erase on copy-on-write or flash
+    storage), as `TEXT [KIND]` lines, without those the node's config.toml silences."""
+    from cryptlayer import config
+    from cryptlayer.runtime.hostcheck import erase_caveat, problems
+
+    found = [(p.kind, f"{p}: decrypted memory may reach the disk") for p in problems()]
+    if not wanted.keep and wanted.image.is_dir() and (caveat := erase_caveat(wanted.image)):
+        found.append(("erase-storage", caveat))
+    quiet = config.quiet_warnings() if found else frozenset()
+    return [f"{printable(text)} [{kind}]" for kind, text in found if kind not in quiet]
 
 
 def exec_process(name: str, path: str) -> None:
@@ -283,10 +312,9 @@ def exec_process(name: str, path: str) -> None:
 def _stop_quietly(name: str) -> None:
     """Tear down `name` after a failure, whose error is the one to show."""
     from cryptlayer.errors import CryptlayerError
-    from cryptlayer.runtime import container
 
     try:
-        container.stop(name)
+        stop(name)
     except (CryptlayerError, OSError) as err:
         print(f"warning: cryptlayer-runtime: tearing down {name}: {err}", file=sys.stderr)
 
@@ -314,7 +342,8 @@ def spawn(runtime: str, argv: Sequence[str], env: dict[bytes, bytes]) -> int:
 
 def stop(name: str) -> None:
     """Tear down the engine's container `name` now that the runtime has deleted it (and shred
-    its image unless it was kept)."""
-    from cryptlayer.runtime import container
+    its image unless it was kept); then forget its holder."""
+    from cryptlayer.runtime import container, state
 
     container.stop(name)
+    state.forget_holder(name)
