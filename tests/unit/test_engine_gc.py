@@ -286,3 +286,71 @@ def test_the_text_log_has_the_level_too(tmp_path: Path, capfd: pytest.CaptureFix
     engine.warn("swap is on [swap]", engine.Invocation(["--log", str(log), "create", "c1"]))
     assert 'level=warning msg="cryptlayer-runtime: swap is on [swap]"' in log.read_text()
     assert capfd.readouterr().err == "warning: cryptlayer-runtime: swap is on [swap]\n"
+
+
+@pytest.fixture
+def crun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in crun on PATH (exit 0), a bundle naming an image, and --log's file."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "crun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "crun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    spec = {"annotations": {engine.ANNOTATION: "/srv/app"}, "process": {"args": ["sh"]}}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle
+
+
+def create_through_main(
+    bundle: Path, log: Path, monkeypatch: pytest.MonkeyPatch, assembled: bool
+) -> int:
+    """cryptlayer-runtime's main() for a `create`, the assembly stood in: it warns, then fails
+    (no key) or returns the record's name."""
+
+    def assemble(*args: object) -> str:
+        warn = args[-1]
+        assert callable(warn)
+        warn("swap /dev/sda2 is not on dm-crypt [swap]")
+        if not assembled:
+            raise UsageError("no key for the image /srv/app")
+        return "engine-c1"
+
+    monkeypatch.setattr(encrypted, "assemble", assemble)
+    monkeypatch.setattr(encrypted, "stop", lambda name: None)
+    argv = ["cryptlayer-runtime", "--log", str(log), "--log-format", "json", "create",
+            "--bundle", str(bundle), "c1"]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as ended:
+        engine.main()
+    assert isinstance(ended.value.code, int)
+    return ended.value.code
+
+
+def test_a_failed_create_shows_one_error_line_and_logs_the_warning(
+    root: Path, crun: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """podman shows the runtime's stderr whole as its error: only the error line goes there;
+    the warning is in the log, before the error, at level warning."""
+    log = tmp_path / "log.json"
+    assert create_through_main(crun, log, monkeypatch, assembled=False) == engine.FAILED
+    assert capfd.readouterr().err == "error: cryptlayer-runtime: no key for the image /srv/app\n"
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["level"], e["msg"]) for e in logged] == [
+        ("warning", "cryptlayer-runtime: swap /dev/sda2 is not on dm-crypt [swap]"),
+        ("error", "cryptlayer-runtime: no key for the image /srv/app"),
+    ]
+
+
+def test_a_create_that_goes_on_warns_on_stderr_too(
+    root: Path, crun: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    log = tmp_path / "log.json"
+    assert create_through_main(crun, log, monkeypatch, assembled=True) == 0
+    warning = "cryptlayer-runtime: swap /dev/sda2 is not on dm-crypt [swap]"
+    assert capfd.readouterr().err == f"warning: {warning}\n"
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["level"], e["msg"]) for e in logged] == [("warning", warning)]

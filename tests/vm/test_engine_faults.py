@@ -24,7 +24,7 @@ import pytest
 from conftest import Cli, leftovers, slots
 
 from cryptlayer.engine.cli import container_name
-from cryptlayer.runtime import journal
+from cryptlayer.runtime import journal, state
 
 RUNTIME = str(Path(sys.executable).with_name("cryptlayer-runtime"))
 TIMEOUT = 900  # a runtime call starts Python, slowly under emulation
@@ -113,7 +113,7 @@ def test_create_killed_while_it_assembles(
         assert killed.returncode == -signal.SIGKILL, f"point {point}: {killed.stderr}"
         left = leftovers()
         assert f"record {container_name(cid)}.json" in left, f"point {point}: {left}"
-        assert f"record {container_name(cid)}.holder" in left
+        assert state.holder_names() == [container_name(cid)]
         if case % 2 == 0:
             deleted = node.runtime("delete", cid)  # crun does not know it: torn down all the same
             assert "cryptlayer-runtime" not in deleted.stderr, deleted.stderr
@@ -121,6 +121,7 @@ def test_create_killed_while_it_assembles(
             out = cli.ok("gc")
             assert f"cleaned up container {container_name(cid)}\n" in out, out
         assert leftovers() == [], f"point {point}"
+        assert state.holder_names() == []
         assert slots(node.image) == [0], f"point {point}: the image can still be opened"
         assert list(node.crun_root.iterdir()) == []
     assert cli.ok("gc") == "nothing to clean up\n"
@@ -143,8 +144,10 @@ def test_gc_leaves_a_running_container_and_cleans_one_the_engine_forgot(
     finally:
         subprocess.run(["crun", "--root", str(node.crun_root), "delete", "--force", "live"],
                        check=True, timeout=TIMEOUT)  # fmt: skip
+    assert state.holder_names() == ["engine-live"]
     out = cli.ok("gc")
     assert "cleaned up container engine-live\n" in out, out
     assert leftovers() == []
+    assert state.holder_names() == []
     assert slots(node.image) == [0]
     assert cli.ok("gc") == "nothing to clean up\n"

@@ -295,10 +295,15 @@ def _others(path: Path) -> list[Record | Opening]:
     return [j for j in all_journals() if j.path != path]
 
 
-# The OCI runtime that runs a container an engine made through cryptlayer-runtime: written beside
-# its record (NAME.holder) before the assembly begins, so that `gc` can ask that runtime whether
-# the container still exists once nobody will `delete` it (the engine died, or never called).
+# The OCI runtime that runs a container an engine made through cryptlayer-runtime: written
+# beside the records (holders/NAME.holder) before the assembly begins, so that `gc` can ask that
+# runtime whether the container still exists once nobody will `delete` it (the engine died, or
+# never called).
 HOLDER_SUFFIX = ".holder"
+
+
+def holders_dir() -> Path:
+    return state_root() / "holders"
 
 
 @dataclass(frozen=True)
@@ -327,7 +332,7 @@ class Holder:
 
 
 def holder_path(name: str) -> Path:
-    return records_dir() / f"{name}{HOLDER_SUFFIX}"
+    return holders_dir() / f"{name}{HOLDER_SUFFIX}"
 
 
 def hold(name: str, holder: Holder) -> int:
@@ -335,7 +340,7 @@ def hold(name: str, holder: Holder) -> int:
     creating the container: `gc` leaves a container alone while its creator lives. Returns the
     descriptor (close-on-exec: the runtime started as a child does not inherit the lock);
     BusyError when another live process is creating a container of that name."""
-    records_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+    holders_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
     path = holder_path(check_name(name))
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     while True:
@@ -418,7 +423,7 @@ def forget_idle_holder(name: str) -> bool:
 
 def holder_names() -> list[str]:
     """The names of the containers that have a holder file."""
-    if not records_dir().is_dir():
+    if not holders_dir().is_dir():
         return []
-    found = records_dir().glob(f"*{HOLDER_SUFFIX}")
+    found = holders_dir().glob(f"*{HOLDER_SUFFIX}")
     return sorted(p.name.removesuffix(HOLDER_SUFFIX) for p in found)
