@@ -63,7 +63,9 @@ def cut_the_power() -> None:
     while not ready.exists():
         assert time.monotonic() < deadline, "the run never became ready"
         time.sleep(0.5)
+    began = time.monotonic()
     through_the_runtime(key, tree)
+    print(f"power-loss: the engine's container took {time.monotonic() - began:.0f} s", flush=True)
     print("power-loss: four containers up; cutting the power", flush=True)
     Path("/proc/sys/kernel/sysrq").write_text("1\n")
     Path("/proc/sysrq-trigger").write_text("o\n")  # power off now: no sync, no teardown
