@@ -243,7 +243,7 @@ def test_the_hosts_warnings_reach_the_engine(
     create goes on (here it then fails: no key)."""
     log = tmp_path / "log.json"
     invocation = engine.Invocation(["--log", str(log), "--log-format", "json", "create", "c1"])
-    lines = encrypted.host_warnings(encrypted.Request(tmp_path))
+    lines = encrypted.host_warnings(tmp_path, False)
     assert lines == ["swap /dev/sda2 is not on dm-crypt: decrypted memory may reach the disk"
                      " [swap]", "core_pattern 'core' writes core dumps to files: decrypted"
                      " memory may reach the disk [core-pattern]"]  # fmt: skip
@@ -260,7 +260,18 @@ def test_the_hosts_warnings_reach_the_engine(
 def test_the_nodes_config_silences_them(root: Path, problems: None, tmp_path: Path) -> None:
     Path(os.environ["CRYPTLAYER_CONFIG"]).write_text('quiet-warnings = ["swap"]\n')
     assert [line.rsplit(" ", 1)[1] for line in encrypted.host_warnings(
-        encrypted.Request(tmp_path))] == ["[core-pattern]"]  # fmt: skip
+        tmp_path, False)] == ["[core-pattern]"]  # fmt: skip
+
+
+def test_an_image_that_will_be_shredded_gets_the_storage_caveat(
+    root: Path, problems: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hostcheck, "erase_caveat", lambda image: f"{image} is on btrfs")
+    kinds = [line.rsplit(" ", 1)[1] for line in encrypted.host_warnings(tmp_path, False)]
+    assert kinds == ["[swap]", "[core-pattern]", "[erase-storage]"]
+    kept = [line.rsplit(" ", 1)[1] for line in encrypted.host_warnings(tmp_path, True)]
+    assert kept == ["[swap]", "[core-pattern]"]
+    assert encrypted.host_warnings(None, False) == encrypted.host_warnings(tmp_path, True)
 
 
 def test_assemble_warns_before_it_opens_anything(

@@ -251,7 +251,7 @@ def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str, holde
     wanted = request(spec, image)
     name = container_name(cid)
     trusted = trust()
-    for line in host_warnings(wanted):
+    for line in host_warnings(wanted.image, wanted.keep):
         warn(line)
     state.hold(name, holder)  # (released when this process ends, however it ends)
     try:
@@ -276,15 +276,16 @@ def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str, holde
     return name
 
 
-def host_warnings(wanted: Request) -> list[str]:
-    """What `cryptlayer run` would warn about for this image on this host (runtime/hostcheck.py:
-    swap, zram writeback, core dumps to files, hibernation; an erase on copy-on-write or flash
-    storage), as `TEXT [KIND]` lines, without those the node's config.toml silences."""
+def host_warnings(image: Path | None, keep: bool) -> list[str]:
+    """What `cryptlayer run` would warn about for `image` on this host (runtime/hostcheck.py:
+    swap, zram writeback, core dumps to files, hibernation; unless kept, an erase on
+    copy-on-write or flash storage), as `TEXT [KIND]` lines, without those the node's
+    config.toml silences. (None: an image not on the node yet, whose storage is not known.)"""
     from cryptlayer import config
     from cryptlayer.runtime.hostcheck import erase_caveat, problems
 
     found = [(p.kind, f"{p}: decrypted memory may reach the disk") for p in problems()]
-    if not wanted.keep and wanted.image.is_dir() and (caveat := erase_caveat(wanted.image)):
+    if not keep and image is not None and image.is_dir() and (caveat := erase_caveat(image)):
         found.append(("erase-storage", caveat))
     quiet = config.quiet_warnings() if found else frozenset()
     return [f"{printable(text)} [{kind}]" for kind, text in found if kind not in quiet]
