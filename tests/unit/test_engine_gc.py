@@ -177,7 +177,8 @@ def test_a_create_that_fails_before_its_record_leaves_no_holder(
     spec = {"annotations": {engine.ANNOTATION: str(tmp_path / "img")}}
     with pytest.raises(UsageError, match="no key for it"):
         encrypted.assemble(spec, str(tmp_path / "img"), "c1", str(tmp_path / "config.json"),
-                           Holder("/usr/bin/crun", str(root), "c1"), lambda line: None)  # fmt: skip
+                           holder=Holder("/usr/bin/crun", str(root), "c1"),
+                           warn=lambda line: None)  # fmt: skip
     assert state.holder_names() == []
 
 
@@ -199,7 +200,8 @@ def test_a_failed_create_keeps_the_holder_of_the_names_container(
     spec = {"annotations": {engine.ANNOTATION: str(tmp_path / "img")}}
     with pytest.raises(BusyError):
         encrypted.assemble(spec, str(tmp_path / "img"), "c1", str(tmp_path / "config.json"),
-                           Holder("/usr/bin/crun", str(root), "c1"), lambda line: None)  # fmt: skip
+                           holder=Holder("/usr/bin/crun", str(root), "c1"),
+                           warn=lambda line: None)  # fmt: skip
     assert state.holder_names() == ["engine-c1"]
 
 
@@ -288,7 +290,8 @@ def test_assemble_warns_before_it_opens_anything(
     spec = {"annotations": {engine.ANNOTATION: str(tmp_path / "img")}}
     with pytest.raises(UsageError, match="no key for it"):
         encrypted.assemble(spec, str(tmp_path / "img"), "c1", str(tmp_path / "config.json"),
-                           Holder("/usr/bin/crun", str(root), "c1"), said.append)  # fmt: skip
+                           holder=Holder("/usr/bin/crun", str(root), "c1"),
+                           warn=said.append)  # fmt: skip
     assert [line.rsplit(" ", 1)[1] for line in said] == ["[swap]", "[core-pattern]"]
 
 
@@ -320,8 +323,7 @@ def create_through_main(
     """cryptlayer-runtime's main() for a `create`, the assembly stood in: it warns, then fails
     (no key) or returns the record's name."""
 
-    def assemble(*args: object) -> str:
-        warn = args[-1]
+    def assemble(*args: object, holder: object, warn: object) -> str:
         assert callable(warn)
         warn("swap /dev/sda2 is not on dm-crypt [swap]")
         if not assembled:

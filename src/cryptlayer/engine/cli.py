@@ -657,7 +657,7 @@ def create(runtime: str, argv: Sequence[str], invocation: Invocation, spec: dict
             _log(f"cryptlayer-runtime: {line}", invocation, "warning")
         warnings.append(line)
 
-    name = encrypted.assemble(spec, image, cid, config_path, holder, warn_later)
+    name = encrypted.assemble(spec, image, cid, config_path, holder=holder, warn=warn_later)
     for line in warnings:
         warn(line, invocation, logged=True)
     status = encrypted.spawn(runtime, argv, original_environ())

@@ -237,8 +237,9 @@ def trust() -> Path | None:
 # -- create and delete
 
 
-def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str, holder: Holder,
-             warn: Callable[[str], None]) -> str:  # fmt: skip
+def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str, *,
+             holder: Holder | None = None, warn: Callable[[str], None] | None = None,
+             ) -> str:  # fmt: skip
     """Assemble the image of `spec` for the engine's container `cid` and rewrite the bundle's
     config.json; the record's name. `holder` (the real runtime, its root) is written beside the
     record first and stays locked by this process until it exits, so that `gc` tears the
@@ -251,9 +252,11 @@ def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str, holde
     wanted = request(spec, image)
     name = container_name(cid)
     trusted = trust()
-    for line in host_warnings(wanted.image, wanted.keep):
-        warn(line)
-    state.hold(name, holder)  # (released when this process ends, however it ends)
+    if warn is not None:
+        for line in host_warnings(wanted.image, wanted.keep):
+            warn(line)
+    if holder is not None:  # (cli.create's always; released when this process ends, however)
+        state.hold(name, holder)
     try:
         with credential_for(wanted.image) as credential:
             options = container.StartOptions(name, shred=not wanted.keep, digest=wanted.digest,
