@@ -650,16 +650,10 @@ def create(runtime: str, argv: Sequence[str], invocation: Invocation, spec: dict
     from cryptlayer.runtime.state import Holder
 
     holder = Holder(runtime, state_root(runtime, invocation.root), cid)
-    warnings: list[str] = []
-
-    def warn_later(line: str) -> None:  # in the log now; on stderr only if the create goes on
-        if invocation.log:
-            _log(f"cryptlayer-runtime: {line}", invocation, "warning")
-        warnings.append(line)
-
-    name = encrypted.assemble(spec, image, cid, config_path, holder=holder, warn=warn_later)
+    warnings: list[str] = []  # shown once the create goes on: a failure is its one error line
+    name = encrypted.assemble(spec, image, cid, config_path, holder=holder, warn=warnings.append)
     for line in warnings:
-        warn(line, invocation, logged=True)
+        warn(line, invocation)
     status = encrypted.spawn(runtime, argv, original_environ())
     foreground = invocation.command == "run" and not any(
         a.lstrip("-") in ("d", "detach", "keep") for a in invocation.args)  # fmt: skip
@@ -718,17 +712,16 @@ def fail(message: str, invocation: Invocation) -> NoReturn:
     sys.exit(FAILED)
 
 
-def warn(message: str, invocation: Invocation, *, logged: bool = False) -> None:
-    """A `warning:` line on stderr and, with --log (unless `logged` already), at level "warning"
-    in the runtime's log: what `cryptlayer run` warns about reaches the engine's user too. (At
-    `create` the stderr line waits for the assembly: a failure's stderr is its one error line,
-    which podman shows whole.)"""
+def warn(message: str, invocation: Invocation) -> None:
+    """A `warning:` line on stderr and, with --log, at level "warning" in the runtime's log:
+    what `cryptlayer run` warns about reaches the engine's user too. (At `create`, once the
+    assembly succeeded: a failure's stderr and log say its one error, which podman shows whole.)"""
     line = f"cryptlayer-runtime: {message}"
     import contextlib
 
     with contextlib.suppress(OSError):
         os.write(2, f"warning: {line}\n".encode(errors="backslashreplace"))
-    if invocation.log and not logged:
+    if invocation.log:
         _log(line, invocation, "warning")
 
 
