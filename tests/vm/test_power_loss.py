@@ -1,13 +1,16 @@
 """A power cut in the middle of running containers, then a second boot of the same disk.
 
 scripts/power-loss boots the VM twice on one scratch disk. The first boot runs this file as a
-script: it builds two images, starts a container that will shred, one with --keep and a
-`cryptlayer run` process, then cuts the power (sysrq 'o': off, no sync, no teardown). The second
-boot runs the test below: `gc` must find everything the journal says and fix it.
+script: it builds two images, starts a container that will shred, one with --keep, a
+`cryptlayer run` process, and a container made through cryptlayer-runtime as an engine makes
+one (crun, its state in /run: a copy of the kept image, shredding), then cuts the power (sysrq
+'o': off, no sync, no teardown). The second boot runs the test below: `gc` must find everything
+the journal says and fix it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-SHRED, KEEP = "shredding", "kept"  # image names on the scratch disk
+SHRED, KEEP, ENGINE = "shredding", "kept", "engine"  # image names on the scratch disk
+ENGINE_ID = "cut"  # the engine's container id: cryptlayer's engine-cut
 
 
 def _scratch() -> Path:
@@ -45,6 +49,7 @@ def cut_the_power() -> None:
     cli("keygen", str(key))
     for name in (SHRED, KEEP):
         cli("build", "--key-file", str(key), "--output", str(_scratch() / name), str(tree))
+    shutil.copytree(_scratch() / KEEP, _scratch() / ENGINE)
     os.sync()  # the images were there long before the job; what follows is not synced
     cli("start", "--key-file", str(key), "--name", "started", str(_scratch() / SHRED))
     cli("start", "--keep", "--key-file", str(key), "--name", "kept", str(_scratch() / KEEP))
@@ -58,11 +63,33 @@ def cut_the_power() -> None:
     while not ready.exists():
         assert time.monotonic() < deadline, "the run never became ready"
         time.sleep(0.5)
-    print("power-loss: three containers up; cutting the power", flush=True)
+    began = time.monotonic()
+    through_the_runtime(key, tree)
+    print(f"power-loss: the engine's container took {time.monotonic() - began:.0f} s", flush=True)
+    print("power-loss: four containers up; cutting the power", flush=True)
     Path("/proc/sys/kernel/sysrq").write_text("1\n")
     Path("/proc/sysrq-trigger").write_text("o\n")  # power off now: no sync, no teardown
     time.sleep(60)
     sys.exit("power-loss: the machine did not switch off")
+
+
+def through_the_runtime(key: Path, tree: Path) -> None:
+    """Boot 1: a container created and started through cryptlayer-runtime, as an engine does."""
+    runtime = str(Path(sys.executable).with_name("cryptlayer-runtime"))
+    config = tree.parent / "power-config.toml"
+    config.write_text(f'allow-unsigned = true\n[[keys]]\nimage = "{_scratch() / ENGINE}"\n'
+                      f'key-file = "{key}"\n')  # fmt: skip
+    bundle = tree.parent / "power-bundle"
+    bundle.mkdir()
+    subprocess.run(["crun", "spec"], cwd=bundle, check=True)
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["process"] |= {"terminal": False, "args": ["sleep", "600"]}
+    spec["annotations"] = {"org.cryptlayer.image": str(_scratch() / ENGINE)}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    env = os.environ | {"CRYPTLAYER_CONFIG": str(config)}
+    for args in (["create", "--bundle", str(bundle), ENGINE_ID], ["start", ENGINE_ID]):
+        subprocess.run([runtime, "--root", "/run/power-crun", *args], env=env, check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # fmt: skip
 
 
 @pytest.mark.power_loss
@@ -73,15 +100,18 @@ def test_gc_after_power_loss() -> None:
     from cryptlayer.runtime import state
 
     cli = Cli.new()
-    assert {r.name for r in state.all_records()} == {"started", "kept", "running"}, (
+    names = {"started", "kept", "running", f"engine-{ENGINE_ID}"}
+    assert {r.name for r in state.all_records()} == names, (
         "boot 1 did not leave its journal (did it run?)"
     )
-    rows = {r["name"]: r["status"] for r in __import__("json").loads(cli.ok("ps", "--json"))}
-    assert rows == {"started": "stale", "kept": "stale", "running": "stale"}
+    rows = {r["name"]: r["status"] for r in json.loads(cli.ok("ps", "--json"))}
+    assert rows == dict.fromkeys(names, "stale")
+    assert state.holder_names() == [f"engine-{ENGINE_ID}"]
     assert slots(_scratch() / SHRED) == [0]  # erased at start, before the power went
     assert slots(_scratch() / KEEP) == [1]
+    assert slots(_scratch() / ENGINE) == [0]
     out = cli.ok("gc")
-    for name in ("started", "kept", "running"):
+    for name in names:
         assert f"cleaned up container {name}\n" in out
     assert leftovers() == []
     assert state.all_openings() == []
@@ -94,8 +124,10 @@ def test_gc_after_power_loss() -> None:
     )
     assert (rootfs / "hello.txt").read_text() == "before the power cut\n"
     cli.ok("stop", "after")
-    code, _, err = cli("start", "--key-file", key, "--name", "never", str(_scratch() / SHRED))
-    assert code == 6, err  # the shredding image stays erased
+    for erased in (SHRED, ENGINE):  # the shredding images stay erased, the engine's too
+        code, _, err = cli("start", "--key-file", key, "--name", "never", str(_scratch() / erased))
+        assert code == 6, err
+    assert state.holder_names() == []
     assert leftovers() == []
 
 

@@ -101,6 +101,7 @@ class Invocation:
         self._argv = list(argv)
         self.log: str | None = None
         self.log_format = "text"
+        self.root: str | None = None
         self.command: str | None = None
         self.args: list[str] = []  # the command's own arguments
         i = 0
@@ -124,6 +125,8 @@ class Invocation:
                 i += 1
             if name == "log":
                 self.log = value
+            elif name == "root":
+                self.root = value
             elif name == "log-format":
                 self.log_format = value
             i += 1
@@ -644,13 +647,32 @@ def create(runtime: str, argv: Sequence[str], invocation: Invocation, spec: dict
     if any(a.lstrip("-") == "no-new-keyring" for a in invocation.args):
         raise Refused("--no-new-keyring would give the container the runtime's keyring:"
                       " refused for an encrypted image")  # fmt: skip
-    name = encrypted.assemble(spec, image, cid, config_path)
+    from cryptlayer.runtime.state import Holder
+
+    holder = Holder(runtime, state_root(runtime, invocation.root), cid)
+    warnings: list[str] = []  # shown once the create goes on: a failure is its one error line
+    name = encrypted.assemble(spec, image, cid, config_path, holder=holder, warn=warnings.append)
+    for line in warnings:
+        warn(line, invocation)
     status = encrypted.spawn(runtime, argv, original_environ())
     foreground = invocation.command == "run" and not any(
         a.lstrip("-") in ("d", "detach", "keep") for a in invocation.args)  # fmt: skip
     if status != 0 or foreground:
         encrypted.stop(name)
     sys.exit(status)
+
+
+# The real runtimes' state directories when the engine gives no --root (as root): where `gc`
+# looks for the container (state.Holder).
+DEFAULT_ROOTS = {"crun": "/run/crun", "runc": "/run/runc"}
+
+
+def state_root(runtime: str, root: str | None) -> str:
+    """The directory the real runtime keeps its containers in: the engine's --root, else the
+    runtime's default; empty when unknown (another runtime: `gc` asks its `state`)."""
+    if root:
+        return os.path.abspath(root)
+    return DEFAULT_ROOTS.get(os.path.basename(runtime), "")
 
 
 def delete(runtime: str, argv: Sequence[str], invocation: Invocation, name: str) -> NoReturn:
@@ -736,7 +758,24 @@ def fail(message: str, invocation: Invocation) -> NoReturn:
     sys.exit(FAILED)
 
 
-def _log(message: str, invocation: Invocation) -> None:
+def warn(message: str, invocation: Invocation) -> None:
+    """A warning at level "warning" in the runtime's log (--log), or, with no log file, a
+    `warning:` line on stderr: what `cryptlayer run` warns about reaches the node's operator. Not
+    both: the runtime's stderr at `create` is the container's own (runc's and crun's container
+    inherits it: containerd's shim and conmon hand it the job's stdio), and a warning there
+    would land in the job's output and logs. (At `create`, once the assembly succeeded.)"""
+    line = f"cryptlayer-runtime: {message}"
+    log = invocation.log or ""
+    if log and not log.startswith(("journald:", "syslog:")):
+        _log(line, invocation, "warning")
+        return
+    import contextlib
+
+    with contextlib.suppress(OSError):
+        os.write(2, f"warning: {line}\n".encode(errors="backslashreplace"))
+
+
+def _log(message: str, invocation: Invocation, level: str = "error") -> None:
     import json
     import time
 
@@ -747,9 +786,9 @@ def _log(message: str, invocation: Invocation) -> None:
     now = time.time()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
     if invocation.log_format == "json":
-        record = json.dumps({"level": "error", "msg": message, "time": stamp})
+        record = json.dumps({"level": level, "msg": message, "time": stamp})
     else:  # runc's text format (logrus)
-        record = f'time="{stamp}" level=error msg={json.dumps(message)}'
+        record = f'time="{stamp}" level={level} msg={json.dumps(message)}'
     try:
         # (non-blocking: a FIFO nobody reads is skipped, never waited on)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK

@@ -27,6 +27,7 @@ from cryptlayer.image.process import DEFAULT_PATH, merge_env
 
 if TYPE_CHECKING:
     from cryptlayer.keys.node import NodeKeys
+    from cryptlayer.runtime.state import Holder
 
 # The placeholder's markers (distribution/placeholder.py writes them; the runtime layer does
 # not import distribution: tests/unit/test_engine.py checks that both say the same).
@@ -228,14 +229,20 @@ def trust() -> Path | None:
 # -- create and delete
 
 
-def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str) -> str:
+def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str, *,
+             holder: Holder | None = None, warn: Callable[[str], None] | None = None,
+             ) -> str:  # fmt: skip
     """Assemble the image of `spec` for the engine's container `cid` (a registry image pulled
     into the node's store first: engine/store.py) and rewrite the bundle's config.json; the
-    record's name. On any failure, what was assembled is torn down and what was pulled removed."""
+    record's name. `holder` (the real runtime, its root) is written first and stays locked by
+    this process until it exits, so that `gc` tears the container down once this process died
+    and the runtime does not hold it (docs/engines.md, "Faults"). What `cryptlayer run` warns
+    about this host goes to `warn` first. On any failure, what was assembled is torn down and
+    what was pulled removed."""
     from cryptlayer import config
     from cryptlayer.engine import cli, store
     from cryptlayer.image import manifest as manifest_mod
-    from cryptlayer.runtime import container, ocispec
+    from cryptlayer.runtime import container, journal, ocispec, state
 
     wanted = request(spec, image)
     name = container_name(cid)
@@ -251,6 +258,11 @@ def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str) -> st
     assert path is not None
     pulled: store.Pulled | None = None
     started = False
+    if warn is not None:
+        for line in host_warnings(wanted.image, keep):
+            warn(line)
+    if holder is not None:  # (cli.create's always; released when this process ends, however)
+        state.hold(name, holder)
     try:
         with credential_for(path, repository=repository) as credential:
             if wanted.reference is not None:
@@ -268,9 +280,12 @@ def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str) -> st
     except BaseException:
         if started:
             _stop_quietly(name)
+        elif not state.exists(name):  # no record (the name's other container's): nothing made
+            state.forget_holder(name)
         if pulled is not None and pulled.new and not cli.has_record(name):
             store.discard_quietly(name)
         raise
+    journal.crash_point()  # assembled, the runtime's create not begun (tests/vm)
     return name
 
 
@@ -289,6 +304,21 @@ def _interruptible() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def host_warnings(image: Path | None, keep: bool) -> list[str]:
+    """What `cryptlayer run` would warn about for `image` on this host (runtime/hostcheck.py:
+    swap, zram writeback, core dumps to files, hibernation; unless kept, an erase on
+    copy-on-write or flash storage), as `TEXT [KIND]` lines, without those the node's
+    config.toml silences. (None: an image not on the node yet, whose storage is not known.)"""
+    from cryptlayer import config
+    from cryptlayer.runtime.hostcheck import erase_caveat, problems
+
+    found = [(p.kind, f"{p}: decrypted memory may reach the disk") for p in problems()]
+    if not keep and image is not None and image.is_dir() and (caveat := erase_caveat(image)):
+        found.append(("erase-storage", caveat))
+    quiet = config.quiet_warnings() if found else frozenset()
+    return [f"{printable(text)} [{kind}]" for kind, text in found if kind not in quiet]
 
 
 def exec_process(name: str, path: str) -> None:
@@ -313,10 +343,11 @@ def exec_process(name: str, path: str) -> None:
 def _stop_quietly(name: str) -> None:
     """Tear down `name` after a failure, whose error is the one to show."""
     from cryptlayer.errors import CryptlayerError
-    from cryptlayer.runtime import container
+    from cryptlayer.runtime import container, state
 
     try:
         container.stop(name)
+        state.forget_holder(name)
     except (CryptlayerError, OSError) as err:
         print(f"warning: cryptlayer-runtime: tearing down {name}: {err}", file=sys.stderr)
 
@@ -344,11 +375,13 @@ def spawn(runtime: str, argv: Sequence[str], env: dict[bytes, bytes]) -> int:
 
 def stop(name: str) -> None:
     """Tear down the engine's container `name` now that the runtime has deleted it (and shred
-    its image unless it was kept); a copy pulled for it is then removed, unless kept."""
+    its image unless it was kept); a copy pulled for it is then removed, unless kept; then its
+    holder is forgotten."""
     from cryptlayer.engine import store
-    from cryptlayer.runtime import container
+    from cryptlayer.runtime import container, state
 
     record = container.stop(name)
+    state.forget_holder(name)
     image = getattr(record, "image", None)  # (tests' stand-ins return nothing)
     if image is not None and store.holds(image) == name and record.shred:
         store.discard(name, wipe=not record.shredded)

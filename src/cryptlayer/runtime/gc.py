@@ -29,9 +29,17 @@ class Report:
 
 def _abandoned(record: Record) -> bool:
     """A record nobody will finish: its owner died, or the machine restarted since it was made
-    (an idle started container is not abandoned)."""
+    (an idle started container is not abandoned). An engine's container (one with a holder,
+    state.Holder) is abandoned once its creator is gone and its real runtime no longer holds
+    it: the engine deleted it without telling cryptlayer-runtime, or the create died before the
+    runtime made it."""
     if record.from_earlier_boot():
         return True
+    holder = state.load_holder(record.name)
+    if holder is not None:
+        if state.being_created(record.name) or (record.pid and record.owner_alive()):
+            return False
+        return not holder.knows()
     if record.mode is Mode.START and record.pid == 0:
         return False
     return not record.owner_alive()
@@ -54,12 +62,23 @@ def collect() -> Report:
             report.containers.append(record.name)
             if record.shred and record.shredded and not done_before:
                 report.shredded.append(record.image)
+            if not record.path.exists():
+                state.forget_idle_holder(record.name)
+        _collect_holders(report)
         for opening in state.all_openings():
             if state.users_of(opening.image):
                 continue
             _try(report, f"layers of {opening.image}", lambda o=opening: journal.close_opening(o))
         _collect_orphans(report)
     return report
+
+
+def _collect_holders(report: Report) -> None:
+    """Holders of containers that no longer exist: the create was killed before its record was
+    written, or a reboot ended it."""
+    for name in state.holder_names():
+        if not state.exists(name) and state.forget_idle_holder(name):
+            report.orphans.append(f"holder of {name}")
 
 
 def _collect_orphans(report: Report) -> None:

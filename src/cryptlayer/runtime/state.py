@@ -178,6 +178,11 @@ def _read_all(directory: Path, parse: Callable[[dict[str, Any]], T]) -> list[T]:
     return found
 
 
+def exists(name: str) -> bool:
+    """Whether a record of container `name` exists."""
+    return (records_dir() / f"{name}.json").exists()
+
+
 def all_records() -> list[Record]:
     """Every container record, by name."""
     return _read_all(records_dir(), _from_json)
@@ -288,3 +293,137 @@ def all_journals() -> list[Record | Opening]:
 
 def _others(path: Path) -> list[Record | Opening]:
     return [j for j in all_journals() if j.path != path]
+
+
+# The OCI runtime that runs a container an engine made through cryptlayer-runtime: written
+# beside the records (holders/NAME.holder) before the assembly begins, so that `gc` can ask that
+# runtime whether the container still exists once nobody will `delete` it (the engine died, or
+# never called).
+HOLDER_SUFFIX = ".holder"
+
+
+def holders_dir() -> Path:
+    return state_root() / "holders"
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The real runtime's program, its state directory (`--root`; empty when unknown) and the
+    container's id there."""
+
+    runtime: str
+    root: str
+    id: str
+
+    def knows(self) -> bool:
+        """Whether the runtime still holds the container: crun and runc keep ROOT/ID from its
+        `create` until its `delete` (and a reboot empties /run); without a known root, the
+        runtime's own `state` answers."""
+        if self.root:
+            return os.path.lexists(os.path.join(self.root, self.id))
+        import subprocess
+
+        try:
+            probe = subprocess.run([self.runtime, "state", self.id], capture_output=True,
+                                   stdin=subprocess.DEVNULL, timeout=60)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            return True  # cannot tell: left alone
+        return probe.returncode == 0
+
+
+def holder_path(name: str) -> Path:
+    return holders_dir() / f"{name}{HOLDER_SUFFIX}"
+
+
+def hold(name: str, holder: Holder) -> int:
+    """Write container `name`'s holder and keep it locked (flock) by this process, which is
+    creating the container: `gc` leaves a container alone while its creator lives. Returns the
+    descriptor (close-on-exec: the runtime started as a child does not inherit the lock);
+    BusyError when another live process is creating a container of that name."""
+    holders_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = holder_path(check_name(name))
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        fd = os.open(path, flags, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            locked = False
+        if _still_named(path, fd):  # (gc removes an idle holder: lock the one named)
+            if locked:
+                break
+            os.close(fd)
+            raise BusyError(
+                f"the container {name!r} is being created by another process",
+                "wait for it, or delete the container",
+            )
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(asdict(holder)).encode())
+    return fd
+
+
+def load_holder(name: str) -> Holder | None:
+    """Container `name`'s holder, if an engine made it (None for cryptlayer's own containers,
+    and for an unreadable file: nothing is decided on it)."""
+    try:
+        raw = json.loads(holder_path(name).read_text(encoding="utf-8"))
+        return Holder(str(raw["runtime"]), str(raw["root"]), str(raw["id"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def being_created(name: str) -> bool:
+    """Whether a live process holds container `name`'s holder locked: its create is under way."""
+    try:
+        fd = os.open(holder_path(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _still_named(path: Path, fd: int) -> bool:
+    try:
+        return FileId.of(os.stat(path, follow_symlinks=False)) == FileId.of(os.fstat(fd))
+    except FileNotFoundError:
+        return False
+
+
+def forget_holder(name: str) -> None:
+    holder_path(name).unlink(missing_ok=True)
+
+
+def forget_idle_holder(name: str) -> bool:
+    """Remove container `name`'s holder unless its create is under way; whether it was removed.
+    The lock is held while the file is removed: a create that opens it meanwhile sees it gone."""
+    path = holder_path(name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    else:
+        if _still_named(path, fd):
+            path.unlink()
+            return True
+        return False
+    finally:
+        os.close(fd)
+
+
+def holder_names() -> list[str]:
+    """The names of the containers that have a holder file."""
+    if not holders_dir().is_dir():
+        return []
+    found = holders_dir().glob(f"*{HOLDER_SUFFIX}")
+    return sorted(p.name.removesuffix(HOLDER_SUFFIX) for p in found)
