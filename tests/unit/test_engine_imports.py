@@ -18,6 +18,7 @@ import pytest
 from cryptlayer.runtime import state
 from cryptlayer.runtime.journal import Kind, Step
 from cryptlayer.runtime.state import Mode, Record
+from cryptlayer.tools import udev
 
 # What assembly needs and a teardown does not: the image's opener and its checks, keys,
 # configuration, the tools that run programs (sh, logging), the OCI config, cryptography.
@@ -30,9 +31,11 @@ ASSEMBLY_ONLY = (
     "cryptlayer.tools.fuser", "cryptlayer.tools.mkfs", "cryptlayer.tools.runner",
     "cryptlayer.tools.runtime", "cryptlayer.distribution", "concurrent.futures", "cryptography",
     "sh", "logging", "secrets", "tomllib",
+    "pyudev", "ctypes", "datetime",  # (what is mapped and attached is read from sysfs: udev.py)
 )  # fmt: skip
 # What only a container that shreds its pulled copy adds: the node's store and its [pull] setting.
-STORE = ("cryptlayer.engine.store", "cryptlayer.config", "tomllib")
+# (tomllib imports datetime)
+STORE = ("cryptlayer.engine.store", "cryptlayer.config", "tomllib", "datetime")
 
 PROBE = """import sys
 sys.argv = ["cryptlayer-runtime", "delete", "c1"]
@@ -108,3 +111,45 @@ def test_the_probe_sees_assembly_modules(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     modules = set(done.stderr.split())
     assert "cryptlayer.image.opener" in loaded(modules, ASSEMBLY_ONLY)
+
+
+def pyudev_block_devices() -> list[udev.BlockDevice]:
+    """udev.block_devices as it was written with pyudev's enumeration and attributes."""
+    import pyudev
+
+    def attr(device: pyudev.Device, key: str) -> str | None:
+        try:
+            value = str(device.attributes.asstring(key)).strip()
+        except (KeyError, UnicodeDecodeError):
+            return None
+        return value or None
+
+    found = []
+    for device in pyudev.Context().list_devices(subsystem="block"):
+        name = device.sys_name
+        if name.startswith(("dm-", "loop")):
+            dm_name, backing = attr(device, "dm/name"), attr(device, "loop/backing_file")
+            if dm_name is not None or backing is not None:
+                node = device.device_node or f"/dev/{name}"
+                found.append(udev.BlockDevice(node, dm_name, backing, attr(device, "dm/uuid")))
+    return found
+
+
+def test_block_devices_read_from_sysfs_are_pyudevs(tmp_path: Path) -> None:
+    """udev.block_devices reads sysfs itself: what pyudev's enumeration found, with a loop
+    device attached (a backing file whose name has a space), and after that file was deleted."""
+    backing = tmp_path / "a layer"
+    backing.write_bytes(bytes(1 << 20))
+    loop = subprocess.run(["losetup", "--show", "-f", str(backing)], capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    try:
+        found = udev.block_devices()
+        assert udev.BlockDevice(loop, None, str(backing)) in found
+        assert found == pyudev_block_devices()
+        assert udev.loops_backed_by({tmp_path}) == [loop]
+        backing.unlink()
+        assert udev.block_devices() == pyudev_block_devices()
+        assert udev.loops_backed_by({backing}) == [loop]  # (" (deleted)" is not the name)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+    assert udev.loops_backed_by({tmp_path}) == []
