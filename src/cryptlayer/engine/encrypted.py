@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from cryptlayer.errors import UsageError, printable
 from cryptlayer.image import markers
-from cryptlayer.image.manifest import ImageConfig
-from cryptlayer.image.process import DEFAULT_PATH, merge_env
 
+# The image's modules are imported where a container is assembled: `delete` (stop) needs none.
 if TYPE_CHECKING:
+    from cryptlayer.image.manifest import ImageConfig
     from cryptlayer.keys.node import NodeKeys
     from cryptlayer.runtime.state import Holder
 
@@ -153,6 +153,8 @@ def rewrite_process(
 ) -> dict[str, Any]:
     """rewrite's of the process (changed in place and returned): also what an engine's `exec`
     gives (podman's exec takes the container's cwd, environment and user: the markers)."""
+    from cryptlayer.image.process import DEFAULT_PATH, merge_env
+
     args = process.get("args") or []
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise UsageError("the container's process.args is not a list of strings")
@@ -377,13 +379,16 @@ def stop(name: str) -> None:
     """Tear down the engine's container `name` now that the runtime has deleted it (and shred
     its image unless it was kept); a copy pulled for it is then removed, unless kept; then its
     holder is forgotten."""
-    from cryptlayer.engine import store
     from cryptlayer.runtime import container, state
 
     record = container.stop(name)
     state.forget_holder(name)
     image = getattr(record, "image", None)  # (tests' stand-ins return nothing)
-    if image is not None and store.holds(image) == name and record.shred:
+    if image is None or not record.shred:
+        return  # kept: its copy too, so the store (and config.toml's [pull]) is not looked at
+    from cryptlayer.engine import store
+
+    if store.holds(image) == name:
         store.discard(name, wipe=not record.shredded)
 
 

@@ -9,35 +9,35 @@ Every step goes through journal.acquire.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import sys
 import time
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptlayer import paths
 from cryptlayer.errors import CryptlayerError, TamperedImageError, UsageError
-from cryptlayer.fsutil import write_json_atomic
-from cryptlayer.image import manifest as manifest_mod
-from cryptlayer.image.opener import OpenedImage, Policy, open_image
-from cryptlayer.image.process import Overrides
-from cryptlayer.image.shred import shred_image
-from cryptlayer.keys.node import NodeKeys
-from cryptlayer.keys.sources import Credential
-from cryptlayer.paths import scratch_dir
 from cryptlayer.runtime import DEFAULT_SCRATCH, DEFAULT_STOP_TIMEOUT, journal, layers, state
 from cryptlayer.runtime.journal import Kind, acquire, crash_point, mkdir
-from cryptlayer.runtime.ocispec import runtime_config
-from cryptlayer.runtime.seccomp import load_profile
 from cryptlayer.runtime.state import Mode, Record
-from cryptlayer.secret import Secret
-from cryptlayer.tools import BLOCK, cryptsetup, losetup, mkfs, mount, runtime, udev
+from cryptlayer.tools import udev
 from cryptlayer.tools.system import require_kernel, require_root, require_tools
+
+# What only assembly needs is imported where it is done: a `stop` (and cryptlayer-runtime's
+# `delete`, a process of its own) loads the journals, the records and udev, not the image's
+# opener, the keys, the OCI config or the tools that build (docs/benchmarks/NOTES.md, figure 12;
+# tests/unit/test_engine_imports.py keeps it so).
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from cryptlayer.image.manifest import Manifest
+    from cryptlayer.image.opener import OpenedImage
+    from cryptlayer.image.process import Overrides
+    from cryptlayer.keys.node import NodeKeys
+    from cryptlayer.keys.sources import Credential
+    from cryptlayer.secret import Secret
 
 TOOLS = ("cryptsetup", "mkfs.ext4")  # the programs a start runs (loops, mounts: system calls)
 
@@ -57,13 +57,18 @@ class StartOptions:
 
 def default_name(image: Path) -> str:
     """A fresh name like podman's: the image's name and a random suffix."""
+    import secrets
+
     stem = "".join(c if c.isalnum() or c in "_.-" else "-" for c in image.resolve().name)
     return state.check_name(f"{stem.lstrip('.-_')[:40] or 'cl'}-{secrets.token_hex(3)}")
 
 
 def _open_scratch(stack: ExitStack, record: Record, size: int) -> Path:
     """The writable layer: plain dm-crypt over a sparse file; its key exists only in the kernel."""
-    scratch_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+    from cryptlayer.secret import Secret
+    from cryptlayer.tools import BLOCK, cryptsetup, losetup, mkfs, mount
+
+    paths.scratch_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
     path = paths.scratch_file(record.name)
 
     def create() -> None:
@@ -94,6 +99,8 @@ def assemble(
     stack: ExitStack, record: Record, opened: OpenedImage, key: Secret, options: StartOptions
 ) -> Path:
     """Open (or join) the layers and stack them under the scratch layer; returns the rootfs."""
+    from cryptlayer.tools import mount
+
     mkdir(stack, record, paths.container_dir(record.name))
     lowers = acquire(stack, record, Kind.IMAGE, str(opened.image),
                      lambda: layers.join(record, opened, key))  # fmt: skip
@@ -129,6 +136,12 @@ def _assemble_locked(
     erase began costs nothing: the container never ran, the image stays as it was. A mistyped key
     or a missing tool fails before any of this.
     """
+    from datetime import UTC, datetime
+
+    from cryptlayer.image.opener import Policy, open_image
+    from cryptlayer.runtime.seccomp import load_profile
+    from cryptlayer.tools import runtime
+
     require_root("start containers")
     require_tools(*TOOLS)
     policy = Policy(
@@ -171,6 +184,10 @@ def _chosen(
     """The Credential to unlock `opened` with: the one given (its caller wipes it), or the
     node's for it (`[[keys]]`: by its path, or its signers and digest, checked by now), wiped
     when done."""
+    from contextlib import nullcontext
+
+    from cryptlayer.keys.node import NodeKeys
+
     if isinstance(credential, NodeKeys):
         digest = opened.manifest.digest
         return credential.choose(opened.image, signers=opened.signers, digest=digest)
@@ -214,10 +231,13 @@ def _write_config(
     stack: ExitStack,
     record: Record,
     rootfs: Path,
-    manifest: manifest_mod.Manifest,
+    manifest: Manifest,
     overrides: Overrides,
 ) -> None:
     """For `run`: the OCI runtime's config.json, and the container as the runtime will know it."""
+    from cryptlayer.fsutil import write_json_atomic
+    from cryptlayer.runtime.ocispec import runtime_config
+
     config = runtime_config(rootfs, record.name, manifest.config, overrides)
     config_path = paths.oci_config(record.name)
     acquire(stack, record, Kind.FILE, str(config_path),
@@ -235,6 +255,8 @@ def _finish_if_empty(record: Record) -> None:
     """After a teardown: complete an erase that a crash interrupted, and forget the record once
     nothing is left of it. Called under the host lock."""
     if record.shred and not record.shredded:
+        from cryptlayer.image.shred import shred_image  # (the erase at start did it, unless cut)
+
         crash_point()
         shred_image(Path(record.image), expected=record.layer_ids, allow_shared=True)
         record.shredded = True
@@ -359,6 +381,8 @@ def _run_foreground(bundle: Path, cid: str, interactive: bool, stop_timeout: flo
     Like `podman stop`: a container whose init ignores the signal (PID 1 has no default
     handlers) is killed with SIGKILL `stop_timeout` seconds after the first signal.
     """
+    from cryptlayer.tools import runtime
+
     stdin: Any = getattr(sys.stdin, "buffer", sys.stdin) if interactive else None
     crun = runtime.start_attached(bundle, cid, stdin)
     signalled_at: list[float] = []

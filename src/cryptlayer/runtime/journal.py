@@ -193,7 +193,7 @@ def _release_header(step: Step, _journal: Journal) -> None:
 
 
 def _release_mount(step: Step, _journal: Journal) -> None:
-    from cryptlayer.tools import fuser, mount
+    from cryptlayer.tools import mount
 
     target = Path(step.ref)
     if target not in mount.mounted_paths():
@@ -201,6 +201,8 @@ def _release_mount(step: Step, _journal: Journal) -> None:
     try:
         mount.umount(target)
     except mount.MountBusy as err:
+        from cryptlayer.tools import fuser  # (runs a program: sh, logging)
+
         held = fuser.holders(target)
         raise BusyError(
             f"{target} is busy: "

@@ -16,9 +16,9 @@ copies that let later containers prove their key and join live only in memory-ba
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptlayer import paths
 from cryptlayer.errors import (
@@ -28,16 +28,18 @@ from cryptlayer.errors import (
     UsageError,
     WrongKeyError,
 )
-from cryptlayer.image import luksheader
-from cryptlayer.image.files import ImageFiles, require_same
-from cryptlayer.image.manifest import Layer, Manifest
-from cryptlayer.image.opener import OpenedImage, changed_layer
-from cryptlayer.image.shred import erase_layer
 from cryptlayer.runtime import journal, state
 from cryptlayer.runtime.journal import Kind, acquire, crash_point, mkdir
 from cryptlayer.runtime.state import Opening, Record
-from cryptlayer.secret import Secret
-from cryptlayer.tools import cryptsetup, losetup, mount, veritysetup
+from cryptlayer.tools import veritysetup
+
+# The image's modules and the tools that open layers are imported where layers are opened: a
+# teardown (container.stop) needs only mapping_prefix and require_uncorrupted from here.
+if TYPE_CHECKING:
+    from cryptlayer.image.files import ImageFiles
+    from cryptlayer.image.manifest import Layer, Manifest
+    from cryptlayer.image.opener import OpenedImage
+    from cryptlayer.secret import Secret
 
 PARALLEL = 4  # layers opened at once
 
@@ -67,6 +69,8 @@ def require_openable(opened: OpenedImage) -> None:
     once erased at start): its key is checked against that one (`join`), the other layers are
     open already, and an erase (`shred`, or at start) always wipes the bottom layer first.
     """
+    from cryptlayer.image.files import require_same
+
     files = opened.files
     image = str(files.image)
     opening = state.load_opening(image)
@@ -87,6 +91,12 @@ def join(record: Record, opened: OpenedImage, key: Secret) -> list[Path]:
     (blocks the statement's root hash vouches for), so only a joiner checks one here: the
     bottom layer's, or its copy in /run, right before its key is tested against it.
     """
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    from cryptlayer.image import luksheader
+    from cryptlayer.image.files import require_same
+    from cryptlayer.tools import cryptsetup
+
     files, manifest = opened.files, opened.manifest
     image = str(files.image)
     opening = state.load_opening(image)
@@ -129,6 +139,8 @@ def join(record: Record, opened: OpenedImage, key: Secret) -> list[Path]:
 def _open_layer(
     stack: ExitStack, opening: Opening, layer: Layer, files: ImageFiles, index: int, key: Secret
 ) -> None:
+    from cryptlayer.tools import cryptsetup, losetup, mount
+
     file, tree = files.layers[index], files.trees[index]
     path = file.shown
     loop = acquire(stack, opening, Kind.LOOP, str(path),
@@ -166,6 +178,8 @@ def _open_layer(
 
 
 def _corrupted(path: Path) -> TamperedImageError:
+    from cryptlayer.image.opener import changed_layer
+
     return changed_layer(path, found=" (the kernel refused the changed blocks)")
 
 
@@ -193,6 +207,8 @@ def require_uncorrupted(opening: Opening | None, image: str, count: int) -> None
 
 def _copy_header(stack: ExitStack, opening: Opening, index: int, copy: Path) -> None:
     """A copy of a layer's LUKS header, read through its verity mapping (checked blocks)."""
+    from cryptlayer.image import luksheader
+
     checked = f"/dev/mapper/{paths.verity_mapping(opening.id, index)}"
     acquire(stack, opening, Kind.HEADER, str(copy),
             lambda: luksheader.backup(Path(checked), copy))  # fmt: skip
@@ -204,6 +220,9 @@ def erase_at_start(record: Record, files: ImageFiles) -> None:
     The record says `shred` (since its creation), so a crash halfway leaves an erase that `gc`
     completes.
     """
+    from cryptlayer.image.files import require_same
+    from cryptlayer.image.shred import erase_layer
+
     opening = state.load_opening(str(files.image))
     if opening is None:
         raise ErasedImageError(f"image {files.image} is not open", "start the container again")

@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 
 from cryptlayer.errors import MissingToolError, NotRootError
-from cryptlayer.tools import modprobe
-from cryptlayer.tools.runner import which
+
+# runner and modprobe are imported where programs are looked for or run: `require_root`, all a
+# teardown asks of this module, needs neither.
 
 KERNEL_MODULES = ("loop", "dm_crypt", "dm_verity", "overlay")
 
@@ -20,6 +21,8 @@ def require_root(action: str) -> None:
 
 def require_tools(*programs: str) -> None:
     """MissingToolError naming the first program that is not installed."""
+    from cryptlayer.tools.runner import which
+
     for program in programs:
         which(program)
 
@@ -27,6 +30,8 @@ def require_tools(*programs: str) -> None:
 def require_kernel() -> None:
     """Load loop, dm_crypt, dm_verity and overlay; MissingToolError when the kernel cannot
     provide them."""
+    from cryptlayer.tools import modprobe
+
     if (not _has_dm_crypt() or not _has_verity() or not _has_overlay()) and modprobe.available():
         for module in KERNEL_MODULES:
             modprobe.load(module)

@@ -1,7 +1,14 @@
-"""Device discovery through udev/sysfs (pyudev): what cryptlayer has mapped and attached."""
+"""Device discovery through sysfs and udev: what cryptlayer has mapped and attached.
+
+What is mapped and attached is read from sysfs directly (/sys/class/block: what pyudev's
+enumeration reads too): a teardown asks it, and pyudev with its ctypes and libudev costs a
+process ~10 ms on a real CPU and most of a second under emulation (docs/benchmarks/NOTES.md,
+figures 11 and 12). pyudev is loaded only to wait on udev's events (wait_for_node).
+"""
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -33,29 +40,47 @@ def _context() -> Any:
     return context
 
 
+SYS_BLOCK = "/sys/class/block"
+
+
 def block_devices() -> list[BlockDevice]:
     """Every loop and dm block device, with its dm name and loop backing file."""
+    try:
+        names = sorted(os.listdir(SYS_BLOCK))
+    except FileNotFoundError:
+        return []
     found = []
-    for device in _context().list_devices(subsystem="block"):
-        name = device.sys_name
+    for name in names:
         if not (name.startswith("dm-") or name.startswith("loop")):
             continue
-        attrs = device.attributes
-        dm_name = _attr(attrs, "dm/name")
-        backing = _attr(attrs, "loop/backing_file")
+        device = os.path.join(SYS_BLOCK, name)
+        dm_name = _attr(device, "dm/name")
+        backing = _attr(device, "loop/backing_file")
         if dm_name is None and backing is None:
-            continue  # an unused loop device
-        node = device.device_node or f"/dev/{name}"
-        found.append(BlockDevice(node, dm_name, backing, _attr(attrs, "dm/uuid")))
+            continue  # an unused loop device (or one gone since it was listed)
+        node = f"/dev/{_devname(device) or name}"
+        found.append(BlockDevice(node, dm_name, backing, _attr(device, "dm/uuid")))
     return found
 
 
-def _attr(attrs: Any, key: str) -> str | None:
+def _attr(device: str, key: str) -> str | None:
+    """A sysfs attribute of `device`, as libudev gives it (stripped); None if it has none, it is
+    empty or not text."""
     try:
-        value = attrs.asstring(key).strip()
-    except (KeyError, UnicodeDecodeError):
+        with open(os.path.join(device, key), "rb") as f:
+            value = f.read().decode().strip()
+    except (OSError, UnicodeDecodeError):
         return None
     return value or None
+
+
+def _devname(device: str) -> str | None:
+    """The device's node under /dev as the kernel names it (its uevent's DEVNAME)."""
+    for line in (_attr(device, "uevent") or "").splitlines():
+        key, _, value = line.partition("=")
+        if key == "DEVNAME" and value:
+            return value
+    return None
 
 
 def mappings(prefix: str) -> list[str]:

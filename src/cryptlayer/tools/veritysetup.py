@@ -11,7 +11,9 @@ from pathlib import Path
 
 from cryptlayer.errors import CommandError
 from cryptlayer.tools import BLOCK, devmapper, udev
-from cryptlayer.tools.runner import run
+
+# runner (sh, logging) is imported by the two functions that run veritysetup: a teardown asks
+# only `corrupted`, by ioctl.
 
 HASH = "sha256"
 
@@ -23,6 +25,8 @@ def _options(salt: str) -> list[str]:
 
 def format_tree(data: Path, tree: Path, salt: str) -> str:
     """Write the hash tree of `data` to the new file `tree`; returns the root hash (hex)."""
+    from cryptlayer.tools.runner import run
+
     out = run(["veritysetup", "format", *_options(salt), str(data), str(tree)]).stdout
     for line in out.splitlines():
         name, _, value = line.partition(":")
@@ -55,6 +59,8 @@ def _devno(node: str) -> str:
 
 def verify(data: Path, tree: Path, root_hash: str, salt: str, blocks: int) -> bool:
     """Check every block of `data` against `tree` in userspace (no device-mapper)."""
+    from cryptlayer.tools.runner import run
+
     try:
         run(["veritysetup", "verify", *_options(salt), "--data-blocks", str(blocks),
              str(data), str(tree), root_hash])  # fmt: skip
