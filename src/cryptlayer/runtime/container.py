@@ -32,6 +32,7 @@ from cryptlayer.keys.sources import Credential
 from cryptlayer.paths import scratch_dir
 from cryptlayer.runtime import DEFAULT_SCRATCH, DEFAULT_STOP_TIMEOUT, journal, layers, state
 from cryptlayer.runtime.journal import Kind, acquire, crash_point, mkdir
+from cryptlayer.runtime.lazy import LazyLayers
 from cryptlayer.runtime.ocispec import runtime_config
 from cryptlayer.runtime.seccomp import load_profile
 from cryptlayer.runtime.state import Mode, Record
@@ -53,6 +54,7 @@ class StartOptions:
     allow_shared_dir: bool = False  # an image directory others may write (see image/files.py)
     digest: str | None = None  # the image must be this one (image/opener.py checks all three)
     trust: Path | None = None  # an allowed_signers file: a key of it must have signed the image
+    lazy: LazyLayers | None = None  # the image was fetched for a lazy start
 
 
 def default_name(image: Path) -> str:
@@ -96,7 +98,7 @@ def assemble(
     """Open (or join) the layers and stack them under the scratch layer; returns the rootfs."""
     mkdir(stack, record, paths.container_dir(record.name))
     lowers = acquire(stack, record, Kind.IMAGE, str(opened.image),
-                     lambda: layers.join(record, opened, key))  # fmt: skip
+                     lambda: layers.join(record, opened, key, options.lazy))  # fmt: skip
     scratch = _open_scratch(stack, record, options.scratch_bytes)
     rootfs = mkdir(stack, record, paths.rootfs_mount(record.name))
     # overlayfs lists the top layer first; by name, in the directory every layer is mounted in

@@ -1,0 +1,112 @@
+"""Lazy start (docs/lazy.md), against Debian's docker-registry: `run docker://...` reads its
+layers block by block through the kernel's NBD device, dm-verity and dm-crypt; only the blocks
+read are fetched, a block changed in the registry's storage is an I/O error and the tampered
+failure, and nothing is left after (no NBD device attached, no server process, no mapping)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from conftest import MARKER_LOWER, Cli
+from registryfixtures import registry
+from test_tampering import _block_of, _flip
+
+from cryptlayer.errors import ExitCode
+from cryptlayer.paths import block_cache_dir, run_root
+
+SERVER = "cryptlayer.distribution.lazy"
+BIG = 40 << 20  # random bytes beside the file the job reads
+
+
+def _blob(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cached(hex_digest: str) -> int:
+    """Bytes of blob `hex_digest` in the node's block cache: what the server fetched."""
+    where = block_cache_dir() / "sha256" / hex_digest
+    return sum(p.stat().st_size for p in where.iterdir()) if where.is_dir() else 0
+
+
+def _nothing_lazy_left() -> None:
+    attached = [p.parent.name for p in Path("/sys/block").glob("nbd*/pid")]
+    assert attached == [], f"NBD devices still attached: {attached}"
+    servers = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if SERVER.encode() in cmdline:
+                servers.append(proc.name)
+    assert servers == [], f"lazy servers still running: {servers}"
+    lazy_dir = run_root() / "lazy"
+    assert not lazy_dir.is_dir() or list(lazy_dir.iterdir()) == []
+
+
+def test_lazy_run_reads_the_file_and_fetches_part_of_the_blob(
+    cli: Cli, images: Path, key_file: Path, busybox_tree: Path, tmp_path: Path
+) -> None:
+    tree = tmp_path / "big"
+    (tree / "data").mkdir(parents=True)
+    (tree / "data/hello.txt").write_text(f"{MARKER_LOWER}\n")
+    (tree / "data/unread.bin").write_bytes(os.urandom(BIG))
+    image = images / "big"
+    cli.ok("build", "--key-file", str(key_file), "--output", str(image),
+           "--cmd", "cat /data/hello.txt", str(busybox_tree), str(tree))  # fmt: skip
+    layer = _blob(image / "layer1.luks")
+    size = (image / "layer1.luks").stat().st_size
+    shutil.rmtree(block_cache_dir(), ignore_errors=True)
+    with registry(tmp_path / "registry") as reg:
+        cli.ok("push", "--no-tls-verify", "-q", str(image), f"{reg.host}/team/big:v1")
+        ref = f"docker://{reg.host}/team/big:v1"
+        code, out, err = cli("run", "--tls-verify=false", "-k", str(key_file), ref)
+        assert (code, out) == (0, f"{MARKER_LOWER}\n"), err
+        fetched = _cached(layer)
+        assert 0 < fetched < size // 2, f"fetched {fetched} of {size} bytes"
+        _nothing_lazy_left()
+        # a second start fetches no layer byte it already has: the same output from the cache
+        assert cli("run", "--tls-verify=false", "-k", str(key_file), ref)[1] == out
+        assert _cached(layer) == fetched
+        _nothing_lazy_left()
+
+
+def test_lazy_start_and_stop_leave_nothing(
+    cli: Cli, image: Path, key_file: Path, tmp_path: Path
+) -> None:
+    with registry(tmp_path / "registry") as reg:
+        cli.ok("push", "--no-tls-verify", "-q", str(image), f"{reg.host}/team/app:v1")
+        ref = f"docker://{reg.host}/team/app:v1"
+        rootfs = Path(cli.ok("start", "--tls-verify=false", "--name", "lz", "-k",
+                             str(key_file), ref).strip())  # fmt: skip
+        try:
+            assert (rootfs / "data/hello.txt").read_text() == f"{MARKER_LOWER}\n"
+            assert list(Path("/sys/block").glob("nbd*/pid"))  # attached while it runs
+        finally:
+            cli.ok("stop", "lz")
+        _nothing_lazy_left()
+
+
+def test_a_block_changed_in_the_registry_is_an_io_error_and_tampered(
+    cli: Cli, image: Path, key_file: Path, tmp_path: Path
+) -> None:
+    offset = _block_of(image, key_file, 1, "/data/hello.txt") + 100
+    layer = _blob(image / "layer1.luks")
+    shutil.rmtree(block_cache_dir(), ignore_errors=True)  # no good copy of the block cached
+    with registry(tmp_path / "registry") as reg:
+        cli.ok("push", "--no-tls-verify", "-q", str(image), f"{reg.host}/team/app:v1")
+        stored = reg.storage / "docker/registry/v2/blobs/sha256" / layer[:2] / layer / "data"
+        _flip(stored, offset)
+        code, out, err = cli("run", "--tls-verify=false", "-k", str(key_file),
+                             f"docker://{reg.host}/team/app:v1")  # fmt: skip
+    assert code == ExitCode.RUN_FAILED  # TAMPERED for the other commands
+    assert out == ""  # not one garbled byte reached the container's output
+    assert "I/O error" in err  # cat's own complaint, from inside the container
+    last = err.splitlines()[-1]
+    assert last.startswith("error: layer 1 of ") and "failed dm-verity's check" in last, err
+    _nothing_lazy_left()
+    shutil.rmtree(block_cache_dir(), ignore_errors=True)  # the changed chunk is not kept
