@@ -116,11 +116,14 @@ def join(
     paths.openings_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
     opening.save()
     _dir(opening).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with ExitStack() as stack:
+    with ExitStack() as stack, ExitStack() as ends:
         mkdir(stack, opening, _dir(opening))
         served: list[socket.socket | None] = [None] * len(manifest.layers)
         if lazy_layers is not None:
-            served = list(lazy.serve(stack, opening, lazy_layers))
+            sockets = lazy.serve(stack, opening, lazy_layers)
+            for end in sockets:  # the kernel holds its own once attached; the server the others
+                ends.callback(end.close)
+            served = list(sockets)
         # Layers are independent: each one's losetup, cryptsetup open and mount run in a thread
         # of its own (the programs run in parallel; the journal takes one update at a time).
         workers = min(PARALLEL, len(manifest.layers))

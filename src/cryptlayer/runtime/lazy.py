@@ -70,8 +70,8 @@ def _spawn(lazy: LazyLayers, ends: list[socket.socket]) -> str:
 
 
 def serve(stack: ExitStack, opening: Journal, lazy: LazyLayers) -> list[socket.socket]:
-    """Start the server for every layer of `lazy`; returns the kernel's ends of its sockets
-    (closed when `stack` unwinds; by then the kernel holds its own references)."""
+    """Start the server for every layer of `lazy`; returns the kernel's ends of its sockets, for
+    the caller to close once each is attached (the kernel holds its own reference then)."""
     acquire(stack, opening, Kind.FETCHED, str(lazy.work), lambda: None)
     ours: list[socket.socket] = []
     theirs: list[socket.socket] = []
@@ -84,8 +84,6 @@ def serve(stack: ExitStack, opening: Journal, lazy: LazyLayers) -> list[socket.s
     finally:
         for sock in theirs:
             sock.close()
-    for sock in ours:
-        stack.callback(sock.close)
     return ours
 
 
