@@ -8,6 +8,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from conftest import MARKER_LOWER, Cli
@@ -29,6 +33,32 @@ def _cached(hex_digest: str) -> int:
     """Bytes of blob `hex_digest` in the node's block cache: what the server fetched."""
     where = block_cache_dir() / "sha256" / hex_digest
     return sum(p.stat().st_size for p in where.iterdir()) if where.is_dir() else 0
+
+
+@contextmanager
+def _server_logs() -> Iterator[list[str]]:
+    """What the lazy servers logged meanwhile (their log goes with the fetched directory at
+    teardown), and the kernel's last lines: for the failure messages."""
+    found: dict[Path, str] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.1):
+            for log in (run_root() / "lazy").glob("*/server.log"):
+                with suppress(OSError):
+                    found[log] = log.read_text()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    logs: list[str] = []
+    try:
+        yield logs
+    finally:
+        stop.set()
+        thread.join()
+        logs += found.values()
+        dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
+        logs.append("\n".join(dmesg.splitlines()[-25:]))
 
 
 def _nothing_lazy_left() -> None:
@@ -64,8 +94,9 @@ def test_lazy_run_reads_the_file_and_fetches_part_of_the_blob(
     with registry(tmp_path / "registry") as reg:
         cli.ok("push", "--no-tls-verify", "-q", str(image), f"{reg.host}/team/big:v1")
         ref = f"docker://{reg.host}/team/big:v1"
-        code, out, err = cli("run", "--tls-verify=false", "-k", str(key_file), ref)
-        assert (code, out) == (0, f"{MARKER_LOWER}\n"), err
+        with _server_logs() as logs:
+            code, out, err = cli("run", "--tls-verify=false", "-k", str(key_file), ref)
+        assert (code, out) == (0, f"{MARKER_LOWER}\n"), (err, logs)
         fetched = _cached(layer)
         assert 0 < fetched < size // 2, f"fetched {fetched} of {size} bytes"
         _nothing_lazy_left()
