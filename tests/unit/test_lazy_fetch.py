@@ -76,3 +76,72 @@ def test_the_server_is_told_its_registry_blobs_and_sockets_on_stdin() -> None:
     assert config["login"] == ["alice", "secret"]  # on a pipe: never argv or env
     assert config["blobs"] == [{"digest": "sha256:" + "a" * 64, "size": 8192, "fd": 7}]
     assert (config["ref"], config["tls_verify"]) == ("docker://r.example/a:v1", False)
+
+
+def test_the_server_process_serves_the_blob_as_the_kernel_asks_it(
+    plain: RunningRegistry, tmp_path: Path, state: Path
+) -> None:
+    """The server process as runtime/lazy.py starts it (config on a pipe, the socket inherited,
+    no handshake), asked what the kernel asks: several reads in flight, across chunks, unaligned
+    to them, then the socket closed (the device detached): it exits by itself."""
+    import random
+    import socket
+    import struct
+    import subprocess
+    import sys
+    import time
+
+    from cryptlayer.distribution import nbdserver
+    from cryptlayer.runtime import lazy as runtime_lazy
+
+    image, ref = _pushed(plain, tmp_path, "lazy/serve")
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    remote = lazy.Remote(ref, tls_verify=False)
+    fetched = lazy.fetch(remote, work / "image")
+    blob = (image / load(image).layers[0].file).read_bytes()
+    kernel, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    layers = runtime_lazy.LazyLayers(
+        work, fetched.blobs, [sys.executable, "-m", "cryptlayer.distribution.lazy"],
+        lambda fds: lazy.server_config(remote, fetched.blobs, fds),
+    )  # fmt: skip
+    identity = runtime_lazy._spawn(layers, [server])
+    server.close()
+    pid = int(identity.split(":")[0])
+    try:
+        rng = random.Random(5)
+        asked = {}
+        for cookie in range(24):
+            length = rng.choice([4096, 65536, 131072, 1 << 20])
+            offset = rng.randrange(0, len(blob) - length, 4096)
+            asked[cookie] = (offset, length)
+            kernel.sendall(struct.pack(">IHHQQI", nbdserver.REQUEST_MAGIC, 0,
+                                       nbdserver.CMD_READ, cookie, offset, length))  # fmt: skip
+        for _ in asked:
+            magic, error, cookie = struct.unpack(">IIQ", _recv(kernel, 16))
+            assert (magic, error) == (nbdserver.SIMPLE_REPLY_MAGIC, 0), (work / "server.log")
+            offset, length = asked[cookie]
+            assert _recv(kernel, length) == blob[offset : offset + length], cookie
+        kernel.close()
+        deadline = time.monotonic() + 30
+        while runtime_lazy.start_time(pid) and time.monotonic() < deadline:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                break
+            time.sleep(0.05)
+        assert runtime_lazy.start_time(pid) == ""  # gone, with its device
+        assert "every device detached" in (work / "server.log").read_text()
+    finally:
+        runtime_lazy.kill_server(identity)
+        subprocess.run(["true"], check=True)
+
+
+def _recv(sock: object, n: int) -> bytes:
+    import socket
+
+    assert isinstance(sock, socket.socket)
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "the server closed the connection"
+        data += chunk
+    return data

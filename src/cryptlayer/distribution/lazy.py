@@ -177,6 +177,13 @@ def main() -> None:
     def log(text: str) -> None:
         print(f"cryptlayer lazy server {os.getpid()}: {text}", file=sys.stderr, flush=True)
 
+    # Before any read: the registry's scheme (--tls-verify=false: https, else plain http) and
+    # its credentials, found once here as `pull` finds them (BlobRanges sends to what is known).
+    try:
+        registry.ping()
+    except Exception as err:  # each read fails (EIO) with its own reason then
+        log(f"registry not reached: {err}")
+
     threads = []
     with ExitStack() as stack:
         for item in config["blobs"]:
