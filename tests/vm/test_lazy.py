@@ -10,12 +10,14 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from conftest import MARKER_LOWER, Cli
+from conftest import MARKER_LOWER, Cli, leftovers
 from registryfixtures import registry
+from test_crash_points import crash_at
 from test_tampering import _block_of, _flip
 
 from cryptlayer.errors import ExitCode
@@ -61,9 +63,7 @@ def _server_logs() -> Iterator[list[str]]:
         logs.append("\n".join(dmesg.splitlines()[-25:]))
 
 
-def _nothing_lazy_left() -> None:
-    attached = [p.parent.name for p in Path("/sys/block").glob("nbd*/pid")]
-    assert attached == [], f"NBD devices still attached: {attached}"
+def _servers() -> list[str]:
     servers = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -73,6 +73,15 @@ def _nothing_lazy_left() -> None:
                 continue
             if SERVER.encode() in cmdline:
                 servers.append(proc.name)
+    return servers
+
+
+def _nothing_lazy_left() -> None:
+    attached = [p.parent.name for p in Path("/sys/block").glob("nbd*/pid")]
+    assert attached == [], f"NBD devices still attached: {attached}"
+    deadline = time.monotonic() + 30  # one whose device was never attached ends by itself
+    while (servers := _servers()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert servers == [], f"lazy servers still running: {servers}"
     lazy_dir = run_root() / "lazy"
     assert not lazy_dir.is_dir() or list(lazy_dir.iterdir()) == []
@@ -141,3 +150,22 @@ def test_a_block_changed_in_the_registry_is_an_io_error_and_tampered(
     assert last.startswith("error: layer 1 of ") and "failed dm-verity's check" in last, err
     _nothing_lazy_left()
     shutil.rmtree(block_cache_dir(), ignore_errors=True)  # the changed chunk is not kept
+
+
+def test_a_crash_at_each_new_step_is_cleaned_up_by_gc(
+    cli: Cli, image: Path, key_file: Path, tmp_path: Path
+) -> None:
+    """SIGKILL (journal.crash_point) around the fetched directory's, the server's and the NBD
+    devices' steps of a lazy run's opening; then `gc` detaches the devices, kills the server (a
+    process of another, dead, parent by then) and removes the directory. Points 6 to 13 of a run
+    are those steps (1-2: the container's directory, 3: the image, 4-5: the opening's
+    directory; the layers' steps run in threads after them)."""
+    with registry(tmp_path / "registry") as reg:
+        cli.ok("push", "--no-tls-verify", "-q", str(image), f"{reg.host}/team/app:v1")
+        ref = f"docker://{reg.host}/team/app:v1"
+        for point in range(6, 14):
+            assert crash_at(point, "run", "--tls-verify=false", "-k", str(key_file), ref), point
+            code, _, err = cli("gc")
+            assert code == 0, f"point {point}: gc failed: {err}"
+            assert leftovers() == [], f"point {point}: left after gc: {leftovers()}"
+            _nothing_lazy_left()
