@@ -5,6 +5,7 @@ failure, and nothing is left after (no NBD device attached, no server process, n
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import pytest
 from conftest import MARKER_LOWER, Cli, leftovers
 from registryfixtures import registry
 from test_crash_points import crash_at
@@ -169,3 +171,30 @@ def test_a_crash_at_each_new_step_is_cleaned_up_by_gc(
             assert code == 0, f"point {point}: gc failed: {err}"
             assert leftovers() == [], f"point {point}: left after gc: {leftovers()}"
             _nothing_lazy_left()
+
+
+def test_the_registry_gone_mid_run_is_an_io_error_and_stop_leaves_nothing(
+    cli: Cli, images: Path, key_file: Path, busybox_tree: Path, tmp_path: Path
+) -> None:
+    """The registry stops while the container runs: a read of blocks not cached fails (EIO,
+    after the server's attempts: never a hang), and `stop` still leaves nothing."""
+    tree = tmp_path / "big"
+    (tree / "data").mkdir(parents=True)
+    (tree / "data/unread.bin").write_bytes(os.urandom(16 << 20))
+    image = images / "gone"
+    cli.ok("build", "--key-file", str(key_file), "--output", str(image), str(busybox_tree),
+           str(tree))  # fmt: skip
+    shutil.rmtree(block_cache_dir(), ignore_errors=True)
+    with registry(tmp_path / "registry") as reg:
+        cli.ok("push", "--no-tls-verify", "-q", str(image), f"{reg.host}/team/gone:v1")
+        rootfs = Path(cli.ok("start", "--tls-verify=false", "--name", "gone", "-k",
+                             str(key_file), f"docker://{reg.host}/team/gone:v1").strip())  # fmt: skip
+    try:
+        with pytest.raises(OSError) as caught:
+            (rootfs / "data/unread.bin").read_bytes()
+        assert caught.value.errno == errno.EIO
+    finally:
+        code, _, err = cli("stop", "gone")
+    assert code == 0, err
+    _nothing_lazy_left()
+    shutil.rmtree(block_cache_dir(), ignore_errors=True)
