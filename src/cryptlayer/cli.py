@@ -1,10 +1,12 @@
 """The command line: parse, call one function of the core, render. Heavy modules load lazily."""
 
+import dataclasses
 import json
 import logging
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -22,6 +24,7 @@ from cryptlayer.runtime import DEFAULT_SCRATCH, DEFAULT_STOP_TIMEOUT
 if TYPE_CHECKING:
     from cryptlayer.keys.node import NodeKeys
     from cryptlayer.keys.sources import Credential
+    from cryptlayer.runtime.lazy import LazyLayers
 
 
 def _command_path(ctx: Context | None) -> str:
@@ -415,6 +418,54 @@ def _warn_if_erase_may_not_hold(image: Path) -> None:
         warn("erase-storage", caveat)
 
 
+RunImage = Annotated[
+    str,
+    typer.Argument(
+        metavar="IMAGE",
+        help="Image directory, or docker://HOST/REPO[:TAG|@DIGEST]: started before its layers"
+        " are downloaded, read block by block from the registry (docs/lazy.md).",
+    ),
+]
+
+
+@contextmanager
+def _image_for_start(
+    image: str, digest: str | None, trust: Path | None, tls_verify: str, cert_dir: Path | None,
+    authfile: Path | None, creds: str | None, password_stdin: bool,
+) -> "Iterator[tuple[Path, LazyLayers | None]]":  # fmt: skip
+    """run/start's image: a directory, or (docker://) one fetched for a lazy start into a
+    private directory in /run (removed again unless an opening of its layers holds it)."""
+    if not image.startswith("docker://"):
+        yield Path(image), None
+        return
+    import functools
+    import secrets
+    import shutil
+
+    from cryptlayer.distribution import lazy
+    from cryptlayer.paths import private_run_root
+    from cryptlayer.runtime import state
+    from cryptlayer.runtime.lazy import LazyLayers
+
+    auth = _registry_auth(creds, password_stdin, authfile, image)
+    login = auth.get("login")
+    remote = lazy.Remote(image, tls_verify == "true", str(cert_dir) if cert_dir else None,
+                         str(authfile) if authfile else None, login)  # fmt: skip
+    parent = private_run_root().resolve() / "lazy"  # resolved: the opening's name for it
+    parent.mkdir(mode=0o700, exist_ok=True)
+    work = parent / secrets.token_hex(8)
+    work.mkdir(mode=0o700)
+    target = work / "image"
+    try:
+        fetched = lazy.fetch(remote, target, digest=digest, trust=trust)
+        command = [sys.executable, "-m", "cryptlayer.distribution.lazy"]
+        config = functools.partial(lazy.server_config, remote, fetched.blobs)
+        yield target, LazyLayers(work, fetched.blobs, command, config)
+    finally:
+        if state.load_opening(str(target)) is None:  # a failure, or `run`'s teardown is done
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def _digest(digest: str | None) -> str | None:
     from cryptlayer.image.statement import check_digest
 
@@ -756,7 +807,7 @@ def rekey(
 
 @app.command(context_settings={"allow_interspersed_args": False})
 def run(
-    image: ImageArg,
+    image: RunImage,
     key_file: KeyFile = None,
     key_command: KeyCommand = None,
     keyring: Keyring = None,
@@ -794,6 +845,11 @@ def run(
     strict: Strict = False,
     digest: Digest = None,
     trust: Trust = None,
+    tls_verify: "TlsVerify" = "true",
+    cert_dir: "CertDir" = None,
+    authfile: "AuthFile" = None,
+    creds: "Creds" = None,
+    password_stdin: "PasswordStdin" = False,
 ) -> None:
     """Run COMMAND (or the image's default) in a container from IMAGE, then tear down and shred."""
     from cryptlayer.image.process import Network, Overrides
@@ -806,9 +862,11 @@ def run(
         )
     if network not in {n.value for n in Network}:
         raise UsageError(f"unknown --network {network!r}", "use none or host")
+    lazy = image.startswith("docker://")  # the registry's copy is not erased (docs/lazy.md)
+    stem = Path(image.rsplit("/", 1)[-1].split("@")[0].split(":")[0]) if lazy else Path(image)
     options = container.StartOptions(
-        state.check_name(name) if name else container.default_name(image),
-        not keep,
+        state.check_name(name) if name else container.default_name(stem),
+        not keep and not lazy,
         _size(scratch_size),
         stop_timeout,
         allow_shared_dir,
@@ -819,18 +877,22 @@ def run(
     args = command[1:] if command and command[0] == "--" else (command or [])
     overrides = Overrides(tuple(args), tuple(env or ()), workdir, user, Network(network))
     require_root("start containers")
-    if not keep:
-        _warn_if_erase_may_not_hold(image)
-    with _key_or_node(image, key_file, key_command, keyring, passphrase, identity) as credential:
-        _check_host(strict)
-        flush_warnings()  # before the container's own output
-        status = container.run(image, credential, options, overrides, interactive)
+    with _image_for_start(image, options.digest, options.trust, tls_verify, cert_dir, authfile,
+                          creds, password_stdin) as (path, lazy_layers):  # fmt: skip
+        if options.shred:
+            _warn_if_erase_may_not_hold(path)
+        options = dataclasses.replace(options, lazy=lazy_layers)
+        with _key_or_node(path, key_file, key_command, keyring, passphrase,
+                          identity) as credential:  # fmt: skip
+            _check_host(strict)
+            flush_warnings()  # before the container's own output
+            status = container.run(path, credential, options, overrides, interactive)
     raise typer.Exit(status)
 
 
 @app.command()
 def start(
-    image: ImageArg,
+    image: RunImage,
     name: Annotated[str, typer.Option(help="Container name, for `stop`.")],
     key_file: KeyFile = None,
     key_command: KeyCommand = None,
@@ -843,6 +905,11 @@ def start(
     strict: Strict = False,
     digest: Digest = None,
     trust: Trust = None,
+    tls_verify: "TlsVerify" = "true",
+    cert_dir: "CertDir" = None,
+    authfile: "AuthFile" = None,
+    creds: "Creds" = None,
+    password_stdin: "PasswordStdin" = False,
 ) -> None:
     """Assemble the root file system and print its path (for podman --rootfs, nspawn -D, crun)."""
     from cryptlayer.runtime import container, state
@@ -850,18 +917,22 @@ def start(
 
     options = container.StartOptions(
         state.check_name(name),
-        not keep,
+        not keep and not image.startswith("docker://"),  # a registry's copy: see docs/lazy.md
         _size(scratch_size),
         allow_shared_dir=allow_shared_dir,
         digest=_digest(digest),
         trust=_trust(trust),
     )
     require_root("start containers")
-    if not keep:
-        _warn_if_erase_may_not_hold(image)
-    with _key_or_node(image, key_file, key_command, keyring, passphrase, identity) as credential:
-        _check_host(strict)
-        record = container.start(image, credential, options)
+    with _image_for_start(image, options.digest, options.trust, tls_verify, cert_dir, authfile,
+                          creds, password_stdin) as (path, lazy_layers):  # fmt: skip
+        if options.shred:
+            _warn_if_erase_may_not_hold(path)
+        options = dataclasses.replace(options, lazy=lazy_layers)
+        with _key_or_node(path, key_file, key_command, keyring, passphrase,
+                          identity) as credential:  # fmt: skip
+            _check_host(strict)
+            record = container.start(path, credential, options)
     typer.echo(record.rootfs)
 
 

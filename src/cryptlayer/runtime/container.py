@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from cryptlayer.image.process import Overrides
     from cryptlayer.keys.node import NodeKeys
     from cryptlayer.keys.sources import Credential
+    from cryptlayer.runtime.lazy import LazyLayers
     from cryptlayer.secret import Secret
 
 TOOLS = ("cryptsetup", "mkfs.ext4")  # the programs a start runs (loops, mounts: system calls)
@@ -53,6 +54,7 @@ class StartOptions:
     allow_shared_dir: bool = False  # an image directory others may write (see image/files.py)
     digest: str | None = None  # the image must be this one (image/opener.py checks all three)
     trust: Path | None = None  # an allowed_signers file: a key of it must have signed the image
+    lazy: LazyLayers | None = None  # the image was fetched for a lazy start
 
 
 def default_name(image: Path) -> str:
@@ -103,7 +105,7 @@ def assemble(
 
     mkdir(stack, record, paths.container_dir(record.name))
     lowers = acquire(stack, record, Kind.IMAGE, str(opened.image),
-                     lambda: layers.join(record, opened, key))  # fmt: skip
+                     lambda: layers.join(record, opened, key, options.lazy))  # fmt: skip
     scratch = _open_scratch(stack, record, options.scratch_bytes)
     rootfs = mkdir(stack, record, paths.rootfs_mount(record.name))
     # overlayfs lists the top layer first; by name, in the directory every layer is mounted in

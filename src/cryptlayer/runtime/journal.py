@@ -42,6 +42,10 @@ class Kind(StrEnum):
     CONTAINER = "container"  # ref: OCI runtime container id
     IMAGE = "image"  # ref: image directory; a use of its shared layers (see layers.py)
     HEADER = "header"  # ref: a LUKS header copy in memory-backed /run; overwritten, then removed
+    # lazy start (lazy.py): the fetched image's directory, its server process, its NBD devices
+    FETCHED = "fetched"  # ref: a private directory of fetched image files, removed whole
+    SERVER = "nbd-server"  # ref: that directory; device: "PID:START" once started
+    NBD = "nbd"  # ref: the backend identifier; device: /dev/nbdN once attached
 
 
 @dataclass
@@ -113,6 +117,8 @@ def acquire(stack: ExitStack, journal: Journal, kind: Kind, ref: str, action: Ca
             from cryptlayer.tools import losetup
 
             step.backing = losetup.backing_identity(step.device)
+        elif kind in (Kind.SERVER, Kind.NBD):
+            step.device = str(result)
         journal.save(durable=False)
     return result
 
@@ -234,6 +240,31 @@ def _release_container(step: Step, _journal: Journal) -> None:
     runtime.delete(step.ref)
 
 
+def _release_fetched(step: Step, _journal: Journal) -> None:
+    import shutil
+
+    shutil.rmtree(step.ref, ignore_errors=True)
+
+
+def _release_server(step: Step, _journal: Journal) -> None:
+    from cryptlayer.runtime import lazy
+
+    lazy.kill_server(step.device)  # none recorded: it ended with its parent's socket ends
+
+
+def _release_nbd(step: Step, _journal: Journal) -> None:
+    from cryptlayer.runtime import lazy
+    from cryptlayer.tools import nbd
+
+    if step.device:
+        lazy.detach(step.device)
+        return
+    # Crashed between attach and journal: the device is found by its backend identifier.
+    for index, backend in nbd.attached().items():
+        if backend == step.ref:
+            lazy.detach(nbd.device(index))
+
+
 _RELEASERS: dict[Kind, Callable[[Step, Journal], None]] = {
     Kind.LOOP: _release_loop,
     Kind.CRYPT: _release_crypt,
@@ -243,4 +274,7 @@ _RELEASERS: dict[Kind, Callable[[Step, Journal], None]] = {
     Kind.CONTAINER: _release_container,
     Kind.IMAGE: _release_image,
     Kind.HEADER: _release_header,
+    Kind.FETCHED: _release_fetched,
+    Kind.SERVER: _release_server,
+    Kind.NBD: _release_nbd,
 }

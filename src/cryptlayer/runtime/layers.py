@@ -16,6 +16,7 @@ copies that let later containers prove their key and join live only in memory-ba
 
 from __future__ import annotations
 
+import socket
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +29,7 @@ from cryptlayer.errors import (
     UsageError,
     WrongKeyError,
 )
-from cryptlayer.runtime import journal, state
+from cryptlayer.runtime import journal, lazy, state
 from cryptlayer.runtime.journal import Kind, acquire, crash_point, mkdir
 from cryptlayer.runtime.state import Opening, Record
 from cryptlayer.tools import veritysetup
@@ -82,7 +83,9 @@ def require_openable(opened: OpenedImage) -> None:
     opened.require_intact(first_only=joining)
 
 
-def join(record: Record, opened: OpenedImage, key: Secret) -> list[Path]:
+def join(
+    record: Record, opened: OpenedImage, key: Secret, lazy_layers: lazy.LazyLayers | None = None
+) -> list[Path]:
     """Open the image's layers, or join the opening another container made; returns the mount
     points, bottom first. Called under the host lock, as the action of the record's IMAGE step.
 
@@ -90,6 +93,10 @@ def join(record: Record, opened: OpenedImage, key: Secret) -> list[Path]:
     the first opener's cryptsetup reads each header again through its dm-verity mapping
     (blocks the statement's root hash vouches for), so only a joiner checks one here: the
     bottom layer's, or its copy in /run, right before its key is tested against it.
+
+    With `lazy_layers` (an image fetched for a lazy start: its layer files hold only their
+    headers), each layer's blob is an NBD device served from the registry instead of a loop
+    device over the file (lazy.py); verity and LUKS over it as for a file.
     """
     from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -119,14 +126,22 @@ def join(record: Record, opened: OpenedImage, key: Secret) -> list[Path]:
     paths.openings_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
     opening.save()
     _dir(opening).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with ExitStack() as stack:
+    with ExitStack() as stack, ExitStack() as ends:
         mkdir(stack, opening, _dir(opening))
+        served: list[socket.socket | None] = [None] * len(manifest.layers)
+        if lazy_layers is not None:
+            sockets = lazy.serve(stack, opening, lazy_layers)
+            for end in sockets:  # the kernel holds its own once attached; the server the others
+                ends.callback(end.close)
+            served = list(sockets)
         # Layers are independent: each one's losetup, cryptsetup open and mount run in a thread
         # of its own (the programs run in parallel; the journal takes one update at a time).
         workers = min(PARALLEL, len(manifest.layers))
         with ThreadPoolExecutor(workers, thread_name_prefix="layer") as pool:
             opened_layers = [
-                pool.submit(_open_layer, stack, opening, manifest.layers[i], files, i, key)
+                pool.submit(
+                    _open_layer, stack, opening, manifest.layers[i], files, i, key, served[i]
+                )
                 for i in range(len(manifest.layers))
             ]
             wait(opened_layers)  # all of them, even when one fails: then every step is journaled
@@ -137,14 +152,24 @@ def join(record: Record, opened: OpenedImage, key: Secret) -> list[Path]:
 
 
 def _open_layer(
-    stack: ExitStack, opening: Opening, layer: Layer, files: ImageFiles, index: int, key: Secret
+    stack: ExitStack,
+    opening: Opening,
+    layer: Layer,
+    files: ImageFiles,
+    index: int,
+    key: Secret,
+    served: socket.socket | None = None,
 ) -> None:
     from cryptlayer.tools import cryptsetup, losetup, mount
 
     file, tree = files.layers[index], files.trees[index]
     path = file.shown
-    loop = acquire(stack, opening, Kind.LOOP, str(path),
-                   lambda: losetup.attach_fd(file.fd, readonly=True, name=str(path)))  # fmt: skip
+    if served is not None:  # lazy: the blob from the registry, through the NBD device
+        loop = lazy.attach(stack, opening, served, layer.size, f"cryptlayer:{opening.id}:{index}")
+    else:
+        loop = acquire(stack, opening, Kind.LOOP, str(path),
+                       lambda: losetup.attach_fd(file.fd, readonly=True,
+                                                 name=str(path)))  # fmt: skip
     tree_loop = acquire(stack, opening, Kind.LOOP, str(tree.shown),
                         lambda: losetup.attach_fd(tree.fd, readonly=True,
                                                   name=str(tree.shown)))  # fmt: skip

@@ -1,0 +1,204 @@
+"""Lazy start's registry side (docs/lazy.md): the image's small files fetched whole before
+anything starts, and the server process that serves each layer blob to the kernel's NBD device.
+
+`fetch` is `pull` (transfer.py: the same work directory, checks and trust) into a private
+directory, except for the layer blobs: of those only the LUKS2 header (the statement's `offset`
+bytes) is fetched, through the node's block cache, into a sparse file of the layer's size. So
+image/opener.py opens the copy as any image (statement digest, --digest, signatures, sizes, the
+MAC and every header against the statement), and the runtime attaches an NBD device where it
+would attach a loop device over the file; dm-verity over it checks every block.
+
+`python -m cryptlayer.distribution.lazy` is the server: its standard input is one JSON object
+(the registry and its options, credentials included: never argv or env) naming, for each layer,
+its blob and the descriptor of a socket it inherited; it serves every socket (no handshake: the
+kernel was given the size by netlink) and exits when the last one is closed (the device
+detached)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from cryptlayer import paths
+from cryptlayer.distribution import artifact, transfer
+from cryptlayer.distribution.blobrange import BlobRanges
+from cryptlayer.distribution.blockcache import BlockCache, CachedBlob
+from cryptlayer.distribution.nbdserver import serve
+from cryptlayer.distribution.registry import Registry, parse_reference
+from cryptlayer.image import manifest as manifest_mod
+
+MAX_CONFIG = 1 << 20  # the server's standard input
+
+
+@dataclass(frozen=True)
+class Remote:
+    """Where an image's layers are read from, as the server process is told (JSON-able)."""
+
+    ref: str
+    tls_verify: bool = True
+    cert_dir: str | None = None
+    authfile: str | None = None
+    login: tuple[str, str] | None = None
+
+    def registry(self) -> Registry:
+        return Registry(
+            parse_reference(self.ref),
+            tls_verify=self.tls_verify,
+            cert_dir=Path(self.cert_dir) if self.cert_dir else None,
+            login=self.login,
+            authfile=Path(self.authfile) if self.authfile else None,
+        )
+
+
+def _cache() -> BlockCache:
+    from cryptlayer.config import block_cache_size
+
+    return BlockCache(paths.block_cache_dir(), block_cache_size())
+
+
+class _HeadersOnly:
+    """pull's Store, except that a layer blob is its header and a hole: the statement names each
+    layer's size and header size (`offset`); the header comes through the block cache."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.layers: dict[str, int] = {}  # layer blob digest -> header bytes to fetch
+        self.digests: dict[str, str] = {}  # file name -> blob digest
+
+    def __str__(self) -> str:
+        return str(self.registry)
+
+    def get_manifest(self) -> tuple[bytes, str]:
+        data, found = self.registry.get_manifest()
+        _statement, others = artifact.parse(data, str(self.registry))
+        self.digests = {b.name: b.digest for b in others}
+        self.layers = {b.digest: 0 for b in others if b.media_type == artifact.LAYER_TYPE}
+        return data, found
+
+    def pull_blob(self, digest: str, size: int, out: BinaryIO,
+                  progress: Callable[[int], None]) -> None:  # fmt: skip
+        if digest not in self.layers:
+            self.registry.pull_blob(digest, size, out, progress)
+            return
+        header = min(size, self.layers[digest])
+        out.seek(0)
+        out.truncate(0)
+        if header:
+            blob = CachedBlob(_cache(), BlobRanges(self.registry, digest, size))
+            try:
+                out.write(blob.pread(0, header))
+            finally:
+                blob.close()
+        out.truncate(size)  # the rest is a hole: read through the NBD device, never from here
+        progress(size)
+
+    def prepare(self) -> None:
+        raise NotImplementedError
+
+    def push_blob(self, *_: Any) -> bool:
+        raise NotImplementedError
+
+    def put_manifest(self, *_: Any) -> None:
+        raise NotImplementedError
+
+
+class _Headers(_HeadersOnly):
+    """The header sizes are the statement's: read from the work directory's manifest.json as
+    soon as pull has it (it fetches the statement first, and layers after the small files)."""
+
+    def __init__(self, registry: Registry, work_parent: Path) -> None:
+        super().__init__(registry)
+        self.work_parent = work_parent
+
+    def pull_blob(self, digest: str, size: int, out: BinaryIO,
+                  progress: Callable[[int], None]) -> None:  # fmt: skip
+        if digest in self.layers and not self.layers[digest]:
+            statement = _statement_beside(self.work_parent)
+            for layer in statement.layers:
+                if self.digests.get(layer.file) == digest:
+                    self.layers[digest] = layer.offset
+        super().pull_blob(digest, size, out, progress)
+
+
+def _statement_beside(parent: Path) -> manifest_mod.Manifest:
+    """The statement of the pull under way in `parent` (its one work directory)."""
+    works = [p for p in parent.iterdir() if p.name.startswith(".") and ".pull-" in p.name]
+    if len(works) != 1:
+        raise RuntimeError(f"expected one pull under way in {parent}, found {len(works)}")
+    return manifest_mod.load(works[0])
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """An image fetched for a lazy start: its directory and each layer's blob (digest, size)."""
+
+    image: Path
+    blobs: list[tuple[str, int]]
+
+
+def fetch(remote: Remote, target: Path, *, digest: str | None = None,
+          trust: Path | None = None) -> Fetched:  # fmt: skip
+    """Fetch the image's small files whole and its layers' headers into new directory `target`
+    (its parent private: nobody else may create the work directory beside it)."""
+    registry = remote.registry()
+    store = _Headers(registry, target.parent)
+    transfer.pull(store, target, digest=digest, trust=trust)
+    loaded = manifest_mod.load(target)
+    return Fetched(target, [(store.digests[layer.file], layer.size) for layer in loaded.layers])
+
+
+def server_config(remote: Remote, blobs: list[tuple[str, int]], fds: list[int]) -> bytes:
+    """The server's standard input."""
+    return json.dumps({
+        "ref": remote.ref, "tls_verify": remote.tls_verify, "cert_dir": remote.cert_dir,
+        "authfile": remote.authfile, "login": remote.login,
+        "blobs": [{"digest": d, "size": s, "fd": fd} for (d, s), fd in zip(blobs, fds,
+                                                                          strict=True)],
+    }).encode()  # fmt: skip
+
+
+def main() -> None:
+    """The server process: serve each inherited socket until the kernel lets go of it."""
+    config = json.loads(sys.stdin.buffer.read(MAX_CONFIG))
+    login = config["login"]
+    remote = Remote(config["ref"], bool(config["tls_verify"]), config["cert_dir"],
+                    config["authfile"], tuple(login) if login else None)  # fmt: skip
+    registry = remote.registry()
+    cache = _cache()
+
+    def log(text: str) -> None:
+        print(f"cryptlayer lazy server {os.getpid()}: {text}", file=sys.stderr, flush=True)
+
+    # Before any read: the registry's scheme (--tls-verify=false: https, else plain http) and
+    # its credentials, found once here as `pull` finds them (BlobRanges sends to what is known).
+    try:
+        registry.ping()
+    except Exception as err:  # each read fails (EIO) with its own reason then
+        log(f"registry not reached: {err}")
+
+    threads = []
+    with ExitStack() as stack:
+        for item in config["blobs"]:
+            blob = CachedBlob(cache, BlobRanges(registry, item["digest"], int(item["size"])))
+            stack.callback(blob.close)
+            sock = socket.socket(fileno=int(item["fd"]))
+            thread = threading.Thread(
+                target=serve, args=(sock, blob, "", log), kwargs={"handshake": False}
+            )
+            thread.start()
+            threads.append(thread)
+        for thread in threads:
+            thread.join()
+    log("every device detached; exiting")
+
+
+if __name__ == "__main__":
+    main()
