@@ -331,3 +331,31 @@ def test_decrypting_reader_rewinds(made: Path) -> None:
             stream.seek(0)
             whole = stream.read()
         assert whole.startswith(head)
+
+
+def test_a_compressed_jwe_cannot_inflate_past_the_private_options_size(
+    made: Path, copy: Path
+) -> None:
+    """Anyone with the PUBLIC key can make a JWE for it: one with `zip: DEF` whose payload is the
+    real private options followed by 40 MB of blanks (40 KB compressed; json.loads takes the
+    blanks) must not be inflated in memory (jwcrypto's own cap is 100 MB). Failed before: the
+    layer opened."""
+    from jwcrypto import jwe, jwk
+
+    private = _keys(made, "rsa.pem")[0].jwk
+    public = jwk.JWK.from_pem((made / "rsa.pub").read_bytes())
+
+    def bomb(value: str) -> str:
+        message = jwe.JWE()
+        message.deserialize(base64.b64decode(value.split(",")[0]).decode())
+        message.decrypt(private)
+        payload = message.payload + b" " * (40 << 20)
+        header = {"alg": "RSA-OAEP", "enc": "A256GCM", "zip": "DEF"}
+        token = jwe.JWE(payload, protected=json.dumps(header))
+        token.add_recipient(public)
+        return base64.b64encode(token.serialize().encode()).decode()
+
+    _edit_annotation(copy, ocicrypt.KEYS_JWE, bomb)
+    assert len(json.dumps(_manifest(copy))) < 1 << 20  # small on the wire
+    with pytest.raises(UsageError, match="larger than 65536 bytes once decompressed"):
+        _open(f"oci:{copy}", _keys(made, "rsa.pem"))

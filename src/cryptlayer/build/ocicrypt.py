@@ -53,6 +53,10 @@ KEY_BYTES = 32
 NONCE_BYTES = 16
 PROVIDER = "provider:"
 MAX_KEY_FILE = 64 * 1024
+# A JWE's payload (the private options: a key, a digest, a nonce) is some 200 bytes; one that
+# says `zip: DEF` is inflated to at most this (jwcrypto's own cap is 100 MB, from 256 KB: a
+# memory bomb that anyone with the public key can make).
+MAX_PRIVATE_OPTIONS = 64 * 1024
 # What go-jose writes for ocicrypt (RSA-OAEP or ECDH-ES+A256KW, A256GCM) and its near kin;
 # never RSA1_5 (padding oracles).
 JWE_ALGS = ["RSA-OAEP", "RSA-OAEP-256", "ECDH-ES", "ECDH-ES+A128KW", "ECDH-ES+A192KW",
@@ -215,8 +219,14 @@ def _unwrap(annotation: str, keys: tuple[DecryptionKey, ...], where: str) -> byt
                     f"{where}: annotation {KEYS_JWE} holds no JWE ({err})", "the image is damaged"
                 ) from None
             try:
-                message.decrypt(key.jwk)
+                message.decrypt(key.jwk, max_plaintext=MAX_PRIVATE_OPTIONS)
             except (JWException, ValueError, TypeError):
+                if any("exceeds maximum" in line for line in message.decryptlog or ()):
+                    raise UsageError(
+                        f"{where}: annotation {KEYS_JWE} holds a JWE larger than"
+                        f" {MAX_PRIVATE_OPTIONS} bytes once decompressed",
+                        "the image is damaged or hostile",
+                    ) from None
                 continue
             payload: bytes = message.payload
             return payload
