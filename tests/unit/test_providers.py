@@ -621,3 +621,27 @@ def test_grpc_tls_as_ocicrypt_configures_it(
     finally:
         server.kill()
         server.wait()
+
+
+def test_a_key_cut_by_the_stderr_cap_is_redacted_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider that logs the key after 4 KB of chatter: what cryptlayer keeps of its stderr
+    (the first MAX_STDERR bytes) ends inside the key, where the whole-key redaction does not
+    see it. Failed before: 30 of the key's 44 base64 characters were in the error."""
+    script = tmp_path / "chatty.py"
+    script.write_text(
+        "import json, sys\n"
+        "key = json.load(sys.stdin)['keywrapparams']['optsdata']\n"
+        f"sys.stderr.write('x' * {providers.MAX_STDERR - 40} + '\\nwrapping key ' + key)\n"
+        "sys.exit(1)\n"
+    )
+    configure(
+        tmp_path, monkeypatch, {"p": {"cmd": {"path": sys.executable, "args": [str(script)]}}}
+    )
+    image_key = envelope.new_image_key()
+    with pytest.raises(ProviderError) as caught:
+        envelope.for_recipient(image_key, load_recipient("provider:p"))
+    message = caught.value.message
+    assert "wrapping key <redacted>" in message
+    assert base64.b64encode(key_bytes(image_key)).decode()[:12] not in message

@@ -421,14 +421,19 @@ def _run_cmd(provider: Provider, request: bytearray) -> bytearray:
 
 def _redacted(text: bytes, request: bytearray) -> bytes:
     """`text` (what a provider said) without the base64 key that `request` carries, should the
-    provider repeat its input in a message."""
+    provider repeat its input in a message; also the start of the key that ends `text` where
+    MAX_STDERR cut it."""
     marker = b'"optsdata":"'
     start = request.find(marker) + len(marker)
     end = request.find(b'"', start)
     if start < len(marker) or end <= start:
         return text
     key = bytes(request[start:end])
-    return text.replace(key, b"<redacted>")
+    text = text.replace(key, b"<redacted>")
+    for n in range(len(key) - 1, 3, -1):
+        if text.endswith(key[:n]):
+            return text[:-n] + b"<redacted>"
+    return text
 
 
 def _exchange(
