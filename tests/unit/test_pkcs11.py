@@ -216,3 +216,16 @@ def test_oaep_decoding_matches_the_recipient_wrapping() -> None:
         assert soft.decrypt_oaep(bytes(flipped), envelope.INFO) is None
     assert soft.decrypt_oaep(ciphertext[:-1], envelope.INFO) is None
     assert soft.decrypt_oaep(b"\xff" * 256, envelope.INFO) is None  # not below the modulus
+
+
+def test_a_fifo_as_the_pin_source_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """pin-source naming a FIFO: open() waited for a writer for ever (run in a child with a
+    deadline so the test itself cannot hang). Failed before: the child hung."""
+    import subprocess
+
+    fifo = tmp_path / "pin"
+    os.mkfifo(fifo, 0o600)
+    code = f"from cryptlayer.keys import pkcs11; pkcs11._pin_from_file('file:{fifo}')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"the PIN file {fifo} is not a regular file" in done.stderr

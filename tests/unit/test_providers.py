@@ -645,3 +645,20 @@ def test_a_key_cut_by_the_stderr_cap_is_redacted_too(
     message = caught.value.message
     assert "wrapping key <redacted>" in message
     assert base64.b64encode(key_bytes(image_key)).decode()[:12] not in message
+
+
+def test_a_fifo_as_the_config_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """$OCICRYPT_KEYPROVIDER_CONFIG naming a FIFO: open() waited for a writer for ever (run in a
+    child with a deadline so the test itself cannot hang). Failed before: the child hung."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    code = "from cryptlayer.keys import providers; providers.load_config()"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, providers.ENV: str(fifo)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "own regular file" in done.stderr and "mode 0600" in done.stderr

@@ -98,7 +98,7 @@ def _pin_from_file(source: str) -> Secret:
     path = source.removeprefix("file://") if source.startswith("file://") else source
     path = path.removeprefix("file:")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as err:
         raise UsageError(f"cannot read the PIN file {path}: {err.strerror}") from None
     try:

@@ -178,7 +178,7 @@ def load_config() -> dict[str, Provider]:
     """The providers of $OCICRYPT_KEYPROVIDER_CONFIG; UsageError saying what is wrong."""
     path = config_path()
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as err:
         raise UsageError(
             f"cannot read the key provider config {printable(str(path))} (${ENV}): {err.strerror}",
