@@ -229,3 +229,30 @@ def test_a_fifo_as_the_pin_source_is_refused_not_waited_on(tmp_path: Path) -> No
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert f"the PIN file {fifo} is not a regular file" in done.stderr
+
+
+@pytest.mark.parametrize("how", ["relative", "others-write", "another-owner"])
+def test_a_module_others_could_change_is_refused_before_it_is_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """module-path= is code that runs as root with the PIN and the image key: held as a cmd
+    provider's program is (absolute; root's or the user's own, writable by no one else).
+    Failed before: each was dlopen()ed (the copies then asked for a PIN)."""
+    import shutil
+
+    module = tmp_path / "libsofthsm2-copy.so"
+    shutil.copy(SOFTHSM_MODULE, module)
+    module.chmod(0o755)
+    if how == "relative":
+        monkeypatch.chdir(tmp_path)
+        module = Path(module.name)
+    elif how == "others-write":
+        module.chmod(0o757)
+    else:
+        os.chown(module, 65534, 65534)
+    uri = f"pkcs11:token=tok;object=mykey?module-path={module}"
+    with pytest.raises(UsageError) as caught:
+        load_identity(uri)
+    expected = "is not an absolute path" if how == "relative" else "writable by no one else"
+    assert f"the PKCS#11 module {module}" in str(caught.value)
+    assert expected in str(caught.value)
