@@ -5,9 +5,9 @@
 token. `build --recipient` takes the token's public key as an ordinary RSA recipient (PEM); the
 token does the raw RSA (CKM_RSA_X_509), keys/heldkey.py the OAEP. The module is the URI's
 `module-path=` query attribute (absolute; root's or the user's own, writable by no one else:
-it runs as root with the PIN and the key), else p11-kit's proxy (every module p11-kit knows). The PIN comes
-from `pin-source=file:PATH` (or a path), else the terminal (echo off), else the first line of
-standard input; `pin-value=` is refused (it would put the PIN on a command line).
+it runs as root with the PIN and the key), else p11-kit's proxy (every module p11-kit knows).
+The PIN comes from `pin-source=file:PATH` (or a path), else the terminal (echo off), else the
+first line of standard input; `pin-value=` is refused (it would put the PIN on a command line).
 """
 
 from __future__ import annotations
