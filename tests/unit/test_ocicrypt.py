@@ -359,3 +359,23 @@ def test_a_compressed_jwe_cannot_inflate_past_the_private_options_size(
     assert len(json.dumps(_manifest(copy))) < 1 << 20  # small on the wire
     with pytest.raises(UsageError, match="larger than 65536 bytes once decompressed"):
         _open(f"oci:{copy}", _keys(made, "rsa.pem"))
+
+
+def test_a_jwe_with_thousands_of_recipients_is_refused_before_any_is_tried(
+    made: Path, copy: Path
+) -> None:
+    """Each recipient of each JWE is an RSA private-key operation per --decryption-key (and
+    jwcrypto tries every one): 16 MB of manifest hold some 30000. Failed before: all were
+    tried (minutes with a 4096-bit key) and the error was 'no --decryption-key unwraps'."""
+
+    def crowd(value: str) -> str:
+        doc = json.loads(base64.b64decode(value.split(",")[0]))
+        recipients = doc.get("recipients") or [
+            {"header": doc.pop("header", {}), "encrypted_key": doc.pop("encrypted_key")}
+        ]
+        doc["recipients"] = recipients * 2000
+        return base64.b64encode(json.dumps(doc).encode()).decode()
+
+    _edit_annotation(copy, ocicrypt.KEYS_JWE, crowd)
+    with pytest.raises(UsageError, match="JWE recipients, more than 256"):
+        _open(f"oci:{copy}", _keys(made, "other.pem"))

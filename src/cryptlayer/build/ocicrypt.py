@@ -57,6 +57,10 @@ MAX_KEY_FILE = 64 * 1024
 # says `zip: DEF` is inflated to at most this (jwcrypto's own cap is 100 MB, from 256 KB: a
 # memory bomb that anyone with the public key can make).
 MAX_PRIVATE_OPTIONS = 64 * 1024
+# Each recipient of each JWE costs a private-key operation per --decryption-key (jwcrypto tries
+# them all): a hostile manifest's 16 MB hold some 30000. One per `--encryption-key` key is
+# ocicrypt's; a layer with more than this is refused before any is tried.
+MAX_RECIPIENTS = 256
 # What go-jose writes for ocicrypt (RSA-OAEP or ECDH-ES+A256KW, A256GCM) and its near kin;
 # never RSA1_5 (padding oracles).
 JWE_ALGS = ["RSA-OAEP", "RSA-OAEP-256", "ECDH-ES", "ECDH-ES+A128KW", "ECDH-ES+A192KW",
@@ -208,8 +212,15 @@ def _unwrap(annotation: str, keys: tuple[DecryptionKey, ...], where: str) -> byt
     from jwcrypto import jwe
     from jwcrypto.common import JWException  # type: ignore[import-untyped]
 
-    for part in annotation.split(","):
-        token = _b64(part, f"annotation {KEYS_JWE}", where)
+    tokens = [_b64(part, f"annotation {KEYS_JWE}", where) for part in annotation.split(",")]
+    count = sum(_recipients(token) for token in tokens)
+    if count > MAX_RECIPIENTS:
+        raise UsageError(
+            f"{where}: annotation {KEYS_JWE} holds {count} JWE recipients, more than"
+            f" {MAX_RECIPIENTS}",
+            "the image is damaged or hostile",
+        )
+    for token in tokens:
         for key in keys:
             message = jwe.JWE(algs=JWE_ALGS)
             try:
@@ -231,6 +242,17 @@ def _unwrap(annotation: str, keys: tuple[DecryptionKey, ...], where: str) -> byt
             payload: bytes = message.payload
             return payload
     return None
+
+
+def _recipients(token: bytes) -> int:
+    """How many recipients a JWE (JSON serialization) has; 1 for anything else (jwcrypto then
+    says what is wrong with it)."""
+    try:
+        doc = json.loads(token)
+    except ValueError:
+        return 1
+    recipients = doc.get("recipients") if isinstance(doc, dict) else None
+    return len(recipients) if isinstance(recipients, list) else 1
 
 
 def layer_cipher(annotations: object, keys: tuple[DecryptionKey, ...], where: str) -> LayerCipher:
