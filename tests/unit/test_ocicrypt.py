@@ -379,3 +379,14 @@ def test_a_jwe_with_thousands_of_recipients_is_refused_before_any_is_tried(
     _edit_annotation(copy, ocicrypt.KEYS_JWE, crowd)
     with pytest.raises(UsageError, match="JWE recipients, more than 256"):
         _open(f"oci:{copy}", _keys(made, "other.pem"))
+
+
+def test_skopeos_key_password_form_is_not_repeated_in_the_error(made: Path) -> None:
+    """`--decryption-key KEY:PASSWORD` is refused, but the error echoed the whole argument, so
+    the password went on to stderr and whatever log keeps it. Failed before."""
+    with pytest.raises(UsageError) as caught:
+        ocicrypt.load_keys([f"{made / 'rsa.pem'}:hunter2"])
+    message = str(caught.value)
+    assert "a password after ':' is not taken" in message
+    assert "hunter2" not in message
+    assert f"--decryption-key {made / 'rsa.pem'}:..." in message

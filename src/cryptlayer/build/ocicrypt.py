@@ -89,8 +89,9 @@ def _read_key_file(path: str) -> bytearray:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         if ":" in path and os.path.exists(path.partition(":")[0]):
-            raise UsageError(
-                f"--decryption-key {path}: a password after ':' is not taken (the command line"
+            raise UsageError(  # the password itself is not repeated
+                f"--decryption-key {path.partition(':')[0]}:...: a password after ':' is not"
+                " taken (the command line"
                 " is visible to every user)",
                 "decrypt the key into a file only you read: openssl pkey -in KEY -out PLAIN",
             ) from None
