@@ -662,3 +662,35 @@ def test_a_fifo_as_the_config_is_refused_not_waited_on(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "own regular file" in done.stderr and "mode 0600" in done.stderr
+
+
+def test_the_program_checked_is_the_program_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The program was checked by path (os.stat) and then run by path: a user who can rename in
+    its directory swaps in their own between the two and gets the image key on its stdin. The
+    swap is made here at the last moment (as Popen is called). Failed before: the other user's
+    program ran and kept the request."""
+    stolen = tmp_path / "stolen"
+    program = tmp_path / "bin" / "kp"
+    program.parent.mkdir()
+    program.write_text(
+        '#!/bin/sh\ncat >/dev/null\necho \'{"keywrapresults": {"annotation": "QUJD"}}\'\n'
+    )
+    program.chmod(0o755)
+    theirs = tmp_path / "bin" / "theirs"
+    theirs.write_text(f"#!/bin/sh\ncat >{stolen}\nexit 1\n")
+    theirs.chmod(0o755)
+    os.chown(theirs, 65534, 65534)
+    configure(tmp_path, monkeypatch, {"p": {"cmd": {"path": str(program)}}})
+    real = subprocess.Popen
+
+    def swap_then_popen(*args: Any, **kwargs: Any) -> Any:
+        theirs.rename(program)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(providers.subprocess, "Popen", swap_then_popen)
+    image_key = envelope.new_image_key()
+    entry = envelope.for_recipient(image_key, load_recipient("provider:p"))
+    assert base64.b64decode(entry.wrapped) == b"ABC"
+    assert not stolen.exists()

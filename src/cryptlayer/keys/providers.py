@@ -26,10 +26,11 @@ never on its argv, in its environment or in a file.
 The operator's: the config file and a `cmd` provider's program must belong to root or to the
 user running cryptlayer and be writable by no one else (as config.py holds /etc/cryptlayer/
 config.toml), since cryptlayer runs them as root with the image key; a program's path must be
-absolute (no $PATH search). A provider gets DEFAULT_TIMEOUT seconds to answer; the operator may
-set another per provider with `"cryptlayer-timeout": SECONDS` in the same file (ocicrypt ignores
-fields it does not know). ocicrypt's `grpc-tls` is followed (root-ca-file, else the system's
-CAs; cert-file and key-file; server-name) except `insecure-skip-verify`, which is refused; plain
+absolute (no $PATH search), and it is run through the descriptor it was checked by. A provider
+gets DEFAULT_TIMEOUT seconds to answer; the operator may set another per provider with
+`"cryptlayer-timeout": SECONDS` in the same file (ocicrypt ignores fields it does not know).
+ocicrypt's `grpc-tls` is followed (root-ca-file, else the system's CAs; cert-file and key-file;
+server-name) except `insecure-skip-verify`, which is refused; plain
 gRPC should be reached over loopback or a unix socket (`unix:/path`) only: the image key crosses
 that connection.
 """
@@ -361,27 +362,33 @@ def call(provider: Provider, request: bytearray, operation: str) -> bytearray:
 
 def _run_cmd(provider: Provider, request: bytearray) -> bytearray:
     assert provider.path is not None
-    try:
-        st = os.stat(provider.path)
+    try:  # the file checked is the file run: executed through this descriptor, not the path
+        fd = os.open(provider.path, os.O_PATH | os.O_CLOEXEC)
     except OSError as err:
         raise ProviderError(f"{provider.shown}: cannot run it: {err.strerror}") from None
-    if not stat.S_ISREG(st.st_mode) or not _owned_by_operator(st):
-        raise UsageError(
-            f"{provider.shown}: the program is not {_who()} own regular file, writable by no one"
-            f" else (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})",
-            f"it gets the image key: chown root {provider.path}; chmod go-w {provider.path}",
-        )
     try:
-        proc = subprocess.Popen(  # the operator's program, argv without a shell
-            [provider.path, *provider.args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            close_fds=True,
-            start_new_session=True,  # so that a hung provider's children go with it
-        )
-    except OSError as err:
-        raise ProviderError(f"{provider.shown}: cannot run it: {err.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not _owned_by_operator(st):
+            raise UsageError(
+                f"{provider.shown}: the program is not {_who()} own regular file, writable by"
+                f" no one else (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})",
+                f"it gets the image key: chown root {provider.path}; chmod go-w {provider.path}",
+            )
+        try:
+            proc = subprocess.Popen(  # the operator's program, argv without a shell
+                [provider.path, *provider.args],
+                executable=f"/proc/self/fd/{fd}",  # (a script's interpreter reopens it there)
+                pass_fds=(fd,),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                close_fds=True,
+                start_new_session=True,  # so that a hung provider's children go with it
+            )
+        except OSError as err:
+            raise ProviderError(f"{provider.shown}: cannot run it: {err.strerror}") from None
+    finally:
+        os.close(fd)
     answer, stderr = bytearray(), bytearray()
     try:
         outcome = _exchange(proc, request, answer, stderr, provider.timeout)
