@@ -256,3 +256,37 @@ def test_a_module_others_could_change_is_refused_before_it_is_loaded(
     expected = "is not an absolute path" if how == "relative" else "writable by no one else"
     assert f"the PKCS#11 module {module}" in str(caught.value)
     assert expected in str(caught.value)
+
+
+def test_the_module_checked_is_the_module_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The module was checked by path and then dlopen()ed by path: another user who can rename in
+    its directory swaps in their own .so between the two. The swap is made here at the last
+    moment (as python-pkcs11 is asked to load it), which records what file its path then is
+    (python-pkcs11 loads one module per process, so nothing is loaded here). Failed before: the
+    other user's file."""
+    import shutil
+
+    import pkcs11 as python_pkcs11
+
+    from cryptlayer.keys import pkcs11
+
+    module = tmp_path / "libcheckedhsm.so"
+    shutil.copy(SOFTHSM_MODULE, module)
+    module.chmod(0o755)
+    theirs = tmp_path / "theirs.so"
+    shutil.copy(SOFTHSM_MODULE, theirs)
+    os.chown(theirs, 65534, 65534)
+    ours = module.stat().st_ino
+    loaded: list[int] = []
+
+    def swap_then_load(path: str) -> object:
+        theirs.rename(module)
+        loaded.append(os.stat(path).st_ino)
+        return object()
+
+    monkeypatch.setattr(python_pkcs11, "lib", swap_then_load)
+    monkeypatch.setattr(pkcs11, "_LIBS", {})
+    pkcs11._lib(pkcs11._module({"module-path": str(module)}))
+    assert loaded == [ours]

@@ -107,9 +107,18 @@ def _checked_module(path: str) -> str:
             f"give module-path=/path/to/module.so (e.g. {EXAMPLE})",
         )
     try:
-        st = os.stat(path)
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError as err:
         raise UsageError(f"cannot load the PKCS#11 module {shown}: {err.strerror}") from None
+    try:
+        _check_module(path, os.fstat(fd))
+    finally:
+        os.close(fd)
+    return path
+
+
+def _check_module(path: str, st: os.stat_result) -> None:
+    shown = printable(path)
     if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
         who = "root's" if os.geteuid() == 0 else f"root's or uid {os.geteuid()}'s"
         raise UsageError(
@@ -117,7 +126,6 @@ def _checked_module(path: str) -> str:
             f" (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})",
             f"it runs with the PIN and the image key: chown root {shown}; chmod go-w {shown}",
         )
-    return path
 
 
 def _pin_from_file(source: str) -> Secret:
@@ -185,13 +193,20 @@ def _lib(module: str) -> Any:
     import pkcs11
 
     if module not in _LIBS:
+        try:  # the file checked is the file loaded: through this descriptor, not the path
+            fd = os.open(module, os.O_PATH | os.O_CLOEXEC)
+        except OSError as err:
+            raise UsageError(f"cannot load the PKCS#11 module {module}: {err.strerror}") from None
         try:
-            _LIBS[module] = pkcs11.lib(module)
+            _check_module(module, os.fstat(fd))
+            _LIBS[module] = pkcs11.lib(f"/proc/self/fd/{fd}")
         except (pkcs11.exceptions.PKCS11Error, RuntimeError, OSError) as err:
             raise UsageError(
                 f"cannot load the PKCS#11 module {module}: {err}",
                 "give the path of the token's PKCS#11 module as module-path=",
             ) from None
+        finally:
+            os.close(fd)
     return _LIBS[module]
 
 
