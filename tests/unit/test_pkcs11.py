@@ -290,3 +290,32 @@ def test_the_module_checked_is_the_module_loaded(
     monkeypatch.setattr(pkcs11, "_LIBS", {})
     pkcs11._lib(pkcs11._module({"module-path": str(module)}))
     assert loaded == [ours]
+
+
+def test_a_keys_json_naming_a_held_key_many_times_is_refused_before_any_is_tried(
+    tmp_path: Path,
+) -> None:
+    """Each entry under a hardware identity's id is a decryption in the token or TPM (a TPM:
+    five tpm2-tools runs, a second or so): a hostile keys.json with 256 of them kept the
+    hardware busy for minutes. rekey never writes one id twice. Failed before: all 256 were
+    tried, then 'does not open this image'."""
+    import dataclasses
+
+    from cryptlayer.keys.recipients import Identity
+
+    class CountingKey(SoftKey):
+        tried = 0
+
+        def raw_decrypt(self, ciphertext: bytes) -> bytearray:
+            CountingKey.tried += 1
+            return super().raw_decrypt(ciphertext)
+
+    held = CountingKey()
+    identity = Identity(KeyKind.RSA, held, "soft")  # type: ignore[arg-type]
+    with Secret.random() as other_key:
+        entry = envelope.for_recipient(other_key, Recipient(KeyKind.RSA, held.public_key()))
+    junk = base64.b64encode(b"\0" + os.urandom(255)).decode()  # below the modulus; no OAEP
+    entries = [dataclasses.replace(entry, wrapped=junk)] * 256
+    with pytest.raises(UsageError, match="256 entries for identity soft"):
+        envelope.unlock(tmp_path, entries, Credential(identity=identity))
+    assert CountingKey.tried == 0
