@@ -222,6 +222,7 @@ def test_an_unknown_provider_or_none_configured_is_one_clear_error(
     other.write_bytes(b"o" * 32)
     other.chmod(0o600)
     monkeypatch.delenv(providers.ENV, raising=False)
+    monkeypatch.delenv("SUDO_USER", raising=False)  # (under sudo the hint says more)
     code, _, err = invoke(
         "rekey", str(image), "--identity", "provider:kms", "--add-key", str(other)
     )
@@ -694,3 +695,16 @@ def test_the_program_checked_is_the_program_run(
     entry = envelope.for_recipient(image_key, load_recipient("provider:p"))
     assert base64.b64decode(entry.wrapped) == b"ABC"
     assert not stolen.exists()
+
+
+def test_no_config_under_sudo_says_that_sudo_dropped_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new user exports $OCICRYPT_KEYPROVIDER_CONFIG and runs `sudo cryptlayer run ...`:
+    sudo's env_reset drops it, and 'set it' alone sends them in circles. Failed before: the
+    hint did not say so."""
+    monkeypatch.delenv(providers.ENV, raising=False)
+    monkeypatch.setenv("SUDO_USER", "alice")
+    with pytest.raises(UsageError) as caught:
+        providers.config_path()
+    assert f"sudo resets the environment: sudo {providers.ENV}=FILE cryptlayer ..." in str(
+        caught.value
+    )

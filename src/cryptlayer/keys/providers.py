@@ -168,10 +168,10 @@ def _who() -> str:
 def config_path() -> Path:
     value = os.environ.get(ENV, "")
     if not value:
-        raise UsageError(
-            f"no key providers: ${ENV} is not set",
-            f"set {ENV} to ocicrypt's key provider config file (docs/keys.md)",
-        )
+        hint = f"set {ENV} to ocicrypt's key provider config file (docs/keys.md)"
+        if os.environ.get("SUDO_USER"):
+            hint += f"; sudo resets the environment: sudo {ENV}=FILE cryptlayer ..."
+        raise UsageError(f"no key providers: ${ENV} is not set", hint)
     return Path(value)
 
 
