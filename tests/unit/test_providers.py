@@ -708,3 +708,18 @@ def test_no_config_under_sudo_says_that_sudo_dropped_it(monkeypatch: pytest.Monk
     assert f"sudo resets the environment: sudo {providers.ENV}=FILE cryptlayer ..." in str(
         caught.value
     )
+
+
+def test_a_layer_annotation_with_thousands_of_parts_is_refused_before_any_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kek: Path
+) -> None:
+    """Each comma-separated part of an ocicrypt layer's provider annotation is a call to the
+    provider (a process, up to its deadline each); an image is anyone's to write. Failed
+    before: every part was sent to the provider."""
+    log = tmp_path / "calls.log"
+    configure(tmp_path, monkeypatch, {"kms": cmd("kms", kek, mode="fail", log=log)})
+    who = load_identity("provider:kms")
+    value = ",".join([base64.b64encode(b"junk").decode()] * 300)
+    with pytest.raises(UsageError, match="has 300 wrapped keys, more than 256"):
+        providers.unwrap_layer_annotation(who, value)  # type: ignore[arg-type]
+    assert not log.exists() or not log.read_text()

@@ -62,6 +62,7 @@ MAX_TIMEOUT = 3600.0
 MAX_CONFIG = 1024 * 1024
 MAX_ANSWER = 1024 * 1024  # an answer larger than this is not a key provider's
 MAX_STDERR = 4096
+MAX_LAYER_PARTS = 256  # wrapped keys in one layer annotation (ocicrypt: one per recipient)
 ENABLED = b"Enabled"  # ocicrypt's parameter when `provider:NAME` gives none
 
 
@@ -651,8 +652,15 @@ def unwrap_layer_annotation(who: ProviderIdentity, value: str) -> Secret:
     annotations, comma-separated, as ocicrypt's preWrapKeys joins them) unwrapped to the
     layer's optsdata (its PrivateLayerBlockCipherOptions JSON): the first that the provider
     unwraps, as ocicrypt's preUnwrapKey tries them; ProviderError with the last failure."""
+    parts = value.split(",")
+    if len(parts) > MAX_LAYER_PARTS:  # each one a call to the provider; an image is anyone's
+        raise UsageError(
+            f"the layer's {ANNOTATION}{printable(who.name)} annotation has {len(parts)} wrapped"
+            f" keys, more than {MAX_LAYER_PARTS}",
+            "the image is damaged or hostile",
+        )
     failure: ProviderError | None = None
-    for part in value.split(","):
+    for part in parts:
         try:
             annotation = base64.b64decode(part, validate=True)
         except binascii.Error:
