@@ -586,3 +586,62 @@ def test_cli_build_with_a_provider(
     assert code == ExitCode.KEY and "tried provider:kbs; it is wrapped for provider:kms" in line
     code, line = build("--decryption-key", "provider:nope", f"oci:{kms_image}")
     assert code == ExitCode.USAGE and "unknown key provider nope" in line
+
+
+def test_a_compressed_jwe_cannot_inflate_past_the_private_options_size(
+    made: Path, copy: Path
+) -> None:
+    """Anyone with the PUBLIC key can make a JWE for it: one with `zip: DEF` whose payload is the
+    real private options followed by 40 MB of blanks (40 KB compressed; json.loads takes the
+    blanks) must not be inflated in memory (jwcrypto's own cap is 100 MB). Failed before: the
+    layer opened."""
+    from jwcrypto import jwe, jwk
+
+    private = _keys(made, "rsa.pem")[0].jwk
+    public = jwk.JWK.from_pem((made / "rsa.pub").read_bytes())
+
+    def bomb(value: str) -> str:
+        message = jwe.JWE()
+        message.deserialize(base64.b64decode(value.split(",")[0]).decode())
+        message.decrypt(private)
+        payload = message.payload + b" " * (40 << 20)
+        header = {"alg": "RSA-OAEP", "enc": "A256GCM", "zip": "DEF"}
+        token = jwe.JWE(payload, protected=json.dumps(header))
+        token.add_recipient(public)
+        return base64.b64encode(token.serialize().encode()).decode()
+
+    _edit_annotation(copy, ocicrypt.KEYS_JWE, bomb)
+    assert len(json.dumps(_manifest(copy))) < 1 << 20  # small on the wire
+    with pytest.raises(UsageError, match="larger than 65536 bytes once decompressed"):
+        _open(f"oci:{copy}", _keys(made, "rsa.pem"))
+
+
+def test_a_jwe_with_thousands_of_recipients_is_refused_before_any_is_tried(
+    made: Path, copy: Path
+) -> None:
+    """Each recipient of each JWE is an RSA private-key operation per --decryption-key (and
+    jwcrypto tries every one): 16 MB of manifest hold some 30000. Failed before: all were
+    tried (minutes with a 4096-bit key) and the error was 'no --decryption-key unwraps'."""
+
+    def crowd(value: str) -> str:
+        doc = json.loads(base64.b64decode(value.split(",")[0]))
+        recipients = doc.get("recipients") or [
+            {"header": doc.pop("header", {}), "encrypted_key": doc.pop("encrypted_key")}
+        ]
+        doc["recipients"] = recipients * 2000
+        return base64.b64encode(json.dumps(doc).encode()).decode()
+
+    _edit_annotation(copy, ocicrypt.KEYS_JWE, crowd)
+    with pytest.raises(UsageError, match="JWE recipients, more than 256"):
+        _open(f"oci:{copy}", _keys(made, "other.pem"))
+
+
+def test_skopeos_key_password_form_is_not_repeated_in_the_error(made: Path) -> None:
+    """`--decryption-key KEY:PASSWORD` is refused, but the error echoed the whole argument, so
+    the password went on to stderr and whatever log keeps it. Failed before."""
+    with pytest.raises(UsageError) as caught:
+        ocicrypt.load_keys([f"{made / 'rsa.pem'}:hunter2"])
+    message = str(caught.value)
+    assert "a password after ':' is not taken" in message
+    assert "hunter2" not in message
+    assert f"--decryption-key {made / 'rsa.pem'}:..." in message

@@ -216,3 +216,106 @@ def test_oaep_decoding_matches_the_recipient_wrapping() -> None:
         assert soft.decrypt_oaep(bytes(flipped), envelope.INFO) is None
     assert soft.decrypt_oaep(ciphertext[:-1], envelope.INFO) is None
     assert soft.decrypt_oaep(b"\xff" * 256, envelope.INFO) is None  # not below the modulus
+
+
+def test_a_fifo_as_the_pin_source_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """pin-source naming a FIFO: open() waited for a writer for ever (run in a child with a
+    deadline so the test itself cannot hang). Failed before: the child hung."""
+    import subprocess
+
+    fifo = tmp_path / "pin"
+    os.mkfifo(fifo, 0o600)
+    code = f"from cryptlayer.keys import pkcs11; pkcs11._pin_from_file('file:{fifo}')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"the PIN file {fifo} is not a regular file" in done.stderr
+
+
+@pytest.mark.parametrize("how", ["relative", "others-write", "another-owner"])
+def test_a_module_others_could_change_is_refused_before_it_is_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """module-path= is code that runs as root with the PIN and the image key: held as a cmd
+    provider's program is (absolute; root's or the user's own, writable by no one else).
+    Failed before: each was dlopen()ed (the copies then asked for a PIN)."""
+    import shutil
+
+    module = tmp_path / "libsofthsm2-copy.so"
+    shutil.copy(SOFTHSM_MODULE, module)
+    module.chmod(0o755)
+    if how == "relative":
+        monkeypatch.chdir(tmp_path)
+        module = Path(module.name)
+    elif how == "others-write":
+        module.chmod(0o757)
+    else:
+        os.chown(module, 65534, 65534)
+    uri = f"pkcs11:token=tok;object=mykey?module-path={module}"
+    with pytest.raises(UsageError) as caught:
+        load_identity(uri)
+    expected = "is not an absolute path" if how == "relative" else "writable by no one else"
+    assert f"the PKCS#11 module {module}" in str(caught.value)
+    assert expected in str(caught.value)
+
+
+def test_the_module_checked_is_the_module_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The module was checked by path and then dlopen()ed by path: another user who can rename in
+    its directory swaps in their own .so between the two. The swap is made here at the last
+    moment (as python-pkcs11 is asked to load it), which records what file its path then is
+    (python-pkcs11 loads one module per process, so nothing is loaded here). Failed before: the
+    other user's file."""
+    import shutil
+
+    import pkcs11 as python_pkcs11
+
+    from cryptlayer.keys import pkcs11
+
+    module = tmp_path / "libcheckedhsm.so"
+    shutil.copy(SOFTHSM_MODULE, module)
+    module.chmod(0o755)
+    theirs = tmp_path / "theirs.so"
+    shutil.copy(SOFTHSM_MODULE, theirs)
+    os.chown(theirs, 65534, 65534)
+    ours = module.stat().st_ino
+    loaded: list[int] = []
+
+    def swap_then_load(path: str) -> object:
+        theirs.rename(module)
+        loaded.append(os.stat(path).st_ino)
+        return object()
+
+    monkeypatch.setattr(python_pkcs11, "lib", swap_then_load)
+    monkeypatch.setattr(pkcs11, "_LIBS", {})
+    pkcs11._lib(pkcs11._module({"module-path": str(module)}))
+    assert loaded == [ours]
+
+
+def test_a_keys_json_naming_a_held_key_many_times_is_refused_before_any_is_tried(
+    tmp_path: Path,
+) -> None:
+    """Each entry under a hardware identity's id is a decryption in the token or TPM (a TPM:
+    five tpm2-tools runs, a second or so): a hostile keys.json with 256 of them kept the
+    hardware busy for minutes. rekey never writes one id twice. Failed before: all 256 were
+    tried, then 'does not open this image'."""
+    import dataclasses
+
+    from cryptlayer.keys.recipients import Identity
+
+    class CountingKey(SoftKey):
+        tried = 0
+
+        def raw_decrypt(self, ciphertext: bytes) -> bytearray:
+            CountingKey.tried += 1
+            return super().raw_decrypt(ciphertext)
+
+    held = CountingKey()
+    identity = Identity(KeyKind.RSA, held, "soft")  # type: ignore[arg-type]
+    with Secret.random() as other_key:
+        entry = envelope.for_recipient(other_key, Recipient(KeyKind.RSA, held.public_key()))
+    junk = base64.b64encode(b"\0" + os.urandom(255)).decode()  # below the modulus; no OAEP
+    entries = [dataclasses.replace(entry, wrapped=junk)] * 256
+    with pytest.raises(UsageError, match="256 entries for identity soft"):
+        envelope.unlock(tmp_path, entries, Credential(identity=identity))
+    assert CountingKey.tried == 0

@@ -222,6 +222,7 @@ def test_an_unknown_provider_or_none_configured_is_one_clear_error(
     other.write_bytes(b"o" * 32)
     other.chmod(0o600)
     monkeypatch.delenv(providers.ENV, raising=False)
+    monkeypatch.delenv("SUDO_USER", raising=False)  # (under sudo the hint says more)
     code, _, err = invoke(
         "rekey", str(image), "--identity", "provider:kms", "--add-key", str(other)
     )
@@ -621,3 +622,104 @@ def test_grpc_tls_as_ocicrypt_configures_it(
     finally:
         server.kill()
         server.wait()
+
+
+def test_a_key_cut_by_the_stderr_cap_is_redacted_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider that logs the key after 4 KB of chatter: what cryptlayer keeps of its stderr
+    (the first MAX_STDERR bytes) ends inside the key, where the whole-key redaction does not
+    see it. Failed before: 30 of the key's 44 base64 characters were in the error."""
+    script = tmp_path / "chatty.py"
+    script.write_text(
+        "import json, sys\n"
+        "key = json.load(sys.stdin)['keywrapparams']['optsdata']\n"
+        f"sys.stderr.write('x' * {providers.MAX_STDERR - 40} + '\\nwrapping key ' + key)\n"
+        "sys.exit(1)\n"
+    )
+    configure(
+        tmp_path, monkeypatch, {"p": {"cmd": {"path": sys.executable, "args": [str(script)]}}}
+    )
+    image_key = envelope.new_image_key()
+    with pytest.raises(ProviderError) as caught:
+        envelope.for_recipient(image_key, load_recipient("provider:p"))
+    message = caught.value.message
+    assert "wrapping key <redacted>" in message
+    assert base64.b64encode(key_bytes(image_key)).decode()[:12] not in message
+
+
+def test_a_fifo_as_the_config_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """$OCICRYPT_KEYPROVIDER_CONFIG naming a FIFO: open() waited for a writer for ever (run in a
+    child with a deadline so the test itself cannot hang). Failed before: the child hung."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    code = "from cryptlayer.keys import providers; providers.load_config()"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, providers.ENV: str(fifo)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "own regular file" in done.stderr and "mode 0600" in done.stderr
+
+
+def test_the_program_checked_is_the_program_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The program was checked by path (os.stat) and then run by path: a user who can rename in
+    its directory swaps in their own between the two and gets the image key on its stdin. The
+    swap is made here at the last moment (as Popen is called). Failed before: the other user's
+    program ran and kept the request."""
+    stolen = tmp_path / "stolen"
+    program = tmp_path / "bin" / "kp"
+    program.parent.mkdir()
+    program.write_text(
+        '#!/bin/sh\ncat >/dev/null\necho \'{"keywrapresults": {"annotation": "QUJD"}}\'\n'
+    )
+    program.chmod(0o755)
+    theirs = tmp_path / "bin" / "theirs"
+    theirs.write_text(f"#!/bin/sh\ncat >{stolen}\nexit 1\n")
+    theirs.chmod(0o755)
+    os.chown(theirs, 65534, 65534)
+    configure(tmp_path, monkeypatch, {"p": {"cmd": {"path": str(program)}}})
+    real = subprocess.Popen
+
+    def swap_then_popen(*args: Any, **kwargs: Any) -> Any:
+        theirs.rename(program)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(providers.subprocess, "Popen", swap_then_popen)
+    image_key = envelope.new_image_key()
+    entry = envelope.for_recipient(image_key, load_recipient("provider:p"))
+    assert base64.b64decode(entry.wrapped) == b"ABC"
+    assert not stolen.exists()
+
+
+def test_no_config_under_sudo_says_that_sudo_dropped_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new user exports $OCICRYPT_KEYPROVIDER_CONFIG and runs `sudo cryptlayer run ...`:
+    sudo's env_reset drops it, and 'set it' alone sends them in circles. Failed before: the
+    hint did not say so."""
+    monkeypatch.delenv(providers.ENV, raising=False)
+    monkeypatch.setenv("SUDO_USER", "alice")
+    with pytest.raises(UsageError) as caught:
+        providers.config_path()
+    assert f"sudo resets the environment: sudo {providers.ENV}=FILE cryptlayer ..." in str(
+        caught.value
+    )
+
+
+def test_a_layer_annotation_with_thousands_of_parts_is_refused_before_any_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kek: Path
+) -> None:
+    """Each comma-separated part of an ocicrypt layer's provider annotation is a call to the
+    provider (a process, up to its deadline each); an image is anyone's to write. Failed
+    before: every part was sent to the provider."""
+    log = tmp_path / "calls.log"
+    configure(tmp_path, monkeypatch, {"kms": cmd("kms", kek, mode="fail", log=log)})
+    who = load_identity("provider:kms")
+    value = ",".join([base64.b64encode(b"junk").decode()] * 300)
+    with pytest.raises(UsageError, match="has 300 wrapped keys, more than 256"):
+        providers.unwrap_layer_annotation(who, value)  # type: ignore[arg-type]
+    assert not log.exists() or not log.read_text()

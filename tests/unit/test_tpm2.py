@@ -183,3 +183,18 @@ def test_bad_identity_files(tmp_path: Path) -> None:
         load_identity(f"tpm2:{bad}")
     with pytest.raises(UsageError, match=f"TPM identity {tmp_path}/none does not exist"):
         load_identity(f"tpm2:{tmp_path}/none")
+
+
+def test_a_fifo_as_the_identity_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """tpm2:FIFO: open() waited for a writer for ever (run in a child with a deadline so the
+    test itself cannot hang). Failed before: the child hung."""
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "id"
+    os.mkfifo(fifo, 0o600)
+    code = f"from cryptlayer.keys import tpm2; tpm2.load_key('tpm2:{fifo}')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"TPM identity {fifo} is not a regular file" in done.stderr

@@ -65,6 +65,14 @@ CIPHER = "AES_256_CTR_HMAC_SHA256"  # the only cipher ocicrypt has
 KEY_BYTES = 32
 NONCE_BYTES = 16
 MAX_KEY_FILE = 64 * 1024
+# A JWE's payload (the private options: a key, a digest, a nonce) is some 200 bytes; one that
+# says `zip: DEF` is inflated to at most this (jwcrypto's own cap is 100 MB, from 256 KB: a
+# memory bomb that anyone with the public key can make).
+MAX_PRIVATE_OPTIONS = 64 * 1024
+# Each recipient of each JWE costs a private-key operation per --decryption-key (jwcrypto tries
+# them all): a hostile manifest's 16 MB hold some 30000. One per `--encryption-key` key is
+# ocicrypt's; a layer with more than this is refused before any is tried.
+MAX_RECIPIENTS = 256
 # What go-jose writes for ocicrypt (RSA-OAEP or ECDH-ES+A256KW, A256GCM) and its near kin;
 # never RSA1_5 (padding oracles).
 JWE_ALGS = ["RSA-OAEP", "RSA-OAEP-256", "ECDH-ES", "ECDH-ES+A128KW", "ECDH-ES+A192KW",
@@ -101,8 +109,9 @@ def _read_key_file(path: str) -> bytearray:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         if ":" in path and os.path.exists(path.partition(":")[0]):
-            raise UsageError(
-                f"--decryption-key {path}: a password after ':' is not taken (the command line"
+            raise UsageError(  # the password itself is not repeated
+                f"--decryption-key {path.partition(':')[0]}:...: a password after ':' is not"
+                " taken (the command line"
                 " is visible to every user)",
                 "decrypt the key into a file only you read: openssl pkey -in KEY -out PLAIN",
             ) from None
@@ -224,8 +233,15 @@ def _unwrap_jwe(annotation: str, key: DecryptionKey, where: str) -> bytes | None
     from jwcrypto import jwe
     from jwcrypto.common import JWException  # type: ignore[import-untyped]
 
-    for part in annotation.split(","):
-        token = _b64(part, f"annotation {KEYS_JWE}", where)
+    tokens = [_b64(part, f"annotation {KEYS_JWE}", where) for part in annotation.split(",")]
+    count = sum(_recipients(token) for token in tokens)
+    if count > MAX_RECIPIENTS:
+        raise UsageError(
+            f"{where}: annotation {KEYS_JWE} holds {count} JWE recipients, more than"
+            f" {MAX_RECIPIENTS}",
+            "the image is damaged or hostile",
+        )
+    for token in tokens:
         message = jwe.JWE(algs=JWE_ALGS)
         try:
             message.deserialize(token.decode("utf-8", "replace"))
@@ -234,8 +250,14 @@ def _unwrap_jwe(annotation: str, key: DecryptionKey, where: str) -> bytes | None
                 f"{where}: annotation {KEYS_JWE} holds no JWE ({err})", "the image is damaged"
             ) from None
         try:
-            message.decrypt(key.jwk)
+            message.decrypt(key.jwk, max_plaintext=MAX_PRIVATE_OPTIONS)
         except (JWException, ValueError, TypeError):
+            if any("exceeds maximum" in line for line in message.decryptlog or ()):
+                raise UsageError(
+                    f"{where}: annotation {KEYS_JWE} holds a JWE larger than"
+                    f" {MAX_PRIVATE_OPTIONS} bytes once decompressed",
+                    "the image is damaged or hostile",
+                ) from None
             continue
         payload: bytes = message.payload
         return payload
@@ -269,6 +291,17 @@ def _wrapped_for(annotations: dict[Any, Any]) -> list[str]:
         else:
             found.append(printable(scheme))
     return found
+
+
+def _recipients(token: bytes) -> int:
+    """How many recipients a JWE (JSON serialization) has; 1 for anything else (jwcrypto then
+    says what is wrong with it)."""
+    try:
+        doc = json.loads(token)
+    except ValueError:
+        return 1
+    recipients = doc.get("recipients") if isinstance(doc, dict) else None
+    return len(recipients) if isinstance(recipients, list) else 1
 
 
 def layer_cipher(annotations: object, keys: tuple[DecryptionKey, ...], where: str) -> LayerCipher:

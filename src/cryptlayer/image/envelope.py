@@ -415,6 +415,12 @@ def unlock(image: Path, entries: list[Entry], credential: Credential) -> Secret:
                 " is not a recipient of this image",
                 f"`cryptlayer inspect {image}` lists who can open it",
             )
+        if len(candidates) > 1:  # rekey never writes an id twice; each try may be hardware's
+            raise UsageError(
+                f"{image}/{FILE} has {len(candidates)} entries for identity"
+                f" {credential.identity.path} ({credential.identity.id})",
+                "the image is damaged or hostile; rebuild it",
+            )
     elif credential.key is not None:
         key = key_id(credential.key)
         candidates = [e for e in entries if e.id == key]

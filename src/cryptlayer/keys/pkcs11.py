@@ -4,9 +4,10 @@
 `manufacturer=`, `model=` narrow it, `type=private` is implied) names an RSA private key in a
 token. `build --recipient` takes the token's public key as an ordinary RSA recipient (PEM); the
 token does the raw RSA (CKM_RSA_X_509), keys/heldkey.py the OAEP. The module is the URI's
-`module-path=` query attribute, else p11-kit's proxy (every module p11-kit knows). The PIN comes
-from `pin-source=file:PATH` (or a path), else the terminal (echo off), else the first line of
-standard input; `pin-value=` is refused (it would put the PIN on a command line).
+`module-path=` query attribute (absolute; root's or the user's own, writable by no one else:
+it runs as root with the PIN and the key), else p11-kit's proxy (every module p11-kit knows).
+The PIN comes from `pin-source=file:PATH` (or a path), else the terminal (echo off), else the
+first line of standard input; `pin-value=` is refused (it would put the PIN on a command line).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def parse_uri(uri: str) -> tuple[dict[str, bytes], dict[str, str]]:
 
 def _module(query: dict[str, str]) -> str:
     if "module-path" in query:
-        return query["module-path"]
+        return _checked_module(query["module-path"])
     found = next((p for p in P11_KIT_PROXY if os.path.exists(p)), None)
     if found is None:
         raise UsageError(
@@ -91,14 +92,47 @@ def _module(query: dict[str, str]) -> str:
             " installed",
             f"add ?module-path=/path/to/module.so (e.g. {EXAMPLE}), or install p11-kit-modules",
         )
-    return found
+    return _checked_module(found)
+
+
+def _checked_module(path: str) -> str:
+    """`path`, if it may be loaded: the module runs in this process (as root) with the PIN and
+    the image key, so it is held as a key provider's program is: an absolute path (dlopen would
+    search the library path), a regular file of root's or of the user running cryptlayer,
+    writable by no one else."""
+    shown = printable(path)
+    if not path.startswith("/"):
+        raise UsageError(
+            f"the PKCS#11 module {shown} is not an absolute path",
+            f"give module-path=/path/to/module.so (e.g. {EXAMPLE})",
+        )
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as err:
+        raise UsageError(f"cannot load the PKCS#11 module {shown}: {err.strerror}") from None
+    try:
+        _check_module(path, os.fstat(fd))
+    finally:
+        os.close(fd)
+    return path
+
+
+def _check_module(path: str, st: os.stat_result) -> None:
+    shown = printable(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        who = "root's" if os.geteuid() == 0 else f"root's or uid {os.geteuid()}'s"
+        raise UsageError(
+            f"the PKCS#11 module {shown} is not {who} own regular file, writable by no one else"
+            f" (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})",
+            f"it runs with the PIN and the image key: chown root {shown}; chmod go-w {shown}",
+        )
 
 
 def _pin_from_file(source: str) -> Secret:
     path = source.removeprefix("file://") if source.startswith("file://") else source
     path = path.removeprefix("file:")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as err:
         raise UsageError(f"cannot read the PIN file {path}: {err.strerror}") from None
     try:
@@ -159,13 +193,20 @@ def _lib(module: str) -> Any:
     import pkcs11
 
     if module not in _LIBS:
+        try:  # the file checked is the file loaded: through this descriptor, not the path
+            fd = os.open(module, os.O_PATH | os.O_CLOEXEC)
+        except OSError as err:
+            raise UsageError(f"cannot load the PKCS#11 module {module}: {err.strerror}") from None
         try:
-            _LIBS[module] = pkcs11.lib(module)
+            _check_module(module, os.fstat(fd))
+            _LIBS[module] = pkcs11.lib(f"/proc/self/fd/{fd}")
         except (pkcs11.exceptions.PKCS11Error, RuntimeError, OSError) as err:
             raise UsageError(
                 f"cannot load the PKCS#11 module {module}: {err}",
                 "give the path of the token's PKCS#11 module as module-path=",
             ) from None
+        finally:
+            os.close(fd)
     return _LIBS[module]
 
 

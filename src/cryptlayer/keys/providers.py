@@ -26,10 +26,11 @@ never on its argv, in its environment or in a file.
 The operator's: the config file and a `cmd` provider's program must belong to root or to the
 user running cryptlayer and be writable by no one else (as config.py holds /etc/cryptlayer/
 config.toml), since cryptlayer runs them as root with the image key; a program's path must be
-absolute (no $PATH search). A provider gets DEFAULT_TIMEOUT seconds to answer; the operator may
-set another per provider with `"cryptlayer-timeout": SECONDS` in the same file (ocicrypt ignores
-fields it does not know). ocicrypt's `grpc-tls` is followed (root-ca-file, else the system's
-CAs; cert-file and key-file; server-name) except `insecure-skip-verify`, which is refused; plain
+absolute (no $PATH search), and it is run through the descriptor it was checked by. A provider
+gets DEFAULT_TIMEOUT seconds to answer; the operator may set another per provider with
+`"cryptlayer-timeout": SECONDS` in the same file (ocicrypt ignores fields it does not know).
+ocicrypt's `grpc-tls` is followed (root-ca-file, else the system's CAs; cert-file and key-file;
+server-name) except `insecure-skip-verify`, which is refused; plain
 gRPC should be reached over loopback or a unix socket (`unix:/path`) only: the image key crosses
 that connection.
 """
@@ -61,6 +62,7 @@ MAX_TIMEOUT = 3600.0
 MAX_CONFIG = 1024 * 1024
 MAX_ANSWER = 1024 * 1024  # an answer larger than this is not a key provider's
 MAX_STDERR = 4096
+MAX_LAYER_PARTS = 256  # wrapped keys in one layer annotation (ocicrypt: one per recipient)
 ENABLED = b"Enabled"  # ocicrypt's parameter when `provider:NAME` gives none
 
 
@@ -167,10 +169,10 @@ def _who() -> str:
 def config_path() -> Path:
     value = os.environ.get(ENV, "")
     if not value:
-        raise UsageError(
-            f"no key providers: ${ENV} is not set",
-            f"set {ENV} to ocicrypt's key provider config file (docs/keys.md)",
-        )
+        hint = f"set {ENV} to ocicrypt's key provider config file (docs/keys.md)"
+        if os.environ.get("SUDO_USER"):
+            hint += f"; sudo resets the environment: sudo {ENV}=FILE cryptlayer ..."
+        raise UsageError(f"no key providers: ${ENV} is not set", hint)
     return Path(value)
 
 
@@ -178,7 +180,7 @@ def load_config() -> dict[str, Provider]:
     """The providers of $OCICRYPT_KEYPROVIDER_CONFIG; UsageError saying what is wrong."""
     path = config_path()
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as err:
         raise UsageError(
             f"cannot read the key provider config {printable(str(path))} (${ENV}): {err.strerror}",
@@ -361,27 +363,33 @@ def call(provider: Provider, request: bytearray, operation: str) -> bytearray:
 
 def _run_cmd(provider: Provider, request: bytearray) -> bytearray:
     assert provider.path is not None
-    try:
-        st = os.stat(provider.path)
+    try:  # the file checked is the file run: executed through this descriptor, not the path
+        fd = os.open(provider.path, os.O_PATH | os.O_CLOEXEC)
     except OSError as err:
         raise ProviderError(f"{provider.shown}: cannot run it: {err.strerror}") from None
-    if not stat.S_ISREG(st.st_mode) or not _owned_by_operator(st):
-        raise UsageError(
-            f"{provider.shown}: the program is not {_who()} own regular file, writable by no one"
-            f" else (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})",
-            f"it gets the image key: chown root {provider.path}; chmod go-w {provider.path}",
-        )
     try:
-        proc = subprocess.Popen(  # the operator's program, argv without a shell
-            [provider.path, *provider.args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            close_fds=True,
-            start_new_session=True,  # so that a hung provider's children go with it
-        )
-    except OSError as err:
-        raise ProviderError(f"{provider.shown}: cannot run it: {err.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not _owned_by_operator(st):
+            raise UsageError(
+                f"{provider.shown}: the program is not {_who()} own regular file, writable by"
+                f" no one else (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})",
+                f"it gets the image key: chown root {provider.path}; chmod go-w {provider.path}",
+            )
+        try:
+            proc = subprocess.Popen(  # the operator's program, argv without a shell
+                [provider.path, *provider.args],
+                executable=f"/proc/self/fd/{fd}",  # (a script's interpreter reopens it there)
+                pass_fds=(fd,),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                close_fds=True,
+                start_new_session=True,  # so that a hung provider's children go with it
+            )
+        except OSError as err:
+            raise ProviderError(f"{provider.shown}: cannot run it: {err.strerror}") from None
+    finally:
+        os.close(fd)
     answer, stderr = bytearray(), bytearray()
     try:
         outcome = _exchange(proc, request, answer, stderr, provider.timeout)
@@ -421,14 +429,19 @@ def _run_cmd(provider: Provider, request: bytearray) -> bytearray:
 
 def _redacted(text: bytes, request: bytearray) -> bytes:
     """`text` (what a provider said) without the base64 key that `request` carries, should the
-    provider repeat its input in a message."""
+    provider repeat its input in a message; also the start of the key that ends `text` where
+    MAX_STDERR cut it."""
     marker = b'"optsdata":"'
     start = request.find(marker) + len(marker)
     end = request.find(b'"', start)
     if start < len(marker) or end <= start:
         return text
     key = bytes(request[start:end])
-    return text.replace(key, b"<redacted>")
+    text = text.replace(key, b"<redacted>")
+    for n in range(len(key) - 1, 3, -1):
+        if text.endswith(key[:n]):
+            return text[:-n] + b"<redacted>"
+    return text
 
 
 def _exchange(
@@ -639,8 +652,15 @@ def unwrap_layer_annotation(who: ProviderIdentity, value: str) -> Secret:
     annotations, comma-separated, as ocicrypt's preWrapKeys joins them) unwrapped to the
     layer's optsdata (its PrivateLayerBlockCipherOptions JSON): the first that the provider
     unwraps, as ocicrypt's preUnwrapKey tries them; ProviderError with the last failure."""
+    parts = value.split(",")
+    if len(parts) > MAX_LAYER_PARTS:  # each one a call to the provider; an image is anyone's
+        raise UsageError(
+            f"the layer's {ANNOTATION}{printable(who.name)} annotation has {len(parts)} wrapped"
+            f" keys, more than {MAX_LAYER_PARTS}",
+            "the image is damaged or hostile",
+        )
     failure: ProviderError | None = None
-    for part in value.split(","):
+    for part in parts:
         try:
             annotation = base64.b64decode(part, validate=True)
         except binascii.Error:

@@ -196,17 +196,22 @@ def load_key(spec: str) -> TpmKey:
     path = spec.removeprefix(PREFIX)
     if not path:
         raise UsageError("--identity tpm2: names no file", "give tpm2:FILE, as keygen --tpm2 made")
-    try:
-        st = os.stat(path)
-        with open(path, "rb") as f:
-            data = f.read(MAX_KEY_FILE + 1)
+    try:  # O_NONBLOCK: a FIFO is opened (and refused below), not waited on
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read(MAX_KEY_FILE + 1) if stat.S_ISREG(st.st_mode) else b""
     except FileNotFoundError:
         raise UsageError(
             f"TPM identity {path} does not exist", "make one with `cryptlayer keygen --tpm2 NAME`"
         ) from None
     except OSError as err:
         raise UsageError(f"cannot read TPM identity {path}: {err.strerror}") from err
-    if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(
+            f"TPM identity {path} is not a regular file", "give the file keygen --tpm2 wrote"
+        )
+    if st.st_mode & 0o077:
         raise UsageError(
             f"TPM identity {path} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o})",
             f"chmod 600 {path}",
