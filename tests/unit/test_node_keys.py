@@ -126,6 +126,22 @@ def test_a_signer_negated_on_its_line_is_not_that_signer(conf: Path) -> None:
         config.key_for(Path("/x"), signers=("*@example,publisher@example,!publisher@example",))
 
 
+def test_a_signer_a_negated_pattern_of_its_line_refuses_is_not_that_signer(conf: Path) -> None:
+    """OpenSSH refuses a principal any negated pattern of the line matches (match_pattern_list):
+    `ssh-keygen -Y verify -I publisher@example` fails for these lines' keys, so their images are
+    not publisher@example's and get no key of its entry (found by review: only `!NAME` itself
+    was looked for)."""
+    conf.write_text('[[keys]]\nsigner = "publisher@example"\nkey-file = "/k"\n')
+    for line in ("ops@example,publisher@example,!publisher@*", "publisher@example,!*",
+                 "publisher@example,!pub?isher@example", "publisher@example,!*@example"):  # fmt: skip
+        with pytest.raises(UsageError, match="no key for the image"):
+            config.key_for(Path("/x"), signers=(line,))
+    # a negated pattern that does not match it leaves it named
+    for line in ("publisher@example,!mallory@*", "publisher@example,!publisher@example.org",
+                 "publisher@example,!publisher?example.org"):  # fmt: skip
+        assert config.key_for(Path("/x"), signers=(line,)).key_file == "/k"
+
+
 def test_signer_entries_choose_by_the_verified_signature(
     conf: Path, tmp_path: Path, publishers: tuple[Path, Path, Path]
 ) -> None:
