@@ -237,6 +237,22 @@ def test_two_containers_of_one_image_at_once(node: Node) -> None:
     assert node.left() == []
 
 
+def test_a_spec_naming_a_copy_in_the_store_by_path_is_refused(node: Node, tmp_path: Path) -> None:
+    """Another container's copy (running, or kept) is that container's: a spec naming it by
+    its path (as is, through `..`, or through a symbolic link) would open it with the node's key
+    and, at its own delete, shred it under the other container (found by review)."""
+    victim = create(node, "c1", node.ref, keep="true")
+    copy = node.store / victim
+    link = tmp_path / "link"
+    link.symlink_to(copy)
+    for path in (str(copy), f"{node.store}/../store/{victim}", str(link), str(node.store),
+                 f"{copy}/."):  # fmt: skip
+        with pytest.raises(UsageError, match="in the node's pull store"):
+            create(node, "c2", path)
+    assert len(node.started) == 1 and node.left() == [victim]
+    encrypted.stop(victim)
+
+
 # -- what fails leaves nothing
 
 

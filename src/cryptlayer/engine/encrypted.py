@@ -248,6 +248,9 @@ def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str) -> st
         repository = f"{ref.host}/{ref.repository}"
         path = store.target(name)  # (the store checked before its path chooses a key)
         keep = keep or config.pull_settings().keep
+    else:
+        assert path is not None
+        path = outside_store(path)
     assert path is not None
     pulled: store.Pulled | None = None
     started = False
@@ -272,6 +275,24 @@ def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str) -> st
             store.discard_quietly(name)
         raise
     return name
+
+
+def outside_store(image: Path) -> Path:
+    """`image` (a spec's path on the node) resolved, as it is then opened; UsageError when it is
+    in the pull store: a copy there is the container's it was pulled for (another spec naming
+    it would open it with the node's key, and shred it under that container at its delete)."""
+    from cryptlayer.engine import store
+
+    resolved = image.resolve()
+    pulled = store.store_dir().resolve()
+    if resolved == pulled or pulled in resolved.parents:
+        raise UsageError(
+            f"the image {printable(str(image))} is in the node's pull store {pulled}, whose copies"
+            " belong to the containers they were pulled for",
+            "name the registry image (docker://REGISTRY/REPO:TAG), or an image directory outside"
+            " the store",
+        )
+    return resolved
 
 
 @contextmanager
