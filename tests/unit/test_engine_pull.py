@@ -253,6 +253,19 @@ def test_a_spec_naming_a_copy_in_the_store_by_path_is_refused(node: Node, tmp_pa
     encrypted.stop(victim)
 
 
+def test_a_delete_removes_its_own_pull_work_only(node: Node) -> None:
+    """The container `a` removes `.engine-a.pull-DIGEST12`, never the work directory of the
+    container `a.pull-x`, whose name begins as its own's does (found by review)."""
+    os.close(store.open_store())
+    theirs = [".engine-a.pull-x.pull-0123456789ab", "engine-a.pull-x", ".engine-a.pull-xyz"]
+    for entry in ["engine-a", ".engine-a.pull-0123456789ab", *theirs]:
+        (node.store / entry).mkdir()
+        (node.store / entry / "layer0.luks").write_bytes(b"L" * 10)
+    store.discard("engine-a")
+    assert node.left() == sorted(theirs)
+    assert (node.store / theirs[0] / "layer0.luks").read_bytes() == b"L" * 10
+
+
 # -- what fails leaves nothing
 
 
