@@ -284,6 +284,24 @@ def test_an_unsigned_image_is_refused_by_default(node: Node) -> None:
     assert node.started[-1]["trust"] is None and node.left() == []
 
 
+@pytest.mark.parametrize("how", ["file", "directory"])
+def test_a_trust_file_others_could_change_is_refused(node: Node, tmp_path: Path, how: str) -> None:
+    """cryptlayer-runtime runs as root; whoever can change its trust file (or replace it through
+    a directory above) chooses which images run and which `signer` entry's key they get: refused,
+    as a config file or runtime others could change is (found by review)."""
+    folder = tmp_path / "trust.d"
+    folder.mkdir()
+    trust = folder / "allowed_signers"
+    trust.write_bytes(node.trust.read_bytes())
+    (trust if how == "file" else folder).chmod(0o666 if how == "file" else 0o777)
+    node.conf.write_text(node.conf.read_text().replace(str(node.trust), str(trust)))
+    err = fails(node, "c1", node.ref)
+    assert isinstance(err, UsageError) and "writable by group or others" in str(err)
+    assert str(err).startswith(f"{trust if how == 'file' else folder} is writable")
+    (trust if how == "file" else folder).chmod(0o644 if how == "file" else 0o755)
+    encrypted.stop(create(node, "c1", node.ref))
+
+
 def test_a_wrong_key_fails_and_the_copy_is_removed(node: Node) -> None:
     (node.base / "app.key").write_bytes(b"w" * 32)
     err = fails(node, "c1", node.ref)

@@ -214,6 +214,7 @@ def trust() -> Path | None:
     """The allowed_signers file images must be signed under; None only where the node's config
     says `allow-unsigned = true` (and names no trust)."""
     from cryptlayer import config
+    from cryptlayer.engine import cli
 
     trusted = config.trust(None)
     if trusted is None and not config.allow_unsigned():
@@ -221,6 +222,15 @@ def trust() -> Path | None:
             f"{config._path()} names no trust (allowed_signers) file, and cryptlayer-runtime runs"
             " signed images only",
             'set trust = "/etc/cryptlayer/allowed_signers" (or allow-unsigned = true)',
+        )
+    # whoever could change it would choose what runs as root, and a `signer` entry's key
+    why = None if trusted is None or not trusted.exists() else cli._replaceable(str(trusted))
+    if why is not None:
+        raise UsageError(
+            f"{why}: another user could change the trust file {printable(str(trusted))}, and so"
+            " which images cryptlayer-runtime runs",
+            f"make it, and the directories above it, root's and writable by their owner only"
+            f" (chown root {trusted}; chmod go-w {trusted})",
         )
     return trusted
 
