@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +40,10 @@ KEEP_ENV = "CRYPTLAYER_KEEP"
 # Removed from the container's environment before its process starts (as nvidia-container-runtime
 # removes NVIDIA_VISIBLE_DEVICES): they are the node's business, not the job's.
 NAMING_ENV = ("CRYPTLAYER_IMAGE", DIGEST_ENV, KEEP_ENV)
+
+# A registry as a reference names it (as registry.registry_host takes one): what
+# parse_reference leaves is anything before the first `/`.
+REGISTRY_HOST = r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\])(:[0-9]+)?"
 
 CAPABILITY_SETS = (
     "effective",
@@ -86,7 +91,16 @@ def request(spec: dict[str, Any], image: str) -> Request:
     if image.startswith("docker://"):
         from cryptlayer.distribution.registry import parse_reference
 
-        parse_reference(image)  # UsageError for what is not a repository's reference
+        try:  # UsageError for what is not a repository's reference; the spec's text escaped
+            host = parse_reference(image).host
+        except UsageError as err:
+            hint = None if err.hint is None else printable(err.hint)
+            raise UsageError(printable(err.message), hint) from None
+        if not re.fullmatch(REGISTRY_HOST, host):  # (what the connection would make of it)
+            raise UsageError(
+                f"the registry {printable(host)} of {printable(image)} is not HOST[:PORT]",
+                "name the registry image as docker://REGISTRY[:PORT]/REPO:TAG",
+            )
         reference = image
     elif not image.startswith("/"):
         raise UsageError(
