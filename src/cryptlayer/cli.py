@@ -415,6 +415,21 @@ def _warn_if_erase_may_not_hold(image: Path) -> None:
         warn("erase-storage", caveat)
 
 
+def _own_name(name: str) -> str:
+    """`name` checked, and not cryptlayer-runtime's `engine-ID` (engine/cli.py NAME_PREFIX): the
+    engine's delete of its container ID would tear this one down and shred its image."""
+    from cryptlayer.runtime import state
+
+    state.check_name(name)
+    if name.startswith("engine-"):
+        raise UsageError(
+            f"the name {name} is cryptlayer-runtime's (for the engine's container"
+            f" {name.removeprefix('engine-')})",
+            "choose a name that does not begin with engine-",
+        )
+    return name
+
+
 def _digest(digest: str | None) -> str | None:
     from cryptlayer.image.statement import check_digest
 
@@ -796,7 +811,7 @@ def run(
 ) -> None:
     """Run COMMAND (or the image's default) in a container from IMAGE, then tear down and shred."""
     from cryptlayer.image.process import Network, Overrides
-    from cryptlayer.runtime import container, state
+    from cryptlayer.runtime import container
     from cryptlayer.tools.system import require_root
 
     if interactive and (key_file == "-" or (passphrase and not sys.stdin.isatty())):
@@ -806,7 +821,7 @@ def run(
     if network not in {n.value for n in Network}:
         raise UsageError(f"unknown --network {network!r}", "use none or host")
     options = container.StartOptions(
-        state.check_name(name) if name else container.default_name(image),
+        _own_name(name) if name else container.default_name(image),
         not keep,
         _size(scratch_size),
         stop_timeout,
@@ -844,11 +859,11 @@ def start(
     trust: Trust = None,
 ) -> None:
     """Assemble the root file system and print its path (for podman --rootfs, nspawn -D, crun)."""
-    from cryptlayer.runtime import container, state
+    from cryptlayer.runtime import container
     from cryptlayer.tools.system import require_root
 
     options = container.StartOptions(
-        state.check_name(name),
+        _own_name(name),
         not keep,
         _size(scratch_size),
         allow_shared_dir=allow_shared_dir,
