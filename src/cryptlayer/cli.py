@@ -466,6 +466,21 @@ def _image_for_start(
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _own_name(name: str) -> str:
+    """`name` checked, and not cryptlayer-runtime's `engine-ID` (engine/cli.py NAME_PREFIX): the
+    engine's delete of its container ID would tear this one down and shred its image."""
+    from cryptlayer.runtime import state
+
+    state.check_name(name)
+    if name.startswith("engine-"):
+        raise UsageError(
+            f"the name {name} is cryptlayer-runtime's (for the engine's container"
+            f" {name.removeprefix('engine-')})",
+            "choose a name that does not begin with engine-",
+        )
+    return name
+
+
 def _digest(digest: str | None) -> str | None:
     from cryptlayer.image.statement import check_digest
 
@@ -853,7 +868,7 @@ def run(
 ) -> None:
     """Run COMMAND (or the image's default) in a container from IMAGE, then tear down and shred."""
     from cryptlayer.image.process import Network, Overrides
-    from cryptlayer.runtime import container, state
+    from cryptlayer.runtime import container
     from cryptlayer.tools.system import require_root
 
     if interactive and (key_file == "-" or (passphrase and not sys.stdin.isatty())):
@@ -865,7 +880,7 @@ def run(
     lazy = image.startswith("docker://")  # the registry's copy is not erased (docs/lazy.md)
     stem = Path(image.rsplit("/", 1)[-1].split("@")[0].split(":")[0]) if lazy else Path(image)
     options = container.StartOptions(
-        state.check_name(name) if name else container.default_name(stem),
+        _own_name(name) if name else container.default_name(stem),
         not keep and not lazy,
         _size(scratch_size),
         stop_timeout,
@@ -912,11 +927,11 @@ def start(
     password_stdin: "PasswordStdin" = False,
 ) -> None:
     """Assemble the root file system and print its path (for podman --rootfs, nspawn -D, crun)."""
-    from cryptlayer.runtime import container, state
+    from cryptlayer.runtime import container
     from cryptlayer.tools.system import require_root
 
     options = container.StartOptions(
-        state.check_name(name),
+        _own_name(name),
         not keep and not image.startswith("docker://"),  # a registry's copy: see docs/lazy.md
         _size(scratch_size),
         allow_shared_dir=allow_shared_dir,

@@ -227,8 +227,7 @@ class ImageKey:
         if self.image is not None:
             return fnmatch.fnmatchcase(str(image), self.image)
         if self.signer is not None:
-            return any(self.signer in line.split(",") and f"!{self.signer}" not in line.split(",")
-                       for line in signers)  # fmt: skip
+            return any(_names(line.split(","), self.signer) for line in signers)
         if self.digest is not None:
             return digest == self.digest
         return repository is not None and repository == self.repository
@@ -238,6 +237,20 @@ class ImageKey:
         """The files its key is read from, which must be root's and writable by no one else."""
         plain = self.identity is not None and self.identity.startswith("/")
         return tuple(p for p in (self.key_file, self.identity if plain else None) if p)
+
+
+def _names(patterns: Sequence[str], principal: str) -> bool:
+    """Whether a trust file line's `patterns` name `principal` itself (a pattern of them does
+    not: `*@example` chooses no key) and `ssh-keygen -Y verify -I PRINCIPAL` would accept it:
+    OpenSSH's match_pattern_list refuses a principal any negated pattern (`!*@example`,
+    `!pub?isher@example`) matches, whatever else the line lists."""
+    import re
+
+    def matches(pattern: str) -> bool:  # OpenSSH's match_pattern: `*` and `?` only
+        regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+        return re.fullmatch(regex, principal, re.DOTALL) is not None
+
+    return principal in patterns and not any(p.startswith("!") and matches(p[1:]) for p in patterns)
 
 
 def image_keys() -> list[ImageKey]:

@@ -123,6 +123,19 @@ def test_invalid_name(tmp_path: Path) -> None:
     assert one_error_line(err).startswith("error: invalid name '../x'")
 
 
+@pytest.mark.parametrize("command", ["start", "run"])
+def test_an_engines_name_is_refused(tmp_path: Path, command: str) -> None:
+    """`engine-ID` is what cryptlayer-runtime names the engine's container ID (engine/cli.py):
+    a container of cryptlayer's own under such a name would be torn down, its image shredded,
+    by the engine's delete of another container whose id is ID (`ctr run IMAGE web`; found by
+    review)."""
+    code, _, err = invoke(command, "--key-file", "k", "--name", "engine-web", str(tmp_path))
+    assert code == (ExitCode.USAGE if command == "start" else ExitCode.RUN_FAILED)  # run: 125
+    assert one_error_line(err).startswith(
+        "error: the name engine-web is cryptlayer-runtime's (for the engine's container web)"
+    )
+
+
 def test_key_file_missing_and_empty(tmp_path: Path) -> None:
     code, _, err = invoke(
         "build", "--key-file", str(tmp_path / "nokey"), "-o", str(tmp_path / "i"), str(tmp_path)

@@ -534,6 +534,34 @@ def test_a_bad_image_name_fails_in_the_runtimes_log(
 
 
 @pytest.mark.parametrize(
+    ("image", "shown"),
+    [
+        ("docker://reg.example/team/app:v1\n\x1b[31mforged", "docker://reg.example/team/app:v1\\n"),
+        ("docker://reg.example/Team\nx", "docker://reg.example/Team\\nx"),
+        ("docker://reg.\nexample/team/app", "docker://reg.\\nexample/team/app"),
+        ("docker://evil.example?/team/app", "docker://evil.example?/team/app"),
+    ],
+)
+def test_a_hostile_reference_fails_on_one_line(
+    fake: dict[str, str], tmp_path: Path, image: str, shown: str
+) -> None:
+    """A reference from the spec with a newline or a terminal escape in it (the tag, the
+    repository, the registry's host, which nothing checked) is shown escaped, on one line, and a
+    registry host that is not HOST[:PORT] is refused before anything is fetched (found by
+    review: the message carried the spec's text raw)."""
+    config = tmp_path / "config.toml"
+    config.write_text("allow-unsigned = true\n")
+    bundle = bundle_with(tmp_path, spec({"org.cryptlayer.image": image}))
+    env = {**fake, "CRYPTLAYER_ROOT": str(tmp_path / "state")}
+    result, _ = run_runtime(["create", "--bundle", bundle, "c1"], env)
+    assert result.returncode == 125
+    text = result.stderr.decode()
+    assert text.startswith(f"error: cryptlayer-runtime: {shown}") or shown in text
+    assert text.count("\n") == 1 and "\x1b" not in text
+    assert not Path(fake["RECORD"], "argv").exists()
+
+
+@pytest.mark.parametrize(
     "marks",
     [
         {"io.kubernetes.cri.container-type": "sandbox"},

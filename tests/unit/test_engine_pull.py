@@ -237,6 +237,35 @@ def test_two_containers_of_one_image_at_once(node: Node) -> None:
     assert node.left() == []
 
 
+def test_a_spec_naming_a_copy_in_the_store_by_path_is_refused(node: Node, tmp_path: Path) -> None:
+    """Another container's copy (running, or kept) is that container's: a spec naming it by
+    its path (as is, through `..`, or through a symbolic link) would open it with the node's key
+    and, at its own delete, shred it under the other container (found by review)."""
+    victim = create(node, "c1", node.ref, keep="true")
+    copy = node.store / victim
+    link = tmp_path / "link"
+    link.symlink_to(copy)
+    for path in (str(copy), f"{node.store}/../store/{victim}", str(link), str(node.store),
+                 f"{copy}/."):  # fmt: skip
+        with pytest.raises(UsageError, match="in the node's pull store"):
+            create(node, "c2", path)
+    assert len(node.started) == 1 and node.left() == [victim]
+    encrypted.stop(victim)
+
+
+def test_a_delete_removes_its_own_pull_work_only(node: Node) -> None:
+    """The container `a` removes `.engine-a.pull-DIGEST12`, never the work directory of the
+    container `a.pull-x`, whose name begins as its own's does (found by review)."""
+    os.close(store.open_store())
+    theirs = [".engine-a.pull-x.pull-0123456789ab", "engine-a.pull-x", ".engine-a.pull-xyz"]
+    for entry in ["engine-a", ".engine-a.pull-0123456789ab", *theirs]:
+        (node.store / entry).mkdir()
+        (node.store / entry / "layer0.luks").write_bytes(b"L" * 10)
+    store.discard("engine-a")
+    assert node.left() == sorted(theirs)
+    assert (node.store / theirs[0] / "layer0.luks").read_bytes() == b"L" * 10
+
+
 # -- what fails leaves nothing
 
 
@@ -253,6 +282,24 @@ def test_an_unsigned_image_is_refused_by_default(node: Node) -> None:
                                                        "allow-unsigned = true"))  # fmt: skip
     encrypted.stop(create(node, "c1", node.unsigned))
     assert node.started[-1]["trust"] is None and node.left() == []
+
+
+@pytest.mark.parametrize("how", ["file", "directory"])
+def test_a_trust_file_others_could_change_is_refused(node: Node, tmp_path: Path, how: str) -> None:
+    """cryptlayer-runtime runs as root; whoever can change its trust file (or replace it through
+    a directory above) chooses which images run and which `signer` entry's key they get: refused,
+    as a config file or runtime others could change is (found by review)."""
+    folder = tmp_path / "trust.d"
+    folder.mkdir()
+    trust = folder / "allowed_signers"
+    trust.write_bytes(node.trust.read_bytes())
+    (trust if how == "file" else folder).chmod(0o666 if how == "file" else 0o777)
+    node.conf.write_text(node.conf.read_text().replace(str(node.trust), str(trust)))
+    err = fails(node, "c1", node.ref)
+    assert isinstance(err, UsageError) and "writable by group or others" in str(err)
+    assert str(err).startswith(f"{trust if how == 'file' else folder} is writable")
+    (trust if how == "file" else folder).chmod(0o644 if how == "file" else 0o755)
+    encrypted.stop(create(node, "c1", node.ref))
 
 
 def test_a_wrong_key_fails_and_the_copy_is_removed(node: Node) -> None:

@@ -9,6 +9,7 @@ test_opener.py signs them); the assembly after the unlock needs dm-crypt (tests/
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -126,6 +127,22 @@ def test_a_signer_negated_on_its_line_is_not_that_signer(conf: Path) -> None:
         config.key_for(Path("/x"), signers=("*@example,publisher@example,!publisher@example",))
 
 
+def test_a_signer_a_negated_pattern_of_its_line_refuses_is_not_that_signer(conf: Path) -> None:
+    """OpenSSH refuses a principal any negated pattern of the line matches (match_pattern_list):
+    `ssh-keygen -Y verify -I publisher@example` fails for these lines' keys, so their images are
+    not publisher@example's and get no key of its entry (found by review: only `!NAME` itself
+    was looked for)."""
+    conf.write_text('[[keys]]\nsigner = "publisher@example"\nkey-file = "/k"\n')
+    for line in ("ops@example,publisher@example,!publisher@*", "publisher@example,!*",
+                 "publisher@example,!pub?isher@example", "publisher@example,!*@example"):  # fmt: skip
+        with pytest.raises(UsageError, match="no key for the image"):
+            config.key_for(Path("/x"), signers=(line,))
+    # a negated pattern that does not match it leaves it named
+    for line in ("publisher@example,!mallory@*", "publisher@example,!publisher@example.org",
+                 "publisher@example,!publisher?example.org"):  # fmt: skip
+        assert config.key_for(Path("/x"), signers=(line,)).key_file == "/k"
+
+
 def test_signer_entries_choose_by_the_verified_signature(
     conf: Path, tmp_path: Path, publishers: tuple[Path, Path, Path]
 ) -> None:
@@ -174,6 +191,47 @@ key-command = "sh -c 'touch {ran}; printf %s {KEY.decode()}'"
     assert not ran.exists()
     signed(image, publishers[0])
     assert len(unlocks(image, NodeKeys(), trust)) == 32
+    assert ran.exists()
+
+
+@pytest.mark.parametrize("how", ["program", "directory", "link"])
+def test_a_key_command_others_could_change_never_runs(conf: Path, tmp_path: Path, how: str) -> None:
+    """The key command runs as root (cryptlayer-runtime's user) and its output is the key: a
+    program another user could change or replace (itself, a directory above it, where a
+    symbolic link leads) is refused before it runs, as the runtime `[runtime]` names is (found
+    by review: only key and identity files were checked)."""
+    bin_dir, ran = tmp_path / "bin", tmp_path / "ran"
+    bin_dir.mkdir()
+    program = bin_dir / "fetch-key"
+    program.write_text(f"#!/bin/sh\ntouch {ran}\nprintf %s {KEY.decode()}\n")
+    program.chmod(0o755)
+    named, loose = program, {"program": program, "directory": bin_dir}.get(how)
+    if how == "link":  # a link of root's, in a directory of root's, to another's directory
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        (theirs / "fetch-key").write_bytes(program.read_bytes())
+        (theirs / "fetch-key").chmod(0o755)
+        named = tmp_path / "fetch-key"
+        named.symlink_to(theirs / "fetch-key")
+        os.chown(theirs, 65534, 65534)
+    else:
+        assert loose is not None
+        loose.chmod(0o757 if how == "program" else 0o777)
+    conf.write_text(f'[[keys]]\nimage = "/x"\nkey-command = "{named} --app x"\n')
+    with pytest.raises(UsageError, match="another user could change the key command") as err:
+        NodeKeys().choose(Path("/x"), signers=(), digest=DIGEST)
+    why = "owned by uid 65534" if how == "link" else "writable by group or others"
+    assert why in str(err.value)
+    assert not ran.exists()
+    if how == "link":
+        os.chown(tmp_path / "theirs", 0, 0)
+    else:
+        assert loose is not None
+        loose.chmod(0o755)
+    with NodeKeys().choose(Path("/x"), signers=(), digest=DIGEST) as credential:
+        assert credential.key is not None
+        with credential.key.view() as data:
+            assert bytes(data) == KEY
     assert ran.exists()
 
 

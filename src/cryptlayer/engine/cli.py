@@ -748,7 +748,7 @@ def fail(message: str, invocation: Invocation) -> NoReturn:
     """One `error:` line on stderr and, with --log, in the runtime's log in its --log-format
     (json: {"level":"error","msg":...,"time":...}, as runc and crun write it, whose last
     error line podman and containerd show); exit FAILED."""
-    line = f"cryptlayer-runtime: {message}"
+    line = f"cryptlayer-runtime: {_printable(message)}"  # (one line, whatever a spec put in it)
     import contextlib
 
     with contextlib.suppress(OSError):  # descriptor 2 itself: closed at start, sys.stderr is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +41,10 @@ KEEP_ENV = "CRYPTLAYER_KEEP"
 # Removed from the container's environment before its process starts (as nvidia-container-runtime
 # removes NVIDIA_VISIBLE_DEVICES): they are the node's business, not the job's.
 NAMING_ENV = ("CRYPTLAYER_IMAGE", DIGEST_ENV, KEEP_ENV)
+
+# A registry as a reference names it (as registry.registry_host takes one): what
+# parse_reference leaves is anything before the first `/`.
+REGISTRY_HOST = r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\])(:[0-9]+)?"
 
 CAPABILITY_SETS = (
     "effective",
@@ -87,7 +92,16 @@ def request(spec: dict[str, Any], image: str) -> Request:
     if image.startswith("docker://"):
         from cryptlayer.distribution.registry import parse_reference
 
-        parse_reference(image)  # UsageError for what is not a repository's reference
+        try:  # UsageError for what is not a repository's reference; the spec's text escaped
+            host = parse_reference(image).host
+        except UsageError as err:
+            hint = None if err.hint is None else printable(err.hint)
+            raise UsageError(printable(err.message), hint) from None
+        if not re.fullmatch(REGISTRY_HOST, host):  # (what the connection would make of it)
+            raise UsageError(
+                f"the registry {printable(host)} of {printable(image)} is not HOST[:PORT]",
+                "name the registry image as docker://REGISTRY[:PORT]/REPO:TAG",
+            )
         reference = image
     elif not image.startswith("/"):
         raise UsageError(
@@ -217,6 +231,7 @@ def trust() -> Path | None:
     """The allowed_signers file images must be signed under; None only where the node's config
     says `allow-unsigned = true` (and names no trust)."""
     from cryptlayer import config
+    from cryptlayer.engine import cli
 
     trusted = config.trust(None)
     if trusted is None and not config.allow_unsigned():
@@ -224,6 +239,15 @@ def trust() -> Path | None:
             f"{config._path()} names no trust (allowed_signers) file, and cryptlayer-runtime runs"
             " signed images only",
             'set trust = "/etc/cryptlayer/allowed_signers" (or allow-unsigned = true)',
+        )
+    # whoever could change it would choose what runs as root, and a `signer` entry's key
+    why = None if trusted is None or not trusted.exists() else cli._replaceable(str(trusted))
+    if why is not None:
+        raise UsageError(
+            f"{why}: another user could change the trust file {printable(str(trusted))}, and so"
+            " which images cryptlayer-runtime runs",
+            f"make it, and the directories above it, root's and writable by their owner only"
+            f" (chown root {trusted}; chmod go-w {trusted})",
         )
     return trusted
 
@@ -257,6 +281,9 @@ def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str, *,
         repository = f"{ref.host}/{ref.repository}"
         path = store.target(name)  # (the store checked before its path chooses a key)
         keep = keep or config.pull_settings().keep
+    else:
+        assert path is not None
+        path = outside_store(path)
     assert path is not None
     pulled: store.Pulled | None = None
     started = False
@@ -289,6 +316,24 @@ def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str, *,
         raise
     journal.crash_point()  # assembled, the runtime's create not begun (tests/vm)
     return name
+
+
+def outside_store(image: Path) -> Path:
+    """`image` (a spec's path on the node) resolved, as it is then opened; UsageError when it is
+    in the pull store: a copy there is the container's it was pulled for (another spec naming
+    it would open it with the node's key, and shred it under that container at its delete)."""
+    from cryptlayer.engine import store
+
+    resolved = image.resolve()
+    pulled = store.store_dir().resolve()
+    if resolved == pulled or pulled in resolved.parents:
+        raise UsageError(
+            f"the image {printable(str(image))} is in the node's pull store {pulled}, whose copies"
+            " belong to the containers they were pulled for",
+            "name the registry image (docker://REGISTRY/REPO:TAG), or an image directory outside"
+            " the store",
+        )
+    return resolved
 
 
 @contextmanager

@@ -125,13 +125,19 @@ def holds(image: str | Path) -> str | None:
 
 
 def discard(name: str, *, wipe: bool = True) -> None:
-    """Remove the copy `name` and any pull work directory of it (`.NAME.pull-*`) from the store,
-    each file's first bytes (up to LUKS2's largest header and keyslots area: every key slot)
-    overwritten with zeros first unless `wipe` is off (a copy whose keyslots were erased)."""
+    """Remove the copy `name` and any pull work directory of it (`.NAME.pull-` and 12 hex
+    digits) from the store, each file's first bytes (up to LUKS2's largest header and keyslots
+    area: every key slot) overwritten with zeros first unless `wipe` is off (a copy whose
+    keyslots were erased)."""
+    import re
+
+    # exactly transfer.py's `.NAME.pull-` and 12 hex digits: `.engine-a.pull-x.pull-...` is the
+    # work of the container `a.pull-x`, not of `a`
+    work = re.compile(rf"\.{re.escape(name)}\.pull-[0-9a-f]{{12}}")
     fd = open_store()
     try:
         for entry in os.listdir(fd):
-            if entry == name or entry.startswith(f".{name}.pull-"):
+            if entry == name or work.fullmatch(entry):
                 _remove(fd, entry, wipe)
     finally:
         os.close(fd)

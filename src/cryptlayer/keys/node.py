@@ -61,5 +61,53 @@ def entry_credential(image: Path, entry: config.ImageKey) -> Credential:
                 f"the key {printable(path)} is not root's own file, writable by no one else",
                 f"chown root {path}; chmod 600 {path}",
             )
+    if entry.key_command is not None:
+        _check_program(entry.key_command)
     source = KeySource(entry.key_file, entry.key_command, entry.keyring)
     return credential(image, source, False, entry.identity)
+
+
+def _check_program(command: str) -> None:
+    """UsageError when another user could change the key command's program (found as the runner
+    finds it) or replace it: it, or an entry above it up to /, as named and where its symbolic
+    links lead, owned by someone other than root and us or writable by group or others (a
+    sticky directory such as /tmp excepted). It runs as root, and its output is the key."""
+    import shlex
+    import stat
+
+    from cryptlayer.tools.runner import which
+
+    program = which(shlex.split(command)[0])
+    mine = (0, os.geteuid())
+    pending = [os.path.realpath(program), os.path.abspath(program)]
+    seen: set[str] = set()
+    while pending:
+        name = pending.pop()
+        while name not in seen and len(seen) < 1000:
+            seen.add(name)
+            try:
+                st = os.lstat(name)
+                if stat.S_ISLNK(st.st_mode):
+                    here = os.path.realpath(os.path.dirname(name))
+                    pending.append(os.path.normpath(os.path.join(here, os.readlink(name))))
+            except OSError as err:
+                raise UsageError(f"cannot examine the key command's {printable(name)}:"
+                                 f" {err.strerror}") from None  # fmt: skip
+            sticky = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+            why = None
+            if st.st_uid not in mine:
+                why = f"{printable(name)} is owned by uid {st.st_uid}"
+            elif not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022 and not sticky:
+                why = f"{printable(name)} is writable by group or others"
+            if why is not None:
+                raise UsageError(
+                    f"{why}: another user could change the key command {printable(program)} that"
+                    f" {config._path()} names, and so the key and what runs as {_who()}",
+                    f"make it, and the directories above it, {_who()}'s and writable by their"
+                    f" owner only (chown root; chmod go-w)",
+                )
+            name = os.path.dirname(name)
+
+
+def _who() -> str:
+    return "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
