@@ -113,16 +113,17 @@ def test_docker_gives_the_commands_status_and_output(
 
 
 def test_docker_shows_cryptlayers_error(docker: Docker, images: Path, tmp_path: Path) -> None:
-    """The node's config has no key for the image: `docker run` fails with cryptlayer's one line
-    (Docker's 125: the daemon's error); nothing is left."""
+    """The image named is not on the node: `docker run` fails with cryptlayer's one line
+    (Docker's 125: the daemon's error); nothing is left. (The path is resolved and checked before
+    a key is looked for: part 12's review.)"""
     trust = tmp_path / "allowed_signers"
     trust.write_text("")
     docker.config.write_text(f'trust = "{trust}"\n')
     missing = images / "unknown"
     result = docker.run("-e", f"CRYPTLAYER_IMAGE={missing}", ef.PLACEHOLDER)
     assert (result.returncode, result.stdout) == (125, ""), result.stderr
-    assert f"cryptlayer-runtime: no key for the image {missing} in {docker.config}" in (
-        result.stderr), result.stderr  # fmt: skip
+    assert f"cryptlayer-runtime: {missing} is not an image directory" in result.stderr, (
+        result.stderr)  # fmt: skip
     assert settled() == []
 
 
