@@ -410,11 +410,14 @@ def _check_host(strict: bool) -> None:
         warn(problem.kind, f"{problem}: decrypted memory may reach the disk")
 
 
-def _warn_if_erase_may_not_hold(image: Path) -> None:
-    """A `warning:` line when the image's storage may keep old copies of erased keyslots."""
+def _warn_if_erase_may_not_hold(image: Path, lazy: bool = False) -> None:
+    """A `warning:` line when the image's storage may keep old copies of erased keyslots: for a
+    lazy start's image, the block cache's (the header chunks it dropped; docs/lazy.md)."""
+    from cryptlayer.paths import block_cache_dir
     from cryptlayer.runtime.hostcheck import erase_caveat
 
-    if image.is_dir() and (caveat := erase_caveat(image)):
+    where = block_cache_dir() if lazy else image
+    if where.is_dir() and (caveat := erase_caveat(where)):
         warn("erase-storage", caveat)
 
 
@@ -431,10 +434,11 @@ RunImage = Annotated[
 @contextmanager
 def _image_for_start(
     image: str, digest: str | None, trust: Path | None, tls_verify: str, cert_dir: Path | None,
-    authfile: Path | None, creds: str | None, password_stdin: bool,
+    authfile: Path | None, creds: str | None, password_stdin: bool, erase: bool,
 ) -> "Iterator[tuple[Path, LazyLayers | None]]":  # fmt: skip
     """run/start's image: a directory, or (docker://) one fetched for a lazy start into a
-    private directory in /run (removed again unless an opening of its layers holds it)."""
+    private directory in /run (removed again unless an opening of its layers holds it); with
+    `erase`, its headers are kept off the node's disk (docs/lazy.md)."""
     if not image.startswith("docker://"):
         yield Path(image), None
         return
@@ -457,9 +461,10 @@ def _image_for_start(
     work.mkdir(mode=0o700)
     target = work / "image"
     try:
-        fetched = lazy.fetch(remote, target, digest=digest, trust=trust)
+        fetched = lazy.fetch(remote, target, digest=digest, trust=trust, erase=erase)
         command = [sys.executable, "-m", "cryptlayer.distribution.lazy"]
-        config = functools.partial(lazy.server_config, remote, fetched.blobs)
+        private = fetched.headers if erase else None
+        config = functools.partial(lazy.server_config, remote, fetched.blobs, private=private)
         yield target, LazyLayers(work, fetched.blobs, command, config)
     finally:
         if state.load_opening(str(target)) is None:  # a failure, or `run`'s teardown is done
@@ -877,11 +882,11 @@ def run(
         )
     if network not in {n.value for n in Network}:
         raise UsageError(f"unknown --network {network!r}", "use none or host")
-    lazy = image.startswith("docker://")  # the registry's copy is not erased (docs/lazy.md)
+    lazy = image.startswith("docker://")  # the node's copy is erased, not the registry's
     stem = Path(image.rsplit("/", 1)[-1].split("@")[0].split(":")[0]) if lazy else Path(image)
     options = container.StartOptions(
         _own_name(name) if name else container.default_name(stem),
-        not keep and not lazy,
+        not keep,
         _size(scratch_size),
         stop_timeout,
         allow_shared_dir,
@@ -893,9 +898,9 @@ def run(
     overrides = Overrides(tuple(args), tuple(env or ()), workdir, user, Network(network))
     require_root("start containers")
     with _image_for_start(image, options.digest, options.trust, tls_verify, cert_dir, authfile,
-                          creds, password_stdin) as (path, lazy_layers):  # fmt: skip
+                          creds, password_stdin, options.shred) as (path, lazy_layers):  # fmt: skip
         if options.shred:
-            _warn_if_erase_may_not_hold(path)
+            _warn_if_erase_may_not_hold(path, lazy_layers is not None)
         options = dataclasses.replace(options, lazy=lazy_layers)
         with _key_or_node(path, key_file, key_command, keyring, passphrase,
                           identity) as credential:  # fmt: skip
@@ -932,7 +937,7 @@ def start(
 
     options = container.StartOptions(
         _own_name(name),
-        not keep and not image.startswith("docker://"),  # a registry's copy: see docs/lazy.md
+        not keep,  # of a docker:// image, the node's copy (docs/lazy.md)
         _size(scratch_size),
         allow_shared_dir=allow_shared_dir,
         digest=_digest(digest),
@@ -940,9 +945,9 @@ def start(
     )
     require_root("start containers")
     with _image_for_start(image, options.digest, options.trust, tls_verify, cert_dir, authfile,
-                          creds, password_stdin) as (path, lazy_layers):  # fmt: skip
+                          creds, password_stdin, options.shred) as (path, lazy_layers):  # fmt: skip
         if options.shred:
-            _warn_if_erase_may_not_hold(path)
+            _warn_if_erase_may_not_hold(path, lazy_layers is not None)
         options = dataclasses.replace(options, lazy=lazy_layers)
         with _key_or_node(path, key_file, key_command, keyring, passphrase,
                           identity) as credential:  # fmt: skip

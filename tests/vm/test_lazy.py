@@ -17,12 +17,14 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
-from conftest import MARKER_LOWER, Cli, leftovers
+from conftest import MARKER_LOWER, Cli, image_key_of, keyslots, leftovers
 from registryfixtures import registry
 from test_crash_points import crash_at
 from test_tampering import _block_of, _flip
 
+from cryptlayer.distribution.blockcache import CHUNK
 from cryptlayer.errors import ExitCode
+from cryptlayer.image.manifest import load
 from cryptlayer.paths import block_cache_dir, run_root
 
 SERVER = "cryptlayer.distribution.lazy"
@@ -105,14 +107,14 @@ def test_lazy_run_reads_the_file_and_fetches_part_of_the_blob(
     with registry(tmp_path / "registry") as reg:
         cli.ok("push", "--no-tls-verify", "-q", str(image), f"{reg.host}/team/big:v1")
         ref = f"docker://{reg.host}/team/big:v1"
-        with _server_logs() as logs:
-            code, out, err = cli("run", "--tls-verify=false", "-k", str(key_file), ref)
+        with _server_logs() as logs:  # --keep: the node keeps the headers' chunks too
+            code, out, err = cli("run", "--tls-verify=false", "--keep", "-k", str(key_file), ref)
         assert (code, out) == (0, f"{MARKER_LOWER}\n"), (err, logs)
         fetched = _cached(layer)
         assert 0 < fetched < size // 2, f"fetched {fetched} of {size} bytes"
         _nothing_lazy_left()
         # a second start fetches no layer byte it already has: the same output from the cache
-        assert cli("run", "--tls-verify=false", "-k", str(key_file), ref)[1] == out
+        assert cli("run", "--tls-verify=false", "--keep", "-k", str(key_file), ref)[1] == out
         assert _cached(layer) == fetched
         _nothing_lazy_left()
 
@@ -196,5 +198,120 @@ def test_the_registry_gone_mid_run_is_an_io_error_and_stop_leaves_nothing(
     finally:
         code, _, err = cli("stop", "gone")
     assert code == 0, err
+    _nothing_lazy_left()
+    shutil.rmtree(block_cache_dir(), ignore_errors=True)
+
+
+# Crypto-erase (docs/lazy.md, "Erase at start"): without --keep, the node's copy of each layer's
+# LUKS header (the block cache's chunks holding it, the fetched copy in /run) is erased at start,
+# and nothing left on the node opens the image; the registry's copy is the publisher's.
+
+
+def _header_chunks(image: Path) -> list[list[str]]:
+    """For each layer of `image`: the block cache's chunks of its blob that overlap its header."""
+    found = []
+    for layer in load(image).layers:
+        where = block_cache_dir() / "sha256" / _blob(image / layer.file)
+        names = [p.name for p in where.iterdir() if p.name[0] != "."] if where.is_dir() else []
+        found.append(sorted(n for n in names if int(n, 16) * CHUNK < layer.offset))
+    return found
+
+
+def _opens_from_cache(image: Path, key_file: Path, work: Path) -> list[bool]:
+    """For each layer: whether what the block cache holds of its blob, each chunk put back at
+    its place in a sparse file of the blob's size, opens with the image key (cryptsetup's own
+    test of the key against the header's keyslots)."""
+    image_key = image_key_of(image, key_file.read_bytes())
+    opens = []
+    for layer in load(image).layers:
+        where = block_cache_dir() / "sha256" / _blob(image / layer.file)
+        blob = work / f"{layer.file}.from-cache"
+        with open(blob, "wb") as out:
+            out.truncate(layer.size)
+            for chunk in where.glob("[0-9a-f]" * 8):  # not a temporary file
+                out.seek(int(chunk.name, 16) * CHUNK)
+                out.write(chunk.read_bytes())
+        test = subprocess.run(["cryptsetup", "open", "--test-passphrase", "--key-file", "-",
+                               str(blob)], input=image_key, capture_output=True)  # fmt: skip
+        opens.append(test.returncode == 0)
+        blob.unlink()
+    return opens
+
+
+def test_a_lazy_run_without_keep_leaves_nothing_on_the_node_that_opens_the_image(
+    cli: Cli, image: Path, key_file: Path, tmp_path: Path
+) -> None:
+    """With --keep the headers' chunks stay in the cache (a second start fetches nothing), and
+    put together they open the image; a run without it drops them (those --keep left too),
+    stores none again, and what is left opens nothing."""
+    shutil.rmtree(block_cache_dir(), ignore_errors=True)
+    layers = len(load(image).layers)
+    with registry(tmp_path / "registry") as reg:
+        cli.ok("push", "--no-tls-verify", "-q", str(image), f"{reg.host}/team/app:v1")
+        ref = f"docker://{reg.host}/team/app:v1"
+        code, out, err = cli("run", "--tls-verify=false", "--keep", "-k", str(key_file), ref)
+        assert (code, out) == (0, f"{MARKER_LOWER}\n"), err
+        assert all(_header_chunks(image)), _header_chunks(image)
+        assert _opens_from_cache(image, key_file, tmp_path) == [True] * layers
+        code, out, err = cli("run", "--tls-verify=false", "-k", str(key_file), ref)
+        assert (code, out) == (0, f"{MARKER_LOWER}\n"), err
+    assert _header_chunks(image) == [[]] * layers
+    assert _opens_from_cache(image, key_file, tmp_path) == [False] * layers
+    assert any(_cached(_blob(image / layer.file)) for layer in load(image).layers)  # the rest
+    _nothing_lazy_left()  # and the fetched copy in /run is gone
+    shutil.rmtree(block_cache_dir(), ignore_errors=True)
+
+
+def _read_everything(rootfs: Path) -> None:
+    """Every file of the container's tree read through the layers, none from the page cache:
+    the file systems' first blocks lie in the chunks that hold the headers."""
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    for path in rootfs.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.read_bytes()
+
+
+def _fetched_keyslots() -> dict[str, list[int]]:
+    """The keyslots of each fetched copy's layer files in /run, by container directory."""
+    return {
+        work.name: [keyslots(p) for p in sorted((work / "image").glob("*.luks"))]
+        for work in (run_root() / "lazy").iterdir()
+    }
+
+
+def test_an_erasing_lazy_start_beside_a_kept_one_keeps_the_header_off_the_disk(
+    cli: Cli, image: Path, key_file: Path, tmp_path: Path
+) -> None:
+    """Two containers of one image at once: a --keep one, then one that erases at start. The
+    second's start drops the headers' chunks under the first's server and wipes its own fetched
+    copy's keyslots; while it runs, its reads (all of its tree, the chunks holding the headers
+    included) store none again; the first goes on reading (its server fetches again what was
+    dropped under it); both stop and leave nothing."""
+    shutil.rmtree(block_cache_dir(), ignore_errors=True)
+    layers = len(load(image).layers)
+    with registry(tmp_path / "registry") as reg:
+        cli.ok("push", "--no-tls-verify", "-q", str(image), f"{reg.host}/team/app:v1")
+        ref = f"docker://{reg.host}/team/app:v1"
+        kept = Path(cli.ok("start", "--tls-verify=false", "--keep", "--name", "lzk", "-k",
+                           str(key_file), ref).strip())  # fmt: skip
+        try:
+            before = set(_fetched_keyslots())
+            assert all(_header_chunks(image))
+            erased = Path(cli.ok("start", "--tls-verify=false", "--name", "lze", "-k",
+                                 str(key_file), ref).strip())  # fmt: skip
+            try:
+                assert _header_chunks(image) == [[]] * layers
+                slots = _fetched_keyslots()
+                assert [slots[w] for w in slots if w in before] == [[1] * layers]  # --keep's
+                assert [slots[w] for w in slots if w not in before] == [[0] * layers]
+                _read_everything(erased)
+                assert (erased / "data/hello.txt").read_text() == f"{MARKER_LOWER}\n"
+                assert _header_chunks(image) == [[]] * layers  # never stored again
+                _read_everything(kept)
+                assert (kept / "data/hello.txt").read_text() == f"{MARKER_LOWER}\n"
+            finally:
+                cli.ok("stop", "lze")
+        finally:
+            cli.ok("stop", "lzk")
     _nothing_lazy_left()
     shutil.rmtree(block_cache_dir(), ignore_errors=True)

@@ -39,6 +39,7 @@ RESCAN_EVERY = 64  # chunks stored between two looks at what other processes sto
 TOUCH_EVERY = 60.0  # seconds: a chunk's use time (its mtime) is updated at most this often
 STALE_TEMP = 600.0  # seconds: a temporary chunk file this old belongs to a writer that died
 TEMP_PREFIX = ".tmp-"
+PRIVATE_KEPT = 16  # private chunks (an erased image's header: CachedBlob) kept in memory
 
 
 class Source(Protocol):
@@ -87,6 +88,10 @@ class BlockCache:
         try:
             st = os.fstat(fd)
             data = os.pread(fd, length + 1, 0) if stat.S_ISREG(st.st_mode) else b""
+            # Dropped meanwhile (`drop` unlinks a chunk before it overwrites it): what was read
+            # may be part zeros. Fetched again instead.
+            if os.fstat(fd).st_nlink == 0:
+                return None
         finally:
             os.close(fd)
         if len(data) != length:
@@ -179,11 +184,15 @@ class CachedBlob:
     sequential reads start fetches of the chunks after them, the window doubling up to
     READAHEAD_MAX."""
 
-    def __init__(self, cache: BlockCache, source: Source) -> None:
+    def __init__(self, cache: BlockCache, source: Source, private: int = 0) -> None:
         self.cache = cache
         self.source = source
         self.digest = source.digest
         self.size = source.size
+        # Chunks overlapping bytes [0, private) (an erased image's LUKS header: docs/lazy.md)
+        # never touch the cache: fetched, and kept in memory only (up to PRIVATE_KEPT of them).
+        self.private = -(-private // CHUNK)
+        self.kept: dict[int, bytes] = {}
         self.lock = threading.Lock()
         self.inflight: dict[int, Future[bytes]] = {}
         self.pool = ThreadPoolExecutor(max_workers=FETCHERS, thread_name_prefix="readahead")
@@ -214,7 +223,7 @@ class CachedBlob:
 
     def chunk(self, index: int) -> bytes:
         length = chunk_length(self.size, index)
-        found = self.cache.get(self.digest, index, length)
+        found = self._cached(index, length)
         if found is not None:
             return found
         with self.lock:
@@ -238,13 +247,24 @@ class CachedBlob:
         except RuntimeError:  # closed
             self._settle(index, future, lambda: b"")
 
+    def _cached(self, index: int, length: int) -> bytes | None:
+        if index < self.private:
+            with self.lock:
+                return self.kept.get(index)
+        return self.cache.get(self.digest, index, length)
+
     def _load(self, index: int, future: Future[bytes]) -> None:
         def fetch() -> bytes:
             length = chunk_length(self.size, index)
-            data = self.cache.get(self.digest, index, length)
+            data = self._cached(index, length)
             if data is None:
                 data = self.source.read(index * CHUNK, length)
-                self.cache.put(self.digest, index, data)
+                if index >= self.private:
+                    self.cache.put(self.digest, index, data)
+                else:
+                    with self.lock:
+                        if len(self.kept) < PRIVATE_KEPT:
+                            self.kept[index] = data
             return data
 
         self._settle(index, future, fetch)
@@ -257,3 +277,91 @@ class CachedBlob:
         finally:
             with self.lock:
                 self.inflight.pop(index, None)
+
+
+def drop(cache: BlockCache, digest: str, start: int, end: int) -> int:
+    """Remove from `cache` every chunk of blob `digest` that overlaps bytes [start, end); returns
+    how many were removed. Generic: an erase drops a layer's LUKS header this way (docs/lazy.md).
+
+    Each chunk is moved aside (a chunk stored under its name meanwhile is another one's, and
+    kept), unlinked, then overwritten with zeros in place and synced, so that its blocks do not
+    go back to the file system's free space with their bytes in them (what such a file system
+    keeps anyway, copy-on-write or flash, is hostcheck.erase_caveat's warning). A reader that
+    opened it before is not served the zeros: `get` sees it was unlinked and fetches again. A
+    temporary file of such a chunk whose writer is gone goes the same way; a live writer's is
+    left to it. Under the cache's lock, so that no eviction removes a chunk moved aside."""
+    if end <= start:
+        return 0
+    where = cache.path(digest, 0).parent
+    indices = range(max(0, start) // CHUNK, -(-end // CHUNK))
+    dropped = 0
+    fd = os.open(cache.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)  # fmt: skip
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            names = os.listdir(where)
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
+        now = time.time()
+        for name in names:
+            if name.startswith(TEMP_PREFIX):  # .tmp-INDEX-PID-TID, or .tmp-drop-PID-TID
+                index_text, _, writer = name.removeprefix(TEMP_PREFIX).partition("-")
+                if index_text == "drop":  # a drop cut short (none runs now: we hold the lock)
+                    _wipe(where / name)
+                    continue
+                if _alive(writer.partition("-")[0], where / name, now):
+                    continue  # a live writer's: left to it (renamed to a chunk or removed)
+            else:
+                index_text = name
+            if len(index_text) != 8 or not all(c in "0123456789abcdef" for c in index_text):
+                continue
+            if int(index_text, 16) not in indices:
+                continue
+            aside = where / f"{TEMP_PREFIX}drop-{os.getpid()}-{threading.get_ident()}"
+            try:
+                os.rename(where / name, aside)
+            except FileNotFoundError:  # evicted, or renamed by its writer, meanwhile
+                continue
+            size = _wipe(aside)
+            if not name.startswith(TEMP_PREFIX):
+                dropped += 1
+                with cache.lock:
+                    cache.used = max(0, cache.used - size)
+                cache.touched.pop(where / name, None)
+        return dropped
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: str, path: Path, now: float) -> bool:
+    """Whether the writer of temporary chunk file `path` (process `pid`) may still write it."""
+    try:
+        if now - os.lstat(path).st_mtime > STALE_TEMP or not pid.isdigit():
+            return False
+        os.kill(int(pid), 0)
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process: not ours to judge
+        return True
+    return True
+
+
+def _wipe(path: Path) -> int:
+    """Unlink `path` (a chunk moved aside), then overwrite its bytes with zeros and sync them;
+    its size (0 if it is gone already)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0
+    try:
+        os.unlink(path)
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            zeros = bytes(min(st.st_size, CHUNK))
+            for offset in range(0, st.st_size, len(zeros) or 1):
+                os.pwrite(fd, zeros[: st.st_size - offset], offset)
+            os.fsync(fd)
+        return st.st_size
+    finally:
+        os.close(fd)

@@ -6,7 +6,9 @@ directory, except for the layer blobs: of those only the LUKS2 header (the state
 bytes) is fetched, through the node's block cache, into a sparse file of the layer's size. So
 image/opener.py opens the copy as any image (statement digest, --digest, signatures, sizes, the
 MAC and every header against the statement), and the runtime attaches an NBD device where it
-would attach a loop device over the file; dm-verity over it checks every block.
+would attach a loop device over the file; dm-verity over it checks every block. For a start that
+erases (no --keep), the headers never reach the node's disk: fetched past the cache (whose copy
+of them is dropped), and the server keeps the chunks holding them in memory only.
 
 `python -m cryptlayer.distribution.lazy` is the server: its standard input is one JSON object
 (the registry and its options, credentials included: never argv or env) naming, for each layer,
@@ -30,7 +32,7 @@ from typing import Any, BinaryIO
 from cryptlayer import paths
 from cryptlayer.distribution import artifact, transfer
 from cryptlayer.distribution.blobrange import BlobRanges
-from cryptlayer.distribution.blockcache import BlockCache, CachedBlob
+from cryptlayer.distribution.blockcache import CHUNK, BlockCache, CachedBlob, drop
 from cryptlayer.distribution.nbdserver import serve
 from cryptlayer.distribution.registry import Registry, parse_reference
 from cryptlayer.image import manifest as manifest_mod
@@ -66,10 +68,13 @@ def _cache() -> BlockCache:
 
 class _HeadersOnly:
     """pull's Store, except that a layer blob is its header and a hole: the statement names each
-    layer's size and header size (`offset`); the header comes through the block cache."""
+    layer's size and header size (`offset`); the header comes through the block cache, or, for
+    an image to be erased, straight from the registry after the cache's copy of it is dropped
+    (nothing that opens the image is written to the node's disk: docs/lazy.md)."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, erase: bool = False) -> None:
         self.registry = registry
+        self.erase = erase
         self.layers: dict[str, int] = {}  # layer blob digest -> header bytes to fetch
         self.digests: dict[str, str] = {}  # file name -> blob digest
 
@@ -91,7 +96,12 @@ class _HeadersOnly:
         header = min(size, self.layers[digest])
         out.seek(0)
         out.truncate(0)
-        if header:
+        if header and self.erase:
+            drop(_cache(), digest, 0, header)
+            ranges = BlobRanges(self.registry, digest, size)
+            for at in range(0, header, CHUNK):  # (a range is at most blobrange.MAX_RANGE)
+                out.write(ranges.read(at, min(CHUNK, header - at)))
+        elif header:
             blob = CachedBlob(_cache(), BlobRanges(self.registry, digest, size))
             try:
                 out.write(blob.pread(0, header))
@@ -114,8 +124,8 @@ class _Headers(_HeadersOnly):
     """The header sizes are the statement's: read from the work directory's manifest.json as
     soon as pull has it (it fetches the statement first, and layers after the small files)."""
 
-    def __init__(self, registry: Registry, work_parent: Path) -> None:
-        super().__init__(registry)
+    def __init__(self, registry: Registry, work_parent: Path, erase: bool = False) -> None:
+        super().__init__(registry, erase)
         self.work_parent = work_parent
 
     def pull_blob(self, digest: str, size: int, out: BinaryIO,
@@ -138,30 +148,38 @@ def _statement_beside(parent: Path) -> manifest_mod.Manifest:
 
 @dataclass(frozen=True)
 class Fetched:
-    """An image fetched for a lazy start: its directory and each layer's blob (digest, size)."""
+    """An image fetched for a lazy start: its directory, each layer's blob (digest, size), and
+    each layer's header size (the statement's `offset`: the bytes an erase keeps off the disk)."""
 
     image: Path
     blobs: list[tuple[str, int]]
+    headers: list[int]
 
 
 def fetch(remote: Remote, target: Path, *, digest: str | None = None,
-          trust: Path | None = None) -> Fetched:  # fmt: skip
+          trust: Path | None = None, erase: bool = False) -> Fetched:  # fmt: skip
     """Fetch the image's small files whole and its layers' headers into new directory `target`
-    (its parent private: nobody else may create the work directory beside it)."""
+    (its parent private: nobody else may create the work directory beside it). With `erase`
+    (a start that will erase the node's copy), the headers are not stored in the block cache,
+    and what it held of them is dropped."""
     registry = remote.registry()
-    store = _Headers(registry, target.parent)
+    store = _Headers(registry, target.parent, erase)
     transfer.pull(store, target, digest=digest, trust=trust)
     loaded = manifest_mod.load(target)
-    return Fetched(target, [(store.digests[layer.file], layer.size) for layer in loaded.layers])
+    return Fetched(target, [(store.digests[layer.file], layer.size) for layer in loaded.layers],
+                   [layer.offset for layer in loaded.layers])  # fmt: skip
 
 
-def server_config(remote: Remote, blobs: list[tuple[str, int]], fds: list[int]) -> bytes:
-    """The server's standard input."""
+def server_config(remote: Remote, blobs: list[tuple[str, int]], fds: list[int],
+                  private: list[int] | None = None) -> bytes:  # fmt: skip
+    """The server's standard input; `private`: for each blob, the bytes from its start (its
+    header, for an image to be erased) whose chunks the server must never store in the cache."""
+    private = private or [0] * len(blobs)
     return json.dumps({
         "ref": remote.ref, "tls_verify": remote.tls_verify, "cert_dir": remote.cert_dir,
         "authfile": remote.authfile, "login": remote.login,
-        "blobs": [{"digest": d, "size": s, "fd": fd} for (d, s), fd in zip(blobs, fds,
-                                                                          strict=True)],
+        "blobs": [{"digest": d, "size": s, "fd": fd} | ({"private": p} if p else {})
+                  for (d, s), fd, p in zip(blobs, fds, private, strict=True)],
     }).encode()  # fmt: skip
 
 
@@ -187,7 +205,8 @@ def main() -> None:
     threads = []
     with ExitStack() as stack:
         for item in config["blobs"]:
-            blob = CachedBlob(cache, BlobRanges(registry, item["digest"], int(item["size"])))
+            blob = CachedBlob(cache, BlobRanges(registry, item["digest"], int(item["size"])),
+                              int(item.get("private", 0)))  # fmt: skip
             stack.callback(blob.close)
             sock = socket.socket(fileno=int(item["fd"]))
             thread = threading.Thread(

@@ -260,7 +260,8 @@ def _finish_if_empty(record: Record) -> None:
         from cryptlayer.image.shred import shred_image  # (the erase at start did it, unless cut)
 
         crash_point()
-        shred_image(Path(record.image), expected=record.layer_ids, allow_shared=True)
+        if not layers.fetched_copy_gone(Path(record.image)):
+            shred_image(Path(record.image), expected=record.layer_ids, allow_shared=True)
         record.shredded = True
         record.save()
     if not record.steps:

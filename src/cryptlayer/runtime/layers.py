@@ -12,6 +12,12 @@ Erase at start: a container that will shred its image wipes the on-disk keyslots
 is assembled, so that a crash or a power cut leaves the disk's copy as unopenable as a clean
 stop would. The open mappings keep working (the kernel holds their volume keys); the header
 copies that let later containers prove their key and join live only in memory-backed /run.
+
+A lazy start's image (docker://, lazy.py) is a copy fetched into memory-backed /run whose layer
+files hold only their headers: erasing wipes their keyslots the same way. The node's disk never
+held those headers (the block cache's copy was dropped at the fetch and the server does not
+store them: distribution/lazy.py), and the copy goes with the opening, so once it is gone
+nothing is left to erase (`fetched_copy_gone`). The registry's copy is the publisher's.
 """
 
 from __future__ import annotations
@@ -237,6 +243,13 @@ def _copy_header(stack: ExitStack, opening: Opening, index: int, copy: Path) -> 
     checked = f"/dev/mapper/{paths.verity_mapping(opening.id, index)}"
     acquire(stack, opening, Kind.HEADER, str(copy),
             lambda: luksheader.backup(Path(checked), copy))  # fmt: skip
+
+
+def fetched_copy_gone(image: Path) -> bool:
+    """Whether `image` was a lazy start's fetched copy (under the memory-backed run root), now
+    removed with its opening: the node's copy an erase owed is gone with it."""
+    root = paths.run_root().resolve()
+    return root in image.parents and not image.exists()
 
 
 def erase_at_start(record: Record, files: ImageFiles) -> None:
