@@ -1,0 +1,185 @@
+"""Lazy start attacked (issue 25, part 14's review; docs/lazy.md, "Attacks checked"): a hostile
+registry, object storage or network against blobrange.py's ranged reads, and a client that goes
+away against nbdserver.py. Each attack is a small http.server (registryfixtures.hostile); the
+ones that found a bug say so."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from registryfixtures import hostile, reply
+
+from cryptlayer.distribution import nbdserver
+from cryptlayer.distribution.blobrange import BlobRanges
+from cryptlayer.distribution.registry import Registry, parse_reference
+from cryptlayer.distribution.wire import RegistryError
+
+DATA = os.urandom((1 << 20) + 4321)
+DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
+BLOB_PATH = f"/v2/lazy/app/blobs/{DIGEST}"
+CLOSED = re.compile(r"bytes=([0-9]+)-([0-9]+)")
+BASIC = "Basic " + base64.b64encode(b"bob:hunter2").decode()
+
+
+@pytest.fixture(autouse=True)
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRYPTLAYER_ROOT", str(tmp_path / "state"))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "auth.json"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+class Seen:
+    """The Authorization header of each request a server got, by path."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, str | None]] = []
+        self.lock = threading.Lock()
+
+    def add(self, request: Any) -> None:
+        with self.lock:
+            self.entries.append((request.path, request.headers.get("Authorization")))
+
+
+def send_range(request: Any) -> None:
+    m = CLOSED.fullmatch(request.headers.get("Range", ""))
+    if not m:
+        reply(request, 416)
+        return
+    a, b = int(m[1]), int(m[2])
+    reply(request, 206, DATA[a : b + 1], {"Content-Range": f"bytes {a}-{b}/{len(DATA)}"})
+
+
+def registry_for(host: str, login: tuple[str, str] | None = ("bob", "hunter2")) -> Registry:
+    registry = Registry(parse_reference(f"docker://{host}/lazy/app:v1"), tls_verify=False,
+                        login=login)  # fmt: skip
+    registry.conn.scheme = "http"  # as after the manifest's fetch (and the server's ping)
+    return registry
+
+
+def redirecting(seen: Seen, where: list[str]) -> Callable[[Any], None]:
+    """A registry that wants Basic auth, and redirects its blob to where[0] once given it."""
+
+    def handle(request: Any) -> None:
+        seen.add(request)
+        if request.headers.get("Authorization") != BASIC:
+            reply(request, 401, b"", {"WWW-Authenticate": 'Basic realm="r"'})
+        elif request.path == BLOB_PATH:
+            reply(request, 307, b"", {"Location": where[0]})
+        else:
+            send_range(request)
+
+    return handle
+
+
+def storage(seen: Seen, then: str | None = None) -> Callable[[Any], None]:
+    """Object storage: the range, or (with `then`) a redirect onwards."""
+
+    def handle(request: Any) -> None:
+        seen.add(request)
+        if then is not None and request.path.startswith("/bucket/"):
+            reply(request, 302, b"", {"Location": then})
+        else:
+            send_range(request)
+
+    return handle
+
+
+@pytest.mark.parametrize("form", ["chain", "userinfo", "other name"])
+def test_the_registry_s_credentials_reach_no_other_origin(form: str) -> None:
+    """Held: a redirect chain registry -> storage -> a third origin, a Location carrying a user
+    name and password of its own, and the registry's own port under another host name (the
+    same socket, but another origin): no Authorization anywhere but the registry's origin."""
+    seen, cdn_seen, third_seen, where = Seen(), Seen(), Seen(), [""]
+    with (
+        hostile(redirecting(seen, where)) as server,
+        hostile(storage(third_seen)) as third,
+        hostile(storage(cdn_seen, f"http://{third.host}/final/blob")) as cdn,
+    ):
+        port = server.host.rsplit(":", 1)[1]
+        where[0] = {
+            "chain": f"http://{cdn.host}/bucket/blob?X-Amz-Signature=s3cr3t",
+            "userinfo": f"http://eve:pw@{third.host}/final/blob",
+            "other name": f"http://localhost:{port}/v2/lazy/app/elsewhere",
+        }[form]
+        ranges = BlobRanges(registry_for(server.host), DIGEST, len(DATA))
+        if form == "other name":  # the registry's socket, reached as another origin: it asks
+            with pytest.raises(RegistryError, match="credentials are sent only to"):
+                ranges.read(100, 5000)
+        else:
+            assert ranges.read(100, 5000) == DATA[100:5100]
+            assert ranges.read(1 << 20, 4321) == DATA[1 << 20 :]
+    assert all(auth is None for _, auth in cdn_seen.entries + third_seen.entries)
+    if form == "other name":
+        assert [auth for path, auth in seen.entries if "elsewhere" in path] == [None, None]
+    assert any(auth == BASIC for _, auth in seen.entries)
+
+
+def test_a_downgrade_or_another_port_is_another_origin() -> None:
+    """Held: https -> http on the registry's own host and port, and its host on another port,
+    are not the registry's origin (blobrange sends Authorization to own() origins only)."""
+    registry = Registry(parse_reference("docker://reg.example:5000/lazy/app:v1"))
+    conn = registry.conn
+    assert conn.own("https://reg.example:5000/v2/x")
+    assert conn.own("https://junk@REG.example:5000/v2/x")  # userinfo: the same place
+    for url in ("http://reg.example:5000/v2/x", "https://reg.example:5001/v2/x",
+                "https://reg.example/v2/x", "https://reg.example.evil:5000/v2/x",
+                "https://reg.example:5000\\@evil/v2/x"):  # fmt: skip
+        assert not conn.own(url), url
+
+
+class Stuck:
+    """An export whose reads wait until `release` is set (a registry that is down), counted."""
+
+    size = 1 << 30
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.started = threading.Semaphore(0)
+        self.reads = 0
+        self.lock = threading.Lock()
+
+    def pread(self, offset: int, length: int) -> bytes:
+        with self.lock:
+            self.reads += 1
+        self.started.release()
+        self.release.wait(60)
+        return bytes(length)
+
+
+def test_reads_queued_when_the_kernel_lets_go_are_dropped_not_fetched() -> None:
+    """Fixed: the kernel queues up to 128 reads per device; when it lets go of the socket
+    (detach, or its timeout) while the registry is down, the server used to work through every
+    read still queued (each up to ATTEMPTS x ATTEMPT_DEADLINE against the registry) before its
+    thread ended: a quarter of an hour of a detached device's fetches. Now only the reads
+    already running finish."""
+    export, gone = Stuck(), threading.Event()
+
+    def log(text: str) -> None:
+        if "closed the connection" in text:
+            gone.set()
+
+    ours, theirs = socket.socketpair()
+    server = threading.Thread(target=nbdserver.serve, args=(theirs, export, "", log),
+                              kwargs={"handshake": False}, daemon=True)  # fmt: skip
+    server.start()
+    for cookie in range(100):
+        ours.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, cookie, cookie * 4096, 4096))
+    for _ in range(nbdserver.WORKERS):  # every worker busy: the rest are queued
+        assert export.started.acquire(timeout=30)
+    ours.close()  # the kernel let go
+    gone.wait(30)  # the server saw it (the old server never said so)
+    export.release.set()
+    server.join(timeout=60)
+    assert not server.is_alive()
+    assert gone.is_set()
+    assert export.reads <= nbdserver.WORKERS + 1, export.reads
