@@ -183,3 +183,28 @@ def test_reads_queued_when_the_kernel_lets_go_are_dropped_not_fetched() -> None:
     assert not server.is_alive()
     assert gone.is_set()
     assert export.reads <= nbdserver.WORKERS + 1, export.reads
+
+
+def test_reads_find_a_plain_http_registry_the_server_could_not_ping_at_its_start() -> None:
+    """Fixed: under --tls-verify=false the server's first request (its ping) finds whether the
+    registry speaks https or plain HTTP. When the registry was not reached then (restarting, a
+    network blip), every later read went to https:// for the server's whole life: a plain-HTTP
+    registry, back a second later, was 'speaks plain HTTP' (EIO) on every read. Now a read
+    finds the scheme itself while it is not known."""
+    seen = Seen()
+
+    def handle(request: Any) -> None:
+        seen.add(request)
+        if request.path == BLOB_PATH:
+            send_range(request)
+        else:
+            reply(request, 200, b"{}")
+
+    with hostile(handle) as server:
+        registry = Registry(parse_reference(f"docker://{server.host}/lazy/app:v1"),
+                            tls_verify=False)  # fmt: skip
+        assert registry.conn.scheme is None  # its ping failed: nothing known
+        ranges = BlobRanges(registry, DIGEST, len(DATA), attempts=1)
+        assert ranges.read(7, 100) == DATA[7:107]
+        assert registry.conn.scheme == "http"
+        assert ranges.read(1 << 20, 10) == DATA[1 << 20 : (1 << 20) + 10]

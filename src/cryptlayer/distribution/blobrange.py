@@ -214,6 +214,11 @@ class BlobRanges:
     def _attempt(self, offset: int, length: int, what: str) -> bytes:
         import requests
 
+        if self.conn.scheme is None:  # --tls-verify=false, and the server's ping found nothing:
+            try:  # find https or plain HTTP now, as pull's first request does (a blip at the
+                self.registry.ping()  # server's start must not send every read to https)
+            except RegistryError as err:
+                raise _Retry(str(err)) from None
         url = self._where()
         renewed = resolved = False
         for _ in range(wire.MAX_REDIRECTS + 3):
