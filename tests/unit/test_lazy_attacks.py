@@ -208,3 +208,31 @@ def test_reads_find_a_plain_http_registry_the_server_could_not_ping_at_its_start
         assert ranges.read(7, 100) == DATA[7:107]
         assert registry.conn.scheme == "http"
         assert ranges.read(1 << 20, 10) == DATA[1 << 20 : (1 << 20) + 10]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("storage_says", ["nothing", "418"])
+def test_a_password_in_the_storage_url_stays_out_of_error_lines_and_the_log(
+    storage_says: str,
+) -> None:
+    """Fixed: errors named the host they were about by the URL's netloc, which holds a user name
+    and password given in a redirect's Location (object storage's credentials, as secret as a
+    presigned URL's signature): they went to the error line and to the server's log."""
+    where = [""]
+    with (
+        hostile(redirecting(Seen(), where)) as server,
+        hostile(lambda r: reply(r, 418, b"teapot")) as cdn,
+    ):
+        port = _closed_port() if storage_says == "nothing" else int(cdn.host.split(":")[1])
+        where[0] = f"http://eve:s3cr3t@127.0.0.1:{port}/bucket/blob"
+        ranges = BlobRanges(registry_for(server.host), DIGEST, len(DATA), attempts=1)
+        with pytest.raises(RegistryError) as caught:
+            ranges.read(0, 10)
+    text = f"{caught.value} {caught.value.hint or ''}"
+    assert f"127.0.0.1:{port}" in text
+    assert "s3cr3t" not in text and "eve" not in text

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 from cryptlayer.distribution import wire
 from cryptlayer.distribution.registry import Registry
@@ -266,7 +266,7 @@ class BlobRanges:
                 wire.drain(response)
                 raise self.auth.denied(url, status)
             excerpt = wire.excerpt(response, self.host)
-            where = urlsplit(url).netloc
+            where = wire.place(url)
             raise RegistryError(f"{where} answered HTTP {status} to a read of {what}"
                                 f" {excerpt}".rstrip())  # fmt: skip
         raise RegistryError(f"registry {self.host} redirected more than {wire.MAX_REDIRECTS}"
@@ -286,7 +286,7 @@ class BlobRanges:
 
     def _body(self, response: Any, offset: int, length: int, what: str) -> bytes:
         """The reply's body, if it is exactly the range asked for; else RegistryError."""
-        where = urlsplit(response.url).netloc
+        where = wire.place(response.url)
         wire.require_identity(response, what, where)
         if response.status_code == 200 and not (offset == 0 and length == self.size):
             response.close()

@@ -120,6 +120,12 @@ def origin(url: str) -> tuple[str, str, int]:
     return split
 
 
+def place(url: str) -> str:
+    """`url`'s host and port as written, for an error line or a log: without the user name and
+    password a Location may carry (object storage's credentials, secret as a signature is)."""
+    return urlsplit(url).netloc.rpartition("@")[2]
+
+
 def _has_port(host: str) -> bool:
     return urlsplit(f"//{host}").port is not None
 
@@ -274,7 +280,7 @@ class Connection:
                                     **kw)  # fmt: skip
 
     def unreachable(self, url: str, err: BaseException) -> RegistryError:
-        where = urlsplit(url).netloc
+        where = place(url)
         for said, what in (("got more than 100 headers", "more than 100 header lines"),
                            ("LineTooLong", "a line longer than 64 KiB"),
                            ("BadStatusLine", "no HTTP status line")):  # fmt: skip
@@ -290,7 +296,7 @@ class Connection:
     def tls_failed(self, url: str, err: BaseException) -> CryptlayerError:
         import requests
 
-        where = urlsplit(url).netloc
+        where = place(url)
         text = str(err)
         if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
             return UsageError(
