@@ -236,3 +236,32 @@ def test_a_password_in_the_storage_url_stays_out_of_error_lines_and_the_log(
     text = f"{caught.value} {caught.value.hint or ''}"
     assert f"127.0.0.1:{port}" in text
     assert "s3cr3t" not in text and "eve" not in text
+
+
+def test_a_huge_header_size_from_an_unsigned_statement_is_fetched_a_chunk_at_a_time(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Fixed: fetch reads each layer's header (the statement's `offset`, up to 1 GiB) before
+    the trust check can have said anything about an unsigned image's numbers: it asked the
+    cache for all of it in one read, held in memory whole (and copied), in the CLI running as
+    root. Now a chunk at a time, written as it comes."""
+    from cryptlayer.distribution import blockcache
+    from cryptlayer.distribution import lazy as lazy_mod
+
+    asked: list[int] = []
+
+    class Recording(blockcache.CachedBlob):
+        def pread(self, offset: int, length: int) -> bytes:
+            asked.append(length)
+            return super().pread(offset, length)
+
+    monkeypatch.setattr(lazy_mod, "CachedBlob", Recording)
+    with hostile(send_range) as server:
+        store = lazy_mod._HeadersOnly(registry_for(server.host, None))
+        store.layers[DIGEST] = len(DATA) - 1  # a header as large as the statement says
+        out_path = tmp_path / "layer"
+        with open(out_path, "w+b") as out:
+            store.pull_blob(DIGEST, len(DATA), out, lambda _: None)
+    assert out_path.read_bytes()[: len(DATA) - 1] == DATA[:-1]
+    assert out_path.stat().st_size == len(DATA)
+    assert asked and max(asked) <= blockcache.CHUNK, asked

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 from cryptlayer import paths
 from cryptlayer.distribution import artifact, transfer
 from cryptlayer.distribution.blobrange import BlobRanges
-from cryptlayer.distribution.blockcache import BlockCache, CachedBlob
+from cryptlayer.distribution.blockcache import CHUNK, BlockCache, CachedBlob
 from cryptlayer.distribution.nbdserver import serve
 from cryptlayer.distribution.registry import Registry, parse_reference
 from cryptlayer.image import manifest as manifest_mod
@@ -93,8 +93,9 @@ class _HeadersOnly:
         out.truncate(0)
         if header:
             blob = CachedBlob(_cache(), BlobRanges(self.registry, digest, size))
-            try:
-                out.write(blob.pread(0, header))
+            try:  # a chunk at a time: `offset` (up to 1 GiB) may be an unsigned statement's
+                for start in range(0, header, CHUNK):
+                    out.write(blob.pread(start, min(CHUNK, header - start)))
             finally:
                 blob.close()
         out.truncate(size)  # the rest is a hole: read through the NBD device, never from here
