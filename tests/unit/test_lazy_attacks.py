@@ -265,3 +265,39 @@ def test_a_huge_header_size_from_an_unsigned_statement_is_fetched_a_chunk_at_a_t
     assert out_path.read_bytes()[: len(DATA) - 1] == DATA[:-1]
     assert out_path.stat().st_size == len(DATA)
     assert asked and max(asked) <= blockcache.CHUNK, asked
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])
+def test_a_chunk_that_is_not_a_file_is_fetched_again_never_waited_on(
+    kind: str, tmp_path: Path
+) -> None:
+    """Fixed: a chunk's name in the cache holding a FIFO made the reader's open() wait for a
+    writer forever (a read the kernel waits on, then its timeout, on every start); a symbolic
+    link or a directory failed every read of that chunk (ELOOP, EISDIR) until someone removed
+    it by hand. The cache is not trusted: now each is dropped and the chunk fetched again."""
+    from cryptlayer.distribution.blockcache import BlockCache
+
+    cache = BlockCache(tmp_path / "cache", 64 << 20)
+    path = cache.path(DIGEST, 0)
+    path.parent.mkdir(parents=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":
+        (tmp_path / "elsewhere").write_bytes(bytes(100))
+        path.symlink_to(tmp_path / "elsewhere")
+    else:
+        (path / "inside").mkdir(parents=True)
+    got: list[bytes | None] = []
+    reader = threading.Thread(target=lambda: got.append(cache.get(DIGEST, 0, 100)), daemon=True)
+    reader.start()
+    reader.join(30)
+    if reader.is_alive():  # the old open() of the FIFO: unblock it for the test to end
+        with open(path, "wb"):
+            pass
+        reader.join(30)
+        pytest.fail("the reader waited on a FIFO in the cache")
+    assert got == [None]
+    assert not os.path.lexists(path)
+    cache.put(DIGEST, 0, DATA[:100])
+    assert cache.get(DIGEST, 0, 100) == DATA[:100]
+    assert (tmp_path / "elsewhere").read_bytes() == bytes(100) if kind == "symlink" else True

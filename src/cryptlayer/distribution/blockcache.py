@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import stat
 import threading
 import time
@@ -55,6 +56,14 @@ def chunk_length(size: int, index: int) -> int:
     return max(0, min(CHUNK, size - index * CHUNK))
 
 
+def _drop(path: Path) -> None:
+    """Remove what is under a chunk's name that is not the chunk (a directory too)."""
+    try:
+        path.unlink(missing_ok=True)
+    except IsADirectoryError:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class BlockCache:
     """The cache directory `root` (made private if absent), bounded to `limit` bytes."""
 
@@ -80,9 +89,14 @@ class BlockCache:
         """Chunk `index` of blob `digest` if the cache has it whole (`length` bytes), else None
         (one of another length, such as a file system's after a power cut, is removed)."""
         path = self.path(digest, index)
+        # O_NONBLOCK: a FIFO under a chunk's name is opened at once (and dropped), not waited on
+        # for a writer. The cache is not trusted: whatever is there that is not the chunk goes.
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
+            return None
+        except OSError:  # a symbolic link (ELOOP), or what else is not a chunk: fetched again
+            _drop(path)
             return None
         try:
             st = os.fstat(fd)
@@ -90,7 +104,7 @@ class BlockCache:
         finally:
             os.close(fd)
         if len(data) != length:
-            path.unlink(missing_ok=True)
+            _drop(path)
             return None
         now = time.time()
         if now - self.touched.get(path, 0.0) > TOUCH_EVERY:
