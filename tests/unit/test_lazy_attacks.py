@@ -301,3 +301,56 @@ def test_a_chunk_that_is_not_a_file_is_fetched_again_never_waited_on(
     cache.put(DIGEST, 0, DATA[:100])
     assert cache.get(DIGEST, 0, 100) == DATA[:100]
     assert (tmp_path / "elsewhere").read_bytes() == bytes(100) if kind == "symlink" else True
+
+
+def test_a_neighbour_s_blockcache_is_refused(tmp_path: Path) -> None:
+    """Held: in a $CRYPTLAYER_ROOT others may write (sticky, as /tmp), a neighbour (uid 65534)
+    who made `blockcache` first (a directory of theirs, or a symbolic link to one) is refused,
+    never written through."""
+    from cryptlayer.distribution.blockcache import BlockCache
+    from cryptlayer.errors import UsageError
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    theirs = shared / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    cache = shared / "blockcache"
+    for planted in ("dir", "link"):
+        if planted == "dir":
+            cache.mkdir(mode=0o700)
+        else:
+            cache.symlink_to(theirs)
+        os.chown(cache, 65534, 65534, follow_symlinks=False)
+        with pytest.raises(UsageError, match="not a private directory of ours"):
+            BlockCache(cache, 64 << 20)
+        cache.rmdir() if planted == "dir" else cache.unlink()
+    assert os.listdir(theirs) == []
+
+
+@pytest.mark.parametrize("parent", ["theirs", "writable"])
+def test_a_blockcache_in_a_directory_a_neighbour_may_change_is_refused(
+    parent: str, tmp_path: Path
+) -> None:
+    """Fixed: only `blockcache` itself was checked. In a $CRYPTLAYER_ROOT a neighbour owns, or
+    may write without the sticky bit, they can rename our `blockcache` away after the check
+    and put theirs (or a symlink) in its place: chunks written where they choose, and the
+    eviction scan (root) removing the 'least recently used' files of `blockcache/sha256/*/`,
+    which could then be any directory's. Now that parent must be ours or root's and not
+    writable by others (or sticky)."""
+    from cryptlayer.distribution.blockcache import BlockCache
+    from cryptlayer.errors import UsageError
+
+    root = tmp_path / "state"
+    root.mkdir()
+    if parent == "theirs":
+        os.chown(root, 65534, 65534)
+    else:
+        root.chmod(0o777)
+    with pytest.raises(UsageError, match="others may change"):
+        BlockCache(root / "blockcache", 64 << 20)
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    BlockCache(sticky / "blockcache", 64 << 20)  # as /tmp: others cannot rename ours

@@ -74,6 +74,15 @@ class BlockCache:
         self.touched: dict[Path, float] = {}
         self.stored = 0
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Its parent ($CRYPTLAYER_ROOT) too: one another user may change could have our
+        # directory renamed away after the check below and theirs (or a symlink) put in its place.
+        up = os.stat(root.parent)
+        if up.st_uid not in (0, os.geteuid()) or (
+            up.st_mode & 0o022 and not up.st_mode & stat.S_ISVTX
+        ):
+            raise UsageError(f"block cache {root} is in {root.parent}, which others may change"
+                             f" (owner uid {up.st_uid}, mode {stat.S_IMODE(up.st_mode):04o})",
+                             "set CRYPTLAYER_ROOT to a directory only root can write")  # fmt: skip
         st = os.lstat(root)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
             raise UsageError(f"block cache {root} is not a private directory of ours",
