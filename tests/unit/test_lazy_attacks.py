@@ -23,6 +23,7 @@ from cryptlayer.distribution import nbdserver
 from cryptlayer.distribution.blobrange import BlobRanges
 from cryptlayer.distribution.registry import Registry, parse_reference
 from cryptlayer.distribution.wire import RegistryError
+from cryptlayer.errors import UsageError
 
 DATA = os.urandom((1 << 20) + 4321)
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
@@ -308,7 +309,6 @@ def test_a_neighbour_s_blockcache_is_refused(tmp_path: Path) -> None:
     who made `blockcache` first (a directory of theirs, or a symbolic link to one) is refused,
     never written through."""
     from cryptlayer.distribution.blockcache import BlockCache
-    from cryptlayer.errors import UsageError
 
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -340,7 +340,6 @@ def test_a_blockcache_in_a_directory_a_neighbour_may_change_is_refused(
     which could then be any directory's. Now that parent must be ours or root's and not
     writable by others (or sticky)."""
     from cryptlayer.distribution.blockcache import BlockCache
-    from cryptlayer.errors import UsageError
 
     root = tmp_path / "state"
     root.mkdir()
@@ -354,3 +353,42 @@ def test_a_blockcache_in_a_directory_a_neighbour_may_change_is_refused(
     sticky.mkdir()
     sticky.chmod(0o1777)
     BlockCache(sticky / "blockcache", 64 << 20)  # as /tmp: others cannot rename ours
+
+
+def test_a_token_server_that_redirects_is_not_followed_and_401_forever_ends() -> None:
+    """Held: the token request follows no redirect (the registry's credentials, sent to the
+    token server, would go along), and a registry that answers 401 to every token is one
+    renewal per read, then the access error."""
+    third_seen, token_seen, reg_seen = Seen(), Seen(), Seen()
+    with hostile(lambda r: (third_seen.add(r), reply(r, 200, b'{"token": "t"}'))) as third:
+
+        def token(request: Any) -> None:
+            token_seen.add(request)
+            reply(request, 302, b"", {"Location": f"http://{third.host}/token"})
+
+        with hostile(token) as tokens:
+
+            def registry(request: Any) -> None:
+                reg_seen.add(request)
+                realm = f'Bearer realm="http://{tokens.host}/token",service="r"'
+                reply(request, 401, b"", {"WWW-Authenticate": realm})
+
+            with hostile(registry) as server:
+                ranges = BlobRanges(registry_for(server.host), DIGEST, len(DATA), attempts=1)
+                with pytest.raises(Exception, match="refused|denied|access") as caught:
+                    ranges.read(0, 10)
+    assert third_seen.entries == []
+    assert len(token_seen.entries) == 1 and token_seen.entries[0][1] == BASIC
+    assert "Traceback" not in str(caught.value)
+
+    always = Seen()
+
+    def refusing(request: Any) -> None:
+        always.add(request)
+        reply(request, 401, b"", {"WWW-Authenticate": 'Basic realm="r"'})
+
+    with hostile(refusing) as server:
+        ranges = BlobRanges(registry_for(server.host), DIGEST, len(DATA), attempts=3)
+        with pytest.raises(UsageError, match="refused access"):
+            ranges.read(0, 10)
+    assert len(always.entries) == 2  # the first 401, then once with the credentials
