@@ -23,7 +23,7 @@ from cryptlayer.distribution import nbdserver
 from cryptlayer.distribution.blobrange import BlobRanges
 from cryptlayer.distribution.registry import Registry, parse_reference
 from cryptlayer.distribution.wire import RegistryError
-from cryptlayer.errors import UsageError
+from cryptlayer.errors import CryptlayerError, UsageError
 
 DATA = os.urandom((1 << 20) + 4321)
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
@@ -375,7 +375,7 @@ def test_a_token_server_that_redirects_is_not_followed_and_401_forever_ends() ->
 
             with hostile(registry) as server:
                 ranges = BlobRanges(registry_for(server.host), DIGEST, len(DATA), attempts=1)
-                with pytest.raises(Exception, match="refused|denied|access") as caught:
+                with pytest.raises(CryptlayerError, match=r"refused access") as caught:
                     ranges.read(0, 10)
     assert third_seen.entries == []
     assert len(token_seen.entries) == 1 and token_seen.entries[0][1] == BASIC
@@ -392,3 +392,41 @@ def test_a_token_server_that_redirects_is_not_followed_and_401_forever_ends() ->
         with pytest.raises(UsageError, match="refused access"):
             ranges.read(0, 10)
     assert len(always.entries) == 2  # the first 401, then once with the credentials
+
+
+LONG_LABEL = "http://" + "a" * 300 + ".example/x"  # parses, but no host name has a 300-byte label
+
+
+@pytest.mark.parametrize("where", ["blob range", "manifest", "token realm"])
+def test_an_address_that_cannot_be_connected_to_is_a_registry_error(where: str) -> None:
+    """Fixed: a redirect (or a token realm) to a host name with a label over 63 bytes passed the
+    URL checks and made urllib3 raise LocationParseError when connecting: 'error: unexpected
+    LocationParseError ... report it' from pull and run, a bug report a hostile registry could
+    cause at will. Now the registry's error, naming what it sent."""
+
+    def handle(request: Any) -> None:
+        if where == "token realm":
+            realm = f'Bearer realm="{LONG_LABEL}",service="r"'
+            reply(request, 401, b"", {"WWW-Authenticate": realm})
+        else:
+            reply(request, 307, b"", {"Location": LONG_LABEL})
+
+    with hostile(handle) as server:
+        registry = registry_for(server.host, None)
+        with pytest.raises(RegistryError, match="not an address"):
+            if where == "manifest":
+                registry.get_manifest()
+            else:
+                BlobRanges(registry, DIGEST, len(DATA), attempts=1).read(0, 10)
+
+
+def test_a_registry_host_that_cannot_be_connected_to_is_bad_input(tmp_path: Path) -> None:
+    """Fixed with the above: the user's own HOST:PORT with such a label, under
+    --tls-verify=false, was the same 'unexpected LocationParseError'; now exit 2."""
+    from clirunner import invoke
+
+    code, _, err = invoke("pull", "--tls-verify=false", f"docker://{'a' * 300}.example:5000/a:v1",
+                          str(tmp_path / "copy"))  # fmt: skip
+    assert code == 2, err
+    assert err.startswith("error: ") and "is not a host one can connect to" in err
+    assert len(err.strip().splitlines()) == 1

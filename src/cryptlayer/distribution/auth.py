@@ -226,6 +226,8 @@ class Auth:
             raise self.conn.tls_failed(realm, err) from None
         except requests.exceptions.RequestException as err:
             raise self.conn.unreachable(realm, err) from None
+        except ValueError:  # urllib3's LocationParseError
+            raise self.conn.no_address(realm) from None
         if response.status_code != 200:
             wire.drain(response)
             raise self.denied(self.base, response.status_code)

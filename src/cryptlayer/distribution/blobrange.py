@@ -238,6 +238,8 @@ class BlobRanges:
                 raise self.conn.tls_failed(url, err) from None
             except requests.exceptions.RequestException as err:
                 raise _Retry(str(self.conn.unreachable(url, err))) from None
+            except ValueError:  # urllib3's LocationParseError: e.g. a label over 63 bytes
+                raise self.conn.no_address(url) from None
             status = response.status_code
             if status in REDIRECTS:
                 url = self._follow(response)

@@ -262,6 +262,8 @@ class Connection:
             except requests.exceptions.RequestException as err:
                 if _has_port(self.host):  # the same port either way: it is not there
                     raise self.unreachable(url, err) from None
+            except ValueError:  # urllib3's LocationParseError: e.g. a label over 63 bytes
+                raise self.no_address(url) from None
             else:
                 self.scheme = "https"
                 return response
@@ -273,6 +275,8 @@ class Connection:
             raise self.tls_failed(url, err) from None
         except requests.exceptions.RequestException as err:
             raise self.unreachable(url, err) from None
+        except ValueError:  # urllib3's LocationParseError: e.g. a label over 63 bytes
+            raise self.no_address(url) from None
 
     def raw(self, method: str, url: str, headers: dict[str, str], **kw: Any) -> Any:
         return self.session.request(method, url, headers=headers, timeout=READ_TIMEOUT,
@@ -292,6 +296,17 @@ class Connection:
                                  f"is it running, and is {where} its host:port?")  # fmt: skip
         return RegistryError(f"cannot reach {where}, where registry {self.host} sent us"
                              f" ({_reason(err)})")  # fmt: skip
+
+    def no_address(self, url: str) -> CryptlayerError:
+        """The error for a URL that parses but names no host one can connect to: the user's
+        (bad input), or one a registry sent (a redirect's, a token realm's), never a bug of
+        ours to report."""
+        if place(url) == self.host:
+            return UsageError(f"{self.host[:EXCERPT]!r} is not a host one can connect to",
+                              "check the reference's HOST[:PORT]")  # fmt: skip
+        return RegistryError(f"registry {self.host} sent us to {place(url)[:EXCERPT]!r}, which is"
+                             " not an address one can connect to",
+                             "the registry is misconfigured or hostile")  # fmt: skip
 
     def tls_failed(self, url: str, err: BaseException) -> CryptlayerError:
         import requests
