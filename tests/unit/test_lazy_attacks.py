@@ -430,3 +430,65 @@ def test_a_registry_host_that_cannot_be_connected_to_is_bad_input(tmp_path: Path
     assert code == 2, err
     assert err.startswith("error: ") and "is not a host one can connect to" in err
     assert len(err.strip().splitlines()) == 1
+
+
+SECRETS = ("hunter2", base64.b64encode(b"bob:hunter2").decode(), "tok-s3cret", "sig-s3cret",
+           "cred-s3cret")  # fmt: skip
+
+
+@pytest.mark.parametrize("storage_fails", ["500", "400 twice", "refused", "stalls"])
+def test_the_server_s_log_holds_no_password_token_or_presigned_query(
+    storage_fails: str, tmp_path: Path
+) -> None:
+    """What the lazy server logs (its reads that failed, as nbdserver's log hears them) against
+    a registry with a password and a bearer token that redirects to presigned URLs, when the
+    storage fails each way: no password, Basic header, token or query string. Fixed for
+    storage that answers an error whose body repeats the URL (S3's and GCS's XML errors name
+    the resource, S3's the signature given): that body's excerpt went into the log, signature
+    and all. Held for the others."""
+    from cryptlayer.distribution.blockcache import BlockCache, CachedBlob
+
+    port = [0]
+
+    def tokens(request: Any) -> None:
+        ok = request.headers.get("Authorization") == BASIC
+        reply(request, 200 if ok else 401, b'{"token": "tok-s3cret"}' if ok else b"")
+
+    def storage(request: Any) -> None:
+        if storage_fails == "stalls":
+            threading.Event().wait(3)
+        code = 500 if storage_fails == "500" else 400
+        reply(request, code, b"<Error>" + request.path.encode() + b"</Error>")
+
+    with hostile(tokens) as token_server, hostile(storage) as cdn:
+
+        def handle(request: Any) -> None:
+            if request.headers.get("Authorization") != "Bearer tok-s3cret":
+                realm = f'Bearer realm="http://{token_server.host}/token",service="r"'
+                reply(request, 401, b"", {"WWW-Authenticate": realm})
+            else:
+                host = cdn.host if storage_fails != "refused" else f"127.0.0.1:{port[0]}"
+                query = "X-Amz-Signature=sig-s3cret&X-Amz-Credential=cred-s3cret"
+                reply(request, 307, b"", {"Location": f"http://{host}/bucket/blob?{query}"})
+
+        port[0] = _closed_port()
+        with hostile(handle) as server:
+            said: list[str] = []
+            ranges = BlobRanges(registry_for(server.host), DIGEST, len(DATA),
+                                attempt_deadline=1.0, attempts=2)  # fmt: skip
+            blob = CachedBlob(BlockCache(tmp_path / "cache", 64 << 20), ranges)
+            ours, theirs = socket.socketpair()
+            thread = threading.Thread(target=nbdserver.serve, args=(theirs, blob, "", said.append),
+                                      kwargs={"handshake": False})  # fmt: skip
+            thread.start()
+            ours.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, 7, 0, 4096))
+            magic, error, cookie = struct.unpack(">IIQ", ours.recv(16))
+            ours.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, 8, 0, 0))  # NBD_CMD_DISC
+            thread.join(30)
+            ours.close()
+            blob.close()
+    assert (magic, error, cookie) == (0x67446698, 5, 7)  # EIO
+    assert said, "the failed read was not logged"
+    for line in said:
+        for secret in SECRETS:
+            assert secret not in line, line

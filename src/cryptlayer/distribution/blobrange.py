@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 from cryptlayer.distribution import wire
 from cryptlayer.distribution.registry import Registry
@@ -267,7 +267,11 @@ class BlobRanges:
             if status in (401, 403):
                 wire.drain(response)
                 raise self.auth.denied(url, status)
-            excerpt = wire.excerpt(response, self.host)
+            if own or not urlsplit(url).query:
+                excerpt = wire.excerpt(response, self.host)
+            else:  # object storage's errors repeat the URL: its signature is a credential
+                wire.drain(response)
+                excerpt = "(its reply is not shown: it may repeat the presigned URL)"
             where = wire.place(url)
             raise RegistryError(f"{where} answered HTTP {status} to a read of {what}"
                                 f" {excerpt}".rstrip())  # fmt: skip
