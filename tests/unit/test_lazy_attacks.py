@@ -492,3 +492,104 @@ def test_the_server_s_log_holds_no_password_token_or_presigned_query(
     for line in said:
         for secret in SECRETS:
             assert secret not in line, line
+
+
+def test_a_manifest_that_makes_a_layer_larger_than_its_statement_is_refused(
+    plain: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held: the NBD device's size is the statement's layer size, which dm-verity covers whole;
+    a registry that lists the layer blob larger in its (unsigned) manifest, so that the device
+    would hold bytes past what verity checks, is refused before any of the layer is fetched."""
+    import json
+
+    import requests
+    from clirunner import invoke
+    from luksfixtures import fake_image
+
+    from cryptlayer.distribution import lazy
+    from cryptlayer.errors import TamperedImageError
+
+    monkeypatch.setenv("CRYPTLAYER_ROOT", str(tmp_path / "state"))
+    image = fake_image(tmp_path / "img", size=6 << 20)
+    ref = f"docker://{plain.host}/lazy/big:v1"
+    code, _, err = invoke("push", "--no-tls-verify", str(image), ref)
+    assert code == 0, err
+    grow = [1 << 30]
+
+    def proxy(request: Any) -> None:
+        upstream = requests.get(f"http://{plain.host}{request.path}", stream=True,
+                                headers={k: v for k, v in request.headers.items()
+                                         if k.lower() in ("accept", "range")})  # fmt: skip
+        body = upstream.raw.read()
+        if "/manifests/" in request.path:
+            doc = json.loads(body)
+            for item in doc["layers"]:
+                if item["mediaType"].endswith(".luks2"):  # the layer blob, not its tree
+                    item["size"] += grow[0]
+            body = json.dumps(doc).encode()
+        keep = ("Content-Type", "Content-Range", "Docker-Content-Digest")
+        reply(request, upstream.status_code, body,
+              {k: upstream.headers[k] for k in keep if k in upstream.headers})  # fmt: skip
+
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    with hostile(proxy) as server:
+        with pytest.raises(TamperedImageError, match=r"bytes; image .* says"):
+            lazy.fetch(lazy.Remote(f"docker://{server.host}/lazy/big:v1", tls_verify=False),
+                       work / "image")  # fmt: skip
+        assert not (tmp_path / "state/blockcache/sha256").exists()  # no byte of the layer
+        grow[0] = 0  # the same proxy, the manifest as pushed: fetched
+        again = tmp_path / "again"  # (the CLI removes a failed fetch's directory whole)
+        again.mkdir(mode=0o700)
+        fetched = lazy.fetch(lazy.Remote(f"docker://{server.host}/lazy/big:v1",
+                                         tls_verify=False), again / "image")  # fmt: skip
+    assert fetched.blobs[0][1] == 6 << 20
+
+
+def _storage_answer(how: str) -> Callable[[Any], None]:
+    def handle(request: Any) -> None:
+        m = CLOSED.fullmatch(request.headers.get("Range", ""))
+        assert m
+        a, b = int(m[1]), int(m[2])
+        body, said = DATA[a : b + 1], f"bytes {a}-{b}/{len(DATA)}"
+        if how == "another range":
+            said = f"bytes {a + 1}-{b + 1}/{len(DATA)}"
+        elif how == "overlong":
+            body += b"x" * 100
+        elif how == "never ends":
+            request.send_response(206)
+            request.send_header("Content-Range", said)
+            request.end_headers()
+            request.wfile.write(body[:10])
+            request.wfile.flush()
+            threading.Event().wait(5)
+            return
+        request.send_response(206)
+        request.send_header("Content-Range", said)
+        request.end_headers()  # no Content-Length: the body ends when the connection does
+        request.wfile.write(body)
+
+    return handle
+
+
+@pytest.mark.parametrize("how", ["another range", "overlong", "never ends"])
+def test_a_presigned_location_that_answers_wrongly_is_refused_and_never_cached(
+    how: str, tmp_path: Path
+) -> None:
+    """Held: object storage (the host the registry redirected to) answering a range with another
+    Content-Range, a longer body, or a body that never ends: an error within the deadline, and
+    nothing of it in the cache."""
+    from cryptlayer.distribution.blockcache import BlockCache, CachedBlob
+
+    where = [""]
+    with hostile(redirecting(Seen(), where)) as server, hostile(_storage_answer(how)) as cdn:
+        where[0] = f"http://{cdn.host}/bucket/blob?X-Amz-Signature=x"
+        ranges = BlobRanges(registry_for(server.host), DIGEST, len(DATA), attempt_deadline=2.0,
+                            attempts=1)  # fmt: skip
+        cache = BlockCache(tmp_path / "cache", 64 << 20)
+        blob = CachedBlob(cache, ranges)
+        with pytest.raises(RegistryError):
+            blob.pread(0, 4096)
+        blob.close()
+    assert cache.get(DIGEST, 0, 1 << 20) is None
+    assert not list((tmp_path / "cache").rglob("0*"))
