@@ -593,3 +593,21 @@ def test_a_presigned_location_that_answers_wrongly_is_refused_and_never_cached(
         blob.close()
     assert cache.get(DIGEST, 0, 1 << 20) is None
     assert not list((tmp_path / "cache").rglob("0*"))
+
+
+def test_a_registry_on_the_default_port_down_at_the_first_request_is_not_taken_for_http(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fixed: under --tls-verify=false, a registry named without a port (443, else 80) that
+    answered neither at the first request was recorded as plain HTTP all the same: the lazy
+    server, whose ping at its start met a registry restarting, sent every read to port 80 of
+    an https registry for its whole life. Now nothing is recorded until one of them answers.
+    (A port is given here, and taken for none: tests bind no port 443.)"""
+    from cryptlayer.distribution import wire
+
+    monkeypatch.setattr(wire, "_has_port", lambda host: False)
+    registry = Registry(parse_reference(f"docker://127.0.0.1:{_closed_port()}/lazy/app:v1"),
+                        tls_verify=False)  # fmt: skip
+    with pytest.raises(RegistryError, match="cannot reach"):
+        registry.ping()
+    assert registry.conn.scheme is None

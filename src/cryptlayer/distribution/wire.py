@@ -254,23 +254,27 @@ class Connection:
     def exchange(self, method: str, url: str, headers: dict[str, str], **kw: Any) -> Any:
         import requests
 
+        plain = False  # port 443 was not reached: plain HTTP (port 80) if that answers
         if self.scheme is None and url.startswith(f"https://{self.host}/"):
             try:
                 response = self.raw(method, url, headers, **kw)
             except requests.exceptions.SSLError:
-                pass  # e.g. a plain-HTTP registry answering the TLS hello with a 400
+                self.scheme = "http"  # e.g. a plain-HTTP registry answering the TLS hello
             except requests.exceptions.RequestException as err:
                 if _has_port(self.host):  # the same port either way: it is not there
                     raise self.unreachable(url, err) from None
+                plain = True  # not "http" yet: if port 80 fails too, nothing is known
             except ValueError:  # urllib3's LocationParseError: e.g. a label over 63 bytes
                 raise self.no_address(url) from None
             else:
                 self.scheme = "https"
                 return response
-            self.scheme = "http"
             url = "http://" + url.removeprefix("https://")
         try:
-            return self.raw(method, url, headers, **kw)
+            response = self.raw(method, url, headers, **kw)
+            if plain:
+                self.scheme = "http"
+            return response
         except requests.exceptions.SSLError as err:
             raise self.tls_failed(url, err) from None
         except requests.exceptions.RequestException as err:
