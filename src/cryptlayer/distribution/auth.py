@@ -12,7 +12,6 @@ import shlex
 import stat
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from cryptlayer.distribution import wire
 from cryptlayer.distribution.wire import RegistryError
@@ -227,6 +226,8 @@ class Auth:
             raise self.conn.tls_failed(realm, err) from None
         except requests.exceptions.RequestException as err:
             raise self.conn.unreachable(realm, err) from None
+        except ValueError:  # urllib3's LocationParseError
+            raise self.conn.no_address(realm) from None
         if response.status_code != 200:
             wire.drain(response)
             raise self.denied(self.base, response.status_code)
@@ -245,7 +246,7 @@ class Auth:
         """The error for a 401 or 403 from `url`, with what to do about it."""
         if not self.conn.own(url):
             return RegistryError(
-                f"{urlsplit(url).netloc}, where registry {self.host} sent us, refused access"
+                f"{wire.place(url)}, where registry {self.host} sent us, refused access"
                 f" (HTTP {status})", f"credentials are sent only to {self.host} itself"
             )  # fmt: skip
         if self._login is not None:

@@ -214,6 +214,11 @@ class BlobRanges:
     def _attempt(self, offset: int, length: int, what: str) -> bytes:
         import requests
 
+        if self.conn.scheme is None:  # --tls-verify=false, and the server's ping found nothing:
+            try:  # find https or plain HTTP now, as pull's first request does (a blip at the
+                self.registry.ping()  # server's start must not send every read to https)
+            except RegistryError as err:
+                raise _Retry(str(err)) from None
         url = self._where()
         renewed = resolved = False
         for _ in range(wire.MAX_REDIRECTS + 3):
@@ -233,6 +238,8 @@ class BlobRanges:
                 raise self.conn.tls_failed(url, err) from None
             except requests.exceptions.RequestException as err:
                 raise _Retry(str(self.conn.unreachable(url, err))) from None
+            except ValueError:  # urllib3's LocationParseError: e.g. a label over 63 bytes
+                raise self.conn.no_address(url) from None
             status = response.status_code
             if status in REDIRECTS:
                 url = self._follow(response)
@@ -260,8 +267,12 @@ class BlobRanges:
             if status in (401, 403):
                 wire.drain(response)
                 raise self.auth.denied(url, status)
-            excerpt = wire.excerpt(response, self.host)
-            where = urlsplit(url).netloc
+            if own or not urlsplit(url).query:
+                excerpt = wire.excerpt(response, self.host)
+            else:  # object storage's errors repeat the URL: its signature is a credential
+                wire.drain(response)
+                excerpt = "(its reply is not shown: it may repeat the presigned URL)"
+            where = wire.place(url)
             raise RegistryError(f"{where} answered HTTP {status} to a read of {what}"
                                 f" {excerpt}".rstrip())  # fmt: skip
         raise RegistryError(f"registry {self.host} redirected more than {wire.MAX_REDIRECTS}"
@@ -281,7 +292,7 @@ class BlobRanges:
 
     def _body(self, response: Any, offset: int, length: int, what: str) -> bytes:
         """The reply's body, if it is exactly the range asked for; else RegistryError."""
-        where = urlsplit(response.url).netloc
+        where = wire.place(response.url)
         wire.require_identity(response, what, where)
         if response.status_code == 200 and not (offset == 0 and length == self.size):
             response.close()

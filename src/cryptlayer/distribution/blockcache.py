@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import stat
 import threading
 import time
@@ -56,6 +57,14 @@ def chunk_length(size: int, index: int) -> int:
     return max(0, min(CHUNK, size - index * CHUNK))
 
 
+def _drop(path: Path) -> None:
+    """Remove what is under a chunk's name that is not the chunk (a directory too)."""
+    try:
+        path.unlink(missing_ok=True)
+    except IsADirectoryError:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class BlockCache:
     """The cache directory `root` (made private if absent), bounded to `limit` bytes."""
 
@@ -66,6 +75,15 @@ class BlockCache:
         self.touched: dict[Path, float] = {}
         self.stored = 0
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Its parent ($CRYPTLAYER_ROOT) too: one another user may change could have our
+        # directory renamed away after the check below and theirs (or a symlink) put in its place.
+        up = os.stat(root.parent)
+        if up.st_uid not in (0, os.geteuid()) or (
+            up.st_mode & 0o022 and not up.st_mode & stat.S_ISVTX
+        ):
+            raise UsageError(f"block cache {root} is in {root.parent}, which others may change"
+                             f" (owner uid {up.st_uid}, mode {stat.S_IMODE(up.st_mode):04o})",
+                             "set CRYPTLAYER_ROOT to a directory only root can write")  # fmt: skip
         st = os.lstat(root)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
             raise UsageError(f"block cache {root} is not a private directory of ours",
@@ -81,9 +99,14 @@ class BlockCache:
         """Chunk `index` of blob `digest` if the cache has it whole (`length` bytes), else None
         (one of another length, such as a file system's after a power cut, is removed)."""
         path = self.path(digest, index)
+        # O_NONBLOCK: a FIFO under a chunk's name is opened at once (and dropped), not waited on
+        # for a writer. The cache is not trusted: whatever is there that is not the chunk goes.
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
+            return None
+        except OSError:  # a symbolic link (ELOOP), or what else is not a chunk: fetched again
+            _drop(path)
             return None
         try:
             st = os.fstat(fd)
@@ -95,7 +118,7 @@ class BlockCache:
         finally:
             os.close(fd)
         if len(data) != length:
-            path.unlink(missing_ok=True)
+            _drop(path)
             return None
         now = time.time()
         if now - self.touched.get(path, 0.0) > TOUCH_EVERY:

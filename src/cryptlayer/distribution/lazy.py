@@ -103,8 +103,9 @@ class _HeadersOnly:
                 out.write(ranges.read(at, min(CHUNK, header - at)))
         elif header:
             blob = CachedBlob(_cache(), BlobRanges(self.registry, digest, size))
-            try:
-                out.write(blob.pread(0, header))
+            try:  # a chunk at a time: `offset` (up to 1 GiB) may be an unsigned statement's
+                for start in range(0, header, CHUNK):
+                    out.write(blob.pread(start, min(CHUNK, header - start)))
             finally:
                 blob.close()
         out.truncate(size)  # the rest is a hole: read through the NBD device, never from here

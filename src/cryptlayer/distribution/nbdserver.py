@@ -178,25 +178,41 @@ def _info_request(data: bytes) -> tuple[str, set[int]] | None:
 
 
 def _transmission(conn: _Conn, export: Export, log: Callable[[str], None]) -> None:
-    with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="nbd-read") as pool:
-        while True:
-            magic, _flags, kind, cookie, offset, length = struct.unpack(">IHHQQI", conn.recv(28))
-            if magic != REQUEST_MAGIC:
+    pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="nbd-read")
+    try:
+        _requests(conn, export, log, pool)
+    except _Closed:
+        # The client is gone (the kernel let go: a detach, its timeout): nobody takes the
+        # answers of the reads still queued, each of which may wait on a registry that is down
+        # for ATTEMPTS x ATTEMPT_DEADLINE. Dropped; the reads running end as they end.
+        pool.shutdown(wait=False, cancel_futures=True)
+        log("the client closed the connection; reads not yet started are dropped")
+        pool.shutdown(wait=True)
+        raise
+    pool.shutdown(wait=True)  # NBD_CMD_DISC: the reads in flight are answered first
+
+
+def _requests(conn: _Conn, export: Export, log: Callable[[str], None],
+              pool: ThreadPoolExecutor) -> None:  # fmt: skip
+    """Take requests until NBD_CMD_DISC (returns) or the client goes (_Closed)."""
+    while True:
+        magic, _flags, kind, cookie, offset, length = struct.unpack(">IHHQQI", conn.recv(28))
+        if magic != REQUEST_MAGIC:
+            raise _Closed
+        if kind == CMD_DISC:
+            return
+        if kind == CMD_READ:
+            if length > MAX_PAYLOAD or offset + length > export.size:
+                _answer(conn, cookie, EINVAL)
+            else:
+                pool.submit(_read, conn, export, cookie, offset, length, log)
+            continue
+        if kind == CMD_WRITE:
+            if length > MAX_PAYLOAD:
                 raise _Closed
-            if kind == CMD_DISC:
-                return  # the pool's reads finish (and are answered) before the socket closes
-            if kind == CMD_READ:
-                if length > MAX_PAYLOAD or offset + length > export.size:
-                    _answer(conn, cookie, EINVAL)
-                else:
-                    pool.submit(_read, conn, export, cookie, offset, length, log)
-                continue
-            if kind == CMD_WRITE:
-                if length > MAX_PAYLOAD:
-                    raise _Closed
-                conn.recv(length)  # its data follows the request; dropped
-            _answer(conn, cookie, EPERM if kind in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES)
-                    else EINVAL)  # fmt: skip
+            conn.recv(length)  # its data follows the request; dropped
+        _answer(conn, cookie, EPERM if kind in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES)
+                else EINVAL)  # fmt: skip
 
 
 def _read(conn: _Conn, export: Export, cookie: int, offset: int, length: int,

@@ -120,6 +120,12 @@ def origin(url: str) -> tuple[str, str, int]:
     return split
 
 
+def place(url: str) -> str:
+    """`url`'s host and port as written, for an error line or a log: without the user name and
+    password a Location may carry (object storage's credentials, secret as a signature is)."""
+    return urlsplit(url).netloc.rpartition("@")[2]
+
+
 def _has_port(host: str) -> bool:
     return urlsplit(f"//{host}").port is not None
 
@@ -248,25 +254,33 @@ class Connection:
     def exchange(self, method: str, url: str, headers: dict[str, str], **kw: Any) -> Any:
         import requests
 
+        plain = False  # port 443 was not reached: plain HTTP (port 80) if that answers
         if self.scheme is None and url.startswith(f"https://{self.host}/"):
             try:
                 response = self.raw(method, url, headers, **kw)
             except requests.exceptions.SSLError:
-                pass  # e.g. a plain-HTTP registry answering the TLS hello with a 400
+                self.scheme = "http"  # e.g. a plain-HTTP registry answering the TLS hello
             except requests.exceptions.RequestException as err:
                 if _has_port(self.host):  # the same port either way: it is not there
                     raise self.unreachable(url, err) from None
+                plain = True  # not "http" yet: if port 80 fails too, nothing is known
+            except ValueError:  # urllib3's LocationParseError: e.g. a label over 63 bytes
+                raise self.no_address(url) from None
             else:
                 self.scheme = "https"
                 return response
-            self.scheme = "http"
             url = "http://" + url.removeprefix("https://")
         try:
-            return self.raw(method, url, headers, **kw)
+            response = self.raw(method, url, headers, **kw)
+            if plain:
+                self.scheme = "http"
+            return response
         except requests.exceptions.SSLError as err:
             raise self.tls_failed(url, err) from None
         except requests.exceptions.RequestException as err:
             raise self.unreachable(url, err) from None
+        except ValueError:  # urllib3's LocationParseError: e.g. a label over 63 bytes
+            raise self.no_address(url) from None
 
     def raw(self, method: str, url: str, headers: dict[str, str], **kw: Any) -> Any:
         return self.session.request(method, url, headers=headers, timeout=READ_TIMEOUT,
@@ -274,7 +288,7 @@ class Connection:
                                     **kw)  # fmt: skip
 
     def unreachable(self, url: str, err: BaseException) -> RegistryError:
-        where = urlsplit(url).netloc
+        where = place(url)
         for said, what in (("got more than 100 headers", "more than 100 header lines"),
                            ("LineTooLong", "a line longer than 64 KiB"),
                            ("BadStatusLine", "no HTTP status line")):  # fmt: skip
@@ -287,10 +301,21 @@ class Connection:
         return RegistryError(f"cannot reach {where}, where registry {self.host} sent us"
                              f" ({_reason(err)})")  # fmt: skip
 
+    def no_address(self, url: str) -> CryptlayerError:
+        """The error for a URL that parses but names no host one can connect to: the user's
+        (bad input), or one a registry sent (a redirect's, a token realm's), never a bug of
+        ours to report."""
+        if place(url) == self.host:
+            return UsageError(f"{self.host[:EXCERPT]!r} is not a host one can connect to",
+                              "check the reference's HOST[:PORT]")  # fmt: skip
+        return RegistryError(f"registry {self.host} sent us to {place(url)[:EXCERPT]!r}, which is"
+                             " not an address one can connect to",
+                             "the registry is misconfigured or hostile")  # fmt: skip
+
     def tls_failed(self, url: str, err: BaseException) -> CryptlayerError:
         import requests
 
-        where = urlsplit(url).netloc
+        where = place(url)
         text = str(err)
         if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
             return UsageError(

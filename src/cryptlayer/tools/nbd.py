@@ -35,7 +35,13 @@ ATTR_BACKEND_IDENTIFIER = 10
 SOCK_ITEM, SOCK_FD = 1, 1
 FLAG_HAS_FLAGS, FLAG_READ_ONLY = 1 << 0, 1 << 1  # nbd.h's NBD_FLAG_*
 BLOCK = 4096  # the verity and LUKS2 sector size
-TIMEOUT = 60  # seconds a request may take: more than the server's attempts with their deadline
+# Seconds a request may take before the kernel gives up on the connection: 0, never. With a
+# timeout the kernel marks the only socket dead when one request outlives it, and then fails
+# every later read: the device is EIO for good, the registry back or not. A request can take
+# longer than one read's ATTEMPTS x ATTEMPT_DEADLINE (31.5 s) while the registry stalls: queued
+# behind the server's 4 reads at once, or spanning two chunks. With 0 the kernel warns and waits;
+# the server answers every request (EIO at worst) and a detach or the server's exit ends them.
+TIMEOUT = 0
 
 NLMSGHDR = struct.Struct("=IHHII")
 GENLMSGHDR = struct.Struct("=BBH")
@@ -80,13 +86,14 @@ def parse_attrs(data: bytes) -> dict[int, bytes]:
     return found
 
 
-def connect_request(family: int, seq: int, fd: int, size: int, identifier: str) -> bytes:
+def connect_request(family: int, seq: int, fd: int, size: int, identifier: str,
+                    timeout: int = TIMEOUT) -> bytes:  # fmt: skip
     """NBD_CMD_CONNECT: socket `fd` as a read-only device of `size` bytes, any free index."""
     return message(
         family, CMD_CONNECT, seq,
         u64(ATTR_SIZE_BYTES, size),
         u64(ATTR_BLOCK_SIZE_BYTES, BLOCK),
-        u64(ATTR_TIMEOUT, TIMEOUT),
+        u64(ATTR_TIMEOUT, timeout),
         u64(ATTR_SERVER_FLAGS, FLAG_HAS_FLAGS | FLAG_READ_ONLY),
         attr(ATTR_BACKEND_IDENTIFIER, identifier.encode() + b"\0"),
         nested(ATTR_SOCKETS, nested(SOCK_ITEM, u32(SOCK_FD, fd))),
@@ -177,7 +184,7 @@ def _family(link: _Netlink) -> int:
         ) from err
 
 
-def connect(fd: int, size: int, identifier: str) -> int:
+def connect(fd: int, size: int, identifier: str, timeout: int = TIMEOUT) -> int:
     """Attach connected stream socket `fd` (served without a handshake) as a read-only device of
     `size` bytes; returns its index N (/dev/nbdN). `identifier` is what
     /sys/block/nbdN/backend shows: how gc finds the device."""
@@ -186,7 +193,7 @@ def connect(fd: int, size: int, identifier: str) -> int:
         family = _family(link)
         link.seq += 1
         try:
-            got = link.ask(connect_request(family, link.seq, fd, size, identifier))
+            got = link.ask(connect_request(family, link.seq, fd, size, identifier, timeout))
         except OSError as err:
             raise CryptlayerError(f"cannot attach an NBD device for {identifier}: {err.strerror}",
                                   "see dmesg") from None  # fmt: skip
