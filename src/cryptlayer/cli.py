@@ -438,7 +438,6 @@ def _image_for_start(
     if not image.startswith("docker://"):
         yield Path(image), None
         return
-    import functools
     import secrets
     import shutil
 
@@ -457,10 +456,8 @@ def _image_for_start(
     work.mkdir(mode=0o700)
     target = work / "image"
     try:
-        fetched = lazy.fetch(remote, target, digest=digest, trust=trust)
-        command = [sys.executable, "-m", "cryptlayer.distribution.lazy"]
-        config = functools.partial(lazy.server_config, remote, fetched.blobs)
-        yield target, LazyLayers(work, fetched.blobs, command, config)
+        fetched = lazy.fetch_for_start(remote, target, digest=digest, trust=trust)
+        yield target, LazyLayers(work, fetched.blobs, fetched.command, fetched.config)
     finally:
         if state.load_opening(str(target)) is None:  # a failure, or `run`'s teardown is done
             shutil.rmtree(work, ignore_errors=True)

@@ -155,6 +155,43 @@ def fetch(remote: Remote, target: Path, *, digest: str | None = None,
     return Fetched(target, [(store.digests[layer.file], layer.size) for layer in loaded.layers])
 
 
+SERVER_COMMAND = ("-m", "cryptlayer.distribution.lazy")  # after the interpreter
+
+
+@dataclass(frozen=True)
+class ForStart:
+    """What a lazy start needs of the fetch, as plain values (the runtime does not import this
+    package: the caller makes its runtime.lazy.LazyLayers of them): each layer's blob, the
+    server's argv, and its standard input given its sockets' descriptors."""
+
+    blobs: list[tuple[str, int]]
+    command: list[str]
+    config: Callable[[list[int]], bytes]
+
+
+def fetch_for_start(remote: Remote, target: Path, *, digest: str | None = None,
+                    trust: Path | None = None) -> ForStart:  # fmt: skip
+    """`fetch`, and how to start the server for what was fetched (run/start's `docker://`, and
+    cryptlayer-runtime's at create)."""
+    import functools
+
+    fetched = fetch(remote, target, digest=digest, trust=trust)
+    return ForStart(fetched.blobs, [sys.executable, *SERVER_COMMAND],
+                    functools.partial(server_config, remote, fetched.blobs))  # fmt: skip
+
+
+def work_dir() -> Path:
+    """A new private directory for one lazy start's fetch: /run/cryptlayer/lazy/RANDOM (0700;
+    resolved, as the opening names it). The image goes in its `image`."""
+    import secrets
+
+    parent = paths.private_run_root().resolve() / "lazy"
+    parent.mkdir(mode=0o700, exist_ok=True)
+    work = parent / secrets.token_hex(8)
+    work.mkdir(mode=0o700)
+    return work
+
+
 def server_config(remote: Remote, blobs: list[tuple[str, int]], fds: list[int]) -> bytes:
     """The server's standard input."""
     return json.dumps({
