@@ -218,4 +218,3 @@ def test_a_failed_assembly_removes_the_fetched_directory(node: Node) -> None:
     err = fails(node, "c1", node.ref)
     assert "does not open" in str(err)
     assert len(node.started) == 1  # it got as far as the assembly
-
