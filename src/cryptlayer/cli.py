@@ -442,12 +442,9 @@ def _image_for_start(
     if not image.startswith("docker://"):
         yield Path(image), None
         return
-    import functools
-    import secrets
     import shutil
 
     from cryptlayer.distribution import lazy
-    from cryptlayer.paths import private_run_root
     from cryptlayer.runtime import state
     from cryptlayer.runtime.lazy import LazyLayers
 
@@ -455,17 +452,11 @@ def _image_for_start(
     login = auth.get("login")
     remote = lazy.Remote(image, tls_verify == "true", str(cert_dir) if cert_dir else None,
                          str(authfile) if authfile else None, login)  # fmt: skip
-    parent = private_run_root().resolve() / "lazy"  # resolved: the opening's name for it
-    parent.mkdir(mode=0o700, exist_ok=True)
-    work = parent / secrets.token_hex(8)
-    work.mkdir(mode=0o700)
+    work = lazy.work_dir()
     target = work / "image"
     try:
-        fetched = lazy.fetch(remote, target, digest=digest, trust=trust, erase=erase)
-        command = [sys.executable, "-m", "cryptlayer.distribution.lazy"]
-        private = fetched.headers if erase else None
-        config = functools.partial(lazy.server_config, remote, fetched.blobs, private=private)
-        yield target, LazyLayers(work, fetched.blobs, command, config)
+        fetched = lazy.fetch_for_start(remote, target, digest=digest, trust=trust, erase=erase)
+        yield target, LazyLayers(work, fetched.blobs, fetched.command, fetched.config)
     finally:
         if state.load_opening(str(target)) is None:  # a failure, or `run`'s teardown is done
             shutil.rmtree(work, ignore_errors=True)

@@ -13,9 +13,10 @@ signer = "publisher@example"                 # without a key option, cryptlayer-
 key-file = "/etc/cryptlayer/keys/app.key"    # or identity = "/etc/cryptlayer/keys/id.pem"
                                              # (or "provider:NAME", "tpm2:/FILE", "pkcs11:URI"),
                                              # key-command = "...", keyring = "NAME"
-[pull]                                       # cryptlayer-runtime's pulls at create:
-store = "/var/lib/cryptlayer/engine/images"  # where the copies go (root's, 0700)
-keep = false                                 # keep them after delete (not shredded)
+[pull]                                       # cryptlayer-runtime's registry images:
+lazy = true                                  # started lazily (false: pulled whole at create)
+store = "/var/lib/cryptlayer/engine/images"  # where the whole copies go (root's, 0700)
+keep = false                                 # keep the node's copy after delete (no erase)
 auth-file = "/etc/cryptlayer/auth.json"      # credentials (default: where `pull` looks)
 [registries."registry.example:5000"]         # one registry's TLS, the node's word only:
 tls-verify = false                           # plain HTTP or unverified TLS
@@ -374,7 +375,7 @@ def _key_setting(where: str, name: str, text: object) -> None:
 
 # -- cryptlayer-runtime's pulls at create (docs/engines.md, "Registry images")
 
-PULL_KNOWN = ("auth-file", "keep", "store")  # the [pull] table's
+PULL_KNOWN = ("auth-file", "keep", "lazy", "store")  # the [pull] table's
 REGISTRY_KNOWN = ("cert-dir", "tls-verify")  # a [registries."HOST[:PORT]"] table's
 PULL_EXAMPLE = '[pull] store = "/var/lib/cryptlayer/engine/images"'
 REGISTRY_EXAMPLE = '[registries."registry.example:5000"] tls-verify = false'
@@ -383,11 +384,14 @@ REGISTRY_EXAMPLE = '[registries."registry.example:5000"] tls-verify = false'
 @dataclass(frozen=True)
 class PullSettings:
     """The [pull] table: the store (None: the default under the state root), whether pulled
-    copies are kept after delete, and the auth file (None: where `pull` looks)."""
+    copies are kept after delete, and the auth file (None: where `pull` looks); `lazy` (the
+    default): a registry image is started lazily (docs/lazy.md), not pulled whole into the
+    store."""
 
     store: Path | None = None
     keep: bool = False
     auth_file: Path | None = None
+    lazy: bool = True
 
 
 @dataclass(frozen=True)
@@ -431,11 +435,15 @@ def _pull(path: Path, settings: dict[str, Any]) -> PullSettings:
     keep = table.get("keep", False)
     if not isinstance(keep, bool):
         raise UsageError(f"{path}: [pull] keep is not true or false", "e.g. keep = true")
+    lazy = table.get("lazy", True)
+    if not isinstance(lazy, bool):
+        raise UsageError(f"{path}: [pull] lazy is not true or false", "e.g. lazy = false")
     store, auth = table.get("store"), table.get("auth-file")
     return PullSettings(
         None if store is None else _absolute(path, "[pull] store", store, PULL_EXAMPLE),
         keep,
         None if auth is None else _absolute(path, "[pull] auth-file", auth, PULL_EXAMPLE),
+        lazy,
     )
 
 

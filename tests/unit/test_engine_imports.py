@@ -157,3 +157,34 @@ def test_block_devices_read_from_sysfs_are_pyudevs(tmp_path: Path) -> None:
     finally:
         subprocess.run(["losetup", "-d", loop], check=True)
     assert udev.loops_backed_by({tmp_path}) == []
+
+
+@pytest.mark.parametrize("shred", [False, True], ids=["kept", "shredded"])
+def test_the_delete_of_a_lazy_container_imports_only_the_teardown(tmp_path: Path,
+                                                                  shred: bool) -> None:  # fmt: skip
+    """A container started lazily (cryptlayer-runtime's docker:// at create): its image's
+    opening holds the fetched directory, the server and an NBD device (none attached here); the
+    delete releases them through runtime/lazy.py and tools/nbd.py, still without assembly's
+    modules; the fetched directory is gone."""
+    env, gone = engine_record(tmp_path, shred)
+    work = tmp_path / "run" / "lazy" / "0123456789abcdef"
+    (work / "image").mkdir(parents=True)
+    (work / "image" / "layer0.luks").write_bytes(b"header")
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("CRYPTLAYER_ROOT", "CRYPTLAYER_RUNDIR"):
+            mp.setenv(key, env[key])
+        with state.locked():
+            record = state.load("engine-c1")
+            record.image = str(work / "image")
+            record.steps[0] = Step(Kind.IMAGE, record.image)
+            record.save()
+            opening = state.Opening(record.image, steps=[
+                Step(Kind.FETCHED, str(work)), Step(Kind.SERVER, str(work)),
+                Step(Kind.NBD, "cryptlayer:test-engine-imports:0")])  # fmt: skip
+            opening.path.parent.mkdir(parents=True, exist_ok=True)
+            opening.save()
+    modules = delete(env)
+    assert [p for p in [*gone, work, opening.path] if p.exists()] == []
+    assert {"cryptlayer.runtime.lazy", "cryptlayer.tools.nbd"} <= modules  # (the probe saw them)
+    allowed = loaded(modules, STORE) if shred else []
+    assert [m for m in loaded(modules, ASSEMBLY_ONLY) if m not in allowed] == []

@@ -1,5 +1,6 @@
-"""cryptlayer-runtime pulls a registry image at `create` (engine/store.py, docs/engines.md,
-"Registry images"): into the node's store (root's, 0700), one copy per container, under the
+"""cryptlayer-runtime pulls a registry image at `create` where the node says `[pull] lazy =
+false` (engine/store.py, docs/engines.md, "Registry images"; lazily otherwise:
+test_engine_lazy.py): into the node's store (root's, 0700), one copy per container, under the
 node's trust, TLS and credentials (never the spec's), the digest pinned; removed at delete
 unless kept; nothing left by a create that fails. A real registry (Debian's docker-registry)
 and fake images (luksfixtures); the assembly is stood in, as in test_engine_images.py: what
@@ -56,6 +57,7 @@ class Node:
 key-file = "{self.base}/app.key"
 [pull]
 store = "{self.store}"
+lazy = false
 {extra}
 [registries."{host}"]
 tls-verify = false
@@ -416,7 +418,9 @@ def test_a_store_others_could_use_is_refused(node: Node, how: str, tmp_path: Pat
     [
         ('[pull]\nstore = "rel"', "[pull] store is not an absolute path"),
         ("[pull]\nkeep = 1", "[pull] keep is not true or false"),
-        ('[pull]\ncache = "/x"', "unknown setting cache in [pull] (known: auth-file, keep, store)"),
+        ('[pull]\nlazy = "no"', "[pull] lazy is not true or false"),
+        ('[pull]\ncache = "/x"',
+         "unknown setting cache in [pull] (known: auth-file, keep, lazy, store)"),
         ('[registries."r.example"]\ntls-verify = "no"',
          '[registries."r.example"] tls-verify is not true or false'),
         ('[registries."r.example"]\ncredentials = "/x"',

@@ -171,6 +171,46 @@ def fetch(remote: Remote, target: Path, *, digest: str | None = None,
                    [layer.offset for layer in loaded.layers])  # fmt: skip
 
 
+SERVER_COMMAND = ("-m", "cryptlayer.distribution.lazy")  # after the interpreter
+
+
+@dataclass(frozen=True)
+class ForStart:
+    """What a lazy start needs of the fetch, as plain values (the runtime does not import this
+    package: the caller makes its runtime.lazy.LazyLayers of them): each layer's blob, the
+    server's argv, and its standard input given its sockets' descriptors."""
+
+    blobs: list[tuple[str, int]]
+    command: list[str]
+    config: Callable[[list[int]], bytes]
+
+
+def fetch_for_start(remote: Remote, target: Path, *, digest: str | None = None,
+                    trust: Path | None = None, erase: bool = False) -> ForStart:  # fmt: skip
+    """`fetch`, and how to start the server for what was fetched (run/start's `docker://`, and
+    cryptlayer-runtime's at create); `erase`: a start that erases the node's copy (the headers
+    never stored in the block cache, by the fetch nor by the server)."""
+    import functools
+
+    fetched = fetch(remote, target, digest=digest, trust=trust, erase=erase)
+    private = fetched.headers if erase else None
+    return ForStart(fetched.blobs, [sys.executable, *SERVER_COMMAND],
+                    functools.partial(server_config, remote, fetched.blobs,
+                                      private=private))  # fmt: skip
+
+
+def work_dir() -> Path:
+    """A new private directory for one lazy start's fetch: /run/cryptlayer/lazy/RANDOM (0700;
+    resolved, as the opening names it). The image goes in its `image`."""
+    import secrets
+
+    parent = paths.private_run_root().resolve() / "lazy"
+    parent.mkdir(mode=0o700, exist_ok=True)
+    work = parent / secrets.token_hex(8)
+    work.mkdir(mode=0o700)
+    return work
+
+
 def server_config(remote: Remote, blobs: list[tuple[str, int]], fds: list[int],
                   private: list[int] | None = None) -> bytes:  # fmt: skip
     """The server's standard input; `private`: for each blob, the bytes from its start (its

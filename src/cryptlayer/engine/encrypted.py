@@ -28,6 +28,7 @@ from cryptlayer.image import markers
 if TYPE_CHECKING:
     from cryptlayer.image.manifest import ImageConfig
     from cryptlayer.keys.node import NodeKeys
+    from cryptlayer.runtime.lazy import LazyLayers
     from cryptlayer.runtime.state import Holder
 
 # The placeholder's markers (distribution/placeholder.py writes them; the runtime layer does
@@ -57,7 +58,8 @@ CAPABILITY_SETS = (
 @dataclass(frozen=True)
 class Request:
     """What the container's spec asks of cryptlayer: which image (a directory on the node, or a
-    registry reference to pull into the node's store), pinned how, kept or not."""
+    registry reference to start lazily or pull into the node's store), pinned how, kept or
+    not."""
 
     image: Path | None
     digest: str | None = None
@@ -217,7 +219,7 @@ def write_config(path: str, spec: dict[str, Any]) -> None:
 # -- the key, from the node
 
 
-def credential_for(image: Path, repository: str | None = None) -> NodeKeys:
+def credential_for(image: Path | None, repository: str | None = None) -> NodeKeys:
     """What opens `image`: the first `[[keys]]` entry that matches it, chosen by container.start
     once the image is open and its digest and signatures are checked (keys/node.py), never from
     the pod spec. `repository`: the one this create pulled the image from, only then (a
@@ -258,13 +260,15 @@ def trust() -> Path | None:
 def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str, *,
              holder: Holder | None = None, warn: Callable[[str], None] | None = None,
              ) -> str:  # fmt: skip
-    """Assemble the image of `spec` for the engine's container `cid` (a registry image pulled
-    into the node's store first: engine/store.py) and rewrite the bundle's config.json; the
-    record's name. `holder` (the real runtime, its root) is written first and stays locked by
-    this process until it exits, so that `gc` tears the container down once this process died
-    and the runtime does not hold it (docs/engines.md, "Faults"). What `cryptlayer run` warns
-    about this host goes to `warn` first. On any failure, what was assembled is torn down and
-    what was pulled removed."""
+    """Assemble the image of `spec` for the engine's container `cid` and rewrite the bundle's
+    config.json; the record's name. A registry image is started lazily (its small files fetched
+    and checked, its layers read through NBD devices: docs/lazy.md), or, where the node's config
+    says `[pull] lazy = false`, pulled whole into the node's store first (engine/store.py).
+    `holder` (the real runtime, its root) is written first and stays locked by this process
+    until it exits, so that `gc` tears the container down once this process died and the
+    runtime does not hold it (docs/engines.md, "Faults"). What `cryptlayer run` warns about this
+    host goes to `warn` first. On any failure, what was assembled is torn down and what was
+    pulled or fetched removed."""
     from cryptlayer import config
     from cryptlayer.engine import cli, store
     from cryptlayer.image import manifest as manifest_mod
@@ -273,19 +277,21 @@ def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str, *,
     wanted = request(spec, image)
     name = container_name(cid)
     trusted = trust()
-    path, repository, keep = wanted.image, None, wanted.keep
+    path, repository, keep, lazy = wanted.image, None, wanted.keep, False
     if wanted.reference is not None:
         from cryptlayer.distribution.registry import parse_reference
 
         ref = parse_reference(wanted.reference)
         repository = f"{ref.host}/{ref.repository}"
-        path = store.target(name)  # (the store checked before its path chooses a key)
-        keep = keep or config.pull_settings().keep
+        settings = config.pull_settings()
+        keep, lazy = keep or settings.keep, settings.lazy
+        if not lazy:
+            path = store.target(name)  # (the store checked before its path chooses a key)
     else:
         assert path is not None
         path = outside_store(path)
-    assert path is not None
     pulled: store.Pulled | None = None
+    lazy_layers: LazyLayers | None = None
     started = False
     if warn is not None:
         for line in host_warnings(wanted.image, keep):
@@ -296,9 +302,16 @@ def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str, *,
         with credential_for(path, repository=repository) as credential:
             if wanted.reference is not None:
                 with _interruptible():
-                    pulled = store.pull(wanted.reference, name, wanted.digest, trusted)
+                    if lazy:
+                        lazy_layers = fetch_lazily(wanted.reference, wanted.digest, trusted,
+                                                   erase=not keep)  # fmt: skip
+                        path = lazy_layers.work / "image"
+                    else:
+                        pulled = store.pull(wanted.reference, name, wanted.digest, trusted)
+            assert path is not None
+            # (a lazy image's erase is the node's copy's: its header chunks; as `cryptlayer run`)
             options = container.StartOptions(name, shred=not keep, digest=wanted.digest,
-                                             trust=trusted)  # fmt: skip
+                                             trust=trusted, lazy=lazy_layers)  # fmt: skip
             record = container.start(path, credential, options)
             started = True
         rootfs = Path(record.rootfs)
@@ -313,9 +326,52 @@ def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str, *,
             state.forget_holder(name)
         if pulled is not None and pulled.new and not cli.has_record(name):
             store.discard_quietly(name)
+        if lazy_layers is not None:
+            discard_fetched(lazy_layers.work)
         raise
     journal.crash_point()  # assembled, the runtime's create not begun (tests/vm)
     return name
+
+
+def fetch_lazily(reference: str, digest: str | None, trusted: Path | None,
+                 erase: bool) -> LazyLayers:  # fmt: skip
+    """Fetch `reference` for a lazy start (distribution/lazy.py: manifest, statement, keys.json,
+    signatures and verity trees whole and checked, each layer's header through the block cache)
+    into a new private directory in /run, under the node's registry settings: `[registries]`'s
+    TLS and CA, `[pull] auth-file`; `digest` pins it, `trusted` vouches for it (None: the node
+    allows unsigned images); `erase`: the start erases the node's copy (its headers never stored
+    in the block cache). On a failure nothing of it is left."""
+    import shutil
+
+    from cryptlayer import config
+    from cryptlayer.distribution import lazy
+    from cryptlayer.distribution.registry import parse_reference
+    from cryptlayer.runtime.lazy import LazyLayers
+
+    registry = config.registry_settings(parse_reference(reference).host)
+    auth_file = config.pull_settings().auth_file
+    remote = lazy.Remote(reference, registry.tls_verify,
+                         None if registry.cert_dir is None else str(registry.cert_dir),
+                         None if auth_file is None else str(auth_file))  # fmt: skip
+    work = lazy.work_dir()
+    try:
+        fetched = lazy.fetch_for_start(remote, work / "image", digest=digest, trust=trusted,
+                                       erase=erase)  # fmt: skip
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return LazyLayers(work, fetched.blobs, fetched.command, fetched.config)
+
+
+def discard_fetched(work: Path) -> None:
+    """Remove a lazy start's fetched directory after a failure, unless an opening holds it (the
+    opening's release removes it: runtime/lazy.py)."""
+    import shutil
+
+    from cryptlayer.runtime import state
+
+    if state.load_opening(str(work / "image")) is None:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def outside_store(image: Path) -> Path:

@@ -123,6 +123,16 @@ def kill_server(identity: str) -> None:
         try:
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 return
-        except ChildProcessError:
-            pass  # not ours (a `stop` after `start`): init reaps it
+        except ChildProcessError:  # not ours (a `stop` after `start`, an engine's delete)
+            if _state(pid) == "Z":
+                return  # dead; its parent (init, an engine's subreaper) reaps it
         time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    """Process `pid`'s state letter (field 3 of /proc/PID/stat), "" if there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[-1].split()[0]
