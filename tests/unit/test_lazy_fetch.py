@@ -52,7 +52,7 @@ def test_fetch_takes_the_small_files_whole_and_only_the_headers_of_layers(
     assert lazy_copy[: layer.offset] == original[: layer.offset]  # the header, from the registry
     assert lazy_copy[layer.offset :] == bytes(layer.size - layer.offset)  # and a hole
     assert os.stat(copy / layer.file).st_blocks * 512 < 2 << 20
-    chunks = list((state / "blockcache/sha256").rglob("0*"))
+    chunks = list((state / "blockcache/sha256").glob("*/0*"))
     assert [c.name for c in chunks] == ["00000000"]  # one chunk fetched: the header's
     blob = fetched.blobs[0]
     assert blob[1] == layer.size and chunks[0].parent.name == blob[0].removeprefix("sha256:")
