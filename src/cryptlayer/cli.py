@@ -122,10 +122,21 @@ class _GoFlags(_Command):
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         end = args.index("--") if "--" in args else len(args)
+        valued = self._valued()
+        if not ctx.allow_interspersed_args:  # `run IMAGE COMMAND...`: the command's are its own
+            i = 0
+            while i < end and args[i].startswith("-") and args[i] != "-":
+                bare = args[i] == "--tls-verify" and i + 1 < end and args[i + 1] in _TRUE + _FALSE
+                i += 2 if args[i] in valued or bare else 1
+            end = min(end, i)
         out: list[str] = []
         i = 0
         while i < end:
             arg = args[i]
+            if arg in valued:  # its value is the user's, whatever it looks like
+                out += args[i : i + 2]
+                i += 2
+                continue
             if arg == "--no-tls-verify":
                 arg = "--tls-verify=false"
             elif arg == "--tls-verify":
@@ -135,6 +146,12 @@ class _GoFlags(_Command):
             out.append(arg)
             i += 1
         return list(super().parse_args(ctx, out + args[end:]))
+
+    def _valued(self) -> set[str]:
+        """The options that take their value as the next argument."""
+        return {opt for p in self.params if isinstance(p, typer.core.TyperOption)
+                and not p.is_flag and not p.count and p.name != "tls_verify"
+                for opt in p.opts}  # fmt: skip
 
 
 app = typer.Typer(
@@ -816,7 +833,7 @@ def rekey(
         typer.echo(f"removed {ident}")
 
 
-@app.command(context_settings={"allow_interspersed_args": False})
+@app.command(cls=_GoFlags, context_settings={"allow_interspersed_args": False})
 def run(
     image: RunImage,
     key_file: KeyFile = None,
@@ -901,7 +918,7 @@ def run(
     raise typer.Exit(status)
 
 
-@app.command()
+@app.command(cls=_GoFlags)
 def start(
     image: RunImage,
     name: Annotated[str, typer.Option(help="Container name, for `stop`.")],

@@ -927,3 +927,33 @@ def test_a_blob_upload_retried_after_a_502_sends_the_blob_again(tmp_path: Path,
         code, _, err = invoke("push", "--tls-verify=false", str(image), f"{a.host}/x/y:v1")
     assert code == 0, err
     assert bodies[0][0] == bodies[0][1] and bodies[1] == bodies[0], bodies
+
+
+@pytest.mark.parametrize("command", ["run", "start"])
+@pytest.mark.parametrize("spelled", ["--no-tls-verify", "--tls-verify false", "--tls-verify=0"])
+def test_run_and_start_take_pulls_tls_verify_spellings(plain: RunningRegistry, command: str,
+                                                       spelled: str) -> None:  # fmt: skip
+    """run/start docker:// take --tls-verify as pull does (before: --no-tls-verify and a bare
+    --tls-verify were "No such option"): the plain registry is spoken to, and has no image."""
+    name = ["--name", "tls"] if command == "start" else []
+    code, _, err = invoke(command, *name, *spelled.split(), f"docker://{plain.host}/no/such:v1")
+    assert "No such option" not in err and "plain HTTP" not in err, err
+    assert code != 0 and "no/such" in err, err
+
+
+def test_run_leaves_its_commands_own_tls_verify_alone() -> None:
+    """Everything after IMAGE is the container's command, as in podman: an option there that
+    looks like ours is not rewritten."""
+    import typer
+
+    from cryptlayer.cli import app
+
+    group = typer.main.get_command(app)
+    run = group.commands["run"]  # type: ignore[attr-defined]
+    argv = ["-k", "--no-tls-verify", "--tls-verify", "docker://r.example/a:b", "curl",
+            "--no-tls-verify", "--tls-verify", "x"]  # fmt: skip
+    ctx = run.make_context("run", list(argv))
+    assert ctx.params["key_file"] == "--no-tls-verify"  # an option's value is not rewritten
+    assert ctx.params["tls_verify"] == "true"
+    assert ctx.params["image"] == "docker://r.example/a:b"
+    assert list(ctx.params["command"]) == ["curl", "--no-tls-verify", "--tls-verify", "x"]
