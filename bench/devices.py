@@ -5,7 +5,7 @@ caches dropped before every timed run. cryptlayer is called in-process (its own 
 out); a few runs as a real process measure that start-up too, which the report shows separately.
 Usage: devices.py [--sizes 64,256,1024] [--runs 3] [--layers 1,5,20] [--concurrent 20]
 [SECTION...] (default: all of startup unlock limit sizes read concurrent verity process
-engine ocicrypt lazy).
+engine ocicrypt lazy lazychunk).
 Arguments, not environment variables: the VM does not inherit the host's environment.
 Each section is a module of bench/sections/ (what they share: sections/base.py).
 """
@@ -34,7 +34,7 @@ from sections import (
 from sections.base import CLI, KEY, WORK, settings
 
 SECTIONS = ("startup", "unlock", "limit", "sizes", "read", "concurrent", "verity", "process",
-            "engine", "ocicrypt", "lazy")  # fmt: skip
+            "engine", "ocicrypt", "lazy", "lazychunk")  # fmt: skip
 
 
 def main() -> None:
@@ -86,6 +86,8 @@ def main() -> None:
             record("ocicrypt", ocicrypt.convert_throughput(min(256, max(settings.sizes))))
         for size in settings.sizes if "lazy" in chosen else []:
             record(f"lazy_{size}", lazy.lazy_start(size))
+        if "lazychunk" in chosen:
+            record("lazy_chunks", lazy.chunk_sizes(min(settings.sizes)))
     finally:
         KEY.unlink()
         shutil.rmtree(WORK, ignore_errors=True)

@@ -43,6 +43,7 @@ from typing import Any
 
 from common import MiB, drop_caches, sh, summary
 
+from cryptlayer.image import manifest as statement
 from cryptlayer.paths import block_cache_dir
 from sections.base import CLI, KEY, WORK, build, settings, warm_caches
 
@@ -82,6 +83,7 @@ def lazy_start(size_mib: int) -> dict[str, Any]:
     image = work / "img"
     phases["build"] = build([tree], image)
     out["image_bytes"] = sum(p.stat().st_size for p in image.iterdir() if p.is_file())
+    out["header_bytes"] = sum(layer.offset for layer in statement.load(image).layers)
     out["small_files_bytes"] = sum(
         p.stat().st_size for p in image.iterdir() if p.is_file() and p.suffix != ".luks"
     )
@@ -270,11 +272,21 @@ def _cold() -> None:
         subprocess.run(argv, capture_output=True, check=False)
 
 
-def _first_line(argv: list[str], begin: float) -> tuple[float, str]:
+def _sh(*argv: str, env: dict[str, str] | None = None) -> str:
+    """common.sh with an environment; a failure shows the program's stderr."""
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr}")
+    return done.stdout
+
+
+def _first_line(
+    argv: list[str], begin: float, env: dict[str, str] | None = None
+) -> tuple[float, str]:
     """Run `argv`; seconds from `begin` to its first line of output, and the line. It must end
     well."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)  # fmt: skip
+                            stdin=subprocess.DEVNULL, env=env)  # fmt: skip
     assert proc.stdout is not None
     line = proc.stdout.readline()
     took = time.perf_counter() - begin
@@ -287,15 +299,17 @@ def _first_line(argv: list[str], begin: float) -> tuple[float, str]:
 class _Ways:
     """The three ways to the job's first output, against one registry."""
 
-    def __init__(self, work: Path, lazy_ref: str, oci_ref: str) -> None:
-        self.work, self.lazy_ref, self.oci_ref = work, lazy_ref, oci_ref
+    def __init__(
+        self, work: Path, lazy_ref: str, oci_ref: str, env: dict[str, str] | None = None
+    ) -> None:
+        self.work, self.lazy_ref, self.oci_ref, self.env = work, lazy_ref, oci_ref, env
         self.private = work / "rsa.pem"
         self.job = [PYTHON, "-c", JOB]
         self.run = [*CLI, "run", "--keep", "-k", str(KEY)]
 
     def lazy(self) -> tuple[float, str]:
         return _first_line([*self.run, "--tls-verify=false", self.lazy_ref, *self.job],
-                           time.perf_counter())  # fmt: skip
+                           time.perf_counter(), self.env)  # fmt: skip
 
     def pull_run(self) -> tuple[float, str]:
         pulled = self.work / "pulled"
@@ -352,12 +366,12 @@ class _Ways:
 
     @contextlib.contextmanager
     def _started(self, ref: str, name: str) -> Iterator[Path]:
-        rootfs = Path(sh(*CLI, "start", "--keep", "--tls-verify=false", "--name", name, "-k",
-                         str(KEY), ref).strip())  # fmt: skip
+        rootfs = Path(_sh(*CLI, "start", "--keep", "--tls-verify=false", "--name", name, "-k",
+                          str(KEY), ref, env=self.env).strip())  # fmt: skip
         try:
             yield rootfs
         finally:
-            sh(*CLI, "stop", name)
+            _sh(*CLI, "stop", name, env=self.env)
 
     def job_reads(self) -> dict[str, Any]:
         """One lazy start (cache empty), the job run in its root by chroot: the bytes the kernel
@@ -402,6 +416,73 @@ class _Ways:
         out["warm_share"] = out["lazy_warm"]["mib_s"] / out["pulled"]["mib_s"]
         shutil.rmtree(pulled)
         return out
+
+    def sequential_cold(self, files: list[tuple[Path, int]], cap: int) -> dict[str, Any]:
+        """The first files up to `cap` bytes read in order through the lazy device, block cache
+        empty."""
+        chosen, total = [], 0
+        for f, size in files:
+            if total >= cap:
+                break
+            chosen.append(f)
+            total += size
+        _empty_cache()
+        with self._started(self.lazy_ref, "lazyseq") as rootfs:
+            drop_caches()
+            begin = time.perf_counter()
+            total = sum(_read_all(rootfs / f) for f in chosen)
+            took = time.perf_counter() - begin
+        return {"s": took, "mib_s": total / MiB / took, "bytes": total}
+
+
+CHUNKS = (256 << 10, 1 << 20, 4 << 20)
+CHUNK_HOOK = """import os
+if os.environ.get("CRYPTLAYER_BENCH_CHUNK"):
+    import cryptlayer.distribution.blockcache as blockcache
+    blockcache.CHUNK = int(os.environ["CRYPTLAYER_BENCH_CHUNK"])
+"""
+
+
+def chunk_sizes(size_mib: int) -> dict[str, Any]:
+    """The block cache's chunk (blockcache.CHUNK) at 256 KiB, 1 MiB and 4 MiB, on the shaped link:
+    time to the job's first output, the bytes fetched, and a sequential read (block cache empty,
+    64 MiB) there and on the local registry. The CLI and its server are given the chunk size by
+    a sitecustomize module on PYTHONPATH (a benchmark's hook; the product has no such knob)."""
+    sys.path.insert(0, str(TESTS))
+    from registryfixtures import registry
+
+    work = WORK / "lazychunk"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    tree, image, hook = work / "tree", work / "img", work / "hook"
+    out: dict[str, Any] = {"size_mib": size_mib, "content": real_tree(tree, size_mib * MiB)}
+    out["build_s"] = build([tree], image)
+    large = [(p.relative_to(tree), p.stat().st_size)
+             for p in sorted(tree.glob("filler/**/large*.bin"))]  # fmt: skip
+    shutil.rmtree(tree)
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(CHUNK_HOOK)
+    with registry(work / "registry") as reg:
+        ref = f"docker://{reg.host}/bench/lazy:v1"
+        sh(*CLI, "push", "--no-tls-verify", "-q", str(image), ref.removeprefix("docker://"))
+        for chunk in CHUNKS:
+            env = {**os.environ, "PYTHONPATH": str(hook), "CRYPTLAYER_BENCH_CHUNK": str(chunk)}
+            ways = _Ways(work, ref, "", env)
+            per: dict[str, Any] = {"sequential_local": ways.sequential_cold(large, 64 * MiB)}
+            with _shaped(True):
+                times, fetched = [], []
+                for _ in range(settings.runs):
+                    _empty_cache()
+                    _cold()
+                    times.append(ways.lazy()[0])
+                    fetched.append(_cached())
+                per["first_output"] = summary(times)
+                per["fetched_bytes"] = fetched
+                per["sequential_shaped"] = ways.sequential_cold(large, 64 * MiB)
+            out[str(chunk)] = per
+    _empty_cache()
+    shutil.rmtree(work, ignore_errors=True)
+    return out
 
 
 def _read_all(path: Path) -> int:
