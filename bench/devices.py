@@ -87,7 +87,7 @@ def main() -> None:
         for size in settings.sizes if "lazy" in chosen else []:
             record(f"lazy_{size}", lazy.lazy_start(size))
         if "lazychunk" in chosen:
-            record("lazy_chunks", lazy.chunk_sizes(min(settings.sizes)))
+            record("lazy_chunks", lazy.chunk_sizes(lazy.CHUNK_IMAGE_MIB))
     finally:
         KEY.unlink()
         shutil.rmtree(WORK, ignore_errors=True)

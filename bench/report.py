@@ -538,6 +538,8 @@ def _lazy_rows(data: dict[str, Any]) -> list[Row]:
                         ">= 5x faster than pull + run" if link == "shaped" else "",
                         verdict(pull / lazy >= 5) if link == "shaped" else ""))  # fmt: skip
         j = f["job_reads"]
+        if "error" in j:
+            continue
         read = j["device_read_bytes"] + f["header_bytes"] + f["small_files_bytes"]
         fetched = j["fetched_bytes"] + f["small_files_bytes"]
         out.append((f"14. bytes a lazy start fetched, {size} MiB image",
@@ -560,8 +562,9 @@ def _lazy_rows(data: dict[str, Any]) -> list[Row]:
                         f" ({'100 Mbit/s, 20 ms' if link == 'shaped' else 'local registry'})",
                         f"{ratio:.2f}x", "", "", "<= 1.3x",
                         verdict(ratio <= 1.3)))  # fmt: skip
-    if lazies:
-        size, f = lazies[-1]
+    done = [(size, f) for size, f in lazies if "error" not in f["sequential"]]
+    if done:
+        size, f = done[-1]
         q = f["sequential"]
         for kind, label in (("cold", "block cache empty"), ("warm", "block cache full")):
             share = q[f"{kind}_share"]

@@ -62,7 +62,7 @@ JOB = (
     "print('ready', n, flush=True)\n"
 )
 SHAPE = ("delay", "10ms", "rate", "100mbit", "limit", "100000")
-SEQUENTIAL_MAX = 256 * MiB  # sequential read: the filler's large files up to this
+SEQUENTIAL_MAX = 64 * MiB  # sequential read: the filler's large files up to this
 WAYS = ("lazy", "pull_run", "ocicrypt")
 WARM = (("skopeo", "--version"), ("tar", "--version"), ("chroot", "--version"))
 
@@ -82,6 +82,7 @@ def lazy_start(size_mib: int) -> dict[str, Any]:
         out["content"] = real_tree(tree, size_mib * MiB)
     image = work / "img"
     phases["build"] = build([tree], image)
+    _say(f"build {phases['build']:.1f} s")
     out["image_bytes"] = sum(p.stat().st_size for p in image.iterdir() if p.is_file())
     out["header_bytes"] = sum(layer.offset for layer in statement.load(image).layers)
     out["small_files_bytes"] = sum(
@@ -111,12 +112,20 @@ def lazy_start(size_mib: int) -> dict[str, Any]:
         shutil.rmtree(layout)
         out["layer_blob_bytes"] = _layer_blob_bytes(reg.storage)
         ways = _Ways(work, lazy_ref, oci_ref)
-        out["job_reads"] = ways.job_reads()
-        out["sequential"] = ways.sequential(large)
+        for name, part in (
+            ("job_reads", ways.job_reads),
+            ("sequential", lambda: ways.sequential(large)),
+        ):
+            try:  # the figure's other parts are kept if one fails
+                out[name] = part()
+            except Exception as err:
+                out[name] = {"error": str(err)[-2000:]}
+            _say(f"{name} {out[name]}")
         shutil.rmtree(tree)
         for link in ("local", "shaped"):
             with _shaped(link == "shaped"):
                 out[link] = ways.first_output()
+            _say(f"{link} {out[link]}")
     out["phases_s"] = phases
     shutil.rmtree(work, ignore_errors=True)
     return out
@@ -127,6 +136,12 @@ def _phase(phases: dict[str, float], name: str) -> Iterator[None]:
     begin = time.perf_counter()
     yield
     phases[name] = time.perf_counter() - begin
+    _say(f"{name} {phases[name]:.1f} s")
+
+
+def _say(text: str) -> None:
+    """Progress, for whoever waits on a long run."""
+    print(f"bench: lazy: {time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
 
 
 def real_tree(root: Path, total: int) -> dict[str, int]:
@@ -346,6 +361,7 @@ class _Ways:
                 _empty_cache()
                 _cold()
                 took, line = getattr(self, way)()
+                _say(f"{way} {took:.1f} s")
                 times[way].append(took)
                 lines.add(line)
                 if way == "lazy":
@@ -376,17 +392,41 @@ class _Ways:
     def job_reads(self) -> dict[str, Any]:
         """One lazy start (cache empty), the job run in its root by chroot: the bytes the kernel
         read from the NBD devices (what the job's reads needed, the file system's and
-        dm-verity's read-ahead included) and the bytes fetched into the cache."""
+        dm-verity's read-ahead included) and the bytes fetched into the cache; with the time of
+        each step (`start` to a mounted root, the job to its end), and the same steps on a
+        pulled copy (`pull`, `start`, the job), where a run's time goes."""
         _empty_cache()
         _cold()
+        begin = time.perf_counter()
         with self._started(self.lazy_ref, "lazyjob") as rootfs:
+            start_s = time.perf_counter() - begin
             before = _nbd_read_bytes()
             after_start = _cached()
+            begin = time.perf_counter()
             sh("chroot", str(rootfs), *self.job)
+            job_s = time.perf_counter() - begin
             read = _nbd_read_bytes()
             fetched = _cached()
-        return {"device_read_bytes": read, "device_read_at_start_bytes": before,
-                "fetched_at_start_bytes": after_start, "fetched_bytes": fetched}  # fmt: skip
+        out: dict[str, Any] = {
+            "device_read_bytes": read, "device_read_at_start_bytes": before,
+            "fetched_at_start_bytes": after_start, "fetched_bytes": fetched,
+            "lazy_start_s": start_s, "lazy_job_s": job_s,
+        }  # fmt: skip
+        pulled = self.work / "pulled"
+        shutil.rmtree(pulled, ignore_errors=True)
+        _cold()
+        begin = time.perf_counter()
+        sh(*CLI, "pull", "-q", "--tls-verify=false", self.lazy_ref, str(pulled))
+        out["pull_s"] = time.perf_counter() - begin
+        _cold()
+        begin = time.perf_counter()
+        with self._started(str(pulled), "lazyjob") as rootfs:
+            out["pulled_start_s"] = time.perf_counter() - begin
+            begin = time.perf_counter()
+            sh("chroot", str(rootfs), *self.job)
+            out["pulled_job_s"] = time.perf_counter() - begin
+        shutil.rmtree(pulled)
+        return out
 
     def sequential(self, files: list[tuple[Path, int]]) -> dict[str, Any]:
         """The filler's large files (up to SEQUENTIAL_MAX bytes) read in order, 1 MiB at a time,
@@ -436,6 +476,7 @@ class _Ways:
 
 
 CHUNKS = (256 << 10, 1 << 20, 4 << 20)
+CHUNK_IMAGE_MIB = 128  # enough filler for a sequential read of 32 MiB
 CHUNK_HOOK = """import os
 if os.environ.get("CRYPTLAYER_BENCH_CHUNK"):
     import cryptlayer.distribution.blockcache as blockcache
@@ -446,7 +487,7 @@ if os.environ.get("CRYPTLAYER_BENCH_CHUNK"):
 def chunk_sizes(size_mib: int) -> dict[str, Any]:
     """The block cache's chunk (blockcache.CHUNK) at 256 KiB, 1 MiB and 4 MiB, on the shaped link:
     time to the job's first output, the bytes fetched, and a sequential read (block cache empty,
-    64 MiB) there and on the local registry. The CLI and its server are given the chunk size by
+    32 MiB) there and on the local registry. The CLI and its server are given the chunk size by
     a sitecustomize module on PYTHONPATH (a benchmark's hook; the product has no such knob)."""
     sys.path.insert(0, str(TESTS))
     from registryfixtures import registry
@@ -457,6 +498,7 @@ def chunk_sizes(size_mib: int) -> dict[str, Any]:
     tree, image, hook = work / "tree", work / "img", work / "hook"
     out: dict[str, Any] = {"size_mib": size_mib, "content": real_tree(tree, size_mib * MiB)}
     out["build_s"] = build([tree], image)
+    _say(f"chunks: build {out['build_s']:.1f} s")
     large = [(p.relative_to(tree), p.stat().st_size)
              for p in sorted(tree.glob("filler/**/large*.bin"))]  # fmt: skip
     shutil.rmtree(tree)
@@ -468,7 +510,7 @@ def chunk_sizes(size_mib: int) -> dict[str, Any]:
         for chunk in CHUNKS:
             env = {**os.environ, "PYTHONPATH": str(hook), "CRYPTLAYER_BENCH_CHUNK": str(chunk)}
             ways = _Ways(work, ref, "", env)
-            per: dict[str, Any] = {"sequential_local": ways.sequential_cold(large, 64 * MiB)}
+            per: dict[str, Any] = {"sequential_local": ways.sequential_cold(large, 32 * MiB)}
             with _shaped(True):
                 times, fetched = [], []
                 for _ in range(settings.runs):
@@ -478,8 +520,9 @@ def chunk_sizes(size_mib: int) -> dict[str, Any]:
                     fetched.append(_cached())
                 per["first_output"] = summary(times)
                 per["fetched_bytes"] = fetched
-                per["sequential_shaped"] = ways.sequential_cold(large, 64 * MiB)
+                per["sequential_shaped"] = ways.sequential_cold(large, 32 * MiB)
             out[str(chunk)] = per
+            _say(f"chunk {chunk}: {per}")
     _empty_cache()
     shutil.rmtree(work, ignore_errors=True)
     return out
