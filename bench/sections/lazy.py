@@ -124,6 +124,8 @@ def lazy_start(size_mib: int) -> dict[str, Any]:
         shutil.rmtree(tree)
         for link in ("local", "shaped"):
             with _shaped(link == "shaped"):
+                out[f"{link}_link"] = _link(reg.host, reg.storage)
+                _say(f"{link} link {out[f'{link}_link']}")
                 out[link] = ways.first_output()
             _say(f"{link} {out[link]}")
     out["phases_s"] = phases
@@ -245,6 +247,21 @@ def _rsa(work: Path) -> tuple[Path, Path]:
     private.chmod(0o600)
     sh("openssl", "rsa", "-in", str(private), "-pubout", "-out", str(public))
     return private, public
+
+
+def _link(host: str, storage: Path) -> dict[str, Any]:
+    """What the link gives: the largest blob fetched by curl, its rate and its first byte's wait
+    (a connection and a request: two round trips)."""
+    try:
+        blob = max(storage.glob("docker/registry/v2/blobs/sha256/*/*/data"),
+                   key=lambda p: p.stat().st_size)  # fmt: skip
+        url = f"http://{host}/v2/bench/lazy/blobs/sha256:{blob.parent.name}"
+        form = "%{size_download} %{speed_download} %{time_starttransfer}"
+        got = sh("curl", "-sf", "-o", "/dev/null", "-w", form, url).split()
+        return {"curl_bytes": int(got[0]), "curl_mib_s": float(got[1]) / MiB,
+                "curl_first_byte_s": float(got[2])}  # fmt: skip
+    except Exception as err:
+        return {"error": str(err)[-500:]}
 
 
 def _layer_blob_bytes(storage: Path) -> dict[str, int]:
