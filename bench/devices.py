@@ -1,11 +1,11 @@
-"""Figures 1-7, 10 and 11: everything that needs dm-crypt. Runs inside the VM (`make bench`).
+"""Figures 1-7, 10, 11 and 14: everything that needs dm-crypt. Runs inside the VM (`make bench`).
 
 Each cryptlayer figure is measured next to its baseline in the same run, on the same disk, with
 caches dropped before every timed run. cryptlayer is called in-process (its own start-up taken
 out); a few runs as a real process measure that start-up too, which the report shows separately.
 Usage: devices.py [--sizes 64,256,1024] [--runs 3] [--layers 1,5,20] [--concurrent 20]
 [SECTION...] (default: all of startup unlock limit sizes read concurrent verity process
-engine ocicrypt).
+engine ocicrypt lazy lazychunk).
 Arguments, not environment variables: the VM does not inherit the host's environment.
 Each section is a module of bench/sections/ (what they share: sections/base.py).
 """
@@ -21,6 +21,7 @@ from common import machine, record, sh
 from sections import (
     concurrent,
     engine,
+    lazy,
     limit,
     ocicrypt,
     process,
@@ -33,7 +34,7 @@ from sections import (
 from sections.base import CLI, KEY, WORK, settings
 
 SECTIONS = ("startup", "unlock", "limit", "sizes", "read", "concurrent", "verity", "process",
-            "engine", "ocicrypt")  # fmt: skip
+            "engine", "ocicrypt", "lazy", "lazychunk")  # fmt: skip
 
 
 def main() -> None:
@@ -83,6 +84,10 @@ def main() -> None:
             record("engine_podman", engine.podman_against_run())
         if "ocicrypt" in chosen:
             record("ocicrypt", ocicrypt.convert_throughput(min(256, max(settings.sizes))))
+        for size in settings.sizes if "lazy" in chosen else []:
+            record(f"lazy_{size}", lazy.lazy_start(size))
+        if "lazychunk" in chosen:
+            record("lazy_chunks", lazy.chunk_sizes(lazy.CHUNK_IMAGE_MIB))
     finally:
         KEY.unlink()
         shutil.rmtree(WORK, ignore_errors=True)

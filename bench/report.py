@@ -48,6 +48,7 @@ def rows(data: dict[str, Any]) -> list[Row]:
     out += _startup_rows(data)
     out += _engine_rows(data)
     out += _ocicrypt_rows(data)
+    out += _lazy_rows(data)
     return out
 
 
@@ -512,6 +513,122 @@ def _ocicrypt_rows(data: dict[str, Any]) -> list[Row]:
     return out
 
 
+def _faster(ratio: float) -> str:
+    return f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
+
+
+def _lazies(data: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """Figure 14's runs, smallest image first: (MiB, figures)."""
+    return sorted(
+        (int(k.split("_")[1]), v)
+        for k, v in data.items()
+        if k.startswith("lazy_") and k.split("_")[1].isdigit()
+    )
+
+
+def _lazy_rows(data: dict[str, Any]) -> list[Row]:
+    """Figure 14: lazy start against pull + run and ocicrypt's decrypt + untar; bytes fetched
+    against bytes read; the second start; sequential reads through the lazy device."""
+    out: list[Row] = []
+    lazies = _lazies(data)
+    for size, f in lazies:
+        for link, label in (("shaped", "100 Mbit/s, 20 ms"), ("local", "local registry")):
+            w = f[link]
+            lazy, pull, oci = (w[k]["median_s"] for k in ("lazy", "pull_run", "ocicrypt"))
+            out.append((f"14. time to the job's first output, {size} MiB image, {label}",
+                        f"lazy {ms(lazy)}",
+                        f"pull + run {ms(pull)}; skopeo decrypt + untar {ms(oci)}",
+                        f"{_faster(pull / lazy)} than pull + run; {_faster(oci / lazy)} than"
+                        " decrypt + untar",
+                        ">= 5x faster than pull + run" if link == "shaped" else "",
+                        verdict(pull / lazy >= 5) if link == "shaped" else ""))  # fmt: skip
+        j = f["job_reads"]
+        if "error" in j:
+            continue
+        read = j["device_read_bytes"] + f["header_bytes"] + f["small_files_bytes"]
+        fetched = j["fetched_bytes"] + f["small_files_bytes"]
+        out.append((f"14. bytes a lazy start fetched, {size} MiB image",
+                    f"{fetched / MiB_F:.1f} MiB ({fetched / f['image_bytes']:.1%} of the image)",
+                    f"the job's reads from the devices {j['device_read_bytes'] / MiB_F:.1f} MiB,"
+                    f" + headers {f['header_bytes'] / MiB_F:.2f} MiB and trees and small files"
+                    f" {f['small_files_bytes'] / MiB_F:.2f} MiB",
+                    f"{fetched / read:.2f}x", "<= 2x", verdict(fetched <= 2 * read)))  # fmt: skip
+        again = f["shaped"]["lazy_second_fetched_bytes"] + f["local"]["lazy_second_fetched_bytes"]
+        first, second = (f["shaped"][k]["median_s"] for k in ("lazy", "lazy_second"))
+        out.append((f"14. second lazy start on the node, {size} MiB image (cache kept)",
+                    f"{max(again)} layer bytes fetched",
+                    f"first start {ms(first)} (100 Mbit/s), second {ms(second)}", "", "0 bytes",
+                    verdict(max(again) == 0)))  # fmt: skip
+    if len(lazies) > 1:
+        (small, a), (big, b) = lazies[0], lazies[-1]
+        for link in ("shaped", "local"):
+            ratio = b[link]["lazy"]["median_s"] / a[link]["lazy"]["median_s"]
+            out.append((f"14. lazy start, {big} MiB vs {small} MiB image"
+                        f" ({'100 Mbit/s, 20 ms' if link == 'shaped' else 'local registry'})",
+                        f"{ratio:.2f}x", "", "", "<= 1.3x",
+                        verdict(ratio <= 1.3)))  # fmt: skip
+    done = [(size, f) for size, f in lazies if "error" not in f["sequential"]]
+    if done:
+        size, f = done[-1]
+        q = f["sequential"]
+        for kind, label in (("cold", "block cache empty"), ("warm", "block cache full")):
+            share = q[f"{kind}_share"]
+            out.append((f"14. sequential read through the lazy device, local registry, {label}"
+                        f" ({q['bytes'] / MiB_F:.0f} MiB of {size} MiB image)",
+                        f"{q[f'lazy_{kind}']['mib_s']:.1f} MiB/s",
+                        f"a pulled copy {q['pulled']['mib_s']:.1f} MiB/s", f"{share:.0%}",
+                        ">= 50%" if kind == "cold" else "",
+                        verdict(share >= 0.5) if kind == "cold" else ""))  # fmt: skip
+    if "lazy_chunks" in data:
+        c = data["lazy_chunks"]
+        for chunk in sorted((k for k in c if k.isdigit()), key=int):
+            per = c[chunk]
+            out.append((f"14. chunk of {int(chunk) // 1024} KiB, {c['size_mib']} MiB image,"
+                        " 100 Mbit/s, 20 ms: first output; fetched",
+                        f"{ms(per['first_output']['median_s'])};"
+                        f" {max(per['fetched_bytes']) / MiB_F:.1f} MiB",
+                        "sequential read, cache empty:"
+                        f" {per['sequential_shaped']['mib_s']:.1f} MiB/s shaped,"
+                        f" {per['sequential_local']['mib_s']:.1f} MiB/s local",
+                        "", "", ""))  # fmt: skip
+    return out
+
+
+def plot_lazy(data: dict[str, Any], out: Path) -> bool:
+    """Figure 14's plot: time to the job's first output against image size, the three ways, on
+    the shaped link (solid) and the local registry (dashed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    lazies = _lazies(data)
+    if not lazies:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    xs = [s for s, _ in lazies]
+    names = (("lazy", "lazy `run docker://`"), ("pull_run", "`pull` + `run`"),
+             ("ocicrypt", "skopeo decrypt + untar (ocicrypt)"))  # fmt: skip
+    for n, (way, label) in enumerate(names):
+        for link, style in (("shaped", "-"), ("local", "--")):
+            ax.plot(xs, [f[link][way]["median_s"] for _, f in lazies], f"o{style}",
+                    color=f"C{n}", label=f"{label}, "
+                    + ("100 Mbit/s 20 ms" if link == "shaped" else "local"))  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(xs, [f"{x} MiB" for x in xs])
+    ax.set_xlabel("image content")
+    ax.set_ylabel("seconds to the job's first output (median)")
+    ax.set_title("Lazy start against image size (figure 14)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "lazy-start.png", dpi=110)
+    return True
+
+
 def process_rows(p: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
     """Figure 11: a one-layer `start` as a process, against the same steps by hand and against
     decrypt+untar of the same real tree; and where the process's time goes."""
@@ -677,6 +794,8 @@ def main() -> None:
     lines += ["| " + " | ".join(row) + " |" for row in rows(data)]
     if plot(data, out):
         lines += ["", "![start latency](start-latency.png)"]
+    if plot_lazy(data, out):
+        lines += ["", "![lazy start](lazy-start.png)"]
     notes = out / "NOTES.md"
     if notes.exists():
         lines += ["", notes.read_text().strip()]
