@@ -54,8 +54,8 @@ TEARDOWN_CUT = (
     "cryptlayer.image",
 )  # fmt: skip
 
-# The teardown runs in a child of its own (encrypted.stop_shielded), which leaves by os._exit:
-# the modules are the child's, listed as it leaves.
+# The teardown runs in a child of its own (encrypted.stop_shielded), which leaves by os._exit,
+# as the delete then does (cli.leave): the modules are listed as each leaves.
 PROBE = """import os, sys
 sys.argv = ["cryptlayer-runtime", "delete", "c1"]
 leave = os._exit
@@ -99,8 +99,10 @@ def delete(env: dict[str, str]) -> set[str]:
     done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr  # nothing but the list: no error, no warning
-    return set(lines[0].split())
+    # nothing but the lists, the teardown child's then the delete's (cli.leave): no error, no
+    # warning; the delete's own exit is os._exit's too, not the interpreter's teardown
+    assert len(lines) == 2, done.stderr
+    return set(lines[0].split()) | set(lines[1].split())
 
 
 def loaded(modules: set[str], names: tuple[str, ...]) -> list[str]:
@@ -194,6 +196,36 @@ def test_spawn_runs_meanwhile_while_the_runtime_runs(tmp_path: Path) -> None:
     assert ran == [1]
     with pytest.raises(ChildProcessError):  # waited for already: no child left behind
         os.waitpid(-1, os.WNOHANG)
+
+
+LEAVE = """import atexit, sys, threading
+from cryptlayer.engine import cli
+atexit.register(lambda: print("atexit ran"))
+print("written", end="")
+sys.stderr.write("and this")
+if sys.argv[1] == "thread":
+    go = threading.Event()
+    waiting = threading.Thread(target=lambda: (go.wait(), print(" joined")))
+    waiting.start()
+    try:
+        cli.leave(4)
+    except SystemExit:
+        print(" ordinary exit", end="")
+        go.set()
+        raise
+cli.leave(3)
+"""
+
+
+def test_leave_skips_the_interpreters_teardown_but_not_a_running_thread() -> None:
+    """A create or delete leaves by os._exit once done (the interpreter's teardown of its
+    modules costs about a second under emulation): buffered output is written, atexit's
+    handlers are not run. With a thread still running that an exit waits for, the ordinary
+    exit, which waits for it."""
+    done = subprocess.run([sys.executable, "-c", LEAVE, "alone"], capture_output=True, text=True)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "written", "and this")
+    done = subprocess.run([sys.executable, "-c", LEAVE, "thread"], capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (4, "written ordinary exit joined\natexit ran\n")
 
 
 # What a create of an image on the node never loads: the registry's stack (a docker:// image's

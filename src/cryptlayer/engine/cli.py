@@ -660,7 +660,7 @@ def create(runtime: str, argv: Sequence[str], invocation: Invocation, spec: dict
         a.lstrip("-") in ("d", "detach", "keep") for a in invocation.args)  # fmt: skip
     if status != 0 or foreground:
         encrypted.stop(name)
-    sys.exit(status)
+    leave(status)
 
 
 # The real runtimes' state directories when the engine gives no --root (as root): where `gc`
@@ -697,7 +697,7 @@ def delete(runtime: str, argv: Sequence[str], invocation: Invocation, name: str)
     mark = tombstone(name)
     encrypted.stop_shielded(name, mark)
     _unlink(mark)  # answered here: the engine will not ask again
-    sys.exit(status)
+    leave(status)
 
 
 def deleted_again(runtime: str, argv: Sequence[str], invocation: Invocation, name: str) -> NoReturn:
@@ -711,6 +711,26 @@ def deleted_again(runtime: str, argv: Sequence[str], invocation: Invocation, nam
         status = 0
     _unlink(tombstone(name))
     sys.exit(status)
+
+
+def leave(status: int) -> NoReturn:
+    """Exit with `status` once a create or delete is done, without the interpreter's own
+    teardown of the modules it loaded (a create's ~300: ~20 ms on a real CPU, about a second
+    under emulation, figure 12): the standard streams flushed, then os._exit. Everything written
+    is written by then (records and logs by os.write, the container's files atomically); locks
+    are the descriptors', released by the kernel. A thread still running that the ordinary exit
+    would wait for (none is, by then) gets the ordinary exit."""
+    threading = sys.modules.get("threading")
+    if threading is not None and any(not t.daemon and t is not threading.main_thread()
+                                     for t in threading.enumerate()):  # fmt: skip
+        sys.exit(status)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 def _load_teardown() -> None:
