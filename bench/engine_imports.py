@@ -31,7 +31,7 @@ def parse(text: str) -> dict[str, Any]:
     for line in text.splitlines():
         if not line.startswith("import time:") or "self [us]" in line:
             continue
-        self_us, cumulative, raw = line[len("import time:"):].split("|", 2)
+        self_us, cumulative, raw = line[len("import time:") :].split("|", 2)
         name = raw.strip()
         lines += 1
         total_us += int(self_us)
@@ -74,6 +74,7 @@ def calls(out: Path) -> list[dict[str, Any]]:
 
 def main() -> None:
     dest = Path(sys.argv[1]) if len(sys.argv) > 1 else None
+    KEY.unlink(missing_ok=True)  # (devices.py removes its own; one left by a failed run)
     sh(*CLI, "keygen", str(KEY))
     work = WORK / "engine-imports"
     work.mkdir(parents=True)
@@ -107,7 +108,7 @@ def main() -> None:
     result: dict[str, Any] = {"podman": [], "run": []}
     podman(plain)  # warm
     run({})
-    for i in range(2):
+    for _ in range(2):
         total = podman(profiled)
         time.sleep(1)
         while E._records():
@@ -125,6 +126,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", "pass"])
     result["bare_python_wall_s"] = time.perf_counter() - begin
     subprocess.run(["podman", "rm", "--all", "--force"], env=env, capture_output=True)
+    KEY.unlink()
     text = json.dumps(result, indent=1)
     if dest is not None:
         (dest / "engine-imports.json").write_text(text)
