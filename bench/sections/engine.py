@@ -169,17 +169,26 @@ def _traced(podman: Any, trace: Path) -> dict[str, Any]:
     """One podman run through the tracing wrapper: its total, and per runtime command the calls
     and their seconds (calls may overlap: conmon's cleanup runs beside podman)."""
     trace.unlink(missing_ok=True)
-    total = _timed(podman)
+    started = [0.0]
+
+    def go() -> None:
+        started[0] = time.time()
+        podman()
+
+    total = _timed(go)
     calls: dict[str, dict[str, float]] = {}
+    timeline = []  # (command, seconds from podman's start to the call's, the call's seconds)
     for line in trace.read_text().splitlines():
         begin, end, *argv = line.split()
         command = next((a for a in argv if a in RUNTIME_COMMANDS), "?")
         entry = calls.setdefault(command, {"calls": 0, "s": 0.0})
         entry["calls"] += 1
         entry["s"] += float(end) - float(begin)
+        timeline.append((command, float(begin) - started[0], float(end) - float(begin)))
     runtime_s = sum(c["s"] for c in calls.values())
     return {"total_s": total, "runtime_calls": calls, "runtime_s": runtime_s,
-            "podman_own_s": total - runtime_s}  # fmt: skip
+            "podman_own_s": total - runtime_s,
+            "timeline": sorted(timeline, key=lambda t: t[1])}  # fmt: skip
 
 
 def _in_process(image: Path) -> dict[str, Any]:

@@ -7,7 +7,6 @@ import functools
 import json
 import os
 import stat
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -225,13 +224,27 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _mkstemp(directory: Path, prefix: str) -> tuple[int, str]:
+    """tempfile.mkstemp(prefix=prefix, dir=directory)'s file (a new name, O_EXCL, no symlink
+    followed, mode 0600, close-on-exec), without importing tempfile: its shutil and random
+    (bz2, lzma, hashlib) cost a teardown's record update ~0.3 s under emulation (figure 12)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        name = os.path.join(directory, prefix + os.urandom(6).hex())
+        try:
+            return os.open(name, flags, 0o600), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(directory))
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
     """Replace `path` with `data` so a crash leaves the old or the new file, never half of one.
 
     `durable`: also on the disk before returning (fsync), so that a power cut keeps it. Without,
     the replacement is still atomic for every process and survives any crash but the machine's.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = _mkstemp(path.parent, f".{path.name}.")
     try:
         os.fchmod(fd, mode)
         write_all(fd, data)

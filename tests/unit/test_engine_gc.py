@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -338,6 +339,7 @@ def create_through_main(
 
     monkeypatch.setattr(encrypted, "assemble", assemble)
     monkeypatch.setattr(encrypted, "stop", lambda name: None)
+    monkeypatch.setattr(engine, "leave", sys.exit)  # in-process: not os._exit (cli.leave)
     argv = ["cryptlayer-runtime", "--log", str(log), "--log-format", "json", "create",
             "--bundle", str(bundle), "c1"]  # fmt: skip
     monkeypatch.setattr("sys.argv", argv)

@@ -20,11 +20,9 @@ from __future__ import annotations
 import os
 import sys
 
-from cryptlayer.image import markers  # (imports nothing: the pass-through stays cheap)
-
 TYPE_CHECKING = False  # typing itself costs a pass-through ~8 ms of imports (re, enum...)
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from typing import Any, NoReturn
 
 # config.py's own file ($CRYPTLAYER_CONFIG, else DEFAULT), looked at without importing config.py
@@ -48,10 +46,6 @@ KEY_ENV = "CRYPTLAYER_KEY"
 # after the annotations were written, so a sandbox is one whose sandbox id is its container id.
 SANDBOX = (("io.kubernetes.cri.container-type", "io.kubernetes.cri.sandbox-id"),  # containerd
            ("io.kubernetes.cri-o.ContainerType", "io.kubernetes.cri-o.SandboxID"))  # fmt: skip
-
-# The placeholder's markers as engines copy them into config.json: process.args[0], process.cwd,
-# an entry of process.env (image/markers.py, which imports nothing).
-MARKERS = (markers.ENTRYPOINT, markers.WORKDIR, markers.PATH_ENV)
 
 # The runtime's own failures (never a container's status: `run` passes that through): podman's
 # and `cryptlayer run`'s code for "the runtime failed". Engines show the log's message, not this.
@@ -509,10 +503,14 @@ def named_image(
 
 def _placeholder(process: dict[str, Any], env: list[str]) -> bool:
     """Whether the container is made from the placeholder: one of its markers is left (the user
-    may have given the others)."""
+    may have given the others). (image/markers.py, imported here: under emulation each module
+    a pass-through loads costs its `state` or `start` ~0.1 s, figure 12.)"""
+    from cryptlayer.image import markers
+
     args = process.get("args")
     first = args[0] if isinstance(args, list) and args else None
-    return first == MARKERS[0] or process.get("cwd") == MARKERS[1] or MARKERS[2] in env
+    return (first == markers.ENTRYPOINT or process.get("cwd") == markers.WORKDIR
+            or markers.PATH_ENV in env)  # fmt: skip
 
 
 def _names_no_image(annotations: dict[str, Any], env: list[str]) -> str:
@@ -620,9 +618,12 @@ def container_name(cid: str) -> str:
     name has. podman's, Docker's and the CRI's ids are 64 hex digits: the long form."""
     if len(cid) <= SHORT_ID and cid and set(cid) <= NAME_CHARS:
         return NAME_PREFIX + cid
-    import hashlib
+    try:  # the small module of its own: hashlib loads OpenSSL, ~0.1 s of every delete in the VM
+        from _sha256 import sha256  # type: ignore[import-not-found]
+    except ImportError:  # (an interpreter without it: 3.12 names it _sha2)
+        from hashlib import sha256
 
-    digest = hashlib.sha256(cid.encode(errors="surrogateescape")).hexdigest()[:HASHED]
+    digest = sha256(cid.encode(errors="surrogateescape")).hexdigest()[:HASHED]
     prefix = "".join(c if c in NAME_CHARS else "-" for c in cid)
     room = 63 - len(NAME_PREFIX) - 1 - HASHED
     return f"{NAME_PREFIX}{prefix[:room].ljust(room, '-')}-{digest}"
@@ -654,12 +655,12 @@ def create(runtime: str, argv: Sequence[str], invocation: Invocation, spec: dict
     name = encrypted.assemble(spec, image, cid, config_path, holder=holder, warn=warnings.append)
     for line in warnings:
         warn(line, invocation)
-    status = encrypted.spawn(runtime, argv, original_environ())
+    status = spawn(runtime, argv, original_environ())
     foreground = invocation.command == "run" and not any(
         a.lstrip("-") in ("d", "detach", "keep") for a in invocation.args)  # fmt: skip
     if status != 0 or foreground:
         encrypted.stop(name)
-    sys.exit(status)
+    leave(status)
 
 
 # The real runtimes' state directories when the engine gives no --root (as root): where `gc`
@@ -685,10 +686,10 @@ def delete(runtime: str, argv: Sequence[str], invocation: Invocation, name: str)
     runtime no longer knew is torn down (crun's failure for an unknown container is not runc's
     `container does not exist`, the one containerd's shim takes for done: the CRI would ask
     again for ever)."""
+    env = original_environ()
+    status = spawn(runtime, argv, env, meanwhile=_load_teardown)
     from cryptlayer.engine import encrypted
 
-    env = original_environ()
-    status = encrypted.spawn(runtime, argv, env)
     if status != 0:
         if _runtime_knows(runtime, invocation, env):
             sys.exit(status)  # still there (running, without --force): nothing to tear down yet
@@ -696,7 +697,7 @@ def delete(runtime: str, argv: Sequence[str], invocation: Invocation, name: str)
     mark = tombstone(name)
     encrypted.stop_shielded(name, mark)
     _unlink(mark)  # answered here: the engine will not ask again
-    sys.exit(status)
+    leave(status)
 
 
 def deleted_again(runtime: str, argv: Sequence[str], invocation: Invocation, name: str) -> NoReturn:
@@ -704,14 +705,69 @@ def deleted_again(runtime: str, argv: Sequence[str], invocation: Invocation, nam
     delete that began it (its tombstone says so; containerd's shim asks again only once that
     teardown has ended, as it reads the runtime's output to its end): the real runtime's delete,
     whose failure for a container it no longer knows is done; the tombstone removed."""
-    from cryptlayer.engine import encrypted
-
     env = original_environ()
-    status = encrypted.spawn(runtime, argv, env)
+    status = spawn(runtime, argv, env)
     if status != 0 and not _runtime_knows(runtime, invocation, env):
         status = 0
     _unlink(tombstone(name))
     sys.exit(status)
+
+
+def leave(status: int) -> NoReturn:
+    """Exit with `status` once a create or delete is done, without the interpreter's own
+    teardown of the modules it loaded (a create's ~300: ~20 ms on a real CPU, about a second
+    under emulation, figure 12): the standard streams flushed, then os._exit. Everything written
+    is written by then (records and logs by os.write, the container's files atomically); locks
+    are the descriptors', released by the kernel. A thread still running that the ordinary exit
+    would wait for (none is, by then) gets the ordinary exit."""
+    threading = sys.modules.get("threading")
+    if threading is not None and any(not t.daemon and t is not threading.main_thread()
+                                     for t in threading.enumerate()):  # fmt: skip
+        sys.exit(status)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
+def _load_teardown() -> None:
+    """Import what a teardown runs (encrypted.stop: the records, the journal, the tools that
+    release devices), while the real runtime deletes the container: under emulation the imports
+    take seconds, the runtime's delete most of one, and the two overlap (figure 12)."""
+    from cryptlayer.engine import encrypted  # noqa: F401
+    from cryptlayer.runtime import container  # noqa: F401
+
+
+def spawn(runtime: str, argv: Sequence[str], env: dict[bytes, bytes],
+          meanwhile: Callable[[], None] | None = None) -> int:  # fmt: skip
+    """Run the real runtime as a child (its standard streams, console socket and inherited
+    descriptors are ours), forwarding SIGINT, SIGTERM and SIGHUP; its exit status, or 128 + the
+    signal that ended it, as a shell reports it. `meanwhile` runs while the child does (waited
+    for even when `meanwhile` fails). _signal, not signal: nothing imported on the way."""
+    import _signal
+
+    defaults = (_signal.SIGPIPE, _signal.SIGXFSZ)
+    pid = os.posix_spawn(runtime, [runtime, *argv], env, setsigdef=defaults)
+    forwarded = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
+
+    def forward(signum: int, _frame: object) -> None:
+        os.kill(pid, signum)
+
+    previous = {s: _signal.signal(s, forward) for s in forwarded}
+    try:
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:
+            _, status = os.waitpid(pid, 0)
+    finally:
+        for s, handler in previous.items():
+            _signal.signal(s, handler)
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
 
 
 def _runtime_knows(runtime: str, invocation: Invocation, env: dict[bytes, bytes]) -> bool:

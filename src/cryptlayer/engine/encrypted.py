@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptlayer.errors import UsageError, printable
-from cryptlayer.image import markers
 
 # The image's modules are imported where a container is assembled: `delete` (stop) needs none.
 if TYPE_CHECKING:
@@ -138,6 +137,8 @@ def strip_env(env: Sequence[str]) -> list[str]:
 def is_placeholder_process(process: dict[str, Any]) -> bool:
     """Whether the engine left the placeholder's entrypoint: the user gave no command of their
     own (arguments after the image may follow it, as Docker's and Kubernetes' `args`)."""
+    from cryptlayer.image import markers  # (where a process is rewritten: a delete needs none)
+
     args = process.get("args") or []
     return bool(args) and args[0] == markers.ENTRYPOINT
 
@@ -169,6 +170,7 @@ def rewrite_process(
 ) -> dict[str, Any]:
     """rewrite's of the process (changed in place and returned): also what an engine's `exec`
     gives (podman's exec takes the container's cwd, environment and user: the markers)."""
+    from cryptlayer.image import markers
     from cryptlayer.image.process import DEFAULT_PATH, merge_env
 
     args = process.get("args") or []
@@ -453,27 +455,6 @@ def _stop_quietly(name: str) -> None:
         state.forget_holder(name)
     except (CryptlayerError, OSError) as err:
         print(f"warning: cryptlayer-runtime: tearing down {name}: {err}", file=sys.stderr)
-
-
-def spawn(runtime: str, argv: Sequence[str], env: dict[bytes, bytes]) -> int:
-    """Run the real runtime as a child (its standard streams, console socket and inherited
-    descriptors are ours), forwarding SIGINT, SIGTERM and SIGHUP; its exit status, or 128 + the
-    signal that ended it, as a shell reports it."""
-    defaults = (signal.SIGPIPE, signal.SIGXFSZ)
-    pid = os.posix_spawn(runtime, [runtime, *argv], env, setsigdef=defaults)
-    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-    def forward(signum: int, _frame: object) -> None:
-        os.kill(pid, signum)
-
-    previous = {s: signal.signal(s, forward) for s in forwarded}
-    try:
-        _, status = os.waitpid(pid, 0)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
 
 
 def stop(name: str) -> None:
