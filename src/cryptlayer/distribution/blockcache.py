@@ -34,6 +34,7 @@ from cryptlayer.errors import UsageError
 # random. It is also wire.CHUNK, the unit a pull streams in. Measured in the benchmark.
 CHUNK = 1 << 20
 READAHEAD_MAX = 8  # chunks fetched ahead of a sequential reader, the window doubling up to it
+IN_ORDER = 512 << 10  # a read this close to where the last one ended counts as sequential
 FETCHERS = 4  # read-ahead requests in flight at once, per blob
 LOW_WATER = 0.9  # eviction goes down to this share of the limit, so that it runs seldom
 RESCAN_EVERY = 64  # chunks stored between two looks at what other processes stored
@@ -95,9 +96,13 @@ class BlockCache:
             raise ValueError(f"{digest!r} is not a digest")
         return self.root / "sha256" / digest.removeprefix("sha256:") / f"{index:08x}"
 
-    def get(self, digest: str, index: int, length: int) -> bytes | None:
-        """Chunk `index` of blob `digest` if the cache has it whole (`length` bytes), else None
-        (one of another length, such as a file system's after a power cut, is removed)."""
+    def get(self, digest: str, index: int, length: int, start: int = 0,
+            size: int | None = None) -> bytes | None:  # fmt: skip
+        """Bytes [start, start + size) (default: all) of chunk `index` of blob `digest` if the
+        cache has the chunk whole (`length` bytes), else None (one of another length, such as a
+        file system's after a power cut, is removed). Only the range is read: an NBD request of
+        4 KiB costs a 4 KiB read, not the chunk's 1 MiB."""
+        size = length - start if size is None else size
         path = self.path(digest, index)
         # O_NONBLOCK: a FIFO under a chunk's name is opened at once (and dropped), not waited on
         # for a writer. The cache is not trusted: whatever is there that is not the chunk goes.
@@ -110,14 +115,15 @@ class BlockCache:
             return None
         try:
             st = os.fstat(fd)
-            data = os.pread(fd, length + 1, 0) if stat.S_ISREG(st.st_mode) else b""
+            whole = stat.S_ISREG(st.st_mode) and st.st_size == length
+            data = os.pread(fd, size, start) if whole else b""
             # Dropped meanwhile (`drop` unlinks a chunk before it overwrites it): what was read
             # may be part zeros. Fetched again instead.
             if os.fstat(fd).st_nlink == 0:
                 return None
         finally:
             os.close(fd)
-        if len(data) != length:
+        if not whole or len(data) != size:
             _drop(path)
             return None
         now = time.time()
@@ -204,8 +210,8 @@ class BlockCache:
 class CachedBlob:
     """One blob read through the cache: what the NBD server serves. A chunk missing from the cache
     is fetched by the reader's own thread (or awaited, if a read-ahead fetches it already);
-    sequential reads start fetches of the chunks after them, the window doubling up to
-    READAHEAD_MAX."""
+    sequential reads start fetches of the chunks after them once a chunk's worth has been read in
+    a row, the window doubling with each further chunk up to READAHEAD_MAX."""
 
     def __init__(self, cache: BlockCache, source: Source, private: int = 0) -> None:
         self.cache = cache
@@ -219,8 +225,8 @@ class CachedBlob:
         self.lock = threading.Lock()
         self.inflight: dict[int, Future[bytes]] = {}
         self.pool = ThreadPoolExecutor(max_workers=FETCHERS, thread_name_prefix="readahead")
-        self.next = -1  # the chunk a sequential reader reads next
-        self.window = 0
+        self.end = -1  # where the last read ended (bytes)
+        self.streak = 0  # bytes read in a row up to it
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -233,16 +239,24 @@ class CachedBlob:
             return b""
         first, last = offset // CHUNK, (offset + length - 1) // CHUNK
         with self.lock:
-            sequential = first in (self.next - 1, self.next)
-            self.window = min(max(1, self.window * 2), READAHEAD_MAX) if sequential else 0
-            self.next = last + 1
-            ahead = range(last + 1, min(last + 1 + self.window, -(-self.size // CHUNK)))
-        parts = [self.chunk(i) for i in range(first, last + 1)]
+            # Sequential: it starts where the last read ended (give or take the few requests the
+            # kernel has in flight, which threads may answer in another order). The window grows
+            # with the bytes read in a row, not with the count of reads: small reads here and
+            # there in one chunk (a mount's metadata, small files) fetch nothing ahead.
+            sequential = abs(offset - self.end) <= IN_ORDER
+            self.streak = self.streak + length if sequential else length
+            self.end = max(self.end, offset + length) if sequential else offset + length
+            window = min(READAHEAD_MAX, (1 << min(self.streak // CHUNK, 8)) - 1)
+            ahead = range(last + 1, min(last + 1 + window, -(-self.size // CHUNK)))
+        parts = []
+        for index in range(first, last + 1):
+            at = max(offset, index * CHUNK) - index * CHUNK
+            upto = min(offset + length, (index + 1) * CHUNK) - index * CHUNK
+            part = self._cached(index, chunk_length(self.size, index), at, upto - at)
+            parts.append(self.chunk(index)[at:upto] if part is None else part)
         for index in ahead:
             self.prefetch(index)
-        data = b"".join(parts)
-        start = offset - first * CHUNK
-        return data[start : start + length]
+        return b"".join(parts)
 
     def chunk(self, index: int) -> bytes:
         length = chunk_length(self.size, index)
@@ -270,11 +284,13 @@ class CachedBlob:
         except RuntimeError:  # closed
             self._settle(index, future, lambda: b"")
 
-    def _cached(self, index: int, length: int) -> bytes | None:
+    def _cached(self, index: int, length: int, start: int = 0,
+                size: int | None = None) -> bytes | None:  # fmt: skip
         if index < self.private:
             with self.lock:
-                return self.kept.get(index)
-        return self.cache.get(self.digest, index, length)
+                kept = self.kept.get(index)
+            return None if kept is None else kept[start : None if size is None else start + size]
+        return self.cache.get(self.digest, index, length, start, size)
 
     def _load(self, index: int, future: Future[bytes]) -> None:
         def fetch() -> bytes:
