@@ -443,7 +443,7 @@ def _image_for_start(
     import shutil
 
     from cryptlayer.distribution import lazy
-    from cryptlayer.paths import private_run_root
+    from cryptlayer.paths import lazy_run_dir, private_run_root
     from cryptlayer.runtime import state
     from cryptlayer.runtime.lazy import LazyLayers
 
@@ -451,7 +451,7 @@ def _image_for_start(
     login = auth.get("login")
     remote = lazy.Remote(image, tls_verify == "true", str(cert_dir) if cert_dir else None,
                          str(authfile) if authfile else None, login)  # fmt: skip
-    parent = private_run_root().resolve() / "lazy"  # resolved: the opening's name for it
+    parent = private_run_root().resolve() / lazy_run_dir().name  # resolved: the opening's name
     parent.mkdir(mode=0o700, exist_ok=True)
     work = parent / secrets.token_hex(8)
     work.mkdir(mode=0o700)

@@ -23,7 +23,7 @@ from test_crash_points import crash_at
 from test_tampering import _block_of, _flip
 
 from cryptlayer.errors import ExitCode
-from cryptlayer.paths import block_cache_dir, run_root
+from cryptlayer.paths import block_cache_dir, lazy_run_dir
 
 SERVER = "cryptlayer.distribution.lazy"
 BIG = 40 << 20  # random bytes beside the file the job reads
@@ -48,7 +48,7 @@ def _server_logs() -> Iterator[list[str]]:
 
     def watch() -> None:
         while not stop.wait(0.1):
-            for log in (run_root() / "lazy").glob("*/server.log"):
+            for log in lazy_run_dir().glob("*/server.log"):
                 with suppress(OSError):
                     found[log] = log.read_text()
 
@@ -85,7 +85,7 @@ def _nothing_lazy_left() -> None:
     while (servers := _servers()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert servers == [], f"lazy servers still running: {servers}"
-    lazy_dir = run_root() / "lazy"
+    lazy_dir = lazy_run_dir()
     assert not lazy_dir.is_dir() or list(lazy_dir.iterdir()) == []
 
 

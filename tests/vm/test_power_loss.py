@@ -29,7 +29,7 @@ import pytest
 
 SHRED, KEEP, ENGINE = "shredding", "kept", "engine"  # image names on the scratch disk
 ENGINE_ID = "cut"  # the engine's container id: cryptlayer's engine-cut
-LAZY = "lazy"  # the lazy container's name
+LAZY = "lazy"  # the lazy container (once the name of paths.lazy_run_dir: a regression)
 BYSTANDER = "cryptlayer-test:bystander"  # boot 2's NBD device, attached before gc
 
 
