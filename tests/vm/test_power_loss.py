@@ -175,9 +175,9 @@ def test_gc_after_power_loss() -> None:
     assert leftovers() == []
     assert state.all_openings() == []
     _nothing_lazy_left()  # no NBD device attached, no server, no fetched directory in /run
-    cache = block_cache_dir()
-    assert cache.is_dir(), "boot 1's lazy container fetched nothing?"
-    temps = [p for p in cache.rglob("*") if p.name.startswith(TEMP_PREFIX)]
+    # (the cache's chunks may or may not have outlived the cut: their directories were not
+    # synced; a chunk there is whole, see blockcache.py)
+    temps = [p for p in block_cache_dir().rglob("*") if p.name.startswith(TEMP_PREFIX)]
     assert temps == [], f"half-written chunks left in the block cache: {temps}"
     assert cli.ok("gc") == "nothing to clean up\n"
     key = str(_scratch() / "power.key")
