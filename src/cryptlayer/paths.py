@@ -146,3 +146,9 @@ def build_mount(mapping: str) -> Path:
 def runtime_state() -> Path:
     """The OCI runtime's own state (`crun --root`): memory-backed like the rest."""
     return run_root() / ".oci"
+
+
+def lazy_run_dir() -> Path:
+    """Lazy start's fetched images, a private directory each (docs/lazy.md): a dot name, never a
+    container's (run_root()/NAME)."""
+    return run_root() / ".lazy"

@@ -343,7 +343,7 @@ def test_the_delete_of_a_lazy_container_imports_only_the_teardown(tmp_path: Path
     delete releases them through runtime/lazy.py and tools/nbd.py, still without assembly's
     modules; the fetched directory is gone."""
     env, gone = engine_record(tmp_path, shred)
-    work = tmp_path / "run" / "lazy" / "0123456789abcdef"
+    work = tmp_path / "run" / ".lazy" / "0123456789abcdef"
     (work / "image").mkdir(parents=True)
     (work / "image" / "layer0.luks").write_bytes(b"header")
     with pytest.MonkeyPatch.context() as mp:

@@ -58,7 +58,7 @@ store = "{self.store}"
 """)
 
     def fetched_dirs(self) -> list[str]:
-        lazy = self.base / "run" / "lazy"
+        lazy = self.base / "run" / ".lazy"
         return sorted(os.listdir(lazy)) if lazy.exists() else []
 
 
@@ -142,7 +142,7 @@ def test_a_registry_image_is_started_lazily_by_default(node: Node, pushed: dict[
     lazy = started["lazy"]
     assert isinstance(lazy, LazyLayers)
     [work] = node.fetched_dirs()
-    assert lazy.work == (node.base / "run" / "lazy" / work).resolve()
+    assert lazy.work == (node.base / "run" / ".lazy" / work).resolve()
     assert started["image"] == lazy.work / "image"
     assert (started["key"], started["shred"], started["digest"], started["trust"]) == (
         KEY, True, node.digest, node.trust)  # fmt: skip

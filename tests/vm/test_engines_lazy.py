@@ -3,7 +3,7 @@ images", docs/lazy.md): `--annotation org.cryptlayer.image=docker://REG/REPO:TAG
 Debian's docker-registry; at `create` only the small files and the headers are fetched, the
 layers are read through NBD devices, dm-verity and dm-crypt as the container reads them (the
 block cache holds only part of the layer blob), and after `podman rm` (or `--rm`) nothing is
-left: no NBD device attached, no lazy server, no /run/cryptlayer/lazy directory, no mapping,
+left: no NBD device attached, no lazy server, no /run/cryptlayer/.lazy directory, no mapping,
 loop or mount. podman is set up as in test_engines.py (its `node` fixture)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from registryfixtures import RunningRegistry, registry
 from test_engines import PLACEHOLDER, Node, settled, signed
 from test_lazy import _blob, _cached, _nothing_lazy_left, _servers
 
-from cryptlayer.paths import block_cache_dir, run_root
+from cryptlayer.paths import block_cache_dir, lazy_run_dir
 
 BIG = 40 << 20  # random bytes beside the file the job reads
 node = test_engines.node  # podman, set up as there (a fixture of this module too)
@@ -97,7 +97,7 @@ def test_a_detached_lazy_container_runs_until_podman_rm(
             assert started.returncode == 0, started.stderr
             assert list(Path("/sys/block").glob("nbd*/pid")), "no NBD device attached"
             assert _servers(), "no lazy server running"
-            assert len(list((run_root() / "lazy").iterdir())) == 1
+            assert len(list(lazy_run_dir().iterdir())) == 1
             read = node.podman("exec", "lz", "cat", "/data/hello.txt")
             assert (read.returncode, read.stdout) == (0, f"{MARKER_LOWER}\n"), read.stderr
         finally:
@@ -143,7 +143,7 @@ def test_lazy_false_pulls_the_whole_image(
             layer = copy / "layer1.luks"
             assert layer.stat().st_blocks * 512 >= (image / "layer1.luks").stat().st_size // 2
             assert list(Path("/sys/block").glob("nbd*/pid")) == [] and _servers() == []
-            lazy = run_root() / "lazy"
+            lazy = lazy_run_dir()
             assert not lazy.is_dir() or list(lazy.iterdir()) == []
         finally:
             removed = node.podman("rm", "--force", "--time", "0", "full")

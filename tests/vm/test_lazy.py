@@ -25,7 +25,7 @@ from test_tampering import _block_of, _flip
 from cryptlayer.distribution.blockcache import CHUNK
 from cryptlayer.errors import ExitCode
 from cryptlayer.image.manifest import load
-from cryptlayer.paths import block_cache_dir, run_root
+from cryptlayer.paths import block_cache_dir, lazy_run_dir
 
 SERVER = "cryptlayer.distribution.lazy"
 BIG = 40 << 20  # random bytes beside the file the job reads
@@ -50,7 +50,7 @@ def _server_logs() -> Iterator[list[str]]:
 
     def watch() -> None:
         while not stop.wait(0.1):
-            for log in (run_root() / "lazy").glob("*/server.log"):
+            for log in lazy_run_dir().glob("*/server.log"):
                 with suppress(OSError):
                     found[log] = log.read_text()
 
@@ -87,7 +87,7 @@ def _nothing_lazy_left() -> None:
     while (servers := _servers()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert servers == [], f"lazy servers still running: {servers}"
-    lazy_dir = run_root() / "lazy"
+    lazy_dir = lazy_run_dir()
     assert not lazy_dir.is_dir() or list(lazy_dir.iterdir()) == []
 
 
@@ -275,7 +275,7 @@ def _fetched_keyslots() -> dict[str, list[int]]:
     """The keyslots of each fetched copy's layer files in /run, by container directory."""
     return {
         work.name: [keyslots(p) for p in sorted((work / "image").glob("*.luks"))]
-        for work in (run_root() / "lazy").iterdir()
+        for work in lazy_run_dir().iterdir()
     }
 
 

@@ -75,6 +75,7 @@ class BlockCache:
         self.lock = threading.Lock()
         self.touched: dict[Path, float] = {}
         self.stored = 0
+        self.added = 0  # bytes this object ever stored: what a scan under way may not have seen
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Its parent ($CRYPTLAYER_ROOT) too: one another user may change could have our
         # directory renamed away after the check below and theirs (or a symlink) put in its place.
@@ -162,11 +163,15 @@ class BlockCache:
         with self.lock:
             self.used += len(data)
             self.stored += 1
+            self.added += len(data)
             due = self.used > self.limit or self.stored % RESCAN_EVERY == 0
+            mark = self.added
         if due:
             used = self._evict(int(self.limit * LOW_WATER) if self.used > self.limit else None)
             with self.lock:
-                self.used = used
+                # Plus what other threads stored since: the scan may have missed those chunks
+                # (counted twice if it saw them: too many only evicts a scan early).
+                self.used = used + self.added - mark
 
     def _evict(self, down_to: int | None) -> int:
         """Scan the cache (under its lock, shared by every process using it): remove temporary

@@ -200,11 +200,12 @@ def fetch_for_start(remote: Remote, target: Path, *, digest: str | None = None,
 
 
 def work_dir() -> Path:
-    """A new private directory for one lazy start's fetch: /run/cryptlayer/lazy/RANDOM (0700;
-    resolved, as the opening names it). The image goes in its `image`."""
+    """A new private directory for one lazy start's fetch: /run/cryptlayer/.lazy/RANDOM (0700;
+    resolved, as the opening names it; a dot name, never a container's). The image goes in its
+    `image`."""
     import secrets
 
-    parent = paths.private_run_root().resolve() / "lazy"
+    parent = paths.private_run_root().resolve() / paths.lazy_run_dir().name
     parent.mkdir(mode=0o700, exist_ok=True)
     work = parent / secrets.token_hex(8)
     work.mkdir(mode=0o700)

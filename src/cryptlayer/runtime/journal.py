@@ -256,10 +256,9 @@ def _release_nbd(step: Step, _journal: Journal) -> None:
     from cryptlayer.runtime import lazy
     from cryptlayer.tools import nbd
 
-    if step.device:
-        lazy.detach(step.device)
-        return
-    # Crashed between attach and journal: the device is found by its backend identifier.
+    # By its backend identifier, never by the recorded /dev/nbdN alone: after a power cut that
+    # one is free or another container's, attached since; after a crash between the attach and
+    # the journal none was recorded.
     for index, backend in nbd.attached().items():
         if backend == step.ref:
             lazy.detach(nbd.device(index))
