@@ -434,36 +434,38 @@ def _image_for_start(
     authfile: Path | None, creds: str | None, password_stdin: bool,
 ) -> "Iterator[tuple[Path, LazyLayers | None]]":  # fmt: skip
     """run/start's image: a directory, or (docker://) one fetched for a lazy start into a
-    private directory in /run (removed again unless an opening of its layers holds it)."""
+    private directory in /run (removed again unless an opening of its layers holds it). Errors
+    name the reference, not that directory."""
     if not image.startswith("docker://"):
         yield Path(image), None
         return
     import functools
-    import secrets
     import shutil
 
     from cryptlayer.distribution import lazy
-    from cryptlayer.paths import private_run_root
     from cryptlayer.runtime import state
-    from cryptlayer.runtime.lazy import LazyLayers
+    from cryptlayer.runtime.journal import crash_point
+    from cryptlayer.runtime.lazy import LazyLayers, work_dir
 
     auth = _registry_auth(creds, password_stdin, authfile, image)
     login = auth.get("login")
     remote = lazy.Remote(image, tls_verify == "true", str(cert_dir) if cert_dir else None,
                          str(authfile) if authfile else None, login)  # fmt: skip
-    parent = private_run_root().resolve() / "lazy"  # resolved: the opening's name for it
-    parent.mkdir(mode=0o700, exist_ok=True)
-    work = parent / secrets.token_hex(8)
-    work.mkdir(mode=0o700)
-    target = work / "image"
-    try:
-        fetched = lazy.fetch(remote, target, digest=digest, trust=trust)
-        command = [sys.executable, "-m", "cryptlayer.distribution.lazy"]
-        config = functools.partial(lazy.server_config, remote, fetched.blobs)
-        yield target, LazyLayers(work, fetched.blobs, command, config)
-    finally:
-        if state.load_opening(str(target)) is None:  # a failure, or `run`'s teardown is done
-            shutil.rmtree(work, ignore_errors=True)
+    with work_dir() as work:  # locked while we live: gc removes it only after we die unjournaled
+        target = work / "image"
+        try:
+            fetched = lazy.fetch(remote, target, digest=digest, trust=trust)
+            crash_point()  # fetched, not yet named by an opening (tests/vm/test_lazy_gc.py)
+            command = [sys.executable, "-m", "cryptlayer.distribution.lazy"]
+            config = functools.partial(lazy.server_config, remote, fetched.blobs)
+            yield target, LazyLayers(work, fetched.blobs, command, config, image)
+        except CryptlayerError as err:  # the copy in /run is shown as what it was fetched from
+            err.message = err.message.replace(str(target), image)
+            err.hint = err.hint.replace(str(target), image) if err.hint else err.hint
+            raise
+        finally:
+            if state.load_opening(str(target)) is None:  # a failure, or `run`'s teardown is done
+                shutil.rmtree(work, ignore_errors=True)
 
 
 def _own_name(name: str) -> str:
