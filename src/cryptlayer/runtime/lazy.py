@@ -77,8 +77,7 @@ def work_dir() -> Iterator[Path]:
     opening named it (a journal's FETCHED step)."""
     from cryptlayer.runtime import state
 
-    with state.locked():
-        paths.private_run_root()
+    with state.locked():  # (which makes the run root, private)
         parent = fetch_parent()
         parent.mkdir(mode=0o700, exist_ok=True)
         work = parent / secrets.token_hex(8)
