@@ -25,7 +25,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -36,7 +35,7 @@ from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptlayer import oci, paths
+from cryptlayer import paths
 from cryptlayer.errors import CryptlayerError, printable
 from cryptlayer.fsutil import write_atomic
 from cryptlayer.runtime.journal import Journal, Kind, acquire
@@ -75,6 +74,8 @@ def work_dir() -> Iterator[Path]:
     the context ends. It is made under the host lock, which `gc` holds while it looks: so gc
     never sees it unlocked while its maker lives, and removes it once the maker died before an
     opening named it (a journal's FETCHED step)."""
+    import secrets
+
     from cryptlayer.runtime import state
 
     with state.locked():  # (which makes the run root, private)
@@ -213,6 +214,8 @@ class Source:
 def source_of(opening: Journal) -> Source | None:
     """Where the image of `opening` was fetched from (its FETCHED step's SOURCE file); None for
     an image that is not lazy, or a file that is missing or not as _write_source writes it."""
+    from cryptlayer import oci  # (a teardown without corruption needs none of this)
+
     for step in opening.steps:
         if step.kind is not Kind.FETCHED:
             continue
@@ -255,6 +258,8 @@ def drop_cached(digest: str, root: Path | None = None) -> int:
     """Remove every chunk of blob `digest` from the block cache (`root`, or the node's); how many.
     A writer's temporary file is left: it is renamed whole to its name or not at all, and a
     reader that finds a chunk gone fetches it again."""
+    from cryptlayer import oci
+
     if not oci.is_digest(digest):
         raise ValueError(f"{digest!r} is not a digest")
     try:
