@@ -22,7 +22,8 @@ from cryptlayer.tools import nbd
 # A lazy run's crash points before its opening's FETCHED step is taken: 1, the fetch done and
 # nothing journaled (cli._image_for_start); 2-3 the container's directory; 4 the image; 5-6 the
 # opening's directory; 7 the FETCHED step journaled, not yet taken. At 1 to 6 no journal names
-# the fetched directory.
+# the fetched directory. (--keep throughout: the cache as a keeping start fills it; an erasing
+# start keeps its header chunks out of it, docs/lazy.md.)
 BEFORE_FETCHED = range(1, 8)
 
 
@@ -37,8 +38,9 @@ def test_a_kill_before_the_opening_names_the_fetched_image_is_cleaned_up_by_gc(
     with registry(tmp_path / "registry") as reg:
         cli.ok("push", "--no-tls-verify", "-q", str(image), f"{reg.host}/team/app:v1")
         ref = f"docker://{reg.host}/team/app:v1"
+        args = ("run", "--keep", "--tls-verify=false", "-k", str(key_file), ref)
         for point in BEFORE_FETCHED:
-            assert crash_at(point, "run", "--tls-verify=false", "-k", str(key_file), ref), point
+            assert crash_at(point, *args), point
             left = _fetched_dirs()
             assert len(left) == 1 and (left[0] / "image/manifest.json").is_file(), point
             if point == 1:  # the new point: fetched, and nothing journaled yet
@@ -60,7 +62,7 @@ def test_gc_detaches_the_nbd_devices_of_a_lazy_start_whose_journals_were_lost(
     backend (cryptlayer:...), and removes the fetched directory; the server ends by itself."""
     with registry(tmp_path / "registry") as reg:
         cli.ok("push", "--no-tls-verify", "-q", str(image), f"{reg.host}/team/app:v1")
-        rootfs = Path(cli.ok("start", "--tls-verify=false", "--name", "lost", "-k",
+        rootfs = Path(cli.ok("start", "--keep", "--tls-verify=false", "--name", "lost", "-k",
                              str(key_file), f"docker://{reg.host}/team/app:v1").strip())  # fmt: skip
         assert (rootfs / "data/hello.txt").read_text() == f"{MARKER_LOWER}\n"
         ours = {i: b for i, b in nbd.attached().items() if b.startswith("cryptlayer:")}
@@ -93,7 +95,7 @@ def test_a_tampered_blob_names_the_reference_and_its_chunks_leave_the_cache(
         ref = f"docker://{reg.host}/team/app:v1"
         stored = reg.storage / "docker/registry/v2/blobs/sha256" / layer[:2] / layer / "data"
         _flip(stored, offset)
-        code, out, err = cli("run", "--tls-verify=false", "-k", str(key_file), ref)
+        code, out, err = cli("run", "--keep", "--tls-verify=false", "-k", str(key_file), ref)
         assert (code, out) == (ExitCode.RUN_FAILED, ""), err
         last = err.splitlines()[-1]
         assert last.startswith(f"error: layer 1 of {ref} failed dm-verity's check"), err
@@ -103,7 +105,7 @@ def test_a_tampered_blob_names_the_reference_and_its_chunks_leave_the_cache(
         _nothing_lazy_left()
         _flip(stored, offset)  # the blob as published again
         with _server_logs() as logs:
-            code, out, err = cli("run", "--tls-verify=false", "-k", str(key_file), ref)
+            code, out, err = cli("run", "--keep", "--tls-verify=false", "-k", str(key_file), ref)
         assert (code, out) == (0, f"{MARKER_LOWER}\n"), (err, logs)
         assert _cached(layer) > 0
         _nothing_lazy_left()
