@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,8 @@ from cryptlayer.runtime.gc import Report
 from cryptlayer.runtime.journal import Kind, Step
 
 REF = "docker://registry.example/team/app:v1"
+# cli._image_for_start's arguments for REF: no --digest, --trust, --cert-dir, --authfile, --creds
+START = (REF, None, None, "true", None, None, None, False)
 BLOB_A = "sha256:" + "a" * 64
 BLOB_B = "sha256:" + "b" * 64
 
@@ -129,9 +132,18 @@ def test_gc_leaves_the_lazy_directory_itself_to_the_fetched_images_rule() -> Non
         assert work.is_dir()
 
 
-def _fake_fetch(remote: fetching.Remote, target: Path, **_: object) -> fetching.Fetched:
+@dataclass(frozen=True)
+class _Fetched:
+    """What lazy.fetch returns (distribution/lazy.Fetched), for a fetch that is not made."""
+
+    image: Path
+    blobs: list[tuple[str, int]]
+    headers: list[int]
+
+
+def _fake_fetch(remote: fetching.Remote, target: Path, **_: object) -> _Fetched:
     target.mkdir()
-    return fetching.Fetched(target, [(BLOB_A, 1 << 20)])
+    return _Fetched(target, [(BLOB_A, 1 << 20)], [4096])
 
 
 def test_a_kill_between_the_fetch_and_the_opening_leaves_a_directory_gc_removes(
@@ -145,7 +157,7 @@ def test_a_kill_between_the_fetch_and_the_opening_leaves_a_directory_gc_removes(
         try:
             os.environ[journal.CRASH_AT] = "1"
             journal.crash_points = 0
-            with cli._image_for_start(REF, None, None, "true", None, None, None, False):
+            with cli._image_for_start(*START):
                 pass
         finally:
             os._exit(3)
@@ -337,7 +349,7 @@ def test_errors_of_a_lazy_start_name_the_reference_not_the_copy_in_run(
     monkeypatch.setattr(fetching, "fetch", _fake_fetch)
     with (
         pytest.raises(UsageError) as caught,
-        cli._image_for_start(REF, None, None, "true", None, None, None, False) as (path, got),
+        cli._image_for_start(*START) as (path, got),
     ):
         assert got is not None and got.ref == REF and path.parent == got.work
         raise UsageError(f"the image key in keys.json does not open {path}/layer0.luks",
