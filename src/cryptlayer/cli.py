@@ -455,7 +455,8 @@ def _image_for_start(
 ) -> "Iterator[tuple[Path, LazyLayers | None]]":  # fmt: skip
     """run/start's image: a directory, or (docker://) one fetched for a lazy start into a
     private directory in /run (removed again unless an opening of its layers holds it); with
-    `erase`, its headers are kept off the node's disk (docs/lazy.md)."""
+    `erase`, its headers are kept off the node's disk (docs/lazy.md). Errors name the
+    reference, not that directory."""
     if not image.startswith("docker://"):
         yield Path(image), None
         return
@@ -463,20 +464,27 @@ def _image_for_start(
 
     from cryptlayer.distribution import lazy
     from cryptlayer.runtime import state
-    from cryptlayer.runtime.lazy import LazyLayers
+    from cryptlayer.runtime.journal import crash_point
+    from cryptlayer.runtime.lazy import LazyLayers, work_dir
 
     auth = _registry_auth(creds, password_stdin, authfile, image)
     login = auth.get("login")
     remote = lazy.Remote(image, tls_verify == "true", str(cert_dir) if cert_dir else None,
                          str(authfile) if authfile else None, login)  # fmt: skip
-    work = lazy.work_dir()
-    target = work / "image"
-    try:
-        fetched = lazy.fetch_for_start(remote, target, digest=digest, trust=trust, erase=erase)
-        yield target, LazyLayers(work, fetched.blobs, fetched.command, fetched.config)
-    finally:
-        if state.load_opening(str(target)) is None:  # a failure, or `run`'s teardown is done
-            shutil.rmtree(work, ignore_errors=True)
+    with work_dir() as work:  # locked while we live: gc removes it only after we die unjournaled
+        target = work / "image"
+        try:
+            fetched = lazy.fetch_for_start(remote, target, digest=digest, trust=trust,
+                                           erase=erase)  # fmt: skip
+            crash_point()  # fetched, not yet named by an opening (tests/vm/test_lazy_gc.py)
+            yield target, LazyLayers(work, fetched.blobs, fetched.command, fetched.config, image)
+        except CryptlayerError as err:  # the copy in /run is shown as what it was fetched from
+            err.message = err.message.replace(str(target), image)
+            err.hint = err.hint.replace(str(target), image) if err.hint else err.hint
+            raise
+        finally:
+            if state.load_opening(str(target)) is None:  # a failure, or `run`'s teardown is done
+                shutil.rmtree(work, ignore_errors=True)
 
 
 def _own_name(name: str) -> str:

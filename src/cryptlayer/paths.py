@@ -53,6 +53,23 @@ def block_cache_dir() -> Path:
     return state_root() / "blockcache"
 
 
+# The block cache's layout: distribution/blockcache.py writes it; the runtime drops a blob's
+# chunks after a verity failure, and gc removes the temporary files of writers that died.
+CACHE_TEMP_PREFIX = ".tmp-"  # a chunk being written, beside its name: .tmp-INDEX-PID-TID
+CACHE_TEMP_STALE = 600.0  # seconds: a temporary chunk file this old belongs to a writer that died
+
+
+def cached_blobs_dir(root: Path | None = None) -> Path:
+    """The block cache's directory of blobs (`root`, or the node's cache): one directory each."""
+    return (root or block_cache_dir()) / "sha256"
+
+
+def cached_blob_dir(digest: str, root: Path | None = None) -> Path:
+    """The directory of blob `digest`'s chunks (INDEX, 8 hex digits, each): `digest` must have
+    been checked (oci.is_digest), as it is a path component."""
+    return cached_blobs_dir(root) / digest.removeprefix("sha256:")
+
+
 def openings_dir() -> Path:
     """The journals of images' shared layers (state.Opening)."""
     return state_root() / "images"

@@ -161,13 +161,13 @@ def test_a_crash_at_each_new_step_is_cleaned_up_by_gc(
 ) -> None:
     """SIGKILL (journal.crash_point) around the fetched directory's, the server's and the NBD
     devices' steps of a lazy run's opening; then `gc` detaches the devices, kills the server (a
-    process of another, dead, parent by then) and removes the directory. Points 6 to 13 of a run
-    are those steps (1-2: the container's directory, 3: the image, 4-5: the opening's
-    directory; the layers' steps run in threads after them)."""
+    process of another, dead, parent by then) and removes the directory. Points 7 to 14 of a run
+    are those steps (1: the image fetched, 2-3: the container's directory, 4: the image, 5-6:
+    the opening's directory; the layers' steps run in threads after them)."""
     with registry(tmp_path / "registry") as reg:
         cli.ok("push", "--no-tls-verify", "-q", str(image), f"{reg.host}/team/app:v1")
         ref = f"docker://{reg.host}/team/app:v1"
-        for point in range(6, 14):
+        for point in range(7, 15):
             assert crash_at(point, "run", "--tls-verify=false", "-k", str(key_file), ref), point
             code, _, err = cli("gc")
             assert code == 0, f"point {point}: gc failed: {err}"

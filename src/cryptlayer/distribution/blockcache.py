@@ -25,7 +25,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Protocol
 
-from cryptlayer import oci
+from cryptlayer import oci, paths
 from cryptlayer.errors import UsageError
 
 # 1 MiB: a registry's round trip (20 ms on the shaped link) is ~20% of the time to send
@@ -39,8 +39,8 @@ FETCHERS = 4  # read-ahead requests in flight at once, per blob
 LOW_WATER = 0.9  # eviction goes down to this share of the limit, so that it runs seldom
 RESCAN_EVERY = 64  # chunks stored between two looks at what other processes stored
 TOUCH_EVERY = 60.0  # seconds: a chunk's use time (its mtime) is updated at most this often
-STALE_TEMP = 600.0  # seconds: a temporary chunk file this old belongs to a writer that died
-TEMP_PREFIX = ".tmp-"
+STALE_TEMP = paths.CACHE_TEMP_STALE  # a temporary chunk file this old: its writer died
+TEMP_PREFIX = paths.CACHE_TEMP_PREFIX
 PRIVATE_KEPT = 16  # private chunks (an erased image's header: CachedBlob) kept in memory
 
 
@@ -95,7 +95,7 @@ class BlockCache:
     def path(self, digest: str, index: int) -> Path:
         if not oci.is_digest(digest):  # a path component: never anything else
             raise ValueError(f"{digest!r} is not a digest")
-        return self.root / "sha256" / digest.removeprefix("sha256:") / f"{index:08x}"
+        return paths.cached_blob_dir(digest, self.root) / f"{index:08x}"
 
     def get(self, digest: str, index: int, length: int, start: int = 0,
             size: int | None = None) -> bytes | None:  # fmt: skip
@@ -183,7 +183,7 @@ class BlockCache:
             fcntl.flock(fd, fcntl.LOCK_EX)
             chunks: list[tuple[float, int, Path]] = []
             now = time.time()
-            top = self.root / "sha256"
+            top = paths.cached_blobs_dir(self.root)
             for blob in top.iterdir() if top.is_dir() else ():
                 try:
                     entries = list(os.scandir(blob))

@@ -199,19 +199,6 @@ def fetch_for_start(remote: Remote, target: Path, *, digest: str | None = None,
                                       private=private))  # fmt: skip
 
 
-def work_dir() -> Path:
-    """A new private directory for one lazy start's fetch: /run/cryptlayer/.lazy/RANDOM (0700;
-    resolved, as the opening names it; a dot name, never a container's). The image goes in its
-    `image`."""
-    import secrets
-
-    parent = paths.private_run_root().resolve() / paths.lazy_run_dir().name
-    parent.mkdir(mode=0o700, exist_ok=True)
-    work = parent / secrets.token_hex(8)
-    work.mkdir(mode=0o700)
-    return work
-
-
 def server_config(remote: Remote, blobs: list[tuple[str, int]], fds: list[int],
                   private: list[int] | None = None) -> bytes:  # fmt: skip
     """The server's standard input; `private`: for each blob, the bytes from its start (its

@@ -335,6 +335,9 @@ def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str, *,
     return name
 
 
+_HELD = contextlib.ExitStack()  # fetched directories' locks, released when the process ends
+
+
 def fetch_lazily(reference: str, digest: str | None, trusted: Path | None,
                  erase: bool) -> LazyLayers:  # fmt: skip
     """Fetch `reference` for a lazy start (distribution/lazy.py: manifest, statement, keys.json,
@@ -348,21 +351,23 @@ def fetch_lazily(reference: str, digest: str | None, trusted: Path | None,
     from cryptlayer import config
     from cryptlayer.distribution import lazy
     from cryptlayer.distribution.registry import parse_reference
-    from cryptlayer.runtime.lazy import LazyLayers
+    from cryptlayer.runtime.lazy import LazyLayers, work_dir
 
     registry = config.registry_settings(parse_reference(reference).host)
     auth_file = config.pull_settings().auth_file
     remote = lazy.Remote(reference, registry.tls_verify,
                          None if registry.cert_dir is None else str(registry.cert_dir),
                          None if auth_file is None else str(auth_file))  # fmt: skip
-    work = lazy.work_dir()
+    # Locked (flock) for as long as this process lives: `gc` leaves it alone until the opening
+    # names it, and removes it if create dies before (runtime/lazy.py work_dir).
+    work = _HELD.enter_context(work_dir())
     try:
         fetched = lazy.fetch_for_start(remote, work / "image", digest=digest, trust=trusted,
                                        erase=erase)  # fmt: skip
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return LazyLayers(work, fetched.blobs, fetched.command, fetched.config)
+    return LazyLayers(work, fetched.blobs, fetched.command, fetched.config, reference)
 
 
 def discard_fetched(work: Path) -> None:

@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptlayer.errors import CryptlayerError
 from cryptlayer.fsutil import wipe_file
 from cryptlayer.image.manifest import LAYER_SUFFIX, MANIFEST, TREE_SUFFIX
-from cryptlayer.paths import images_run_dir, run_root, scratch_dir
-from cryptlayer.runtime import journal, state
+from cryptlayer.paths import (
+    CACHE_TEMP_PREFIX,
+    CACHE_TEMP_STALE,
+    cached_blobs_dir,
+    images_run_dir,
+    run_root,
+    scratch_dir,
+)
+from cryptlayer.runtime import journal, lazy, state
 from cryptlayer.runtime.container import teardown
 from cryptlayer.runtime.journal import Kind
 from cryptlayer.runtime.state import Mode, Record
-from cryptlayer.tools import devmapper, losetup, mount, udev
+from cryptlayer.tools import devmapper, losetup, mount, nbd, udev
+
+SYS_BLOCK = Path("/sys/block")
 
 
 @dataclass
@@ -82,16 +94,20 @@ def _collect_holders(report: Report) -> None:
 
 
 def _collect_orphans(report: Report) -> None:
-    """Remove what no journal claims, top of the stack first: mounts, mappings, loop devices,
-    scratch files, header copies, then the directories they leave empty."""
+    """Remove what no journal claims, top of the stack first: mounts, mappings, loop and NBD
+    devices, scratch files, header copies, images fetched for a lazy start, the block cache's
+    dead temporary files, then the directories they leave empty."""
     live = state.all_journals()
     claimed = {s.ref for j in live for s in j.steps} | {s.device for j in live for s in j.steps}
     _collect_mounts(report, claimed)
     _collect_mappings(report, claimed)
     looped = {Path(s.ref) for j in live for s in j.steps if s.kind is Kind.LOOP}
     _collect_loops(report, claimed, looped)
+    _collect_nbd(report, claimed)
     _collect_scratch_files(report, claimed)
     _collect_header_copies(report, images_run_dir(), claimed)
+    _collect_fetched(report, claimed)
+    _collect_cache_temps(report)
     _collect_empty_dirs(claimed)
 
 
@@ -135,6 +151,70 @@ def _collect_loops(report: Report, claimed: set[str], files: set[Path]) -> None:
             _try(report, f"loop {device.node}", lambda d=device.node: losetup.detach(d))
 
 
+def _collect_nbd(report: Report, claimed: set[str]) -> None:
+    """NBD devices attached by a lazy start (backend `cryptlayer:...`) that no journal's NBD step
+    names: its journal was lost. The mappings over one went before; its server ends by itself
+    when its last device is detached. A device attached by anything else is never touched."""
+    for index, backend in sorted(nbd.attached().items()):
+        node = nbd.device(index)
+        if not backend.startswith(lazy.BACKEND_PREFIX) or {backend, node} & claimed:
+            continue
+        if held := _holders(index):  # a mapping gc could not remove: never pulled from under it
+            report.errors.append(f"NBD device {node} ({backend}): in use by {', '.join(held)}")
+            continue
+        _try(report, f"NBD device {node} ({backend})", lambda n=node: lazy.detach(n))
+
+
+def _holders(index: int) -> list[str]:
+    """The devices that sit on /dev/nbdN (dm-0, ...)."""
+    try:
+        return sorted(p.name for p in (SYS_BLOCK / f"nbd{index}" / "holders").iterdir())
+    except OSError:
+        return []
+
+
+def _collect_fetched(report: Report, claimed: set[str]) -> None:
+    """Images fetched for a lazy start that no opening names: their maker died between making
+    the directory and journaling it (lazy.work_dir). One whose maker lives holds its lock: kept."""
+    parent = lazy.fetch_parent()
+    if not parent.is_dir():
+        return
+    for work in sorted(parent.iterdir()):
+        if str(work) in claimed:
+            continue
+        try:
+            if lazy.remove_if_abandoned(work):
+                report.orphans.append(f"fetched image {work}")
+        except CryptlayerError as err:
+            report.errors.append(str(err))
+
+
+def _collect_cache_temps(report: Report) -> None:
+    """The block cache's temporary chunk files whose writers died (older than CACHE_TEMP_STALE:
+    a writer has the chunk in hand when it makes one, and renames it seconds later). The cache's
+    locks are flocks, which the kernel releases with their holder: none is left to find."""
+    top = cached_blobs_dir()
+    if not top.is_dir():
+        return
+    now = time.time()
+    for blob in sorted(top.iterdir()):
+        try:
+            entries = list(os.scandir(blob))
+        except (NotADirectoryError, FileNotFoundError):
+            continue
+        for entry in entries:
+            if not entry.name.startswith(CACHE_TEMP_PREFIX):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # renamed by its writer, or removed by another scan
+                continue
+            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > CACHE_TEMP_STALE:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    report.orphans.append(f"cache temporary file {entry.path}")
+
+
 def _collect_scratch_files(report: Report, claimed: set[str]) -> None:
     """Scratch files no journal claims."""
     if scratch_dir().is_dir():
@@ -162,7 +242,8 @@ def _collect_header_copies(report: Report, images: Path, claimed: set[str]) -> N
 
 
 def _collect_empty_dirs(claimed: set[str]) -> None:
-    """Empty directories of containers that no longer exist (never descending into a mount)."""
+    """Empty directories of containers that no longer exist (never descending into a mount, nor
+    into the lazy start's: an empty one there may be being filled; _collect_fetched's)."""
     root = run_root()
     mounted = mount.mounted_paths()
     if root.is_dir():
@@ -172,6 +253,7 @@ def _collect_empty_dirs(claimed: set[str]) -> None:
                 or top.name.startswith(".")
                 or str(top) in claimed
                 or top in mounted
+                or top.resolve() == lazy.fetch_parent()
             ):
                 continue
             for sub in top.iterdir():

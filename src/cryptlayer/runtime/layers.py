@@ -178,7 +178,7 @@ def _open_layer(
     if served is not None:  # lazy: the blob from the registry, through the NBD device
         from cryptlayer.runtime import lazy
 
-        loop = lazy.attach(stack, opening, served, layer.size, f"cryptlayer:{opening.id}:{index}")
+        loop = lazy.attach(stack, opening, served, layer.size, lazy.backend_name(opening.id, index))
     else:
         loop = acquire(stack, opening, Kind.LOOP, str(path),
                        lambda: losetup.attach_fd(file.fd, readonly=True,
@@ -206,6 +206,7 @@ def _open_layer(
                 lambda: mount.mount(node, target, "ext4", mount.LAYER_OPTIONS))  # fmt: skip
     except (WrongKeyError, CommandError, mount.MountError) as err:
         if veritysetup.corrupted(checked_name):
+            lazy.after_corruption(opening, [index])  # a lazy layer's chunks: fetched again
             raise _corrupted(path) from None
         if not isinstance(err, WrongKeyError):
             raise
@@ -236,8 +237,9 @@ def require_uncorrupted(opening: Opening | None, image: str, count: int) -> None
     bad = corrupted_layers(opening, count)
     if bad:
         names = ", ".join(f"layer {i}" for i in bad)
+        shown = lazy.after_corruption(opening, bad) or image  # lazy: its reference, chunks dropped
         raise TamperedImageError(
-            f"{names} of {image} failed dm-verity's check while in use: its blocks were changed"
+            f"{names} of {shown} failed dm-verity's check while in use: its blocks were changed"
             " after the build, and the container got I/O errors instead of them",
             "do not trust this copy or what the container made of it; copy the image again",
         )

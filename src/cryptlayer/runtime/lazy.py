@@ -11,26 +11,40 @@ reused pid), NBD (the device index), so a teardown, `stop` or a release after a 
 them in reverse: devices detached, then the server killed, then the directory removed. The
 server also ends by itself when its last device is detached, and when its parent dies before
 the devices were attached (its socket ends are closed then).
+
+Before the opening names it, the directory is its maker's: `work_dir` makes it under the host
+lock and holds an flock on it for as long as the maker lives, so `gc` (under the host lock too)
+removes one that no journal names only once that lock is free (`remove_if_abandoned`). Its
+SOURCE file says which reference and blobs it was fetched from: what a tampered-layer error
+names, and whose chunks a verity failure drops from the node's block cache (`after_corruption`;
+the cache's layout is paths.py's, so this needs nothing of distribution/).
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptlayer.errors import CryptlayerError
+from cryptlayer import paths
+from cryptlayer.errors import CryptlayerError, printable
+from cryptlayer.fsutil import write_atomic
 from cryptlayer.runtime.journal import Journal, Kind, acquire
 from cryptlayer.tools import nbd
 
 SERVER_LOG = "server.log"  # beside the fetched image: the server's complaints (reads that failed)
+SOURCE = "source.json"  # beside the fetched image: its reference, and each layer's blob digest
 DETACH_WAIT = 10.0  # seconds for the kernel to let go of a device after NBD_CMD_DISCONNECT
+BACKEND_PREFIX = "cryptlayer:"  # an NBD device's backend identifier: cryptlayer:OPENING:INDEX
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,62 @@ class LazyLayers:
     blobs: list[tuple[str, int]]  # each layer's blob digest and size, bottom first
     command: list[str]  # the server process's argv
     config: Callable[[list[int]], bytes]  # its standard input, given its sockets' descriptors
+    ref: str = ""  # what it was fetched from (docker://...): what errors name, not `work`
+
+
+def backend_name(opening_id: str, index: int) -> str:
+    """The backend identifier of layer `index`'s NBD device (/sys/block/nbdN/backend)."""
+    return f"{BACKEND_PREFIX}{opening_id}:{index}"
+
+
+def fetch_parent() -> Path:
+    """/run/cryptlayer/.lazy, resolved (the openings name the directories below it so)."""
+    return paths.run_root().resolve() / paths.lazy_run_dir().name
+
+
+@contextmanager
+def work_dir() -> Iterator[Path]:
+    """A new private directory below fetch_parent() to fetch an image into, locked (flock) until
+    the context ends. It is made under the host lock, which `gc` holds while it looks: so gc
+    never sees it unlocked while its maker lives, and removes it once the maker died before an
+    opening named it (a journal's FETCHED step)."""
+    import secrets
+
+    from cryptlayer.runtime import state
+
+    with state.locked():  # (which makes the run root, private)
+        parent = fetch_parent()
+        parent.mkdir(mode=0o700, exist_ok=True)
+        work = parent / secrets.token_hex(8)
+        work.mkdir(mode=0o700)
+        fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new: nobody else can hold it yet
+    try:
+        yield work
+    finally:
+        os.close(fd)
+
+
+def remove_if_abandoned(work: Path) -> bool:
+    """Remove fetched directory `work` (one no journal names; called under the host lock) unless
+    the process that made it holds its lock still: it is fetching, or will name it in an opening
+    when it gets the host lock. Whether it was removed."""
+    try:
+        fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False  # gone, or not a directory of ours
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        try:
+            shutil.rmtree(work)
+        except OSError as err:
+            raise CryptlayerError(f"cannot remove {work}: {err.strerror}") from None
+        return True
+    finally:
+        os.close(fd)
 
 
 def start_time(pid: int) -> str:
@@ -72,7 +142,7 @@ def _spawn(lazy: LazyLayers, ends: list[socket.socket]) -> str:
 def serve(stack: ExitStack, opening: Journal, lazy: LazyLayers) -> list[socket.socket]:
     """Start the server for every layer of `lazy`; returns the kernel's ends of its sockets, for
     the caller to close once each is attached (the kernel holds its own reference then)."""
-    acquire(stack, opening, Kind.FETCHED, str(lazy.work), lambda: None)
+    acquire(stack, opening, Kind.FETCHED, str(lazy.work), lambda: _write_source(lazy))
     ours: list[socket.socket] = []
     theirs: list[socket.socket] = []
     for _ in lazy.blobs:
@@ -136,3 +206,83 @@ def _state(pid: int) -> str:
     except OSError:
         return ""
     return stat.rsplit(")", 1)[-1].split()[0]
+
+
+def _write_source(lazy: LazyLayers) -> None:
+    data = {"ref": lazy.ref, "blobs": [digest for digest, _size in lazy.blobs]}
+    write_atomic(lazy.work / SOURCE, json.dumps(data).encode(), 0o600, durable=False)
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a lazy opening's image was fetched from."""
+
+    ref: str  # docker://HOST/REPO[:TAG|@DIGEST] ("" if not known)
+    blobs: list[str]  # each layer's blob digest, bottom first
+
+
+def source_of(opening: Journal) -> Source | None:
+    """Where the image of `opening` was fetched from (its FETCHED step's SOURCE file); None for
+    an image that is not lazy, or a file that is missing or not as _write_source writes it."""
+    from cryptlayer import oci  # (a teardown without corruption needs none of this)
+
+    for step in opening.steps:
+        if step.kind is not Kind.FETCHED:
+            continue
+        try:
+            data = json.loads((Path(step.ref) / SOURCE).read_bytes())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict):
+            return None
+        ref, blobs = data.get("ref"), data.get("blobs")
+        if not isinstance(ref, str) or not isinstance(blobs, list):
+            return None
+        if not all(isinstance(b, str) and oci.is_digest(b) for b in blobs):
+            return None  # each names a directory of the cache: never anything else
+        return Source(printable(ref), blobs)
+    return None
+
+
+def after_corruption(opening: Journal, bad: Iterable[int]) -> str | None:
+    """Layers `bad` of `opening` failed dm-verity's check: if they are lazy, drop their blobs'
+    chunks from the node's block cache (so the next start fetches them again, and verity checks
+    them again) and return the reference the image was fetched from, for the error to name;
+    None for an image that is not lazy.
+
+    All of a blob's chunks go, not only the one the failing read covered: verity's status says
+    that a block of the mapping failed, not which (the block is named only in the kernel's log),
+    a blob changed in the registry may differ in more places than were read, and chunks carry
+    no hash of their own to tell a good one from a bad one. The cost is fetching again what the
+    next start reads of that one blob."""
+    source = source_of(opening)
+    if source is None:
+        return None
+    for index in bad:
+        if 0 <= index < len(source.blobs):
+            drop_cached(source.blobs[index])
+    return source.ref or None
+
+
+def drop_cached(digest: str, root: Path | None = None) -> int:
+    """Remove every chunk of blob `digest` from the block cache (`root`, or the node's); how many.
+    A writer's temporary file is left: it is renamed whole to its name or not at all, and a
+    reader that finds a chunk gone fetches it again."""
+    from cryptlayer import oci
+
+    if not oci.is_digest(digest):
+        raise ValueError(f"{digest!r} is not a digest")
+    try:
+        entries = list(os.scandir(paths.cached_blob_dir(digest, root)))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    dropped = 0
+    for entry in entries:
+        if entry.name.startswith(paths.CACHE_TEMP_PREFIX) or not entry.is_file(
+            follow_symlinks=False
+        ):
+            continue
+        with suppress(FileNotFoundError):  # evicted meanwhile
+            os.unlink(entry.path)
+            dropped += 1
+    return dropped
