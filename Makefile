@@ -18,7 +18,7 @@ test-host:
 	$(PYTEST) tests/unit
 
 # Everything that touches devices: two VM boots at once, one CPU each (the crash-point sweep with
-# the tampering, registry, process and hostile-file tests, and the rest), or this host if it has
+# the tampering, registry, process, hostile-file and engine tests, and the rest), or this host if it has
 # dm-crypt; and the
 # power-cut test, which needs two boots of one disk, as soon as either VM has ended
 # (scripts/vm-tier). Narrow the first with VM_TESTS=tests/vm/test_x.py or
