@@ -206,6 +206,8 @@ def _open_layer(
                 lambda: mount.mount(node, target, "ext4", mount.LAYER_OPTIONS))  # fmt: skip
     except (WrongKeyError, CommandError, mount.MountError) as err:
         if veritysetup.corrupted(checked_name):
+            from cryptlayer.runtime import lazy
+
             lazy.after_corruption(opening, [index])  # a lazy layer's chunks: fetched again
             raise _corrupted(path) from None
         if not isinstance(err, WrongKeyError):
@@ -236,6 +238,8 @@ def require_uncorrupted(opening: Opening | None, image: str, count: int) -> None
         return
     bad = corrupted_layers(opening, count)
     if bad:
+        from cryptlayer.runtime import lazy  # (only then: a teardown imports little)
+
         names = ", ".join(f"layer {i}" for i in bad)
         shown = lazy.after_corruption(opening, bad) or image  # lazy: its reference, chunks dropped
         raise TamperedImageError(
