@@ -250,7 +250,8 @@ def test_podman_runs_a_registry_image_pulled_at_create(
     cli: Cli, node: Node, image: Path, key_file: Path, tmp_path: Path
 ) -> None:
     """`org.cryptlayer.image=docker://...` of Debian's docker-registry (plain HTTP, which only
-    the node's config allows): pulled at create into the node's store, run from its encrypted
+    the node's config allows), with `[pull] lazy = false` (the default starts it lazily:
+    test_engines_lazy.py): pulled at create into the node's store, run from its encrypted
     layers, and at `--rm`'s delete shredded and removed; `CRYPTLAYER_KEEP=true` keeps the copy,
     unshredded. The node's own copy (the one pushed) is never touched."""
     from registryfixtures import registry
@@ -268,6 +269,8 @@ image = "{store}/*"
 key-file = "{key_file}"
 [registries."{reg.host}"]
 tls-verify = false
+[pull]
+lazy = false
 """)
         result = node.run("--annotation", f"org.cryptlayer.image={ref}", PLACEHOLDER)
         assert (result.returncode, result.stdout) == (0, f"{MARKER_LOWER}\n"), result.stderr
