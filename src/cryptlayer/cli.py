@@ -24,6 +24,7 @@ from cryptlayer.runtime import DEFAULT_SCRATCH, DEFAULT_STOP_TIMEOUT
 if TYPE_CHECKING:
     from cryptlayer.keys.node import NodeKeys
     from cryptlayer.keys.sources import Credential
+    from cryptlayer.runtime.container import StartOptions
     from cryptlayer.runtime.lazy import LazyLayers
 
 
@@ -487,6 +488,26 @@ def _image_for_start(
                 shutil.rmtree(work, ignore_errors=True)
 
 
+@contextmanager
+def _start_inputs(
+    image: str, options: "StartOptions", keys: tuple[str | None, str | None, str | None, bool,
+                                                     str | None],
+    registry: tuple[str, Path | None, Path | None, str | None, bool], strict: bool,
+) -> "Iterator[tuple[Path, StartOptions, Credential | NodeKeys]]":  # fmt: skip
+    """What run and start assemble from: the image (fetched, for docker://), the options with its
+    lazy layers, the key (the options', or the node's [[keys]]), the erase warning and the host's
+    checks, in that order."""
+    tls_verify, cert_dir, authfile, creds, password_stdin = registry
+    with _image_for_start(image, options.digest, options.trust, tls_verify, cert_dir, authfile,
+                          creds, password_stdin, options.shred) as (path, lazy_layers):  # fmt: skip
+        if options.shred:
+            _warn_if_erase_may_not_hold(path, lazy_layers is not None)
+        options = dataclasses.replace(options, lazy=lazy_layers)
+        with _key_or_node(path, *keys) as credential:
+            _check_host(strict)
+            yield path, options, credential
+
+
 def _own_name(name: str) -> str:
     """`name` checked, and not cryptlayer-runtime's `engine-ID` (engine/cli.py NAME_PREFIX): the
     engine's delete of its container ID would tear this one down and shred its image."""
@@ -913,16 +934,11 @@ def run(
     args = command[1:] if command and command[0] == "--" else (command or [])
     overrides = Overrides(tuple(args), tuple(env or ()), workdir, user, Network(network))
     require_root("start containers")
-    with _image_for_start(image, options.digest, options.trust, tls_verify, cert_dir, authfile,
-                          creds, password_stdin, options.shred) as (path, lazy_layers):  # fmt: skip
-        if options.shred:
-            _warn_if_erase_may_not_hold(path, lazy_layers is not None)
-        options = dataclasses.replace(options, lazy=lazy_layers)
-        with _key_or_node(path, key_file, key_command, keyring, passphrase,
-                          identity) as credential:  # fmt: skip
-            _check_host(strict)
-            flush_warnings()  # before the container's own output
-            status = container.run(path, credential, options, overrides, interactive)
+    with _start_inputs(image, options, (key_file, key_command, keyring, passphrase, identity),
+                       (tls_verify, cert_dir, authfile, creds, password_stdin),
+                       strict) as (path, options, credential):  # fmt: skip
+        flush_warnings()  # before the container's own output
+        status = container.run(path, credential, options, overrides, interactive)
     raise typer.Exit(status)
 
 
@@ -960,15 +976,10 @@ def start(
         trust=_trust(trust),
     )
     require_root("start containers")
-    with _image_for_start(image, options.digest, options.trust, tls_verify, cert_dir, authfile,
-                          creds, password_stdin, options.shred) as (path, lazy_layers):  # fmt: skip
-        if options.shred:
-            _warn_if_erase_may_not_hold(path, lazy_layers is not None)
-        options = dataclasses.replace(options, lazy=lazy_layers)
-        with _key_or_node(path, key_file, key_command, keyring, passphrase,
-                          identity) as credential:  # fmt: skip
-            _check_host(strict)
-            record = container.start(path, credential, options)
+    with _start_inputs(image, options, (key_file, key_command, keyring, passphrase, identity),
+                       (tls_verify, cert_dir, authfile, creds, password_stdin),
+                       strict) as (path, options, credential):  # fmt: skip
+        record = container.start(path, credential, options)
     typer.echo(record.rootfs)
 
 
