@@ -186,9 +186,15 @@ def _traced(podman: Any, trace: Path) -> dict[str, Any]:
         entry["s"] += float(end) - float(begin)
         timeline.append((command, float(begin) - started[0], float(end) - float(begin)))
     runtime_s = sum(c["s"] for c in calls.values())
+    timeline.sort(key=lambda t: t[1])
+    # podman's 20 s wait for a cleanup that never marks the container exited (podman 4.3 at
+    # --log-level debug without a syslog socket: docs/engines.md) shows as the longest time
+    # with no runtime call open, between `start`'s end and `delete`
+    ends = [begin + took for _, begin, took in timeline]
+    idle = [nxt[1] - max(ends[: i + 1]) for i, nxt in enumerate(timeline[1:])]
     return {"total_s": total, "runtime_calls": calls, "runtime_s": runtime_s,
-            "podman_own_s": total - runtime_s,
-            "timeline": sorted(timeline, key=lambda t: t[1])}  # fmt: skip
+            "podman_own_s": total - runtime_s, "longest_idle_s": max(idle, default=0.0),
+            "timeline": timeline}  # fmt: skip
 
 
 def _in_process(image: Path) -> dict[str, Any]:
