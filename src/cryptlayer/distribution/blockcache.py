@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import stat
 import threading
 import time
@@ -68,6 +67,8 @@ def _drop(path: Path) -> None:
     try:
         path.unlink(missing_ok=True)
     except IsADirectoryError:
+        import shutil  # (seldom: the lazy server does not import it, with bz2 and lzma, to start)
+
         shutil.rmtree(path, ignore_errors=True)
 
 

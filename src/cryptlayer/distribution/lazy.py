@@ -27,15 +27,21 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from cryptlayer import paths
-from cryptlayer.distribution import artifact, transfer
 from cryptlayer.distribution.blobrange import BlobRanges
 from cryptlayer.distribution.blockcache import CHUNK, BlockCache, CachedBlob, drop
 from cryptlayer.distribution.nbdserver import serve
 from cryptlayer.distribution.registry import Registry, parse_reference
-from cryptlayer.image import manifest as manifest_mod
+
+if TYPE_CHECKING:
+    from cryptlayer.image import manifest as manifest_mod
+
+# The server process (main) imports only what serving needs: the fetch's modules (artifact,
+# transfer, the image's manifest, envelope, signatures, keys) are imported where they are used,
+# not here; under emulation each module costs 20-100 ms of the lazy start
+# (tests/unit/test_lazy_imports.py pins it).
 
 MAX_CONFIG = 1 << 20  # the server's standard input
 
@@ -60,10 +66,14 @@ class Remote:
         )
 
 
-def _cache() -> BlockCache:
-    from cryptlayer.config import block_cache_size
+def _cache(limit: int | None = None) -> BlockCache:
+    """The node's block cache, bounded by `limit` or config.toml's block-cache-size (the server is
+    given the bound: it does not import the configuration's modules, tomllib and datetime)."""
+    if limit is None:
+        from cryptlayer.config import block_cache_size
 
-    return BlockCache(paths.block_cache_dir(), block_cache_size())
+        limit = block_cache_size()
+    return BlockCache(paths.block_cache_dir(), limit)
 
 
 class _HeadersOnly:
@@ -82,6 +92,8 @@ class _HeadersOnly:
         return str(self.registry)
 
     def get_manifest(self) -> tuple[bytes, str]:
+        from cryptlayer.distribution import artifact
+
         data, found = self.registry.get_manifest()
         _statement, others = artifact.parse(data, str(self.registry))
         self.digests = {b.name: b.digest for b in others}
@@ -141,6 +153,8 @@ class _Headers(_HeadersOnly):
 
 def _statement_beside(parent: Path) -> manifest_mod.Manifest:
     """The statement of the pull under way in `parent` (its one work directory)."""
+    from cryptlayer.image import manifest as manifest_mod
+
     works = [p for p in parent.iterdir() if p.name.startswith(".") and ".pull-" in p.name]
     if len(works) != 1:
         raise RuntimeError(f"expected one pull under way in {parent}, found {len(works)}")
@@ -163,6 +177,9 @@ def fetch(remote: Remote, target: Path, *, digest: str | None = None,
     (its parent private: nobody else may create the work directory beside it). With `erase`
     (a start that will erase the node's copy), the headers are not stored in the block cache,
     and what it held of them is dropped."""
+    from cryptlayer.distribution import transfer
+    from cryptlayer.image import manifest as manifest_mod
+
     registry = remote.registry()
     store = _Headers(registry, target.parent, erase)
     transfer.pull(store, target, digest=digest, trust=trust)
@@ -203,8 +220,11 @@ def server_config(remote: Remote, blobs: list[tuple[str, int]], fds: list[int],
                   private: list[int] | None = None) -> bytes:  # fmt: skip
     """The server's standard input; `private`: for each blob, the bytes from its start (its
     header, for an image to be erased) whose chunks the server must never store in the cache."""
+    from cryptlayer.config import block_cache_size
+
     private = private or [0] * len(blobs)
     return json.dumps({
+        "cache_limit": block_cache_size(),
         "ref": remote.ref, "tls_verify": remote.tls_verify, "cert_dir": remote.cert_dir,
         "authfile": remote.authfile, "login": remote.login,
         "blobs": [{"digest": d, "size": s, "fd": fd} | ({"private": p} if p else {})
@@ -219,7 +239,8 @@ def main() -> None:
     remote = Remote(config["ref"], bool(config["tls_verify"]), config["cert_dir"],
                     config["authfile"], tuple(login) if login else None)  # fmt: skip
     registry = remote.registry()
-    cache = _cache()
+    limit = config.get("cache_limit")
+    cache = _cache(int(limit) if limit is not None else None)
 
     def log(text: str) -> None:
         print(f"cryptlayer lazy server {os.getpid()}: {text}", file=sys.stderr, flush=True)
