@@ -2,7 +2,8 @@
 docker-registry on 127.0.0.1, the server started as runtime/lazy.py starts it (its command, its
 configuration on standard input, one end of a socketpair inherited), and the time from its
 spawn to the answer of the first 4 KiB read (cold cache); the modules it imported by then (-X
-importtime, in its log). Usage: lazyserver.py [--runs 5]."""
+importtime, in its log). Usage: lazyserver.py [--runs 5]; LAZYSERVER_LOG=FILE keeps the last
+run's log (its import times)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def main() -> None:
         data = os.urandom(8 << 20)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         (tmp / "blob").write_bytes(data)
-        with registry(tmp / "registry") as running:  # noqa: SIM117
+        with registry(tmp / "registry") as running:
             keep = os.environ.get("LAZYSERVER_LOG")
             ref = f"docker://{running.host}/lazy/app:v1"
             reg = Registry(parse_reference(ref), tls_verify=False)
