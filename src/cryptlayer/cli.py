@@ -476,9 +476,10 @@ def _image_for_start(
         target = work / "image"
         try:
             fetched = lazy.fetch_for_start(remote, target, digest=digest, trust=trust,
-                                           erase=erase)  # fmt: skip
+                                           erase=erase, warm=True)  # fmt: skip
             crash_point()  # fetched, not yet named by an opening (tests/vm/test_lazy_gc.py)
-            yield target, LazyLayers(work, fetched.blobs, fetched.command, fetched.config, image)
+            yield target, LazyLayers(work, fetched.blobs, fetched.command, fetched.config, image,
+                                     fetched.handoff)  # fmt: skip
         except CryptlayerError as err:  # the copy in /run is shown as what it was fetched from
             err.message = err.message.replace(str(target), image)
             err.hint = err.hint.replace(str(target), image) if err.hint else err.hint

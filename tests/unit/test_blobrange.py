@@ -398,3 +398,89 @@ def test_a_server_error_is_retried() -> None:
             registry.conn.session.get_adapter(prefix).max_retries.total = 0
         assert ranges.read(7, 7) == DATA[7:14]
     assert calls[0] == 2
+
+
+def test_reads_start_no_thread_each_and_read_the_environment_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The per-request costs figure 14 found on the read path (bench/lazyhost.py): a
+    threading.Timer per attempt (a thread started per request) and requests' look-up of
+    proxies and CA bundles in the environment per request. Failed before: 10 of each."""
+    log = Log()
+    starts: list[str] = []
+    real_start = threading.Thread.start
+
+    def counted_start(thread: threading.Thread) -> None:
+        if "process_request" not in thread.name:  # (the test's server: a thread per request)
+            starts.append(thread.name)
+        real_start(thread)
+
+    with hostile(simple_registry(log)) as server:
+        registry = registry_for(server.host)
+        merges = 0
+        real_merge = registry.conn.session.merge_environment_settings
+
+        def counted_merge(*args: Any) -> Any:
+            nonlocal merges
+            merges += 1
+            return real_merge(*args)
+
+        monkeypatch.setattr(registry.conn.session, "merge_environment_settings", counted_merge)
+        ranges = BlobRanges(registry, DIGEST, len(DATA))
+        ranges.read(0, 10)  # (the process's one deadline thread may start here)
+        monkeypatch.setattr(threading.Thread, "start", counted_start)
+        for n in range(10):
+            assert ranges.read(n * 4096, 4096) == DATA[n * 4096 : n * 4096 + 4096]
+    assert starts == []
+    assert merges == 1
+
+
+def test_a_proxy_in_the_environment_is_still_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment's settings are looked up once per origin, not dropped: a read of a
+    registry behind HTTP_PROXY goes to the proxy, as pull's requests do."""
+    log = Log()
+
+    def proxy(request: Any) -> None:
+        log.add(request)
+        if request.path == f"http://registry.invalid:5000{BLOB_PATH}":
+            send_range(request)
+        else:
+            reply(request, 404)
+
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with hostile(proxy) as server:
+        monkeypatch.setenv("HTTP_PROXY", f"http://{server.host}")
+        monkeypatch.setenv("http_proxy", f"http://{server.host}")
+        ranges = BlobRanges(registry_for("registry.invalid:5000"), DIGEST, len(DATA))
+        for n in range(3):
+            assert ranges.read(n * 4096, 4096) == DATA[n * 4096 : n * 4096 + 4096]
+    assert len(log.entries) == 3
+
+
+def test_one_connection_is_kept_alive_across_reads(
+    plain: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Debian's registry (HTTP/1.1): every read, of any size, over the one kept-alive
+    connection; each body read whole in one call and the connection handed back."""
+    import urllib3.util.connection
+
+    registry = Registry(parse_reference(f"docker://{plain.host}/lazy/alive:v1"),
+                        tls_verify=False)  # fmt: skip
+    registry.conn.scheme = "http"
+    (tmp_path / "blob").write_bytes(DATA)
+    with open(tmp_path / "blob", "rb") as f:
+        registry.push_blob(f, DIGEST, len(DATA), lambda _: None)
+    connects = 0
+    real = urllib3.util.connection.create_connection
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        nonlocal connects
+        connects += 1
+        return real(*args, **kw)
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", counted)
+    ranges = BlobRanges(registry, DIGEST, len(DATA))
+    for offset, length in [(0, 1), (5, 3 << 20), (1 << 20, 4096), (0, len(DATA)), (7, 7)] * 3:
+        assert ranges.read(offset, length) == DATA[offset : offset + length]
+    assert connects == 1

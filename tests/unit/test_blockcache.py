@@ -5,6 +5,7 @@ sequential reads; and its bound in config.toml."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import threading
 from pathlib import Path
@@ -151,7 +152,7 @@ def test_sequential_reads_fetch_ahead(tmp_path: Path) -> None:
     source.reads.clear()
     assert blob.pread(CHUNK, CHUNK) == DATA[CHUNK : 2 * CHUNK]  # read ahead: from the cache
     settle(blob)
-    assert sorted(source.reads) == [(2 * CHUNK, CHUNK), (3 * CHUNK, CHUNK), (4 * CHUNK, CHUNK)]
+    assert sorted(source.reads) == [(2 * CHUNK, 3 * CHUNK)]  # one request for the three
     source.reads.clear()  # the window grew: 1, then 3 chunks
     assert blob.pread(2 * CHUNK, len(DATA) - 2 * CHUNK) == DATA[2 * CHUNK :]
     blob.close()
@@ -249,3 +250,47 @@ def test_block_cache_size_refused(
     (tmp_path / "config.toml").write_text(f"block-cache-size = {written}\n")
     with pytest.raises(UsageError, match="block-cache-size"):
         config.block_cache_size()
+
+
+def test_a_sequential_read_fetches_each_chunk_once_in_few_requests(tmp_path: Path) -> None:
+    """Read-ahead asks for runs of chunks in one range request each (before: one request per
+    chunk, each costing the registry and the server a few milliseconds of CPU): the same bytes
+    fetched, each once, in fewer requests; and a run that fails fails each of its chunks, which
+    a later read fetches again."""
+    data = os.urandom(40 * CHUNK + 4321)
+    source = Counting(data, "sha256:" + hashlib.sha256(data).hexdigest())
+    blob = CachedBlob(BlockCache(tmp_path / "c", 64 * CHUNK), source)
+    step = 128 << 10
+    for offset in range(0, len(data), step):
+        assert blob.pread(offset, min(step, len(data) - offset)) == data[offset : offset + step]
+    settle(blob)
+    blob.close()
+    spans = sorted(source.reads)
+    assert sum(length for _, length in spans) == len(data)  # each byte once, none past the end
+    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(spans))
+    assert all(offset % CHUNK == 0 for offset, _ in spans)
+    assert len(spans) <= 15, spans  # runs of 4 at the full window; before: 41, one per chunk
+    assert max(length for _, length in spans) <= blockcache.READAHEAD_MAX * CHUNK
+
+
+def test_a_failed_run_fails_its_chunks_and_they_are_fetched_again(tmp_path: Path) -> None:
+    class Failing(Counting):
+        fail = True
+
+        def read(self, offset: int, length: int) -> bytes:
+            if self.fail and length > CHUNK:
+                raise OSError("the registry went away")
+            return super().read(offset, length)
+
+    source = Failing()
+    blob = CachedBlob(BlockCache(tmp_path / "c", 64 * CHUNK), source)
+    blob.pread(0, CHUNK)
+    blob.pread(CHUNK, CHUNK)  # read ahead: chunks 2-4 in one request, which fails
+    blob.pool.shutdown(wait=True)  # (the run is over)
+    assert blob.inflight == {}
+    assert (CHUNK, CHUNK) in source.reads and not any(o > CHUNK for o, _ in source.reads)
+    source.fail = False
+    source.reads.clear()
+    assert blob.pread(3 * CHUNK + 5, 10) == DATA[3 * CHUNK + 5 : 3 * CHUNK + 15]
+    blob.close()
+    assert (3 * CHUNK, CHUNK) in source.reads

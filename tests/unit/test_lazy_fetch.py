@@ -79,12 +79,14 @@ def test_the_server_is_told_its_registry_blobs_and_sockets_on_stdin() -> None:
     assert (config["ref"], config["tls_verify"]) == ("docker://r.example/a:v1", False)
 
 
+@pytest.mark.parametrize("warm", [False, True])
 def test_the_server_process_serves_the_blob_as_the_kernel_asks_it(
-    plain: RunningRegistry, tmp_path: Path, state: Path
+    plain: RunningRegistry, tmp_path: Path, state: Path, warm: bool
 ) -> None:
     """The server process as runtime/lazy.py starts it (config on a pipe, the socket inherited,
-    no handshake), asked what the kernel asks: several reads in flight, across chunks, unaligned
-    to them, then the socket closed (the device detached): it exits by itself."""
+    no handshake; or `warm`: started before the fetch, handed its socket and log after it),
+    asked what the kernel asks: several reads in flight, across chunks, unaligned to them, then
+    the socket closed (the device detached): it exits by itself."""
     import random
     import struct
     import sys
@@ -97,15 +99,17 @@ def test_the_server_process_serves_the_blob_as_the_kernel_asks_it(
     work = tmp_path / "work"
     work.mkdir(mode=0o700)
     remote = lazy.Remote(ref, tls_verify=False)
-    fetched = lazy.fetch(remote, work / "image")
+    fetched = lazy.fetch_for_start(remote, work / "image", warm=warm)
+    assert (fetched.handoff is not None) == warm
     blob = (image / load(image).layers[0].file).read_bytes()
     kernel, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     layers = runtime_lazy.LazyLayers(
         work, fetched.blobs, [sys.executable, "-m", "cryptlayer.distribution.lazy"],
-        lambda fds: lazy.server_config(remote, fetched.blobs, fds),
+        lambda fds: lazy.server_config(remote, fetched.blobs, fds), handoff=fetched.handoff,
     )  # fmt: skip
     identity = runtime_lazy._spawn(layers, [server])
     server.close()
+    assert runtime_lazy.start_time(int(identity.split(":")[0])) == identity.split(":")[1]
     pid, log = int(identity.split(":")[0]), runtime_lazy.SERVER_LOG
     try:
         rng = random.Random(5)
@@ -131,6 +135,40 @@ def test_the_server_process_serves_the_blob_as_the_kernel_asks_it(
         assert "every device detached" in (work / log).read_text()
     finally:
         runtime_lazy.kill_server(identity)
+
+
+def test_a_warm_server_goes_when_the_fetch_fails_or_it_is_let_go_unused(
+    plain: RunningRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The warm server (started before the fetch) never outlives a start that does not use it:
+    killed and reaped when the fetch fails; exits by itself when its parent lets go of it."""
+    import subprocess
+
+    started: list[subprocess.Popen[bytes]] = []
+    real = lazy._Warm.__init__
+
+    def record(self: lazy._Warm, remote: lazy.Remote) -> None:
+        real(self, remote)
+        started.append(self.process)
+
+    monkeypatch.setattr(lazy._Warm, "__init__", record)
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    remote = lazy.Remote(f"docker://{plain.host}/lazy/absent:v1", tls_verify=False)
+    with pytest.raises(Exception, match="absent"):
+        lazy.fetch_for_start(remote, work / "image", warm=True)
+    assert len(started) == 1 and started[0].returncode is not None
+    unused = lazy._Warm(remote)
+    unused.sock.close()  # its parent let go of it (the ForStart dropped)
+    assert unused.process.wait(timeout=30) == 0
+    dead = lazy._Warm(remote)  # one that died before its handoff: None, a server is started
+    dead.process.kill()
+    dead.process.wait()
+    log = os.open(os.devnull, os.O_WRONLY)
+    try:
+        assert dead.handoff(b"{}", [], log) is None
+    finally:
+        os.close(log)
 
 
 def _recv(sock: socket.socket, n: int) -> bytes:

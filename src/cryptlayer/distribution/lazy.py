@@ -24,18 +24,24 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from cryptlayer import paths
-from cryptlayer.distribution import artifact, transfer
 from cryptlayer.distribution.blobrange import BlobRanges
 from cryptlayer.distribution.blockcache import CHUNK, BlockCache, CachedBlob, drop
 from cryptlayer.distribution.nbdserver import serve
 from cryptlayer.distribution.registry import Registry, parse_reference
-from cryptlayer.image import manifest as manifest_mod
+
+if TYPE_CHECKING:
+    from cryptlayer.image import manifest as manifest_mod
+
+# The server process (main) imports only what serving needs: the fetch's modules (artifact,
+# transfer, the image's manifest, envelope, signatures, keys) are imported where they are used,
+# not here; under emulation each module costs 20-100 ms of the lazy start
+# (tests/unit/test_lazy_imports.py pins it).
 
 MAX_CONFIG = 1 << 20  # the server's standard input
 
@@ -60,10 +66,14 @@ class Remote:
         )
 
 
-def _cache() -> BlockCache:
-    from cryptlayer.config import block_cache_size
+def _cache(limit: int | None = None) -> BlockCache:
+    """The node's block cache, bounded by `limit` or config.toml's block-cache-size (the server is
+    given the bound: it does not import the configuration's modules, tomllib and datetime)."""
+    if limit is None:
+        from cryptlayer.config import block_cache_size
 
-    return BlockCache(paths.block_cache_dir(), block_cache_size())
+        limit = block_cache_size()
+    return BlockCache(paths.block_cache_dir(), limit)
 
 
 class _HeadersOnly:
@@ -82,6 +92,8 @@ class _HeadersOnly:
         return str(self.registry)
 
     def get_manifest(self) -> tuple[bytes, str]:
+        from cryptlayer.distribution import artifact
+
         data, found = self.registry.get_manifest()
         _statement, others = artifact.parse(data, str(self.registry))
         self.digests = {b.name: b.digest for b in others}
@@ -141,6 +153,8 @@ class _Headers(_HeadersOnly):
 
 def _statement_beside(parent: Path) -> manifest_mod.Manifest:
     """The statement of the pull under way in `parent` (its one work directory)."""
+    from cryptlayer.image import manifest as manifest_mod
+
     works = [p for p in parent.iterdir() if p.name.startswith(".") and ".pull-" in p.name]
     if len(works) != 1:
         raise RuntimeError(f"expected one pull under way in {parent}, found {len(works)}")
@@ -163,6 +177,9 @@ def fetch(remote: Remote, target: Path, *, digest: str | None = None,
     (its parent private: nobody else may create the work directory beside it). With `erase`
     (a start that will erase the node's copy), the headers are not stored in the block cache,
     and what it held of them is dropped."""
+    from cryptlayer.distribution import transfer
+    from cryptlayer.image import manifest as manifest_mod
+
     registry = remote.registry()
     store = _Headers(registry, target.parent, erase)
     transfer.pull(store, target, digest=digest, trust=trust)
@@ -183,54 +200,168 @@ class ForStart:
     blobs: list[tuple[str, int]]
     command: list[str]
     config: Callable[[list[int]], bytes]
+    # With `warm`: the server, started before the fetch; given its sockets' descriptors and its
+    # log's, hands them over (runtime.lazy.LazyLayers.handoff) and returns its pid.
+    handoff: Callable[[list[int], int], int | None] | None = None
+
+
+MAX_FDS = 1 + 1024  # what a warm server takes at its handoff: its log, and a socket per layer
+
+
+class _Warm:
+    """The server process started before the fetch, so that its start (an interpreter and ~275
+    modules, most of them requests': seconds under emulation) and its first look at the registry
+    happen while the fetch runs, not after it (figure 14). Its standard input is a socketpair's
+    end (SOCK_SEQPACKET): the remote's configuration now, the blobs and their sockets (and the
+    log) at the handoff, by SCM_RIGHTS; it exits when our end closes unused (a failed fetch, a
+    start that stopped before it served)."""
+
+    def __init__(self, remote: Remote) -> None:
+        import subprocess
+
+        from cryptlayer.config import block_cache_size
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self.process: subprocess.Popen[bytes] = subprocess.Popen(
+                [sys.executable, *SERVER_COMMAND], stdin=theirs.fileno(), stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True,  # (as runtime/lazy.py's)
+            )  # fmt: skip
+        self.sock = ours
+        with suppress(OSError):  # it died: found at the handoff
+            ours.send(json.dumps({"cache_limit": block_cache_size()} | _remote(remote)).encode())
+
+    def handoff(self, config: bytes, fds: list[int], log: int) -> int | None:
+        """Hand it its configuration, sockets and log; its pid, or None if it is gone (it
+        failed to start: the caller starts a server as without one)."""
+        try:
+            with self.sock:
+                socket.send_fds(self.sock, [config], [log, *fds])
+        except OSError:
+            self.close()
+            return None
+        return int(self.process.pid)
+
+    def close(self) -> None:
+        """Stop it, unused (its sockets never handed over)."""
+        self.sock.close()
+        self.process.kill()
+        self.process.wait()
 
 
 def fetch_for_start(remote: Remote, target: Path, *, digest: str | None = None,
-                    trust: Path | None = None, erase: bool = False) -> ForStart:  # fmt: skip
+                    trust: Path | None = None, erase: bool = False,
+                    warm: bool = False) -> ForStart:  # fmt: skip
     """`fetch`, and how to start the server for what was fetched (run/start's `docker://`, and
     cryptlayer-runtime's at create); `erase`: a start that erases the node's copy (the headers
-    never stored in the block cache, by the fetch nor by the server)."""
+    never stored in the block cache, by the fetch nor by the server). With `warm`, the server is
+    started first, its start overlapping the fetch, and ForStart.handoff hands it its sockets."""
     import functools
 
-    fetched = fetch(remote, target, digest=digest, trust=trust, erase=erase)
+    started = _Warm(remote) if warm else None
+    try:
+        fetched = fetch(remote, target, digest=digest, trust=trust, erase=erase)
+    except BaseException:
+        if started is not None:
+            started.close()
+        raise
     private = fetched.headers if erase else None
+    handoff = None
+    if started is not None:
+        warm_server = started
+
+        def handoff(fds: list[int], log: int) -> int | None:
+            indices = list(range(len(fds)))  # the n-th socket sent, as the server numbers them
+            config = server_config(remote, fetched.blobs, indices, private=private)
+            return warm_server.handoff(config, fds, log)
+
     return ForStart(fetched.blobs, [sys.executable, *SERVER_COMMAND],
-                    functools.partial(server_config, remote, fetched.blobs,
-                                      private=private))  # fmt: skip
+                    functools.partial(server_config, remote, fetched.blobs, private=private),
+                    handoff)  # fmt: skip
+
+
+def _remote(remote: Remote) -> dict[str, Any]:
+    return {"ref": remote.ref, "tls_verify": remote.tls_verify, "cert_dir": remote.cert_dir,
+            "authfile": remote.authfile, "login": remote.login}  # fmt: skip
 
 
 def server_config(remote: Remote, blobs: list[tuple[str, int]], fds: list[int],
                   private: list[int] | None = None) -> bytes:  # fmt: skip
     """The server's standard input; `private`: for each blob, the bytes from its start (its
     header, for an image to be erased) whose chunks the server must never store in the cache."""
+    from cryptlayer.config import block_cache_size
+
     private = private or [0] * len(blobs)
-    return json.dumps({
-        "ref": remote.ref, "tls_verify": remote.tls_verify, "cert_dir": remote.cert_dir,
-        "authfile": remote.authfile, "login": remote.login,
+    return json.dumps({"cache_limit": block_cache_size()} | _remote(remote) | {
         "blobs": [{"digest": d, "size": s, "fd": fd} | ({"private": p} if p else {})
                   for (d, s), fd, p in zip(blobs, fds, private, strict=True)],
     }).encode()  # fmt: skip
 
 
-def main() -> None:
-    """The server process: serve each inherited socket until the kernel lets go of it."""
-    config = json.loads(sys.stdin.buffer.read(MAX_CONFIG))
+def _registry(config: dict[str, Any]) -> tuple[Registry, str]:
+    """The registry `config` names, its scheme and credentials found once here as `pull` finds
+    them (BlobRanges sends to what is known); and why it was not reached ("" if it was)."""
     login = config["login"]
     remote = Remote(config["ref"], bool(config["tls_verify"]), config["cert_dir"],
                     config["authfile"], tuple(login) if login else None)  # fmt: skip
     registry = remote.registry()
-    cache = _cache()
+    try:
+        registry.ping()
+    except Exception as err:  # each read fails (EIO) with its own reason then
+        return registry, f"registry not reached: {err}"
+    return registry, ""
+
+
+def _warm_start() -> tuple[dict[str, Any], Registry, str] | None:
+    """A warm server's start (_Warm): its modules and the registry's client ready before the
+    fetch ends; then its blobs, their sockets and its log handed over. None if its parent let go
+    of it unused."""
+    import stat
+
+    import requests.adapters  # noqa: F401  (what every read uses: imported while we wait)
+
+    channel = socket.socket(fileno=0)
+    first = channel.recv(MAX_CONFIG)
+    if not first:
+        return None
+    config = json.loads(first)
+    registry, problem = _registry(config)
+    message, fds, flags, _ = socket.recv_fds(channel, MAX_CONFIG, MAX_FDS)
+    channel.close()
+    if not message or not fds or flags & socket.MSG_CTRUNC:
+        return None
+    os.dup2(fds[0], 1)
+    os.dup2(fds[0], 2)
+    os.close(fds[0])
+    sockets = fds[1:]
+    config |= json.loads(message)
+    for item in config["blobs"]:
+        item["fd"] = sockets[int(item["fd"])]
+        if not stat.S_ISSOCK(os.fstat(item["fd"]).st_mode):
+            raise RuntimeError("a warm server was handed what is not a socket")
+    return config, registry, problem
+
+
+def main() -> None:
+    """The server process: serve each inherited socket until the kernel lets go of it."""
+    import stat
+
+    if stat.S_ISSOCK(os.fstat(0).st_mode):  # started warm (_Warm): its sockets come later
+        started = _warm_start()
+        if started is None:
+            return
+        config, registry, problem = started
+    else:
+        config = json.loads(sys.stdin.buffer.read(MAX_CONFIG))
+        registry, problem = _registry(config)
+    limit = config.get("cache_limit")
+    cache = _cache(int(limit) if limit is not None else None)
 
     def log(text: str) -> None:
         print(f"cryptlayer lazy server {os.getpid()}: {text}", file=sys.stderr, flush=True)
 
-    # Before any read: the registry's scheme (--tls-verify=false: https, else plain http) and
-    # its credentials, found once here as `pull` finds them (BlobRanges sends to what is known).
-    try:
-        registry.ping()
-    except Exception as err:  # each read fails (EIO) with its own reason then
-        log(f"registry not reached: {err}")
-
+    if problem:
+        log(problem)
     threads = []
     with ExitStack() as stack:
         for item in config["blobs"]:

@@ -24,7 +24,6 @@ from urllib.parse import urljoin
 
 from cryptlayer import oci
 from cryptlayer.distribution import wire
-from cryptlayer.distribution.artifact import require_blob, write_checked
 from cryptlayer.distribution.auth import Auth
 from cryptlayer.distribution.wire import RegistryError
 from cryptlayer.errors import TamperedImageError, UsageError, printable
@@ -226,6 +225,10 @@ class Registry:
     ) -> None:
         """Stream blob `digest` into `out` (an open file, readable and writable), resuming what
         it holds; its sha256 checked (TamperedImageError: the caller removes the file)."""
+        # (here, not at the top: the lazy server imports this module, and artifact brings the
+        # image's manifest, envelope, signatures and keys, which it does not need)
+        from cryptlayer.distribution.artifact import require_blob, write_checked
+
         h = hashlib.sha256()
         out.seek(0)
         have = 0

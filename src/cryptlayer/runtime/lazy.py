@@ -56,6 +56,10 @@ class LazyLayers:
     command: list[str]  # the server process's argv
     config: Callable[[list[int]], bytes]  # its standard input, given its sockets' descriptors
     ref: str = ""  # what it was fetched from (docker://...): what errors name, not `work`
+    # A server started already (while the image was fetched, its start overlapping the fetch):
+    # given its sockets' descriptors and its log's, hands them to it; its pid, or None if it
+    # is gone (then `command` is started, as without one).
+    handoff: Callable[[list[int], int], int | None] | None = None
 
 
 def backend_name(opening_id: str, index: int) -> str:
@@ -127,6 +131,9 @@ def _spawn(lazy: LazyLayers, ends: list[socket.socket]) -> str:
     log = os.open(lazy.work / SERVER_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                   0o600)  # fmt: skip
     try:
+        pid = lazy.handoff(fds, log) if lazy.handoff is not None else None
+        if pid is not None:
+            return f"{pid}:{start_time(pid)}"
         process = subprocess.Popen(
             lazy.command, stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=fds,
             start_new_session=True,  # a Ctrl-C at the terminal is the CLI's, not the server's
