@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import json
 import os
@@ -181,6 +182,16 @@ def open_dir(name: str | Path, *, dir_fd: int | None = None, mode: int | None = 
     if mode is not None:
         make_dir(name, mode, dir_fd=dir_fd, shown=shown)
     return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+
+
+def try_lock(fd: int, *, shared: bool = False) -> bool:
+    """flock `fd` without waiting: whether it is now held (False: another open file holds it,
+    i.e. a live process; a dead one's lock is the kernel's to release)."""
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def read_regular(fd: int, limit: int, what: str) -> bytes:

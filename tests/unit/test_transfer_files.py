@@ -719,7 +719,7 @@ def test_a_pull_that_finished_meanwhile_is_left_alone(
     """A second pull opens the work directory just as the first renames it into place and lets
     go of its lock: the second must not take the finished target for its work directory (a
     refused `--trust` would then empty it)."""
-    from cryptlayer.distribution import transfer
+    from cryptlayer import fsutil
 
     work = tmp_path / f".x.pull-{manifest_digest(layout).removeprefix('sha256:')[:12]}"
     work.mkdir(mode=0o700)
@@ -732,7 +732,7 @@ def test_a_pull_that_finished_meanwhile_is_left_alone(
             os.rename(work, tmp_path / "x")
         real(fd, op)
 
-    monkeypatch.setattr(transfer.fcntl, "flock", first_pull_finishes)
+    monkeypatch.setattr(fsutil.fcntl, "flock", first_pull_finishes)
     trust = tmp_path / "allowed"
     trust.write_text("a@b ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB3fW6fLQzOuX2JD6n6ZYbSnz3rnFlWTmY6"
                      "DkX1hYq6Y\n")  # fmt: skip

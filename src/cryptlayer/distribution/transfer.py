@@ -13,7 +13,6 @@ A target that exists is compared with the manifest file by file. Only ciphertext
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import re
 import stat
@@ -35,6 +34,7 @@ from cryptlayer.fsutil import (
     UntrustedFileError,
     make_dir,
     read_untrusted,
+    try_lock,
 )
 from cryptlayer.image import envelope, signatures
 from cryptlayer.image import manifest as manifest_mod
@@ -281,9 +281,7 @@ class _WorkDir:
     def open(cls, parent: int, name: str, target: Path) -> _WorkDir:
         make_dir(name, 0o700, dir_fd=parent, shown=target.parent / name)  # or an interrupted pull's
         fd = _private_dir(parent, name, target.parent / name)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(fd):
             os.close(fd)
             raise UsageError(f"another pull into {target} is running",
                              "wait for it to finish") from None  # fmt: skip

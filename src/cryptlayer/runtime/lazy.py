@@ -37,7 +37,7 @@ from pathlib import Path
 
 from cryptlayer import paths
 from cryptlayer.errors import CryptlayerError, printable
-from cryptlayer.fsutil import write_atomic
+from cryptlayer.fsutil import try_lock, write_atomic
 from cryptlayer.runtime.journal import Journal, Kind, acquire
 from cryptlayer.tools import nbd
 
@@ -104,9 +104,7 @@ def remove_if_abandoned(work: Path) -> bool:
     except OSError:
         return False  # gone, or not a directory of ours
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(fd):
             return False
         try:
             shutil.rmtree(work)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cryptlayer.errors import BusyError, UsageError
-from cryptlayer.fsutil import FileId, write_json_atomic
+from cryptlayer.fsutil import FileId, try_lock, write_json_atomic
 from cryptlayer.paths import openings_dir, private_run_root, records_dir, state_root
 from cryptlayer.runtime.journal import Kind, Step, uses_image
 
@@ -348,11 +348,7 @@ def hold(name: str, holder: Holder) -> int:
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     while True:
         fd = os.open(path, flags, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except BlockingIOError:
-            locked = False
+        locked = try_lock(fd)
         if _still_named(path, fd):  # (gc removes an idle holder: lock the one named)
             if locked:
                 break
@@ -384,12 +380,9 @@ def being_created(name: str) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        return not try_lock(fd, shared=True)
     finally:
         os.close(fd)
-    return False
 
 
 def _still_named(path: Path, fd: int) -> bool:
@@ -412,11 +405,7 @@ def forget_idle_holder(name: str) -> bool:
     except FileNotFoundError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    else:
-        if _still_named(path, fd):
+        if try_lock(fd) and _still_named(path, fd):
             path.unlink()
             return True
         return False
