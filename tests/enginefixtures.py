@@ -354,3 +354,23 @@ def cri_log(path: Path) -> str:
         _time, _stream, tag, content = [*line.split(" ", 3), ""][:4]
         text += content + ("\n" if tag == "F" else "")
     return text
+
+
+def push_signed(host: str, base: Path, size: int = 0) -> dict[str, str]:
+    """A node's registry images, as the engine's pull and lazy start meet them: a fake image
+    (luksfixtures, `size` bytes of layer) pushed unsigned to team/unsigned:v1, then signed by a
+    new SSH key and pushed to team/app:v1. The trust file naming that key, the image's digest
+    and its directory."""
+    from clirunner import invoke
+    from luksfixtures import fake_image
+
+    image = fake_image(base / "img", size=size)
+    assert invoke("push", "--no-tls-verify", str(image), f"{host}/team/unsigned:v1")[0] == 0
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / "k")],
+                   check=True)  # fmt: skip
+    trust = base / "allowed_signers"
+    trust.write_text("a@b " + " ".join((base / "k.pub").read_text().split()[:2]) + "\n")
+    assert invoke("sign", str(image), "--sign-key", str(base / "k"))[0] == 0
+    assert invoke("push", "--no-tls-verify", str(image), f"{host}/team/app:v1")[0] == 0
+    digest = invoke("inspect", "--json", str(image))[1]
+    return {"trust": str(trust), "digest": json.loads(digest)["digest"], "image": str(image)}

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from clirunner import invoke
-from luksfixtures import fake_image
+from enginefixtures import push_signed
 from registryfixtures import RunningRegistry
 
 from cryptlayer.engine import encrypted
@@ -64,17 +62,7 @@ store = "{self.store}"
 
 @pytest.fixture(scope="module")
 def pushed(plain: RunningRegistry, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    base = tmp_path_factory.mktemp("pushed")
-    image = fake_image(base / "img", size=SIZE)
-    assert invoke("push", "--no-tls-verify", str(image), f"{plain.host}/team/unsigned:v1")[0] == 0
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / "k")],
-                   check=True)  # fmt: skip
-    trust = base / "allowed_signers"
-    trust.write_text("a@b " + " ".join((base / "k.pub").read_text().split()[:2]) + "\n")
-    assert invoke("sign", str(image), "--sign-key", str(base / "k"))[0] == 0
-    assert invoke("push", "--no-tls-verify", str(image), f"{plain.host}/team/app:v1")[0] == 0
-    digest = invoke("inspect", "--json", str(image))[1]
-    return {"trust": str(trust), "digest": json.loads(digest)["digest"], "image": str(image)}
+    return push_signed(plain.host, tmp_path_factory.mktemp("pushed"), size=SIZE)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from clirunner import invoke
-from luksfixtures import fake_image
+from enginefixtures import push_signed
 from registryfixtures import PASSWORD, USER, RunningRegistry
 
 from cryptlayer import config
@@ -69,17 +69,7 @@ tls-verify = false
 
 @pytest.fixture(scope="module")
 def pushed(plain: RunningRegistry, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    base = tmp_path_factory.mktemp("pushed")
-    image = fake_image(base / "img")
-    assert invoke("push", "--no-tls-verify", str(image), f"{plain.host}/team/unsigned:v1")[0] == 0
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / "k")],
-                   check=True)  # fmt: skip
-    trust = base / "allowed_signers"
-    trust.write_text("a@b " + " ".join((base / "k.pub").read_text().split()[:2]) + "\n")
-    assert invoke("sign", str(image), "--sign-key", str(base / "k"))[0] == 0
-    assert invoke("push", "--no-tls-verify", str(image), f"{plain.host}/team/app:v1")[0] == 0
-    digest = invoke("inspect", "--json", str(image))[1]
-    return {"trust": str(trust), "digest": json.loads(digest)["digest"], "image": str(image)}
+    return push_signed(plain.host, tmp_path_factory.mktemp("pushed"))
 
 
 @pytest.fixture
