@@ -179,7 +179,9 @@ def test_spawn_runs_meanwhile_while_the_runtime_runs(tmp_path: Path) -> None:
 
     flag = tmp_path / "flag"
     child = tmp_path / "runtime"
-    child.write_text(f"#!/bin/sh\nwhile [ ! -e {flag} ]; do sleep 0.01; done\nexit 3\n")
+    pid = tmp_path / "pid"
+    child.write_text(f"#!/bin/sh\necho $$ > {pid}\nwhile [ ! -e {flag} ]; do sleep 0.01; done\n"
+                     "exit 3\n")  # fmt: skip
     child.chmod(0o755)
     env = {b"PATH": b"/usr/bin:/bin"}
     assert cli.spawn(str(child), [], env, meanwhile=flag.touch) == 3
@@ -195,7 +197,7 @@ def test_spawn_runs_meanwhile_while_the_runtime_runs(tmp_path: Path) -> None:
         cli.spawn(str(child), [], env, meanwhile=failing)
     assert ran == [1]
     with pytest.raises(ChildProcessError):  # waited for already: no child left behind
-        os.waitpid(-1, os.WNOHANG)
+        os.waitpid(int(pid.read_text()), os.WNOHANG)
 
 
 LEAVE = """import atexit, sys, threading

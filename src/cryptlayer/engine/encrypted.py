@@ -363,11 +363,12 @@ def fetch_lazily(reference: str, digest: str | None, trusted: Path | None,
     work = _HELD.enter_context(work_dir())
     try:
         fetched = lazy.fetch_for_start(remote, work / "image", digest=digest, trust=trusted,
-                                       erase=erase)  # fmt: skip
+                                       erase=erase, warm=True)  # fmt: skip
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return LazyLayers(work, fetched.blobs, fetched.command, fetched.config, reference)
+    return LazyLayers(work, fetched.blobs, fetched.command, fetched.config, reference,
+                      fetched.handoff)  # fmt: skip
 
 
 def discard_fetched(work: Path) -> None:
