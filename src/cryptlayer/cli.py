@@ -474,17 +474,20 @@ def _image_for_start(
                          str(authfile) if authfile else None, login)  # fmt: skip
     with work_dir() as work:  # locked while we live: gc removes it only after we die unjournaled
         target = work / "image"
+        fetched = None
         try:
             fetched = lazy.fetch_for_start(remote, target, digest=digest, trust=trust,
                                            erase=erase, warm=True)  # fmt: skip
             crash_point()  # fetched, not yet named by an opening (tests/vm/test_lazy_gc.py)
             yield target, LazyLayers(work, fetched.blobs, fetched.command, fetched.config, image,
-                                     fetched.handoff)  # fmt: skip
+                                     fetched.handoff, fetched.discard)  # fmt: skip
         except CryptlayerError as err:  # the copy in /run is shown as what it was fetched from
             err.message = err.message.replace(str(target), image)
             err.hint = err.hint.replace(str(target), image) if err.hint else err.hint
             raise
         finally:
+            if fetched is not None and fetched.discard is not None:
+                fetched.discard()  # a warm server never handed its sockets (a failed start)
             if state.load_opening(str(target)) is None:  # a failure, or `run`'s teardown is done
                 shutil.rmtree(work, ignore_errors=True)
 

@@ -171,6 +171,27 @@ def test_a_warm_server_goes_when_the_fetch_fails_or_it_is_let_go_unused(
         os.close(log)
 
 
+def test_a_warm_server_let_go_of_does_not_wait_for_a_registry_that_never_answers(
+    tmp_path: Path,
+) -> None:
+    """Its parent killed (or failed) while the warm server looks at a registry that accepts and
+    never answers: it ends with its standard input, not after the request's deadline (before: it
+    pinged first and read the handoff after, minutes later, reparented and unjournaled)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        host = f"127.0.0.1:{listener.getsockname()[1]}"
+        warm = lazy._Warm(lazy.Remote(f"docker://{host}/lazy/app:v1", tls_verify=False))
+        try:
+            listener.settimeout(60)
+            held, _ = listener.accept()  # it is looking at the registry now
+            with held:
+                warm.sock.close()  # its parent let go of it
+                assert warm.process.wait(timeout=30) == 0
+        finally:
+            warm.close()
+
+
 def _recv(sock: socket.socket, n: int) -> bytes:
     data = b""
     while len(data) < n:

@@ -203,6 +203,9 @@ class ForStart:
     # With `warm`: the server, started before the fetch; given its sockets' descriptors and its
     # log's, hands them over (runtime.lazy.LazyLayers.handoff) and returns its pid.
     handoff: Callable[[list[int], int], int | None] | None = None
+    # With `warm`: stops that server if it was never handed its sockets (a start that failed
+    # after the fetch, before its opening); nothing once it was.
+    discard: Callable[[], None] | None = None
 
 
 MAX_FDS = 1 + 1024  # what a warm server takes at its handoff: its log, and a socket per layer
@@ -221,6 +224,8 @@ class _Warm:
 
         from cryptlayer.config import block_cache_size
 
+        limit = block_cache_size()  # (a bad setting fails here, before there is a process)
+        self.handed = False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             self.process: subprocess.Popen[bytes] = subprocess.Popen(
@@ -229,7 +234,7 @@ class _Warm:
             )  # fmt: skip
         self.sock = ours
         with suppress(OSError):  # it died: found at the handoff
-            ours.send(json.dumps({"cache_limit": block_cache_size()} | _remote(remote)).encode())
+            ours.send(json.dumps({"cache_limit": limit} | _remote(remote)).encode())
 
     def handoff(self, config: bytes, fds: list[int], log: int) -> int | None:
         """Hand it its configuration, sockets and log; its pid, or None if it is gone (it
@@ -240,10 +245,14 @@ class _Warm:
         except OSError:
             self.close()
             return None
+        self.handed = True
         return int(self.process.pid)
 
     def close(self) -> None:
-        """Stop it, unused (its sockets never handed over)."""
+        """Stop it, unused (its sockets never handed over); once they were, it is the opening's
+        to stop (a SERVER step), not ours."""
+        if self.handed:
+            return
         self.sock.close()
         self.process.kill()
         self.process.wait()
@@ -277,7 +286,7 @@ def fetch_for_start(remote: Remote, target: Path, *, digest: str | None = None,
 
     return ForStart(fetched.blobs, [sys.executable, *SERVER_COMMAND],
                     functools.partial(server_config, remote, fetched.blobs, private=private),
-                    handoff)  # fmt: skip
+                    handoff, started.close if started is not None else None)  # fmt: skip
 
 
 def _remote(remote: Remote) -> dict[str, Any]:
@@ -325,11 +334,20 @@ def _warm_start() -> tuple[dict[str, Any], Registry, str] | None:
     if not first:
         return None
     config = json.loads(first)
-    registry, problem = _registry(config)
+    # The registry is looked at while we wait for the handoff, not before: a registry that never
+    # answers must not keep a server whose parent let go of it (killed, or failed) alive for the
+    # request's deadline, unjournaled; the end of our standard input ends it at once.
+    looked: list[tuple[Registry, str]] = []
+    looking = threading.Thread(target=lambda: looked.append(_registry(config)), daemon=True)
+    looking.start()
     message, fds, flags, _ = socket.recv_fds(channel, MAX_CONFIG, MAX_FDS)
     channel.close()
     if not message or not fds or flags & socket.MSG_CTRUNC:
+        if fds:  # (its log first: say why, rather than leave every read failing unexplained)
+            os.write(fds[0], b"cryptlayer lazy server: its sockets were not all handed over\n")
         return None
+    looking.join()
+    registry, problem = looked[0] if looked else _registry(config)  # (it raised: again, here)
     os.dup2(fds[0], 1)
     os.dup2(fds[0], 2)
     os.close(fds[0])
@@ -348,8 +366,8 @@ def main() -> None:
 
     if stat.S_ISSOCK(os.fstat(0).st_mode):  # started warm (_Warm): its sockets come later
         started = _warm_start()
-        if started is None:
-            return
+        if started is None:  # let go of unused: now, not after the interpreter's finalization,
+            os._exit(0)  # which a thread still in the registry's request may crash (SIGSEGV)
         config, registry, problem = started
     else:
         config = json.loads(sys.stdin.buffer.read(MAX_CONFIG))

@@ -329,6 +329,8 @@ def assemble(spec: dict[str, Any], image: str, cid: str, config_path: str, *,
         if pulled is not None and pulled.new and not cli.has_record(name):
             store.discard_quietly(name)
         if lazy_layers is not None:
+            if lazy_layers.discard is not None:
+                lazy_layers.discard()  # a warm server never handed its sockets
             discard_fetched(lazy_layers.work)
         raise
     journal.crash_point()  # assembled, the runtime's create not begun (tests/vm)
@@ -368,7 +370,7 @@ def fetch_lazily(reference: str, digest: str | None, trusted: Path | None,
         shutil.rmtree(work, ignore_errors=True)
         raise
     return LazyLayers(work, fetched.blobs, fetched.command, fetched.config, reference,
-                      fetched.handoff)  # fmt: skip
+                      fetched.handoff, fetched.discard)  # fmt: skip
 
 
 def discard_fetched(work: Path) -> None:

@@ -60,6 +60,9 @@ class LazyLayers:
     # given its sockets' descriptors and its log's, hands them to it; its pid, or None if it
     # is gone (then `command` is started, as without one).
     handoff: Callable[[list[int], int], int | None] | None = None
+    # Stops that server if it was never handed its sockets (the start failed before its
+    # opening); nothing once it was.
+    discard: Callable[[], None] | None = None
 
 
 def backend_name(opening_id: str, index: int) -> str:
