@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from luksfixtures import fake_image
@@ -29,3 +30,20 @@ def image(tmp_path: Path) -> Path:
     """A small image (header-only layer, luksfixtures.fake_image) in the test's own directory;
     test_inspect.py has its own, with a command to show."""
     return fake_image(tmp_path / "img")
+
+
+@pytest.fixture
+def warm_servers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The lazy servers started warm (distribution/lazy.py `_Warm`) while the test runs: their
+    processes (subprocess.Popen), to check they are stopped."""
+    from cryptlayer.distribution import lazy
+
+    started: list[Any] = []
+    real = lazy._Warm.__init__
+
+    def record(self: lazy._Warm, remote: lazy.Remote) -> None:
+        real(self, remote)
+        started.append(self.process)
+
+    monkeypatch.setattr(lazy._Warm, "__init__", record)
+    return started

@@ -203,25 +203,13 @@ def test_tls_is_verified_unless_the_node_says_otherwise(node: Node) -> None:
 
 
 def test_a_failed_assembly_removes_the_fetched_directory(
-    node: Node, monkeypatch: pytest.MonkeyPatch
+    node: Node, warm_servers: list[Any]
 ) -> None:
     """The key does not open the image (the stood-in assembly fails): nothing fetched is left,
     and the server started warm before the fetch is stopped, not left until this process ends
     (before, it lived on until its socket was collected)."""
-    import subprocess
-
-    from cryptlayer.distribution import lazy
-
-    warm: list[subprocess.Popen[bytes]] = []
-    real = lazy._Warm.__init__
-
-    def record(self: lazy._Warm, remote: lazy.Remote) -> None:
-        real(self, remote)
-        warm.append(self.process)
-
-    monkeypatch.setattr(lazy._Warm, "__init__", record)
     (node.base / "app.key").write_bytes(b"x" * 32)
     err = fails(node, "c1", node.ref)
     assert "does not open" in str(err)
     assert len(node.started) == 1  # it got as far as the assembly
-    assert len(warm) == 1 and warm[0].poll() is not None  # stopped and reaped
+    assert len(warm_servers) == 1 and warm_servers[0].poll() is not None  # stopped, reaped

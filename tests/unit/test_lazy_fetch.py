@@ -8,6 +8,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 from clirunner import invoke
@@ -138,20 +139,11 @@ def test_the_server_process_serves_the_blob_as_the_kernel_asks_it(
 
 
 def test_a_warm_server_goes_when_the_fetch_fails_or_it_is_let_go_unused(
-    plain: RunningRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    plain: RunningRegistry, tmp_path: Path, warm_servers: list[Any]
 ) -> None:
     """The warm server (started before the fetch) never outlives a start that does not use it:
     killed and reaped when the fetch fails; exits by itself when its parent lets go of it."""
-    import subprocess
-
-    started: list[subprocess.Popen[bytes]] = []
-    real = lazy._Warm.__init__
-
-    def record(self: lazy._Warm, remote: lazy.Remote) -> None:
-        real(self, remote)
-        started.append(self.process)
-
-    monkeypatch.setattr(lazy._Warm, "__init__", record)
+    started = warm_servers
     work = tmp_path / "work"
     work.mkdir(mode=0o700)
     remote = lazy.Remote(f"docker://{plain.host}/lazy/absent:v1", tls_verify=False)
