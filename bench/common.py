@@ -10,7 +10,7 @@ import random
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +130,35 @@ def record(section: str, value: dict[str, Any]) -> None:
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     tmp.replace(RESULTS)
     print(f"bench: {section}: {json.dumps(value)[:300]}", flush=True)
+
+
+@contextlib.contextmanager
+def registry_blob(size: int) -> Iterator[tuple[Path, Any, str, str, bytes]]:
+    """For the lazy path's host benchmarks (lazyhost.py, lazyserver.py): a scratch directory as
+    CRYPTLAYER_ROOT and HOME, `size` random bytes written to its `blob` and pushed as a blob to
+    Debian's docker-registry on 127.0.0.1 (tests/registryfixtures.py), no credentials; yields
+    (the directory, the registry's client, the reference, the blob's digest, its bytes)."""
+    import hashlib
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from registryfixtures import registry
+
+    from cryptlayer.distribution.registry import Registry, parse_reference
+
+    with tempfile.TemporaryDirectory() as tmp_text:
+        tmp = Path(tmp_text)
+        os.environ["CRYPTLAYER_ROOT"] = str(tmp / "state")
+        os.environ["HOME"] = str(tmp / "home")
+        data = os.urandom(size)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        (tmp / "blob").write_bytes(data)
+        with registry(tmp / "registry") as running:  # (it reads REGISTRY_* as its config)
+            os.environ["REGISTRY_AUTH_FILE"] = str(tmp / "auth.json")
+            ref = f"docker://{running.host}/lazy/app:v1"
+            reg = Registry(parse_reference(ref), tls_verify=False)
+            reg.conn.scheme = "http"
+            with open(tmp / "blob", "rb") as f:
+                reg.push_blob(f, digest, size, lambda _: None)
+            yield tmp, reg, ref, digest, data

@@ -8,24 +8,18 @@ from a file. Usage: lazyhost.py [--mib 128] [--depth 4] [--request 131072] [--ra
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import random
 import socket
 import struct
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from registryfixtures import registry  # noqa: E402
+from common import registry_blob
 
-from cryptlayer.distribution import blockcache, nbdserver  # noqa: E402
-from cryptlayer.distribution.blobrange import BlobRanges  # noqa: E402
-from cryptlayer.distribution.registry import Registry, parse_reference  # noqa: E402
+from cryptlayer.distribution import blockcache, nbdserver
+from cryptlayer.distribution.blobrange import BlobRanges
 
 
 def _children_cpu() -> float:
@@ -80,55 +74,42 @@ def main() -> None:
     parser.add_argument("--request", type=int, default=128 << 10)
     parser.add_argument("--random", type=int, default=0)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp_text:
-        tmp = Path(tmp_text)
-        os.environ["CRYPTLAYER_ROOT"] = str(tmp / "state")
-        os.environ["HOME"] = str(tmp / "home")
-        data = os.urandom(args.mib << 20)
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with registry_blob(args.mib << 20) as (tmp, reg, _, digest, data):
         blob = tmp / "blob"
-        blob.write_bytes(data)
-        with registry(tmp / "registry") as running:  # (it reads REGISTRY_* as its config)
-            os.environ["REGISTRY_AUTH_FILE"] = str(tmp / "auth.json")
-            reg = Registry(parse_reference(f"docker://{running.host}/lazy/app:v1"),
-                           tls_verify=False)  # fmt: skip
-            reg.conn.scheme = "http"
-            with open(blob, "rb") as f:
-                reg.push_blob(f, digest, len(data), lambda _: None)
-            size = len(data)
-            if args.random:
-                rng = random.Random(1)
-                requests = [(rng.randrange(size // 4096) * 4096, 4096) for _ in range(args.random)]
-            else:
-                requests = [(o, min(args.request, size - o)) for o in range(0, size, args.request)]
-            # The file, read the same way (page cache warm: the registry's copy is warm too).
-            began = time.monotonic()
-            with open(blob, "rb", buffering=0) as f:
-                for offset, length in requests:
-                    os.pread(f.fileno(), length, offset)
-            file_s = time.monotonic() - began
-            cache = blockcache.BlockCache(tmp / "cache", 4 * size + (64 << 20))
-            ranges = BlobRanges(reg, digest, size)
-            cached = blockcache.CachedBlob(cache, ranges)
-            ours, theirs = socket.socketpair()
-            server = threading.Thread(target=nbdserver.serve, args=(theirs, cached),
-                                      kwargs={"handshake": False})  # fmt: skip
-            server.start()
-            began, cpu, theirs_cpu = time.monotonic(), time.process_time(), _children_cpu()
-            read = client(ours, requests, args.depth)
-            lazy_s, cpu = time.monotonic() - began, time.process_time() - cpu
-            theirs_cpu = _children_cpu() - theirs_cpu
-            server.join()
-            cached.close()
-            fetched = sum(p.stat().st_size for p in (tmp / "cache").rglob("0*") if p.is_file())
-            mib = read / (1 << 20)
-            each = 4096 if args.random else args.request
-            print(f"{args.mib} MiB blob, {len(requests)} reads of {each} B, depth {args.depth}:")
-            print(f"  lazy cold {lazy_s:.2f} s ({mib / lazy_s:.1f} MiB/s; CPU here {cpu:.2f} s,"
-                  f" the registry's {theirs_cpu:.2f} s),"
-                  f" the file {file_s:.3f} s ({mib / file_s:.0f} MiB/s)")  # fmt: skip
-            print(f"  fetched {fetched / (1 << 20):.1f} MiB in {ranges.requests} requests"
-                  f" for {mib:.1f} MiB read")  # fmt: skip
+        size = len(data)
+        if args.random:
+            rng = random.Random(1)
+            requests = [(rng.randrange(size // 4096) * 4096, 4096) for _ in range(args.random)]
+        else:
+            requests = [(o, min(args.request, size - o)) for o in range(0, size, args.request)]
+        # The file, read the same way (page cache warm: the registry's copy is warm too).
+        began = time.monotonic()
+        with open(blob, "rb", buffering=0) as f:
+            for offset, length in requests:
+                os.pread(f.fileno(), length, offset)
+        file_s = time.monotonic() - began
+        cache = blockcache.BlockCache(tmp / "cache", 4 * size + (64 << 20))
+        ranges = BlobRanges(reg, digest, size)
+        cached = blockcache.CachedBlob(cache, ranges)
+        ours, theirs = socket.socketpair()
+        server = threading.Thread(target=nbdserver.serve, args=(theirs, cached),
+                                  kwargs={"handshake": False})  # fmt: skip
+        server.start()
+        began, cpu, theirs_cpu = time.monotonic(), time.process_time(), _children_cpu()
+        read = client(ours, requests, args.depth)
+        lazy_s, cpu = time.monotonic() - began, time.process_time() - cpu
+        theirs_cpu = _children_cpu() - theirs_cpu
+        server.join()
+        cached.close()
+        fetched = sum(p.stat().st_size for p in (tmp / "cache").rglob("0*") if p.is_file())
+        mib = read / (1 << 20)
+        each = 4096 if args.random else args.request
+        print(f"{args.mib} MiB blob, {len(requests)} reads of {each} B, depth {args.depth}:")
+        print(f"  lazy cold {lazy_s:.2f} s ({mib / lazy_s:.1f} MiB/s; CPU here {cpu:.2f} s,"
+              f" the registry's {theirs_cpu:.2f} s),"
+              f" the file {file_s:.3f} s ({mib / file_s:.0f} MiB/s)")  # fmt: skip
+        print(f"  fetched {fetched / (1 << 20):.1f} MiB in {ranges.requests} requests"
+              f" for {mib:.1f} MiB read")  # fmt: skip
 
 
 if __name__ == "__main__":
