@@ -8,6 +8,7 @@ dm-verity's status by a function; the VM tier's tests/vm/test_lazy_gc.py runs th
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -332,6 +333,27 @@ def test_a_source_file_not_as_written_drops_nothing(source: bytes, tmp_path: Pat
     assert lazy.source_of(opening) is None
     assert lazy.after_corruption(opening, [0]) is None
     assert cache.get(BLOB_A, 0, CHUNK) is not None
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "too long"])
+def test_a_source_file_that_is_not_a_small_regular_file_is_not_read(
+    kind: str, tmp_path: Path
+) -> None:
+    """SOURCE is opened without following a symlink or blocking on a FIFO, and read up to
+    MAX_SOURCE bytes (fsutil.read_untrusted): a link to a valid file names nothing either
+    (before, each was read: the FIFO hung)."""
+    good = json.dumps({"ref": "docker://r/a:v1", "blobs": [BLOB_A]}).encode()
+    work = tmp_path / "work"
+    work.mkdir()
+    if kind == "symlink":
+        (tmp_path / "elsewhere").write_bytes(good)
+        (work / lazy.SOURCE).symlink_to(tmp_path / "elsewhere")
+    elif kind == "fifo":
+        os.mkfifo(work / lazy.SOURCE)
+    else:
+        (work / lazy.SOURCE).write_bytes(good + b" " * lazy.MAX_SOURCE)
+    opening = state.Opening(str(work / "image"), steps=[Step(Kind.FETCHED, str(work))])
+    assert lazy.source_of(opening) is None
 
 
 def test_drop_cached_refuses_what_is_not_a_digest() -> None:

@@ -37,12 +37,13 @@ from pathlib import Path
 
 from cryptlayer import paths
 from cryptlayer.errors import CryptlayerError, printable
-from cryptlayer.fsutil import try_lock, write_atomic
+from cryptlayer.fsutil import read_untrusted, try_lock, write_atomic
 from cryptlayer.runtime.journal import Journal, Kind, acquire
 from cryptlayer.tools import nbd
 
 SERVER_LOG = "server.log"  # beside the fetched image: the server's complaints (reads that failed)
 SOURCE = "source.json"  # beside the fetched image: its reference, and each layer's blob digest
+MAX_SOURCE = 64 << 10  # its size at most (a reference and up to 128 digests)
 DETACH_WAIT = 10.0  # seconds for the kernel to let go of a device after NBD_CMD_DISCONNECT
 BACKEND_PREFIX = "cryptlayer:"  # an NBD device's backend identifier: cryptlayer:OPENING:INDEX
 
@@ -238,8 +239,8 @@ def source_of(opening: Journal) -> Source | None:
         if step.kind is not Kind.FETCHED:
             continue
         try:
-            data = json.loads((Path(step.ref) / SOURCE).read_bytes())
-        except (OSError, ValueError):
+            data = json.loads(read_untrusted(str(Path(step.ref) / SOURCE), MAX_SOURCE))
+        except (OSError, ValueError, CryptlayerError):  # (not a regular file, or too long)
             return None
         if not isinstance(data, dict):
             return None
