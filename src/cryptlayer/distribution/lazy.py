@@ -208,7 +208,8 @@ class ForStart:
     discard: Callable[[], None] | None = None
 
 
-MAX_FDS = 1 + 1024  # what a warm server takes at its handoff: its log, and a socket per layer
+MAX_FDS = 1 + 1024  # its log and a socket per layer (the kernel passes 253 a message: a send
+# of more fails, and a server is started cold, as without a warm one)
 
 
 class _Warm:
